@@ -1,0 +1,1 @@
+"""Measurement: perplexity protocol, side-by-side benchmark tables, result files."""

@@ -1,0 +1,98 @@
+"""Random-weight HF checkpoints built from real architectures' configs.
+
+The folder is complete (config.json, model.safetensors, tokenizer), loads with
+``transformers.AutoModelForCausalLM.from_pretrained`` and with onecard, and is
+the stand-in for a user's downloaded model in every test and benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+from onecard.models.arch import arch_config, scale_config
+
+
+def cache_dir() -> Path:
+    """Where fixtures are cached between runs (``ONECARD_CACHE`` overrides ~/.cache/onecard)."""
+    root = Path(os.environ.get("ONECARD_CACHE", Path.home() / ".cache" / "onecard"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def shared_tokenizer(vocab_size: int) -> Path:
+    """A BPE tokenizer of ``vocab_size`` trained on the local corpus, cached on disk."""
+    from onecard.testing.corpus import local_corpus
+    from onecard.testing.tokenizer import train_bpe_tokenizer
+
+    out = cache_dir() / f"tokenizer-bpe-{vocab_size}"
+    if not (out / "tokenizer.json").exists():
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        train_bpe_tokenizer(local_corpus(max_bytes=2_000_000).train, vocab_size, tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    return out
+
+
+@contextmanager
+def _default_dtype(dtype):
+    import torch
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_random_model(config: dict, dtype: str = "float32", device: str = "cpu", seed: int = 0):
+    """An HF model with random weights for ``config`` (a config.json dict), in ``dtype`` on ``device``."""
+    import torch
+    from transformers import AutoConfig
+
+    hf_cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if not k.startswith("_")})
+    torch.manual_seed(seed)
+    torch_dtype = getattr(torch, dtype)
+    if config.get("model_type") == "llava":
+        from transformers import LlavaForConditionalGeneration as cls
+    else:
+        from transformers import AutoModelForCausalLM
+
+        cls = None
+    with _default_dtype(torch_dtype), torch.device(device):
+        model = cls(hf_cfg) if cls else AutoModelForCausalLM.from_config(hf_cfg)
+    return model.to(dtype=torch_dtype).eval()
+
+
+def make_random_checkpoint(arch: str, size: str = "tiny", path: str | Path | None = None, *, dtype: str = "float32",
+                           seed: int = 0, device: str = "cpu", tokenizer: bool = True,
+                           overrides: dict | None = None) -> Path:
+    """Write a random-weight HF folder for built-in ``arch`` ('llama-2-7b', ...) at ``size`` (full/small/tiny).
+
+    ``overrides`` patches the config (e.g. ``{"num_hidden_layers": 1}``). Returns the folder.
+    """
+    config = scale_config(arch_config(arch), size)
+    config.update(overrides or {})
+    config.pop("_onecard_source", None)
+    out = Path(path) if path is not None else cache_dir() / f"random-{arch}-{size}-{dtype}-s{seed}"
+    if path is None and (out / "config.json").exists():
+        return out
+    model = build_random_model(config, dtype=dtype, device=device, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    # Keep the config exactly as the architecture declares it (plus the dtype actually stored).
+    saved = json.loads((out / "config.json").read_text())
+    saved.update(config)
+    saved["torch_dtype"] = dtype
+    saved.pop("dtype", None)
+    (out / "config.json").write_text(json.dumps(saved, indent=2))
+    if tokenizer:
+        text_cfg = config.get("text_config", config)
+        tok = shared_tokenizer(min(text_cfg["vocab_size"], 4096))
+        for f in tok.iterdir():
+            shutil.copy(f, out / f.name)
+    return out

@@ -1,0 +1,128 @@
+"""A ~5M-parameter Llama trained on the local corpus: the project's own "real" model.
+
+Random weights say nothing about quality; this model does: quantization and
+training quality checks compare perplexities on its validation split. Trained
+with plain HF transformers + AdamW on CPU in a few minutes, cached on disk
+(keyed by every setting and the Python version, since the corpus is the stdlib).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import sysconfig
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from onecard.testing.checkpoints import build_random_model, cache_dir, shared_tokenizer
+from onecard.testing.corpus import local_corpus
+
+TINY_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+    "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "vocab_size": 4096, "max_position_embeddings": 1024, "rope_theta": 10000.0,
+    "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+    "hidden_act": "silu", "initializer_range": 0.02, "attention_bias": False, "mlp_bias": False,
+}
+
+
+@dataclass(frozen=True)
+class TinyModelInfo:
+    path: Path
+    parameters: int
+    steps: int
+    seq_len: int
+    train_seconds: float
+    val_perplexity: float
+    untrained_val_perplexity: float
+    protocol: str
+
+
+def _tokens(tokenizer, docs) -> "object":
+    import torch
+
+    ids: list[int] = []
+    for d in docs:
+        ids.extend(tokenizer.encode(d, add_special_tokens=False))
+        ids.append(tokenizer.eos_token_id)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _val_ppl(model, val_ids, seq_len: int):
+    from onecard.bench.perplexity import hf_logits_fn, sliding_window_perplexity
+
+    return sliding_window_perplexity(hf_logits_fn(model), val_ids, context=seq_len, stride=seq_len // 2,
+                                     max_tokens=40_000)
+
+
+def train_tiny_model(steps: int = 300, seq_len: int = 256, batch_size: int = 8, lr: float = 3e-3, seed: int = 0,
+                     progress: bool = False) -> TinyModelInfo:
+    """Train (or load from cache) the tiny model; returns its folder and measured perplexities."""
+    import torch
+    from transformers import AutoTokenizer
+
+    key = json.dumps([TINY_CONFIG, steps, seq_len, batch_size, lr, seed, sysconfig.get_python_version(), 1])
+    out = cache_dir() / f"tiny-llama-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    info_file = out / "onecard_tiny.json"
+    if info_file.exists():
+        info = json.loads(info_file.read_text())
+        return TinyModelInfo(**{**info, "path": out})
+
+    torch.manual_seed(seed)
+    tok_dir = shared_tokenizer(TINY_CONFIG["vocab_size"])
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    corpus = local_corpus()
+    train_ids = _tokens(tokenizer, corpus.train)
+    val_ids = _tokens(tokenizer, corpus.validation)
+    model = build_random_model(TINY_CONFIG, seed=seed).train()
+    untrained = _val_ppl(model.eval(), val_ids, seq_len).perplexity
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    bar = None
+    if progress:
+        from rich.progress import Progress
+
+        bar = Progress(transient=True)
+        bar.start()
+        task = bar.add_task("training tiny model", total=steps)
+    try:
+        for step in range(steps):
+            starts = torch.randint(0, train_ids.numel() - seq_len - 1, (batch_size,), generator=gen)
+            batch = torch.stack([train_ids[s : s + seq_len] for s in starts.tolist()])
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if bar:
+                bar.update(task, advance=1, description=f"training tiny model (loss {loss.item():.2f})")
+    finally:
+        if bar:
+            bar.stop()
+    seconds = time.perf_counter() - t0
+    model.eval()
+    ppl = _val_ppl(model, val_ids, seq_len)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    cfg = json.loads((tmp / "config.json").read_text())
+    cfg["torch_dtype"] = "float32"
+    cfg.pop("dtype", None)
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    for f in tok_dir.iterdir():
+        shutil.copy(f, tmp / f.name)
+    info = TinyModelInfo(out, sum(p.numel() for p in model.parameters()), steps, seq_len, round(seconds, 1),
+                         round(ppl.perplexity, 3), round(untrained, 1), ppl.protocol())
+    (tmp / "onecard_tiny.json").write_text(json.dumps({**asdict(info), "path": None}, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return info

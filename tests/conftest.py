@@ -1,0 +1,38 @@
+"""Shared test setup: CPU-only by default, Triton in interpreter mode without CUDA, GPU tests skipped cleanly."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before triton is first imported so kernels run on the CPU interpreter.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run scripts/gpu-test.sh on the device machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The project's own trained ~5M-param Llama (trained once, cached on disk)."""
+    from onecard.testing import train_tiny_model
+
+    return train_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint():
+    """Factory: random-weight tiny checkpoint of a built-in architecture, cached per session."""
+    from onecard.testing import make_random_checkpoint
+
+    return lambda arch, size="tiny", dtype="float32": make_random_checkpoint(arch, size, dtype=dtype)
