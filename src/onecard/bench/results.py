@@ -1,0 +1,52 @@
+"""Benchmark result files: flat JSON with the run's facts, beside a PNG.
+
+Every benchmark writes ``<out_dir>/<name>.json`` through ``write_result`` so
+each file carries gpu, torch, date and the exact command that produced it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parents[3] / "docs" / "results"
+
+
+def gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
+
+
+def run_facts() -> dict:
+    """gpu, torch, date and the exact command line of this process."""
+    import torch
+
+    return {
+        "gpu": gpu_name(),
+        "torch": torch.__version__,
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
+    }
+
+
+def write_result(name: str, data: dict, out_dir: str | Path | None = None) -> Path:
+    """Write ``data`` + run facts to ``<out_dir or docs/results>/<name>.json``; returns the path."""
+    out = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps({**run_facts(), **data}, indent=2, default=str) + "\n")
+    return path
+
+
+def save_figure(fig, name: str, out_dir: str | Path | None = None) -> Path:
+    """Save a matplotlib figure as ``<name>.png`` beside its JSON."""
+    out = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
