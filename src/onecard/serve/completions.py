@@ -1,0 +1,360 @@
+"""The two generation endpoints: OpenAI request -> token ids + SamplingParams -> engine -> OpenAI response or SSE.
+
+One ``Generation`` per HTTP request. It tokenizes (so the context-length check
+and usage counts happen before any GPU work), starts one engine request per
+prompt, turns the engine's *cumulative* ``RequestOutput`` updates into
+OpenAI deltas, records TTFT / inter-token latency, and - whatever ends the
+request (finish, client disconnect, cancellation at shutdown) - aborts every
+engine request that has not finished so its KV blocks are freed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import anyio
+
+from onecard.serve.errors import APIError, bad_request
+from onecard.serve.metrics import ServerMetrics
+from onecard.serve.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
+                                    ChatCompletionResponse, ChoiceLogprobs, CompletionChoice, CompletionLogprobs,
+                                    CompletionRequest, CompletionResponse, DeltaMessage, ResponseMessage,
+                                    TokenLogprob, TopLogprob, Usage, new_id, now)
+
+log = logging.getLogger(__name__)
+
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                    "frequency_penalty")
+
+
+def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs: int | None):
+    """Map an OpenAI request onto the engine's SamplingParams; the engine's ValueError becomes a 400."""
+    from onecard.engine import SamplingParams
+
+    kw = {name: getattr(req, name) for name in _SAMPLING_FIELDS if getattr(req, name) is not None}
+    try:
+        return SamplingParams(n=req.n, max_tokens=max_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids,
+                              seed=req.seed, ignore_eos=req.ignore_eos, logprobs=logprobs,
+                              skip_special_tokens=req.skip_special_tokens, **kw)
+    except ValueError as err:
+        raise bad_request(f"Invalid sampling parameters: {err}") from None
+
+
+def tokenize_prompt(tokenizer, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        return list(tokenizer.encode(prompt))
+    vocab = len(tokenizer)
+    bad = [t for t in prompt if not 0 <= t < vocab]
+    if bad:
+        raise bad_request(f"Prompt token id {bad[0]} is outside the vocabulary [0, {vocab})", "prompt")
+    return list(prompt)
+
+
+def tokenize_chat(tokenizer, req: ChatCompletionRequest) -> list[int]:
+    """Messages through the model's own chat template (the template adds BOS, so no special tokens again)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise bad_request("This model has no chat template (tokenizer_config.json 'chat_template'); use "
+                          "/v1/completions with a plain prompt instead", "messages")
+    messages = [{**m.model_dump(exclude={"content"}), "content": m.text()} for m in req.messages]
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as err:  # jinja errors from the model's template (e.g. roles it does not allow)
+        raise bad_request(f"The model's chat template rejected these messages: {err}".splitlines()[0],
+                          "messages") from None
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def resolve_max_tokens(prompt_len: int, max_tokens: int | None, max_model_len: int, param: str) -> int:
+    """OpenAI's context-length rule: prompt + completion must fit; no max_tokens means 'the rest of the context'."""
+    if max_tokens is None:
+        if prompt_len >= max_model_len:
+            raise _too_long(prompt_len, 0, max_model_len, param)
+        return max_model_len - prompt_len
+    if prompt_len + max_tokens > max_model_len:
+        raise _too_long(prompt_len, max_tokens, max_model_len, param)
+    return max_tokens
+
+
+def _too_long(prompt_len: int, max_tokens: int, max_model_len: int, param: str) -> APIError:
+    return bad_request(f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                       f"{prompt_len + max_tokens} tokens ({prompt_len} in the {param}, {max_tokens} in the "
+                       f"completion). Please reduce the length of the {param} or completion.",
+                       param, "context_length_exceeded")
+
+
+def finish_reason(reason: str | None) -> str | None:
+    # The engine's "abort" never reaches a client as a finish reason: an aborted request is reported as an error.
+    return reason if reason in (None, "stop", "length") else "stop"
+
+
+@dataclass
+class _Choice:
+    """Per-choice progress through the cumulative outputs: how much text / how many tokens were already sent."""
+
+    sent_text: int = 0
+    sent_tokens: int = 0
+    finish: str | None = None
+
+
+@dataclass
+class Generation:
+    """One HTTP request's worth of engine requests (one per prompt, each with ``n`` choices)."""
+
+    engine: object
+    metrics: ServerMetrics
+    prompts: list[list[int]]
+    params: object
+    request_id: str
+    n: int
+    t_arrival: float = field(default_factory=time.perf_counter)
+    finals: dict[int, object] = field(default_factory=dict)
+    _pending: set[str] = field(default_factory=set)
+    _t_last: float | None = None
+    _tokens_seen: dict[tuple[int, int], int] = field(default_factory=dict)
+
+    def engine_id(self, i: int) -> str:
+        return f"{self.request_id}-{i}"
+
+    async def updates(self) -> AsyncIterator[tuple[int, object]]:
+        """(prompt index, cumulative RequestOutput) as the engine produces them; aborts leftovers on exit."""
+        self._pending = {self.engine_id(i) for i in range(len(self.prompts))}
+        self.metrics.prompt_tokens.inc(sum(len(p) for p in self.prompts))
+        finished_ok = False
+        try:
+            if len(self.prompts) == 1:
+                async for out in self.engine.generate(self.prompts[0], self.params, self.engine_id(0)):
+                    self._observe(0, out)
+                    yield 0, out
+            else:
+                async for i, out in self._merged():
+                    self._observe(i, out)
+                    yield i, out
+            finished_ok = True
+        finally:
+            await self._abort_pending("unfinished" if finished_ok else "cancelled")
+
+    async def _merged(self) -> AsyncIterator[tuple[int, object]]:
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(i: int) -> None:
+            try:
+                async for out in self.engine.generate(self.prompts[i], self.params, self.engine_id(i)):
+                    await queue.put((i, out))
+            except Exception as err:  # surfaced in the consumer below
+                await queue.put((i, err))
+            finally:
+                await queue.put((i, done))
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(self.prompts))]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                i, item = await queue.get()
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    def _observe(self, i: int, out) -> None:
+        t = time.perf_counter()
+        new = 0
+        for c in out.outputs:
+            key = (i, c.index)
+            new_c = len(c.token_ids) - self._tokens_seen.get(key, 0)
+            self._tokens_seen[key] = len(c.token_ids)
+            new = max(new, new_c)
+            self.metrics.generation_tokens.inc(max(new_c, 0))
+        if new > 0:
+            if self._t_last is None:
+                self.metrics.ttft.observe(t - self.t_arrival)
+                for _ in range(new - 1):
+                    self.metrics.itl.observe(0.0)
+            else:
+                for _ in range(new):
+                    self.metrics.itl.observe((t - self._t_last) / new)
+            self._t_last = t
+        if out.finished:
+            self._pending.discard(self.engine_id(i))
+            self.finals[i] = out
+            if len(self.finals) == len(self.prompts):
+                self.metrics.e2e.observe(t - self.t_arrival)
+
+    async def _abort_pending(self, reason: str) -> None:
+        # Shielded: when starlette/uvicorn cancels the handler (client gone, shutdown timeout) any plain await
+        # here would be cancelled too, and the KV blocks of these requests would leak.
+        with anyio.CancelScope(shield=True):
+            for rid in list(self._pending):
+                try:
+                    await self.engine.abort(rid)
+                except Exception as err:  # already finished/unknown: nothing left to free
+                    log.debug("abort %s: %s", rid, err)
+                self.metrics.aborted.labels(reason).inc()
+            self._pending.clear()
+
+    def usage(self) -> Usage:
+        prompt = sum(len(p) for p in self.prompts)
+        completion = sum(len(c.token_ids) for o in self.finals.values() for c in o.outputs)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    def check_not_aborted(self) -> None:
+        for out in self.finals.values():
+            if any(c.finish_reason == "abort" for c in out.outputs):
+                raise APIError(503, "The request was aborted by the server (shutting down); retry on another "
+                                    "replica or after restart", "server_error", None, "request_aborted")
+
+
+# ---- token text for logprobs -------------------------------------------------------------------------------------
+
+
+def _token_text(tokenizer, tid: int) -> str:
+    return tokenizer.decode([tid])
+
+
+def _completion_logprobs(tokenizer, token_ids: list[int], logprobs: list[dict[int, float]] | None, top: int,
+                         offset: int) -> CompletionLogprobs:
+    lp = CompletionLogprobs()
+    for tid, dist in zip(token_ids, logprobs or []):
+        text = _token_text(tokenizer, tid)
+        lp.tokens.append(text)
+        lp.token_logprobs.append(dist.get(tid))
+        best = sorted(dist.items(), key=lambda kv: -kv[1])[:top]
+        lp.top_logprobs.append({_token_text(tokenizer, t): v for t, v in best} if top else None)
+        lp.text_offset.append(offset)
+        offset += len(text)
+    return lp
+
+
+def _chat_logprobs(tokenizer, token_ids: list[int], logprobs: list[dict[int, float]] | None,
+                   top: int) -> ChoiceLogprobs:
+    content = []
+    for tid, dist in zip(token_ids, logprobs or []):
+        text = _token_text(tokenizer, tid)
+        best = sorted(dist.items(), key=lambda kv: -kv[1])[:top]
+        content.append(TokenLogprob(
+            token=text, logprob=dist.get(tid, float("-inf")), bytes=list(text.encode()),
+            top_logprobs=[TopLogprob(token=(s := _token_text(tokenizer, t)), logprob=v, bytes=list(s.encode()))
+                          for t, v in best]))
+    return ChoiceLogprobs(content=content)
+
+
+# ---- responses ------------------------------------------------------------------------------------------------------
+
+
+def sse(obj) -> str:
+    data = obj.model_dump_json(exclude_unset=False) if hasattr(obj, "model_dump_json") else json.dumps(obj)
+    return f"data: {data}\n\n"
+
+
+async def completion_response(gen: Generation, req: CompletionRequest, tokenizer, model: str,
+                              prompt_texts: list[str]) -> CompletionResponse:
+    async with aclosing(gen.updates()) as updates:
+        async for _ in updates:
+            pass
+    gen.check_not_aborted()
+    choices = []
+    for i in range(len(gen.prompts)):
+        for c in gen.finals[i].outputs:
+            text = (prompt_texts[i] + c.text) if req.echo else c.text
+            lp = (_completion_logprobs(tokenizer, c.token_ids, c.logprobs, req.logprobs, len(prompt_texts[i]))
+                  if req.logprobs is not None else None)
+            choices.append(CompletionChoice(index=i * gen.n + c.index, text=text, logprobs=lp,
+                                            finish_reason=finish_reason(c.finish_reason)))
+    return CompletionResponse(id=gen.request_id, created=now(), model=model, choices=choices, usage=gen.usage())
+
+
+async def completion_stream(gen: Generation, req: CompletionRequest, tokenizer, model: str,
+                            prompt_texts: list[str]) -> AsyncIterator[str]:
+    created = now()
+    state: dict[tuple[int, int], _Choice] = {}
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    if req.echo:
+        for i in range(len(gen.prompts)):
+            for j in range(gen.n):
+                yield sse(CompletionResponse(id=gen.request_id, created=created, model=model, choices=[
+                    CompletionChoice(index=i * gen.n + j, text=prompt_texts[i])]))
+    async with aclosing(gen.updates()) as updates:
+        async for i, out in updates:
+            choices = []
+            for c in out.outputs:
+                st = state.setdefault((i, c.index), _Choice())
+                delta = c.text[st.sent_text:]
+                new_ids = c.token_ids[st.sent_tokens:]
+                reason = finish_reason(c.finish_reason) if c.finish_reason != "abort" else None
+                if not delta and not new_ids and reason is None or st.finish is not None:
+                    continue
+                lp = None
+                if req.logprobs is not None:
+                    lp = _completion_logprobs(tokenizer, new_ids, (c.logprobs or [])[st.sent_tokens:], req.logprobs,
+                                              len(prompt_texts[i]) + st.sent_text)
+                st.sent_text, st.sent_tokens, st.finish = len(c.text), len(c.token_ids), reason
+                choices.append(CompletionChoice(index=i * gen.n + c.index, text=delta, logprobs=lp, finish_reason=reason))
+            if choices:
+                yield sse(CompletionResponse(id=gen.request_id, created=created, model=model, choices=choices))
+    try:
+        gen.check_not_aborted()
+    except APIError as err:
+        yield f"data: {json.dumps(err.body())}\n\n"
+    if include_usage:
+        yield sse(CompletionResponse(id=gen.request_id, created=created, model=model, choices=[], usage=gen.usage()))
+    yield "data: [DONE]\n\n"
+
+
+async def chat_response(gen: Generation, req: ChatCompletionRequest, tokenizer, model: str) -> ChatCompletionResponse:
+    async with aclosing(gen.updates()) as updates:
+        async for _ in updates:
+            pass
+    gen.check_not_aborted()
+    top = req.top_logprobs or 0
+    choices = [ChatChoice(index=c.index, message=ResponseMessage(content=c.text),
+                          logprobs=_chat_logprobs(tokenizer, c.token_ids, c.logprobs, top) if req.logprobs else None,
+                          finish_reason=finish_reason(c.finish_reason))
+               for c in gen.finals[0].outputs]
+    return ChatCompletionResponse(id=gen.request_id, created=now(), model=model, choices=choices, usage=gen.usage())
+
+
+async def chat_stream(gen: Generation, req: ChatCompletionRequest, tokenizer, model: str) -> AsyncIterator[str]:
+    created = now()
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    top = req.top_logprobs or 0
+
+    def chunk(choices, usage=None) -> str:
+        return sse(ChatCompletionChunk(id=gen.request_id, created=created, model=model, choices=choices, usage=usage))
+
+    yield chunk([ChatChunkChoice(index=j, delta=DeltaMessage(role="assistant", content="")) for j in range(gen.n)])
+    state: dict[int, _Choice] = {}
+    async with aclosing(gen.updates()) as updates:
+        async for _, out in updates:
+            choices = []
+            for c in out.outputs:
+                st = state.setdefault(c.index, _Choice())
+                delta = c.text[st.sent_text:]
+                new_ids = c.token_ids[st.sent_tokens:]
+                reason = finish_reason(c.finish_reason) if c.finish_reason != "abort" else None
+                if not delta and not new_ids and reason is None or st.finish is not None:
+                    continue
+                lp = (_chat_logprobs(tokenizer, new_ids, (c.logprobs or [])[st.sent_tokens:], top)
+                      if req.logprobs else None)
+                st.sent_text, st.sent_tokens, st.finish = len(c.text), len(c.token_ids), reason
+                choices.append(ChatChunkChoice(index=c.index, delta=DeltaMessage(content=delta or None), logprobs=lp,
+                                               finish_reason=reason))
+            if choices:
+                yield chunk(choices)
+    try:
+        gen.check_not_aborted()
+    except APIError as err:
+        yield f"data: {json.dumps(err.body())}\n\n"
+    if include_usage:
+        yield chunk([], gen.usage())
+    yield "data: [DONE]\n\n"
