@@ -1,0 +1,119 @@
+"""Decode attention over a paged KV cache: a Triton kernel and its PyTorch reference.
+
+Cache layout (per layer): ``k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]``.
+Sequence b's token at position p lives in block ``block_tables[b, p // block_size]``
+at offset ``p % block_size``. ``context_lens[b]`` counts the cached tokens
+(including the one being decoded, which ``store_kv`` wrote first).
+
+The kernel runs one program per (sequence, query head), streams the sequence's
+blocks once and keeps an online softmax in registers (flash-decoding without
+the split: at decode, the weights dominate the bytes moved, not the cache).
+Shapes of every tensor it reads are fixed per batch size, and the context
+lengths are read on the device, so a CUDA graph can capture it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Triton is optional: without it (or without CUDA and TRITON_INTERPRET) the reference path runs.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write keys/values of T tokens ``[T, Hkv, D]`` to their flat cache slots (no host sync)."""
+    kc = k_cache.view(-1, *k_cache.shape[2:])
+    vc = v_cache.view(-1, *v_cache.shape[2:])
+    kc.index_copy_(0, slot_mapping, k.to(kc.dtype))
+    vc.index_copy_(0, slot_mapping, v.to(vc.dtype))
+
+
+def paged_decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                     block_tables: torch.Tensor, context_lens: torch.Tensor,
+                                     scale: float) -> torch.Tensor:
+    """PyTorch reference (and the CPU path): gather each sequence's blocks, mask past its length, softmax.
+
+    q: [B, Hq, D] -> [B, Hq, D]. Memory is B x max_blocks x block_size x Hkv x D,
+    fine for CPU batch sizes; the Triton kernel never materializes it.
+    """
+    B, Hq, D = q.shape
+    nb, bs, Hkv, _ = k_cache.shape
+    k = k_cache[block_tables.long()].reshape(B, -1, Hkv, D).float()  # [B, S, Hkv, D]
+    v = v_cache[block_tables.long()].reshape(B, -1, Hkv, D).float()
+    rep = Hq // Hkv
+    qg = q.float().view(B, Hkv, rep, D)
+    scores = torch.einsum("bgrd,bsgd->bgrs", qg, k) * scale
+    pos = torch.arange(k.shape[1], device=q.device)
+    scores = scores.masked_fill((pos[None, :] >= context_lens[:, None].long())[:, None, None, :], float("-inf"))
+    out = torch.einsum("bgrs,bsgd->bgrd", scores.softmax(-1), v)
+    return out.reshape(B, Hq, D).to(q.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, context_lens_ptr, scale,
+                             stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt_b, stride_ob,
+                             stride_oh, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_SIZE: tl.constexpr):
+        seq = tl.program_id(0)
+        head = tl.program_id(1)
+        kv_head = head // GROUP
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_s = tl.arange(0, BLOCK_SIZE)
+        dmask = offs_d < HEAD_DIM
+        q = tl.load(q_ptr + seq * stride_qb + head * stride_qh + offs_d, mask=dmask, other=0.0).to(tl.float32)
+        ctx = tl.load(context_lens_ptr + seq)
+        m_i = tl.full([1], float("-inf"), tl.float32)
+        l_i = tl.zeros([1], tl.float32)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        num_blocks = tl.cdiv(ctx, BLOCK_SIZE)
+        for b in range(0, num_blocks):
+            block = tl.load(block_tables_ptr + seq * stride_bt_b + b).to(tl.int64)
+            pos = b * BLOCK_SIZE + offs_s
+            smask = pos < ctx
+            off = block * stride_kb + offs_s[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :]
+            mask2 = smask[:, None] & dmask[None, :]
+            k = tl.load(k_ptr + off, mask=mask2, other=0.0).to(tl.float32)
+            s = tl.sum(k * q[None, :], axis=1) * scale
+            s = tl.where(smask, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new)
+            v = tl.load(v_ptr + off, mask=mask2, other=0.0).to(tl.float32)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            m_i = m_new
+        out = acc / l_i
+        tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                  block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Triton kernel: q [B, Hq, D] -> [B, Hq, D]; same contract as the reference."""
+    if triton is None:
+        from onecard.errors import MissingExtraError
+
+        raise MissingExtraError("triton is not installed; install it with: pip install triton")
+    B, Hq, D = q.shape
+    _, block_size, Hkv, _ = k_cache.shape
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    _paged_decode_kernel[(B, Hq)](
+        q, k_cache, v_cache, out, block_tables, context_lens, scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_SIZE=block_size,
+    )
+    return out
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, scale: float, use_triton: bool) -> torch.Tensor:
+    if use_triton:
+        return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale)

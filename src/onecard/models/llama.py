@@ -1,0 +1,219 @@
+"""onecard's own Llama-family forward: Llama 2/3 (incl. llama3 rope scaling), Mistral, Qwen2.
+
+The layout is the one the engine and our kernels want, not HF's:
+``qkv_proj`` is one fused linear (q, k, v rows stacked), ``gate_up_proj`` is
+one fused linear (gate rows then up rows), so a decoder layer is four GEMMs.
+Every linear is a plain ``nn.Linear`` reached by attribute, so quantization
+can swap it for any module with ``forward(x)`` (``onecard.quant``).
+
+Tokens are *flat*: ``forward(input_ids[T], positions[T], meta)`` runs a whole
+batch of sequences packed end to end. ``meta`` (``AttentionMetadata``) says
+where each sequence starts and where its keys/values live in the paged cache;
+``meta=None`` means "one sequence, no cache" (what the logits tests use).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from onecard.models.config import ModelArgs
+
+
+@dataclass
+class AttentionMetadata:
+    """Where a packed batch's tokens go in the KV cache and what they attend to.
+
+    Prefill: ``seq_lens`` (host ints) split the flat tokens into sequences, each
+    attends causally to itself. Decode: one token per sequence, attending to
+    ``context_lens[b]`` cached tokens found through ``block_tables[b]``.
+    ``slot_mapping[t]`` is the flat cache slot (block * block_size + offset) that
+    token t's key/value are written to.
+    """
+
+    is_prefill: bool
+    slot_mapping: torch.Tensor
+    seq_lens: list[int] | None = None
+    context_lens: torch.Tensor | None = None
+    block_tables: torch.Tensor | None = None
+    decode_attention: str = "reference"  # "reference" (PyTorch) or "triton"
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies with the checkpoint's rope scaling (llama3 or linear) applied."""
+    dim = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = args.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin table for every position up to ``max_positions``, computed once in fp32."""
+
+    def __init__(self, args: ModelArgs, max_positions: int) -> None:
+        super().__init__()
+        self.args, self.max_positions = args, max_positions
+        self.register_buffer("cos_sin", torch.empty(max_positions, args.head_dim), persistent=False)
+
+    @torch.no_grad()
+    def init_table(self) -> None:
+        """Fill the table on its (already materialized) device; called by the loader after ``to_empty``."""
+        inv_freq = rope_inv_freq(self.args).to(self.cos_sin.device)
+        t = torch.arange(self.max_positions, device=inv_freq.device, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)
+        self.cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, D/2]
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # HF's "rotate_half" convention (first half / second half), computed in fp32 like HF.
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        self.q_size, self.kv_size = args.q_size, args.kv_size
+        self.scale = args.head_dim ** -0.5
+        self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=False)
+        # Paged cache views [num_blocks, block_size, num_kv_heads, head_dim], set by the engine's ModelRunner.
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+                meta: AttentionMetadata | None) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        q, k = rotary(positions, q, k)
+        if meta is not None and self.k_cache is not None:
+            from onecard.kernels.paged_attention import store_kv
+
+            store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        if meta is None or meta.is_prefill:
+            out = prefill_attention(q, k, v, meta.seq_lens if meta is not None else [T], self.scale)
+        else:
+            from onecard.kernels.paged_attention import paged_decode_attention
+
+            out = paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
+                                         self.scale, use_triton=meta.decode_attention == "triton")
+        return self.o_proj(out.reshape(T, self.q_size))
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int],
+                      scale: float) -> torch.Tensor:
+    """Causal attention of each packed sequence over itself via SDPA (flash / mem-efficient on GPU).
+
+    One SDPA call per sequence: prefill is compute-bound, so the loop's launch
+    cost is small next to the attention itself, and no padding is wasted.
+    """
+    gqa = q.shape[1] != k.shape[1]
+    outs, start = [], 0
+    for n in seq_lens:
+        qs, ks, vs = (t[start:start + n].transpose(0, 1) for t in (q, k, v))  # [H, n, D]
+        if gqa:
+            rep = q.shape[1] // k.shape[1]
+            ks, vs = ks.repeat_interleave(rep, 0), vs.repeat_interleave(rep, 0)
+        outs.append(F.scaled_dot_product_attention(qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0),
+                                                   is_causal=True, scale=scale)[0].transpose(0, 1))
+        start += n
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.intermediate_size = args.intermediate_size
+        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+                meta: AttentionMetadata | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """The whole causal LM: ``embed_tokens`` -> ``layers`` -> ``norm`` -> ``lm_head``.
+
+    ``forward`` returns final hidden states; ``compute_logits`` applies the head
+    (separately, so the engine computes logits only for the tokens it samples).
+    """
+
+    def __init__(self, args: ModelArgs, max_positions: int | None = None) -> None:
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = RotaryEmbedding(args, max_positions or args.max_position_embeddings)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata | None = None) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, positions, self.rotary, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Full-sequence logits ``[T, vocab]`` for one sequence, no cache (tests, perplexity)."""
+        positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+        return self.compute_logits(self(input_ids.reshape(-1), positions))

@@ -1,0 +1,64 @@
+"""Our Llama-family forward vs HF transformers, fp32 on CPU (max abs diff < 1e-4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from onecard.errors import ModelFolderError
+from onecard.models import open_model_folder
+from onecard.models.loader import hf_to_ours, load_model
+
+ARCHS = ["llama-2-7b", "llama-3.1-8b", "mistral-7b", "qwen2-7b", "qwen2-0.5b"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_match_hf(arch, random_checkpoint):
+    from transformers import AutoModelForCausalLM
+
+    path = random_checkpoint(arch)
+    folder = open_model_folder(path)
+    ours = load_model(folder, torch.float32, "cpu")
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    ids = torch.randint(3, folder.model_args().vocab_size, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits[0]
+    got = ours.logits(ids[0])
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max().item() < 1e-4
+
+
+def test_llama3_rope_scaling_is_applied(random_checkpoint):
+    from onecard.models.llama import rope_inv_freq
+
+    args = open_model_folder(random_checkpoint("llama-3.1-8b")).model_args()
+    plain = rope_inv_freq(type(args)(**{**args.__dict__, "rope_scaling": None}))
+    assert not torch.allclose(rope_inv_freq(args), plain)  # low frequencies are divided by the factor
+
+
+def test_tied_embeddings_share_storage(random_checkpoint):
+    model = load_model(open_model_folder(random_checkpoint("qwen2-0.5b")), torch.float32, "cpu")
+    assert model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()
+    assert model.layers[0].self_attn.qkv_proj.bias is not None
+
+
+def test_name_map_fuses_projections():
+    assert hf_to_ours("model.layers.3.self_attn.k_proj.weight") == ("layers.3.self_attn.qkv_proj.weight", 1)
+    assert hf_to_ours("model.layers.0.mlp.up_proj.qweight") == ("layers.0.mlp.gate_up_proj.qweight", 1)
+    assert hf_to_ours("model.norm.weight") == ("norm.weight", None)
+    assert hf_to_ours("vision_tower.x") is None
+
+
+def test_missing_weights_are_an_error(tmp_path, random_checkpoint):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = random_checkpoint("llama-2-7b")
+    dst = tmp_path / "m"
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    tensors.pop("model.layers.1.mlp.down_proj.weight")
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelFolderError, match="missing"):
+        load_model(open_model_folder(dst), torch.float32, "cpu")
