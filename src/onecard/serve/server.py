@@ -1,0 +1,163 @@
+"""Run the app under uvicorn: bind, load the engine in the background, shut down gracefully on SIGTERM.
+
+Shutdown order on SIGTERM or Ctrl-C: stop accepting connections, let in-flight
+requests finish for up to ``shutdown_timeout`` seconds, cancel the rest (their
+engine requests are aborted and their KV blocks freed), shut the engine down,
+exit 0. uvicorn by default re-raises the caught signal after its own shutdown,
+which makes a clean SIGTERM exit look like a crash (status 143) to systemd and
+Kubernetes; ``_Server`` keeps the exit status 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import signal
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from onecard.errors import BadInputError, OnecardError, require_extra
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass
+class ServeConfig:
+    """What ``onecard serve`` was asked for; validated here so the CLI fails before loading anything."""
+
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    dtype: str = "auto"
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    quantization: str | None = None
+    served_model_name: str | None = None
+    shutdown_timeout: float = 30.0
+    log_level: str = "warning"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise BadInputError(f"--port {self.port} is not a TCP port; use 1-65535 (or 0 for any free port)")
+        if self.dtype not in DTYPES:
+            raise BadInputError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise BadInputError(f"--gpu-memory-utilization {self.gpu_memory_utilization} must be in (0, 1]")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise BadInputError(f"--max-model-len {self.max_model_len} must be >= 1")
+        if self.max_num_seqs < 1:
+            raise BadInputError(f"--max-num-seqs {self.max_num_seqs} must be >= 1")
+        if self.shutdown_timeout <= 0:
+            raise BadInputError(f"--shutdown-timeout {self.shutdown_timeout} must be > 0 seconds")
+        if self.api_key is not None and not self.api_key.strip():
+            raise BadInputError("--api-key is empty; pass a non-empty key or leave the option out")
+        if self.served_model_name is not None and not self.served_model_name.strip():
+            raise BadInputError("--served-model-name is empty; pass a name or leave the option out")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model).name
+
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+def engine_factory(cfg: ServeConfig) -> Callable[[], object]:
+    """A zero-argument builder of the AsyncEngine for ``cfg`` (run by the app off the event loop)."""
+
+    def build():
+        from onecard.engine import AsyncEngine
+
+        return AsyncEngine(cfg.model, dtype=cfg.dtype, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                           max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
+                           quantization=cfg.quantization)
+
+    return build
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind the listening socket ourselves so 'address in use' is a one-line error, not a uvicorn exit(1)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise BadInputError(f"cannot listen on {host}:{port} ({err.strerror}); pick another --port or --host") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _uvicorn_server_class():
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        """uvicorn.Server that exits normally after a signal-initiated graceful shutdown (see module doc)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return _Server
+
+
+def serve(cfg: ServeConfig, factory: Callable[[], object] | None = None,
+          on_listening: Callable[[str], None] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit status (0 after a graceful shutdown)."""
+    require_extra("fastapi", "serve")
+    require_extra("uvicorn", "serve")
+    require_extra("prometheus_client", "serve")
+    import uvicorn
+
+    from onecard.serve.app import build_app
+
+    if factory is None:
+        from onecard.models import open_model_folder
+
+        open_model_folder(cfg.model)  # a wrong path fails here, in one line, before the server starts
+        factory = engine_factory(cfg)
+    if not cfg.is_loopback() and cfg.api_key is None:
+        log.warning("listening on %s without --api-key: anyone who can reach this address can use the model", cfg.host)
+    sock = bind(cfg.host, cfg.port)
+    app = build_app(model_name=cfg.model_name, api_key=cfg.api_key, engine_factory=factory,
+                    shutdown_timeout=cfg.shutdown_timeout)
+    server = _uvicorn_server_class()(uvicorn.Config(
+        app, log_level=cfg.log_level, timeout_graceful_shutdown=cfg.shutdown_timeout, lifespan="on",
+        access_log=cfg.log_level in ("debug", "info")))
+
+    def load_failed(err: Exception) -> None:
+        server.should_exit = True
+
+    app.state.on_load_error = load_failed
+    host, port = sock.getsockname()[:2]
+    if on_listening is not None:
+        on_listening(f"http://{host}:{port}")
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if app.state.load_error is not None:
+        raise OnecardError(f"the engine failed to load {cfg.model}: {app.state.load_error}")
+    return 0

@@ -1,0 +1,210 @@
+"""The real server: ``onecard serve`` (uvicorn) in a subprocess on 127.0.0.1, driven by the real ``openai`` client.
+
+One server per module (started once); one more, short-lived, for the SIGTERM
+test. Uses the real AsyncEngine on a tiny random-weight Llama; if the engine
+package is not there yet it falls back to the fake engine so the HTTP-level
+behaviours are still exercised over real sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+MODEL = "tiny"
+KEY = "test-key"
+TESTS = Path(__file__).resolve().parent
+SRC = TESTS.parent / "src"
+
+
+def real_engine() -> bool:
+    try:
+        from onecard.engine import AsyncEngine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_dir: Path, extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)]), "CUDA_VISIBLE_DEVICES": ""}
+    if real_engine():
+        cmd = [sys.executable, "-m", "onecard.cli", "serve", str(model_dir), "--port", str(port), "--api-key", KEY,
+               "--served-model-name", MODEL, "--max-model-len", "256", "--max-num-seqs", "16", *extra]
+    else:
+        cmd = [sys.executable, str(TESTS / "serve_fake_server.py"), str(model_dir), str(port), KEY]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}: {proc.stdout.read()[-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("server did not become healthy in 180 s")
+        time.sleep(0.2)
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 60) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
+@pytest.fixture(scope="module")
+def model_dir(random_checkpoint):
+    return random_checkpoint("llama-2-7b")
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    proc, url = start_server(model_dir)
+    yield url
+    rc = stop_server(proc)
+    assert rc == 0, proc.stdout.read()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def metric(url: str, name: str, default: float | None = None) -> float:
+    """Sum of a metric's samples (all label values); ``default`` when it has none yet (labelled counters)."""
+    text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    values = [float(line.split()[-1]) for line in text.splitlines()
+              if line.startswith(name + " ") or line.startswith(name + "{")]
+    if not values and default is None:
+        raise AssertionError(f"{name} not in /metrics")
+    return sum(values) if values else default
+
+
+def test_models_and_health(server, oai):
+    assert [m.id for m in oai.models.list().data] == [MODEL]
+    assert httpx.get(server + "/health").json()["status"] == "ok"  # no key needed
+
+
+def test_completion_chat_and_usage(oai):
+    r = oai.completions.create(model=MODEL, prompt="def main():", max_tokens=8, seed=0, extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 8
+    c = oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=8,
+                                    seed=0)
+    assert c.choices[0].message.role == "assistant" and c.choices[0].finish_reason in ("stop", "length")
+    assert c.usage.prompt_tokens > 3
+
+
+def test_streaming_matches_non_streaming(oai):
+    kw = dict(model=MODEL, prompt="import os\n", max_tokens=12, seed=7, temperature=0.8,
+              extra_body={"ignore_eos": True})
+    full = oai.completions.create(**kw).choices[0].text
+    chunks = list(oai.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == full
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_seed_reproducible_and_n(oai):
+    kw = dict(model=MODEL, prompt="class A:", max_tokens=10, temperature=1.0, extra_body={"ignore_eos": True})
+    a = oai.completions.create(seed=123, **kw).choices[0].text
+    b = oai.completions.create(seed=123, **kw).choices[0].text
+    assert a == b
+    others = {oai.completions.create(seed=s, **kw).choices[0].text for s in (1, 2, 3)}
+    assert len(others | {a}) > 1, "different seeds never changed the output"
+    r = oai.completions.create(seed=5, n=3, **kw)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2] and r.usage.completion_tokens == 30
+
+
+def test_stop_string_cuts_output(oai):
+    kw = dict(model=MODEL, prompt="x = ", max_tokens=16, seed=11, temperature=1.0, extra_body={"ignore_eos": True})
+    text = oai.completions.create(**kw).choices[0].text
+    assert len(text) >= 6, text
+    stop = text[3:6]
+    cut = oai.completions.create(stop=[stop], **kw).choices[0]
+    assert cut.finish_reason == "stop" and cut.text == text[:text.index(stop)]
+
+
+def test_logprobs(oai):
+    r = oai.completions.create(model=MODEL, prompt="a", max_tokens=4, logprobs=3, seed=0,
+                               extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert len(lp.token_logprobs) == 4 and all(v is not None and v <= 0 for v in lp.token_logprobs)
+    assert all(1 <= len(t) <= 3 for t in lp.top_logprobs)
+    c = oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "a"}], max_tokens=3,
+                                    logprobs=True, top_logprobs=2, seed=0)
+    assert all(t.logprob <= 0 and len(t.top_logprobs) <= 2 for t in c.choices[0].logprobs.content)
+
+
+def test_errors_have_openai_shape_and_status(server, oai):
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model="gpt-4", prompt="a")
+    assert e.value.status_code == 400 and e.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model=MODEL, prompt="word " * 400, max_tokens=4)
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model=MODEL, prompt="a", temperature=-1)
+    assert e.value.body["param"] == "temperature"
+    bad = openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.models.list()
+    assert e.value.status_code == 401 and set(e.value.body) == {"message", "type", "param", "code"}
+
+
+def test_client_disconnect_frees_kv_blocks(server):
+    aborted_before = metric(server, "onecard_requests_aborted_total", default=0.0)
+    body = {"model": MODEL, "prompt": "a", "max_tokens": 200, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", server + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=30) as r:
+        lines = r.iter_lines()
+        for _ in range(4):
+            next(lines)
+        assert metric(server, "onecard_kv_cache_blocks_used") > 0
+    deadline = time.monotonic() + 20
+    while metric(server, "onecard_kv_cache_blocks_used") > 0 or metric(server, "onecard_num_requests_running") > 0:
+        assert time.monotonic() < deadline, "KV blocks still held 20 s after the client disconnected"
+        time.sleep(0.1)
+    assert metric(server, "onecard_requests_aborted_total") == aborted_before + 1
+
+
+def test_sigterm_mid_stream_exits_0(model_dir):
+    proc, url = start_server(model_dir, ["--shutdown-timeout", "3"])
+    body = {"model": MODEL, "prompt": "a", "max_tokens": 240, "stream": True, "ignore_eos": True}
+    try:
+        with httpx.stream("POST", url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                          timeout=30) as r:
+            lines = r.iter_lines()
+            next(lines)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            with pytest.raises(httpx.TransportError):  # refuses new connections at once
+                time.sleep(0.5)
+                httpx.get(url + "/health", timeout=2)
+            for _ in lines:  # the in-flight stream ends (finished, or aborted at the timeout); it does not hang
+                assert time.monotonic() - t0 < 30
+    except httpx.RemoteProtocolError:
+        pass  # connection closed by the server while aborting: also an end
+    rc = proc.wait(30)
+    assert rc == 0, proc.stdout.read()[-3000:]
+    assert time.monotonic() - t0 < 20
