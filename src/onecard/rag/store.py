@@ -1,0 +1,340 @@
+"""The index: one SQLite file holding chunks, their vectors (sqlite-vec) and a BM25 index (FTS5).
+
+Why one file: nothing to start, copy it to move the index. Why apsw: many
+Python builds (pyenv's default among them) compile ``sqlite3`` without
+``enable_load_extension``, so sqlite-vec cannot load; apsw bundles a current
+SQLite that can. ``sqlite3`` is used only when apsw is missing and it can load
+extensions.
+
+Writes are atomic: ``SqliteStore.apply`` replaces the chunks of changed files
+and drops removed files inside one ``BEGIN IMMEDIATE ... COMMIT``; a crash
+before COMMIT leaves the previous index intact (SQLite's journal rolls it
+back on next open). WAL mode lets searches run while an index is written.
+
+Retrieval (``search``): vector kNN and BM25 each return a candidate list;
+hybrid fuses them by reciprocal rank, score = sum 1/(60 + rank), then an
+optional rerank hook reorders the fused candidates.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Protocol
+
+import numpy as np
+
+from onecard.errors import BadInputError, MissingExtraError, OnecardError
+from onecard.rag.splitter import Chunk
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = "1"
+RRF_K = 60
+MODES = ("hybrid", "vector", "bm25")
+# Words too common to help BM25; an OR over them makes FTS5 score most of the index for nothing.
+_STOPWORDS = frozenset("""a an and are as at be by can do does for from has have how i if in into is it its of on or
+so that the their then there these this to was what when where which who why will with you your""".split())
+
+
+@dataclass
+class Hit:
+    """One retrieved chunk. ``score`` is the ranking score of the mode used (RRF for hybrid)."""
+
+    id: int
+    chunk: Chunk
+    score: float
+    similarity: float | None = None   # cosine similarity to the query (always filled by ``search``)
+    bm25: float | None = None         # FTS5 BM25 (higher = better) when the chunk matched the words
+    vector_rank: int | None = None    # 1-based ranks in each list, None when absent
+    bm25_rank: int | None = None
+
+
+@dataclass
+class FileUpdate:
+    """New content of one file: its hash and its chunks with one vector each."""
+
+    path: str
+    sha256: str
+    chunks: list[Chunk]
+    vectors: np.ndarray
+
+
+class Store(Protocol):
+    """What the indexer and retrieval need; implemented by ``SqliteStore`` and ``PgVectorStore``."""
+
+    def get_meta(self) -> dict[str, str]: ...
+    def file_hashes(self) -> dict[str, str]: ...
+    def apply(self, updates: list[FileUpdate], removed: list[str], meta: dict[str, str]) -> None: ...
+    def vector_search(self, query: np.ndarray, n: int) -> list[tuple[int, float]]: ...
+    def bm25_search(self, query: str, n: int) -> list[tuple[int, float]]: ...
+    def chunks(self, ids: list[int]) -> dict[int, Chunk]: ...
+    def vectors(self, ids: list[int]) -> dict[int, np.ndarray]: ...
+    def count(self) -> int: ...
+    def close(self) -> None: ...
+
+
+def fts_query(text: str) -> str:
+    """User text -> a safe FTS5 expression: quoted distinct words joined by OR (no FTS syntax injection)."""
+    words = []
+    for w in re.findall(r"\w+", text.lower()):
+        if w not in _STOPWORDS and w not in words and (len(w) > 1 or w.isdigit()):
+            words.append(w)
+    return " OR ".join(f'"{w}"' for w in words)
+
+
+def _title(path: str) -> str:
+    """Searchable words of a source path: its last two components without extension (``json/decoder``)."""
+    parts = Path(path).with_suffix("").parts
+    return " ".join(parts[-2:]).replace("_", " ")
+
+
+def _connect(path: str):
+    """An apsw (preferred) or sqlite3 connection with sqlite-vec loaded."""
+    try:
+        import sqlite_vec
+    except ImportError as err:
+        raise MissingExtraError("the RAG index needs 'sqlite-vec'; install it with: pip install 'onecard[rag]'") from err
+    try:
+        import apsw
+
+        conn = apsw.Connection(path)
+        conn.enable_load_extension(True)
+        conn.load_extension(sqlite_vec.loadable_path())
+        conn.enable_load_extension(False)
+        return conn
+    except ImportError:
+        pass
+    import sqlite3
+
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    if not hasattr(conn, "enable_load_extension"):
+        raise MissingExtraError("this Python's sqlite3 cannot load extensions and apsw is missing; "
+                                "install it with: pip install 'onecard[rag]'")
+    conn.enable_load_extension(True)
+    sqlite_vec.load(conn)
+    conn.enable_load_extension(False)
+    return conn
+
+
+class SqliteStore:
+    """One SQLite file: tables meta, files, chunks; FTS5 ``chunks_fts`` (kept in sync by triggers); vec0 ``chunks_vec``."""
+
+    def __init__(self, path: str | Path, create: bool = False) -> None:
+        path = Path(path).expanduser()
+        if not create and not path.is_file():
+            raise BadInputError(f"no index at '{path}'; build one with: onecard rag index DIR --db {path}")
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.conn = _connect(str(path))
+        self.conn.execute("PRAGMA busy_timeout=10000")
+        try:
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self._create_tables()
+        except Exception as err:
+            if "file is not a database" in str(err) or "NotADB" in type(err).__name__:
+                raise BadInputError(f"'{path}' is not a onecard RAG index (not an SQLite file)") from err
+            raise
+        if not create and "schema" not in self.get_meta():
+            raise BadInputError(f"'{path}' is an SQLite file but not a onecard RAG index; pass the --db that 'rag index' wrote")
+
+    def _q(self, sql: str, params: Iterable = ()) -> list[tuple]:
+        return list(self.conn.execute(sql, tuple(params)))
+
+    def _create_tables(self) -> None:
+        self.conn.execute("CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        self.conn.execute("CREATE TABLE IF NOT EXISTS files(path TEXT PRIMARY KEY, sha256 TEXT NOT NULL, "
+                          "n_chunks INTEGER NOT NULL, indexed_at REAL NOT NULL)")
+        self.conn.execute("CREATE TABLE IF NOT EXISTS chunks(id INTEGER PRIMARY KEY, path TEXT NOT NULL, page INTEGER, "
+                          "heading TEXT NOT NULL, start INTEGER NOT NULL, end_ INTEGER NOT NULL, kind TEXT NOT NULL, "
+                          "title TEXT NOT NULL, text TEXT NOT NULL)")
+        self.conn.execute("CREATE INDEX IF NOT EXISTS chunks_by_path ON chunks(path)")
+        self.conn.execute("CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(text, heading, title, "
+                          "content='chunks', content_rowid='id', tokenize='porter unicode61')")
+        self.conn.execute("CREATE TRIGGER IF NOT EXISTS chunks_ai AFTER INSERT ON chunks BEGIN "
+                          "INSERT INTO chunks_fts(rowid, text, heading, title) VALUES (new.id, new.text, new.heading, new.title); END")
+        self.conn.execute("CREATE TRIGGER IF NOT EXISTS chunks_ad AFTER DELETE ON chunks BEGIN "
+                          "INSERT INTO chunks_fts(chunks_fts, rowid, text, heading, title) "
+                          "VALUES ('delete', old.id, old.text, old.heading, old.title); END")
+
+    def _ensure_vec_table(self, dim: int) -> None:
+        self.conn.execute(f"CREATE VIRTUAL TABLE IF NOT EXISTS chunks_vec USING vec0(embedding float[{int(dim)}] "
+                          "distance_metric=cosine)")
+
+    def get_meta(self) -> dict[str, str]:
+        return dict(self._q("SELECT key, value FROM meta"))
+
+    def file_hashes(self) -> dict[str, str]:
+        return dict(self._q("SELECT path, sha256 FROM files"))
+
+    def count(self) -> int:
+        return self._q("SELECT count(*) FROM chunks")[0][0]
+
+    def apply(self, updates: list[FileUpdate], removed: list[str], meta: dict[str, str],
+              on_row: Callable[[], None] | None = None) -> None:
+        """Replace changed files' chunks and drop removed files, all in one transaction (all or nothing)."""
+        dim = int(meta["dim"])
+        self._ensure_vec_table(dim)
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            for path in [u.path for u in updates] + list(removed):
+                ids = [r[0] for r in self._q("SELECT id FROM chunks WHERE path = ?", (path,))]
+                if ids:
+                    marks = ",".join("?" * len(ids))
+                    self.conn.execute(f"DELETE FROM chunks_vec WHERE rowid IN ({marks})", ids)
+                    self.conn.execute(f"DELETE FROM chunks WHERE id IN ({marks})", ids)
+                self.conn.execute("DELETE FROM files WHERE path = ?", (path,))
+            for u in updates:
+                if len(u.chunks) != len(u.vectors) or (len(u.vectors) and u.vectors.shape[1] != dim):
+                    raise OnecardError(f"internal: {u.path} has {len(u.chunks)} chunks but vectors {u.vectors.shape}")
+                title = _title(u.path)
+                for c, v in zip(u.chunks, u.vectors):
+                    self.conn.execute("INSERT INTO chunks(path, page, heading, start, end_, kind, title, text) "
+                                      "VALUES (?,?,?,?,?,?,?,?)",
+                                      (u.path, c.page, c.heading, c.start, c.end, c.kind, title, c.text))
+                    rowid = self.conn.last_insert_rowid() if hasattr(self.conn, "last_insert_rowid") else \
+                        self._q("SELECT last_insert_rowid()")[0][0]
+                    self.conn.execute("INSERT INTO chunks_vec(rowid, embedding) VALUES (?, ?)",
+                                      (rowid, np.asarray(v, dtype=np.float32).tobytes()))
+                    if on_row is not None:
+                        on_row()
+                self.conn.execute("INSERT INTO files(path, sha256, n_chunks, indexed_at) VALUES (?,?,?,?)",
+                                  (u.path, u.sha256, len(u.chunks), time.time()))
+            for key, value in {**meta, "schema": SCHEMA_VERSION}.items():
+                self.conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, str(value)))
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+
+    def vector_search(self, query: np.ndarray, n: int) -> list[tuple[int, float]]:
+        """(chunk id, cosine similarity), best first. Exact kNN (sqlite-vec scans all vectors)."""
+        if not self._q("SELECT 1 FROM sqlite_master WHERE name = 'chunks_vec'"):
+            return []
+        rows = self._q("SELECT rowid, distance FROM chunks_vec WHERE embedding MATCH ? AND k = ? ORDER BY distance",
+                       (np.asarray(query, dtype=np.float32).tobytes(), int(n)))
+        return [(int(r), 1.0 - float(d)) for r, d in rows]
+
+    def bm25_search(self, query: str, n: int) -> list[tuple[int, float]]:
+        """(chunk id, BM25 score, higher = better), best first; text weighs 1, heading and file title 2 each."""
+        expr = fts_query(query)
+        if not expr:
+            return []
+        rows = self._q("SELECT rowid, bm25(chunks_fts, 1.0, 2.0, 2.0) AS s FROM chunks_fts WHERE chunks_fts MATCH ? "
+                       "ORDER BY s LIMIT ?", (expr, int(n)))
+        return [(int(r), -float(s)) for r, s in rows]
+
+    def chunks(self, ids: list[int]) -> dict[int, Chunk]:
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        rows = self._q(f"SELECT id, path, text, start, end_, heading, page, kind FROM chunks WHERE id IN ({marks})", ids)
+        return {r[0]: Chunk(r[1], r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows}
+
+    def vectors(self, ids: list[int]) -> dict[int, np.ndarray]:
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        rows = self._q(f"SELECT rowid, embedding FROM chunks_vec WHERE rowid IN ({marks})", ids)
+        return {int(r): np.frombuffer(b, dtype=np.float32) for r, b in rows}
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def open_store(db: str | Path, create: bool = False) -> Store:
+    """``postgresql://...`` -> ``PgVectorStore``; anything else is a SQLite index file."""
+    if str(db).startswith(("postgresql://", "postgres://")):
+        from onecard.rag.pgvector_store import PgVectorStore
+
+        return PgVectorStore(str(db), create=create)
+    return SqliteStore(db, create=create)
+
+
+Reranker = Callable[[str, list[Hit]], list[Hit]]
+
+
+@dataclass
+class SearchResult:
+    hits: list[Hit]
+    mode: str
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def rrf_fuse(ranked_lists: list[list[int]], k: int = RRF_K) -> list[tuple[int, float]]:
+    """Reciprocal-rank fusion: score(d) = sum over lists of 1 / (k + rank(d)), rank 1-based; best first."""
+    scores: dict[int, float] = {}
+    for ranked in ranked_lists:
+        for rank, doc in enumerate(ranked, start=1):
+            scores[doc] = scores.get(doc, 0.0) + 1.0 / (k + rank)
+    return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def retrieve(store: Store, query: str, query_vector: np.ndarray | None, k: int = 5, mode: str = "hybrid",
+             candidates: int = 50, rerank: Reranker | None = None) -> SearchResult:
+    """Top-``k`` hits for ``query`` from ``store``; ``query_vector`` is the embedded query (unused for bm25 mode)."""
+    if mode not in MODES:
+        raise BadInputError(f"unknown search mode {mode!r}; use one of {', '.join(MODES)}")
+    if k < 1:
+        raise BadInputError(f"k must be >= 1, got {k}")
+    n = max(candidates, k)
+    t0 = time.perf_counter()
+    vec = store.vector_search(query_vector, n) if mode in ("hybrid", "vector") else []
+    t1 = time.perf_counter()
+    bm = store.bm25_search(query, n) if mode in ("hybrid", "bm25") else []
+    t2 = time.perf_counter()
+    if mode == "vector":
+        ranked = vec
+    elif mode == "bm25":
+        ranked = bm
+    else:
+        ranked = rrf_fuse([[i for i, _ in vec], [i for i, _ in bm]])
+    pool = ranked if rerank is not None else ranked[:k]
+    ids = [i for i, _ in pool]
+    chunks = store.chunks(ids)
+    sim = dict(vec)
+    if query_vector is not None:
+        missing = [i for i in ids if i not in sim]
+        for i, v in store.vectors(missing).items():
+            sim[i] = float(np.dot(v, query_vector))
+    bm_score = dict(bm)
+    vrank = {i: r for r, (i, _) in enumerate(vec, start=1)}
+    brank = {i: r for r, (i, _) in enumerate(bm, start=1)}
+    hits = [Hit(i, chunks[i], float(s), sim.get(i), bm_score.get(i), vrank.get(i), brank.get(i))
+            for i, s in pool if i in chunks]
+    if rerank is not None:
+        hits = list(rerank(query, hits))[:k]
+    t3 = time.perf_counter()
+    return SearchResult(hits, mode, t3 - t0, {"vector_s": t1 - t0, "bm25_s": t2 - t1, "fetch_s": t3 - t2})
+
+
+def check_embedder(meta: dict[str, str], embedder_name: str) -> None:
+    if meta.get("embedder") and meta["embedder"] != embedder_name:
+        raise BadInputError(f"this index was built with embedder '{meta['embedder']}', not '{embedder_name}'; "
+                            "pass the same --embedder or build a new --db")
+
+
+def search(query: str, db: str | Path, k: int = 5, mode: str = "hybrid", embedder: str | None = None,
+           candidates: int = 50, rerank: Reranker | None = None) -> SearchResult:
+    """Retrieval only: open the index at ``db``, embed ``query`` with the index's embedder, return top-``k`` hits."""
+    if not query or not query.strip():
+        raise BadInputError("the query is empty; pass some words to search for")
+    store = open_store(db)
+    try:
+        meta = store.get_meta()
+        qvec = None
+        if mode != "bm25":
+            from onecard.rag.embeddings import load_embedder
+
+            emb = load_embedder(embedder or meta.get("embedder"))
+            check_embedder(meta, emb.name)
+            qvec = emb.encode([query])[0]
+        return retrieve(store, query, qvec, k=k, mode=mode, candidates=candidates, rerank=rerank)
+    finally:
+        store.close()
+
