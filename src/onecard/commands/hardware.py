@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from onecard.hardware.catalog import basis, compare_rows, find_gpu, list_gpus
+from onecard.hardware.catalog import COMPARE_NOTE, basis, compare_rows, find_gpu, list_gpus
 
 
 def register(app: typer.Typer) -> None:
@@ -38,12 +38,13 @@ def register(app: typer.Typer) -> None:
         if as_json:
             typer.echo(json.dumps({"basis": basis(), "gpus": [s.as_dict() for s in specs]}, indent=2))
             return
-        table = Table("", *[s.name.replace("NVIDIA ", "") for s in specs], title="GPU comparison")
+        table = Table("", *[s.key for s in specs], title="GPU comparison")
         for label, cells in compare_rows(specs):
             table.add_row(label, *cells)
         console = Console()
         console.print(table)
+        console.print(f"[dim]{COMPARE_NOTE}[/]")
         for s in specs:
-            console.print(f"[dim]{s.key}: {s.source}[/]")
+            console.print(f"[dim]{s.key} = {s.name}: {s.source}[/]")
 
     app.add_typer(hw, name="hardware")

@@ -69,42 +69,47 @@ def list_gpus() -> tuple[GPUSpec, ...]:
 
 
 def find_gpu(name: str) -> GPUSpec:
-    """Match a user-typed or driver-reported name ('4090', 'NVIDIA H100 80GB HBM3', 'a100-40')."""
+    """Match a user-typed or driver-reported name ('4090', 'NVIDIA H100 80GB HBM3', 'a100-40').
+
+    Matching is exact after normalisation (case, spaces, dashes, 'NVIDIA', 'GeForce'
+    ignored): a loose substring match would file an 'H100 NVL' under the H100 SXM or
+    an 'RTX 4090 D' under the 4090, and then every roofline figure would be wrong.
+    """
     wanted = _norm(name)
-    specs = list_gpus()
-    for spec in specs:
+    for spec in list_gpus():
         if wanted in {_norm(spec.key), _norm(spec.name), *(_norm(a) for a in spec.aliases)}:
             return spec
-    # Driver names carry suffixes ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB"): longest alias contained wins.
-    hits = [(len(_norm(a)), s) for s in specs for a in (s.key, s.name, *s.aliases) if _norm(a) and _norm(a) in wanted]
-    if hits:
-        return max(hits, key=lambda h: h[0])[1]
-    known = ", ".join(s.key for s in specs)
-    raise BadInputError(f"unknown GPU '{name}'; known cards: {known}")
+    known = ", ".join(s.key for s in list_gpus())
+    raise BadInputError(f"unknown GPU '{name}'; known cards: {known} (onecard hardware list shows them)")
 
 
 COMPARE_FIELDS: tuple[tuple[str, str], ...] = (
-    ("memory", "Memory"),
-    ("bandwidth", "Bandwidth"),
-    ("bf16_dense", "BF16/FP16 tensor, dense, FP32 acc."),
-    ("bf16_sparse", "  same, 2:4 sparse"),
-    ("fp16_acc16", "FP16 tensor, dense, FP16 acc."),
-    ("fp8", "FP8 tensor cores"),
-    ("power", "Power"),
-    ("cc", "Compute capability"),
+    ("memory", "Memory GiB"),
+    ("memory_type", "Memory type"),
+    ("bandwidth", "Bandwidth GB/s"),
+    ("bf16_dense", "BF16 dense TF"),
+    ("bf16_sparse", "BF16 2:4 sparse TF"),
+    ("fp16_acc16", "FP16 acc16 TF"),
+    ("fp8", "FP8 dense TF"),
+    ("power", "Power W"),
+    ("cc", "Compute cap."),
 )
+# Printed under the table: what "TF" means, so the short labels stay honest.
+COMPARE_NOTE = ("TF = tensor-core TFLOP/s, dense, FP32 accumulate unless noted; 2:4 sparse = structured "
+                "sparsity (2x dense); acc16 = FP16 accumulate (GeForce runs it at 2x); FP8 'no' = no FP8 tensor cores")
 
 
 def compare_rows(specs: list[GPUSpec]) -> list[tuple[str, list[str]]]:
-    """The seed article's §1.3 table, with each throughput's basis spelled out."""
+    """The seed article's §1.3 table with correct figures; short labels so it fits 80 columns (see COMPARE_NOTE)."""
     cells = {
-        "memory": lambda s: f"{s.memory_gib:g} GiB {s.memory_type}",
-        "bandwidth": lambda s: f"{s.bandwidth_gbs / 1000:.2f} TB/s",
-        "bf16_dense": lambda s: f"{s.bf16_dense_tflops:g} TFLOP/s",
-        "bf16_sparse": lambda s: f"{s.bf16_sparse_tflops:g} TFLOP/s",
-        "fp16_acc16": lambda s: f"{s.fp16_acc16_dense_tflops:g} TFLOP/s",
-        "fp8": lambda s: f"yes ({s.fp8_dense_tflops:g} dense)" if s.fp8 else "no",
-        "power": lambda s: f"{s.power_w:g} W",
-        "cc": lambda s: f"sm_{s.compute_capability.replace('.', '')} ({s.architecture})",
+        "memory": lambda s: f"{s.memory_gib:g}",
+        "memory_type": lambda s: s.memory_type,
+        "bandwidth": lambda s: f"{s.bandwidth_gbs:g}",
+        "bf16_dense": lambda s: f"{s.bf16_dense_tflops:g}",
+        "bf16_sparse": lambda s: f"{s.bf16_sparse_tflops:g}",
+        "fp16_acc16": lambda s: f"{s.fp16_acc16_dense_tflops:g}",
+        "fp8": lambda s: f"{s.fp8_dense_tflops:g}" if s.fp8 else "no",
+        "power": lambda s: f"{s.power_w:g}",
+        "cc": lambda s: f"sm_{s.compute_capability.replace('.', '')}",
     }
     return [(label, [cells[field](s) for s in specs]) for field, label in COMPARE_FIELDS]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from onecard.errors import UnsupportedModelError
+from onecard.errors import ModelFolderError, UnsupportedModelError
 
 # HF architecture name -> our family tag. Everything here runs on our own forward.
 SUPPORTED_ARCHITECTURES = {
@@ -16,6 +16,8 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
 }
+# config.json keys without a safe default: guessing any of them would build the wrong model.
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,12 @@ class ModelArgs:
                 raise UnsupportedModelError(
                     f"rope_scaling type '{kind}' is not supported; supported: llama3, linear"
                 )
+        missing = [k for k in _REQUIRED if not isinstance(cfg.get(k), int) or cfg[k] <= 0]
+        if missing:
+            raise ModelFolderError(
+                f"config.json lacks or has a bad {', '.join(repr(k) for k in missing)}; "
+                "copy config.json from the original model"
+            )
         heads = cfg["num_attention_heads"]
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())

@@ -58,11 +58,31 @@ class ModelFolder:
         counts: dict[str, int] = {}
         for t in self.tensors.values():
             if t.dtype in _FLOAT:
-                n = 1
-                for d in t.shape:
-                    n *= d
-                counts[t.dtype] = counts.get(t.dtype, 0) + n
+                counts[t.dtype] = counts.get(t.dtype, 0) + _numel(t.shape)
         return max(counts, key=counts.get) if counts else None
+
+    def summary(self) -> dict:
+        """What ``onecard inspect`` shows: the facts a user checks before planning a job on this folder."""
+        stored = sum(_numel(t.shape) for t in self.tensors.values())
+        out: dict = {
+            "path": str(self.path),
+            "architecture": self.architecture,
+            "tensors": len(self.tensors),
+            "stored_elements": stored,
+            "weight_dtype": self.weight_dtype(),
+            "config_dtype": self.config.get("torch_dtype") or self.config.get("dtype"),
+            "shards": len(self.weight_files),
+            "size_bytes": sum(f.stat().st_size for f in self.weight_files),
+            "tokenizer": [t for t in TOKENIZER_FILES if (self.path / t).exists()],
+            "quantization": (self.quantization_config or {}).get("quant_method"),
+        }
+        if self.architecture in SUPPORTED_ARCHITECTURES:
+            a = self.model_args()
+            out.update(parameters=a.num_parameters(), layers=a.num_layers, hidden_size=a.hidden_size,
+                       heads=a.num_heads, kv_heads=a.num_kv_heads, head_dim=a.head_dim, vocab_size=a.vocab_size,
+                       context=a.max_position_embeddings, rope_theta=a.rope_theta,
+                       rope_scaling=(a.rope_scaling or {}).get("rope_type"), tied_embeddings=a.tie_word_embeddings)
+        return out
 
     def load_tokenizer(self):
         if not self.has_tokenizer:
@@ -80,6 +100,13 @@ class ModelFolder:
                 for name in f.keys():
                     if names is None or name in names:
                         yield name, f.get_tensor(name)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def _no_tokenizer(path: Path) -> str:
@@ -100,7 +127,10 @@ def _read_header(file: Path) -> dict:
             header = json.loads(f.read(n))
     except (OSError, ValueError) as exc:
         raise ModelFolderError(f"weight shard '{file.name}' is corrupt ({exc}); download it again") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, KeyError, TypeError, IndexError, ValueError) as exc:
+        raise ModelFolderError(f"weight shard '{file.name}' has a malformed header ({exc!r}); download it again") from None
     size = file.stat().st_size
     if size < 8 + n + end:
         raise ModelFolderError(
@@ -126,6 +156,11 @@ def _weight_files(path: Path) -> tuple[Path, ...]:
     files = tuple(sorted(path.glob("*.safetensors")))
     if files:
         return files
+    if list(path.glob("*.gguf")):
+        raise UnsupportedModelError(
+            f"'{path}' holds GGUF files (llama.cpp); onecard loads Hugging Face safetensors: download the original "
+            "model's safetensors files, or quantize it with `onecard quantize`"
+        )
     if list(path.glob("*.bin")) or list(path.glob("*.pt")):
         raise ModelFolderError(
             f"'{path}' has only PyTorch .bin weights; onecard loads safetensors: convert with "
@@ -146,7 +181,7 @@ def open_model_folder(path: str | Path, *, require_tokenizer: bool = True,
     if not p.exists():
         if _HUB_ID.match(str(path)) and not str(path).startswith((".", "/")):
             raise ModelFolderError(
-                f"'{path}' looks like a Hugging Face hub id; onecard never downloads: run "
+                f"no local folder '{path}', and onecard never downloads; if it is a Hugging Face hub id, run "
                 f"`huggingface-cli download {path} --local-dir ./{str(path).split('/')[-1]}` and pass that folder"
             )
         raise ModelFolderError(f"model folder '{p}' does not exist; pass a local folder with config.json and *.safetensors")
@@ -159,7 +194,14 @@ def open_model_folder(path: str | Path, *, require_tokenizer: bool = True,
         config = json.loads(cfg_file.read_text())
     except ValueError as exc:
         raise ModelFolderError(f"config.json in '{p}' is not valid JSON ({exc}); download it again") from None
+    if not isinstance(config, dict):
+        raise ModelFolderError(f"config.json in '{p}' is not a JSON object; copy config.json from the original model")
     archs = config.get("architectures") or []
+    if supported is not None and not archs:
+        raise ModelFolderError(
+            f"config.json in '{p}' has no \"architectures\" entry; add the model's class, e.g. "
+            f"\"architectures\": [\"LlamaForCausalLM\"] (supported: {', '.join(supported)})"
+        )
     if supported is not None and not any(a in supported for a in archs):
         raise UnsupportedModelError(
             f"architecture {archs or config.get('model_type', '?')} in '{p}' is not supported; "
@@ -173,12 +215,46 @@ def open_model_folder(path: str | Path, *, require_tokenizer: bool = True,
                 tensors[name] = TensorInfo(name, _ST_DTYPES.get(meta["dtype"], meta["dtype"]), tuple(meta["shape"]), f)
     if not tensors:
         raise ModelFolderError(f"the safetensors files in '{p}' hold no tensors; download them again")
+    _check_index(p, tensors)
     has_tok = any((p / t).exists() for t in TOKENIZER_FILES)
     folder = ModelFolder(p, config, files, tensors, has_tok)
     if require_tokenizer and not has_tok:
         raise ModelFolderError(_no_tokenizer(p))
     _check_dtype(folder)
+    if supported is not None:
+        _check_shapes(folder, folder.model_args())
     return folder
+
+
+def _check_index(path: Path, tensors: dict[str, TensorInfo]) -> None:
+    """Every tensor the index promises must be in the shard it names (a stale or swapped shard fails here)."""
+    index = path / "model.safetensors.index.json"
+    if not index.exists():
+        return
+    weight_map = json.loads(index.read_text())["weight_map"]
+    for name, file in weight_map.items():
+        info = tensors.get(name)
+        if info is None or info.file.name != Path(file).name:
+            raise ModelFolderError(
+                f"'{index.name}' lists tensor '{name}' in '{file}', but that shard does not hold it; "
+                "the shards and the index are from different downloads: download them again"
+            )
+
+
+def _check_shapes(folder: ModelFolder, args: ModelArgs) -> None:
+    """config.json and the weights must describe the same model (a config copied from another size fails here)."""
+    emb = folder.tensors.get("model.embed_tokens.weight")
+    if emb is not None and emb.shape != (args.vocab_size, args.hidden_size):
+        raise ModelFolderError(
+            f"config.json says vocab {args.vocab_size} x hidden {args.hidden_size}, but model.embed_tokens.weight "
+            f"is {list(emb.shape)}; config.json and the weights are from different models"
+        )
+    layers = {int(m.group(1)) for n in folder.tensors if (m := re.match(r"model\.layers\.(\d+)\.", n))}
+    if layers and max(layers) + 1 != args.num_layers:
+        raise ModelFolderError(
+            f"config.json says {args.num_layers} layers but the weights hold {max(layers) + 1}; "
+            "config.json and the weights are from different models"
+        )
 
 
 def _check_dtype(folder: ModelFolder) -> None:

@@ -7,6 +7,7 @@ the stand-in for a user's downloaded model in every test and benchmark.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -32,9 +33,20 @@ def shared_tokenizer(vocab_size: int) -> Path:
     if not (out / "tokenizer.json").exists():
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
         train_bpe_tokenizer(local_corpus(max_bytes=2_000_000).train, vocab_size, tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+        publish_dir(tmp, out)
     return out
+
+
+def publish_dir(tmp: Path, out: Path) -> None:
+    """Move a finished cache folder into place atomically; if another process got there first, keep theirs.
+
+    Test processes (pytest-xdist, several helpers, CI) build the same fixtures at
+    once; deleting a published folder could pull it from under a reader.
+    """
+    try:
+        tmp.rename(out)
+    except OSError:  # ``out`` exists and is not empty: someone else published it
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextmanager
@@ -78,9 +90,15 @@ def make_random_checkpoint(arch: str, size: str = "tiny", path: str | Path | Non
     config = scale_config(arch_config(arch), size)
     config.update(overrides or {})
     config.pop("_onecard_source", None)
-    out = Path(path) if path is not None else cache_dir() / f"random-{arch}-{size}-{dtype}-s{seed}"
-    if path is None and (out / "config.json").exists():
-        return out
+    if path is None:
+        tag = hashlib.sha1(json.dumps([overrides, tokenizer], sort_keys=True).encode()).hexdigest()[:8]
+        final = cache_dir() / f"random-{arch}-{size}-{dtype}-s{seed}-{tag}"
+        if (final / "config.json").exists():
+            return final
+        out = final.with_name(final.name + f".tmp{os.getpid()}")
+        shutil.rmtree(out, ignore_errors=True)
+    else:
+        final = out = Path(path)
     model = build_random_model(config, dtype=dtype, device=device, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
@@ -95,4 +113,6 @@ def make_random_checkpoint(arch: str, size: str = "tiny", path: str | Path | Non
         tok = shared_tokenizer(min(text_cfg["vocab_size"], 4096))
         for f in tok.iterdir():
             shutil.copy(f, out / f.name)
-    return out
+    if out != final:
+        publish_dir(out, final)
+    return final

@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import sysconfig
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from onecard.testing.checkpoints import build_random_model, cache_dir, shared_tokenizer
+from onecard.testing.checkpoints import build_random_model, cache_dir, publish_dir, shared_tokenizer
 from onecard.testing.corpus import local_corpus
 
 TINY_CONFIG = {
@@ -111,7 +112,8 @@ def train_tiny_model(steps: int = 300, seq_len: int = 256, batch_size: int = 8, 
     seconds = time.perf_counter() - t0
     model.eval()
     ppl = _val_ppl(model, val_ids, seq_len)
-    tmp = out.with_name(out.name + ".tmp")
+    # Several test processes may train at once: each writes its own temp folder, the first rename wins.
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)
     cfg = json.loads((tmp / "config.json").read_text())
@@ -123,6 +125,5 @@ def train_tiny_model(steps: int = 300, seq_len: int = 256, batch_size: int = 8, 
     info = TinyModelInfo(out, sum(p.numel() for p in model.parameters()), steps, seq_len, round(seconds, 1),
                          round(ppl.perplexity, 3), round(untrained, 1), ppl.protocol())
     (tmp / "onecard_tiny.json").write_text(json.dumps({**asdict(info), "path": None}, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    publish_dir(tmp, out)
     return info
