@@ -1,0 +1,171 @@
+"""Put onecard's fused kernels into a Hugging Face Llama-family model, for real.
+
+The seed article's ``for m in model.modules(): m = X()`` rebinds a loop
+variable and changes nothing (ERRATA 7). Here every change is visible on the
+model afterwards:
+
+- each ``*RMSNorm`` is replaced *in its parent* by ``FusedRMSNorm`` holding the same weight Parameter;
+- each SwiGLU MLP is replaced *in its parent* by ``FusedSwiGLUMLP`` holding the same three Linear children
+  (so state-dict keys, PEFT target names and checkpoints are unchanged);
+- each attention module gets an instance ``forward`` that runs the class forward with the fused RoPE switched on
+  (the module-level ``apply_rotary_pos_emb`` of that model file is replaced once by a dispatcher that is a no-op
+  for unpatched models, so an HF reference model in the same process is untouched);
+- the ``*ForCausalLM`` gets an instance ``forward`` that, when labels are given, computes the loss with the chunked
+  fused linear + cross-entropy and never builds the logits (without labels it is the original forward).
+
+On CUDA tensors the Triton kernels run; elsewhere the PyTorch references of the same functions run (so CPU
+training still gets the chunked loss's memory savings).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import sys
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from onecard.errors import UnsupportedModelError
+from onecard.kernels.fused_linear_ce import IGNORE_INDEX, fused_linear_cross_entropy
+from onecard.kernels.rmsnorm import rmsnorm
+from onecard.kernels.rope import rope
+from onecard.kernels.swiglu import swiglu
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_FUSED_ROPE = contextvars.ContextVar("onecard_fused_rope", default=False)
+
+
+class FusedRMSNorm(nn.Module):
+    """Drop-in for ``LlamaRMSNorm`` (same ``weight`` Parameter, same maths) backed by the fused kernel."""
+
+    def __init__(self, weight: nn.Parameter, eps: float) -> None:
+        super().__init__()
+        self.weight = weight
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return rmsnorm(hidden_states, self.weight, self.variance_epsilon)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class FusedSwiGLUMLP(nn.Module):
+    """Drop-in for ``LlamaMLP``: the same gate/up/down Linear children, ``silu(gate)*up`` fused."""
+
+    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+@dataclass
+class PatchReport:
+    """What ``patch_model`` changed (counts of replaced modules / forwards)."""
+
+    rmsnorm: int = 0
+    swiglu_mlp: int = 0
+    rope_attention: int = 0
+    fused_cross_entropy: bool = False
+
+    def summary(self) -> str:
+        return (f"fused kernels: {self.rmsnorm} RMSNorm, {self.swiglu_mlp} SwiGLU MLP, {self.rope_attention} RoPE "
+                f"attention, linear+CE {'on' if self.fused_cross_entropy else 'off'}")
+
+
+def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+def _install_rope_dispatch(module_name: str) -> None:
+    """Replace ``apply_rotary_pos_emb`` in one HF modeling file by a dispatcher (once per process)."""
+    mod = sys.modules[module_name]
+    original = getattr(mod, "apply_rotary_pos_emb", None)
+    if original is None:
+        raise UnsupportedModelError(f"{module_name} has no apply_rotary_pos_emb; fused RoPE cannot be patched in")
+    if getattr(original, "_onecard_dispatch", False):
+        return
+
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        plain = not args and kwargs.get("unsqueeze_dim", 1) == 1 and set(kwargs) <= {"unsqueeze_dim"}
+        if _FUSED_ROPE.get() and plain and q.dim() == 4 and cos.dim() == 3:
+            return rope(q, k, cos, sin)
+        return original(q, k, cos, sin, *args, **kwargs)
+
+    apply_rotary_pos_emb._onecard_dispatch = True
+    apply_rotary_pos_emb.__wrapped__ = original
+    mod.apply_rotary_pos_emb = apply_rotary_pos_emb
+
+
+def _fused_rope_forward(self, *args, **kwargs):
+    token = _FUSED_ROPE.set(True)
+    try:
+        return type(self).forward(self, *args, **kwargs)
+    finally:
+        _FUSED_ROPE.reset(token)
+
+
+def _fused_ce_forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, **kwargs):
+    """CausalLM forward whose loss never materialises logits; falls back to the class forward without labels."""
+    if labels is None:
+        return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    kwargs.pop("logits_to_keep", None)
+    num_items = kwargs.get("num_items_in_batch")
+    outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+    hidden = outputs.last_hidden_state
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].to(hidden.device)
+    head = self.get_output_embeddings()
+    loss = fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, shifted.reshape(-1),
+                                      bias=head.bias, num_items_in_batch=num_items)
+    return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
+                                  attentions=outputs.attentions)
+
+
+def patch_model(model: nn.Module, rmsnorm: bool = True, swiglu_mlp: bool = True, rope_attention: bool = True,
+                fused_cross_entropy: bool = True) -> PatchReport:
+    """Patch a transformers ``*ForCausalLM`` of a supported family in place; returns what changed.
+
+    Call before wrapping with PEFT (PEFT then finds gate_proj/up_proj/... inside the fused MLPs as usual).
+    """
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(f"fused training kernels support {', '.join(SUPPORTED_MODEL_TYPES)}, not "
+                                    f"'{model_type}'; train with --no-fused to use the plain HF model")
+    report = PatchReport()
+    for name, module in list(model.named_modules()):
+        cls = type(module).__name__
+        if rmsnorm and cls.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            _set_child(model, name, FusedRMSNorm(module.weight, module.variance_epsilon))
+            report.rmsnorm += 1
+        elif swiglu_mlp and cls.endswith("MLP") and all(hasattr(module, p) for p in ("gate_proj", "up_proj",
+                                                                                      "down_proj")):
+            if getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
+                continue
+            _set_child(model, name, FusedSwiGLUMLP(module.gate_proj, module.up_proj, module.down_proj))
+            report.swiglu_mlp += 1
+        elif rope_attention and cls.endswith("Attention") and hasattr(module, "q_proj"):
+            _install_rope_dispatch(type(module).__module__)
+            module.forward = types.MethodType(_fused_rope_forward, module)
+            report.rope_attention += 1
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if fused_cross_entropy:
+        if type(head) is nn.Linear and hasattr(model, "model"):
+            model.forward = types.MethodType(_fused_ce_forward, model)
+            report.fused_cross_entropy = True
+        else:
+            log.info("fused linear+CE not applied: output head is %s, not a plain Linear", type(head).__name__)
+    log.info(report.summary())
+    return report

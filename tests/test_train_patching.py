@@ -1,0 +1,80 @@
+"""Patching is real: modules change type in their parents, and loss + every gradient match the unpatched model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from onecard.errors import UnsupportedModelError
+from onecard.train.patching import FusedRMSNorm, FusedSwiGLUMLP, patch_model
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="sdpa")
+
+
+def _loss_and_grads(model, ids, labels, position_ids=None):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=labels, position_ids=position_ids)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", ["llama-3.1-8b", "qwen2-0.5b", "mistral-7b"])
+def test_patched_model_matches_unpatched_loss_and_grads(random_checkpoint, arch):
+    ref = _load(random_checkpoint(arch)).train()
+    ours = copy.deepcopy(ref)
+    report = patch_model(ours)
+    n_layers = ref.config.num_hidden_layers
+    assert report.rmsnorm == 2 * n_layers + 1 and report.swiglu_mlp == n_layers
+    assert report.rope_attention == n_layers and report.fused_cross_entropy
+    # the modules really changed, in their parents
+    assert isinstance(ours.model.norm, FusedRMSNorm) and isinstance(ours.model.layers[0].mlp, FusedSwiGLUMLP)
+    assert type(ref.model.norm).__name__.endswith("RMSNorm") and not isinstance(ref.model.norm, FusedRMSNorm)
+    assert "forward" in vars(ours.model.layers[0].self_attn) and "forward" not in vars(ref.model.layers[0].self_attn)
+    # same parameter names: checkpoints and PEFT targets are unchanged
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in ref.named_parameters()]
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, ref.config.vocab_size, (2, 24), generator=g)
+    labels = ids.clone()
+    labels[0, :5] = -100
+    # packed rows: two documents in row 1 (position ids restart)
+    pos = torch.cat([torch.arange(24)[None], torch.cat([torch.arange(10), torch.arange(14)])[None]])
+    l_ref, g_ref = _loss_and_grads(ref, ids, labels, pos)
+    l_ours, g_ours = _loss_and_grads(ours, ids, labels, pos)
+    torch.testing.assert_close(l_ours, l_ref, rtol=1e-5, atol=1e-6)
+    assert g_ours.keys() == g_ref.keys() and len(g_ref) == len(list(ref.parameters()))
+    for name in g_ref:
+        torch.testing.assert_close(g_ours[name], g_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_unpatched_model_in_same_process_is_untouched(random_checkpoint):
+    """The RoPE dispatcher is process-wide, but only patched attention modules switch it on."""
+    path = random_checkpoint("llama-3.1-8b")
+    ref = _load(path).eval()
+    ids = torch.randint(3, 100, (1, 12))
+    before = ref(input_ids=ids).logits
+    patch_model(_load(path))
+    after = ref(input_ids=ids).logits
+    assert torch.equal(before, after)
+
+
+def test_patched_forward_without_labels_returns_logits(random_checkpoint):
+    model = _load(random_checkpoint("llama-3.1-8b")).eval()
+    ids = torch.randint(3, 100, (1, 9))
+    want = model(input_ids=ids).logits
+    patch_model(model)
+    torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_family_is_refused():
+    class Fake(torch.nn.Module):
+        config = type("C", (), {"model_type": "gpt2"})()
+
+    with pytest.raises(UnsupportedModelError, match="gpt2"):
+        patch_model(Fake())
