@@ -104,7 +104,7 @@ def memory_advice(stats: AllocatorStats, high: float = 0.25, min_waste_gib: floa
         else:
             out.append(what + "; set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before starting "
                        "so segments grow instead of splitting")
-    if stats.releasable >= min_waste_gib * GIB:
+    if out and stats.releasable >= min_waste_gib * GIB:  # cached free segments are normal unless memory is a problem
         out.append(f"torch.cuda.empty_cache() would return {stats.releasable / GIB:.2f} GiB of whole free segments "
                    "to the driver: worth it only if another process or a non-torch library needs that memory; "
                    f"it cannot merge the {stats.inactive_split / GIB:.2f} GiB of split blocks (live tensors do not move)")
