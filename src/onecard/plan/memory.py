@@ -1,0 +1,237 @@
+"""Bytes, from shapes alone: weights, KV cache, activations, optimizer state, allocator rounding.
+
+Pure functions over a ``ModelSpec``; every constant here is a layout fact
+(how a format stores a tensor, what autograd saves) rather than a fudge factor,
+so ``benchmarks/plan_accuracy.py`` can check each term against a measured peak.
+"""
+
+from __future__ import annotations
+
+import math
+
+from onecard.errors import BadInputError
+from onecard.plan.spec import ModelSpec
+
+GIB = 1024**3
+MIB = 1024**2
+
+# Weight formats: what a linear weight costs in each (bits per weight alone is not enough: scales and zeros count).
+WEIGHT_FORMATS = {
+    "bf16": "16-bit weights (bf16/fp16)",
+    "int8": "int8 weight-only, one fp16 scale per output channel",
+    "int4": "int4 GPTQ layout, group 128: packed int32 qweight, fp16 scales, 4-bit zeros, int32 g_idx",
+    "nf4": "bitsandbytes NF4, block 64, double-quantized absmax (QLoRA's base)",
+}
+BITS_TO_FORMAT = {16: "bf16", 8: "int8", 4: "int4"}
+GROUP_SIZE = 128
+NF4_BLOCK = 64
+
+# KV cache element formats: bytes per element, and whether a per-(token, head) fp16 scale is stored beside it.
+KV_FORMATS = {"auto": (2, False), "bf16": (2, False), "fp16": (2, False), "fp8": (1, False), "int8": (1, True)}
+
+# cuBLAS/cuBLASLt workspaces and small kernels' buffers that live in the torch allocator.
+WORKSPACE_BYTES = 64 * MIB
+# The caching allocator carves tensors of 1-10 MiB out of 20 MiB segments and keeps < 1 MiB ones in 2 MiB
+# segments: a partly used segment of each pool is the slack we count.
+ALLOCATOR_SLACK_BYTES = 20 * MIB + 2 * MIB
+
+
+def weight_format(bits: int | str) -> str:
+    """16/8/4 or a format name -> a key of ``WEIGHT_FORMATS``."""
+    fmt = BITS_TO_FORMAT.get(bits, bits) if isinstance(bits, int) else str(bits).lower()
+    if fmt not in WEIGHT_FORMATS:
+        raise BadInputError(f"unknown weight format '{bits}'; use bits 16, 8 or 4, or one of {', '.join(WEIGHT_FORMATS)}")
+    return fmt
+
+
+def linear_tensor_bytes(out_features: int, in_features: int, fmt: str) -> list[int]:
+    """The stored tensors (bytes each) of one linear weight in ``fmt``."""
+    n = out_features * in_features
+    if fmt == "bf16":
+        return [2 * n]
+    if fmt == "int8":
+        return [n, 2 * out_features]
+    if fmt == "int4":
+        groups = math.ceil(in_features / GROUP_SIZE)
+        return [n // 2, groups * out_features // 2, 2 * groups * out_features, 4 * in_features]  # qweight, qzeros, scales, g_idx
+    if fmt == "nf4":
+        blocks = math.ceil(n / NF4_BLOCK)
+        return [n // 2, blocks, 4 * math.ceil(blocks / 256), 4 * 256 + 4 * 16]  # packed, absmax u8, nested absmax, codes
+    raise BadInputError(f"unknown weight format '{fmt}'; one of {', '.join(WEIGHT_FORMATS)}")
+
+
+def weight_tensors(spec: ModelSpec, fmt: str = "bf16") -> list[tuple[str, int, int]]:
+    """(name, bytes, count) for every stored tensor; decoder-layer linears in ``fmt``, the rest 16-bit.
+
+    Embeddings, lm_head, norms, biases and a vision tower stay 16-bit in every
+    format (that is what GPTQ/AWQ checkpoints and QLoRA do).
+    """
+    a = spec.args
+    L = a.num_layers
+    rows: list[tuple[str, int, int]] = []
+    for name, out_f, in_f in spec.linear_shapes():
+        for k, nbytes in enumerate(linear_tensor_bytes(out_f, in_f, fmt)):
+            rows.append((f"{name}.{k}", nbytes, L))
+    if a.qkv_bias:
+        rows += [("q_proj.bias", 2 * a.q_size, L), ("k_proj.bias", 2 * a.kv_size, L), ("v_proj.bias", 2 * a.kv_size, L)]
+    rows.append(("layer norms", 2 * a.hidden_size, 2 * L))
+    rows.append(("embed_tokens", 2 * a.vocab_size * a.hidden_size, 1))
+    rows.append(("final norm", 2 * a.hidden_size, 1))
+    if not a.tie_word_embeddings:
+        rows.append(("lm_head", 2 * a.vocab_size * a.hidden_size, 1))
+    if spec.vision is not None:
+        rows.append(("vision tower", 2 * spec.vision.tower_parameters(), 1))
+        rows.append(("projector", 2 * spec.vision.projector_parameters(), 1))
+    return rows
+
+
+def weight_bytes(spec: ModelSpec, fmt: str = "bf16") -> int:
+    return sum(nbytes * count for _, nbytes, count in weight_tensors(spec, fmt))
+
+
+def allocator_bytes(nbytes: int) -> int:
+    """What torch's CUDA caching allocator reserves for one tensor of ``nbytes``.
+
+    Sizes round up to 512 B; a request over 10 MiB gets its own segment rounded
+    up to 2 MiB (PyTorch's kRoundLarge), so a 7B model's 291 tensors waste up to
+    ~0.3 GiB that a weights-only estimate misses.
+    """
+    n = max(512, -(-nbytes // 512) * 512)
+    if n > 10 * MIB:
+        n = -(-n // (2 * MIB)) * (2 * MIB)
+    return n
+
+
+def reserved_bytes(tensors: list[tuple[str, int, int]]) -> int:
+    return sum(allocator_bytes(nbytes) * count for _, nbytes, count in tensors)
+
+
+def kv_bytes_per_token(spec: ModelSpec, kv_cache_dtype: str = "auto") -> int:
+    """K and V for one token over all layers: 2 x layers x kv_heads x head_dim x element bytes (+ int8 scales)."""
+    if kv_cache_dtype not in KV_FORMATS:
+        raise BadInputError(f"unknown kv_cache_dtype '{kv_cache_dtype}'; one of {', '.join(KV_FORMATS)}")
+    elem, scaled = KV_FORMATS[kv_cache_dtype]
+    a = spec.args
+    per_layer = 2 * a.num_kv_heads * a.head_dim * elem + (2 * a.num_kv_heads * 2 if scaled else 0)
+    return a.num_layers * per_layer
+
+
+def kv_cache_tensors(spec: ModelSpec, tokens: int, kv_cache_dtype: str = "auto") -> list[tuple[str, int, int]]:
+    """A pre-allocated cache (engine blocks or HF StaticCache): one K and one V tensor per layer."""
+    per_layer_tensor = kv_bytes_per_token(spec, kv_cache_dtype) // (2 * spec.args.num_layers) * tokens
+    return [("kv cache", per_layer_tensor, 2 * spec.args.num_layers)]
+
+
+def inference_activation_bytes(spec: ModelSpec, prefill_tokens: int, num_seqs: int, max_model_len: int) -> int:
+    """Peak transient memory of the largest forward (a prefill of ``prefill_tokens``), no autograd.
+
+    Per token: the residual stream and hidden state stay live (2 x 2h bytes) while
+    the widest phase runs: RMSNorm's fp32 upcast (x, x^2, x*rsqrt: 3 x 4h), the
+    attention projections + RoPE + output (about 10q + 6kv bytes), or SwiGLU's
+    gate, up, silu(gate) and product (4 x 2i). Then logits for the last token of
+    each sequence (bf16 + fp32 copy for sampling), the causal mask against the
+    cache (1 byte per query x key), and the vision tower when there is one.
+    """
+    a = spec.args
+    h, i, q, kv = a.hidden_size, a.intermediate_size, a.q_size, a.kv_size
+    per_token = 4 * h + max(12 * h, 10 * q + 6 * kv, 8 * i)
+    logits = num_seqs * a.vocab_size * (2 + 4)
+    mask = prefill_tokens * max_model_len
+    vision = 0
+    if spec.vision is not None:
+        v = spec.vision
+        # One image: the tower's widest layer (MLP) on its tokens in bf16, plus the projected features.
+        vision = (v.image_tokens + 1) * (4 * v.hidden_size + 2 * 2 * v.intermediate_size) + v.image_tokens * 4 * h
+    return prefill_tokens * per_token + logits + mask + vision + WORKSPACE_BYTES
+
+
+LORA_TARGETS = {
+    "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "qv": ("q_proj", "v_proj"),
+}
+
+
+def lora_targets(targets: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    if isinstance(targets, str):
+        if targets not in LORA_TARGETS:
+            raise BadInputError(f"unknown LoRA target set '{targets}'; one of {', '.join(LORA_TARGETS)} or a list of module names")
+        return LORA_TARGETS[targets]
+    bad = [t for t in targets if t not in LORA_TARGETS["all"]]
+    if bad:
+        raise BadInputError(f"unknown LoRA target module(s) {bad}; choose from {', '.join(LORA_TARGETS['all'])}")
+    return tuple(targets)
+
+
+def lora_parameters(spec: ModelSpec, rank: int, targets: tuple[str, ...]) -> int:
+    """A (rank x in) + B (out x rank) per targeted linear per layer."""
+    if rank < 1:
+        raise BadInputError(f"LoRA rank must be >= 1, got {rank}")
+    return spec.args.num_layers * sum(rank * (in_f + out_f) for name, out_f, in_f in spec.linear_shapes() if name in targets)
+
+
+def layer_activation_bytes(spec: ModelSpec, method: str, targets: tuple[str, ...] = LORA_TARGETS["all"], *,
+                           mixed: bool = False, lora_rank: int = 16, adapter_bytes: int = 4) -> int:
+    """Bytes autograd saves per token in one decoder layer (bf16 compute, SDPA flash/efficient attention).
+
+    Derived from the autograd graph of transformers' Llama/Qwen2 layer and PEFT's
+    LoRA layer, and checked tensor by tensor with saved-tensor hooks in
+    tests/test_plan_memory.py. ``method``: "full" trains every weight (norms
+    keep their normalized input, linears their input); "lora" freezes the base
+    (a frozen linear keeps nothing) while each LoRA target keeps its own copy of
+    its input in the adapter dtype (PEFT casts to fp32 by default) and A's
+    output; "qlora" is "lora" on a bitsandbytes 4-bit base, whose matmul also
+    keeps its bf16 input. ``mixed``: fp32 master weights under bf16 autocast,
+    so the residual stream and norms are fp32.
+    """
+    if method not in ("full", "lora", "qlora"):
+        raise BadInputError(f"unknown training method '{method}'; one of full, lora, qlora")
+    a = spec.args
+    h, i, q, kv = a.hidden_size, a.intermediate_size, a.q_size, a.kv_size
+    res = 4 if mixed else 2
+    norms = 2 * (4 * h + 4)  # fp32 input (kept by x.pow(2) and x * rsqrt) and rsqrt, for both RMSNorms
+    attn = 2 * q + 2 * kv + 2 * kv + 2 * q + 4 * a.num_heads  # SDPA keeps q, k (after RoPE), v, out, logsumexp
+    mlp = 3 * 2 * i  # silu keeps gate; the product keeps silu(gate) and up
+    if method == "full":
+        norms += 2 * (res * h + 2 * h)  # normalized input (norm weight grad) and the bf16 output the linears keep
+        mlp += 2 * i  # down_proj's input (o_proj's input is the SDPA output, already kept)
+        return norms + attn + mlp
+    shapes = {name: (out_f, in_f) for name, out_f, in_f in spec.linear_shapes()}
+    if adapter_bytes == 2:  # bf16 adapters read the bf16 inputs as they are: one kept copy per distinct input
+        t = set(targets)
+        lora = 2 * lora_rank * len(t) + (2 * h if t & {"q_proj", "k_proj", "v_proj"} else 0) + \
+            (2 * h if t & {"gate_proj", "up_proj"} else 0) + (2 * i if "down_proj" in t else 0)
+    else:  # PEFT's default fp32 adapters: each target casts its input and keeps that copy, plus A's output
+        lora = sum(adapter_bytes * (shapes[t][1] + lora_rank) for t in targets)
+    base = 0
+    if method == "qlora":
+        base = 2 * h + 2 * h + 2 * i  # 4-bit matmuls keep their bf16 inputs: two norm outputs and the MLP product
+    return norms + attn + mlp + lora + base
+
+
+def model_activation_bytes(spec: ModelSpec, tokens: int, method: str, targets: tuple[str, ...], *, mixed: bool,
+                           checkpointing: bool, lora_rank: int = 16, adapter_bytes: int = 4) -> int:
+    """Saved activations of a forward over ``tokens`` (batch x seq), before the loss.
+
+    Without checkpointing every layer keeps ``layer_activation_bytes``; with
+    HF's per-layer checkpointing each layer keeps only its input and one layer
+    is recomputed at a time during backward (its saved tensors plus their
+    gradients, counted as twice the layer). Plus the final norm, RoPE cos/sin.
+    """
+    a = spec.args
+    layer = layer_activation_bytes(spec, method, targets, mixed=mixed, lora_rank=lora_rank, adapter_bytes=adapter_bytes)
+    res = 4 if mixed else 2
+    final_norm = 4 * a.hidden_size + 4 + ((res + 2) * a.hidden_size if method == "full" else 0)
+    rope = 2 * 2 * a.head_dim
+    per_token = (a.num_layers * res * a.hidden_size + 2 * layer) if checkpointing else a.num_layers * layer
+    return tokens * (per_token + final_norm + rope + 8)
+
+
+def logits_bytes(spec: ModelSpec, tokens: int, fused_ce: bool) -> int:
+    """Peak of the loss: fp32 log-softmax kept for backward, its incoming and outgoing grads (3 x 4 B per logit).
+
+    A fused linear + cross-entropy computes it in chunks and never holds the
+    full [tokens, vocab] matrix (we count two 1024-token chunks).
+    """
+    rows = min(tokens, 1024) if fused_ce else tokens
+    return rows * spec.args.vocab_size * (2 * 4 if fused_ce else 3 * 4)

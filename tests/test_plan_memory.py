@@ -1,0 +1,132 @@
+"""The planner's byte counts against what transformers/PEFT actually build and save."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from onecard.models import ModelArgs, arch_config, builtin_archs, scale_config
+from onecard.plan import memory as M
+from onecard.plan.spec import resolve_model, spec_from_config
+from onecard.testing.checkpoints import build_random_model
+
+
+def _cfg(arch: str, size: str) -> dict:
+    cfg = scale_config(arch_config(arch), size)
+    cfg.pop("_onecard_source", None)
+    return cfg
+
+
+def _hf_count(cfg: dict, device: str) -> int:
+    model = build_random_model(cfg, dtype="bfloat16" if device == "meta" else "float32", device=device)
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch", builtin_archs())
+def test_weight_count_matches_hf_tiny(arch):
+    cfg = _cfg(arch, "tiny")
+    spec = spec_from_config(cfg, arch)
+    n = _hf_count(cfg, "cpu")
+    assert spec.num_parameters() == n
+    assert M.weight_bytes(spec, "bf16") == 2 * n
+
+
+@pytest.mark.parametrize("arch", builtin_archs())
+@pytest.mark.parametrize("size", ["small", "full"])
+def test_weight_count_matches_hf_meta(arch, size):
+    """Full size is built on the meta device: HF's real module tree, no memory."""
+    cfg = _cfg(arch, size)
+    spec = spec_from_config(cfg, arch)
+    assert spec.num_parameters() == _hf_count(cfg, "meta")
+    if spec.vision is None:
+        assert spec.num_parameters() == ModelArgs.from_hf_config(cfg).num_parameters()
+
+
+def test_llava_counts_vision_tower_and_projector():
+    spec = resolve_model("llava-1.5-7b")
+    assert spec.vision is not None and spec.vision.image_tokens == 576
+    assert spec.vision.tower_parameters() == 303_507_456  # CLIP ViT-L/14-336 as transformers builds it
+    assert spec.vision.projector_parameters() == 20_979_712
+
+
+@pytest.mark.parametrize("arch, kv_heads, layers, head_dim", [("llama-2-7b", 32, 32, 128), ("llama-3-8b", 8, 32, 128),
+                                                              ("qwen2-7b", 4, 28, 128), ("llama-2-70b", 8, 80, 128)])
+def test_kv_bytes_per_token_by_hand(arch, kv_heads, layers, head_dim):
+    spec = resolve_model(arch)
+    assert M.kv_bytes_per_token(spec, "auto") == 2 * layers * kv_heads * head_dim * 2
+    assert M.kv_bytes_per_token(spec, "fp8") == 2 * layers * kv_heads * head_dim
+    assert M.kv_bytes_per_token(spec, "int8") == 2 * layers * kv_heads * head_dim + 2 * layers * kv_heads * 2
+
+
+def test_kv_llama2_7b_is_half_a_mib_per_token():
+    # MHA 7B: 2 (K,V) x 32 layers x 4096 x 2 bytes = 512 KiB per token; GQA Llama-3-8B is 4x smaller.
+    assert M.kv_bytes_per_token(resolve_model("llama-2-7b")) == 512 * 1024
+    assert M.kv_bytes_per_token(resolve_model("llama-3-8b")) == 128 * 1024
+
+
+def test_int4_70b_weights_are_about_35_gb():
+    """ERRATA item 2: 70B x 4 bit is ~35 GB before scales and KV; with scales and 16-bit embeddings more."""
+    b = M.weight_bytes(resolve_model("llama-2-70b"), "int4")
+    assert 35e9 < b < 38e9
+    assert M.weight_bytes(resolve_model("llama-2-70b"), "int8") > 68e9
+
+
+def test_quantized_linear_layouts():
+    assert M.linear_tensor_bytes(4096, 4096, "int4") == [4096 * 4096 // 2, 32 * 4096 // 2, 2 * 32 * 4096, 4 * 4096]
+    assert M.linear_tensor_bytes(4096, 4096, "int8") == [4096 * 4096, 2 * 4096]
+    nf4 = sum(M.linear_tensor_bytes(4096, 4096, "nf4"))
+    assert 4.1 < nf4 * 8 / (4096 * 4096) < 4.2  # NF4 with double-quantized absmax: ~4.13 bits per weight
+
+
+def test_allocator_rounding():
+    assert M.allocator_bytes(1) == 512
+    assert M.allocator_bytes(11 * M.MIB + 1) == 12 * M.MIB
+    assert M.allocator_bytes(3 * M.MIB + 7) == 3 * M.MIB + 512
+
+
+def test_bad_inputs_raise_one_line():
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        M.kv_bytes_per_token(resolve_model("llama-3-8b"), "fp4")
+    with pytest.raises(ValueError, match="weight format"):
+        M.weight_format(3)
+    with pytest.raises(ValueError, match="LoRA target"):
+        M.lora_targets(["qkv"])
+
+
+def _saved_bytes_per_token(model, tokens: int) -> float:
+    """Bytes autograd saves for a forward + loss, each storage counted once, parameters and buffers excluded."""
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    skip |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        if key not in skip:
+            seen[key] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(3, 1000, (1, tokens))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("arch", ["llama-2-7b", "qwen2-7b", "mistral-7b"])
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_training_activations_match_autograd(arch, method):
+    """Every tensor autograd keeps, by hook, equals model_activation_bytes + the fp32 log-softmax of the loss."""
+    cfg = _cfg(arch, "tiny")
+    model = build_random_model(cfg, dtype="bfloat16")
+    model.train()
+    targets = M.LORA_TARGETS["all"]
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model.enable_input_require_grads()  # what HF does with gradient checkpointing; makes layer 0 like the rest
+        model = get_peft_model(model, LoraConfig(r=8, target_modules=list(targets), lora_dropout=0.0))
+    tokens = 128
+    spec = spec_from_config(cfg, arch)
+    measured = _saved_bytes_per_token(model, tokens)
+    predicted = M.model_activation_bytes(spec, tokens, method, targets, mixed=False, checkpointing=False, lora_rank=8)
+    predicted += tokens * spec.args.vocab_size * 4 + 8 * tokens  # log-softmax kept by the loss; labels
+    assert abs(measured - predicted) / measured < 0.01, (measured, predicted)
