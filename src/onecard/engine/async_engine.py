@@ -1,0 +1,150 @@
+"""``AsyncEngine``: the engine for servers. The step loop runs in a background thread; asyncio code streams.
+
+    engine = AsyncEngine("path/to/model")
+    async for out in engine.generate("Hi", SamplingParams(max_tokens=8), request_id="r1"):
+        print(out.outputs[0].text)          # cumulative; the last one has finished=True
+
+Requests are validated in the caller's thread (a bad one raises at once and
+never reaches the batch), then handed to the loop thread through a queue; the
+loop adds them between steps, so the event loop never waits for a GPU step.
+Leaving the ``async for`` early (client gone) aborts the request and frees its
+KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from pathlib import Path
+from typing import AsyncIterator
+
+from onecard.engine.config import EngineConfig
+from onecard.engine.llm import build_engine
+from onecard.engine.outputs import RequestOutput
+from onecard.engine.sampling_params import SamplingParams
+from onecard.errors import BadInputError, OnecardError
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(OnecardError):
+    """The engine's step loop stopped (shut down or crashed); requests can no longer run."""
+
+
+class AsyncEngine:
+    def __init__(self, model: str | Path, **kwargs) -> None:
+        self.config = EngineConfig(model, **kwargs)
+        self.engine = build_engine(self.config)
+        self.tokenizer = self.engine.tokenizer
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", rid, text/ids, params) | ("abort", rid)
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._stats = self.engine.stats()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="onecard-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def ready(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set() and self._error is None
+
+    def stats(self) -> dict:
+        return dict(self._stats, ready=self.ready)
+
+    # ---- asyncio side ------------------------------------------------------------------------------------------
+    async def generate(self, prompt: str | list[int], sampling_params: SamplingParams | None,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        if not self.ready:
+            raise EngineDeadError(f"the engine is not running ({self._error or 'shut down'}); restart the server")
+        self.engine.validate(prompt, sampling_params)  # raises BadInputError here, in the caller
+        loop = asyncio.get_running_loop()
+        stream: asyncio.Queue = asyncio.Queue()
+        with self._streams_lock:
+            if request_id in self._streams:
+                raise BadInputError(f"request_id '{request_id}' is already in use; pass a unique id")
+            self._streams[request_id] = (loop, stream)
+        self._inbox.put(("add", request_id, prompt, sampling_params))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._inbox.put(("abort", request_id))
+                self._wake.set()
+            with self._streams_lock:
+                self._streams.pop(request_id, None)
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request and free its KV blocks (its stream ends with finish_reason 'abort')."""
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the loop after the current step; unfinished requests end with EngineDeadError."""
+        self._stop.set()
+        self._wake.set()
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout)
+
+    # ---- loop thread -------------------------------------------------------------------------------------------
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        with self._streams_lock:
+            target = self._streams.get(request_id)
+        if target is not None:
+            loop, stream = target
+            try:
+                loop.call_soon_threadsafe(stream.put_nowait, item)
+            except RuntimeError:  # the caller's event loop is closed
+                pass
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if msg[0] == "add":
+                _, rid, prompt, params = msg
+                try:
+                    self.engine.add_request(rid, prompt, params)
+                except Exception as exc:  # validated already; anything here is reported to that request only
+                    self._deliver(rid, exc)
+            else:
+                out = self.engine.abort_request(msg[1])
+                if out is not None:
+                    self._deliver(msg[1], out)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_inbox()
+                if self.engine.has_unfinished_requests():
+                    for out in self.engine.step():
+                        self._deliver(out.request_id, out)
+                    self._stats = self.engine.stats()
+                else:
+                    self._stats = self.engine.stats()
+                    self._wake.wait(0.1)
+                    self._wake.clear()
+        except BaseException as exc:  # a crashed step must not hang every client
+            log.exception("engine step loop crashed")
+            self._error = exc
+        finally:
+            err = EngineDeadError(f"the engine stopped ({type(self._error).__name__ if self._error else 'shut down'}); "
+                                  "retry after the server restarts")
+            with self._streams_lock:
+                rids = list(self._streams)
+            for rid in rids:
+                self.engine.abort_request(rid)
+                self._deliver(rid, err)

@@ -1,0 +1,77 @@
+"""``EngineConfig``: every engine knob in one validated dataclass (the LLM/AsyncEngine keyword arguments)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from onecard.errors import BadInputError, NotBuiltYetError
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+# Default context when the user does not set max_model_len: the model's own limit, capped here so a
+# 128k-context checkpoint does not ask for a 16 GiB cache on a 24 GB card. Pass max_model_len to go higher.
+DEFAULT_MAX_MODEL_LEN_CAP = 8192
+# CPU has no free-memory probe worth trusting: the KV cache there is sized for max_model_len x max_num_seqs
+# tokens but never more than this many bytes (and never less than one full max_model_len sequence).
+CPU_KV_CACHE_BYTES = 1 << 30
+
+
+@dataclass
+class EngineConfig:
+    model: str | Path
+    dtype: str = "auto"
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    enforce_eager: bool = False
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"
+    seed: int = 0
+    device: str | None = None
+    tensor_parallel_size: int = 1
+    num_kv_blocks: int | None = None  # override the measured cache size (tests force preemption with it)
+    cuda_graph_max_batch: int = 256
+
+    def __post_init__(self) -> None:
+        def bad(field: str, why: str) -> BadInputError:
+            return BadInputError(f"{field}={getattr(self, field)!r}: {why}")
+
+        if self.dtype not in DTYPES:
+            raise bad("dtype", f"choose one of {', '.join(DTYPES)}")
+        if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0 < self.gpu_memory_utilization <= 1:
+            raise bad("gpu_memory_utilization", "must be in (0, 1], e.g. 0.9")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
+            raise bad("max_model_len", "must be a positive integer")
+        if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
+            raise bad("max_num_seqs", "must be a positive integer")
+        if self.max_num_batched_tokens is not None and (
+                not isinstance(self.max_num_batched_tokens, int) or self.max_num_batched_tokens < 1):
+            raise bad("max_num_batched_tokens", "must be a positive integer")
+        if self.block_size not in (8, 16, 32, 64, 128, 256):
+            raise bad("block_size", "must be a power of two in 8..256 (16 is a good default)")
+        if self.kv_cache_dtype != "auto":
+            raise NotBuiltYetError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not implemented yet; use 'auto' "
+                                   "(the cache stores keys/values in the model dtype)")
+        if self.tensor_parallel_size != 1:
+            raise NotBuiltYetError("tensor_parallel_size > 1 is not implemented yet: onecard's engine runs on one "
+                                   "GPU; run one replica per card behind a load balancer")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise bad("num_kv_blocks", "must be a positive integer")
+        if self.device is not None and not str(self.device).startswith(("cpu", "cuda")):
+            raise bad("device", "must be 'cpu', 'cuda' or 'cuda:N'")
+
+    def resolve(self, max_position_embeddings: int) -> None:
+        """Fill defaults that depend on the model; check limits against it."""
+        if self.max_model_len is None:
+            self.max_model_len = min(max_position_embeddings, DEFAULT_MAX_MODEL_LEN_CAP)
+        elif self.max_model_len > max_position_embeddings:
+            raise BadInputError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings="
+                                f"{max_position_embeddings}; lower max_model_len")
+        if self.max_num_batched_tokens is None:
+            self.max_num_batched_tokens = max(self.max_model_len, 8192)
+        elif self.max_num_batched_tokens < self.max_model_len:
+            raise BadInputError(f"max_num_batched_tokens={self.max_num_batched_tokens} is below max_model_len="
+                                f"{self.max_model_len}: a full-length prompt could never be scheduled; raise it or "
+                                "lower max_model_len")

@@ -1,0 +1,217 @@
+"""``LLM``: offline generation with onecard's engine, shaped like vLLM's ``LLM``.
+
+    llm = LLM("path/to/model")
+    outs = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=32))
+
+Builds the engine from a local HF folder (``build_engine``); architectures our
+own forward does not implement run through HF ``generate`` behind the same API
+(``hf_fallback``), with one log line saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from pathlib import Path
+
+import torch
+
+from onecard.engine.config import EngineConfig
+from onecard.engine.outputs import RequestOutput
+from onecard.engine.sampling_params import SamplingParams
+from onecard.errors import BadInputError, DoesNotFitError, NotBuiltYetError
+from onecard.models import SUPPORTED_ARCHITECTURES, open_model_folder
+
+log = logging.getLogger(__name__)
+GiB = 1 << 30
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise BadInputError(f"device={device!r} but no CUDA GPU is visible; pass device='cpu' or check `onecard doctor`")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, declared: str | None, device: torch.device) -> torch.dtype:
+    """'auto' = the checkpoint's dtype on GPU (float16/bfloat16), float32 on CPU (CPU half matmuls are slow and lossy)."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type == "cpu":
+        return torch.float32
+    if declared in ("float16", "bfloat16"):
+        return getattr(torch, declared)
+    return torch.bfloat16
+
+
+def eos_ids(folder_path: Path, config: dict, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for src in (config, _read_json(folder_path / "generation_config.json")):
+        eos = src.get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def build_engine(config: EngineConfig, progress: bool = False):
+    """Load model + tokenizer and return an ``LLMEngine`` (our forward) or an ``HFFallbackEngine``."""
+    folder = open_model_folder(config.model, supported=None)
+    tokenizer = folder.load_tokenizer()
+    device = resolve_device(config.device)
+    if config.seed is not None:
+        torch.manual_seed(config.seed)
+    if not any(a in SUPPORTED_ARCHITECTURES for a in folder.config.get("architectures") or []):
+        from onecard.engine.hf_fallback import HFFallbackEngine
+
+        return HFFallbackEngine(config, folder, tokenizer, device)
+    args = folder.model_args()
+    config.resolve(args.max_position_embeddings)
+    if args.sliding_window is not None and config.max_model_len > args.sliding_window:
+        raise NotBuiltYetError(f"sliding-window attention is not implemented; set max_model_len <= "
+                               f"{args.sliding_window} (the model's sliding_window)")
+    dtype = resolve_dtype(config.dtype, folder.weight_dtype() if folder.quantization_config is None else args.torch_dtype,
+                          device)
+    model = _load_model(folder, config, dtype, device, progress)
+    from onecard.engine.llm_engine import LLMEngine
+    from onecard.engine.model_runner import ModelRunner
+
+    runner = ModelRunner(model, config, device)
+    return LLMEngine(config, runner, tokenizer, eos_ids(folder.path, folder.config, tokenizer))
+
+
+def _load_model(folder, config: EngineConfig, dtype: torch.dtype, device: torch.device, progress: bool):
+    from onecard.models.loader import load_model
+
+    if device.type == "cuda" and folder.quantization_config is None:
+        free, _ = torch.cuda.mem_get_info(device)
+        need = folder.model_args().num_parameters() * torch.tensor([], dtype=dtype).element_size()
+        if need > free * config.gpu_memory_utilization:
+            raise DoesNotFitError(f"the {dtype} weights need {need / GiB:.1f} GiB but {free / GiB:.1f} GiB is free "
+                                  f"(x{config.gpu_memory_utilization} utilization); use quantization='rtn-int4' or a "
+                                  "quantized checkpoint")
+    if folder.quantization_config is not None:
+        load_quantized = _quant_function("load_quantized_model", "loading GPTQ/AWQ checkpoints")
+        model = load_quantized(folder, dtype, device)
+    else:
+        model = load_model(folder, dtype, device, max_positions=None, progress=progress)
+    if config.quantization is not None:
+        if folder.quantization_config is not None:
+            raise BadInputError(f"quantization={config.quantization!r} but '{folder.path}' is already quantized "
+                                f"({folder.quantization_config.get('quant_method', '?')}); drop quantization=")
+        quantize = _quant_function("quantize_model_", "on-the-fly quantization")
+        quantize(model, config.quantization)
+    return model
+
+
+def _quant_function(name: str, what: str):
+    try:
+        import onecard.quant as quant
+    except ImportError:
+        quant = None
+    fn = getattr(quant, name, None)
+    if fn is None:
+        raise NotBuiltYetError(f"{what} (onecard.quant.{name}) is not available yet; run the unquantized model")
+    return fn
+
+
+class LLM:
+    """Offline batch generation. Keyword arguments are ``EngineConfig`` fields."""
+
+    def __init__(self, model: str | Path, dtype: str = "auto", gpu_memory_utilization: float = 0.9,
+                 max_model_len: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
+                 block_size: int = 16, enforce_eager: bool = False, quantization: str | None = None,
+                 kv_cache_dtype: str = "auto", seed: int = 0, device: str | None = None, tensor_parallel_size: int = 1,
+                 **engine_kwargs) -> None:
+        self.config = EngineConfig(model, dtype, gpu_memory_utilization, max_model_len, max_num_seqs,
+                                   max_num_batched_tokens, block_size, enforce_eager, quantization, kv_cache_dtype, seed,
+                                   device, tensor_parallel_size, **engine_kwargs)
+        self.engine = build_engine(self.config, progress=True)
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts: str | list[str] | list[list[int]],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt; returns finished outputs in input order.
+
+        A bad prompt or parameter raises ``BadInputError`` before anything runs.
+        """
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise BadInputError("prompts must be a non-empty string or list of strings / token-id lists")
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(prompts):
+                raise BadInputError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts; pass one "
+                                    "SamplingParams or one per prompt")
+            params = list(sampling_params)
+        else:
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        for p in prompts:  # validate everything first: no half-run batch on a bad input
+            self.engine.encode(p)
+        ids = [f"gen-{uuid.uuid4().hex[:12]}" for _ in prompts]
+        for rid, prompt, sp in zip(ids, prompts, params):
+            self.engine.add_request(rid, prompt, sp)
+        results: dict[str, RequestOutput] = {}
+        try:
+            with _progress(use_tqdm, len(prompts)) as advance:
+                while self.engine.has_unfinished_requests():
+                    for out in self.engine.step():
+                        if out.finished:
+                            results[out.request_id] = out
+                            advance()
+        except BaseException:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
+        return [results[rid] for rid in ids]
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        """Apply the tokenizer's chat template (with the generation prompt) to each conversation and generate."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        if not convs:
+            raise BadInputError("messages is empty; pass a list of {'role', 'content'} dicts")
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise BadInputError("this model's tokenizer has no chat template; use generate() with a plain prompt")
+        prompts = []
+        for conv in convs:
+            if not all(isinstance(m, dict) and "role" in m and "content" in m for m in conv):
+                raise BadInputError("each message must be a dict with 'role' and 'content'")
+            ids = self.tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=True)
+            prompts.append(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids))
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+
+class _progress:
+    """A rich progress bar over finished requests (or nothing when disabled)."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.enabled, self.total = enabled, total
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+        self.bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), transient=True)
+        self.bar.start()
+        task = self.bar.add_task("generating", total=self.total)
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self.bar.stop()

@@ -1,0 +1,155 @@
+"""``LLMEngine``: requests in, one scheduler step at a time, cumulative ``RequestOutput``s out.
+
+Not thread-safe by itself: ``LLM`` drives it from one thread; ``AsyncEngine``
+drives it from its background thread and hands requests over under a lock.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from onecard.engine.block_manager import BlockManager
+from onecard.engine.config import EngineConfig
+from onecard.engine.detokenizer import append_text, find_stop
+from onecard.engine.model_runner import ModelRunner
+from onecard.engine.outputs import CompletionOutput, RequestOutput
+from onecard.engine.sampling_params import SamplingParams
+from onecard.engine.scheduler import Scheduler
+from onecard.engine.sequence import Request, Sequence
+from onecard.errors import BadInputError
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, runner: ModelRunner, tokenizer, eos_token_ids: set[int]) -> None:
+        self.config = config
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.block_manager = BlockManager(runner.num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.requests: dict[str, Request] = {}
+        self.vocab_size = runner.model.args.vocab_size
+        self.num_generated_tokens = 0
+
+    # ---- requests ----------------------------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise BadInputError("prompt is empty; pass at least one character or token id")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            if not prompt:
+                raise BadInputError("prompt is empty; pass at least one character or token id")
+            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+            if bad:
+                raise BadInputError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+            return None, list(prompt)
+        raise BadInputError(f"prompt must be a string or a list of token ids, not {type(prompt).__name__}")
+
+    def validate(self, prompt: str | list[int], params: SamplingParams | None) -> tuple[str | None, list[int], SamplingParams]:
+        """Check a request without queueing it (no engine state touched): (prompt text, token ids, params)."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise BadInputError(f"sampling_params must be a SamplingParams, not {type(params).__name__}")
+        text, ids = self.encode(prompt)
+        if len(ids) >= self.config.max_model_len:
+            raise BadInputError(f"prompt is {len(ids)} tokens but max_model_len={self.config.max_model_len} leaves no "
+                                "room to generate; shorten the prompt or raise max_model_len")
+        return text, ids, params
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> Request:
+        """Validate and queue a request; raises ``BadInputError`` without touching other requests."""
+        if request_id in self.requests:
+            raise BadInputError(f"request_id '{request_id}' is already in use; pass a unique id")
+        text, ids, params = self.validate(prompt, params)
+        seqs = []
+        for i in range(params.n):
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
+            seqs.append(Sequence(request_id, i, ids, params, gen))
+        req = Request(request_id, text, ids, params, seqs, arrival_time or time.time())
+        self.requests[request_id] = req
+        for s in seqs:
+            self.scheduler.add(s)
+        return req
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its KV blocks; returns its final output (finish_reason 'abort')."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for s in req.seqs:
+            if not s.is_finished:
+                s.finish_reason = "abort"
+                self.scheduler.finish(s)
+        req.finished_time = time.time()
+        return self._output(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step ----------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; return the outputs of every request that advanced (finished ones are removed)."""
+        seqs, is_prefill = self.scheduler.schedule()
+        if not seqs:
+            return []
+        out = self.runner.run(seqs, is_prefill)
+        now = time.time()
+        touched: dict[str, Request] = {}
+        for seq, token, lp, slp in zip(seqs, out.token_ids, out.logprobs, out.sampled_logprobs):
+            seq.token_ids.append(token)
+            self.num_generated_tokens += 1
+            if seq.logprobs is not None:
+                seq.logprobs.append(lp)
+                seq.cumulative_logprob += slp
+            req = self.requests[seq.request_id]
+            req.first_token_time = req.first_token_time or now
+            self._check_finish(seq, token)
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+            touched[req.request_id] = req
+        outputs = []
+        for req in touched.values():
+            if req.finished:
+                req.finished_time = now
+                del self.requests[req.request_id]
+            outputs.append(self._output(req))
+        return outputs
+
+    def _check_finish(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            seq.finish_reason = "stop"  # the stop token stays in token_ids, not in the text
+            return
+        new = append_text(self.tokenizer, seq)
+        cut = find_stop(seq, len(new))
+        if cut >= 0:
+            seq.text = seq.text[:cut]
+            seq.finish_reason = "stop"
+        elif (p.max_tokens is not None and seq.num_completion_tokens >= p.max_tokens) or \
+                len(seq) >= self.config.max_model_len:
+            seq.finish_reason = "length"
+
+    def _output(self, req: Request) -> RequestOutput:
+        comps = [CompletionOutput(s.index, s.text, s.completion_token_ids, s.finish_reason,
+                                  list(s.logprobs) if s.logprobs is not None else None,
+                                  s.cumulative_logprob if s.logprobs is not None else None) for s in req.seqs]
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, comps, req.finished, {
+            "arrival_time": req.arrival_time, "first_token_time": req.first_token_time,
+            "finished_time": req.finished_time, "num_prompt_tokens": len(req.prompt_token_ids),
+            "num_generated_tokens": sum(s.num_completion_tokens for s in req.seqs)})
+
+    def stats(self) -> dict:
+        bm = self.block_manager
+        used = bm.num_blocks - bm.num_free_blocks
+        return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
+                "num_requests": len(self.requests), "kv_blocks_total": bm.num_blocks, "kv_blocks_used": used,
+                "kv_usage": used / bm.num_blocks, "block_size": bm.block_size,
+                "num_preemptions": self.scheduler.num_preemptions, "num_generated_tokens": self.num_generated_tokens,
+                "max_model_len": self.config.max_model_len, "max_num_seqs": self.config.max_num_seqs,
+                "cuda_graphs": sorted(self.runner.graphs)}

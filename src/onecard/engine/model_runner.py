@@ -1,0 +1,211 @@
+"""Runs the model for a scheduled batch: KV-cache sizing and allocation, input packing, CUDA-graph decode, sampling.
+
+Prefill packs all scheduled sequences end to end (no padding) and computes
+logits only for each sequence's last token. Decode runs one token per sequence;
+on CUDA it replays a CUDA graph captured for the smallest captured batch size
+that holds the batch (padding rows write to a scratch block nobody reads), so a
+decode step is a handful of host-to-device copies plus one graph launch: no
+host syncs until the sampled tokens come back.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from onecard.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
+from onecard.engine.sampler import SamplerOutput, sample
+from onecard.engine.sequence import Sequence
+from onecard.errors import DoesNotFitError
+from onecard.models.llama import AttentionMetadata, LlamaModel
+
+log = logging.getLogger(__name__)
+GiB = 1 << 30
+
+
+def kv_bytes_per_token(model: LlamaModel, dtype: torch.dtype) -> int:
+    a = model.args
+    return 2 * a.num_layers * a.num_kv_heads * a.head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, config: EngineConfig, device: torch.device) -> None:
+        self.model, self.config, self.device = model, config, device
+        self.block_size = config.block_size
+        self.dtype = next(model.parameters()).dtype
+        self.is_cuda = device.type == "cuda"
+        self.decode_attention = "triton" if self.is_cuda else "reference"
+        self.max_blocks_per_seq = math.ceil(config.max_model_len / self.block_size)
+        self.num_blocks = config.num_kv_blocks or self._measure_num_blocks()
+        if self.num_blocks * self.block_size < config.max_model_len:
+            raise DoesNotFitError(
+                f"the KV cache holds {self.num_blocks * self.block_size} tokens, less than one max_model_len="
+                f"{config.max_model_len} sequence; lower max_model_len, or give the cache more room "
+                "(num_kv_blocks / gpu_memory_utilization)")
+        self.scratch_block = self.num_blocks  # one extra block: CUDA-graph padding rows write here
+        a = model.args
+        self.kv_cache = torch.zeros(2, a.num_layers, self.num_blocks + 1, self.block_size, a.num_kv_heads,
+                                    a.head_dim, dtype=self.dtype, device=device)
+        for i, layer in enumerate(model.layers):
+            layer.self_attn.k_cache = self.kv_cache[0, i]
+            layer.self_attn.v_cache = self.kv_cache[1, i]
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if self.is_cuda and not config.enforce_eager:
+            self.capture_cudagraphs()
+
+    # ---- KV cache sizing -------------------------------------------------------------------------------------
+    def _measure_num_blocks(self) -> int:
+        cfg = self.config
+        per_block = kv_bytes_per_token(self.model, self.dtype) * self.block_size
+        if not self.is_cuda:
+            want = cfg.max_model_len * cfg.max_num_seqs * per_block // self.block_size
+            budget = max(min(want, CPU_KV_CACHE_BYTES), cfg.max_model_len * per_block // self.block_size)
+            return max(1, math.ceil(budget / per_block))
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            self._profile_run()
+        except torch.cuda.OutOfMemoryError:
+            raise DoesNotFitError(
+                f"a {cfg.max_num_batched_tokens}-token prefill does not fit next to the weights; lower "
+                "max_num_batched_tokens / max_model_len, or use quantization='rtn-int4'") from None
+        torch.cuda.synchronize(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        stats = torch.cuda.memory_stats(self.device)
+        peak, current = stats["allocated_bytes.all.peak"], stats["allocated_bytes.all.current"]
+        used = total - free
+        available = total * cfg.gpu_memory_utilization - used - (peak - current)
+        num_blocks = int(available // per_block)
+        need = cfg.max_model_len * per_block / self.block_size
+        if num_blocks * self.block_size < cfg.max_model_len:
+            weights = sum(p.numel() * p.element_size() for p in self.model.parameters()) / GiB
+            raise DoesNotFitError(
+                f"the KV cache needs {need / GiB:.2f} GiB for one {cfg.max_model_len}-token sequence but only "
+                f"{max(available, 0) / GiB:.2f} GiB is left at gpu_memory_utilization={cfg.gpu_memory_utilization} "
+                f"(weights {weights:.1f} GiB, activation peak {(peak - current) / GiB:.2f} GiB); lower max_model_len "
+                "or max_num_batched_tokens, or use quantization='rtn-int4'")
+        log.info("KV cache: %d blocks x %d tokens = %.2f GiB", num_blocks, self.block_size, num_blocks * per_block / GiB)
+        return num_blocks
+
+    @torch.no_grad()
+    def _profile_run(self) -> None:
+        """The largest step the scheduler can issue: a full max_num_batched_tokens prefill + sampling of max_num_seqs."""
+        cfg = self.config
+        n = cfg.max_num_batched_tokens
+        seq_lens = [cfg.max_model_len] * (n // cfg.max_model_len) + ([n % cfg.max_model_len] if n % cfg.max_model_len else [])
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        positions = torch.cat([torch.arange(s, device=self.device) for s in seq_lens])
+        meta = AttentionMetadata(True, torch.zeros(n, dtype=torch.long, device=self.device), seq_lens=seq_lens)
+        hidden = self.model(ids, positions, meta)  # no cache attached yet: nothing is stored
+        rows = hidden[:1].expand(min(cfg.max_num_seqs, n), -1)
+        logits = self.model.compute_logits(rows).float()
+        logits.log_softmax(-1).sort(-1, descending=True)
+        del hidden, logits
+
+    # ---- input packing ---------------------------------------------------------------------------------------
+    def _to_device(self, data: list, dtype: torch.dtype) -> torch.Tensor:
+        t = torch.tensor(data, dtype=dtype, pin_memory=self.is_cuda)
+        return t.to(self.device, non_blocking=True)
+
+    def prepare_prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        slots: list[torch.Tensor] = []
+        seq_lens: list[int] = []
+        last: list[int] = []
+        bs = self.block_size
+        for seq in seqs:
+            assert seq.num_cached_tokens == 0, "prefill over cached prefixes needs prefix-aware attention"
+            n = len(seq)
+            ids.extend(seq.token_ids)
+            pos = torch.arange(n)
+            positions.append(pos)
+            slots.append(torch.tensor(seq.block_table)[pos // bs] * bs + pos % bs)
+            seq_lens.append(n)
+            last.append(sum(seq_lens) - 1)
+        dev = self.device
+        meta = AttentionMetadata(True, torch.cat(slots).to(dev, non_blocking=True), seq_lens=seq_lens,
+                                 decode_attention=self.decode_attention)
+        return (self._to_device(ids, torch.long), torch.cat(positions).to(dev, non_blocking=True), meta,
+                self._to_device(last, torch.long))
+
+    def prepare_decode(self, seqs: list[Sequence]) -> tuple[list[int], list[int], list[int], list[int], list[list[int]]]:
+        bs = self.block_size
+        ids = [s.last_token for s in seqs]
+        positions = [len(s) - 1 for s in seqs]
+        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
+        ctx = [len(s) for s in seqs]
+        tables = [s.block_table for s in seqs]
+        return ids, positions, slots, ctx, tables
+
+    # ---- forward ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> SamplerOutput:
+        if is_prefill:
+            ids, positions, meta, last = self.prepare_prefill(seqs)
+            hidden = self.model(ids, positions, meta)
+            logits = self.model.compute_logits(hidden.index_select(0, last))
+        else:
+            logits = self._decode(seqs)
+        return sample(logits.float(), seqs)
+
+    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        ids, positions, slots, ctx, tables = self.prepare_decode(seqs)
+        B = len(seqs)
+        graph_bs = next((b for b in self.graph_batch_sizes if b >= B), None) if self.graphs else None
+        if graph_bs is None:
+            width = max(len(t) for t in tables)
+            bt = self._to_device([t + [0] * (width - len(t)) for t in tables], torch.int32)
+            meta = AttentionMetadata(False, self._to_device(slots, torch.long), context_lens=self._to_device(ctx, torch.int32),
+                                     block_tables=bt, decode_attention=self.decode_attention)
+            hidden = self.model(self._to_device(ids, torch.long), self._to_device(positions, torch.long), meta)
+            return self.model.compute_logits(hidden)
+        pad = graph_bs - B
+        g = self._gbuf
+        width = max(len(t) for t in tables)
+        g["input_ids"][:graph_bs].copy_(self._to_device(ids + [0] * pad, torch.long), non_blocking=True)
+        g["positions"][:graph_bs].copy_(self._to_device(positions + [0] * pad, torch.long), non_blocking=True)
+        scratch_slot = self.scratch_block * self.block_size
+        g["slot_mapping"][:graph_bs].copy_(self._to_device(slots + [scratch_slot] * pad, torch.long), non_blocking=True)
+        g["context_lens"][:graph_bs].copy_(self._to_device(ctx + [1] * pad, torch.int32), non_blocking=True)
+        rows = [t + [self.scratch_block] * (width - len(t)) for t in tables] + [[self.scratch_block] * width] * pad
+        g["block_tables"][:graph_bs, :width].copy_(self._to_device(rows, torch.int32), non_blocking=True)
+        self.graphs[graph_bs].replay()
+        return self._graph_logits[graph_bs][:B]
+
+    @torch.no_grad()
+    def capture_cudagraphs(self) -> None:
+        """Capture decode (model + lm_head) for batch sizes 1, 2, 4, 8, 16, 32, ... up to max_num_seqs."""
+        max_bs = min(self.config.max_num_seqs, self.config.cuda_graph_max_batch)
+        sizes = sorted({b for b in [1, 2, 4, 8, *range(16, max_bs + 1, 16)] if b <= max_bs} | {max_bs})
+        self.graph_batch_sizes = sizes
+        dev = self.device
+        scratch = self.scratch_block
+        self._gbuf = {
+            "input_ids": torch.zeros(max_bs, dtype=torch.long, device=dev),
+            "positions": torch.zeros(max_bs, dtype=torch.long, device=dev),
+            "slot_mapping": torch.full((max_bs,), scratch * self.block_size, dtype=torch.long, device=dev),
+            "context_lens": torch.ones(max_bs, dtype=torch.int32, device=dev),
+            "block_tables": torch.full((max_bs, self.max_blocks_per_seq), scratch, dtype=torch.int32, device=dev),
+        }
+        self._graph_logits: dict[int, torch.Tensor] = {}
+        pool = None
+        g = self._gbuf
+        for bs in reversed(sizes):
+            meta = AttentionMetadata(False, g["slot_mapping"][:bs], context_lens=g["context_lens"][:bs],
+                                     block_tables=g["block_tables"][:bs], decode_attention="triton")
+
+            def step() -> torch.Tensor:
+                return self.model.compute_logits(self.model(g["input_ids"][:bs], g["positions"][:bs], meta))
+
+            step()  # warm-up: compiles the Triton kernel, settles the allocator
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool):
+                self._graph_logits[bs] = step()
+            pool = pool or graph.pool()
+            self.graphs[bs] = graph
+        torch.cuda.synchronize(dev)
+        log.info("captured CUDA graphs for decode batch sizes %s", sizes)

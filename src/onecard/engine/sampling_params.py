@@ -1,0 +1,92 @@
+"""``SamplingParams``: how one request is decoded (vLLM's names and defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from onecard.errors import BadInputError
+
+
+@dataclass
+class SamplingParams:
+    """Per-request decoding settings; validated at construction (``BadInputError``, a ValueError, names the field).
+
+    temperature=0 means greedy. top_k=0 (or -1) disables top-k. ``stop`` strings
+    end generation when they appear in the text (the text is cut before them);
+    ``stop_token_ids`` and the model's EOS (unless ``ignore_eos``) end it on a token.
+    ``logprobs=k`` returns the top-k log-probabilities (plus the sampled token's)
+    of the model's distribution at every generated position.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        def bad(field: str, why: str) -> BadInputError:
+            return BadInputError(f"SamplingParams.{field}={getattr(self, field)!r}: {why}")
+
+        if not isinstance(self.n, int) or self.n < 1:
+            raise bad("n", "must be an integer >= 1")
+        if not _is_number(self.temperature) or self.temperature < 0:
+            raise bad("temperature", "must be >= 0 (0 = greedy)")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise bad("top_p", "must be in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise bad("top_k", "must be an integer >= 0 (0 or -1 = off)")
+        if self.top_k == -1:
+            self.top_k = 0
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            raise bad("min_p", "must be in [0, 1]")
+        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "must be > 0 (1 = off)")
+        for f in ("presence_penalty", "frequency_penalty"):
+            if not _is_number(getattr(self, f)) or not -2 <= getattr(self, f) <= 2:
+                raise bad(f, "must be in [-2, 2] (0 = off)")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise bad("seed", "must be an integer or None")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens <= 0):
+            raise bad("max_tokens", "must be a positive integer (or None: up to max_model_len)")
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) for s in self.stop):
+            self.stop = list(self.stop)
+        else:
+            raise bad("stop", "must be a string or a list of strings")
+        if any(s == "" for s in self.stop):
+            raise bad("stop", "stop strings must not be empty")
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        elif not isinstance(self.stop_token_ids, (list, tuple)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "must be a list of non-negative token ids")
+        else:
+            self.stop_token_ids = list(self.stop_token_ids)
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0 or self.logprobs > 20):
+            raise bad("logprobs", "must be an integer in [0, 20] or None")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # rejects NaN

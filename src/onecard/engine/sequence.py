@@ -1,0 +1,88 @@
+"""One sequence being generated (a request with n>1 has n of them) and the request that groups them."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+import torch
+
+from onecard.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+_ids = itertools.count()
+
+
+class Sequence:
+    """Token ids (prompt + generated), where its KV lives (``block_table``) and its decoding state.
+
+    ``num_cached_tokens`` counts leading tokens whose KV is already in the cache
+    from elsewhere (prefix caching; 0 until that exists).
+    """
+
+    def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
+                 generator: torch.Generator | None) -> None:
+        self.seq_id = next(_ids)
+        self.request_id = request_id
+        self.index = index
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.generator = generator
+        self.status = SequenceStatus.WAITING
+        self.block_table: list[int] = []
+        self.num_cached_tokens = 0
+        self.finish_reason: str | None = None
+        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        self.cumulative_logprob = 0.0
+        # incremental detokenization state (see detokenizer.py)
+        self.text = ""
+        self.read_offset = self.num_prompt_tokens
+        self.prefix_offset = max(self.num_prompt_tokens - 5, 0)
+        self.stop_checked_len = 0
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def completion_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def last_token(self) -> int:
+        return self.token_ids[-1]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def num_blocks(self, block_size: int) -> int:
+        return (len(self.token_ids) + block_size - 1) // block_size
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    arrival_time: float
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    aborted: bool = field(default=False)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
