@@ -1,0 +1,186 @@
+"""LLM.generate end to end on CPU: equals HF greedy, preemption-invariant, stops, bad input, n>1, chat, async."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from onecard.engine import LLM, AsyncEngine, SamplingParams
+from onecard.errors import BadInputError
+
+PROMPTS = ["def read_config(path):\n", "import os\nimport sys\n", "class Parser:", "for i in range(10):"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny decode-sized matmuls are slower with 2 threads on a loaded shared CPU; restore afterwards.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def llama_path(random_checkpoint):
+    return random_checkpoint("llama-2-7b")
+
+
+@pytest.fixture(scope="module")
+def llm(llama_path):
+    return LLM(llama_path, max_model_len=128, max_num_seqs=8, block_size=8)
+
+
+def _hf_greedy(path, tokenizer, prompt, n):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = hf.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_greedy_equals_hf_generate_on_tiny_trained_model(tiny_model):
+    llm = LLM(tiny_model.path, max_model_len=256, max_num_seqs=4, block_size=16)
+    outs = llm.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
+    for prompt, out in zip(PROMPTS[:2], outs):
+        ref = _hf_greedy(tiny_model.path, llm.tokenizer, prompt, 24)
+        assert out.outputs[0].token_ids == ref
+        assert out.finished and out.outputs[0].finish_reason in ("stop", "length")
+        expected = llm.tokenizer.decode([t for t in ref if t not in (2,)], skip_special_tokens=True)
+        assert out.outputs[0].text == expected
+
+
+def test_greedy_batch_equals_hf_and_keeps_input_order(llm, llama_path):
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outs = llm.generate(PROMPTS, sp, use_tqdm=False)
+    assert [o.prompt for o in outs] == PROMPTS
+    ref = _hf_greedy(llama_path, llm.tokenizer, PROMPTS[2], 12)
+    assert outs[2].outputs[0].token_ids == ref
+    assert all(len(o.outputs[0].token_ids) == 12 and o.outputs[0].finish_reason == "length" for o in outs)
+    assert llm.stats()["kv_blocks_used"] == 0
+
+
+def test_preemption_does_not_change_greedy_outputs(llm, llama_path):
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    ref = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
+    small = LLM(llama_path, max_model_len=128, max_num_seqs=8, block_size=8, num_kv_blocks=16)  # 128 tokens for 4 seqs
+    got = [o.outputs[0].token_ids for o in small.generate(PROMPTS, sp, use_tqdm=False)]
+    assert small.stats()["num_preemptions"] > 0
+    assert got == ref
+    assert small.stats()["kv_blocks_used"] == 0
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(llm):
+    sp = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, seed=123, max_tokens=10, ignore_eos=True)
+    alone = llm.generate(PROMPTS[0], sp, use_tqdm=False)[0].outputs[0].token_ids
+    batched = llm.generate(PROMPTS, [sp, SamplingParams(seed=7, max_tokens=5), SamplingParams(max_tokens=3),
+                                     SamplingParams(temperature=0.5, max_tokens=8)], use_tqdm=False)
+    assert batched[0].outputs[0].token_ids == alone
+    other = llm.generate(PROMPTS[0], SamplingParams(temperature=1.0, top_k=50, top_p=0.9, seed=124, max_tokens=10,
+                                                    ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids
+    assert other != alone
+
+
+def test_n_samples_and_logprobs(llm):
+    out = llm.generate(PROMPTS[0], SamplingParams(n=3, seed=1, max_tokens=6, logprobs=2, ignore_eos=True),
+                       use_tqdm=False)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    for c in out.outputs:
+        assert len(c.logprobs) == 6
+        for tok, lp in zip(c.token_ids, c.logprobs):
+            assert tok in lp and 2 <= len(lp) <= 3 and all(v <= 0 for v in lp.values())
+        assert c.cumulative_logprob == pytest.approx(sum(lp[t] for t, lp in zip(c.token_ids, c.logprobs)))
+    assert out.metrics["num_generated_tokens"] == 18 and out.metrics["num_prompt_tokens"] > 0
+
+
+def test_stop_string_across_token_boundary(llm):
+    sp = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    full = llm.generate(PROMPTS[1], sp, use_tqdm=False)[0].outputs[0]
+    toks = full.token_ids
+    # a stop string made of the end of one token's text and the start of the next
+    pieces = [llm.tokenizer.decode(toks[:i]) for i in range(len(toks) + 1)]
+    i = next(i for i in range(3, len(toks)) if len(pieces[i]) - len(pieces[i - 1]) >= 2
+             and len(pieces[i + 1]) - len(pieces[i]) >= 2)
+    stop = pieces[i][-2:] + pieces[i + 1][len(pieces[i]):][:1]
+    out = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=stop),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop"
+    assert out.text == full.text[:full.text.find(stop)]
+    assert len(out.token_ids) <= i + 1
+
+
+def test_stop_token_ids_and_max_tokens(llm):
+    sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    toks = llm.generate(PROMPTS[0], sp, use_tqdm=False)[0].outputs[0].token_ids
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True,
+                                                  stop_token_ids=[toks[3]]), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == toks[:toks.index(toks[3]) + 1] and out.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"max_tokens": 0}, "max_tokens"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+    ({"temperature": -0.1}, "temperature"), ({"stop": 3}, "stop"), ({"stop": ["a", 1]}, "stop"),
+    ({"logprobs": -1}, "logprobs"), ({"n": 0}, "n"),
+])
+def test_bad_sampling_params_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_bad_prompts_rejected_and_others_unaffected(llm):
+    with pytest.raises(BadInputError, match="empty"):
+        llm.generate(["ok", ""], use_tqdm=False)
+    with pytest.raises(BadInputError, match="max_model_len"):
+        llm.generate([list(range(3, 200))], use_tqdm=False)
+    assert llm.stats()["num_waiting"] == 0 and llm.stats()["num_running"] == 0
+    engine = llm.engine
+    engine.add_request("good", PROMPTS[0], SamplingParams(temperature=0, max_tokens=4))
+    with pytest.raises(BadInputError):
+        engine.add_request("bad", [5] * 500, SamplingParams())
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    assert [o.request_id for o in outs if o.finished] == ["good"]
+
+
+def test_chat_uses_template(llm):
+    msgs = [{"role": "user", "content": "hello"}]
+    out = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=4))[0]
+    ids = llm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    assert out.prompt_token_ids == ids
+
+
+def test_async_engine_streams_and_abort_frees_blocks(llama_path):
+    engine = AsyncEngine(llama_path, max_model_len=128, max_num_seqs=4, block_size=8)
+
+    async def main():
+        seen = []
+        async for out in engine.generate("def f():", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), "a"):
+            seen.append(len(out.outputs[0].token_ids))
+        assert seen == list(range(1, 7)) and out.finished
+
+        agen = engine.generate("import os", SamplingParams(max_tokens=100, ignore_eos=True), "b")
+        first = await agen.__anext__()
+        assert not first.finished
+        await engine.abort("b")
+        last = first
+        async for last in agen:
+            pass
+        assert last.finished and last.outputs[0].finish_reason == "abort"
+        for _ in range(50):
+            if engine.stats()["kv_blocks_used"] == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert engine.stats()["kv_blocks_used"] == 0
+        with pytest.raises(BadInputError):
+            async for _ in engine.generate("", SamplingParams(), "c"):
+                pass
+        await engine.shutdown(5)
+        assert not engine.ready
+
+    asyncio.run(main())
