@@ -1,0 +1,474 @@
+"""Verdicts and the settings that fit: ``plan_inference`` and ``plan_training``.
+
+Each plan is a dataclass with the memory breakdown (GiB), the speed estimate,
+a one-line verdict and, when the job does not fit, suggestions that were each
+re-planned and checked to fit (never a guess). The engine and trainer call
+these before loading anything, to refuse early and to pick defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+from onecard.errors import BadInputError
+from onecard.hardware import GPUSpec, find_gpu, list_gpus
+from onecard.plan import memory as M
+from onecard.plan import speed as S
+from onecard.plan.calibration import factor
+from onecard.plan.spec import ModelSpec, resolve_model
+
+GIB = M.GIB
+DEFAULT_PREFILL_CHUNK = 8192  # tokens per forward: a longer prefill is chunked (engine) / the prompt (HF)
+
+
+def resolve_card(card: "str | GPUSpec | None") -> GPUSpec:
+    """A catalog card by name, or the live GPU (matched to the catalog) when ``card`` is None."""
+    if isinstance(card, GPUSpec):
+        return card
+    if card:
+        return find_gpu(card)
+    from onecard.hardware import probe
+
+    report = probe()
+    if not report.has_gpu:
+        raise BadInputError("no CUDA GPU visible to plan for; name a card with --card (e.g. --card 4090)")
+    gpu = report.gpus[0]
+    if gpu.spec is None:
+        raise BadInputError(f"GPU '{gpu.name}' is not in the catalog; name the closest card with --card")
+    return gpu.spec
+
+
+def _gib(nbytes: float) -> float:
+    return nbytes / GIB
+
+
+@dataclass
+class InferencePlan:
+    model: str
+    card: str
+    bits: int
+    weight_format: str
+    kv_cache_dtype: str
+    max_model_len: int
+    max_num_seqs: int
+    prefill_tokens: int
+    gpu_memory_utilization: float
+    usable_gib: float
+    weights_gib: float
+    kv_gib_per_token: float
+    kv_gib: float
+    activations_gib: float
+    overhead_gib: float
+    total_gib: float
+    fits: bool
+    free_gib: float
+    max_context_tokens: int
+    max_concurrent_seqs: int
+    decode_tok_s_bs1: float
+    decode_tok_s_batch: float
+    offload_layers: int
+    offload_tok_s: float | None
+    efficiency: float
+    efficiency_source: str
+    cuda_context_gib: float
+    cuda_context_source: str
+    suggestions: list[str] = field(default_factory=list)
+    verdict: str = ""
+
+    def breakdown(self) -> list[tuple[str, float, str]]:
+        """(item, GiB, what it is) rows that sum to ``total_gib``."""
+        kv_what = f"{self.max_num_seqs} x {self.max_model_len:,} tokens x {self.kv_gib_per_token * GIB / 1024:,.0f} KiB ({self.kv_cache_dtype})"
+        return [
+            ("weights", self.weights_gib, f"{M.WEIGHT_FORMATS[self.weight_format]}, allocator-rounded"),
+            ("KV cache", self.kv_gib, kv_what),
+            ("activations", self.activations_gib, f"prefill of {self.prefill_tokens:,} tokens, logits, mask, cuBLAS workspace"),
+            ("overhead", self.overhead_gib, f"CUDA context {self.cuda_context_gib:.2f} GiB ({self.cuda_context_source}), allocator slack"),
+        ]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainingPlan:
+    model: str
+    card: str
+    method: str
+    precision: str
+    optimizer: str
+    seq_len: int
+    batch_size: int
+    grad_accum: int
+    gradient_checkpointing: bool
+    fused_ce: bool
+    lora_rank: int
+    lora_targets: tuple[str, ...]
+    base_format: str
+    gpu_memory_utilization: float
+    usable_gib: float
+    trainable_params: int
+    total_params: int
+    weights_gib: float
+    adapter_gib: float
+    grads_gib: float
+    optimizer_gib: float
+    activations_gib: float
+    logits_gib: float
+    step_temp_gib: float
+    overhead_gib: float
+    total_gib: float
+    fits: bool
+    free_gib: float
+    max_batch_size: int
+    max_seq_len: int
+    tokens_per_s: float
+    mfu: float
+    mfu_source: str
+    cuda_context_gib: float
+    cuda_context_source: str
+    peak_phase: str = ""
+    suggestions: list[str] = field(default_factory=list)
+    verdict: str = ""
+
+    def breakdown(self) -> list[tuple[str, float, str]]:
+        w = {"full": "fp32 master weights" if self.precision == "mixed" else "bf16 weights", "lora": "frozen bf16 base",
+             "qlora": f"frozen {M.WEIGHT_FORMATS[self.base_format]} base"}[self.method]
+        ckpt = "checkpointing on" if self.gradient_checkpointing else "checkpointing off"
+        rows = [
+            ("weights", self.weights_gib, w + ", allocator-rounded"),
+            ("LoRA adapters", self.adapter_gib, f"rank {self.lora_rank} on {', '.join(self.lora_targets)}, fp32"),
+            ("gradients", self.grads_gib, f"{self.trainable_params:,} trainable parameters"
+             + ("" if self.grads_gib else " (grads grow as activations are freed: not at the peak)")),
+            ("optimizer", self.optimizer_gib, f"{self.optimizer} states"),
+            ("activations", self.activations_gib, f"{self.batch_size} x {self.seq_len:,} tokens, {ckpt}"
+             + ("; freed before the step" if self.peak_phase == "optimizer step" else "")),
+            ("logits / loss", self.logits_gib, ("fused linear+CE (chunked)" if self.fused_ce else "fp32 log-softmax + grads")
+             + ("; freed before the step" if self.peak_phase == "optimizer step" else "")),
+            ("step temporaries", self.step_temp_gib, "at the peak phase: " + self.peak_phase),
+            ("overhead", self.overhead_gib, f"CUDA context {self.cuda_context_gib:.2f} GiB ({self.cuda_context_source}), allocator slack"),
+        ]
+        return [r for r in rows if not (r[0] == "LoRA adapters" and self.method == "full")]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- inference
+
+
+def _check_common(util: float) -> None:
+    if not 0 < util <= 1:
+        raise BadInputError(f"gpu_memory_utilization must be in (0, 1], got {util}")
+
+
+def _infer_core(spec: ModelSpec, card: GPUSpec, fmt: str, bits: int, max_model_len: int, max_num_seqs: int,
+                kv_cache_dtype: str, util: float, prefill_tokens: int, context_gib: float | None) -> InferencePlan:
+    usable = card.memory_gib * util * GIB
+    w_tensors = M.weight_tensors(spec, fmt)
+    w_res = M.reserved_bytes(w_tensors)
+    kv_tok = M.kv_bytes_per_token(spec, kv_cache_dtype)
+    kv = M.reserved_bytes(M.kv_cache_tensors(spec, max_model_len * max_num_seqs, kv_cache_dtype))
+    act = M.inference_activation_bytes(spec, prefill_tokens, max_num_seqs, max_model_len)
+    ctx = factor("cuda_context_gib")
+    ctx_gib = context_gib if context_gib is not None else ctx.value
+    ctx_src = "given" if context_gib is not None else ctx.source
+    overhead = ctx_gib * GIB + M.ALLOCATOR_SLACK_BYTES
+    total = w_res + kv + act + overhead
+    fixed = w_res + act + overhead
+    max_ctx = max(0, int((usable - fixed) // kv_tok)) if usable > fixed else 0
+    max_ctx = min(max_ctx, spec.args.max_position_embeddings)
+    max_seqs = max(0, int((usable - fixed) // (kv_tok * max_model_len))) if usable > fixed else 0
+    eff = factor("decode_roofline_fraction")
+    mid = max(1, max_model_len // 2)
+    bs1 = S.decode_tok_s(spec, card, fmt, kv_tok, 1, mid, eff.value)
+    batch = max(1, min(max_num_seqs, max_seqs) if max_seqs else max_num_seqs)
+    tok_batch = S.decode_tok_s(spec, card, fmt, kv_tok, batch, mid, eff.value)
+    offload_layers, offload_speed = 0, None
+    if total > usable:
+        per_layer = sum(M.allocator_bytes(nb) * (c // spec.args.num_layers) for name, nb, c in w_tensors
+                        if c % spec.args.num_layers == 0 and c >= spec.args.num_layers)
+        need = total - usable
+        n = -(-int(need) // per_layer)
+        if n <= spec.args.num_layers:  # else even all layers on the host leave too little for KV and activations
+            offload_layers = n
+            offload_speed = S.offload_tok_s(spec, card, fmt, n * per_layer, kv_tok, mid, eff.value)
+    return InferencePlan(
+        model=spec.name, card=card.key, bits=bits, weight_format=fmt, kv_cache_dtype=kv_cache_dtype,
+        max_model_len=max_model_len, max_num_seqs=max_num_seqs, prefill_tokens=prefill_tokens,
+        gpu_memory_utilization=util, usable_gib=_gib(usable), weights_gib=_gib(w_res), kv_gib_per_token=_gib(kv_tok),
+        kv_gib=_gib(kv), activations_gib=_gib(act), overhead_gib=_gib(overhead), total_gib=_gib(total),
+        fits=total <= usable, free_gib=_gib(usable - total), max_context_tokens=max_ctx, max_concurrent_seqs=max_seqs,
+        decode_tok_s_bs1=bs1, decode_tok_s_batch=tok_batch, offload_layers=offload_layers, offload_tok_s=offload_speed,
+        efficiency=eff.value, efficiency_source=eff.source, cuda_context_gib=ctx_gib, cuda_context_source=ctx_src)
+
+
+def plan_inference(model, card: "str | GPUSpec | None" = None, bits: int | None = None, max_model_len: int | None = None,
+                   max_num_seqs: int = 1, kv_cache_dtype: str = "auto", gpu_memory_utilization: float = 0.9,
+                   prefill_tokens: int | None = None, cuda_context_gib: float | None = None) -> InferencePlan:
+    """Memory, speed and a verdict for serving ``model`` on ``card``.
+
+    ``model``: built-in name, folder (config.json is enough), config dict,
+    ``ModelArgs`` or ``ModelSpec``. ``card``: catalog name or None for the live
+    GPU. ``bits`` None means the checkpoint's own (its quantization_config, else
+    16). ``max_model_len`` None means the model's max_position_embeddings.
+    ``prefill_tokens``: the largest forward (default: min(max_num_seqs x
+    max_model_len, 8192), the engine's prefill chunk). The whole job, CUDA
+    context included, must fit in ``gpu_memory_utilization`` of the card.
+    """
+    spec = resolve_model(model)
+    gpu = resolve_card(card)
+    _check_common(gpu_memory_utilization)
+    bits = bits if bits is not None else (spec.stored_bits or 16)
+    if bits not in M.BITS_TO_FORMAT:
+        raise BadInputError(f"bits must be 16, 8 or 4, got {bits}")
+    fmt = M.BITS_TO_FORMAT[bits]
+    limit = spec.args.max_position_embeddings
+    max_model_len = limit if max_model_len is None else max_model_len
+    if not 1 <= max_model_len <= limit:
+        raise BadInputError(f"max_model_len must be in 1..{limit:,} (the model's max_position_embeddings), got {max_model_len}")
+    if max_num_seqs < 1:
+        raise BadInputError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+    M.kv_bytes_per_token(spec, kv_cache_dtype)  # validates the dtype name
+    prefill = prefill_tokens or min(max_num_seqs * max_model_len, DEFAULT_PREFILL_CHUNK)
+    if prefill < 1:
+        raise BadInputError(f"prefill_tokens must be >= 1, got {prefill}")
+
+    def core(**changes) -> InferencePlan:
+        args = dict(bits=bits, fmt=fmt, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                    kv_cache_dtype=kv_cache_dtype, prefill_tokens=prefill)
+        args.update(changes)
+        if "max_model_len" in changes and prefill_tokens is None:
+            args["prefill_tokens"] = min(args["max_num_seqs"] * args["max_model_len"], DEFAULT_PREFILL_CHUNK)
+        return _infer_core(spec, gpu, args["fmt"], args["bits"], args["max_model_len"], args["max_num_seqs"],
+                           args["kv_cache_dtype"], gpu_memory_utilization, args["prefill_tokens"], cuda_context_gib)
+
+    plan = core()
+    plan.suggestions = _infer_suggestions(plan, core, gpu, spec.args.num_layers)
+    plan.verdict = _verdict(plan.fits, gpu, plan.total_gib, plan.usable_gib, plan.free_gib, plan.suggestions,
+                            f"~{plan.decode_tok_s_bs1:,.0f} tok/s decode at bs=1")
+    return plan
+
+
+def _infer_suggestions(plan: InferencePlan, core, gpu: GPUSpec, num_layers: int) -> list[str]:
+    out: list[str] = []
+    if plan.fits:
+        out.append(f"up to {plan.max_context_tokens:,} tokens of context fit at these settings")
+        if plan.max_concurrent_seqs > plan.max_num_seqs:
+            out.append(f"up to {plan.max_concurrent_seqs} concurrent sequences of {plan.max_model_len:,} tokens "
+                       f"(~{core(max_num_seqs=plan.max_concurrent_seqs).decode_tok_s_batch:,.0f} tok/s in total)")
+        return out
+    for b in (8, 4):
+        if b < plan.bits:
+            p = core(bits=b, fmt=M.BITS_TO_FORMAT[b])
+            if p.fits:
+                out.append(f"--bits {b} (needs {p.total_gib:.1f} GiB, ~{p.decode_tok_s_bs1:,.0f} tok/s)")
+                break
+    if plan.kv_cache_dtype in ("auto", "bf16", "fp16") and plan.kv_gib > 0.1 * plan.total_gib:
+        p = core(kv_cache_dtype="fp8")
+        if p.fits:
+            out.append(f"--kv-dtype fp8 (needs {p.total_gib:.1f} GiB)")
+    if plan.max_num_seqs > 1 and plan.max_concurrent_seqs >= 1:
+        out.append(f"--batch {plan.max_concurrent_seqs} (concurrent sequences that fit)")
+    if plan.max_context_tokens >= 256 and plan.max_context_tokens < plan.max_model_len:
+        p = core(max_model_len=plan.max_context_tokens)
+        ctx = plan.max_context_tokens
+        while not p.fits and ctx > 256:  # shorter context also shrinks the prefill activations; re-check
+            ctx = int(ctx * 0.95)
+            p = core(max_model_len=ctx)
+        if p.fits:
+            out.append(f"--ctx {ctx:,} (needs {p.total_gib:.1f} GiB)")
+    if not out and plan.bits > 4:
+        p4 = core(bits=4, fmt="int4")
+        if 256 <= p4.max_context_tokens < plan.max_model_len and core(bits=4, fmt="int4", max_model_len=p4.max_context_tokens).fits:
+            out.append(f"--bits 4 --ctx {p4.max_context_tokens:,}")
+    if plan.offload_layers:
+        out.append(f"offload {plan.offload_layers} of {num_layers} decoder layers to CPU RAM: "
+                   f"~{plan.offload_tok_s:.1f} tok/s over {gpu.host_link_gbs:g} GB/s host link")
+    elif not out:
+        out.append("no offload split fits: the KV cache and activations alone exceed the card")
+    bigger = [g for g in sorted(list_gpus(), key=lambda g: g.memory_gib) if g.memory_gib > gpu.memory_gib
+              and plan.total_gib <= g.memory_gib * plan.gpu_memory_utilization]
+    if bigger:
+        out.append(f"a card with >= {plan.total_gib / plan.gpu_memory_utilization:.0f} GiB (e.g. {bigger[0].key})")
+    return out
+
+
+def _verdict(fits: bool, gpu: GPUSpec, total: float, usable: float, free: float, suggestions: list[str], speed: str) -> str:
+    if fits:
+        return (f"fits, {free:.1f} GiB free: needs {total:.1f} of {usable:.1f} GiB usable on {gpu.name} "
+                f"({gpu.memory_gib:g} GiB); {speed}")
+    opts = "; ".join(suggestions) if suggestions else "none on this card"
+    return f"does not fit: needs {total:.1f} GiB, {gpu.name} has {usable:.1f} usable; options: {opts}"
+
+
+# ---------------------------------------------------------------- training
+
+OPTIMIZERS = {
+    "adamw": "torch AdamW (foreach): 2 states in the parameter dtype",
+    "adamw-8bit": "bitsandbytes 8-bit AdamW: 2 blockwise-quantized states (1 byte each + fp32 absmax per 256)",
+}
+PRECISIONS = ("bf16", "mixed")
+METHODS = ("full", "lora", "qlora")
+
+
+def _train_core(spec: ModelSpec, gpu: GPUSpec, method: str, precision: str, optimizer: str, seq_len: int,
+                batch_size: int, grad_accum: int, checkpointing: bool, fused_ce: bool, rank: int,
+                targets: tuple[str, ...], base_fmt: str, util: float, context_gib: float | None) -> TrainingPlan:
+    usable = gpu.memory_gib * util * GIB
+    total_params = spec.num_parameters()
+    mixed = method == "full" and precision == "mixed"
+    if method == "full":
+        weights = M.reserved_bytes([(n, b * (2 if mixed else 1), c) for n, b, c in M.weight_tensors(spec, "bf16")])
+        trainable, adapter, param_bytes = total_params, 0, 4 if mixed else 2
+    else:
+        weights = M.reserved_bytes(M.weight_tensors(spec, base_fmt))
+        trainable = M.lora_parameters(spec, rank, targets)
+        adapter, param_bytes = 4 * trainable, 4
+    grads = trainable * param_bytes
+    if optimizer == "adamw":
+        states, temp = 2 * trainable * param_bytes, trainable * param_bytes  # foreach keeps one sqrt(v) list at the step
+    else:
+        states, temp = 2 * trainable * (1 + 4 / 256), 0
+    tokens = batch_size * seq_len
+    acts = M.model_activation_bytes(spec, tokens, method, targets, mixed=mixed, checkpointing=checkpointing, lora_rank=rank)
+    logits = M.logits_bytes(spec, tokens, fused_ce)
+    fwd_extra = 0
+    if mixed:
+        fwd_extra += 2 * total_params  # autocast's bf16 weight copies, kept for backward
+    if method == "qlora":
+        fwd_extra += 2 * 2 * max(o * i for _, o, i in spec.linear_shapes())  # dequantized weights in flight
+    held_grads = grads if grad_accum > 1 else 0  # accumulated grads live through the next micro-batches
+    backward_peak = states + held_grads + acts + logits + fwd_extra
+    step_peak = states + grads + temp
+    if backward_peak >= step_peak:
+        phase, temp_shown = "forward/backward", fwd_extra
+        dynamic = backward_peak
+    else:
+        phase, temp_shown = "optimizer step", temp
+        dynamic, acts, logits = step_peak, 0, 0  # activations are freed before the step
+    shown_grads = grads if phase == "optimizer step" or grad_accum > 1 else 0
+    ctx = factor("cuda_context_gib")
+    ctx_gib = context_gib if context_gib is not None else ctx.value
+    overhead = ctx_gib * GIB + M.ALLOCATOR_SLACK_BYTES
+    total = weights + adapter + dynamic + overhead
+    mfu = factor("train_mfu")
+    tok_s = S.train_tok_s(spec, gpu, method, seq_len, tokens, checkpointing, mfu.value,
+                          base_fmt if method == "qlora" else "bf16")
+    return TrainingPlan(
+        model=spec.name, card=gpu.key, method=method, precision=precision, optimizer=optimizer, seq_len=seq_len,
+        batch_size=batch_size, grad_accum=grad_accum, gradient_checkpointing=checkpointing, fused_ce=fused_ce,
+        lora_rank=rank, lora_targets=targets, base_format=base_fmt, gpu_memory_utilization=util,
+        usable_gib=_gib(usable), trainable_params=trainable, total_params=total_params, weights_gib=_gib(weights),
+        adapter_gib=_gib(adapter), grads_gib=_gib(shown_grads), optimizer_gib=_gib(states), activations_gib=_gib(acts),
+        logits_gib=_gib(logits), step_temp_gib=_gib(temp_shown), overhead_gib=_gib(overhead), total_gib=_gib(total),
+        fits=total <= usable, free_gib=_gib(usable - total), max_batch_size=0, max_seq_len=0, tokens_per_s=tok_s,
+        mfu=mfu.value, mfu_source=mfu.source, cuda_context_gib=ctx_gib, cuda_context_source=ctx.source if context_gib is None else "given",
+        peak_phase=phase)
+
+
+def plan_training(model, card: "str | GPUSpec | None" = None, method: str = "lora", seq_len: int = 2048,
+                  batch_size: int = 1, grad_accum: int = 1, gradient_checkpointing: bool = True,
+                  optimizer: str = "adamw", lora_rank: int = 16, lora_targets: "str | list[str]" = "all",
+                  precision: str = "bf16", fused_ce: bool = False, base_format: str | None = None,
+                  gpu_memory_utilization: float = 0.95, cuda_context_gib: float | None = None) -> TrainingPlan:
+    """Peak memory, tokens/s and a verdict for fine-tuning ``model`` on ``card``.
+
+    ``method``: full | lora | qlora (LoRA on a 4-bit base: ``base_format``
+    "nf4" (bitsandbytes, default) or "int4" (onecard's GPTQ layout)).
+    ``precision`` (full only): "bf16" (bf16 weights, grads and AdamW states) or
+    "mixed" (fp32 master weights, grads and states under bf16 autocast).
+    LoRA adapters, their grads and states are fp32 (PEFT's default).
+    """
+    spec = resolve_model(model)
+    gpu = resolve_card(card)
+    _check_common(gpu_memory_utilization)
+    if method not in METHODS:
+        raise BadInputError(f"unknown method '{method}'; one of {', '.join(METHODS)}")
+    if precision not in PRECISIONS:
+        raise BadInputError(f"unknown precision '{precision}'; one of {', '.join(PRECISIONS)}")
+    if optimizer not in OPTIMIZERS:
+        raise BadInputError(f"unknown optimizer '{optimizer}'; one of {', '.join(OPTIMIZERS)}")
+    for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("grad_accum", grad_accum)):
+        if value < 1:
+            raise BadInputError(f"{name} must be >= 1, got {value}")
+    if seq_len > spec.args.max_position_embeddings:
+        raise BadInputError(f"seq_len {seq_len:,} exceeds the model's max_position_embeddings "
+                            f"({spec.args.max_position_embeddings:,}); use a shorter --ctx")
+    targets = M.lora_targets(lora_targets)
+    base_fmt = M.weight_format(base_format or ("nf4" if method == "qlora" else "bf16"))
+    if method == "qlora" and base_fmt == "bf16":
+        raise BadInputError("qlora needs a 4-bit base: base_format 'nf4' or 'int4'")
+    if method != "qlora":
+        base_fmt = "bf16"
+
+    def core(**changes) -> TrainingPlan:
+        a = dict(method=method, precision=precision, optimizer=optimizer, seq_len=seq_len, batch_size=batch_size,
+                 grad_accum=grad_accum, checkpointing=gradient_checkpointing, fused_ce=fused_ce, base_fmt=base_fmt)
+        a.update(changes)
+        if a["method"] == "qlora" and a["base_fmt"] == "bf16":
+            a["base_fmt"] = "nf4"
+        if a["method"] != "qlora":
+            a["base_fmt"] = "bf16"
+        return _train_core(spec, gpu, a["method"], a["precision"], a["optimizer"], a["seq_len"], a["batch_size"],
+                           a["grad_accum"], a["checkpointing"], a["fused_ce"], lora_rank, targets, a["base_fmt"],
+                           gpu_memory_utilization, cuda_context_gib)
+
+    plan = core()
+    plan.max_batch_size = _largest(lambda b: core(batch_size=b).fits, 1, 1024)
+    plan.max_seq_len = _largest(lambda s: core(seq_len=s, batch_size=1).fits, 1, spec.args.max_position_embeddings)
+    plan.suggestions = _train_suggestions(plan, core, gpu)
+    plan.verdict = _verdict(plan.fits, gpu, plan.total_gib, plan.usable_gib, plan.free_gib, plan.suggestions,
+                            f"~{plan.tokens_per_s:,.0f} tokens/s")
+    return plan
+
+
+def _largest(ok, lo: int, hi: int) -> int:
+    """Largest n in [lo, hi] with ok(n) (ok is monotone: more tokens never need less memory); 0 if none."""
+    if not ok(lo):
+        return 0
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _train_suggestions(plan: TrainingPlan, core, gpu: GPUSpec) -> list[str]:
+    out: list[str] = []
+    if plan.fits:
+        if plan.max_batch_size > plan.batch_size:
+            out.append(f"micro-batch up to {plan.max_batch_size} at seq {plan.seq_len:,}")
+        if plan.gradient_checkpointing and core(checkpointing=False).fits:
+            out.append("--no-checkpointing also fits (~30% faster)")
+        return out
+    tried: list[tuple[str, dict]] = []
+    if not plan.gradient_checkpointing:
+        tried.append(("gradient checkpointing on", dict(checkpointing=True)))
+    if not plan.fused_ce:
+        tried.append(("fused linear+cross-entropy", dict(fused_ce=True)))
+    if plan.batch_size > 1:
+        tried.append((f"--batch 1 --grad-accum {plan.batch_size * plan.grad_accum}",
+                      dict(batch_size=1, grad_accum=plan.batch_size * plan.grad_accum)))
+    if plan.optimizer == "adamw":
+        tried.append(("8-bit AdamW", dict(optimizer="adamw-8bit")))
+    if plan.method == "full":
+        tried.append(("--method lora", dict(method="lora")))
+    if plan.method in ("full", "lora"):
+        tried.append(("--method qlora", dict(method="qlora", checkpointing=True)))
+    for label, change in tried:
+        p = core(**change)
+        if p.fits:
+            out.append(f"{label} (needs {p.total_gib:.1f} GiB, ~{p.tokens_per_s:,.0f} tokens/s)")
+    if plan.max_seq_len >= 128 and plan.max_seq_len < plan.seq_len:
+        out.append(f"--ctx {plan.max_seq_len:,} at batch 1")
+    if not out:
+        q = core(method="qlora", checkpointing=True, batch_size=1, fused_ce=True, optimizer="adamw-8bit")
+        out.append(f"even QLoRA at batch 1 with every saving needs {q.total_gib:.1f} GiB" if not q.fits else
+                   f"--method qlora --batch 1 with fused CE and 8-bit AdamW (needs {q.total_gib:.1f} GiB)")
+    bigger = [g for g in sorted(list_gpus(), key=lambda g: g.memory_gib) if g.memory_gib > gpu.memory_gib
+              and plan.total_gib <= g.memory_gib * plan.gpu_memory_utilization]
+    if bigger:
+        out.append(f"a card with >= {plan.total_gib / plan.gpu_memory_utilization:.0f} GiB (e.g. {bigger[0].key})")
+    return out

@@ -1,0 +1,62 @@
+"""Roofline speed: decode is bytes over bandwidth (or FLOPs over compute), training is FLOPs over compute.
+
+Every figure of the card comes from the catalog (``onecard.hardware``); the
+fraction of the roofline onecard reaches comes from ``calibration``.
+"""
+
+from __future__ import annotations
+
+from onecard.hardware import GPUSpec
+from onecard.plan import memory as M
+from onecard.plan.calibration import HOST_LINK_EFFICIENCY
+from onecard.plan.spec import ModelSpec
+
+
+def decode_bytes_per_step(spec: ModelSpec, fmt: str) -> int:
+    """Weight bytes a decode step reads: everything but the embedding table (one row is read) and a vision tower."""
+    skip = {"vision tower", "projector"} | (set() if spec.args.tie_word_embeddings else {"embed_tokens"})
+    return sum(nbytes * count for name, nbytes, count in M.weight_tensors(spec, fmt) if name not in skip)
+
+
+def forward_flops_per_token(spec: ModelSpec, context: int) -> float:
+    """2 FLOPs per weight of every matmul, plus attention's QK^T and PV over ``context`` keys."""
+    a = spec.args
+    linear = a.num_layers * sum(o * i for _, o, i in spec.linear_shapes()) + a.vocab_size * a.hidden_size
+    return 2.0 * linear + 4.0 * a.num_layers * context * a.q_size
+
+
+def decode_tok_s(spec: ModelSpec, card: GPUSpec, fmt: str, kv_bytes_per_token: int, batch: int, context: int,
+                 efficiency: float) -> float:
+    """Tokens/s of a decode step for ``batch`` sequences each at ``context`` tokens: the slower of memory and compute."""
+    step_bytes = decode_bytes_per_step(spec, fmt) + batch * context * kv_bytes_per_token
+    t_mem = step_bytes / (card.bandwidth_gbs * 1e9 * efficiency)
+    t_compute = batch * forward_flops_per_token(spec, context) / (card.bf16_dense_tflops * 1e12 * efficiency)
+    return batch / max(t_mem, t_compute)
+
+
+def offload_tok_s(spec: ModelSpec, card: GPUSpec, fmt: str, offloaded_bytes: int, kv_bytes_per_token: int,
+                  context: int, efficiency: float) -> float:
+    """bs=1 decode with ``offloaded_bytes`` of weights streamed from host memory over the host link every step."""
+    on_gpu = decode_bytes_per_step(spec, fmt) - offloaded_bytes + context * kv_bytes_per_token
+    t = offloaded_bytes / (card.host_link_gbs * 1e9 * HOST_LINK_EFFICIENCY) + on_gpu / (card.bandwidth_gbs * 1e9 * efficiency)
+    return 1.0 / t
+
+
+def train_tok_s(spec: ModelSpec, card: GPUSpec, method: str, seq_len: int, tokens_per_step: int, checkpointing: bool,
+                mfu: float, base_fmt: str = "bf16") -> float:
+    """Training tokens/s from FLOPs: forward 2N, backward 4N (full) or 2N (frozen base: input grads only).
+
+    Checkpointing adds one more forward. Attention costs 4 x layers x seq/2 x
+    q_size per token forward (causal), times the same multiple. A 4-bit base
+    is dequantized to bf16 once per forward and backward pass: that memory
+    traffic is added per optimizer step.
+    """
+    a = spec.args
+    passes = (3.0 if method == "full" else 2.0) + (1.0 if checkpointing else 0.0)
+    flops_per_token = passes * forward_flops_per_token(spec, seq_len // 2)
+    t_step = tokens_per_step * flops_per_token / (card.bf16_dense_tflops * 1e12 * mfu)
+    if base_fmt != "bf16":
+        linear_bf16 = 2 * a.num_layers * sum(o * i for _, o, i in spec.linear_shapes())
+        per_pass = M.weight_bytes(spec, base_fmt) + linear_bf16
+        t_step += (2 + (1 if checkpointing else 0)) * per_pass / (card.bandwidth_gbs * 1e9)
+    return tokens_per_step / t_step
