@@ -34,7 +34,13 @@ def arch_config(name: str) -> dict:
 
 
 def scale_config(config: dict, size: str) -> dict:
-    """Shrink a config: fewer layers/heads, same head_dim rule, same GQA ratio, same MLP ratio."""
+    """Shrink a config: fewer layers/heads, head_dim 64, same MLP ratio, same rope/tie/bias options.
+
+    GQA stays GQA: kv heads = max(1, heads // group). The full model's group is kept
+    when it divides the scaled head count (Llama-3, Mistral: 4); Qwen2's groups of 7
+    become 4 (tiny) or 8 (small). A test that needs the exact group passes
+    ``overrides`` to ``make_random_checkpoint``.
+    """
     if size not in SIZES:
         raise BadInputError(f"unknown size '{size}'; choose one of {', '.join(SIZES)}")
     cfg = copy.deepcopy(config)

@@ -106,7 +106,7 @@ class ModelArgs:
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(cfg.get("rope_theta", 10000.0)),
-            rope_scaling=rope_scaling or None,
+            rope_scaling=dict(rope_scaling) if rope_scaling else None,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
             sliding_window=sliding,

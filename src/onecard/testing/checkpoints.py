@@ -7,6 +7,7 @@ the stand-in for a user's downloaded model in every test and benchmark.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -66,7 +67,8 @@ def build_random_model(config: dict, dtype: str = "float32", device: str = "cpu"
     import torch
     from transformers import AutoConfig
 
-    hf_cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if not k.startswith("_")})
+    # transformers edits nested dicts (rope_scaling) in place: give it a copy so the caller's config stays as written.
+    hf_cfg = AutoConfig.for_model(**copy.deepcopy({k: v for k, v in config.items() if not k.startswith("_")}))
     torch.manual_seed(seed)
     torch_dtype = getattr(torch, dtype)
     if config.get("model_type") == "llava":
@@ -91,7 +93,8 @@ def make_random_checkpoint(arch: str, size: str = "tiny", path: str | Path | Non
     config.update(overrides or {})
     config.pop("_onecard_source", None)
     if path is None:
-        tag = hashlib.sha1(json.dumps([overrides, tokenizer], sort_keys=True).encode()).hexdigest()[:8]
+        # Keyed by the exact config, so a change to the built-in configs or the scaling rules never reuses a stale folder.
+        tag = hashlib.sha1(json.dumps([config, tokenizer], sort_keys=True).encode()).hexdigest()[:8]
         final = cache_dir() / f"random-{arch}-{size}-{dtype}-s{seed}-{tag}"
         if (final / "config.json").exists():
             return final
