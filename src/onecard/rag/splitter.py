@@ -176,6 +176,8 @@ def split_document(doc: Document, config: SplitConfig | None = None,
                 continue
             a2 = a + (len(piece) - len(piece.lstrip()))
             b2 = a2 + len(stripped)
+            if chunks and chunks[-1].start <= a2 and b2 <= chunks[-1].end:
+                continue  # only whitespace beyond the previous chunk: nothing new to cover
             chunks.append(Chunk(doc.source, stripped, a2, b2, heading_path_at(headings, a2), doc.page, doc.kind))
     return chunks
 

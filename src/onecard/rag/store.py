@@ -174,8 +174,7 @@ class SqliteStore:
     def count(self) -> int:
         return self._q("SELECT count(*) FROM chunks")[0][0]
 
-    def apply(self, updates: list[FileUpdate], removed: list[str], meta: dict[str, str],
-              on_row: Callable[[], None] | None = None) -> None:
+    def apply(self, updates: list[FileUpdate], removed: list[str], meta: dict[str, str]) -> None:
         """Replace changed files' chunks and drop removed files, all in one transaction (all or nothing)."""
         dim = int(meta["dim"])
         self._ensure_vec_table(dim)
@@ -200,8 +199,6 @@ class SqliteStore:
                         self._q("SELECT last_insert_rowid()")[0][0]
                     self.conn.execute("INSERT INTO chunks_vec(rowid, embedding) VALUES (?, ?)",
                                       (rowid, np.asarray(v, dtype=np.float32).tobytes()))
-                    if on_row is not None:
-                        on_row()
                 self.conn.execute("INSERT INTO files(path, sha256, n_chunks, indexed_at) VALUES (?,?,?,?)",
                                   (u.path, u.sha256, len(u.chunks), time.time()))
             for key, value in {**meta, "schema": SCHEMA_VERSION}.items():
