@@ -277,7 +277,7 @@ def test_bad_folder_gives_its_one_line_error(build, error, words, tmp_path, good
 
 def _cli_app():
     """The real app if the lead has registered ``inspect``, else the real app's error handling around it."""
-    import typer
+    typer = pytest.importorskip("typer")
 
     import onecard.cli as cli
     from onecard.commands import inspect

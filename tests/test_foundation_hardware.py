@@ -111,6 +111,7 @@ def test_find_gpu_rejects_unknown_or_ambiguous_names_in_one_line(name):
 
 
 def test_compare_rows_fit_80_columns_and_carry_the_figures():
+    pytest.importorskip("rich")
     from rich.console import Console
     from rich.table import Table
 
@@ -133,6 +134,7 @@ def test_compare_rows_fit_80_columns_and_carry_the_figures():
 
 
 def test_cli_hardware_compare_json_and_table():
+    pytest.importorskip("typer")
     from typer.testing import CliRunner
 
     from onecard.cli import app
