@@ -28,6 +28,7 @@ from rich.table import Table
 from onecard.bench.results import save_figure, write_result
 from onecard.models import arch_config, scale_config
 from onecard.monitor.monitor import TRACE_ENV, Monitor
+from onecard.monitor.nvml import open_nvml
 from onecard.testing.checkpoints import build_random_model
 
 
@@ -105,7 +106,10 @@ def main() -> None:
                 costs[name] += [s.cost_s for s in mon.samples if s.cost_s is not None]
     if outer:
         outer.stop()
-    gpu_sampled = bool(Monitor(attach=False).reader)  # did "on" really read NVML here?
+    reader, _ = open_nvml()  # did the "on" arms really read NVML here?
+    gpu_sampled = reader is not None
+    if reader:
+        reader.close()
     med = {k: statistics.median(v) for k, v in times.items()}
     q = {k: statistics.quantiles(v, n=10, method="inclusive") for k, v in times.items()}
     data = {
