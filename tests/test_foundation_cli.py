@@ -151,3 +151,13 @@ def test_doctor_matches_the_gpu_to_the_catalog():
     # The device machines are H100/H200: both are in the catalog under their driver names.
     if "H100" in g.name or "H200" in g.name:
         assert g.spec is not None and g.spec.compute_capability == g.compute_capability
+
+
+def test_demo_rejects_a_bad_device_in_one_line(monkeypatch, capsys):
+    import torch
+
+    code, out, err = _run_main(monkeypatch, capsys, ["demo", "--device", "tpu"])
+    assert code == 2 and err.strip() == "error: --device must be cpu or cuda, got 'tpu'"
+    if not torch.cuda.is_available():
+        code, out, err = _run_main(monkeypatch, capsys, ["demo", "--device", "cuda"])
+        assert code == 2 and "no CUDA GPU" in err and len(err.strip().splitlines()) == 1

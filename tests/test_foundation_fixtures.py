@@ -191,3 +191,13 @@ def test_tiny_model_beats_untrained_by_far(tiny_model):
     untrained = build_random_model(TINY_CONFIG, seed=1)
     ppl0 = sliding_window_perplexity(hf_logits_fn(untrained), val, context=256, stride=256).perplexity
     assert ppl < ppl0 / 20 and ppl < 80, (ppl, ppl0)
+
+
+def test_model_args_validates_at_construction():
+    cfg = arch_config("llama-3-8b")
+    with pytest.raises(BadInputError, match="not a multiple"):
+        ModelArgs.from_hf_config({**cfg, "num_key_value_heads": 5})
+    from onecard.errors import ModelFolderError
+
+    with pytest.raises(ModelFolderError, match="intermediate_size"):
+        ModelArgs.from_hf_config({**cfg, "intermediate_size": 0})

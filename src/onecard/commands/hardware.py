@@ -22,11 +22,14 @@ def register(app: typer.Typer) -> None:
         if as_json:
             typer.echo(json.dumps({"basis": basis(), "gpus": [s.as_dict() for s in specs]}, indent=2))
             return
-        table = Table("key", "name", "GiB", "GB/s", "bf16 dense TFLOP/s", "fp8", "W")
+        table = Table("key", "driver name", "GiB", "GB/s", "BF16 TF", "FP8", "W", "sm")
         for s in specs:
-            table.add_row(s.key, s.name, f"{s.memory_gib:g}", f"{s.bandwidth_gbs:g}", f"{s.bf16_dense_tflops:g}",
-                          "yes" if s.fp8 else "no", f"{s.power_w:g}")
-        Console().print(table)
+            table.add_row(s.key, s.name.removeprefix("NVIDIA ").removeprefix("GeForce "), f"{s.memory_gib:g}",
+                          f"{s.bandwidth_gbs:g}", f"{s.bf16_dense_tflops:g}", "yes" if s.fp8 else "no",
+                          f"{s.power_w:g}", s.compute_capability.replace(".", ""))
+        console = Console()
+        console.print(table)
+        console.print("[dim]BF16 TF = dense tensor TFLOP/s, FP32 accumulate; `onecard hardware compare` shows more[/]")
 
     @hw.command("compare")
     def compare_cmd(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from onecard.errors import ModelFolderError, UnsupportedModelError
+from onecard.errors import BadInputError, ModelFolderError, UnsupportedModelError
 
 # HF architecture name -> our family tag. Everything here runs on our own forward.
 SUPPORTED_ARCHITECTURES = {
@@ -41,6 +41,18 @@ class ModelArgs:
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str | None = None
     raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        sizes = {"vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+                 "intermediate_size": self.intermediate_size, "num_layers": self.num_layers,
+                 "num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim}
+        bad = [k for k, v in sizes.items() if not isinstance(v, int) or v <= 0]
+        if bad:
+            raise BadInputError(f"model config: {', '.join(bad)} must be positive integers, got "
+                                f"{', '.join(str(sizes[k]) for k in bad)}")
+        if self.num_heads % self.num_kv_heads:
+            raise BadInputError(f"model config: {self.num_heads} attention heads are not a multiple of "
+                                f"{self.num_kv_heads} key/value heads")
 
     @property
     def q_size(self) -> int:
