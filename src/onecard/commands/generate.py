@@ -1,14 +1,67 @@
-"""``onecard generate``: Generate text with onecard's engine."""
+"""``onecard generate``: offline batch generation with onecard's engine."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import typer
 
-from onecard.commands import not_built
+from onecard.errors import BadInputError
+
+
+def read_prompts(prompt: str | None, file: Path | None) -> list[str]:
+    """The prompt argument plus one prompt per non-empty line of ``file`` (use \\n inside a line for newlines)."""
+    prompts = [prompt] if prompt is not None else []
+    if file is not None:
+        if not file.exists():
+            raise BadInputError(f"--file '{file}' does not exist; pass a text file with one prompt per line")
+        prompts += [line.replace("\\n", "\n") for line in file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise BadInputError("no prompt given; pass one as an argument or --file prompts.txt")
+    return prompts
 
 
 def register(app: typer.Typer) -> None:
     @app.command("generate")
-    def generate_cmd(model: str = typer.Argument(..., help="Local Hugging Face model folder.")) -> None:
-        """Generate text with onecard's engine."""
-        raise not_built("generate", 4)
+    def generate_cmd(
+        model: str = typer.Argument(..., help="Local Hugging Face model folder."),
+        prompt: str = typer.Argument(None, help="The prompt (or use --file)."),
+        file: Path = typer.Option(None, "--file", help="Text file, one prompt per line."),
+        max_tokens: int = typer.Option(128, "--max-tokens", help="Tokens to generate per prompt."),
+        temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
+        top_p: float = typer.Option(1.0, "--top-p"),
+        top_k: int = typer.Option(0, "--top-k", help="0 = off."),
+        seed: int = typer.Option(None, "--seed", help="Per-request sampling seed (reproducible output)."),
+        dtype: str = typer.Option("auto", "--dtype", help="auto, bfloat16, float16 or float32."),
+        quantization: str = typer.Option(None, "--quantization", help="On-the-fly weight quantization: rtn-int4 or int8."),
+        max_model_len: int = typer.Option(None, "--max-model-len", help="Context length (default: the model's, capped at 8192)."),
+        device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda if present)."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON object per prompt."),
+    ) -> None:
+        """Generate text with onecard's engine (paged KV cache, continuous batching, CUDA-graph decode)."""
+        import time
+
+        from rich.console import Console
+
+        from onecard.engine import LLM, SamplingParams
+
+        prompts = read_prompts(prompt, file)
+        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens)
+        llm = LLM(model, dtype=dtype, quantization=quantization, max_model_len=max_model_len, device=device)
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=not as_json)
+        seconds = time.perf_counter() - t0
+        if as_json:
+            for o in outs:
+                c = o.outputs[0]
+                typer.echo(json.dumps({"prompt": o.prompt, "text": c.text, "finish_reason": c.finish_reason,
+                                       "prompt_tokens": len(o.prompt_token_ids), "completion_tokens": len(c.token_ids)}))
+            return
+        console = Console()
+        for o in outs:
+            console.rule(f"[dim]{o.prompt[:60]!r}")
+            console.print(o.prompt, end="", style="bold", markup=False, highlight=False)
+            console.print(o.outputs[0].text, markup=False, highlight=False)
+        n = sum(len(o.outputs[0].token_ids) for o in outs)
+        console.print(f"[dim]{len(outs)} prompts, {n} tokens in {seconds:.2f} s = {n / seconds:.1f} tok/s[/]")
