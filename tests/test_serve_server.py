@@ -8,6 +8,7 @@ behaviours are still exercised over real sockets.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -80,11 +81,17 @@ def model_dir(random_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def server(model_dir):
-    proc, url = start_server(model_dir)
-    yield url
-    rc = stop_server(proc)
-    assert rc == 0, proc.stdout.read()[-3000:]
+def server_proc(model_dir):
+    proc, url = start_server(model_dir, ["--shutdown-timeout", "3"])
+    yield proc, url
+    if proc.poll() is None:  # the SIGTERM test (last in this module) normally stopped it already
+        rc = stop_server(proc)
+        assert rc == 0, proc.stdout.read()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def server(server_proc):
+    return server_proc[1]
 
 
 @pytest.fixture(scope="module")
@@ -188,23 +195,31 @@ def test_client_disconnect_frees_kv_blocks(server):
     assert metric(server, "onecard_requests_aborted_total") == aborted_before + 1
 
 
-def test_sigterm_mid_stream_exits_0(model_dir):
-    proc, url = start_server(model_dir, ["--shutdown-timeout", "3"])
+def test_sigterm_mid_stream_exits_0(server_proc):
+    """Last test of the module: it stops the shared server."""
+    proc, url = server_proc
     body = {"model": MODEL, "prompt": "a", "max_tokens": 240, "stream": True, "ignore_eos": True}
+    events = []
     try:
         with httpx.stream("POST", url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
                           timeout=30) as r:
             lines = r.iter_lines()
-            next(lines)
+            events.append(next(lines))
             t0 = time.monotonic()
             proc.send_signal(signal.SIGTERM)
-            with pytest.raises(httpx.TransportError):  # refuses new connections at once
-                time.sleep(0.5)
+            time.sleep(0.5)
+            with pytest.raises(httpx.TransportError):  # no new connections once shutting down
                 httpx.get(url + "/health", timeout=2)
-            for _ in lines:  # the in-flight stream ends (finished, or aborted at the timeout); it does not hang
+            for line in lines:  # the in-flight stream ends (finished, or aborted at the timeout); it does not hang
+                events.append(line)
                 assert time.monotonic() - t0 < 30
     except httpx.RemoteProtocolError:
-        pass  # connection closed by the server while aborting: also an end
+        pass  # the server closed the connection while aborting the request: also an end
     rc = proc.wait(30)
+    elapsed = time.monotonic() - t0
     assert rc == 0, proc.stdout.read()[-3000:]
-    assert time.monotonic() - t0 < 20
+    assert elapsed < 20, f"shutdown took {elapsed:.1f} s with --shutdown-timeout 3"
+    data = [e for e in events if e.startswith("data: ")]
+    if data[-1] == "data: [DONE]":  # finished inside the grace period: whole, or an explicit abort error event
+        last = json.loads(data[-2][6:])
+        assert "error" in last or last["choices"][0]["finish_reason"] == "length"

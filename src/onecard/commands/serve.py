@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
 from typing import Optional
 
 import typer
@@ -34,5 +37,10 @@ def register(app: typer.Typer) -> None:
         console = Console(stderr=True)
         status = serve(cfg, on_listening=lambda url: console.print(
             f"onecard serve: [bold]{url}/v1[/] model [bold]{cfg.model_name}[/] (loading; GET {url}/health says 200 "
-            "when ready)", highlight=False))
-        raise typer.Exit(status)
+            "when ready)", highlight=False, soft_wrap=True))
+        # Everything is shut down and flushed; skip interpreter teardown, which would garbage-collect the
+        # model's frozen objects for seconds (and make Triton's nanobind report them as leaks).
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)

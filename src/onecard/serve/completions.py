@@ -20,6 +20,7 @@ from typing import AsyncIterator
 
 import anyio
 
+from onecard.errors import OnecardError
 from onecard.serve.errors import APIError, bad_request
 from onecard.serve.metrics import ServerMetrics
 from onecard.serve.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
@@ -48,7 +49,10 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: 
 
 def tokenize_prompt(tokenizer, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, str):
-        return list(tokenizer.encode(prompt))
+        ids = list(tokenizer.encode(prompt))
+        if not ids:
+            raise bad_request("The prompt is empty; send at least one character", "prompt")
+        return ids
     vocab = len(tokenizer)
     bad = [t for t in prompt if not 0 <= t < vocab]
     if bad:
@@ -102,9 +106,28 @@ class _Choice:
     finish: str | None = None
 
 
+def engine_error(err: Exception) -> APIError:
+    """The HTTP error for an exception out of the engine: its BadInputError is the client's fault (400),
+    a stopped engine is 503, anything else a 500 that says what happened."""
+    if isinstance(err, APIError):
+        return err
+    msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if isinstance(err, ValueError):  # BadInputError is a ValueError
+        return bad_request(msg)
+    if isinstance(err, OnecardError):
+        return APIError(503, f"The engine cannot run this request: {msg}", "server_error", None, "engine_unavailable")
+    return APIError(500, f"Engine error: {type(err).__name__}: {msg}", "server_error", None, "internal_error")
+
+
 @dataclass
 class Generation:
-    """One HTTP request's worth of engine requests (one per prompt, each with ``n`` choices)."""
+    """One HTTP request's worth of engine requests (one per prompt, each with ``n`` choices).
+
+    ``start()`` submits them and waits for each one's first output, so a request
+    the engine rejects becomes an HTTP error before any byte of a stream is
+    sent; ``updates()`` then yields every cumulative output and, however it is
+    left, aborts what has not finished.
+    """
 
     engine: object
     metrics: ServerMetrics
@@ -114,6 +137,8 @@ class Generation:
     n: int
     t_arrival: float = field(default_factory=time.perf_counter)
     finals: dict[int, object] = field(default_factory=dict)
+    _streams: list = field(default_factory=list)
+    _first: list = field(default_factory=list)
     _pending: set[str] = field(default_factory=set)
     _t_last: float | None = None
     _tokens_seen: dict[tuple[int, int], int] = field(default_factory=dict)
@@ -121,14 +146,32 @@ class Generation:
     def engine_id(self, i: int) -> str:
         return f"{self.request_id}-{i}"
 
-    async def updates(self) -> AsyncIterator[tuple[int, object]]:
-        """(prompt index, cumulative RequestOutput) as the engine produces them; aborts leftovers on exit."""
+    async def start(self) -> None:
+        self._streams = [self.engine.generate(p, self.params, self.engine_id(i)) for i, p in enumerate(self.prompts)]
         self._pending = {self.engine_id(i) for i in range(len(self.prompts))}
+        try:
+            firsts = await asyncio.gather(*(s.__anext__() for s in self._streams), return_exceptions=True)
+        except BaseException:  # cancelled while waiting (client gone during prefill)
+            await self.close("cancelled")
+            raise
+        errors = [f for f in firsts if isinstance(f, BaseException)]
+        if errors:
+            await self.close(None)
+            err = errors[0]
+            raise engine_error(err) if isinstance(err, Exception) else err
         self.metrics.prompt_tokens.inc(sum(len(p) for p in self.prompts))
+        for i, out in enumerate(firsts):
+            self._observe(i, out)
+        self._first = list(firsts)
+
+    async def updates(self) -> AsyncIterator[tuple[int, object]]:
+        """(prompt index, cumulative RequestOutput) from the first to the finished one of every prompt."""
         finished_ok = False
         try:
-            if len(self.prompts) == 1:
-                async for out in self.engine.generate(self.prompts[0], self.params, self.engine_id(0)):
+            for i, out in enumerate(self._first):
+                yield i, out
+            if len(self._streams) == 1:
+                async for out in self._streams[0]:
                     self._observe(0, out)
                     yield 0, out
             else:
@@ -136,8 +179,10 @@ class Generation:
                     self._observe(i, out)
                     yield i, out
             finished_ok = True
+        except Exception as err:  # the engine stopped mid-request (e.g. shutdown): an HTTP error, not a crash
+            raise engine_error(err) from None
         finally:
-            await self._abort_pending("unfinished" if finished_ok else "cancelled")
+            await self.close("unfinished" if finished_ok else "cancelled")
 
     async def _merged(self) -> AsyncIterator[tuple[int, object]]:
         queue: asyncio.Queue = asyncio.Queue()
@@ -145,14 +190,14 @@ class Generation:
 
         async def pump(i: int) -> None:
             try:
-                async for out in self.engine.generate(self.prompts[i], self.params, self.engine_id(i)):
+                async for out in self._streams[i]:
                     await queue.put((i, out))
             except Exception as err:  # surfaced in the consumer below
                 await queue.put((i, err))
             finally:
                 await queue.put((i, done))
 
-        tasks = [asyncio.create_task(pump(i)) for i in range(len(self.prompts))]
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(self._streams)) if not self._first[i].finished]
         try:
             remaining = len(tasks)
             while remaining:
@@ -166,6 +211,8 @@ class Generation:
         finally:
             for t in tasks:
                 t.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(*tasks, return_exceptions=True)
 
     def _observe(self, i: int, out) -> None:
         t = time.perf_counter()
@@ -191,7 +238,8 @@ class Generation:
             if len(self.finals) == len(self.prompts):
                 self.metrics.e2e.observe(t - self.t_arrival)
 
-    async def _abort_pending(self, reason: str) -> None:
+    async def close(self, reason: str | None) -> None:
+        """Abort every unfinished engine request (counted under ``reason``) and close the engine streams."""
         # Shielded: when starlette/uvicorn cancels the handler (client gone, shutdown timeout) any plain await
         # here would be cancelled too, and the KV blocks of these requests would leak.
         with anyio.CancelScope(shield=True):
@@ -200,8 +248,14 @@ class Generation:
                     await self.engine.abort(rid)
                 except Exception as err:  # already finished/unknown: nothing left to free
                     log.debug("abort %s: %s", rid, err)
-                self.metrics.aborted.labels(reason).inc()
+                if reason is not None:
+                    self.metrics.aborted.labels(reason).inc()
             self._pending.clear()
+            for stream in self._streams:
+                try:
+                    await stream.aclose()
+                except RuntimeError as err:  # still running in a task being cancelled; it ends with that task
+                    log.debug("closing an engine stream: %s", err)
 
     def usage(self) -> Usage:
         prompt = sum(len(p) for p in self.prompts)
@@ -274,41 +328,73 @@ async def completion_response(gen: Generation, req: CompletionRequest, tokenizer
     return CompletionResponse(id=gen.request_id, created=now(), model=model, choices=choices, usage=gen.usage())
 
 
-async def completion_stream(gen: Generation, req: CompletionRequest, tokenizer, model: str,
-                            prompt_texts: list[str]) -> AsyncIterator[str]:
-    created = now()
+@dataclass
+class _Delta:
+    """What is new in one choice since the last chunk."""
+
+    prompt_index: int
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[int, float]] | None
+    text_offset: int  # characters of this choice already sent
+    finish_reason: str | None
+
+
+async def _deltas(gen: Generation) -> AsyncIterator[list[_Delta]]:
+    """Per engine update, the choices that have new text, tokens or a finish reason; raises APIError if aborted."""
     state: dict[tuple[int, int], _Choice] = {}
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    if req.echo:
-        for i in range(len(gen.prompts)):
-            for j in range(gen.n):
-                yield sse(CompletionResponse(id=gen.request_id, created=created, model=model, choices=[
-                    CompletionChoice(index=i * gen.n + j, text=prompt_texts[i])]))
     async with aclosing(gen.updates()) as updates:
         async for i, out in updates:
-            choices = []
+            deltas = []
             for c in out.outputs:
                 st = state.setdefault((i, c.index), _Choice())
-                delta = c.text[st.sent_text:]
-                new_ids = c.token_ids[st.sent_tokens:]
                 reason = finish_reason(c.finish_reason) if c.finish_reason != "abort" else None
-                if not delta and not new_ids and reason is None or st.finish is not None:
+                if st.finish is not None or (len(c.token_ids) == st.sent_tokens and reason is None):
                     continue
-                lp = None
-                if req.logprobs is not None:
-                    lp = _completion_logprobs(tokenizer, new_ids, (c.logprobs or [])[st.sent_tokens:], req.logprobs,
-                                              len(prompt_texts[i]) + st.sent_text)
+                deltas.append(_Delta(i, c.index, c.text[st.sent_text:], c.token_ids[st.sent_tokens:],
+                                     None if c.logprobs is None else c.logprobs[st.sent_tokens:], st.sent_text,
+                                     reason))
                 st.sent_text, st.sent_tokens, st.finish = len(c.text), len(c.token_ids), reason
-                choices.append(CompletionChoice(index=i * gen.n + c.index, text=delta, logprobs=lp, finish_reason=reason))
-            if choices:
-                yield sse(CompletionResponse(id=gen.request_id, created=created, model=model, choices=choices))
+            if deltas:
+                yield deltas
+    gen.check_not_aborted()
+
+
+async def _sse_body(events: AsyncIterator[str], usage_event) -> AsyncIterator[str]:
+    """The SSE framing shared by both endpoints: events, an error event if the engine gave up, usage, [DONE]."""
     try:
-        gen.check_not_aborted()
-    except APIError as err:
+        async with aclosing(events) as it:
+            async for event in it:
+                yield event
+    except APIError as err:  # headers are already sent: the error goes in the stream, as OpenAI does
         yield f"data: {json.dumps(err.body())}\n\n"
-    if include_usage:
-        yield sse(CompletionResponse(id=gen.request_id, created=created, model=model, choices=[], usage=gen.usage()))
+    else:
+        if usage_event is not None:
+            yield usage_event()
     yield "data: [DONE]\n\n"
+
+
+def completion_stream(gen: Generation, req: CompletionRequest, tokenizer, model: str,
+                      prompt_texts: list[str]) -> AsyncIterator[str]:
+    created = now()
+
+    def chunk(choices, usage=None) -> str:
+        return sse(CompletionResponse(id=gen.request_id, created=created, model=model, choices=choices, usage=usage))
+
+    async def events() -> AsyncIterator[str]:
+        if req.echo:
+            yield chunk([CompletionChoice(index=i * gen.n + j, text=prompt_texts[i])
+                         for i in range(len(gen.prompts)) for j in range(gen.n)])
+        async for deltas in _deltas(gen):
+            yield chunk([CompletionChoice(
+                index=d.prompt_index * gen.n + d.index, text=d.text, finish_reason=d.finish_reason,
+                logprobs=None if req.logprobs is None else _completion_logprobs(
+                    tokenizer, d.token_ids, d.logprobs, req.logprobs, len(prompt_texts[d.prompt_index]) + d.text_offset))
+                for d in deltas])
+
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return _sse_body(events(), (lambda: chunk([], gen.usage())) if include_usage else None)
 
 
 async def chat_response(gen: Generation, req: ChatCompletionRequest, tokenizer, model: str) -> ChatCompletionResponse:
@@ -324,37 +410,20 @@ async def chat_response(gen: Generation, req: ChatCompletionRequest, tokenizer, 
     return ChatCompletionResponse(id=gen.request_id, created=now(), model=model, choices=choices, usage=gen.usage())
 
 
-async def chat_stream(gen: Generation, req: ChatCompletionRequest, tokenizer, model: str) -> AsyncIterator[str]:
+def chat_stream(gen: Generation, req: ChatCompletionRequest, tokenizer, model: str) -> AsyncIterator[str]:
     created = now()
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
     top = req.top_logprobs or 0
 
     def chunk(choices, usage=None) -> str:
         return sse(ChatCompletionChunk(id=gen.request_id, created=created, model=model, choices=choices, usage=usage))
 
-    yield chunk([ChatChunkChoice(index=j, delta=DeltaMessage(role="assistant", content="")) for j in range(gen.n)])
-    state: dict[int, _Choice] = {}
-    async with aclosing(gen.updates()) as updates:
-        async for _, out in updates:
-            choices = []
-            for c in out.outputs:
-                st = state.setdefault(c.index, _Choice())
-                delta = c.text[st.sent_text:]
-                new_ids = c.token_ids[st.sent_tokens:]
-                reason = finish_reason(c.finish_reason) if c.finish_reason != "abort" else None
-                if not delta and not new_ids and reason is None or st.finish is not None:
-                    continue
-                lp = (_chat_logprobs(tokenizer, new_ids, (c.logprobs or [])[st.sent_tokens:], top)
-                      if req.logprobs else None)
-                st.sent_text, st.sent_tokens, st.finish = len(c.text), len(c.token_ids), reason
-                choices.append(ChatChunkChoice(index=c.index, delta=DeltaMessage(content=delta or None), logprobs=lp,
-                                               finish_reason=reason))
-            if choices:
-                yield chunk(choices)
-    try:
-        gen.check_not_aborted()
-    except APIError as err:
-        yield f"data: {json.dumps(err.body())}\n\n"
-    if include_usage:
-        yield chunk([], gen.usage())
-    yield "data: [DONE]\n\n"
+    async def events() -> AsyncIterator[str]:
+        yield chunk([ChatChunkChoice(index=j, delta=DeltaMessage(role="assistant", content="")) for j in range(gen.n)])
+        async for deltas in _deltas(gen):
+            yield chunk([ChatChunkChoice(
+                index=d.index, delta=DeltaMessage(content=d.text or None), finish_reason=d.finish_reason,
+                logprobs=_chat_logprobs(tokenizer, d.token_ids, d.logprobs, top) if req.logprobs else None)
+                for d in deltas])
+
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return _sse_body(events(), (lambda: chunk([], gen.usage())) if include_usage else None)

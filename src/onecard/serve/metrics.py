@@ -1,6 +1,8 @@
 """Prometheus metrics for the server: request counts, latencies, tokens, engine load, KV cache, GPU.
 
-Each app gets its own ``CollectorRegistry`` (tests and benchmarks build many
+GPU memory, temperature, power, clocks and throttle reasons come from
+``onecard.monitor.prometheus`` (dcgm-exporter names with an ``onecard_``
+prefix) whenever NVML is present. Each app gets its own ``CollectorRegistry`` (tests and benchmarks build many
 apps in one process). Engine gauges and GPU gauges are read at scrape time by
 custom collectors, so ``/metrics`` always shows the engine's current state -
 in particular ``onecard_kv_cache_blocks_used`` going back to zero after an
@@ -51,58 +53,23 @@ class _EngineCollector:
                 yield g
 
 
-class _NvmlCollector:
-    """GPU memory, temperature and power via NVML, for when ``onecard.monitor.prometheus`` is not there."""
-
-    def __init__(self, pynvml, handles: list) -> None:
-        self.nvml, self.handles = pynvml, handles
-
-    def collect(self):
-        mem = GaugeMetricFamily("onecard_gpu_memory_used_bytes", "GPU memory in use (NVML)", labels=["gpu"])
-        total = GaugeMetricFamily("onecard_gpu_memory_total_bytes", "GPU memory size (NVML)", labels=["gpu"])
-        temp = GaugeMetricFamily("onecard_gpu_temperature_celsius", "GPU core temperature (NVML)", labels=["gpu"])
-        power = GaugeMetricFamily("onecard_gpu_power_watts", "GPU board power draw (NVML)", labels=["gpu"])
-        util = GaugeMetricFamily("onecard_gpu_utilization_ratio", "GPU busy fraction over the last sample (NVML)",
-                                 labels=["gpu"])
-        n = self.nvml
-        for i, h in enumerate(self.handles):
-            try:
-                info = n.nvmlDeviceGetMemoryInfo(h)
-                mem.add_metric([str(i)], float(info.used))
-                total.add_metric([str(i)], float(info.total))
-                temp.add_metric([str(i)], float(n.nvmlDeviceGetTemperature(h, n.NVML_TEMPERATURE_GPU)))
-                power.add_metric([str(i)], n.nvmlDeviceGetPowerUsage(h) / 1000.0)
-                util.add_metric([str(i)], n.nvmlDeviceGetUtilizationRates(h).gpu / 100.0)
-            except n.NVMLError as err:  # one bad reading must not break the scrape
-                log.debug("NVML read failed on GPU %d: %s", i, err)
-        yield from (mem, total, temp, power, util)
-
-
 def _register_gpu_collectors(registry: CollectorRegistry) -> str:
-    """Attach GPU gauges; returns which source was used ("monitor", "nvml" or "none")."""
-    try:
-        from onecard.monitor import prometheus as monitor_prom  # built by the monitor job, if present
-    except ImportError:
-        monitor_prom = None
-    if monitor_prom is not None and hasattr(monitor_prom, "register_gpu_collectors"):
-        monitor_prom.register_gpu_collectors(registry)
-        return "monitor"
-    try:
-        import pynvml
+    """Attach the monitor's dcgm-style GPU gauges when NVML works; returns why not otherwise ("" when attached)."""
+    from onecard.monitor.nvml import open_nvml
+    from onecard.monitor.prometheus import register_gpu_metrics
 
-        pynvml.nvmlInit()
-        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
-    except Exception as err:  # no driver / no GPU: the CPU server simply has no GPU gauges
-        log.debug("NVML unavailable, no GPU metrics: %s", err)
-        return "none"
-    registry.register(_NvmlCollector(pynvml, handles))
-    return "nvml"
+    reader, why = open_nvml(pcie=False)  # PCIe counters cost ~40 ms per scrape inside the driver
+    if reader is None:
+        log.info("no GPU metrics on /metrics: %s", why)
+        return why
+    register_gpu_metrics(registry, reader=reader)
+    return ""
 
 
 class ServerMetrics:
     """All metrics of one server; the request handlers call the ``observe_*`` methods."""
 
-    def __init__(self, get_engine: Callable[[], object | None], model_name: str, gpu: bool = True) -> None:
+    def __init__(self, get_engine: Callable[[], object | None], gpu: bool = True) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("onecard_requests", "HTTP requests by route and status code",
@@ -118,7 +85,7 @@ class ServerMetrics:
         self.e2e = Histogram("onecard_e2e_request_latency_seconds", "Request arrival to last token",
                              buckets=E2E_BUCKETS, registry=r)
         r.register(_EngineCollector(get_engine))
-        self.gpu_source = _register_gpu_collectors(r) if gpu else "none"
+        self.gpu_missing = _register_gpu_collectors(r) if gpu else "GPU metrics disabled"
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
