@@ -85,7 +85,7 @@ def test_prometheus_exposition_has_dcgm_style_names(tmp_path):
         if name != "onecard_memory_temp":  # this card does not report memory temperature: absent, not 0
             assert f"\n{name}{{" in text, name
     assert "onecard_memory_temp{" not in text
-    assert 'onecard_gpu_temp{UUID="GPU-synthetic-0",gpu="0",modelName="NVIDIA GeForce RTX 4090"} 70.0' in text
+    assert 'onecard_gpu_temp{UUID="GPU-synthetic-0",device="nvidia0",gpu="0",modelName="NVIDIA GeForce RTX 4090"} 70.0' in text
     assert "onecard_clock_throttle_reasons{" in text and '} 68.0' in text  # 0x4 | 0x40
     assert 'reason="hw_thermal"} 1.0' in text and 'reason="gpu_idle"} 0.0' in text
     assert "onecard_torch_fragmentation_ratio 0.25" in text

@@ -105,3 +105,22 @@ def test_live_panel_renders_and_refreshes_in_a_pty(tmp_path):
     assert "\x1b[" in out                          # a terminal UI, not plain text
     assert out.count("onecard monitor") >= 3       # several frames redrawn in place
     assert "▁" in out or "▂" in out or "▃" in out  # sparkline history
+
+
+def test_demo_stage_reports_the_run(tmp_path):
+    from rich.console import Console
+
+    from onecard.demo import DemoContext
+    from onecard.monitor.demo_stage import demo_stage, start_demo_monitor
+
+    ctx = DemoContext(tmp_path, "cpu", Console())
+    assert not demo_stage(ctx).ok  # not started: says so, never a fake report
+    start = start_demo_monitor(ctx)
+    assert start.ok and "monitor.jsonl" in start.summary
+    ctx.artifacts["monitor"].record(tokens=10, step_time=0.1)
+    time.sleep(0.6)
+    res = demo_stage(ctx)
+    assert res.ok and "samples over" in res.summary
+    summary = json.loads(ctx.artifacts["monitor_report"].read_text())
+    assert summary["records"] == 1 and summary["exit_code"] == 0 and summary["samples"] >= 2
+    assert ctx.artifacts["monitor_png"].is_file()

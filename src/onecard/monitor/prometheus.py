@@ -1,6 +1,6 @@
 """Prometheus collectors with names modelled on dcgm-exporter's (``DCGM_FI_DEV_GPU_TEMP`` ->
 ``onecard_gpu_temp``, ``DCGM_FI_DEV_FB_USED`` -> ``onecard_fb_used``...), same units (°C, W, MiB,
-MHz, %) and labels (``gpu``, ``UUID``, ``modelName``), so dcgm dashboards need only a prefix change.
+MHz, %) and labels (``gpu``, ``UUID``, ``device``, ``modelName``), so dcgm dashboards need only a prefix change.
 
 ``register_gpu_metrics(registry, monitor=...)`` adds them to any
 ``CollectorRegistry`` - the server's ``/metrics`` uses it - and reads the
@@ -75,20 +75,21 @@ class GPUCollector:
         count = GaugeMetricFamily("onecard_gpu_count", "GPUs visible to the monitor (0 on CPU machines).")
         count.add_metric([], float(len(gpus)))
         yield count
-        labels = ["gpu", "UUID", "modelName"]
+        labels = ["gpu", "UUID", "device", "modelName"]
         for name, (how, help_) in GPU_METRICS.items():
             fam = GaugeMetricFamily(name, help_, labels=labels)
             for g in gpus:
                 v = _value(g, how)
                 if v is not None:  # a refused reading is absent, as dcgm-exporter does, not a fake 0
-                    fam.add_metric([str(g.index), g.uuid or "", g.name], v)
+                    fam.add_metric([str(g.index), g.uuid or "", f"nvidia{g.index}", g.name], v)
             yield fam
         reason = GaugeMetricFamily("onecard_clock_throttle_reason", "1 if this clock throttle (event) reason is active.",
                                    labels=labels + ["reason"])
         for g in gpus:
             if g.throttle is not None:
                 for key, (bit, _, _) in THROTTLE_REASONS.items():
-                    reason.add_metric([str(g.index), g.uuid or "", g.name, key], 1.0 if g.throttle & bit else 0.0)
+                    reason.add_metric([str(g.index), g.uuid or "", f"nvidia{g.index}", g.name, key],
+                                      1.0 if g.throttle & bit else 0.0)
         yield reason
         a = s.allocator if s else None
         if a is not None:
