@@ -42,6 +42,16 @@ def test_once_replay_shows_gpu_row_and_reasons(tmp_path):
     assert "SW power cap" in res.output and "HW thermal" in res.output and "4242" in res.output
 
 
+def test_json_sample(tmp_path):
+    trace = synthetic_trace(tmp_path / "t.jsonl", seconds=2, throttle=lambda t: 0x40)
+    res = runner.invoke(app, ["monitor", "--json", "--replay", str(trace)])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output)
+    assert d["kind"] == "sample" and d["gpus"][0]["reasons"] == ["hw_thermal"] and d["gpus"][0]["temp_c"] == 70.0
+    res = runner.invoke(app, ["monitor", "--json"])
+    assert res.exit_code == 0 and "gpus" in json.loads(res.output)
+
+
 def test_run_wraps_command_and_report(tmp_path):
     log = tmp_path / "run.jsonl"
     child = ("from onecard.monitor import Monitor\n"

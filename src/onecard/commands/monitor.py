@@ -20,6 +20,7 @@ def panel(
     gpu: Optional[List[int]] = typer.Option(None, "--gpu", "-g", help="GPU index to show (repeat); default all."),
     replay: Optional[Path] = typer.Option(None, "--replay", help="Show a recorded trace instead of live NVML."),
     duration: Optional[float] = typer.Option(None, "--duration", help="Stop after this many seconds."),
+    as_json: bool = typer.Option(False, "--json", help="Print one sample as JSON and exit (like gpustat --json)."),
 ) -> None:
     """Live GPU panel (like nvitop): temperature, power, clocks, memory, utilisation history, throttle reasons."""
     if ctx.invoked_subcommand is not None:
@@ -28,6 +29,17 @@ def panel(
     from onecard.monitor.replay import ReplayReader
 
     reader = ReplayReader(replay, loop=True, realtime=True) if replay else None
+    if as_json:
+        import json
+
+        from onecard.monitor.monitor import Monitor
+
+        mon = Monitor(reader=reader, gpus=gpu or None, allocator=False, attach=False)
+        s = mon.sample_now()
+        typer.echo(json.dumps({**s.to_event(), "no_gpu": mon.no_gpu if not s.gpus else ""}, indent=2))
+        if mon.reader:
+            mon.reader.close()
+        return
     run_panel(reader, interval=interval, once=once, gpus=gpu or None, duration=duration)
 
 
