@@ -4,15 +4,16 @@ When retrieval finds nothing similar enough (best cosine similarity below
 ``min_similarity``) the answer is "I don't know" and no model is called: a
 small model given unrelated passages invents an answer, so we refuse first.
 
-Generation goes through ``generate_text``; it uses HF transformers
-``generate`` until ``onecard.engine.LLM`` exists (switching is that one
-function). Callers that already hold a model (the server) pass ``generate=``.
+Generation goes through ``EngineWriter`` (``onecard.engine.LLM``, which
+itself falls back to HF transformers for architectures it does not run);
+passages that do not fit the model's context are dropped, lowest rank first.
+Callers that already hold a model (the server) pass ``generate=``.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -84,44 +85,52 @@ def parse_citations(text: str, n_passages: int) -> tuple[list[int], int]:
     return valid, invalid
 
 
+class EngineWriter:
+    """Writes answers with onecard's engine (``LLM``): greedy, repetition penalty 1.1 as the seed article uses
+    against loops; the chat template when the tokenizer has one. Knows the model's context to fit the prompt."""
+
+    def __init__(self, model_dir: str | Path, device: str | None = None) -> None:
+        from onecard.engine import LLM
+
+        self.llm = LLM(str(model_dir), device=device)
+        self.max_len = int(self.llm.config.max_model_len)
+        self.chat = getattr(self.llm.tokenizer, "chat_template", None) is not None
+
+    def count_tokens(self, prompt: str) -> int:
+        if self.chat:
+            ids = self.llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                         add_generation_prompt=True, tokenize=True)
+            return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        return len(self.llm.tokenizer(prompt)["input_ids"])
+
+    def __call__(self, prompt: str, max_tokens: int = 256) -> str:
+        from onecard.engine import SamplingParams
+
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, repetition_penalty=1.1)
+        if self.chat:
+            out = self.llm.chat([{"role": "user", "content": prompt}], params, use_tqdm=False)
+        else:
+            out = self.llm.generate([prompt], params, use_tqdm=False)
+        return out[0].outputs[0].text.strip()
+
+
 @lru_cache(maxsize=2)
-def _hf_model(model_dir: str, device: str):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from onecard.models import open_model_folder
-
-    open_model_folder(model_dir)  # validates the folder with a one-line error before transformers sees it
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    return tok, model
+def engine_writer(model_dir: str, device: str | None = None) -> EngineWriter:
+    return EngineWriter(model_dir, device)
 
 
-def generate_text(model_dir: str | Path, prompt: str, max_tokens: int = 256, device: str | None = None) -> str:
-    """Greedy completion of ``prompt`` (chat template when the tokenizer has one), repetition penalty 1.1.
-
-    Until ``onecard.engine.LLM`` lands this is HF ``generate``; then it becomes
-    ``LLM(model_dir).generate([prompt], SamplingParams(temperature=0, max_tokens=..., repetition_penalty=1.1))``.
-    """
-    import torch
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tok, model = _hf_model(str(model_dir), device)
-    if getattr(tok, "chat_template", None):
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)["input_ids"]
-    else:
-        ids = tok(prompt, return_tensors="pt").input_ids
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and ids.shape[1] + max_tokens > limit:
-        raise BadInputError(f"prompt of {ids.shape[1]} tokens + {max_tokens} new exceeds the model's context of "
-                            f"{limit}; use a smaller --k or a model with a longer context")
-    ids = ids.to(device)
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
-                             repetition_penalty=1.1, pad_token_id=tok.pad_token_id or tok.eos_token_id)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+def fit_passages(question: str, hits: list[Hit], count_tokens: Callable[[str], int], budget: int) -> list[Hit]:
+    """Drop the lowest-ranked passages (then shorten the last one) until the prompt fits ``budget`` tokens."""
+    hits = list(hits)
+    while len(hits) > 1 and count_tokens(build_prompt(question, hits)) > budget:
+        hits.pop()
+    while hits and count_tokens(build_prompt(question, hits)) > budget:
+        h = hits[-1]
+        text = h.chunk.text[: int(len(h.chunk.text) * 0.8)]
+        if len(text) < 20:
+            raise BadInputError(f"the question alone does not fit the model's context of {budget} tokens; shorten it")
+        hits[-1] = replace(h, chunk=replace(h.chunk, text=text, end=h.chunk.start + len(text)))
+    return hits
 
 
 def ask(question: str, db: str | Path, model: str | Path | None = None, k: int = 5, mode: str = "hybrid",
@@ -143,8 +152,13 @@ def ask(question: str, db: str | Path, model: str | Path | None = None, k: int =
         why = "the index is empty" if not hits else f"best similarity {best:.2f} < {min_similarity:.2f}"
         return Answer(f"{UNKNOWN}: nothing in the index is relevant enough ({why}).", [], [h.chunk for h in hits],
                       context, unknown=True, best_similarity=best)
+    if generate is None:
+        writer = engine_writer(str(model))
+        hits = fit_passages(question, hits, writer.count_tokens, writer.max_len - max_tokens)
+        context = context[: len(hits)]
+        generate = lambda p: writer(p, max_tokens)  # noqa: E731
     prompt = build_prompt(question, hits)
-    text = generate(prompt) if generate is not None else generate_text(model, prompt, max_tokens=max_tokens)
+    text = generate(prompt)
     cited, invalid = parse_citations(text, len(hits))
     return Answer(text, [context[n - 1] for n in cited], [h.chunk for h in hits], context,
                   unknown=text.strip().lower().startswith(UNKNOWN.lower()), invalid_citations=invalid,
