@@ -107,12 +107,12 @@ def summarize(trace: Trace) -> dict[str, Any]:
                     "sampler_busy_fraction": _mean(costs) / iv})
     recs = trace.records
     out["records"] = len(recs)
-    toks = [r["tokens"] for r in recs if "tokens" in r]
-    if toks:
+    tok_recs = [r for r in recs if "tokens" in r]
+    if tok_recs:
+        toks = [r["tokens"] for r in tok_recs]
         out["tokens_total"] = sum(toks)
-        t_first, t_last = recs[0]["ts"], recs[-1]["ts"]
-        window = t_last - t_first
-        # tokens of the first record were produced before it: rate over the window after it
+        window = tok_recs[-1]["ts"] - tok_recs[0]["ts"]
+        # the first record's tokens were produced before it: the rate is over the window after it
         out["tokens_per_s"] = (sum(toks) - toks[0]) / window if window > 0 else None
     keys = sorted({k for r in recs for k in r if k not in ("kind", "ts", "tokens")})
     for k in keys:
