@@ -134,3 +134,19 @@ def test_demo_stage_reports_the_run(tmp_path):
     summary = json.loads(ctx.artifacts["monitor_report"].read_text())
     assert summary["records"] == 1 and summary["exit_code"] == 0 and summary["samples"] >= 2
     assert ctx.artifacts["monitor_png"].is_file()
+
+
+def test_guarded_run_on_cpu_and_power_flag_needs_nvml(tmp_path):
+    from onecard.monitor.nvml import open_nvml
+
+    reader, _ = open_nvml()
+    if reader is not None:
+        reader.close()
+        import pytest
+
+        pytest.skip("this machine has NVML; the power path is tested with a fake writer")
+    res = runner.invoke(app, ["monitor", "run", "--guard", "--log", str(tmp_path / "g.jsonl"), "--", sys.executable, "-c", "pass"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["monitor", "run", "--guard", "--allow-power-limit", "--log", str(tmp_path / "g.jsonl"),
+                              "--", sys.executable, "-c", "pass"])
+    assert res.exit_code != 0 and "--allow-power-limit needs NVML" in str(res.exception)

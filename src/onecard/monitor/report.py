@@ -190,11 +190,14 @@ def plot(trace: Trace, path: str | Path, title: str | None = None) -> Path:
     if toks:
         span = max(t for t, _ in toks) or 1.0
         iv = float(trace.meta.get("interval") or 1.0)
-        width = iv * max(1, math.ceil(span / (60 * iv)))  # whole sampling intervals, so bins do not alias
+        gaps = sorted(b[0] - a[0] for a, b in zip(toks, toks[1:]))
+        gap = gaps[len(gaps) // 2] if gaps else 0.0
+        # whole sampling intervals (no aliasing), at least the typical gap between records (no empty-bin comb)
+        width = iv * max(1, math.ceil(max(span / 60, gap) / iv))
         bins: dict[int, float] = defaultdict(float)
         for t, n in toks:
             bins[int(t // width)] += n
-        ks = sorted(bins)
+        ks = list(range(min(bins), max(bins) + 1))  # empty bins are real zeros
         ax_x.plot([(k + 0.5) * width for k in ks], [bins[k] / width for k in ks], label="tokens/s", color="tab:blue")
     else:
         ax_x.text(0.5, 0.5, "no token records (Monitor.record(tokens=...))", ha="center", va="center",
