@@ -171,3 +171,34 @@ def test_trace_is_plain_jsonl(tmp_path):
     p = synthetic_trace(tmp_path / "t.jsonl", seconds=3)
     kinds = [json.loads(line)["kind"] for line in p.read_text().splitlines()]
     assert kinds[0] == "meta" and kinds[-1] == "exit" and "sample" in kinds and "record" in kinds
+
+
+def test_duty_cycle_pause_stops_and_always_resumes_a_process():
+    import subprocess
+    import sys
+    import time
+
+    from onecard.monitor.guard import DutyCyclePause
+
+    def state(pid):
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+
+    child = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: time.sleep(0.01)"])
+    try:
+        p = DutyCyclePause(child.pid, period_s=0.4, pause_s=0.3)
+        assert "paused 0.30 s of every 0.4 s" in p.back_off(1, "hot")
+        seen = set()
+        end = time.monotonic() + 10
+        while time.monotonic() < end and "T" not in seen:
+            seen.add(state(child.pid))
+            time.sleep(0.01)
+        assert "T" in seen  # stopped during the pause
+        p.restore("cool")
+        time.sleep(0.1)
+        assert state(child.pid) != "T"  # resumed and left running
+        with pytest.raises(BadInputError):
+            DutyCyclePause(child.pid, period_s=1.0, pause_s=1.5)
+    finally:
+        child.kill()
+        child.wait()

@@ -50,7 +50,10 @@ def run(
     interval: float = typer.Option(1.0, "--interval", "-i", min=0.05, help="Seconds between samples."),
     gpu: Optional[List[int]] = typer.Option(None, "--gpu", "-g", help="GPU index to sample (repeat); default all."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the JSON + PNG report into this folder."),
+    name: str = typer.Option("monitor", "--name", help="Base file name of the report."),
     guard: bool = typer.Option(False, "--guard", help="Run the thermal guard (logs actions; power limit only as a dry run)."),
+    guard_pause: bool = typer.Option(False, "--guard-pause",
+                                     help="Guard backs off by pausing CMD (SIGSTOP/SIGCONT) part of every second."),
     hot_c: float = typer.Option(83.0, "--hot-c", help="Guard: back off at or above this GPU temperature."),
     cool_c: float = typer.Option(75.0, "--cool-c", help="Guard: restore at or below this temperature."),
     allow_power_limit: bool = typer.Option(False, "--allow-power-limit",
@@ -63,12 +66,12 @@ def run(
     from onecard.monitor.report import write_report
     from onecard.monitor.wrap import make_guard, run_wrapped
 
-    g = make_guard(GuardPolicy(hot_c=hot_c, cool_c=cool_c), allow_power_limit) if guard else None
-    code = run_wrapped(list(cmd), log, interval=interval, gpus=gpu or None, guard=g)
+    g = make_guard(GuardPolicy(hot_c=hot_c, cool_c=cool_c), allow_power_limit) if guard or guard_pause else None
+    code = run_wrapped(list(cmd), log, interval=interval, gpus=gpu or None, guard=g, pause=guard_pause)
     console = Console(stderr=True)
     console.print(f"[dim]monitor:[/] trace {log} (command exit code {code})")
     if report is not None:
-        j, p = write_report(log, report)
+        j, p = write_report(log, report, name)
         console.print(f"[dim]monitor:[/] report {j} and {p}")
     raise typer.Exit(code)
 

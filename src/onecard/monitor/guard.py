@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol
@@ -128,6 +129,59 @@ class PauseBackoff:
         """Call between steps; sleeps only while backed off."""
         if self.current:
             time.sleep(self.current)
+
+
+class DutyCyclePause:
+    """Back-off for a command we cannot change (``onecard monitor run --guard-pause``): pause the process
+    with SIGSTOP for ``pause_s * level`` of every ``period_s`` second, resume with SIGCONT.
+
+    The GPU finishes the work already queued and then idles during the pause,
+    so average power and heat drop. Only the given process is paused, not its
+    children (use it on the process that drives the GPU). ``close()`` always
+    resumes it.
+    """
+
+    def __init__(self, pid: int, period_s: float = 1.0, pause_s: float = 0.2, max_fraction: float = 0.75) -> None:
+        if not 0 < pause_s < period_s or not 0 < max_fraction < 1:
+            raise BadInputError(f"duty-cycle pause needs 0 < pause_s < period_s and 0 < max_fraction < 1, "
+                                f"got pause_s={pause_s}, period_s={period_s}, max_fraction={max_fraction}")
+        self.pid, self.period_s, self.pause_s, self.max_fraction = pid, period_s, pause_s, max_fraction
+        self.paused_s = 0.0  # current pause per period
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _loop(self) -> None:
+        import signal
+
+        while not self._stop.is_set() and self.paused_s > 0:
+            try:
+                os.kill(self.pid, signal.SIGSTOP)
+                self._stop.wait(self.paused_s)
+            finally:
+                try:
+                    os.kill(self.pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    return
+            self._stop.wait(self.period_s - self.paused_s)
+
+    def back_off(self, level: int, reason: str) -> str:
+        self.paused_s = min(self.pause_s * level, self.max_fraction * self.period_s)
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="onecard-guard-pause", daemon=True)
+            self._thread.start()
+        return f"pid {self.pid} paused {self.paused_s:.2f} s of every {self.period_s:.1f} s"
+
+    def restore(self, reason: str) -> str:
+        self.close()
+        return f"pid {self.pid} runs freely"
+
+    def close(self) -> None:
+        self.paused_s = 0.0
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
 
 
 class PowerWriter(Protocol):

@@ -13,13 +13,14 @@ import subprocess
 from pathlib import Path
 
 from onecard.errors import BadInputError
-from onecard.monitor.guard import GuardPolicy, NvmlPowerWriter, PowerLimiter, ThermalGuard
+from onecard.monitor.guard import DutyCyclePause, GuardPolicy, NvmlPowerWriter, PowerLimiter, ThermalGuard
 from onecard.monitor.host import ProcessStats
 from onecard.monitor.monitor import TRACE_ENV, Monitor
 
 
 def make_guard(policy: GuardPolicy, allow_power_limit: bool = False) -> ThermalGuard:
-    """A guard for a command we cannot slow from outside: it logs, and may lower the power limit.
+    """A guard for a wrapped command: it logs, may lower the power limit, and (``pause=True`` in
+    ``run_wrapped``) may duty-cycle the command with SIGSTOP/SIGCONT.
 
     The power limiter is a dry run unless ``allow_power_limit`` (and root): it
     then logs the exact change it would make.
@@ -34,7 +35,7 @@ def make_guard(policy: GuardPolicy, allow_power_limit: bool = False) -> ThermalG
 
 
 def run_wrapped(cmd: list[str], log: str | Path, interval: float = 1.0, gpus: list[int] | None = None,
-                guard: ThermalGuard | None = None) -> int:
+                guard: ThermalGuard | None = None, pause: bool = False) -> int:
     """Run ``cmd`` to completion under a Monitor writing ``log``; returns the command's exit code."""
     if not cmd:
         raise BadInputError("no command to run: put it after --, e.g. onecard monitor run --log run.jsonl -- python train.py")
@@ -49,10 +50,18 @@ def run_wrapped(cmd: list[str], log: str | Path, interval: float = 1.0, gpus: li
         mon.writer.close()
         raise BadInputError(f"cannot start {cmd[0]!r}: {err.strerror or err}") from None
     mon.proc = ProcessStats(proc.pid)
+    pauser = DutyCyclePause(proc.pid) if pause and guard is not None else None
+    if pauser:
+        guard.target = pauser
     mon.start()
     try:
         code = proc.wait()
     except KeyboardInterrupt:  # the child got the same SIGINT from the terminal; let it finish
+        if pauser:
+            pauser.close()
         code = proc.wait()
+    finally:
+        if pauser:
+            pauser.close()  # never leave the command stopped
     mon.stop(exit_code=code)
     return code
