@@ -38,6 +38,7 @@ class AsyncEngine:
         self.config = EngineConfig(model, **kwargs)
         self.engine = build_engine(self.config)
         self.tokenizer = self.engine.tokenizer
+        self.engine.incremental_text = True
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", rid, text/ids, params) | ("abort", rid)
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._streams_lock = threading.Lock()

@@ -43,6 +43,7 @@ class HFFallbackEngine:
         max_pos = getattr(self.model.config, "max_position_embeddings", None) or getattr(self.model.config, "n_positions", 2048)
         config.resolve(max_pos)
         self.eos_token_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        self.incremental_text = False  # interface parity with LLMEngine; text is decoded once per request
         self.waiting: deque[tuple[str, str | None, list[int], SamplingParams, float]] = deque()
         self.num_generated_tokens = 0
 
@@ -87,7 +88,7 @@ class HFFallbackEngine:
         return bool(self.waiting)
 
     @torch.no_grad()
-    def step(self) -> list[RequestOutput]:
+    def step(self, stream: bool = True) -> list[RequestOutput]:  # every output it returns is final
         if not self.waiting:
             return []
         rid, text, ids, p, arrival = self.waiting.popleft()

@@ -165,7 +165,7 @@ class LLM:
         try:
             with _progress(use_tqdm, len(prompts)) as advance:
                 while self.engine.has_unfinished_requests():
-                    for out in self.engine.step():
+                    for out in self.engine.step(stream=False):
                         if out.finished:
                             results[out.request_id] = out
                             advance()

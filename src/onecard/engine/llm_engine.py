@@ -32,6 +32,9 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.vocab_size = runner.model.args.vocab_size
         self.num_generated_tokens = 0
+        # Streaming callers (AsyncEngine) need the text as it grows; offline callers only need it at the end,
+        # which saves two tokenizer calls per sequence per step (unless a request has stop strings).
+        self.incremental_text = False
 
     # ---- requests ----------------------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -93,8 +96,11 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     # ---- the step ----------------------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Run one scheduled batch; return the outputs of every request that advanced (finished ones are removed)."""
+    def step(self, stream: bool = True) -> list[RequestOutput]:
+        """Run one scheduled batch; return the outputs of every request that advanced (finished ones are removed).
+
+        ``stream=False`` returns only the requests that finished in this step.
+        """
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             return []
@@ -118,22 +124,27 @@ class LLMEngine:
             if req.finished:
                 req.finished_time = now
                 del self.requests[req.request_id]
-            outputs.append(self._output(req))
+                outputs.append(self._output(req))
+            elif stream:
+                outputs.append(self._output(req))
         return outputs
 
     def _check_finish(self, seq: Sequence, token: int) -> None:
         p = seq.params
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
             seq.finish_reason = "stop"  # the stop token stays in token_ids, not in the text
-            return
-        new = append_text(self.tokenizer, seq)
-        cut = find_stop(seq, len(new))
-        if cut >= 0:
-            seq.text = seq.text[:cut]
-            seq.finish_reason = "stop"
-        elif (p.max_tokens is not None and seq.num_completion_tokens >= p.max_tokens) or \
-                len(seq) >= self.config.max_model_len:
+        elif self.incremental_text or p.stop:
+            new = append_text(self.tokenizer, seq)
+            cut = find_stop(seq, len(new))
+            if cut >= 0:
+                seq.text = seq.text[:cut]
+                seq.finish_reason = "stop"
+        if seq.finish_reason is None and ((p.max_tokens is not None and seq.num_completion_tokens >= p.max_tokens)
+                                          or len(seq) >= self.config.max_model_len):
             seq.finish_reason = "length"
+        if seq.finish_reason is not None and not (self.incremental_text or p.stop):
+            body = seq.completion_token_ids[:-1] if seq.finish_reason == "stop" else seq.completion_token_ids
+            seq.text = self.tokenizer.decode(body, skip_special_tokens=p.skip_special_tokens)
 
     def _output(self, req: Request) -> RequestOutput:
         comps = [CompletionOutput(s.index, s.text, s.completion_token_ids, s.finish_reason,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 
+import numpy as np
 import torch
 
 from onecard.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
@@ -74,6 +75,8 @@ class ModelRunner:
                 "max_num_batched_tokens / max_model_len, or use quantization='rtn-int4'") from None
         torch.cuda.synchronize(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
+        # A per-process cap (torch.cuda.set_per_process_memory_fraction, e.g. to act as a 24 GB card) shrinks the card.
+        total = int(total * torch.cuda.get_per_process_memory_fraction(self.device))
         stats = torch.cuda.memory_stats(self.device)
         peak, current = stats["allocated_bytes.all.peak"], stats["allocated_bytes.all.current"]
         used = total - free
@@ -171,8 +174,10 @@ class ModelRunner:
         scratch_slot = self.scratch_block * self.block_size
         g["slot_mapping"][:graph_bs].copy_(self._to_device(slots + [scratch_slot] * pad, torch.long), non_blocking=True)
         g["context_lens"][:graph_bs].copy_(self._to_device(ctx + [1] * pad, torch.int32), non_blocking=True)
-        rows = [t + [self.scratch_block] * (width - len(t)) for t in tables] + [[self.scratch_block] * width] * pad
-        g["block_tables"][:graph_bs, :width].copy_(self._to_device(rows, torch.int32), non_blocking=True)
+        rows = np.full((graph_bs, width), self.scratch_block, dtype=np.int32)
+        for i, t in enumerate(tables):
+            rows[i, :len(t)] = t
+        g["block_tables"][:graph_bs, :width].copy_(torch.from_numpy(rows).pin_memory(), non_blocking=True)
         self.graphs[graph_bs].replay()
         return self._graph_logits[graph_bs][:B]
 

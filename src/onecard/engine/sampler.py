@@ -78,10 +78,10 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
     raw_logprobs = logits.log_softmax(-1) if any(k is not None for k in want_lp) else None
     if any(p.uses_penalties for p in params):
         logits = apply_penalties(logits, seqs)
-    greedy = torch.tensor([p.greedy for p in params], device=dev)
     if all(p.greedy for p in params):
         tokens = logits.argmax(-1)
     else:
+        greedy = torch.tensor([p.greedy for p in params], device=dev)
         temp = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
         scaled = logits / temp.unsqueeze(1)
         use_kp = any(p.top_k > 0 or p.top_p < 1 for p in params)
