@@ -39,6 +39,8 @@ def test_background_sampling_and_records(tmp_path):
             time.sleep(0.02)
         mon.record(tokens=10, latency=0.5, ttft=0.1, batch_size=4, kv_use=0.3)
     assert reader.reads >= 5 and reader.closed
+    with pytest.raises(BadInputError, match="create a new Monitor"):
+        mon.start()
     tr = load_trace(log)
     assert tr.meta["gpus"] == ["Fake GPU"] and len(tr.samples) >= 5
     assert tr.samples[-1].gpus[0].reasons == ["sw_power_cap"]

@@ -81,6 +81,8 @@ class Monitor:
     def start(self) -> "Monitor":
         if self._thread is not None:
             return self
+        if self._stop.is_set():
+            raise BadInputError("this Monitor has been stopped; create a new Monitor for another run")
         first = self.reader.read() if self.reader else []
         self.meta = {"kind": "meta", "ts": time.time(), "interval": self.interval, "host": socket.gethostname(),
                      "pid": os.getpid(), "command": self.command, "gpus": [g.name for g in first],
