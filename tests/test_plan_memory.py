@@ -72,8 +72,9 @@ def test_int4_70b_weights_are_about_35_gb():
 
 
 def test_quantized_linear_layouts():
-    assert M.linear_tensor_bytes(4096, 4096, "int4") == [4096 * 4096 // 2, 32 * 4096 // 2, 2 * 32 * 4096, 4 * 4096]
-    assert M.linear_tensor_bytes(4096, 4096, "int8") == [4096 * 4096, 2 * 4096]
+    assert M.linear_tensor_bytes(4096, 4096, "int4") == [4096 * 4096 // 2, 2 * 32 * 4096, 2 * 32 * 4096]
+    assert M.linear_tensor_bytes(4096, 4096, "int8") == [4096 * 4096, 2 * 4096, 2 * 4096]
+    assert M.linear_tensor_bytes(4096, 4096, "int4-g64") == [4096 * 4096 // 2, 2 * 64 * 4096]
     nf4 = sum(M.linear_tensor_bytes(4096, 4096, "nf4"))
     assert 4.1 < nf4 * 8 / (4096 * 4096) < 4.2  # NF4 with double-quantized absmax: ~4.13 bits per weight
 
@@ -111,15 +112,19 @@ def _saved_bytes_per_token(model, tokens: int) -> float:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("arch", ["llama-2-7b", "qwen2-7b", "mistral-7b"])
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("arch, method", [("llama-2-7b", "full"), ("qwen2-7b", "full"), ("llama-2-7b", "lora"),
+                                          ("qwen2-7b", "lora"), ("mistral-7b", "qlora")])
 def test_training_activations_match_autograd(arch, method):
     """Every tensor autograd keeps, by hook, equals model_activation_bytes + the fp32 log-softmax of the loss."""
     cfg = _cfg(arch, "tiny")
     model = build_random_model(cfg, dtype="bfloat16")
     model.train()
     targets = M.LORA_TARGETS["all"]
-    if method == "lora":
+    if method == "qlora":
+        from onecard.train.qlora import quantize_model_int4
+
+        quantize_model_int4(model, group_size=64)
+    if method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
         model.enable_input_require_grads()  # what HF does with gradient checkpointing; makes layer 0 like the rest

@@ -18,7 +18,8 @@ from onecard.plan.calibration import factor
 from onecard.plan.spec import ModelSpec, resolve_model
 
 GIB = M.GIB
-DEFAULT_PREFILL_CHUNK = 8192  # tokens per forward: a longer prefill is chunked (engine) / the prompt (HF)
+DEFAULT_PREFILL_CHUNK = 8192  # the engine's max_num_batched_tokens is max(max_model_len, 8192)
+DEFAULT_MAX_MODEL_LEN_CAP = 8192  # the engine's default context cap (onecard.engine.config)
 
 
 def resolve_card(card: "str | GPUSpec | None") -> GPUSpec:
@@ -161,23 +162,36 @@ def _check_common(util: float) -> None:
         raise BadInputError(f"gpu_memory_utilization must be in (0, 1], got {util}")
 
 
-def _infer_core(spec: ModelSpec, card: GPUSpec, fmt: str, bits: int, max_model_len: int, max_num_seqs: int,
-                kv_cache_dtype: str, util: float, prefill_tokens: int, context_gib: float | None) -> InferencePlan:
-    usable = card.memory_gib * util * GIB
-    w_tensors = M.weight_tensors(spec, fmt)
-    w_res = M.reserved_bytes(w_tensors)
-    kv_tok = M.kv_bytes_per_token(spec, kv_cache_dtype)
+def _infer_bytes(spec: ModelSpec, fmt: str, max_model_len: int, max_num_seqs: int, kv_cache_dtype: str,
+                 prefill_tokens: int, attention_mask: bool) -> tuple[int, int, int]:
+    """(allocator-rounded weights, KV cache, activations) in bytes."""
+    w_res = M.reserved_bytes(M.weight_tensors(spec, fmt))
     kv = M.reserved_bytes(M.kv_cache_tensors(spec, max_model_len * max_num_seqs, kv_cache_dtype))
-    act = M.inference_activation_bytes(spec, prefill_tokens, max_num_seqs, max_model_len)
+    act = M.inference_activation_bytes(spec, prefill_tokens, max_num_seqs, max_model_len, attention_mask)
+    return w_res, kv, act
+
+
+def _infer_core(spec: ModelSpec, card: GPUSpec, fmt: str, bits: int, max_model_len: int, max_num_seqs: int,
+                kv_cache_dtype: str, util: float, prefill_tokens: int | None, context_gib: float | None,
+                attention_mask: bool = False) -> InferencePlan:
+    usable = card.memory_gib * util * GIB
     ctx = factor("cuda_context_gib")
     ctx_gib = context_gib if context_gib is not None else ctx.value
     ctx_src = "given" if context_gib is not None else ctx.source
     overhead = ctx_gib * GIB + M.ALLOCATOR_SLACK_BYTES
+
+    def need(length: int, seqs: int) -> int:
+        prefill = prefill_tokens or _prefill(seqs, length)
+        return sum(_infer_bytes(spec, fmt, length, seqs, kv_cache_dtype, prefill, attention_mask)) + overhead
+
+    prefill = prefill_tokens or _prefill(max_num_seqs, max_model_len)
+    w_res, kv, act = _infer_bytes(spec, fmt, max_model_len, max_num_seqs, kv_cache_dtype, prefill, attention_mask)
     total = w_res + kv + act + overhead
-    fixed = w_res + act + overhead
-    max_ctx = max(0, int((usable - fixed) // kv_tok)) if usable > fixed else 0
-    max_ctx = min(max_ctx, spec.args.max_position_embeddings)
-    max_seqs = max(0, int((usable - fixed) // (kv_tok * max_model_len))) if usable > fixed else 0
+    kv_tok = M.kv_bytes_per_token(spec, kv_cache_dtype)
+    # Longest single sequence and most sequences of max_model_len that fit (prefill grows with them).
+    max_ctx = _largest(lambda n: need(n, 1) <= usable, 1, spec.args.max_position_embeddings)
+    max_seqs = _largest(lambda n: need(max_model_len, n) <= usable, 1, 4096)
+    w_tensors = M.weight_tensors(spec, fmt)
     eff = factor("decode_roofline_fraction")
     mid = max(1, max_model_len // 2)
     bs1 = S.decode_tok_s(spec, card, fmt, kv_tok, 1, mid, eff.value)
@@ -194,7 +208,7 @@ def _infer_core(spec: ModelSpec, card: GPUSpec, fmt: str, bits: int, max_model_l
             offload_speed = S.offload_tok_s(spec, card, fmt, n * per_layer, kv_tok, mid, eff.value)
     return InferencePlan(
         model=spec.name, card=card.key, bits=bits, weight_format=fmt, kv_cache_dtype=kv_cache_dtype,
-        max_model_len=max_model_len, max_num_seqs=max_num_seqs, prefill_tokens=prefill_tokens,
+        max_model_len=max_model_len, max_num_seqs=max_num_seqs, prefill_tokens=prefill,
         gpu_memory_utilization=util, usable_gib=_gib(usable), weights_gib=_gib(w_res), kv_gib_per_token=_gib(kv_tok),
         kv_gib=_gib(kv), activations_gib=_gib(act), overhead_gib=_gib(overhead), total_gib=_gib(total),
         fits=total <= usable, free_gib=_gib(usable - total), max_context_tokens=max_ctx, max_concurrent_seqs=max_seqs,
@@ -204,16 +218,19 @@ def _infer_core(spec: ModelSpec, card: GPUSpec, fmt: str, bits: int, max_model_l
 
 def plan_inference(model, card: "str | GPUSpec | None" = None, bits: int | None = None, max_model_len: int | None = None,
                    max_num_seqs: int = 1, kv_cache_dtype: str = "auto", gpu_memory_utilization: float = 0.9,
-                   prefill_tokens: int | None = None, cuda_context_gib: float | None = None) -> InferencePlan:
+                   prefill_tokens: int | None = None, cuda_context_gib: float | None = None,
+                   attention_mask: bool = False) -> InferencePlan:
     """Memory, speed and a verdict for serving ``model`` on ``card``.
 
     ``model``: built-in name, folder (config.json is enough), config dict,
     ``ModelArgs`` or ``ModelSpec``. ``card``: catalog name or None for the live
     GPU. ``bits`` None means the checkpoint's own (its quantization_config, else
-    16). ``max_model_len`` None means the model's max_position_embeddings.
-    ``prefill_tokens``: the largest forward (default: min(max_num_seqs x
-    max_model_len, 8192), the engine's prefill chunk). The whole job, CUDA
-    context included, must fit in ``gpu_memory_utilization`` of the card.
+    16). ``max_model_len`` None means the engine's default: the model's
+    max_position_embeddings capped at 8192. ``prefill_tokens``: the largest
+    forward (default: the engine's max_num_batched_tokens = max(max_model_len,
+    8192), or all the tokens if fewer). The whole job, CUDA context included,
+    must fit in ``gpu_memory_utilization`` of the card. ``attention_mask``:
+    count HF generate's bool mask over a static cache (the engine has none).
     """
     spec = resolve_model(model)
     gpu = resolve_card(card)
@@ -223,30 +240,30 @@ def plan_inference(model, card: "str | GPUSpec | None" = None, bits: int | None 
         raise BadInputError(f"bits must be 16, 8 or 4, got {bits}")
     fmt = M.BITS_TO_FORMAT[bits]
     limit = spec.args.max_position_embeddings
-    max_model_len = limit if max_model_len is None else max_model_len
+    max_model_len = min(limit, DEFAULT_MAX_MODEL_LEN_CAP) if max_model_len is None else max_model_len
     if not 1 <= max_model_len <= limit:
         raise BadInputError(f"max_model_len must be in 1..{limit:,} (the model's max_position_embeddings), got {max_model_len}")
     if max_num_seqs < 1:
         raise BadInputError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
     M.kv_bytes_per_token(spec, kv_cache_dtype)  # validates the dtype name
-    prefill = prefill_tokens or min(max_num_seqs * max_model_len, DEFAULT_PREFILL_CHUNK)
-    if prefill < 1:
-        raise BadInputError(f"prefill_tokens must be >= 1, got {prefill}")
+    if prefill_tokens is not None and prefill_tokens < 1:
+        raise BadInputError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
 
     def core(**changes) -> InferencePlan:
-        args = dict(bits=bits, fmt=fmt, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                    kv_cache_dtype=kv_cache_dtype, prefill_tokens=prefill)
-        args.update(changes)
-        if "max_model_len" in changes and prefill_tokens is None:
-            args["prefill_tokens"] = min(args["max_num_seqs"] * args["max_model_len"], DEFAULT_PREFILL_CHUNK)
-        return _infer_core(spec, gpu, args["fmt"], args["bits"], args["max_model_len"], args["max_num_seqs"],
-                           args["kv_cache_dtype"], gpu_memory_utilization, args["prefill_tokens"], cuda_context_gib)
+        a = dict(bits=bits, fmt=fmt, max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype)
+        a.update(changes)
+        return _infer_core(spec, gpu, a["fmt"], a["bits"], a["max_model_len"], a["max_num_seqs"], a["kv_cache_dtype"],
+                           gpu_memory_utilization, prefill_tokens, cuda_context_gib, attention_mask)
 
     plan = core()
     plan.suggestions = _infer_suggestions(plan, core, gpu, spec.args.num_layers)
     plan.verdict = _verdict(plan.fits, gpu, plan.total_gib, plan.usable_gib, plan.free_gib, plan.suggestions,
                             f"~{plan.decode_tok_s_bs1:,.0f} tok/s decode at bs=1")
     return plan
+
+
+def _prefill(max_num_seqs: int, max_model_len: int) -> int:
+    return min(max_num_seqs * max_model_len, max(max_model_len, DEFAULT_PREFILL_CHUNK))
 
 
 def _infer_suggestions(plan: InferencePlan, core, gpu: GPUSpec, num_layers: int) -> list[str]:
@@ -267,16 +284,12 @@ def _infer_suggestions(plan: InferencePlan, core, gpu: GPUSpec, num_layers: int)
         p = core(kv_cache_dtype="fp8")
         if p.fits:
             out.append(f"--kv-dtype fp8 (needs {p.total_gib:.1f} GiB)")
-    if plan.max_num_seqs > 1 and plan.max_concurrent_seqs >= 1:
+    if plan.max_num_seqs > 1 and plan.max_concurrent_seqs >= 1 and core(max_num_seqs=plan.max_concurrent_seqs).fits:
         out.append(f"--batch {plan.max_concurrent_seqs} (concurrent sequences that fit)")
-    if plan.max_context_tokens >= 256 and plan.max_context_tokens < plan.max_model_len:
-        p = core(max_model_len=plan.max_context_tokens)
-        ctx = plan.max_context_tokens
-        while not p.fits and ctx > 256:  # shorter context also shrinks the prefill activations; re-check
-            ctx = int(ctx * 0.95)
-            p = core(max_model_len=ctx)
+    if 256 <= plan.max_context_tokens < plan.max_model_len:
+        p = core(max_model_len=plan.max_context_tokens, max_num_seqs=1)
         if p.fits:
-            out.append(f"--ctx {ctx:,} (needs {p.total_gib:.1f} GiB)")
+            out.append(f"--ctx {plan.max_context_tokens:,} (needs {p.total_gib:.1f} GiB)")
     if not out and plan.bits > 4:
         p4 = core(bits=4, fmt="int4")
         if 256 <= p4.max_context_tokens < plan.max_model_len and core(bits=4, fmt="int4", max_model_len=p4.max_context_tokens).fits:
@@ -330,13 +343,14 @@ def _train_core(spec: ModelSpec, gpu: GPUSpec, method: str, precision: str, opti
     else:
         states, temp = 2 * trainable * (1 + 4 / 256), 0
     tokens = batch_size * seq_len
-    acts = M.model_activation_bytes(spec, tokens, method, targets, mixed=mixed, checkpointing=checkpointing, lora_rank=rank)
+    acts = M.model_activation_bytes(spec, tokens, method, targets, mixed=mixed, checkpointing=checkpointing, lora_rank=rank,
+                                    base_format=base_fmt)
     logits = M.logits_bytes(spec, tokens, fused_ce)
     fwd_extra = 0
     if mixed:
         fwd_extra += 2 * total_params  # autocast's bf16 weight copies, kept for backward
     if method == "qlora":
-        fwd_extra += 2 * 2 * max(o * i for _, o, i in spec.linear_shapes())  # dequantized weights in flight
+        fwd_extra += 2 * max(o * i for _, o, i in spec.linear_shapes())  # one dequantized bf16 weight in flight
     held_grads = grads if grad_accum > 1 else 0  # accumulated grads live through the next micro-batches
     backward_peak = states + held_grads + acts + logits + fwd_extra
     step_peak = states + grads + temp
@@ -374,7 +388,7 @@ def plan_training(model, card: "str | GPUSpec | None" = None, method: str = "lor
     """Peak memory, tokens/s and a verdict for fine-tuning ``model`` on ``card``.
 
     ``method``: full | lora | qlora (LoRA on a 4-bit base: ``base_format``
-    "nf4" (bitsandbytes, default) or "int4" (onecard's GPTQ layout)).
+    "int4-g64" (onecard.train's Int4Linear, default) or "nf4" (bitsandbytes)).
     ``precision`` (full only): "bf16" (bf16 weights, grads and AdamW states) or
     "mixed" (fp32 master weights, grads and states under bf16 autocast).
     LoRA adapters, their grads and states are fp32 (PEFT's default).
@@ -395,9 +409,9 @@ def plan_training(model, card: "str | GPUSpec | None" = None, method: str = "lor
         raise BadInputError(f"seq_len {seq_len:,} exceeds the model's max_position_embeddings "
                             f"({spec.args.max_position_embeddings:,}); use a shorter --ctx")
     targets = M.lora_targets(lora_targets)
-    base_fmt = M.weight_format(base_format or ("nf4" if method == "qlora" else "bf16"))
-    if method == "qlora" and base_fmt == "bf16":
-        raise BadInputError("qlora needs a 4-bit base: base_format 'nf4' or 'int4'")
+    base_fmt = M.weight_format(base_format or ("int4-g64" if method == "qlora" else "bf16"))
+    if method == "qlora" and base_fmt not in ("int4-g64", "nf4", "int4"):
+        raise BadInputError(f"qlora needs a 4-bit base: base_format 'int4-g64' or 'nf4', not '{base_fmt}'")
     if method != "qlora":
         base_fmt = "bf16"
 
@@ -406,7 +420,7 @@ def plan_training(model, card: "str | GPUSpec | None" = None, method: str = "lor
                  grad_accum=grad_accum, checkpointing=gradient_checkpointing, fused_ce=fused_ce, base_fmt=base_fmt)
         a.update(changes)
         if a["method"] == "qlora" and a["base_fmt"] == "bf16":
-            a["base_fmt"] = "nf4"
+            a["base_fmt"] = "int4-g64"
         if a["method"] != "qlora":
             a["base_fmt"] = "bf16"
         return _train_core(spec, gpu, a["method"], a["precision"], a["optimizer"], a["seq_len"], a["batch_size"],

@@ -18,9 +18,10 @@ MIB = 1024**2
 # Weight formats: what a linear weight costs in each (bits per weight alone is not enough: scales and zeros count).
 WEIGHT_FORMATS = {
     "bf16": "16-bit weights (bf16/fp16)",
-    "int8": "int8 weight-only, one fp16 scale per output channel",
-    "int4": "int4 GPTQ layout, group 128: packed int32 qweight, fp16 scales, 4-bit zeros, int32 g_idx",
-    "nf4": "bitsandbytes NF4, block 64, double-quantized absmax (QLoRA's base)",
+    "int8": "int8, per-channel fp16 scale + zero (onecard QuantLinear)",
+    "int4": "int4 g128, fp16 scales + zeros (onecard QuantLinear, GPTQ/AWQ/RTN)",
+    "int4-g64": "int4 g64, bf16 scales (onecard QLoRA base)",
+    "nf4": "NF4 block 64, double-quantized absmax (bitsandbytes QLoRA base)",
 }
 BITS_TO_FORMAT = {16: "bf16", 8: "int8", 4: "int4"}
 GROUP_SIZE = 128
@@ -49,11 +50,13 @@ def linear_tensor_bytes(out_features: int, in_features: int, fmt: str) -> list[i
     n = out_features * in_features
     if fmt == "bf16":
         return [2 * n]
-    if fmt == "int8":
-        return [n, 2 * out_features]
-    if fmt == "int4":
+    if fmt == "int8":  # QuantLinear: int32-packed codes [in/4, out], fp16 scales and zeros [1, out]
+        return [n, 2 * out_features, 2 * out_features]
+    if fmt == "int4":  # QuantLinear: int32-packed codes [in/8, out], fp16 scales and zeros [groups, out]
         groups = math.ceil(in_features / GROUP_SIZE)
-        return [n // 2, groups * out_features // 2, 2 * groups * out_features, 4 * in_features]  # qweight, qzeros, scales, g_idx
+        return [n // 2, 2 * groups * out_features, 2 * groups * out_features]
+    if fmt == "int4-g64":  # train.qlora.Int4Linear: uint8 nibbles [out, in/2], bf16 scales [out, in/64]
+        return [n // 2, 2 * out_features * math.ceil(in_features / 64)]
     if fmt == "nf4":
         blocks = math.ceil(n / NF4_BLOCK)
         return [n // 2, blocks, 4 * math.ceil(blocks / 256), 4 * 256 + 4 * 16]  # packed, absmax u8, nested absmax, codes
@@ -64,7 +67,7 @@ def weight_tensors(spec: ModelSpec, fmt: str = "bf16") -> list[tuple[str, int, i
     """(name, bytes, count) for every stored tensor; decoder-layer linears in ``fmt``, the rest 16-bit.
 
     Embeddings, lm_head, norms, biases and a vision tower stay 16-bit in every
-    format (that is what GPTQ/AWQ checkpoints and QLoRA do).
+    format (what onecard.quant, GPTQ/AWQ checkpoints and QLoRA bases do).
     """
     a = spec.args
     L = a.num_layers
@@ -122,21 +125,23 @@ def kv_cache_tensors(spec: ModelSpec, tokens: int, kv_cache_dtype: str = "auto")
     return [("kv cache", per_layer_tensor, 2 * spec.args.num_layers)]
 
 
-def inference_activation_bytes(spec: ModelSpec, prefill_tokens: int, num_seqs: int, max_model_len: int) -> int:
+def inference_activation_bytes(spec: ModelSpec, prefill_tokens: int, num_seqs: int, max_model_len: int,
+                               attention_mask: bool = False) -> int:
     """Peak transient memory of the largest forward (a prefill of ``prefill_tokens``), no autograd.
 
     Per token: the residual stream and hidden state stay live (2 x 2h bytes) while
     the widest phase runs: RMSNorm's fp32 upcast (x, x^2, x*rsqrt: 3 x 4h), the
     attention projections + RoPE + output (about 10q + 6kv bytes), or SwiGLU's
     gate, up, silu(gate) and product (4 x 2i). Then logits for the last token of
-    each sequence (bf16 + fp32 copy for sampling), the causal mask against the
-    cache (1 byte per query x key), and the vision tower when there is one.
+    each sequence (bf16 + fp32 copy for sampling), the vision tower when there
+    is one, and with ``attention_mask`` (HF generate with a static cache; the
+    engine's paged attention has none) a bool mask of query x cache length.
     """
     a = spec.args
     h, i, q, kv = a.hidden_size, a.intermediate_size, a.q_size, a.kv_size
     per_token = 4 * h + max(12 * h, 10 * q + 6 * kv, 8 * i)
     logits = num_seqs * a.vocab_size * (2 + 4)
-    mask = prefill_tokens * max_model_len
+    mask = prefill_tokens * max_model_len if attention_mask else 0
     vision = 0
     if spec.vision is not None:
         v = spec.vision
@@ -171,7 +176,8 @@ def lora_parameters(spec: ModelSpec, rank: int, targets: tuple[str, ...]) -> int
 
 
 def layer_activation_bytes(spec: ModelSpec, method: str, targets: tuple[str, ...] = LORA_TARGETS["all"], *,
-                           mixed: bool = False, lora_rank: int = 16, adapter_bytes: int = 4) -> int:
+                           mixed: bool = False, lora_rank: int = 16, adapter_bytes: int = 4,
+                           base_format: str = "int4-g64") -> int:
     """Bytes autograd saves per token in one decoder layer (bf16 compute, SDPA flash/efficient attention).
 
     Derived from the autograd graph of transformers' Llama/Qwen2 layer and PEFT's
@@ -180,8 +186,8 @@ def layer_activation_bytes(spec: ModelSpec, method: str, targets: tuple[str, ...
     keep their normalized input, linears their input); "lora" freezes the base
     (a frozen linear keeps nothing) while each LoRA target keeps its own copy of
     its input in the adapter dtype (PEFT casts to fp32 by default) and A's
-    output; "qlora" is "lora" on a bitsandbytes 4-bit base, whose matmul also
-    keeps its bf16 input. ``mixed``: fp32 master weights under bf16 autocast,
+    output; "qlora" is "lora" on a 4-bit base: onecard's Int4Linear keeps only
+    its codes (like a frozen linear), bitsandbytes' NF4 matmul also keeps its bf16 input. ``mixed``: fp32 master weights under bf16 autocast,
     so the residual stream and norms are fp32.
     """
     if method not in ("full", "lora", "qlora"):
@@ -204,13 +210,14 @@ def layer_activation_bytes(spec: ModelSpec, method: str, targets: tuple[str, ...
     else:  # PEFT's default fp32 adapters: each target casts its input and keeps that copy, plus A's output
         lora = sum(adapter_bytes * (shapes[t][1] + lora_rank) for t in targets)
     base = 0
-    if method == "qlora":
-        base = 2 * h + 2 * h + 2 * i  # 4-bit matmuls keep their bf16 inputs: two norm outputs and the MLP product
+    if method == "qlora" and base_format == "nf4":
+        base = 2 * h + 2 * h + 2 * i  # bitsandbytes' 4-bit matmul keeps its bf16 input: two norm outputs, the MLP product
     return norms + attn + mlp + lora + base
 
 
 def model_activation_bytes(spec: ModelSpec, tokens: int, method: str, targets: tuple[str, ...], *, mixed: bool,
-                           checkpointing: bool, lora_rank: int = 16, adapter_bytes: int = 4) -> int:
+                           checkpointing: bool, lora_rank: int = 16, adapter_bytes: int = 4,
+                           base_format: str = "int4-g64") -> int:
     """Saved activations of a forward over ``tokens`` (batch x seq), before the loss.
 
     Without checkpointing every layer keeps ``layer_activation_bytes``; with
@@ -219,7 +226,8 @@ def model_activation_bytes(spec: ModelSpec, tokens: int, method: str, targets: t
     gradients, counted as twice the layer). Plus the final norm, RoPE cos/sin.
     """
     a = spec.args
-    layer = layer_activation_bytes(spec, method, targets, mixed=mixed, lora_rank=lora_rank, adapter_bytes=adapter_bytes)
+    layer = layer_activation_bytes(spec, method, targets, mixed=mixed, lora_rank=lora_rank, adapter_bytes=adapter_bytes,
+                                   base_format=base_format)
     res = 4 if mixed else 2
     final_norm = 4 * a.hidden_size + 4 + ((res + 2) * a.hidden_size if method == "full" else 0)
     rope = 2 * 2 * a.head_dim

@@ -17,10 +17,10 @@ from onecard.plan.spec import resolve_model
 
 # (column title, job, keyword arguments of the plan call)
 METHODS: tuple[tuple[str, str, dict], ...] = (
-    ("infer bf16", "infer", {"bits": 16}),
-    ("infer int8", "infer", {"bits": 8}),
-    ("infer int4", "infer", {"bits": 4}),
-    ("full (8-bit Adam)", "train", {"method": "full", "optimizer": "adamw-8bit"}),
+    ("infer 16", "infer", {"bits": 16}),
+    ("infer 8", "infer", {"bits": 8}),
+    ("infer 4", "infer", {"bits": 4}),
+    ("full", "train", {"method": "full", "optimizer": "adamw-8bit"}),
     ("LoRA", "train", {"method": "lora"}),
     ("QLoRA", "train", {"method": "qlora"}),
 )
@@ -72,11 +72,11 @@ def render_matrix(matrix: FitsMatrix):
     from rich.table import Table
 
     g = matrix.card
-    table = Table(title=f"What fits on {g.name} ({g.memory_gib:g} GiB): peak GiB needed; infer at {matrix.ctx:,} ctx, "
-                        f"train at batch 1 x {matrix.seq_len:,} with checkpointing",
-                  caption="[green]green[/]: fits within 90% (infer) / 95% (train) of the card; [red]red[/]: does not fit; "
-                          "(n): bs=1 tok/s with the layers that do not fit offloaded to CPU RAM")
-    table.add_column("model")
+    table = Table(title=f"What fits on {g.name} ({g.memory_gib:g} GiB): peak GiB", caption=(
+        f"infer N: N-bit weights, 1 x {matrix.ctx:,} tokens; train: batch 1 x {matrix.seq_len:,}, checkpointing on, "
+        "full = bf16 + 8-bit AdamW, QLoRA = int4-g64 base. [green]green[/]: fits in 90% (infer) / 95% (train) of the card; "
+        "[red]red[/]: does not; (n): bs=1 tok/s with the layers that do not fit offloaded to CPU RAM"))
+    table.add_column("model", no_wrap=True)
     for c in matrix.columns:
         table.add_column(c, justify="right")
     for name, cells in matrix.rows:
