@@ -47,7 +47,7 @@ def test_reference_matches_contiguous_attention():
 
 def test_triton_kernel_matches_reference():
     pytest.importorskip("triton")
-    q, kc, vc, bt, ctx, ks, vs = _setup([5, 19], D=16)
+    q, kc, vc, bt, ctx, ks, vs = _setup([5, 19, 130], D=16, num_blocks=24)  # 130 tokens: three 64-token tiles
     got = paged_decode_attention_triton(q, kc, vc, bt, ctx, 0.25)
     assert torch.allclose(got, _contiguous(q, ks, vs, 0.25), atol=1e-5)
 

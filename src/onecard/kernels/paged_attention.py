@@ -6,7 +6,7 @@ at offset ``p % block_size``. ``context_lens[b]`` counts the cached tokens
 (including the one being decoded, which ``store_kv`` wrote first).
 
 The kernel runs one program per (sequence, query head), streams the sequence's
-blocks once and keeps an online softmax in registers (flash-decoding without
+blocks (several per iteration) once and keeps an online softmax in registers (flash-decoding without
 the split: at decode, the weights dominate the bytes moved, not the cache).
 Shapes of every tensor it reads are fixed per batch size, and the context
 lengths are read on the device, so a CUDA graph can capture it.
@@ -59,28 +59,29 @@ if triton is not None:
     def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, context_lens_ptr, scale,
                              stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt_b, stride_ob,
                              stride_oh, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                             BLOCK_SIZE: tl.constexpr):
+                             BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr):
+        # TILE tokens (TILE // BLOCK_SIZE cache blocks, gathered) per iteration: more bytes in flight per program.
         seq = tl.program_id(0)
         head = tl.program_id(1)
         kv_head = head // GROUP
         offs_d = tl.arange(0, BLOCK_D)
-        offs_s = tl.arange(0, BLOCK_SIZE)
+        offs_t = tl.arange(0, TILE)
         dmask = offs_d < HEAD_DIM
         q = tl.load(q_ptr + seq * stride_qb + head * stride_qh + offs_d, mask=dmask, other=0.0).to(tl.float32)
         ctx = tl.load(context_lens_ptr + seq)
         m_i = tl.full([1], float("-inf"), tl.float32)
         l_i = tl.zeros([1], tl.float32)
         acc = tl.zeros([BLOCK_D], tl.float32)
-        num_blocks = tl.cdiv(ctx, BLOCK_SIZE)
-        for b in range(0, num_blocks):
-            block = tl.load(block_tables_ptr + seq * stride_bt_b + b).to(tl.int64)
-            pos = b * BLOCK_SIZE + offs_s
-            smask = pos < ctx
-            off = block * stride_kb + offs_s[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :]
-            mask2 = smask[:, None] & dmask[None, :]
+        for start in range(0, ctx, TILE):
+            pos = start + offs_t
+            tmask = pos < ctx
+            block = tl.load(block_tables_ptr + seq * stride_bt_b + pos // BLOCK_SIZE, mask=tmask, other=0).to(tl.int64)
+            off = block[:, None] * stride_kb + (pos % BLOCK_SIZE)[:, None] * stride_ks + kv_head * stride_kh \
+                + offs_d[None, :]
+            mask2 = tmask[:, None] & dmask[None, :]
             k = tl.load(k_ptr + off, mask=mask2, other=0.0).to(tl.float32)
             s = tl.sum(k * q[None, :], axis=1) * scale
-            s = tl.where(smask, s, float("-inf"))
+            s = tl.where(tmask, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=0))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new)
@@ -108,6 +109,7 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_SIZE=block_size,
+        TILE=max(64, block_size),
     )
     return out
 
