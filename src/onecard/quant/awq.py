@@ -1,0 +1,103 @@
+"""AWQ (Lin et al., 2023): protect the weights that see large activations by scaling them up before rounding.
+
+For a set of linears that share one input ``x`` (q/k/v after the attention norm,
+gate/up after the MLP norm, down after up, o after v), the input channels get
+scales ``s = mean|x|^a / mean|w_norm|^(1-a)`` (AutoAWQ's "duo" form) with ``a``
+picked on a grid by the error of the quantized output; the weights are
+multiplied by ``s`` and the op that produces ``x`` (a norm, or the previous
+linear's rows) divided by ``s``, so the float model is unchanged while the
+rounding error moves off the salient channels. Then a clipping search shrinks
+each group's range where that lowers the group's output error. Quantization
+itself is asymmetric group RTN. Learned from AutoAWQ (``quantizer.py``); our own code.
+
+Simplification, stated: the scale search scores the group's own linear
+outputs (the whole MLP for gate/up), not the attention block's output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from onecard.quant.rtn import fake_quantize, qparams
+
+N_GRID = 20
+MAX_SHRINK = 0.5
+
+
+def fake_quantize_groups(w: torch.Tensor, bits: int, group_size: int, shrink: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Asymmetric group quantize->dequantize of ``w[out, in]`` (fp32)."""
+    out_f, in_f = w.shape
+    gs = in_f if group_size == -1 else group_size
+    pad = (-in_f) % gs
+    wf = F.pad(w.float(), (0, pad)).reshape(-1, gs)
+    if isinstance(shrink, torch.Tensor):
+        shrink = shrink.reshape(-1)
+    s, z = qparams(wf, bits, sym=False, shrink=shrink)
+    return fake_quantize(wf, s, z, bits).reshape(out_f, in_f + pad)[:, :in_f]
+
+
+@dataclass
+class ScaleGroup:
+    """Linears sharing one input, and how to score a candidate (``forward(x, weights) -> output``)."""
+
+    name: str
+    weights: list[torch.Tensor]                  # [out_i, in] each, fp32, modified in place when applied
+    score_fn: Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]
+
+
+def linear_outputs(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([x @ w.t() for w in weights], dim=-1)
+
+
+@torch.no_grad()
+def search_scales(x: torch.Tensor, group: ScaleGroup, bits: int, group_size: int) -> torch.Tensor:
+    """Best per-input-channel scale for ``group`` given its input tokens ``x[T, in]`` (fp32)."""
+    x = x.float()
+    x_mean = x.abs().mean(0)
+    w_all = torch.cat(group.weights, 0)
+    gs = w_all.shape[1] if group_size == -1 else group_size
+    wg = w_all.abs().reshape(w_all.shape[0], -1, gs)
+    w_mean = (wg / (wg.amax(dim=-1, keepdim=True) + 1e-6)).reshape(w_all.shape).mean(0)
+    reference = group.score_fn(x, group.weights)
+    best, best_err = torch.ones_like(x_mean), float("inf")
+    for i in range(N_GRID):
+        ratio = i / N_GRID
+        s = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        candidate = [fake_quantize_groups(w * s, bits, group_size) / s for w in group.weights]
+        err = (group.score_fn(x, candidate) - reference).pow(2).mean().item()
+        if err < best_err:
+            best, best_err = s, err
+    return best
+
+
+@torch.no_grad()
+def search_clip(x: torch.Tensor, w: torch.Tensor, bits: int, group_size: int, max_tokens: int = 256,
+                oc_batch: int = 128) -> torch.Tensor:
+    """Per-(row, group) shrink factor in ``[1 - MAX_SHRINK, 1]`` minimizing that group's output error."""
+    out_f, in_f = w.shape
+    gs = in_f if group_size == -1 else group_size
+    pad = (-in_f) % gs  # a partial last group: zero-padded weights and inputs add nothing to the outputs
+    n_groups = (in_f + pad) // gs
+    x = F.pad(x.float()[:: max(1, x.shape[0] // max_tokens)][:max_tokens], (0, pad))
+    xg = x.reshape(1, x.shape[0], n_groups, gs)                  # [1, T, G, gs]
+    shrinks = []
+    for o in range(0, out_f, oc_batch):
+        wb = F.pad(w[o:o + oc_batch].float(), (0, pad))
+        wg = wb.reshape(-1, 1, n_groups, gs)                     # [oc, 1, G, gs]
+        ref = (xg * wg).sum(-1)                                  # [oc, T, G]
+        best = torch.ones(wb.shape[0], n_groups, device=w.device)
+        best_err = torch.full_like(best, float("inf"))
+        for i in range(int(MAX_SHRINK * N_GRID)):
+            shrink = 1 - i / N_GRID
+            wq = fake_quantize_groups(wb, bits, gs, shrink).reshape(wg.shape)
+            err = ((xg * wq).sum(-1) - ref).pow(2).mean(1)       # [oc, G]
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, torch.full_like(best, shrink), best)
+        shrinks.append(best)
+    return torch.cat(shrinks, 0)

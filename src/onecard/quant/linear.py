@@ -1,0 +1,117 @@
+"""``QuantLinear``: a drop-in ``nn.Linear`` replacement holding int4/int8 weights in the kernel layout.
+
+Built from a ``QuantizedWeight`` (any method, any checkpoint layout) by
+``QuantLinear.from_quantized``, which repacks once at load time into the layout
+``onecard.kernels.wo_matmul`` documents: codes packed along K, groups
+contiguous. An act-order weight (``g_idx`` not ``k // group_size``) is made
+contiguous by sorting its input channels by group; ``perm`` then gathers the
+activations in the same order before the matmul, so groups stay whole.
+
+On CUDA ``forward`` runs the Triton kernel; elsewhere it runs the PyTorch
+reference (dequantize, then matmul) — same numbers, no interpreter in the hot path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from onecard.errors import UnsupportedModelError
+from onecard.kernels.wo_matmul import dequantize_reference, wo_matmul, wo_matmul_reference
+from onecard.quant.packing import pack_rows
+from onecard.quant.rtn import QuantizedWeight, rtn_quantize
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ dequant(W).T + b`` with W stored as packed ``bits``-bit codes (buffers, not parameters)."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False,
+                 act_order: bool = False, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.group_size = in_features if group_size == -1 else group_size  # kernel group (per-channel = K)
+        groups = (in_features + self.group_size - 1) // self.group_size
+        self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32,
+                                                    device=device))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16, device=device))
+        self.register_buffer("zeros", torch.zeros(groups, out_features, dtype=torch.float16, device=device))
+        self.register_buffer("perm", torch.arange(in_features, dtype=torch.int32, device=device) if act_order else None)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> "QuantLinear":
+        """Repack ``qw`` into the kernel layout (sorting act-order groups to be contiguous)."""
+        out_f, in_f = qw.q.shape
+        gs = in_f if qw.group_size == -1 else qw.group_size
+        g_idx = qw.g_idx.long()
+        natural = torch.arange(in_f, device=g_idx.device) // gs
+        act_order = not torch.equal(g_idx, natural)
+        q = qw.q
+        if act_order:
+            perm = torch.argsort(g_idx, stable=True)
+            if not torch.equal(g_idx[perm], natural):
+                raise UnsupportedModelError(
+                    f"g_idx does not put exactly {gs} input channels in each group; onecard's kernels need "
+                    "equal groups (requantize with `onecard quantize`)")
+            q = q[:, perm]
+        mod = cls(in_f, out_f, qw.bits, qw.group_size, bias is not None, act_order, device=q.device)
+        mod.qweight = pack_rows(q.t().contiguous(), qw.bits)
+        mod.scales = qw.scales.to(torch.float16).contiguous()
+        mod.zeros = qw.zeros.to(torch.float16).contiguous()
+        if act_order:
+            mod.perm = perm.to(torch.int32)
+        if bias is not None:
+            mod.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return mod
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int, sym: bool = True) -> "QuantLinear":
+        """Round-to-nearest quantization of an existing ``nn.Linear`` (on-the-fly RTN)."""
+        qw = rtn_quantize(linear.weight.data, bits, group_size, sym)
+        return cls.from_quantized(qw, linear.bias.data if linear.bias is not None else None)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``[out, in]`` in the original input-channel order (what an ``nn.Linear`` would hold)."""
+        w = dequantize_reference(self.qweight, self.scales, self.zeros, self.bits, self.group_size)  # [K', N]
+        if self.perm is not None:
+            w = torch.empty_like(w).index_copy_(0, self.perm.long(), w)
+        return w.t().to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        if x.is_cuda:
+            y = wo_matmul(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size)
+        else:
+            y = wo_matmul_reference(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size)
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
+
+    def weight_bytes(self) -> int:
+        """Bytes read per forward (codes + scales + zeros): the roofline's numerator."""
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, act_order={self.perm is not None}, bias={self.bias is not None}")
+
+
+def concat_quantized(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    """Stack weights along the output dim (q/k/v -> qkv, gate/up -> gate_up); they must share ``g_idx``."""
+    first = parts[0]
+    for p in parts[1:]:
+        if p.bits != first.bits or p.group_size != first.group_size or not torch.equal(p.g_idx, first.g_idx):
+            raise UnsupportedModelError(
+                "cannot fuse quantized projections that differ in bits, group size or g_idx (act-order)")
+    return QuantizedWeight(torch.cat([p.q for p in parts], 0), torch.cat([p.scales for p in parts], 1),
+                           torch.cat([p.zeros for p in parts], 1), first.g_idx, first.bits, first.group_size)
+
+
+class ConcatLinear(nn.Module):
+    """Several linears on the same input, outputs concatenated: the fallback when fusing is impossible."""
+
+    def __init__(self, parts: list[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)

@@ -1,0 +1,158 @@
+"""Run quantized weights: load GPTQ/AWQ folders into onecard's model (or an HF model), or RTN-quantize on the fly.
+
+``load_quantized_model`` builds our fused Llama-family model without ever
+allocating the dense linear weights (the model is built on the meta device,
+the four linears per layer are swapped for ``QuantLinear`` holding the
+checkpoint's codes, and only then is the rest materialized), so a 34B-arch
+int4 model loads within 24 GiB. q/k/v and gate/up are fused along the output
+dim, which is exact because projections of one input share ``g_idx``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from onecard.errors import ModelFolderError
+from onecard.models.folder import ModelFolder, open_model_folder
+from onecard.quant.checkpoint import QUANT_SUFFIXES, QuantFormat, quantized_modules, read_quantized
+from onecard.quant.config import QuantSpec
+from onecard.quant.linear import ConcatLinear, QuantLinear, concat_quantized
+from onecard.quant.rtn import QuantizedWeight
+
+# our fused linear (in a layer) -> the HF modules it is made of
+FUSED_FROM_HF = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "self_attn.o_proj": ("self_attn.o_proj",),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp.down_proj": ("mlp.down_proj",),
+}
+
+
+def _folder(folder: str | Path | ModelFolder) -> tuple[ModelFolder, QuantFormat]:
+    f = folder if isinstance(folder, ModelFolder) else open_model_folder(folder)
+    if not f.quantization_config:
+        raise ModelFolderError(f"'{f.path}' has no quantization_config in config.json; it is not a quantized model "
+                               "(load it normally, or quantize it with `onecard quantize`)")
+    return f, QuantFormat.from_config(f.quantization_config)
+
+
+def _fused_module(parts: list[QuantizedWeight], device) -> nn.Module:
+    parts = [QuantizedWeight(p.q.to(device), p.scales.to(device), p.zeros.to(device), p.g_idx.to(device), p.bits,
+                             p.group_size) for p in parts]
+    try:
+        return QuantLinear.from_quantized(concat_quantized(parts) if len(parts) > 1 else parts[0])
+    except Exception as exc:  # projections quantized with different g_idx: keep them apart
+        if len(parts) == 1 or "cannot fuse" not in str(exc):
+            raise
+        return ConcatLinear([QuantLinear.from_quantized(p) for p in parts])
+
+
+@torch.no_grad()
+def load_quantized_model(folder: str | Path | ModelFolder, dtype: torch.dtype = torch.bfloat16,
+                         device: str | torch.device = "cuda", max_positions: int | None = None,
+                         progress: bool = False):
+    """onecard's ``LlamaModel`` with ``QuantLinear`` in place of every quantized linear (GPTQ or AWQ folder)."""
+    from onecard.models.llama import LlamaModel
+    from onecard.models.loader import load_weights
+
+    f, _fmt = _folder(folder)
+    fmt = _fmt
+    args = f.model_args()
+    present = set(quantized_modules(f))
+    with torch.device("meta"):
+        model = LlamaModel(args, max_positions)
+    # Which fused linears are quantized in the file (all of q/k/v, or none: never half).
+    swap: dict[tuple[int, str], tuple[str, ...]] = {}
+    for i in range(args.num_layers):
+        for ours, hf_parts in FUSED_FROM_HF.items():
+            names = [f"model.layers.{i}.{p}" for p in hf_parts]
+            have = [n in present for n in names]
+            if all(have):
+                swap[(i, ours)] = tuple(names)
+            elif any(have):
+                raise ModelFolderError(f"'{f.path}' quantizes only some of {hf_parts} in layer {i}; "
+                                       "onecard fuses them and needs all or none")
+            parent, attr = ours.split(".")
+            if all(have):
+                setattr(getattr(model.layers[i], parent), attr, nn.Identity())  # placeholder: no dense allocation
+    model = model.to_empty(device=device).to(dtype)
+    if args.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rotary.init_table()
+    items = swap.items()
+    if progress:
+        from rich.progress import track
+
+        items = track(list(items), description="loading quantized linears", transient=True)
+    for (i, ours), names in items:
+        parts = [read_quantized(f, fmt, n) for n in names]
+        parent, attr = ours.split(".")
+        mod = _fused_module(parts, device)
+        bias_rows = [f.tensors.get(f"{n}.bias") for n in names]
+        if any(b is not None for b in bias_rows):
+            mod.bias = nn.Parameter(torch.zeros(sum(p.out_features for p in parts), device=device, dtype=dtype),
+                                    requires_grad=False)  # filled by load_weights below (fused rows)
+        setattr(getattr(model.layers[i], parent), attr, mod)
+    load_weights(model, f, skip=lambda n: n.endswith(QUANT_SUFFIXES), progress=progress)
+    return model.eval().requires_grad_(False)
+
+
+def _decoder_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, linear) for every ``nn.Linear`` inside the decoder layers (never the head)."""
+    found = []
+    for name, module in model.named_modules():
+        if ".layers." not in f".{name}." and not name.startswith("layers."):
+            continue
+        for attr, child in module.named_children():
+            if type(child) is nn.Linear:
+                found.append((module, attr, child))
+    return found
+
+
+@torch.no_grad()
+def quantize_model_(model: nn.Module, spec: str | QuantSpec) -> nn.Module:
+    """On-the-fly RTN, in place: every decoder-layer ``nn.Linear`` becomes a ``QuantLinear``.
+
+    Works on onecard's model (fused qkv/gate_up: one group grid across the
+    fused rows is the same as quantizing each part, since RTN is per output row)
+    and on HF models. ``spec``: ``"rtn-int4"`` (g128, asymmetric) or ``"int8"``.
+    """
+    s = QuantSpec.parse(spec)
+    for parent, attr, lin in _decoder_linears(model):
+        q = QuantLinear.from_linear(lin, s.bits, s.group_size, s.sym)
+        if q.bias is not None:
+            q.bias.data = q.bias.data.to(lin.weight.dtype)
+        setattr(parent, attr, q)
+    return model
+
+
+@torch.no_grad()
+def load_quantized_hf(folder: str | Path | ModelFolder, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """A transformers model with our ``QuantLinear`` modules: the reference path for quality checks.
+
+    Independent of onecard's engine, so perplexity of a quantized folder can be
+    compared with the float HF model through the same code.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    f, fmt = _folder(folder)
+    cfg = AutoConfig.for_model(**{k: v for k, v in f.config.items() if k != "quantization_config"})
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device)
+    mods = quantized_modules(f)
+    for name in mods:
+        parent_name, attr = name.rsplit(".", 1)
+        old = model.get_submodule(name)
+        qw = read_quantized(f, fmt, name, device=device)
+        setattr(model.get_submodule(parent_name), attr, QuantLinear.from_quantized(qw, old.bias))
+    state = {n: t for n, t in f.iter_tensors({n for n in f.tensors if not n.endswith(QUANT_SUFFIXES)})}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    quant_buffers = {f"{m}.{b}" for m in mods for b in ("qweight", "scales", "zeros", "perm")}
+    missing = [m for m in missing if m not in quant_buffers and not (cfg.tie_word_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise ModelFolderError(f"'{f.path}' does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+    return model.to(device).eval()
