@@ -204,3 +204,18 @@ def test_bf16_gpu_greedy_matches_hf_for_256_steps(arch, random_checkpoint):
         ref = hf.generate(ids, max_new_tokens=256, min_new_tokens=256, do_sample=False)[0, ids.shape[1]:].tolist()
     same = next((i for i, (a, b) in enumerate(zip(out.outputs[0].token_ids, ref)) if a != b), 256)
     assert same == 256, f"first divergence at step {same}"
+
+
+def test_config_errors_are_one_line_and_actionable(llama_path):
+    from onecard.errors import DoesNotFitError, NotBuiltYetError
+
+    with pytest.raises(DoesNotFitError, match="max_model_len"):
+        LLM(llama_path, max_model_len=128, block_size=8, num_kv_blocks=2)
+    with pytest.raises(BadInputError, match="max_position_embeddings"):
+        LLM(llama_path, max_model_len=10**7)
+    with pytest.raises(NotBuiltYetError, match="tensor_parallel_size"):
+        LLM(llama_path, tensor_parallel_size=2)
+    with pytest.raises(BadInputError, match="block_size"):
+        LLM(llama_path, block_size=12)
+    with pytest.raises(BadInputError, match="gpu_memory_utilization"):
+        LLM(llama_path, gpu_memory_utilization=1.5)

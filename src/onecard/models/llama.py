@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from onecard.kernels.paged_attention import paged_decode_attention, store_kv
 from onecard.models.config import ModelArgs
 
 
@@ -125,14 +126,10 @@ class Attention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         q, k = rotary(positions, q, k)
         if meta is not None and self.k_cache is not None:
-            from onecard.kernels.paged_attention import store_kv
-
             store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         if meta is None or meta.is_prefill:
             out = prefill_attention(q, k, v, meta.seq_lens if meta is not None else [T], self.scale)
         else:
-            from onecard.kernels.paged_attention import paged_decode_attention
-
             out = paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
                                          self.scale, use_triton=meta.decode_attention == "triton")
         return self.o_proj(out.reshape(T, self.q_size))
