@@ -76,7 +76,8 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
         # A per-process cap (torch.cuda.set_per_process_memory_fraction, e.g. to act as a 24 GB card) shrinks the card.
-        total = int(total * torch.cuda.get_per_process_memory_fraction(self.device))
+        total = int(total * torch.cuda.get_per_process_memory_fraction(
+            self.device.index if self.device.index is not None else torch.cuda.current_device()))
         stats = torch.cuda.memory_stats(self.device)
         peak, current = stats["allocated_bytes.all.peak"], stats["allocated_bytes.all.current"]
         used = total - free
