@@ -74,13 +74,14 @@ class ModelRunner:
                 f"a {cfg.max_num_batched_tokens}-token prefill does not fit next to the weights; lower "
                 "max_num_batched_tokens / max_model_len, or use quantization='rtn-int4'") from None
         torch.cuda.synchronize(self.device)
-        free, total = torch.cuda.mem_get_info(self.device)
+        free, card_total = torch.cuda.mem_get_info(self.device)
+        # Everything this process holds (CUDA context + allocator), as a real card of the capped size would count it.
+        used = card_total - free
         # A per-process cap (torch.cuda.set_per_process_memory_fraction, e.g. to act as a 24 GB card) shrinks the card.
-        total = int(total * torch.cuda.get_per_process_memory_fraction(
+        total = int(card_total * torch.cuda.get_per_process_memory_fraction(
             self.device.index if self.device.index is not None else torch.cuda.current_device()))
         stats = torch.cuda.memory_stats(self.device)
         peak, current = stats["allocated_bytes.all.peak"], stats["allocated_bytes.all.current"]
-        used = total - free
         available = total * cfg.gpu_memory_utilization - used - (peak - current)
         num_blocks = int(available // per_block)
         need = cfg.max_model_len * per_block / self.block_size
