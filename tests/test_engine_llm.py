@@ -219,3 +219,13 @@ def test_config_errors_are_one_line_and_actionable(llama_path):
         LLM(llama_path, block_size=12)
     with pytest.raises(BadInputError, match="gpu_memory_utilization"):
         LLM(llama_path, gpu_memory_utilization=1.5)
+
+
+def test_sliding_window_models_default_to_the_window(tmp_path):
+    from onecard.errors import NotBuiltYetError
+    from onecard.testing import make_random_checkpoint
+
+    path = make_random_checkpoint("mistral-7b", "tiny", tmp_path / "m", overrides={"sliding_window": 64})
+    assert LLM(path).stats()["max_model_len"] == 64
+    with pytest.raises(NotBuiltYetError, match="sliding_window"):
+        LLM(path, max_model_len=128)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from onecard.engine.config import EngineConfig
+from onecard.engine.config import DEFAULT_MAX_MODEL_LEN_CAP, EngineConfig
 from onecard.engine.outputs import RequestOutput
 from onecard.engine.sampling_params import SamplingParams
 from onecard.errors import BadInputError, DoesNotFitError, NotBuiltYetError
@@ -75,6 +75,8 @@ def build_engine(config: EngineConfig, progress: bool = False):
 
         return HFFallbackEngine(config, folder, tokenizer, device)
     args = folder.model_args()
+    if config.max_model_len is None and args.sliding_window is not None:
+        config.max_model_len = min(args.max_position_embeddings, args.sliding_window, DEFAULT_MAX_MODEL_LEN_CAP)
     config.resolve(args.max_position_embeddings)
     if args.sliding_window is not None and config.max_model_len > args.sliding_window:
         raise NotBuiltYetError(f"sliding-window attention is not implemented; set max_model_len <= "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum, auto
 
 import torch
@@ -46,7 +46,6 @@ class Sequence:
         self.text = ""
         self.read_offset = self.num_prompt_tokens
         self.prefix_offset = max(self.num_prompt_tokens - 5, 0)
-        self.stop_checked_len = 0
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -81,7 +80,6 @@ class Request:
     arrival_time: float
     first_token_time: float | None = None
     finished_time: float | None = None
-    aborted: bool = field(default=False)
 
     @property
     def finished(self) -> bool:
