@@ -145,7 +145,7 @@ def register(app: typer.Typer) -> None:
         scores = evaluate_retrieval(db, targets, progress=True)
         table = Table("mode", "recall@1", "recall@5", "recall@10", "MRR", "p95 ms", title=f"{len(targets)} questions")
         result: dict = {"questions": len(targets), "questions_missing": len(missing), "cpu": platform.processor() or platform.machine(),
-                        "cpu_count": os.cpu_count()}
+                        "cpu_count": os.cpu_count(), "cpu_load_1min_at_start": os.getloadavg()[0]}
         for mode, s in scores.items():
             table.add_row(mode, *(f"{s.recall[k]:.3f}" for k in (1, 5, 10)), f"{s.mrr:.3f}", f"{s.p95_ms:.1f}")
             for k in (1, 5, 10):
@@ -154,6 +154,18 @@ def register(app: typer.Typer) -> None:
             result[f"{mode}_retrieval_p95_ms"] = s.p95_ms
         result["hybrid_minus_vector_recall_at_5"] = scores["hybrid"].recall[5] - scores["vector"].recall[5]
         console.print(table)
+        from onecard.rag.answer import DEFAULT_MIN_SIMILARITY
+        from onecard.rag.evaluate import OFFTOPIC_FILE, evaluate_refusals
+
+        off = [q for q in OFFTOPIC_FILE.read_text().splitlines() if q.strip()]
+        rs = evaluate_refusals(db, targets, off, DEFAULT_MIN_SIMILARITY)
+        result.update({"idk_threshold": rs.threshold, "idk_in_domain_refused": rs.in_domain_refused,
+                       "idk_off_topic_refused": rs.off_topic_refused, "idk_off_topic_questions": len(off),
+                       "in_domain_min_best_similarity": rs.in_domain_min_similarity,
+                       "off_topic_max_best_similarity": rs.off_topic_max_similarity})
+        console.print(f"\"I don't know\" at cosine < {rs.threshold}: {rs.in_domain_refused:.1%} of real questions refused, "
+                      f"{rs.off_topic_refused:.1%} of {len(off)} off-topic questions refused "
+                      f"(real min {rs.in_domain_min_similarity:.2f}, off-topic max {rs.off_topic_max_similarity:.2f})")
         if model:
             sub = targets[:limit] if limit else targets
             cs = evaluate_citations(db, sub, model, progress=True)

@@ -116,6 +116,38 @@ def evaluate_retrieval(db: str | Path, targets: list[Target], ks: tuple[int, ...
         store.close()
 
 
+OFFTOPIC_FILE = Path(__file__).resolve().parent / "eval" / "offtopic_questions.txt"
+
+
+@dataclass
+class RefusalScores:
+    threshold: float
+    in_domain_refused: float     # share of real questions that would get "I don't know" (should be ~0)
+    off_topic_refused: float     # share of off-topic questions that would get "I don't know" (should be ~1)
+    in_domain_min_similarity: float
+    off_topic_max_similarity: float
+
+
+def evaluate_refusals(db: str | Path, targets: list[Target], off_topic: list[str], threshold: float,
+                      embedder: str | None = None) -> RefusalScores:
+    """How the "I don't know" threshold splits real questions from off-topic ones (best cosine of the top 5)."""
+    from onecard.rag.embeddings import load_embedder
+
+    store = open_store(db)
+    try:
+        emb = load_embedder(embedder or store.get_meta().get("embedder"))
+        qs = [t.question for t in targets] + list(off_topic)
+        best = []
+        for q, v in zip(qs, emb.encode(qs)):
+            hits = retrieve(store, q, v, k=5, mode="hybrid").hits
+            best.append(max((h.similarity for h in hits if h.similarity is not None), default=0.0))
+    finally:
+        store.close()
+    a, b = np.array(best[: len(targets)]), np.array(best[len(targets):])
+    return RefusalScores(threshold, float((a < threshold).mean()), float((b < threshold).mean()) if len(b) else 0.0,
+                         float(a.min()), float(b.max()) if len(b) else 0.0)
+
+
 @dataclass
 class CitationScores:
     questions: int
