@@ -1,0 +1,146 @@
+"""QLoRA base: frozen int4 linear layers (RTN, symmetric, group-wise), dequantized on the fly.
+
+Why our own: QLoRA needs only a frozen low-bit base that can give d(input); it
+does not need bitsandbytes. Weights are stored as two 4-bit codes per byte plus
+one bf16/fp16 scale per ``group_size`` inputs (~4.25 bits/weight), so Llama-3-8B's
+linear layers take ~4 GiB instead of 14 GiB.
+
+The matmul dequantizes the whole weight to the compute dtype and calls cuBLAS:
+at training's thousands of tokens per step this is compute-bound, and the
+dequantized copy is transient. ``_Int4MatmulFn`` saves nothing for backward
+but the packed codes, and dequantizes again for ``dy @ W`` — autograd would
+otherwise keep a full bf16 copy of every layer's weight alive until backward.
+
+``Int4Linear`` subclasses ``nn.Linear`` so PEFT's LoRA wraps it like any
+linear (``lora.Linear(base_layer=Int4Linear)``). It is a training format only:
+``onecard quantize`` writes the GPTQ-layout checkpoints the engine serves, and
+``--merge`` merges a QLoRA adapter into the original full-precision weights.
+(This is a minimal base of the training job's own; onecard.quant's QuantLinear
+is the inference format and has no backward.)
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from onecard.errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int = 64, scale_dtype: torch.dtype = torch.bfloat16
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """RTN: codes in [-8, 7] stored +8 as uint8 nibbles (even column low); scale = absmax/7 per group."""
+    out_f, in_f = weight.shape
+    if in_f % group_size or group_size % 2:
+        raise BadInputError(f"int4 group size {group_size} must be even and divide the input size {in_f}")
+    w = weight.float().reshape(out_f, in_f // group_size, group_size)
+    scale = (w.abs().amax(-1, keepdim=True) / 7.0).clamp(min=1e-8).to(scale_dtype)
+    q = torch.round(w / scale.float()).clamp(-8, 7).to(torch.int16) + 8
+    q = q.reshape(out_f, in_f).to(torch.uint8)
+    packed = q[:, 0::2] | (q[:, 1::2] << 4)
+    return packed.contiguous(), scale.squeeze(-1).contiguous()
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of ``quantize_int4`` (up to rounding): ``[out, in]`` in ``dtype``."""
+    out_f, half = packed.shape
+    groups = scales.shape[1]
+    q = torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(out_f, 2 * half)
+    w = (q.to(dtype) - 8).reshape(out_f, groups, -1) * scales.to(dtype)[..., None]
+    return w.reshape(out_f, 2 * half)
+
+
+class _Int4MatmulFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, packed, scales, dtype):
+        ctx.save_for_backward(packed, scales)
+        ctx.dtype, ctx.x_dtype = dtype, x.dtype
+        return F.linear(x.to(dtype), dequantize_int4(packed, scales, dtype))
+
+    @staticmethod
+    def backward(ctx, dy):
+        packed, scales = ctx.saved_tensors
+        dx = dy.to(ctx.dtype) @ dequantize_int4(packed, scales, ctx.dtype)
+        return dx.to(ctx.x_dtype), None, None, None
+
+
+class Int4Linear(nn.Linear):
+    """Frozen int4 ``nn.Linear`` (packed codes + scales as buffers); gives gradients to its input only."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool,
+                 compute_dtype: torch.dtype, device=None) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.compute_dtype = compute_dtype
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8,
+                                                    device=device))
+        self.register_buffer("scales", torch.zeros(out_features, in_features // group_size, dtype=compute_dtype,
+                                                   device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=compute_dtype, device=device),
+                                 requires_grad=False) if bias else None
+
+    @property
+    def weight(self) -> torch.Tensor:  # PEFT and HF read .weight for device/dtype/shape
+        return self.qweight
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 64,
+                    compute_dtype: torch.dtype = torch.bfloat16) -> "Int4Linear":
+        mod = cls(linear.in_features, linear.out_features, group_size, linear.bias is not None, compute_dtype,
+                  device=linear.weight.device)
+        mod.qweight, mod.scales = quantize_int4(linear.weight.data, group_size, compute_dtype)
+        if linear.bias is not None:
+            mod.bias.data.copy_(linear.bias.data)
+        return mod
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize_int4(self.qweight, self.scales, self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _Int4MatmulFn.apply(x, self.qweight, self.scales, self.compute_dtype)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int4 group={self.group_size}, "
+                f"compute={self.compute_dtype}")
+
+
+def quantize_model_int4(model: nn.Module, group_size: int = 64, compute_dtype: torch.dtype = torch.bfloat16,
+                        skip: tuple[str, ...] = ("lm_head",), device: str | torch.device | None = None,
+                        progress: bool = False) -> int:
+    """Replace every ``nn.Linear`` (except ``skip`` names) in its parent by an ``Int4Linear``; returns the count.
+
+    Layers are quantized one at a time (moved to ``device`` first, if given) and the full-precision weight is
+    released as soon as its replacement exists: a model loaded on CPU reaches the GPU already in int4.
+    """
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and n.rpartition(".")[2] not in skip
+             and m.in_features % group_size == 0]
+    if not names:
+        raise BadInputError(f"no linear layer with an input size divisible by {group_size} to quantize")
+    bar = None
+    if progress:
+        from rich.progress import Progress
+
+        bar = Progress(transient=True)
+        bar.start()
+        task = bar.add_task("quantizing base to int4", total=len(names))
+    try:
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            linear = getattr(parent, child)
+            if device is not None:
+                linear = linear.to(device)
+            setattr(parent, child, Int4Linear.from_linear(linear, group_size, compute_dtype))
+            linear.weight = None
+            if bar:
+                bar.advance(task)
+    finally:
+        if bar:
+            bar.stop()
+    return len(names)

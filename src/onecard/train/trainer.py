@@ -1,0 +1,345 @@
+"""The training recipe: one local HF model folder + local data -> LoRA adapter / QLoRA adapter / full model.
+
+Built on ``transformers.Trainer`` and PEFT so users' habits carry over
+(checkpoint-N folders, ``--resume``, TrainingArguments semantics). What onecard
+adds: fused kernels patched in for real (``patching.py``), document-aware
+packing (``data.py``), int4 QLoRA base (``qlora.py``), CPU-offloaded
+checkpoints (``checkpointing.py``), precision chosen from the card (bf16 where
+supported, fp16 only with the GradScaler that Trainer adds for ``fp16=True``,
+never a scaler for bf16), gradient clipping on by default, eval perplexity,
+and one-line errors for every bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from onecard.errors import BadInputError, MissingExtraError
+from onecard.train.callbacks import (LossHistoryCallback, RichProgressCallback, eval_perplexity, last_checkpoint,
+                                     oom_guard, peak_gib, suggest_smaller)
+
+log = logging.getLogger(__name__)
+
+METHODS = ("lora", "qlora", "full")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+OPTIMIZERS = ("auto", "adamw", "adamw_8bit", "paged_adamw_8bit")
+RUN_FILE = "onecard_train.json"
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; validated at construction (bad values fail before any loading)."""
+
+    model: str | Path
+    data: str | Path
+    method: str = "lora"
+    out: str | Path | None = None
+    seq_len: int = 2048
+    batch_size: int = 1
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int = -1
+    lr: float | None = None
+    warmup_steps: int = 0
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_targets: str = "all-linear"
+    qlora_group_size: int = 64
+    eval_steps: int = 50
+    val_fraction: float = 0.05
+    max_eval_rows: int = 256
+    logging_steps: int = 10
+    save_steps: int = 200
+    bad_lines: str = "stop"
+    resume: bool = False
+    merge: bool = False
+    fused: bool = True
+    gradient_checkpointing: bool = True
+    offload_checkpoints: bool = False
+    precision: str = "auto"
+    max_grad_norm: float = 1.0
+    optimizer: str = "auto"
+    seed: int = 0
+    device: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.model = Path(self.model)
+        self.data = Path(self.data)
+        if self.method not in METHODS:
+            raise BadInputError(f"--method must be one of {', '.join(METHODS)}, not '{self.method}'")
+        if self.precision not in PRECISIONS:
+            raise BadInputError(f"precision must be one of {', '.join(PRECISIONS)}, not '{self.precision}'")
+        if self.optimizer not in OPTIMIZERS:
+            raise BadInputError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not '{self.optimizer}'")
+        for name in ("seq_len", "batch_size", "grad_accum", "logging_steps", "save_steps"):
+            if getattr(self, name) < 1:
+                raise BadInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.seq_len < 8:
+            raise BadInputError(f"--seq-len {self.seq_len} is too short to train on; use at least 8")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise BadInputError(f"--max-steps must be >= 1 (or unset), got {self.max_steps}")
+        if self.max_steps == -1 and self.epochs <= 0:
+            raise BadInputError(f"--epochs must be > 0, got {self.epochs}")
+        if self.lr is not None and not 0 < self.lr < 1:
+            raise BadInputError(f"--lr must be in (0, 1), got {self.lr}")
+        if self.max_grad_norm < 0:
+            raise BadInputError(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
+        if self.max_eval_rows < 1:
+            raise BadInputError(f"max_eval_rows must be >= 1, got {self.max_eval_rows}")
+        if self.eval_steps < 0:
+            raise BadInputError(f"--eval-steps must be >= 0 (0 disables evaluation), got {self.eval_steps}")
+        if self.merge and self.method == "full":
+            raise BadInputError("--merge applies to LoRA/QLoRA adapters; a full fine-tune already writes a model")
+        if self.offload_checkpoints and not self.gradient_checkpointing:
+            raise BadInputError("--offload-checkpoints needs gradient checkpointing; drop --no-gradient-checkpointing")
+        if self.lr is None:
+            self.lr = 2e-5 if self.method == "full" else 2e-4
+        if self.out is None:
+            self.out = Path("runs") / f"{self.model.name}-{self.method}"
+        self.out = Path(self.out)
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    weights_dir: Path
+    merged_dir: Path | None
+    steps: int
+    train_loss: list[tuple[int, float]]
+    eval: list[tuple[int, float, float]]
+    seconds: float
+    tokens_per_second: float
+    peak_gib: float
+    precision: str
+    trainable_parameters: int
+    total_parameters: int
+    patch_summary: str
+    data_summary: dict = field(default_factory=dict)
+
+
+def resolve_device(device: str | None) -> str:
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInputError(f"device '{device}' asked for but no CUDA GPU is visible; use --device cpu")
+    return device
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """auto: bf16 on cards that have it, else fp16 (+GradScaler); fp32 on CPU."""
+    on_gpu = device.startswith("cuda")
+    if precision == "auto":
+        if not on_gpu:
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp16" and not on_gpu:
+        raise BadInputError("fp16 mixed precision needs a CUDA GPU; use --precision fp32 or bf16 on CPU")
+    if precision == "bf16" and on_gpu and not torch.cuda.is_bf16_supported():
+        raise BadInputError("this GPU has no bf16; use --precision fp16 (with automatic loss scaling)")
+    return precision
+
+
+def _dtype(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def check_out_dir(out: Path, resume: bool) -> Path | None:
+    """Refuse to overwrite an earlier run; with ``resume`` return the checkpoint to continue from."""
+    ckpt = last_checkpoint(out)
+    old = ckpt is not None or (out / RUN_FILE).exists()
+    if resume:
+        if ckpt is None:
+            raise BadInputError(f"--resume: no checkpoint-N folder in '{out}' to resume from; drop --resume")
+        return ckpt
+    if old:
+        raise BadInputError(f"'{out}' holds an earlier run; pass --resume to continue it or choose another --out")
+    return None
+
+
+def load_model(cfg: TrainConfig, device: str, precision: str):
+    """The HF model for ``cfg.method``: bf16/fp16 frozen base for LoRA, int4 base for QLoRA, fp32 master for full."""
+    from transformers import AutoModelForCausalLM
+
+    from onecard.models import open_model_folder
+
+    folder = open_model_folder(cfg.model)
+    max_pos = folder.config.get("max_position_embeddings")
+    if max_pos and cfg.seq_len > max_pos:
+        raise BadInputError(f"--seq-len {cfg.seq_len} is above this model's maximum of {max_pos} positions; "
+                            f"use --seq-len {max_pos} or less")
+    base_dtype = torch.float32 if cfg.method == "full" or precision == "fp32" else _dtype(precision)
+    load_device = "cpu" if cfg.method == "qlora" else device
+    model = AutoModelForCausalLM.from_pretrained(str(cfg.model), dtype=base_dtype, attn_implementation="sdpa",
+                                                 device_map={"": load_device})
+    if cfg.method == "qlora":
+        from onecard.train.qlora import quantize_model_int4
+
+        quantize_model_int4(model, cfg.qlora_group_size, _dtype(precision) if precision != "fp32" else torch.float32,
+                            device=device, progress=cfg.progress)
+        model.to(device)
+    return model, folder
+
+
+def prepare_model(model, cfg: TrainConfig) -> tuple[object, str]:
+    """Patch kernels, enable checkpointing, add LoRA (for lora/qlora). Returns (model, patch summary)."""
+    from onecard.train.checkpointing import check_no_dropout, enable_checkpointing
+    from onecard.train.lora import add_lora
+    from onecard.train.patching import patch_model
+
+    summary = "fused kernels off"
+    if cfg.fused:
+        summary = patch_model(model).summary()
+    if cfg.method == "full":
+        model.requires_grad_(True)
+    else:
+        model.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model, offload=cfg.offload_checkpoints)
+    if cfg.method != "full":
+        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, seed=cfg.seed)
+    if cfg.offload_checkpoints:
+        check_no_dropout(model)
+    return model, summary
+
+
+def _optimizer(cfg: TrainConfig) -> str:
+    import importlib.util
+
+    has_bnb = importlib.util.find_spec("bitsandbytes") is not None
+    if cfg.optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+        if not has_bnb:
+            raise MissingExtraError(f"optimizer {cfg.optimizer} needs bitsandbytes, which is not installed; "
+                                    f"pip install bitsandbytes, or use --optimizer adamw")
+        return cfg.optimizer
+    if cfg.optimizer == "auto" and cfg.method == "full":
+        if has_bnb:
+            return "paged_adamw_8bit"
+        log.info("full fine-tuning uses plain AdamW (fp32 states): bitsandbytes is not installed, so no 8-bit/paged "
+                 "optimizer")
+    return "adamw_torch"
+
+
+def training_arguments(cfg: TrainConfig, precision: str, device: str, has_eval: bool, **overrides):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(cfg.out), per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
+        learning_rate=cfg.lr, lr_scheduler_type="cosine", warmup_steps=cfg.warmup_steps, weight_decay=0.0,
+        max_grad_norm=cfg.max_grad_norm, bf16=precision == "bf16", fp16=precision == "fp16",
+        optim=_optimizer(cfg), logging_steps=cfg.logging_steps,
+        eval_strategy="steps" if has_eval and cfg.eval_steps > 0 else "no",
+        eval_steps=cfg.eval_steps if has_eval and cfg.eval_steps > 0 else None,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
+        seed=cfg.seed, data_seed=cfg.seed, remove_unused_columns=False, prediction_loss_only=True,
+        disable_tqdm=True, report_to=[], use_cpu=not device.startswith("cuda"), dataloader_num_workers=0,
+        **overrides,
+    )  # gradient checkpointing is enabled by onecard (checkpointing.py) before PEFT wraps the model
+
+
+def make_trainer_class():
+    """``OnecardTrainer``: HF Trainer that adds eval perplexity and peak GPU memory to every log line."""
+    from transformers import Trainer
+
+    class OnecardTrainer(Trainer):
+        def log(self, logs: dict, *args, **kwargs) -> None:
+            if "eval_loss" in logs:
+                logs["eval_perplexity"] = eval_perplexity(logs["eval_loss"])
+            if torch.cuda.is_available():
+                logs["peak_gib"] = round(peak_gib(), 3)
+            super().log(logs, *args, **kwargs)
+
+    return OnecardTrainer
+
+
+def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, val_ds, precision: str, device: str,
+                  callbacks: list):
+    from onecard.train.data import collate
+
+    args = training_arguments(cfg, precision, device, val_ds is not None)
+    trainer_cls = make_trainer_class()
+    trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                          data_collator=collate, processing_class=tokenizer, callbacks=callbacks)
+    return trainer
+
+
+def onecard_trainer(cfg: TrainConfig, tokenizer, train_ds, val_ds, precision: str, device: str, callbacks: list):
+    """Our path: load (int4 for QLoRA), patch fused kernels, checkpointing (offloaded if asked), LoRA, Trainer."""
+    torch.manual_seed(cfg.seed)
+    model, _folder = load_model(cfg, device, precision)
+    model, patch_summary = prepare_model(model, cfg)
+    return build_trainer(cfg, model, tokenizer, train_ds, val_ds, precision, device, callbacks), patch_summary
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def train(cfg: TrainConfig, console=None, extra_callbacks: list | None = None) -> TrainResult:
+    """Run the whole job; raises ``OnecardError`` subclasses for anything the user can fix."""
+    from onecard.models import open_model_folder
+    from onecard.train.data import load_training_data
+    from onecard.train.lora import trainable_summary
+
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    resume_from = check_out_dir(cfg.out, cfg.resume)
+    open_model_folder(cfg.model)
+    tokenizer = load_tokenizer(cfg.model)
+    train_ds, val_ds, report = load_training_data(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, cfg.bad_lines,
+                                                  cfg.seed, progress=cfg.progress)
+    if val_ds is not None and len(val_ds) > cfg.max_eval_rows:
+        log.info("evaluating on the first %d of %d validation rows (max_eval_rows)", cfg.max_eval_rows, len(val_ds))
+        val_ds = torch.utils.data.Subset(val_ds, range(cfg.max_eval_rows))
+    history = LossHistoryCallback()
+    callbacks = [history, *(extra_callbacks or [])]
+    if cfg.progress:
+        callbacks.append(RichProgressCallback(console))
+    trainer, patch_summary = onecard_trainer(cfg, tokenizer, train_ds, val_ds, precision, device, callbacks)
+    model = trainer.model
+    trainable, total = trainable_summary(model)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    suggestion = suggest_smaller(cfg.batch_size, cfg.grad_accum, cfg.seq_len, cfg.offload_checkpoints, cfg.method)
+    t0 = time.perf_counter()
+    with oom_guard(cfg.out, suggestion, step=lambda: trainer.state.global_step):
+        out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    seconds = time.perf_counter() - t0
+    steps = trainer.state.global_step
+    done = steps - (int(resume_from.name.split("-")[1]) if resume_from else 0)
+    tokens = done * cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    weights_dir = cfg.out / ("model" if cfg.method == "full" else "adapter")
+    model.save_pretrained(str(weights_dir))
+    tokenizer.save_pretrained(str(weights_dir))
+    merged = None
+    if cfg.merge:
+        from onecard.train.merge import merge_adapter
+
+        merged = merge_adapter(cfg.model, weights_dir, cfg.out / "merged")
+    result = TrainResult(out_dir=cfg.out, weights_dir=weights_dir, merged_dir=merged, steps=steps,
+                         train_loss=history.train, eval=history.eval, seconds=seconds,
+                         tokens_per_second=tokens / max(seconds, 1e-9), peak_gib=peak_gib(), precision=precision,
+                         trainable_parameters=trainable, total_parameters=total, patch_summary=patch_summary,
+                         data_summary=asdict(report))
+    run = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+           "result": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(result).items()},
+           "train_runtime_s": out.metrics.get("train_runtime")}
+    (cfg.out / RUN_FILE).write_text(json.dumps(run, indent=2, default=str) + "\n")
+    if not math.isfinite(out.training_loss):
+        log.warning("training loss is not finite (%s); check --lr and the data", out.training_loss)
+    return result
