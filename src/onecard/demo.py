@@ -71,30 +71,54 @@ def stage_hf_generate(ctx: DemoContext) -> StageResult:
     return StageResult("generate (HF)", f"{out.shape[1] - ids.shape[1]} tokens greedy: {text.strip()[:40]!r}...")
 
 
-STAGES: tuple[Stage, ...] = (stage_model, stage_hardware, stage_hf_generate)
+# (label, "module:function"): resolved at run time so a job's optional extras load only when its stage runs.
+STAGES: tuple[tuple[str, str], ...] = (
+    ("monitor start", "onecard.monitor.demo_stage:start_demo_monitor"),
+    ("tiny model", "onecard.demo:stage_model"),
+    ("hardware", "onecard.demo:stage_hardware"),
+    ("plan", "onecard.plan.demo_stage:demo_stage"),
+    ("generate (HF)", "onecard.demo:stage_hf_generate"),
+    ("engine", "onecard.engine.demo_stage:demo_stage"),
+    ("rag", "onecard.rag.demo_stage:demo_stage"),
+    ("serve", "onecard.serve.demo_stage:demo_stage"),
+)
+# Run even when an earlier stage failed: the monitor report covers the run that happened.
+FINAL_STAGES: tuple[tuple[str, str], ...] = (("monitor report", "onecard.monitor.demo_stage:demo_stage"),)
+
+
+def _resolve(ref: str) -> Stage:
+    import importlib
+
+    module, func = ref.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def _run_stage(ctx: DemoContext, label: str, ref: str) -> StageResult:
+    ctx.console.rule(f"[bold]{label}")
+    t0 = time.perf_counter()
+    try:
+        res = _resolve(ref)(ctx)
+    except Exception as exc:  # shown in the summary, never swallowed
+        ctx.console.print_exception(max_frames=3)
+        res = StageResult(label, f"FAILED: {type(exc).__name__}: {exc}".splitlines()[0], ok=False)
+    res.seconds = time.perf_counter() - t0
+    return res
 
 
 def run_demo(workdir: Path, device: str | None = None, console: Console | None = None,
-             stages: tuple[Stage, ...] = STAGES) -> list[StageResult]:
+             stages: tuple[tuple[str, str], ...] = STAGES,
+             final_stages: tuple[tuple[str, str], ...] = FINAL_STAGES) -> list[StageResult]:
     import torch
 
     console = console or Console()
     workdir.mkdir(parents=True, exist_ok=True)
     ctx = DemoContext(workdir, device or ("cuda" if torch.cuda.is_available() else "cpu"), console)
     results: list[StageResult] = []
-    for stage in stages:
-        label = stage.__name__.removeprefix("stage_")
-        console.rule(f"[bold]{label}")
-        t0 = time.perf_counter()
-        try:
-            res = stage(ctx)
-        except Exception as exc:  # shown in the summary, never swallowed
-            console.print_exception(max_frames=3)
-            res = StageResult(label, f"FAILED: {type(exc).__name__}: {exc}".splitlines()[0], ok=False)
-        res.seconds = time.perf_counter() - t0
-        results.append(res)
-        if not res.ok:
+    for label, ref in stages:
+        results.append(_run_stage(ctx, label, ref))
+        if not results[-1].ok:
             break
+    results.extend(_run_stage(ctx, label, ref) for label, ref in final_stages)
     table = Table("stage", "s", "result", title="onecard demo")
     for r in results:
         table.add_row(("[green]" if r.ok else "[red]") + r.name, f"{r.seconds:.1f}", r.summary)
