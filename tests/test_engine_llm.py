@@ -229,3 +229,12 @@ def test_sliding_window_models_default_to_the_window(tmp_path):
     assert LLM(path).stats()["max_model_len"] == 64
     with pytest.raises(NotBuiltYetError, match="sliding_window"):
         LLM(path, max_model_len=128)
+
+
+def test_on_the_fly_quantization_swaps_linears(llama_path):
+    llm = LLM(llama_path, max_model_len=64, max_num_seqs=2, quantization="rtn-int4")
+    layer = llm.engine.runner.model.layers[0]
+    assert type(layer.self_attn.qkv_proj).__name__ == "QuantLinear"
+    assert type(layer.mlp.down_proj).__name__ == "QuantLinear"
+    out = llm.generate("def f():", SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 4
