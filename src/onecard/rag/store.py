@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Protocol
 
 import numpy as np
 
-from onecard.errors import BadInputError, MissingExtraError, NotBuiltYetError, OnecardError
+from onecard.errors import BadInputError, MissingExtraError, OnecardError
 from onecard.rag.splitter import Chunk
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class FileUpdate:
 
 
 class Store(Protocol):
-    """What the indexer and retrieval need; ``SqliteStore`` implements it (a pgvector backend would too)."""
+    """What the indexer and retrieval need; implemented by ``SqliteStore`` and ``pgvector_store.PgVectorStore``."""
 
     def get_meta(self) -> dict[str, str]: ...
     def file_hashes(self) -> dict[str, str]: ...
@@ -244,9 +244,11 @@ class SqliteStore:
 
 
 def open_store(db: str | Path, create: bool = False) -> Store:
-    """An SQLite index file; ``postgresql://`` URLs are refused until the pgvector backend exists."""
+    """``postgresql://...`` -> ``PgVectorStore``; anything else is an SQLite index file."""
     if str(db).startswith(("postgresql://", "postgres://")):
-        raise NotBuiltYetError("the Postgres + pgvector backend is not built yet (issue 11); use an SQLite --db file")
+        from onecard.rag.pgvector_store import PgVectorStore
+
+        return PgVectorStore(str(db), create=create)
     return SqliteStore(db, create=create)
 
 
