@@ -16,7 +16,7 @@ def _hit(i: int, text: str) -> Hit:
 
 def test_fit_passages_drops_lowest_ranked_then_shortens():
     hits = [_hit(i, "word " * 100) for i in range(1, 5)]
-    count = lambda s: len(s.split())  # noqa: E731
+    count = lambda s: len(s.split())
     fitted = fit_passages("q?", hits, count, budget=250)
     assert [h.id for h in fitted] == [1, 2] and count(build_prompt("q?", fitted)) <= 250
     one = fit_passages("q?", hits, count, budget=80)

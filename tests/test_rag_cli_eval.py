@@ -11,7 +11,12 @@ from typer.testing import CliRunner
 from onecard.cli import app
 from onecard.errors import BadInputError
 from onecard.rag.evalset import QUESTIONS_FILE, STDLIB_FILES, locate
-from onecard.rag.evaluate import Target, evaluate_retrieval, first_relevant_rank, load_questions
+from onecard.rag.evaluate import (
+    Target,
+    evaluate_retrieval,
+    first_relevant_rank,
+    load_questions,
+)
 
 runner = CliRunner(env={"COLUMNS": "300"})
 

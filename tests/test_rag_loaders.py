@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from onecard.errors import BadInputError
-from onecard.rag.loaders import html_to_text, load_file, SkipFile, walk
-
+from onecard.rag.loaders import SkipFile, html_to_text, load_file, walk
 
 
 def write_text_pdf(path: Path, pages: list[str]) -> Path:

@@ -131,7 +131,11 @@ def register(app: typer.Typer) -> None:
 
         from onecard.bench.results import run_facts
         from onecard.rag.evalset import QUESTIONS_FILE, index_stdlib_corpus
-        from onecard.rag.evaluate import evaluate_citations, evaluate_retrieval, load_questions
+        from onecard.rag.evaluate import (
+            evaluate_citations,
+            evaluate_retrieval,
+            load_questions,
+        )
 
         console = Console()
         if index_stdlib:

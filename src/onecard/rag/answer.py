@@ -13,10 +13,10 @@ Callers that already hold a model (the server) pass ``generate=``.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
 
 from onecard.errors import BadInputError
 from onecard.rag.splitter import Chunk
@@ -158,7 +158,7 @@ def ask(question: str, db: str | Path, model: str | Path | None = None, k: int =
         writer = engine_writer(str(model))
         hits = fit_passages(question, hits, writer.count_tokens, writer.max_len - max_tokens)
         context = context[: len(hits)]
-        generate = lambda p: writer(p, max_tokens)  # noqa: E731
+        generate = lambda p: writer(p, max_tokens)
     prompt = build_prompt(question, hits)
     text = generate(prompt)
     cited, invalid = parse_citations(text, len(hits))

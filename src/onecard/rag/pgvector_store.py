@@ -18,7 +18,7 @@ import numpy as np
 
 from onecard.errors import BadInputError, MissingExtraError, OnecardError
 from onecard.rag.splitter import Chunk
-from onecard.rag.store import SCHEMA_VERSION, FileUpdate, _STOPWORDS, _title
+from onecard.rag.store import _STOPWORDS, SCHEMA_VERSION, FileUpdate, _title
 
 PREFIX = "onecard_rag"
 

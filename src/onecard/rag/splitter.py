@@ -12,8 +12,8 @@ previous one. Invariant: ``chunk.text == document.text[chunk.start:chunk.end]``.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from onecard.errors import BadInputError
 from onecard.rag.loaders import Document
