@@ -196,6 +196,7 @@ def prepare_model(model, cfg: TrainConfig) -> tuple[object, str]:
     from onecard.train.patching import patch_model
 
     summary = "fused kernels off"
+    model.config.use_cache = False  # a KV cache in training also disables packed-document masking
     if cfg.fused:
         summary = patch_model(model).summary()
     if cfg.method == "full":

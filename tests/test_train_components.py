@@ -1,0 +1,108 @@
+"""QLoRA int4 base, LoRA target checks, offloaded checkpointing, config validation, precision benchmark."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from onecard.errors import BadInputError
+from onecard.train.qlora import Int4Linear, dequantize_int4, quantize_int4, quantize_model_int4
+
+
+def test_int4_roundtrip_error_is_within_half_a_step():
+    w = torch.randn(16, 128)
+    packed, scales = quantize_int4(w, 64, torch.float32)
+    assert packed.dtype == torch.uint8 and packed.shape == (16, 64) and scales.shape == (16, 2)
+    err = (dequantize_int4(packed, scales, torch.float32) - w).abs()
+    step = scales.repeat_interleave(64, dim=1)
+    assert (err <= step / 2 + 1e-6).all()
+
+
+def test_int4_linear_backward_gives_input_grad_without_saving_the_weight():
+    lin = torch.nn.Linear(128, 8, bias=True)
+    q = Int4Linear.from_linear(lin, 64, torch.float32)
+    x = torch.randn(4, 128, requires_grad=True)
+    y = q(x)
+    w = q.dequantized_weight()
+    torch.testing.assert_close(y, x @ w.t() + lin.bias, rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    torch.testing.assert_close(x.grad, (2 * y.detach()) @ w, rtol=1e-4, atol=1e-5)
+    assert not any(p.requires_grad for p in q.parameters())
+
+
+def test_qlora_model_trains_only_the_adapter(random_checkpoint):
+    from transformers import AutoModelForCausalLM
+
+    from onecard.train.lora import add_lora
+
+    model = AutoModelForCausalLM.from_pretrained(str(random_checkpoint("llama-3.1-8b")))
+    n = quantize_model_int4(model, 64, torch.float32)
+    assert n == 7 * model.config.num_hidden_layers and isinstance(model.model.layers[0].mlp.up_proj, Int4Linear)
+    model = add_lora(model, r=4, alpha=8, seed=0)
+    ids = torch.randint(3, 100, (1, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    trained = [n for n, p in model.named_parameters() if p.grad is not None]
+    assert trained and all("lora_" in n for n in trained)
+
+
+def test_lora_targets_that_match_nothing_are_refused(random_checkpoint):
+    from transformers import AutoModelForCausalLM
+
+    from onecard.train.lora import resolve_targets
+
+    model = AutoModelForCausalLM.from_pretrained(str(random_checkpoint("llama-3.1-8b")))
+    assert resolve_targets(model, "q_proj, v_proj") == ["q_proj", "v_proj"]
+    with pytest.raises(BadInputError, match=r"query_key_value match no linear layer; this model has: q_proj"):
+        resolve_targets(model, "q_proj,query_key_value")
+
+
+def test_offloaded_checkpointing_matches_plain_backward(random_checkpoint):
+    from transformers import AutoModelForCausalLM
+
+    from onecard.train.checkpointing import enable_checkpointing
+
+    ref = AutoModelForCausalLM.from_pretrained(str(random_checkpoint("llama-3.1-8b"))).train()
+    ours = copy.deepcopy(ref)
+    enable_checkpointing(ours, offload=True)
+    ids = torch.randint(3, 100, (2, 16))
+    grads = []
+    for m in (ref, ours):
+        m(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"method": "dpo"}, "--method must be one of"),
+    ({"seq_len": 0}, "--seq-len must be >= 1"),
+    ({"max_steps": 0}, "--max-steps must be >= 1"),
+    ({"lr": 3.0}, "--lr must be in"),
+    ({"method": "full", "merge": True}, "--merge applies to LoRA"),
+    ({"offload_checkpoints": True, "gradient_checkpointing": False}, "needs gradient checkpointing"),
+])
+def test_train_config_rejects_bad_values(kw, match):
+    from onecard.train.trainer import TrainConfig
+
+    with pytest.raises(BadInputError, match=match):
+        TrainConfig(model="m", data="d", **kw)
+
+
+def test_seq_len_above_model_maximum_is_refused(random_checkpoint, tmp_path):
+    from onecard.train.trainer import TrainConfig, load_model
+
+    cfg = TrainConfig(model=random_checkpoint("llama-3.1-8b"), data=tmp_path, seq_len=10**7, device="cpu")
+    with pytest.raises(BadInputError, match=r"above this model's maximum of \d+ positions"):
+        load_model(cfg, "cpu", "fp32")
+
+
+def test_precision_benchmark_runs_fresh_models_and_skips_what_cpu_cannot(random_checkpoint):
+    from onecard.train.precision import benchmark_precision
+
+    res = {r.mode: r for r in benchmark_precision(random_checkpoint("llama-3.1-8b"), ("fp32", "bf16", "fp16"),
+                                                  seq_len=16, steps=1, warmup=1, device="cpu")}
+    assert res["fp32"].tokens_per_second > 0 and res["bf16"].tokens_per_second > 0
+    assert res["fp16"].skipped == "fp16 needs a CUDA GPU" and res["fp16"].tokens_per_second is None
+    assert abs(res["bf16"].loss - res["fp32"].loss) < 0.1 * res["fp32"].loss
