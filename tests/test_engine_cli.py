@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
 import json
 
+import pytest
+import torch
 from typer.testing import CliRunner
 
 from onecard.cli import app

@@ -20,6 +20,7 @@ def _one_thread():
 
 
 def test_demo_stage(tiny_model, tmp_path):
-    ctx = DemoContext(tmp_path, "cpu", Console(file=open(tmp_path / "log.txt", "w")), {"model_dir": tiny_model.path})
-    res = demo_stage(ctx)
+    with open(tmp_path / "log.txt", "w") as log:
+        ctx = DemoContext(tmp_path, "cpu", Console(file=log), {"model_dir": tiny_model.path})
+        res = demo_stage(ctx)
     assert res.ok and "tok/s" in res.summary and ctx.artifacts["engine_tok_s"] > 0

@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from onecard.kernels.paged_attention import (paged_decode_attention_reference, paged_decode_attention_triton,
-                                             store_kv)
+from onecard.kernels.paged_attention import paged_decode_attention_reference, paged_decode_attention_triton, store_kv
 
 
 def _setup(ctx_lens, Hq=4, Hkv=2, D=16, block_size=8, num_blocks=12, seed=0):
@@ -54,7 +53,7 @@ def test_triton_kernel_matches_reference():
 
 @pytest.mark.gpu
 def test_triton_kernel_bf16_on_gpu():
-    q, kc, vc, bt, ctx, ks, vs = _setup([1, 17, 300, 64], Hq=32, Hkv=8, D=128, block_size=16, num_blocks=64)
+    q, kc, vc, bt, ctx, _, _ = _setup([1, 17, 300, 64], Hq=32, Hkv=8, D=128, block_size=16, num_blocks=64)
     dev = "cuda"
     args = [t.to(dev) for t in (kc.bfloat16(), vc.bfloat16(), bt, ctx)]
     got = paged_decode_attention_triton(q.to(dev).bfloat16(), *args, 128 ** -0.5).float().cpu()

@@ -17,8 +17,8 @@ import asyncio
 import logging
 import queue
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 from onecard.engine.config import EngineConfig
 from onecard.engine.llm import build_engine

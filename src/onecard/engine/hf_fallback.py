@@ -93,8 +93,8 @@ class HFFallbackEngine:
             return []
         rid, text, ids, p, arrival = self.waiting.popleft()
         max_new = min(p.max_tokens or self.config.max_model_len, self.config.max_model_len - len(ids))
-        kwargs = dict(max_new_tokens=max_new, num_return_sequences=p.n, repetition_penalty=p.repetition_penalty,
-                      pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+        kwargs = {"max_new_tokens": max_new, "num_return_sequences": p.n, "repetition_penalty": p.repetition_penalty,
+                  "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id}
         if p.greedy:
             kwargs.update(do_sample=False)
         else:

@@ -117,7 +117,7 @@ def _load_model(folder, config: EngineConfig, dtype: torch.dtype, device: torch.
 
 def _quant_function(name: str, what: str):
     try:
-        import onecard.quant as quant
+        from onecard import quant
     except ImportError:
         quant = None
     fn = getattr(quant, name, None)

@@ -205,7 +205,7 @@ class ModelRunner:
             meta = AttentionMetadata(False, g["slot_mapping"][:bs], context_lens=g["context_lens"][:bs],
                                      block_tables=g["block_tables"][:bs], decode_attention="triton")
 
-            def step() -> torch.Tensor:
+            def step(bs: int = bs, meta: AttentionMetadata = meta) -> torch.Tensor:
                 return self.model.compute_logits(self.model(g["input_ids"][:bs], g["positions"][:bs], meta))
 
             step()  # warm-up: compiles the Triton kernel, settles the allocator

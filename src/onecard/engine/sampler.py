@@ -25,7 +25,7 @@ class SamplerOutput:
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Repetition (prompt + output, HF/vLLM rule), presence and frequency (output only) penalties."""
-    B, V = logits.shape
+    V = logits.shape[1]
     dev = logits.device
     rep = torch.tensor([s.params.repetition_penalty for s in seqs], device=dev).unsqueeze(1)
     pres = torch.tensor([s.params.presence_penalty for s in seqs], device=dev).unsqueeze(1)

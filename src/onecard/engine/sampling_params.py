@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from onecard.errors import BadInputError
@@ -89,4 +90,4 @@ class SamplingParams:
 
 
 def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # rejects NaN
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)

@@ -41,7 +41,7 @@ def paged_decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_c
     fine for CPU batch sizes; the Triton kernel never materializes it.
     """
     B, Hq, D = q.shape
-    nb, bs, Hkv, _ = k_cache.shape
+    Hkv = k_cache.shape[2]
     k = k_cache[block_tables.long()].reshape(B, -1, Hkv, D).float()  # [B, S, Hkv, D]
     v = v_cache[block_tables.long()].reshape(B, -1, Hkv, D).float()
     rep = Hq // Hkv

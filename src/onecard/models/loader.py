@@ -15,7 +15,7 @@ a partial checkpoint never runs with garbage weights.
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
