@@ -3,7 +3,8 @@
 It generates seeded pseudo-random tokens with a real tokenizer, holds 'KV blocks'
 per request and frees them on finish or abort, so server tests can check
 deterministic behaviour - readiness, errors, disconnect -> abort -> blocks freed -
-without a model. The subprocess tests use the real engine.
+without a model (requests take the real ``SamplingParams``). The subprocess
+tests use the real engine.
 """
 
 from __future__ import annotations
@@ -11,33 +12,6 @@ from __future__ import annotations
 import asyncio
 import random
 from dataclasses import dataclass, field
-
-
-@dataclass
-class FakeSamplingParams:
-    """Used only when ``onecard.engine`` has no SamplingParams yet; mirrors its fields and validation style."""
-
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    max_tokens: int = 16
-    stop: list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-    logprobs: int | None = None
-    skip_special_tokens: bool = True
-
-    def __post_init__(self):
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
 
 
 @dataclass

@@ -16,7 +16,7 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
-from serve_fake_engine import FakeEngine, FakeSamplingParams
+from serve_fake_engine import FakeEngine
 
 MODEL = "tiny"
 
@@ -26,15 +26,6 @@ def tokenizer(random_checkpoint):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(random_checkpoint("llama-2-7b"))
-
-
-@pytest.fixture(autouse=True)
-def _sampling_params(monkeypatch):
-    """Use the engine's SamplingParams when it exists, else the fake's stand-in."""
-    import onecard.engine as engine_pkg
-
-    if not hasattr(engine_pkg, "SamplingParams"):
-        monkeypatch.setattr(engine_pkg, "SamplingParams", FakeSamplingParams, raising=False)
 
 
 def make_client(engine, api_key=None, **kw) -> TestClient:

@@ -1,9 +1,7 @@
 """The real server: ``onecard serve`` (uvicorn) in a subprocess on 127.0.0.1, driven by the real ``openai`` client.
 
-One server per module (started once); one more, short-lived, for the SIGTERM
-test. Uses the real AsyncEngine on a tiny random-weight Llama; if the engine
-package is not there yet it falls back to the fake engine so the HTTP-level
-behaviours are still exercised over real sockets.
+One server per module (the real AsyncEngine on a tiny random-weight Llama),
+started once; the last test stops it with SIGTERM.
 """
 
 from __future__ import annotations
@@ -23,16 +21,7 @@ import pytest
 
 MODEL = "tiny"
 KEY = "test-key"
-TESTS = Path(__file__).resolve().parent
-SRC = TESTS.parent / "src"
-
-
-def real_engine() -> bool:
-    try:
-        from onecard.engine import AsyncEngine  # noqa: F401
-    except ImportError:
-        return False
-    return True
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def free_port() -> int:
@@ -43,12 +32,9 @@ def free_port() -> int:
 
 def start_server(model_dir: Path, extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)]), "CUDA_VISIBLE_DEVICES": ""}
-    if real_engine():
-        cmd = [sys.executable, "-m", "onecard.cli", "serve", str(model_dir), "--port", str(port), "--api-key", KEY,
-               "--served-model-name", MODEL, "--max-model-len", "256", "--max-num-seqs", "16", *extra]
-    else:
-        cmd = [sys.executable, str(TESTS / "serve_fake_server.py"), str(model_dir), str(port), KEY]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "onecard.cli", "serve", str(model_dir), "--port", str(port), "--api-key", KEY,
+           "--served-model-name", MODEL, "--max-model-len", "256", "--max-num-seqs", "16", *extra]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180

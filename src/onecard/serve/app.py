@@ -9,10 +9,10 @@ orchestrators expect from a server whose start takes minutes.
 from __future__ import annotations
 
 import asyncio
-import gc
 import hmac
 import logging
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Awaitable, Callable
 
 from fastapi import Depends, FastAPI, Request
@@ -25,10 +25,11 @@ from onecard.serve.completions import (Generation, chat_response, chat_stream, c
 from onecard.serve.errors import APIError, bad_request, not_ready, unauthorized, unknown_model
 from onecard.serve.metrics import ServerMetrics
 from onecard.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, new_id, now
+from onecard.serve.rag_ask import RagAskRequest, rag_answer, rag_disabled
 
 log = logging.getLogger(__name__)
 
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/rag/ask", "/health", "/metrics")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -58,8 +59,11 @@ class _CountRequests:
 
 def build_app(engine=None, model_name: str = "model", api_key: str | None = None, *,
               engine_factory: Callable[[], object] | None = None, shutdown_timeout: float = 30.0,
-              gpu_metrics: bool = True) -> FastAPI:
-    """The server app over ``engine`` (an AsyncEngine), or over the one ``engine_factory`` builds at startup."""
+              gpu_metrics: bool = True, rag_db: str | Path | None = None) -> FastAPI:
+    """The server app over ``engine`` (an AsyncEngine), or over the one ``engine_factory`` builds at startup.
+
+    ``rag_db``: a ``onecard rag index`` database; enables ``POST /v1/rag/ask``.
+    """
     if (engine is None) == (engine_factory is None):
         raise ValueError("pass exactly one of engine or engine_factory")
     if api_key is not None and not api_key.strip():
@@ -189,6 +193,13 @@ def build_app(engine=None, model_name: str = "model", api_key: str | None = None
                                      headers=SSE_HEADERS)
         return await _until_disconnect(request, gen, lambda: chat_response(gen, req, tok, model_name))
 
+    @app.post("/v1/rag/ask", dependencies=[Depends(check_key)])
+    async def rag_ask(req: RagAskRequest, request: Request):
+        if rag_db is None:
+            raise rag_disabled()
+        eng = ready_engine(request)
+        return await rag_answer(eng, metrics, max_model_len(eng), Path(rag_db), model_name, req)
+
     return app
 
 
@@ -202,10 +213,9 @@ async def _load(app: FastAPI, factory: Callable[[], object]) -> None:
     """Build the engine off the event loop so /health can answer 503 meanwhile."""
     try:
         app.state.engine = await asyncio.to_thread(factory)
-        # The model, tokenizer and libraries are now millions of long-lived objects: freezing them keeps the
-        # cyclic GC from re-scanning them (pauses in the token stream) and makes shutdown seconds shorter.
-        gc.collect()
-        gc.freeze()
+        on_loaded = getattr(app.state, "on_loaded", None)
+        if on_loaded is not None:
+            on_loaded()
         log.info("engine ready")
     except Exception as err:
         app.state.load_error = str(err).splitlines()[0] if str(err) else type(err).__name__

@@ -11,6 +11,7 @@ Kubernetes; ``_Server`` keeps the exit status 0.
 from __future__ import annotations
 
 import contextlib
+import gc
 import ipaddress
 import logging
 import signal
@@ -43,6 +44,7 @@ class ServeConfig:
     served_model_name: str | None = None
     shutdown_timeout: float = 30.0
     log_level: str = "warning"
+    rag_db: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -59,6 +61,9 @@ class ServeConfig:
             raise BadInputError(f"--shutdown-timeout {self.shutdown_timeout} must be > 0 seconds")
         if self.api_key is not None and not self.api_key.strip():
             raise BadInputError("--api-key is empty; pass a non-empty key or leave the option out")
+        if self.rag_db is not None and "://" not in self.rag_db and not Path(self.rag_db).is_file():
+            raise BadInputError(f"--rag-db {self.rag_db}: no such index file; build one with 'onecard rag index DOCS "
+                                "--db FILE'")
         if self.served_model_name is not None and not self.served_model_name.strip():
             raise BadInputError("--served-model-name is empty; pass a name or leave the option out")
 
@@ -142,7 +147,7 @@ def serve(cfg: ServeConfig, factory: Callable[[], object] | None = None,
         log.warning("listening on %s without --api-key: anyone who can reach this address can use the model", cfg.host)
     sock = bind(cfg.host, cfg.port)
     app = build_app(model_name=cfg.model_name, api_key=cfg.api_key, engine_factory=factory,
-                    shutdown_timeout=cfg.shutdown_timeout)
+                    shutdown_timeout=cfg.shutdown_timeout, rag_db=cfg.rag_db)
     server = _uvicorn_server_class()(uvicorn.Config(
         app, log_level=cfg.log_level, timeout_graceful_shutdown=cfg.shutdown_timeout, lifespan="on",
         access_log=cfg.log_level in ("debug", "info")))
@@ -150,7 +155,14 @@ def serve(cfg: ServeConfig, factory: Callable[[], object] | None = None,
     def load_failed(err: Exception) -> None:
         server.should_exit = True
 
+    def loaded() -> None:
+        # The model, tokenizer and libraries are now millions of long-lived objects: freezing them keeps the
+        # cyclic GC from re-scanning them (pauses in the token stream). Process-wide, hence here, not in the app.
+        gc.collect()
+        gc.freeze()
+
     app.state.on_load_error = load_failed
+    app.state.on_loaded = loaded
     host, port = sock.getsockname()[:2]
     if on_listening is not None:
         on_listening(f"http://{host}:{port}")
