@@ -21,8 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onecard.kernels.paged_attention import paged_decode_attention, store_kv
+from onecard.kernels.paged_attention import paged_decode_attention, rope_store_kv_triton, store_kv
 from onecard.models.config import ModelArgs
+
+try:  # fused RMSNorm (one kernel instead of seven) for CUDA tensors; same numerics as the PyTorch form below
+    from onecard.kernels.rmsnorm import rmsnorm_triton
+except ImportError:  # pragma: no cover - no triton
+    rmsnorm_triton = None
 
 
 @dataclass
@@ -42,6 +47,7 @@ class AttentionMetadata:
     context_lens: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
     decode_attention: str = "reference"  # "reference" (PyTorch) or "triton"
+    fused_rope_store: bool = False  # decode: RoPE + cache write in one Triton kernel (CUDA)
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
@@ -100,6 +106,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and rmsnorm_triton is not None:
+            return rmsnorm_triton(x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -120,7 +128,14 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                 meta: AttentionMetadata | None) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        if meta is not None and meta.fused_rope_store and not meta.is_prefill:
+            q = rope_store_kv_triton(qkv, positions, rotary.cos_sin, self.k_cache, self.v_cache, meta.slot_mapping,
+                                     self.num_heads, self.num_kv_heads, self.head_dim)
+            out = paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
+                                         self.scale, use_triton=meta.decode_attention == "triton")
+            return self.o_proj(out.reshape(T, self.q_size))
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
@@ -200,8 +215,10 @@ class LlamaModel(nn.Module):
         self.rotary = RotaryEmbedding(args, max_positions or args.max_position_embeddings)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata | None = None) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+                meta: AttentionMetadata | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """``inputs_embeds[T, hidden]``, when given, replaces ``embed_tokens(input_ids)``: how a vision model's
+        image features enter as prefix embeddings (``onecard.vision``)."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         for layer in self.layers:
             x = layer(x, positions, self.rotary, meta)
         return self.norm(x)
