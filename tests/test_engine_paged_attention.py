@@ -59,3 +59,47 @@ def test_triton_kernel_bf16_on_gpu():
     got = paged_decode_attention_triton(q.to(dev).bfloat16(), *args, 128 ** -0.5).float().cpu()
     ref = paged_decode_attention_reference(q.to(dev).bfloat16(), *args, 128 ** -0.5).float().cpu()
     assert (got - ref).abs().max() < 2e-2
+
+
+def _rope_inputs(T=3, H=4, Hkv=2, D=16, nb=4, bs=8):
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(T, (H + 2 * Hkv) * D, generator=g)
+    positions = torch.tensor([5, 0, 17])[:T]
+    freqs = torch.outer(torch.arange(32).float(), 1.0 / 10000 ** (torch.arange(0, D, 2).float() / D))
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], -1)
+    slots = torch.tensor([3, 9, 30])[:T]
+    return qkv, positions, cos_sin, torch.zeros(nb, bs, Hkv, D), torch.zeros(nb, bs, Hkv, D), slots, H, Hkv, D
+
+
+def test_fused_rope_store_matches_reference_and_the_model_rotary():
+    pytest.importorskip("triton")
+    from onecard.kernels.paged_attention import rope_store_kv_reference, rope_store_kv_triton
+
+    qkv, pos, cs, kc1, vc1, slots, H, Hkv, D = _rope_inputs()
+    kc2, vc2 = kc1.clone(), vc1.clone()
+    q_ref = rope_store_kv_reference(qkv, pos, cs, kc1, vc1, slots, H, Hkv, D)
+    q_tri = rope_store_kv_triton(qkv, pos, cs, kc2, vc2, slots, H, Hkv, D)
+    assert torch.allclose(q_ref, q_tri, atol=1e-6)
+    assert torch.allclose(kc1, kc2, atol=1e-6) and torch.equal(vc1, vc2)
+    v = qkv[:, (H + Hkv) * D:].reshape(-1, Hkv, D)
+    assert torch.equal(vc1.view(-1, Hkv, D)[slots], v)  # v copied to its slots untouched
+
+
+@pytest.mark.gpu
+def test_fused_rope_store_and_rmsnorm_on_gpu():
+    from onecard.kernels.paged_attention import rope_store_kv_reference, rope_store_kv_triton
+    from onecard.models.llama import RMSNorm
+
+    qkv, pos, cs, kc1, vc1, slots, H, Hkv, D = (t.cuda() if torch.is_tensor(t) else t for t in _rope_inputs())
+    qkv, kc1, vc1 = qkv.bfloat16(), kc1.bfloat16(), vc1.bfloat16()
+    kc2, vc2 = kc1.clone(), vc1.clone()
+    q_ref = rope_store_kv_reference(qkv, pos, cs, kc1, vc1, slots, H, Hkv, D)
+    q_tri = rope_store_kv_triton(qkv, pos, cs, kc2, vc2, slots, H, Hkv, D)
+    # fp32 math in both; the kernel may contract to FMA, so allow a bf16 rounding step
+    assert (q_ref.float() - q_tri.float()).abs().max() < 2e-2 and (kc1.float() - kc2.float()).abs().max() < 2e-2
+    assert torch.equal(vc1, vc2)
+    norm = RMSNorm(64, 1e-5).cuda().bfloat16()
+    x = torch.randn(5, 64, device="cuda").bfloat16()
+    xf = x.float()
+    ref = norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype)
+    assert (norm(x).float() - ref.float()).abs().max() < 1e-2

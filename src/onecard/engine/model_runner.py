@@ -165,7 +165,8 @@ class ModelRunner:
             width = max(len(t) for t in tables)
             bt = self._to_device([t + [0] * (width - len(t)) for t in tables], torch.int32)
             meta = AttentionMetadata(False, self._to_device(slots, torch.long), context_lens=self._to_device(ctx, torch.int32),
-                                     block_tables=bt, decode_attention=self.decode_attention)
+                                     block_tables=bt, decode_attention=self.decode_attention,
+                                     fused_rope_store=self.is_cuda)
             hidden = self.model(self._to_device(ids, torch.long), self._to_device(positions, torch.long), meta)
             return self.model.compute_logits(hidden)
         pad = graph_bs - B
@@ -203,7 +204,8 @@ class ModelRunner:
         g = self._gbuf
         for bs in reversed(sizes):
             meta = AttentionMetadata(False, g["slot_mapping"][:bs], context_lens=g["context_lens"][:bs],
-                                     block_tables=g["block_tables"][:bs], decode_attention="triton")
+                                     block_tables=g["block_tables"][:bs], decode_attention="triton",
+                                     fused_rope_store=True)
 
             def step(bs: int = bs, meta: AttentionMetadata = meta) -> torch.Tensor:
                 return self.model.compute_logits(self.model(g["input_ids"][:bs], g["positions"][:bs], meta))
