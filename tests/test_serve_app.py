@@ -270,3 +270,13 @@ def test_nonstream_disconnect_aborts(tokenizer):
     statuses = asyncio.run(run())
     assert statuses == [499]
     assert engine.aborted and engine.stats()["kv_blocks_used"] == 0
+
+
+@pytest.mark.parametrize("text,stops,held", [
+    ("hello wor", ["world"], 3), ("hello", ["world"], 0), ("abcab", ["abc"], 2), ("x\n", ["\n\n", "zz"], 1),
+    ("anything", None, 0), ("endw", ["w", "wo"], 1),
+])
+def test_held_back_is_the_longest_stop_prefix_at_the_end(text, stops, held):
+    from onecard.serve.completions import held_back
+
+    assert held_back(text, stops) == held

@@ -136,6 +136,9 @@ def test_stop_string_cuts_output(oai):
     stop = text[3:6]
     cut = oai.completions.create(stop=[stop], **kw).choices[0]
     assert cut.finish_reason == "stop" and cut.text == text[:text.index(stop)]
+    # streamed: text that could start the stop string is held back, so no part of it ever reaches the client
+    chunks = list(oai.completions.create(stop=[stop], stream=True, **kw))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == cut.text
 
 
 def test_logprobs(oai):

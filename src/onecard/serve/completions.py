@@ -341,9 +341,22 @@ class _Delta:
     finish_reason: str | None
 
 
+def held_back(text: str, stops: list[str] | None) -> int:
+    """Characters at the end of ``text`` that could be the start of a stop string: not streamed yet, because the
+    engine trims a stop string from the text once it is complete, and streamed text cannot be taken back."""
+    held = 0
+    for s in stops or ():
+        for k in range(min(len(s) - 1, len(text)), held, -1):
+            if text.endswith(s[:k]):
+                held = k
+                break
+    return held
+
+
 async def _deltas(gen: Generation) -> AsyncIterator[list[_Delta]]:
     """Per engine update, the choices that have new text, tokens or a finish reason; raises APIError if aborted."""
     state: dict[tuple[int, int], _Choice] = {}
+    stops = getattr(gen.params, "stop", None)
     async with aclosing(gen.updates()) as updates:
         async for i, out in updates:
             deltas = []
@@ -352,10 +365,11 @@ async def _deltas(gen: Generation) -> AsyncIterator[list[_Delta]]:
                 reason = finish_reason(c.finish_reason) if c.finish_reason != "abort" else None
                 if st.finish is not None or (len(c.token_ids) == st.sent_tokens and reason is None):
                     continue
-                deltas.append(_Delta(i, c.index, c.text[st.sent_text:], c.token_ids[st.sent_tokens:],
+                end = len(c.text) if reason is not None else max(st.sent_text, len(c.text) - held_back(c.text, stops))
+                deltas.append(_Delta(i, c.index, c.text[st.sent_text:end], c.token_ids[st.sent_tokens:],
                                      None if c.logprobs is None else c.logprobs[st.sent_tokens:], st.sent_text,
                                      reason))
-                st.sent_text, st.sent_tokens, st.finish = len(c.text), len(c.token_ids), reason
+                st.sent_text, st.sent_tokens, st.finish = end, len(c.token_ids), reason
             if deltas:
                 yield deltas
     gen.check_not_aborted()
