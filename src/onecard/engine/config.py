@@ -33,6 +33,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     num_kv_blocks: int | None = None  # override the measured cache size (tests force preemption with it)
     cuda_graph_max_batch: int = 256
+    fused_rope_store: bool = True  # CUDA decode: one Triton kernel for RoPE + KV write (False: PyTorch ops)
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> BadInputError:

@@ -166,7 +166,7 @@ class ModelRunner:
             bt = self._to_device([t + [0] * (width - len(t)) for t in tables], torch.int32)
             meta = AttentionMetadata(False, self._to_device(slots, torch.long), context_lens=self._to_device(ctx, torch.int32),
                                      block_tables=bt, decode_attention=self.decode_attention,
-                                     fused_rope_store=self.is_cuda)
+                                     fused_rope_store=self.is_cuda and self.config.fused_rope_store)
             hidden = self.model(self._to_device(ids, torch.long), self._to_device(positions, torch.long), meta)
             return self.model.compute_logits(hidden)
         pad = graph_bs - B
@@ -205,7 +205,7 @@ class ModelRunner:
         for bs in reversed(sizes):
             meta = AttentionMetadata(False, g["slot_mapping"][:bs], context_lens=g["context_lens"][:bs],
                                      block_tables=g["block_tables"][:bs], decode_attention="triton",
-                                     fused_rope_store=True)
+                                     fused_rope_store=self.config.fused_rope_store)
 
             def step(bs: int = bs, meta: AttentionMetadata = meta) -> torch.Tensor:
                 return self.model.compute_logits(self.model(g["input_ids"][:bs], g["positions"][:bs], meta))
