@@ -61,7 +61,7 @@ def split_rows(qw: QuantizedWeight, start: int, length: int) -> QuantizedWeight:
     """Output rows ``start:start+length`` (a stacked q/k/v weight back into q, k, v)."""
     rows = slice(start, start + length)
     return QuantizedWeight(qw.q[rows].contiguous(), qw.scales[:, rows].contiguous(), qw.zeros[:, rows].contiguous(),
-                           qw.g_idx, qw.bits, qw.group_size)
+                           qw.g_idx.clone(), qw.bits, qw.group_size)
 
 
 def default_g_idx(in_features: int, group_size: int, device=None) -> torch.Tensor:

@@ -1,0 +1,223 @@
+"""int4 / int8 weight-only decode and prefill vs bf16 through onecard's engine, one process, one GPU.
+
+    PYTHONPATH=src python benchmarks/quant_decode.py           # H100: ~6-10 min; random Llama-2-7B arch (bf16, ~13 GB cached)
+    PYTHONPATH=src python benchmarks/quant_decode.py --smoke   # CPU, tiny random model, ~1 min, writes to a temp dir
+
+Arms: bf16 engine; ``quantization="int8"`` (per-channel RTN) and ``"rtn-int4"``
+(group 128, the GPTQ-g128 layout and kernel — speed does not depend on how the
+codes were chosen). Each arm: bs=1 and bs=16 decode (ms per step, tok/s),
+2k-token prefill (ms), peak GiB, and % of the bandwidth roofline: the bytes one
+decode step must read (quantized linears' codes + scales + zeros, plus norms and
+the LM head; the embedding reads one row) over the measured copy bandwidth.
+A kernel table times QuantLinear vs nn.Linear alone on the 7B shapes at M = 1, 16, 2048.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import tempfile
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from onecard.bench.results import save_figure, write_result
+
+GiB = 2**30
+ARMS = (("bf16", None), ("int8", "int8"), ("int4", "rtn-int4"))
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny random Llama on CPU; output to a temp dir")
+    p.add_argument("--model", default=None, help="float model folder (default: random llama-2-7b, bf16, built on the GPU)")
+    p.add_argument("--decode-tokens", type=int, default=256)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--prefill-len", type=int, default=2048)
+    p.add_argument("--out", default=None, help="result folder (default docs/results; --smoke: a temp dir)")
+    return p.parse_args()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def step_bytes(model) -> int:
+    """Bytes one decode step reads: every parameter and quantized buffer, minus all but one embedding row."""
+    from onecard.quant.linear import QuantLinear
+
+    params = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() * p.element_size() for p in params.values())
+    total += sum(m.weight_bytes() for m in model.modules() if isinstance(m, QuantLinear))
+    if not model.args.tie_word_embeddings:
+        emb = model.embed_tokens.weight
+        total -= emb.numel() * emb.element_size()
+    return total
+
+
+def decode_ms(llm, batch: int, prompt_len: int, n: int, vocab: int) -> float:
+    """Steady-state ms per decode step with ``batch`` sequences decoding together."""
+    from onecard.engine import SamplingParams
+
+    g = torch.Generator().manual_seed(batch)
+    prompts = [torch.randint(3, vocab, (prompt_len,), generator=g).tolist() for _ in range(batch)]
+    sp = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)  # warm-up
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    first = max(o.metrics["first_token_time"] for o in outs)
+    last = max(o.metrics["finished_time"] for o in outs)
+    return (last - first) / (n - 1) * 1e3
+
+
+def prefill_ms(llm, length: int, vocab: int, repeats: int = 3) -> float:
+    from onecard.engine import SamplingParams
+
+    g = torch.Generator().manual_seed(7)
+    times = []
+    for r in range(repeats + 1):
+        prompt = torch.randint(3, vocab, (length,), generator=g).tolist()  # fresh tokens: no prefix-cache hits
+        out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)[0]
+        if r:
+            times.append((out.metrics["first_token_time"] - out.metrics["arrival_time"]) * 1e3)
+    return statistics.median(times)
+
+
+def run_arm(model_dir, quantization, dtype: str, device: str, a, bandwidth_gbs: float) -> dict:
+    from onecard.engine import LLM
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    llm = LLM(str(model_dir), dtype=dtype, device=device, quantization=quantization,
+              max_model_len=a.prefill_len + 64, max_num_seqs=max(a.batch, 1), gpu_memory_utilization=0.85)
+    model = llm.engine.runner.model
+    vocab = model.args.vocab_size
+    nbytes = step_bytes(model)
+    r = {"bs1_ms_per_token": decode_ms(llm, 1, a.prompt_len, a.decode_tokens, vocab)}
+    r[f"bs{a.batch}_ms_per_step"] = decode_ms(llm, a.batch, a.prompt_len, a.decode_tokens, vocab)
+    r[f"bs{a.batch}_tok_s"] = a.batch * 1e3 / r[f"bs{a.batch}_ms_per_step"]
+    r["bs1_tok_s"] = 1e3 / r["bs1_ms_per_token"]
+    r[f"prefill{a.prefill_len}_ms"] = prefill_ms(llm, a.prefill_len, vocab)
+    r["step_weight_gib"] = nbytes / GiB
+    r["bs1_roofline_ms"] = nbytes / (bandwidth_gbs * 1e9) * 1e3
+    r["bs1_roofline_fraction"] = r["bs1_roofline_ms"] / r["bs1_ms_per_token"]
+    r["peak_gib"] = torch.cuda.max_memory_allocated() / GiB if device.startswith("cuda") else None
+    del llm, model
+    gc.collect()
+    return r
+
+
+def kernel_table(device: str, dtype: torch.dtype, shapes, ms_list) -> dict:
+    """QuantLinear (int4 g128, int8) vs nn.Linear alone: us per call and effective GB/s."""
+    from onecard.quant.linear import QuantLinear
+
+    res = {}
+    for K, N in shapes:
+        lin = torch.nn.Linear(K, N, bias=False, device=device, dtype=dtype)
+        q4 = QuantLinear.from_linear(lin, 4, 128 if K % 128 == 0 else 32, sym=False)
+        q8 = QuantLinear.from_linear(lin, 8, -1, sym=True)
+        for M in ms_list:
+            x = torch.randn(M, K, device=device, dtype=dtype)
+            for name, mod in (("bf16", lin), ("int8", q8), ("int4", q4)):
+                with torch.no_grad():
+                    for _ in range(3):
+                        mod(x)
+                    _sync(device)
+                    reps = 50 if device.startswith("cuda") else 3
+                    t0 = time.perf_counter()
+                    for _ in range(reps):
+                        mod(x)
+                    _sync(device)
+                us = (time.perf_counter() - t0) / reps * 1e6
+                wbytes = K * N * lin.weight.element_size() if name == "bf16" else mod.weight_bytes()
+                res[f"kernel_{name}_{K}x{N}_m{M}_us"] = us
+                res[f"kernel_{name}_{K}x{N}_m{M}_weight_gbs"] = wbytes / us / 1e3
+    return res
+
+
+def main() -> None:
+    a = parse()
+    console = Console()
+    if a.smoke:
+        from onecard.testing import make_random_checkpoint
+
+        model_dir = a.model or make_random_checkpoint("llama-2-7b", "tiny")
+        device, dtype, tdtype = "cpu", "float32", torch.float32
+        a.decode_tokens, a.prompt_len, a.batch, a.prefill_len = 8, 16, 4, 128
+        shapes, ms_list = [(256, 256)], [1, 16]
+        out_dir = a.out or tempfile.mkdtemp(prefix="quant_decode_")
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA GPU: run with --smoke on CPU")
+        device, dtype, tdtype = "cuda", "bfloat16", torch.bfloat16
+        if a.model is None:
+            from onecard.testing import make_random_checkpoint
+
+            console.print("[dim]building (or reusing) the random llama-2-7b bf16 checkpoint...[/]")
+            model_dir = make_random_checkpoint("llama-2-7b", "full", dtype="bfloat16", device="cuda")
+            torch.cuda.empty_cache()
+        else:
+            model_dir = a.model
+        shapes, ms_list = [(4096, 4096), (4096, 11008), (11008, 4096)], [1, 16, 2048]
+        out_dir = a.out
+    from onecard.bench.engine_bench import measure_copy_bandwidth
+
+    bw = measure_copy_bandwidth(torch.device(device))
+    result: dict = {"model": str(model_dir), "dtype": dtype, "copy_bandwidth_gbs": bw, "decode_tokens": a.decode_tokens,
+                    "prompt_len": a.prompt_len, "batch": a.batch, "prefill_len": a.prefill_len}
+    for name, quant in ARMS:
+        console.print(f"[bold]{name}[/] ...")
+        for k, v in run_arm(model_dir, quant, dtype, device, a, bw).items():
+            result[f"{name}_{k}"] = v
+    b = a.batch
+    for name in ("int8", "int4"):
+        result[f"{name}_speedup_bs1_vs_bf16"] = result["bf16_bs1_ms_per_token"] / result[f"{name}_bs1_ms_per_token"]
+        result[f"{name}_speedup_bs{b}_vs_bf16"] = result[f"bf16_bs{b}_ms_per_step"] / result[f"{name}_bs{b}_ms_per_step"]
+        result[f"{name}_prefill{a.prefill_len}_speed_ratio_vs_bf16"] = (result[f"bf16_prefill{a.prefill_len}_ms"]
+                                                                        / result[f"{name}_prefill{a.prefill_len}_ms"])
+    result.update(kernel_table(device, tdtype, shapes, ms_list))
+
+    t = Table("arm", "bs=1 ms/tok", "bs=1 tok/s", f"bs={b} tok/s", f"prefill {a.prefill_len} ms", "step GiB",
+              "% roofline", "speedup bs=1", f"speedup bs={b}", "peak GiB", title=f"quantized decode ({device}, {bw:.0f} GB/s copy)")
+    for name, _ in ARMS:
+        g = lambda k: result.get(f"{name}_{k}")  # noqa: E731
+        t.add_row(name, f"{g('bs1_ms_per_token'):.2f}", f"{g('bs1_tok_s'):.1f}", f"{g(f'bs{b}_tok_s'):.1f}",
+                  f"{g(f'prefill{a.prefill_len}_ms'):.1f}", f"{g('step_weight_gib'):.2f}",
+                  f"{100 * g('bs1_roofline_fraction'):.0f}%", f"{g('speedup_bs1_vs_bf16') or 1:.2f}x",
+                  f"{g(f'speedup_bs{b}_vs_bf16') or 1:.2f}x", "-" if g("peak_gib") is None else f"{g('peak_gib'):.1f}")
+    console.print(t)
+    kt = Table("shape KxN", "M", "bf16 us", "int8 us", "int4 us", "int4 weight GB/s", title="QuantLinear vs nn.Linear")
+    for K, N in shapes:
+        for M in ms_list:
+            g = lambda n, s="us": result[f"kernel_{n}_{K}x{N}_m{M}_{s}"]  # noqa: E731
+            kt.add_row(f"{K}x{N}", str(M), f"{g('bf16'):.1f}", f"{g('int8'):.1f}", f"{g('int4'):.1f}",
+                       f"{g('int4', 'weight_gbs'):.0f}")
+    console.print(kt)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    names = [n for n, _ in ARMS]
+    for i, (key, label) in enumerate([("bs1_tok_s", "bs=1 decode tok/s"), (f"bs{b}_tok_s", f"bs={b} decode tok/s")]):
+        vals = [result[f"{n}_{key}"] for n in names]
+        ax[i].bar(names, vals, color=["#888", "#4a90d9", "#2e7d32"])
+        ax[i].set_title(label)
+        for j, v in enumerate(vals):
+            ax[i].text(j, v, f"{v:.0f}", ha="center", va="bottom")
+    fig.suptitle(f"onecard weight-only quantization, {result['model'].rsplit('/', 1)[-1]} ({device})")
+    path = write_result("quant_decode", result, out_dir)
+    png = save_figure(fig, "quant_decode", out_dir)
+    console.print(f"wrote {path} and {png}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Quantization quality: sliding-window perplexity of float vs int8 RTN vs int4 RTN / GPTQ / AWQ, one process.
+
+    PYTHONPATH=src python benchmarks/quant_quality.py           # GPU: trains a ~110M Llama on the local corpus (~5-8 min on an H100), quantizes it 5 ways (~3 min)
+    PYTHONPATH=src python benchmarks/quant_quality.py --smoke   # CPU: the cached tiny model, few tokens; writes to a temp dir
+
+Targets (issue 5): int8 RTN increase <= 0.5%; int4 GPTQ and AWQ increases each
+<= 0.6x the int4 RTN increase. The protocol (context, stride, tokens scored) is
+stored with the numbers. The model is trained here because no weights can be
+downloaded: a real (if small) language model, not random weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from onecard.bench.results import save_figure, write_result
+
+MEDIUM = {  # ~110M parameters: Llama layout, GQA, vocab of the shared local BPE tokenizer
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 768, "intermediate_size": 2048,
+    "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 4, "vocab_size": 4096,
+    "max_position_embeddings": 2048, "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "bos_token_id": 1,
+    "eos_token_id": 2, "tie_word_embeddings": False, "hidden_act": "silu", "initializer_range": 0.02,
+    "attention_bias": False, "mlp_bias": False,
+}
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--smoke", action="store_true", help="CPU: cached tiny model, short eval; output to a temp dir")
+    p.add_argument("--model", default=None, help="float model folder to use instead of training one")
+    p.add_argument("--steps", type=int, default=3000, help="training steps for the medium model")
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--stride", type=int, default=512)
+    p.add_argument("--eval-tokens", type=int, default=200_000)
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=1024)
+    p.add_argument("--out", default=None, help="result folder (default docs/results; --smoke: a temp dir)")
+    return p.parse_args()
+
+
+def train_medium(steps: int, seq_len: int = 1024, batch: int = 32, lr: float = 1e-3, console=None) -> Path:
+    """Train MEDIUM on the local corpus on the GPU (bf16 autocast), cached by settings."""
+    import hashlib
+    import shutil
+
+    from rich.progress import Progress
+    from transformers import AutoTokenizer
+
+    from onecard.testing.checkpoints import build_random_model, cache_dir, shared_tokenizer
+    from onecard.testing.corpus import local_corpus
+
+    key = hashlib.sha1(json.dumps([MEDIUM, steps, seq_len, batch, lr]).encode()).hexdigest()[:10]
+    out = cache_dir() / f"medium-llama-{key}"
+    if (out / "config.json").exists():
+        return out
+    tok_dir = shared_tokenizer(MEDIUM["vocab_size"])
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    ids = []
+    for d in local_corpus().train:
+        ids.extend(tok.encode(d, add_special_tokens=False) + [tok.eos_token_id])
+    data = torch.tensor(ids, device="cuda")
+    torch.manual_seed(0)
+    model = build_random_model(MEDIUM, device="cuda").train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95), fused=True)
+    warm = steps // 20
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("training the medium model", total=steps)
+        for step in range(steps):
+            starts = torch.randint(0, data.numel() - seq_len - 1, (batch,), device="cuda")
+            x = torch.stack([data[s:s + seq_len] for s in starts.tolist()])
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            bar.update(task, advance=1, description=f"training the medium model (loss {loss.item():.2f})")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.float().save_pretrained(str(tmp), safe_serialization=True)
+    cfg = json.loads((tmp / "config.json").read_text())
+    cfg["torch_dtype"] = "float32"
+    cfg.pop("dtype", None)
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    for f in tok_dir.iterdir():
+        shutil.copy(f, tmp / f.name)
+    tmp.rename(out)
+    return out
+
+
+def main() -> None:
+    a = parse()
+    console = Console()
+    from onecard.bench.perplexity import hf_logits_fn, sliding_window_perplexity
+    from onecard.quant import QuantConfig, quantize_model_, quantize_model_folder
+    from onecard.quant.evaluate import load_for_eval, text_ids
+    from onecard.testing import local_corpus
+
+    if a.smoke:
+        from onecard.testing import train_tiny_model
+
+        model_dir = Path(a.model) if a.model else train_tiny_model().path
+        device = "cpu"
+        a.group_size, a.context, a.stride, a.eval_tokens, a.nsamples, a.seqlen = 64, 256, 128, 1024, 4, 128
+        out_dir = a.out or tempfile.mkdtemp(prefix="quant_quality_")
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA GPU: run with --smoke on CPU")
+        device = "cuda"
+        model_dir = Path(a.model) if a.model else train_medium(a.steps, console=console)
+        out_dir = a.out
+    work = Path(tempfile.mkdtemp(prefix="quant_quality_ckpt_"))
+    dtype = torch.float32  # evaluate every arm in fp32 activations: differences come from the weights only
+
+    folder, ref = load_for_eval(model_dir, device, dtype)
+    ids = text_ids(folder.load_tokenizer(), local_corpus().validation_text())
+
+    def ppl(model) -> float:
+        return sliding_window_perplexity(hf_logits_fn(model), ids, a.context, a.stride, a.eval_tokens)
+
+    base = ppl(ref)
+    result: dict = {"model": str(model_dir), "parameters": sum(p.numel() for p in ref.parameters()),
+                    "protocol": base.protocol(), "eval_text": "local corpus validation split (Python stdlib sources)",
+                    "group_size": a.group_size, "calibration": f"{a.nsamples} x {a.seqlen} tokens of the local corpus train split",
+                    "float_ppl": base.perplexity}
+    arms = {"int8_rtn": None, "int4_rtn": QuantConfig("rtn", 4, a.group_size, sym=False),
+            "int4_gptq": QuantConfig("gptq", 4, a.group_size, sym=False, nsamples=a.nsamples, seqlen=a.seqlen),
+            "int4_gptq_actorder": QuantConfig("gptq", 4, a.group_size, sym=False, act_order=True,
+                                              nsamples=a.nsamples, seqlen=a.seqlen),
+            "int4_awq": QuantConfig("awq", 4, a.group_size, nsamples=a.nsamples, seqlen=a.seqlen)}
+    for name, cfg in arms.items():
+        t0 = time.perf_counter()
+        if cfg is None:
+            import copy
+
+            model = quantize_model_(copy.deepcopy(ref), "int8")
+        else:
+            rep = quantize_model_folder(model_dir, work / name, cfg, device=device, progress=True)
+            _, model = load_for_eval(rep.out_dir, device, dtype)
+        result[f"{name}_ppl"] = ppl(model).perplexity
+        result[f"{name}_increase_pct"] = 100 * (result[f"{name}_ppl"] / base.perplexity - 1)
+        result[f"{name}_seconds"] = time.perf_counter() - t0
+        console.print(f"{name}: ppl {result[f'{name}_ppl']:.3f} ({result[f'{name}_increase_pct']:+.2f}%)")
+        del model
+    rtn = result["int4_rtn_increase_pct"]
+    for name in ("int4_gptq", "int4_gptq_actorder", "int4_awq"):
+        result[f"{name}_increase_vs_rtn"] = result[f"{name}_increase_pct"] / rtn if rtn > 0 else None
+    result["target_int8_increase_le_0_5_pct"] = result["int8_rtn_increase_pct"] <= 0.5
+    result["target_gptq_le_0_6x_rtn"] = rtn > 0 and result["int4_gptq_increase_pct"] <= 0.6 * rtn
+    result["target_awq_le_0_6x_rtn"] = rtn > 0 and result["int4_awq_increase_pct"] <= 0.6 * rtn
+
+    t = Table("arm", "ppl", "increase", "x RTN int4 increase", "seconds", title=f"quantization quality ({base.protocol()})")
+    t.add_row("float", f"{base.perplexity:.3f}", "-", "-", "-")
+    for name in arms:
+        r = result.get(f"{name}_increase_vs_rtn")
+        t.add_row(name, f"{result[f'{name}_ppl']:.3f}", f"{result[f'{name}_increase_pct']:+.2f}%",
+                  "-" if r is None else f"{r:.2f}x", f"{result[f'{name}_seconds']:.0f}")
+    console.print(t)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = list(arms)
+    vals = [result[f"{n}_increase_pct"] for n in names]
+    ax.bar(names, vals, color=["#4a90d9", "#888", "#2e7d32", "#66bb6a", "#ef6c00"])
+    ax.set_ylabel("perplexity increase over float (%)")
+    ax.set_title(f"group {a.group_size}; {base.protocol()}", fontsize=8)
+    plt.setp(ax.get_xticklabels(), rotation=20)
+    path = write_result("quant_quality", result, out_dir)
+    png = save_figure(fig, "quant_quality", out_dir)
+    console.print(f"wrote {path} and {png}")
+
+
+if __name__ == "__main__":
+    main()
