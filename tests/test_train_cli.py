@@ -1,0 +1,76 @@
+"""``onecard train`` end to end on the tiny model: adapter + merged folder, refusing an old run, --resume, bad targets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from onecard.errors import BadInputError
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from onecard.testing import local_corpus
+
+    d = tmp_path_factory.mktemp("train-data")
+    for i, text in enumerate(local_corpus().train[:12]):
+        (d / f"doc{i}.txt").write_text(text[:4000])
+    return d
+
+
+def _invoke(*args):
+    from onecard.cli import app
+
+    return CliRunner().invoke(app, ["train", *map(str, args)])
+
+
+@pytest.mark.timeout(900)
+def test_train_merge_refuse_then_resume(tiny_model, data_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    base = [tiny_model.path, "--data", data_dir, "--out", out, "--seq-len", "32", "--batch-size", "2",
+            "--save-steps", "1", "--eval-steps", "2", "--logging-steps", "1", "--device", "cpu", "--lr", "1e-2",
+            "--lora-r", "4", "--no-gradient-checkpointing"]
+    r = _invoke(*base, "--max-steps", "2", "--merge")
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    assert (out / "adapter" / "adapter_config.json").exists() and (out / "checkpoint-2").is_dir()
+    assert "2 steps" in r.output and "eval perplexity" in r.output
+    merged = AutoModelForCausalLM.from_pretrained(str(out / "merged"))
+    original = AutoModelForCausalLM.from_pretrained(str(tiny_model.path))
+    ids = torch.randint(3, 1000, (1, 8))
+    assert not torch.allclose(merged(input_ids=ids).logits, original(input_ids=ids).logits)  # the adapter is in
+
+    again = _invoke(*base, "--max-steps", "2")
+    assert isinstance(again.exception, BadInputError) and "--resume" in str(again.exception)
+
+    resumed = _invoke(*base, "--max-steps", "3", "--resume")
+    assert resumed.exit_code == 0, resumed.output + repr(resumed.exception)
+    run = json.loads((out / "onecard_train.json").read_text())
+    assert run["result"]["steps"] == 3
+
+
+def test_lora_target_that_matches_nothing_is_one_line_error(tiny_model, data_dir, tmp_path):
+    r = _invoke(tiny_model.path, "--data", data_dir, "--out", tmp_path / "x", "--lora-targets", "c_attn",
+                "--device", "cpu", "--max-steps", "1", "--seq-len", "32")
+    assert isinstance(r.exception, BadInputError) and "c_attn match no linear layer" in str(r.exception)
+
+
+def test_resume_without_checkpoint_is_refused(tiny_model, data_dir, tmp_path):
+    r = _invoke(tiny_model.path, "--data", data_dir, "--out", tmp_path / "new", "--resume", "--device", "cpu")
+    assert isinstance(r.exception, BadInputError) and "no checkpoint-N folder" in str(r.exception)
+
+
+def test_demo_stage_trains_and_hands_over_the_adapter(tiny_model, tmp_path):
+    from rich.console import Console
+
+    from onecard.demo import DemoContext
+    from onecard.train.demo_stage import demo_stage
+
+    ctx = DemoContext(tmp_path, "cpu", Console(quiet=True), {"model_dir": tiny_model.path})
+    res = demo_stage(ctx)
+    assert res.ok, res.summary
+    assert (ctx.artifacts["lora_dir"] / "adapter_config.json").exists()
