@@ -238,3 +238,25 @@ def test_on_the_fly_quantization_swaps_linears(llama_path):
     assert type(layer.mlp.down_proj).__name__ == "QuantLinear"
     out = llm.generate("def f():", SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 4
+
+
+def test_static_decode_inputs_match_eager_decode(llm):
+    """The CUDA-graph input path (static buffers, padded rows on the scratch block) computes what eager decode does."""
+    engine, runner = llm.engine, llm.engine.runner
+    for i, p in enumerate(PROMPTS[:3]):
+        engine.add_request(f"static-{i}", p, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    engine.step()  # prefill: every sequence now has one generated token
+    seqs, is_prefill = engine.scheduler.schedule()
+    assert not is_prefill and len(seqs) == 3
+    with torch.no_grad():
+        eager = runner._decode(seqs).clone()
+        runner.alloc_static_inputs(8)
+        runner.fill_static_inputs(seqs, 4)
+        static = runner.static_step(4)
+    assert torch.allclose(static[:3], eager, atol=1e-5)
+    meta = runner._gbuf["meta"]
+    assert meta[2, 3].item() == runner.scratch_block * runner.block_size and meta[3, 3].item() == 1
+    assert meta[3, :3].tolist() == [len(s) for s in seqs]
+    for rid in [f"static-{i}" for i in range(3)]:
+        engine.abort_request(rid)
+    assert llm.stats()["kv_blocks_used"] == 0

@@ -49,6 +49,8 @@ def test_triton_kernel_matches_reference():
     q, kc, vc, bt, ctx, ks, vs = _setup([5, 19, 130], D=16, num_blocks=24)  # 130 tokens: three 64-token tiles
     got = paged_decode_attention_triton(q, kc, vc, bt, ctx, 0.25)
     assert torch.allclose(got, _contiguous(q, ks, vs, 0.25), atol=1e-5)
+    # the CUDA-graph path passes int64 context lengths (one packed buffer)
+    assert torch.allclose(paged_decode_attention_triton(q, kc, vc, bt, ctx.long(), 0.25), got, atol=1e-6)
 
 
 @pytest.mark.gpu

@@ -53,6 +53,7 @@ class ModelRunner:
             layer.self_attn.k_cache = self.kv_cache[0, i]
             layer.self_attn.v_cache = self.kv_cache[1, i]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graph_batch_sizes: list[int] = []
         if self.is_cuda and not config.enforce_eager:
             self.capture_cudagraphs()
 
@@ -158,10 +159,10 @@ class ModelRunner:
         return sample(logits.float(), seqs)
 
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        ids, positions, slots, ctx, tables = self.prepare_decode(seqs)
         B = len(seqs)
         graph_bs = next((b for b in self.graph_batch_sizes if b >= B), None) if self.graphs else None
         if graph_bs is None:
+            ids, positions, slots, ctx, tables = self.prepare_decode(seqs)
             width = max(len(t) for t in tables)
             bt = self._to_device([t + [0] * (width - len(t)) for t in tables], torch.int32)
             meta = AttentionMetadata(False, self._to_device(slots, torch.long), context_lens=self._to_device(ctx, torch.int32),
@@ -169,20 +170,46 @@ class ModelRunner:
                                      fused_rope_store=self.is_cuda and self.config.fused_rope_store)
             hidden = self.model(self._to_device(ids, torch.long), self._to_device(positions, torch.long), meta)
             return self.model.compute_logits(hidden)
-        pad = graph_bs - B
+        self.fill_static_inputs(seqs, graph_bs)
+        self.graphs[graph_bs].replay()
+        return self._graph_logits[graph_bs][:B]
+
+    # ---- CUDA graphs -----------------------------------------------------------------------------------------
+    def alloc_static_inputs(self, max_bs: int) -> None:
+        """The fixed-address inputs a captured decode reads: rows of ``meta`` are token ids, positions, cache
+        slots and context lengths (one int64 tensor, so a step is one host-to-device copy), plus block tables."""
+        scratch = self.scratch_block
+        meta = torch.zeros(4, max_bs, dtype=torch.long, device=self.device)
+        meta[2] = scratch * self.block_size
+        meta[3] = 1
+        self._gbuf = {"meta": meta, "block_tables": torch.full((max_bs, self.max_blocks_per_seq), scratch,
+                                                                dtype=torch.int32, device=self.device)}
+
+    def fill_static_inputs(self, seqs: list[Sequence], graph_bs: int) -> None:
+        """Write a decode batch into the static inputs; rows past the batch attend to and write the scratch block."""
+        ids, positions, slots, ctx, tables = self.prepare_decode(seqs)
+        B = len(seqs)
+        host = np.empty((4, graph_bs), dtype=np.int64)
+        host[0, :B], host[1, :B], host[2, :B], host[3, :B] = ids, positions, slots, ctx
+        host[0, B:], host[1, B:], host[2, B:], host[3, B:] = 0, 0, self.scratch_block * self.block_size, 1
         g = self._gbuf
+        pin = self.is_cuda
+        src = torch.from_numpy(host)
+        g["meta"][:, :graph_bs].copy_(src.pin_memory() if pin else src, non_blocking=pin)
         width = max(len(t) for t in tables)
-        g["input_ids"][:graph_bs].copy_(self._to_device(ids + [0] * pad, torch.long), non_blocking=True)
-        g["positions"][:graph_bs].copy_(self._to_device(positions + [0] * pad, torch.long), non_blocking=True)
-        scratch_slot = self.scratch_block * self.block_size
-        g["slot_mapping"][:graph_bs].copy_(self._to_device(slots + [scratch_slot] * pad, torch.long), non_blocking=True)
-        g["context_lens"][:graph_bs].copy_(self._to_device(ctx + [1] * pad, torch.int32), non_blocking=True)
         rows = np.full((graph_bs, width), self.scratch_block, dtype=np.int32)
         for i, t in enumerate(tables):
             rows[i, :len(t)] = t
-        g["block_tables"][:graph_bs, :width].copy_(torch.from_numpy(rows).pin_memory(), non_blocking=True)
-        self.graphs[graph_bs].replay()
-        return self._graph_logits[graph_bs][:B]
+        src = torch.from_numpy(rows)
+        g["block_tables"][:graph_bs, :width].copy_(src.pin_memory() if pin else src, non_blocking=pin)
+
+    def static_step(self, bs: int) -> torch.Tensor:
+        """Decode the first ``bs`` rows of the static inputs: what each CUDA graph captures."""
+        g = self._gbuf
+        meta = AttentionMetadata(False, g["meta"][2, :bs], context_lens=g["meta"][3, :bs],
+                                 block_tables=g["block_tables"][:bs], decode_attention=self.decode_attention,
+                                 fused_rope_store=self.is_cuda and self.config.fused_rope_store)
+        return self.model.compute_logits(self.model(g["meta"][0, :bs], g["meta"][1, :bs], meta))
 
     @torch.no_grad()
     def capture_cudagraphs(self) -> None:
@@ -190,31 +217,15 @@ class ModelRunner:
         max_bs = min(self.config.max_num_seqs, self.config.cuda_graph_max_batch)
         sizes = sorted({b for b in [1, 2, 4, 8, *range(16, max_bs + 1, 16)] if b <= max_bs} | {max_bs})
         self.graph_batch_sizes = sizes
-        dev = self.device
-        scratch = self.scratch_block
-        self._gbuf = {
-            "input_ids": torch.zeros(max_bs, dtype=torch.long, device=dev),
-            "positions": torch.zeros(max_bs, dtype=torch.long, device=dev),
-            "slot_mapping": torch.full((max_bs,), scratch * self.block_size, dtype=torch.long, device=dev),
-            "context_lens": torch.ones(max_bs, dtype=torch.int32, device=dev),
-            "block_tables": torch.full((max_bs, self.max_blocks_per_seq), scratch, dtype=torch.int32, device=dev),
-        }
+        self.alloc_static_inputs(max_bs)
         self._graph_logits: dict[int, torch.Tensor] = {}
         pool = None
-        g = self._gbuf
         for bs in reversed(sizes):
-            meta = AttentionMetadata(False, g["slot_mapping"][:bs], context_lens=g["context_lens"][:bs],
-                                     block_tables=g["block_tables"][:bs], decode_attention="triton",
-                                     fused_rope_store=self.config.fused_rope_store)
-
-            def step(bs: int = bs, meta: AttentionMetadata = meta) -> torch.Tensor:
-                return self.model.compute_logits(self.model(g["input_ids"][:bs], g["positions"][:bs], meta))
-
-            step()  # warm-up: compiles the Triton kernel, settles the allocator
+            self.static_step(bs)  # warm-up: compiles the Triton kernels, settles the allocator
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool):
-                self._graph_logits[bs] = step()
+                self._graph_logits[bs] = self.static_step(bs)
             pool = pool or graph.pool()
             self.graphs[bs] = graph
-        torch.cuda.synchronize(dev)
+        torch.cuda.synchronize(self.device)
         log.info("captured CUDA graphs for decode batch sizes %s", sizes)
