@@ -132,9 +132,9 @@ class VisionModel:
 
     def _text_args(self):
         from onecard.models.config import ModelArgs
-        from onecard.vision.loader import TEXT_ARCHITECTURES
+        from onecard.vision.loader import TEXT_ARCHITECTURES, hf_text_config
 
-        text = self.hf.config.text_config.to_dict()
+        text = dict(self.folder.config["text_config"]) if self.folder else hf_text_config(self.hf.config.text_config)
         kind = text.get("model_type", "llama")
         if kind not in TEXT_ARCHITECTURES:
             raise UnsupportedModelError(f"text model_type {kind!r} (supported: {', '.join(TEXT_ARCHITECTURES)})")

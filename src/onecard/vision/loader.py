@@ -83,6 +83,19 @@ def open_llava_folder(path: str | Path) -> LlavaFolder:
     return LlavaFolder(folder, image_token_index, int(v.get("image_size", 336)), int(v.get("patch_size", 14)))
 
 
+def hf_text_config(text_config) -> dict:
+    """A transformers text config as config.json would write it: transformers 5 moves ``rope_theta`` and
+    ``rope_scaling`` into ``rope_parameters``, which onecard's ``ModelArgs`` must not silently miss."""
+    d = text_config.to_dict()
+    rp = d.pop("rope_parameters", None) or {}
+    if "rope_theta" in rp:
+        d["rope_theta"] = rp["rope_theta"]
+    scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
+    if scaling.get("rope_type", "default") != "default":
+        d["rope_scaling"] = scaling
+    return d
+
+
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
