@@ -15,7 +15,6 @@ import time
 import openai
 import pytest
 from fastapi.testclient import TestClient
-
 from serve_fake_engine import FakeEngine
 
 MODEL = "tiny"
@@ -280,3 +279,24 @@ def test_held_back_is_the_longest_stop_prefix_at_the_end(text, stops, held):
     from onecard.serve.completions import held_back
 
     assert held_back(text, stops) == held
+
+
+@pytest.mark.parametrize("route,body,schema", [
+    ("/v1/completions", {"prompt": ["a", "b"], "n": 2, "logprobs": 2, "echo": False}, "CompletionResponse"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "n": 2, "logprobs": True,
+                              "top_logprobs": 1}, "ChatCompletionChunk"),
+])
+def test_every_stream_event_matches_the_openai_schema(client, route, body, schema):
+    """The hot-path chunk writer builds JSON by hand; each event must still be exactly the protocol model."""
+    from onecard.serve import protocol
+
+    model = getattr(protocol, schema)
+    payload = {"model": MODEL, "max_tokens": 4, "stream": True, "stream_options": {"include_usage": True}, **body}
+    with client.stream("POST", route, json=payload) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    parsed = [model.model_validate_json(e) for e in events[:-1]]
+    assert all(json.loads(e).keys() == json.loads(p.model_dump_json()).keys() for e, p in zip(events, parsed))
+    assert len({p.id for p in parsed}) == 1 and parsed[-1].usage.completion_tokens == 4 * (4 if "prompt" in body else 2)
+    finishes = [c for p in parsed for c in p.choices if c.finish_reason]
+    assert len(finishes) == (4 if "prompt" in body else 2) and all(c.logprobs is not None for c in finishes)

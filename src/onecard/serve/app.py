@@ -11,17 +11,26 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Awaitable, Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from onecard.serve.completions import (Generation, chat_response, chat_stream, completion_response, completion_stream,
-                                       resolve_max_tokens, sampling_params, tokenize_chat, tokenize_prompt)
+from onecard.serve.completions import (
+    Generation,
+    chat_response,
+    chat_stream,
+    completion_response,
+    completion_stream,
+    resolve_max_tokens,
+    sampling_params,
+    tokenize_chat,
+    tokenize_prompt,
+)
 from onecard.serve.errors import APIError, bad_request, not_ready, unauthorized, unknown_model
 from onecard.serve.metrics import ServerMetrics
 from onecard.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, new_id, now

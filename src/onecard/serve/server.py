@@ -17,9 +17,9 @@ import logging
 import signal
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from onecard.errors import BadInputError, OnecardError, require_extra
 
