@@ -220,7 +220,7 @@ def pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
     s = sorted(values)
-    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+    return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))]
 
 
 # ---- workload ---------------------------------------------------------------------------------------------------
@@ -272,6 +272,11 @@ def main() -> int:
         with console.status(f"random-weight {a.arch} ({a.size}, {a.dtype}) checkpoint (cached after the first run)"):
             model = make_random_checkpoint(a.arch, a.size, dtype=a.dtype,
                                            device="cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
+        if torch.cuda.is_available():  # give the GPU memory of the freshly built weights back for the server
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
     tokenizer = AutoTokenizer.from_pretrained(model)
     prompts = make_prompts(tokenizer, a.clients, a.prompt_tokens)
     rng = random.Random(0)
