@@ -33,7 +33,7 @@ def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: tor
 @triton.jit
 def _rope_kernel(X, Y, C, S, sxb, sxh, sxt, syb, syh, syt, scb, sct, T, H,
                  HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)
     b = pid // T
     t = pid % T
     d = tl.arange(0, BLOCK_D)
