@@ -207,14 +207,17 @@ class VisionModel:
 
     # ---- generation --------------------------------------------------------------------------------------------
     def generate(self, image, question: str, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, on_text: Callable[[str], None] | None = None) -> VisionAnswer:
+                 seed: int | None = None, on_text: Callable[[str], None] | None = None,
+                 ignore_eos: bool = False) -> VisionAnswer:
         """Answer ``question`` about ``image``: greedy at temperature 0, else sampled (``top_p``, ``seed``).
 
-        ``on_text(delta)`` streams the answer as it is generated.
+        ``on_text(delta)`` streams the answer as it is generated. ``ignore_eos`` generates exactly
+        ``max_tokens`` (benchmarks: a random model may say end-of-sequence at any step).
         """
         from onecard.engine.sampling_params import SamplingParams
 
-        params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+        params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
+                                ignore_eos=ignore_eos)
         if max_tokens is None or max_tokens < 1:
             raise BadInputError(f"max_tokens={max_tokens}: must be a positive integer")
         t0 = _now(self.device)
@@ -264,7 +267,7 @@ class VisionModel:
         return seq.completion_token_ids, reason, t_first, t_end
 
     def _finish(self, token: int, num_generated: int, total_len: int, params) -> str | None:
-        if token in self.eos_ids:
+        if token in self.eos_ids and not params.ignore_eos:
             return "stop"
         if num_generated >= params.max_tokens or total_len >= self.engine_config.max_model_len:
             return "length"
@@ -295,13 +298,14 @@ class VisionModel:
 
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        kwargs = {"do_sample": False} if params.temperature == 0 else {
+        kwargs = {"min_new_tokens": params.max_tokens} if params.ignore_eos else {}
+        kwargs |= {"do_sample": False} if params.temperature == 0 else {
             "do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
         out = self.hf.generate(**inputs, max_new_tokens=params.max_tokens, streamer=_Collect(),
                                eos_token_id=sorted(self.eos_ids), pad_token_id=self.processor.tokenizer.pad_token_id,
                                **kwargs)
         tokens = out[0, inputs["input_ids"].shape[1]:].tolist()
-        reason = "stop" if tokens and tokens[-1] in self.eos_ids else "length"
+        reason = "stop" if tokens and tokens[-1] in self.eos_ids and not params.ignore_eos else "length"
         t_end = _now(device)
         return tokens, reason, times[0] if times else t_end, t_end
 

@@ -81,17 +81,15 @@ def make_llava_checkpoint(arch: str = "llava-1.5-7b", size: str = "tiny", path: 
     return final
 
 
-def add_processor_files(folder: Path, image_size: int, patch_size: int, image_token_index: int) -> None:
-    """Add ``<image>`` to the folder's tokenizer and write the CLIP image processor + LlavaProcessor settings."""
+def llava_processor(tokenizer_dir: str | Path, image_size: int = 336, patch_size: int = 14):
+    """A ``LlavaProcessor`` (CLIP-336 image processor settings, llava-1.5 chat template) around the tokenizer in
+    ``tokenizer_dir`` with ``<image>`` appended; returns ``(processor, image_token_id)``."""
     from transformers import AutoTokenizer, LlavaProcessor
 
     from onecard.vision.loader import clip_image_processor
 
-    tok = AutoTokenizer.from_pretrained(str(folder))
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    got = tok.convert_tokens_to_ids("<image>")
-    if got != image_token_index:
-        raise AssertionError(f"<image> got id {got}, the config says {image_token_index}")
     image_processor = clip_image_processor({
         "do_resize": True, "size": {"shortest_edge": image_size}, "resample": 3,
         "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
@@ -100,5 +98,13 @@ def add_processor_files(folder: Path, image_size: int, patch_size: int, image_to
     proc = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch_size,
                           vision_feature_select_strategy="default", chat_template=LLAVA_CHAT_TEMPLATE,
                           image_token="<image>", num_additional_image_tokens=1)
+    return proc, tok.convert_tokens_to_ids("<image>")
+
+
+def add_processor_files(folder: Path, image_size: int, patch_size: int, image_token_index: int) -> None:
+    """Add ``<image>`` to the folder's tokenizer and write the CLIP image processor + LlavaProcessor settings."""
+    proc, got = llava_processor(folder, image_size, patch_size)
+    if got != image_token_index:
+        raise AssertionError(f"<image> got id {got}, the config says {image_token_index}")
     proc.save_pretrained(str(folder))
-    image_processor.save_pretrained(str(folder))  # preprocessor_config.json: the llava-hf folders' layout
+    proc.image_processor.save_pretrained(str(folder))  # preprocessor_config.json: the llava-hf folders' layout
