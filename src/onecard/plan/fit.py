@@ -82,7 +82,7 @@ class InferencePlan:
         return [
             ("weights", self.weights_gib, f"{M.WEIGHT_FORMATS[self.weight_format]}, allocator-rounded"),
             ("KV cache", self.kv_gib, kv_what),
-            ("activations", self.activations_gib, f"prefill of {self.prefill_tokens:,} tokens, logits, mask, cuBLAS workspace"),
+            ("activations", self.activations_gib, f"prefill of {self.prefill_tokens:,} tokens, last-token logits, cuBLAS workspace"),
             ("overhead", self.overhead_gib, f"CUDA context {self.cuda_context_gib:.2f} GiB ({self.cuda_context_source}), allocator slack"),
         ]
 
