@@ -59,8 +59,8 @@ def _arch(smoke: bool) -> dict:
     return scale_config(cfg, "tiny") if smoke else cfg
 
 
-def _build(path: str, smoke: bool, dtype: str):
-    """ 'hf': stock model + HF checkpointing + PEFT; 'ours': patched + our checkpointing + PEFT (+int4 for qlora)."""
+def _build(smoke: bool, dtype: str):
+    """A fresh random-init Llama-3-8B (tiny-scaled in smoke mode) on the benchmark device."""
     from onecard.testing.checkpoints import build_random_model
 
     return build_random_model(_arch(smoke), dtype, _device())
@@ -131,7 +131,7 @@ def part_speed(args, out_dir) -> dict:
     ids = torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(0)).to(_device())
     for name in ("hf_peft", "onecard"):
         _free()
-        model = _build("", args.smoke, dtype)
+        model = _build(args.smoke, dtype)
         model = _lora_hf(model, 16, 32) if name == "hf_peft" else _lora_ours(model, 16, 32)
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -199,7 +199,7 @@ def part_qlora_ctx(args, out_dir) -> dict:
     dtype = "float32" if args.smoke else "bfloat16"
     cfg = _arch(args.smoke)
     _free()
-    model = _lora_ours(_build("", args.smoke, dtype), 32, 64, offload=True, int4=True).train()
+    model = _lora_ours(_build(args.smoke, dtype), 32, 64, offload=True, int4=True).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     cap_gib = args.cap_gib
     if torch.cuda.is_available():

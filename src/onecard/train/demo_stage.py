@@ -20,14 +20,15 @@ def demo_stage(ctx):
         (data / f"doc{i:02d}.txt").write_text(text)
     out = ctx.workdir / "lora-run"
     cfg = TrainConfig(model=ctx.artifacts["model_dir"], data=data, out=out, method="lora", seq_len=128,
-                      batch_size=4, max_steps=20, lr=2e-3, lora_r=8, lora_alpha=16, logging_steps=5, eval_steps=20,
-                      val_fraction=0.1, max_eval_rows=16, save_steps=1000, device=ctx.device, progress=False,
+                      batch_size=2, max_steps=20, lr=2e-3, lora_r=8, lora_alpha=16, logging_steps=5, eval_steps=20,
+                      val_fraction=0.1, max_eval_rows=8, save_steps=1000, device=ctx.device, progress=False,
                       gradient_checkpointing=ctx.device != "cpu")
     with torch.random.fork_rng():
         result = train(cfg, console=ctx.console)
     ctx.artifacts["lora_dir"] = result.weights_dir
     first, last = result.train_loss[0][1], result.train_loss[-1][1]
     ev = f", eval ppl {result.eval[-1][2]:.1f}" if result.eval else ""
-    return StageResult("train (LoRA)", f"{result.steps} steps on {ctx.device}: loss {first:.3f} -> {last:.3f}{ev}, "
+    return StageResult("train (LoRA)", f"{result.steps} steps on {ctx.device}: mean train loss of the first 5 steps "
+                       f"{first:.3f} -> last 5 {last:.3f}{ev}, "
                        f"{result.trainable_parameters / 1e3:.0f}k trainable params; {result.patch_summary}; "
                        f"adapter in {result.weights_dir}", seconds=time.perf_counter() - t0, ok=last < first)
