@@ -93,3 +93,36 @@ def test_fused_linear_ce_without_grad_returns_same_loss():
     with torch.no_grad():
         a = fused_linear_cross_entropy(h, w, labels, chunk_budget_bytes=3 * 30 * 4)
     torch.testing.assert_close(a, linear_cross_entropy_reference(h, w, labels))
+
+
+@pytest.mark.gpu
+def test_kernels_bf16_realistic_shapes_on_gpu():
+    """Llama-3-8B widths in bf16: Triton vs reference, forward and backward."""
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 256, 4096, device="cuda", dtype=torch.bfloat16), torch.randn(4096, device="cuda",
+                                                                                           dtype=torch.bfloat16)
+    o_t, g_t = _grads(lambda a, b: rmsnorm_triton(a, b, 1e-5), x, w)
+    o_r, g_r = _grads(lambda a, b: rmsnorm_reference(a, b, 1e-5), x, w)
+    _close(o_t, o_r, 2e-2)
+    _close(g_t[:1], g_r[:1], 2e-2)
+    torch.testing.assert_close(g_t[1].float(), g_r[1].float(), rtol=3e-2, atol=2.0)  # sum over 512 rows in bf16
+    g, u = (torch.randn(2, 256, 14336, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    o_t, g_t = _grads(swiglu_triton, g, u)
+    o_r, g_r = _grads(swiglu_reference, g, u)
+    _close(o_t, o_r, 2e-2)
+    _close(g_t, g_r, 3e-2)
+    q = torch.randn(2, 256, 32, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    k = torch.randn(2, 256, 8, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    ang = torch.randn(1, 256, 64, device="cuda")
+    cos, sin = (f(torch.cat([ang, ang], -1)).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+    o_t, g_t = _grads(lambda a, b: rope_triton(a, b, cos, sin), q, k)
+    o_r, g_r = _grads(lambda a, b: rope_reference(a, b, cos, sin), q, k)
+    _close(o_t, o_r, 2e-2)
+    _close(g_t, g_r, 2e-2)
+    h, W = torch.randn(1024, 4096, device="cuda", dtype=torch.bfloat16), torch.randn(
+        128256, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
+    labels = torch.randint(0, 128256, (1024,), device="cuda")
+    fused = _grads(lambda a: fused_linear_cross_entropy(a, W, labels), h)
+    ref = _grads(lambda a: linear_cross_entropy_reference(a, W, labels), h)
+    torch.testing.assert_close(fused[0][0], ref[0][0], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(fused[1][0].float(), ref[1][0].float(), rtol=5e-2, atol=1e-4)
