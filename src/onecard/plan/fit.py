@@ -8,7 +8,7 @@ these before loading anything, to refuse early and to pick defaults.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 from onecard.errors import BadInputError
 from onecard.hardware import GPUSpec, find_gpu, list_gpus
