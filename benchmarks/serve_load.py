@@ -241,6 +241,12 @@ def make_prompts(tokenizer, n: int, length: int) -> list[list[int]]:
 def offline_throughput(model: Path, a: argparse.Namespace, prompts: list[list[int]]) -> tuple[float, int, float]:
     from onecard.engine import LLM, SamplingParams
 
+    if a.smoke:
+        import torch
+
+        # The server's engine steps in a background thread, where torch uses one CPU thread; the main thread's
+        # default team spins and runs ~10x slower on a shared 2-core machine. Same threads, same comparison.
+        torch.set_num_threads(1)
     llm = LLM(model, dtype=a.dtype, gpu_memory_utilization=a.gpu_memory_utilization,
               max_model_len=a.prompt_tokens + a.max_tokens, max_num_seqs=min(a.clients, 256),
               device="cpu" if a.smoke else None)
