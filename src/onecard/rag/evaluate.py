@@ -95,7 +95,7 @@ def evaluate_retrieval(db: str | Path, targets: list[Target], ks: tuple[int, ...
     """recall@k for each k, MRR@depth and per-query retrieval latency for each mode (query embedding excluded)."""
     from onecard.rag.embeddings import load_embedder
 
-    store = open_store(db)
+    store = open_store(db, memory_vectors=True)
     try:
         meta = store.get_meta()
         emb = load_embedder(embedder or meta.get("embedder"))
@@ -133,7 +133,7 @@ def evaluate_refusals(db: str | Path, targets: list[Target], off_topic: list[str
     """How the "I don't know" threshold splits real questions from off-topic ones (best cosine of the top 5)."""
     from onecard.rag.embeddings import load_embedder
 
-    store = open_store(db)
+    store = open_store(db, memory_vectors=True)
     try:
         emb = load_embedder(embedder or store.get_meta().get("embedder"))
         qs = [t.question for t in targets] + list(off_topic)

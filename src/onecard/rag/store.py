@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,8 +125,12 @@ def _connect(path: str):
 class SqliteStore:
     """One SQLite file: tables meta, files, chunks; FTS5 ``chunks_fts`` (kept in sync by triggers); vec0 ``chunks_vec``."""
 
-    def __init__(self, path: str | Path, create: bool = False) -> None:
+    def __init__(self, path: str | Path, create: bool = False, memory_vectors: bool = False) -> None:
+        """``memory_vectors``: answer kNN from a NumPy copy of all vectors (loaded on first use, reloaded when
+        the index changes) instead of sqlite-vec's scan; several times faster for processes that search often."""
         path = Path(path).expanduser()
+        self.memory_vectors = memory_vectors
+        self._matrix: tuple[str, np.ndarray, np.ndarray] | None = None  # (generation, ids, vectors)
         if not create and not path.is_file():
             raise BadInputError(f"no index at '{path}'; build one with: onecard rag index DIR --db {path}")
         if create:
@@ -202,7 +207,7 @@ class SqliteStore:
                                       (rowid, np.asarray(v, dtype=np.float32).tobytes()))
                 self.conn.execute("INSERT INTO files(path, sha256, n_chunks, indexed_at) VALUES (?,?,?,?)",
                                   (u.path, u.sha256, len(u.chunks), time.time()))
-            for key, value in {**meta, "schema": SCHEMA_VERSION}.items():
+            for key, value in {**meta, "schema": SCHEMA_VERSION, "generation": uuid.uuid4().hex}.items():
                 self.conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, str(value)))
             self.conn.execute("COMMIT")
         except BaseException:
@@ -210,12 +215,31 @@ class SqliteStore:
             raise
 
     def vector_search(self, query: np.ndarray, n: int) -> list[tuple[int, float]]:
-        """(chunk id, cosine similarity), best first. Exact kNN (sqlite-vec scans all vectors)."""
+        """(chunk id, cosine similarity), best first. Exact kNN (sqlite-vec's scan, or the in-memory matrix)."""
         if not self._q("SELECT 1 FROM sqlite_master WHERE name = 'chunks_vec'"):
             return []
+        if self.memory_vectors:
+            return self._memory_search(np.asarray(query, dtype=np.float32), int(n))
         rows = self._q("SELECT rowid, distance FROM chunks_vec WHERE embedding MATCH ? AND k = ? ORDER BY distance",
                        (np.asarray(query, dtype=np.float32).tobytes(), int(n)))
         return [(int(r), 1.0 - float(d)) for r, d in rows]
+
+    def _memory_search(self, query: np.ndarray, n: int) -> list[tuple[int, float]]:
+        gen = self._q("SELECT value FROM meta WHERE key = 'generation'")
+        gen = gen[0][0] if gen else ""
+        if self._matrix is None or self._matrix[0] != gen:
+            rows = self._q("SELECT rowid, embedding FROM chunks_vec")
+            ids = np.fromiter((r for r, _ in rows), dtype=np.int64, count=len(rows))
+            mat = np.frombuffer(b"".join(b for _, b in rows), dtype=np.float32).reshape(len(rows), -1) if rows else \
+                np.zeros((0, query.shape[0]), np.float32)
+            self._matrix = (gen, ids, mat)
+        _, ids, mat = self._matrix
+        if not len(ids):
+            return []
+        sims = mat @ query  # unit vectors: dot product = cosine similarity
+        top = np.argpartition(-sims, n - 1)[:n] if n < len(sims) else np.arange(len(sims))
+        top = top[np.argsort(-sims[top], kind="stable")]
+        return [(int(ids[i]), float(sims[i])) for i in top]
 
     def bm25_search(self, query: str, n: int) -> list[tuple[int, float]]:
         """(chunk id, BM25 score, higher = better), best first; text weighs 1, heading and file title 2 each."""
@@ -244,13 +268,31 @@ class SqliteStore:
         self.conn.close()
 
 
-def open_store(db: str | Path, create: bool = False) -> Store:
+def open_store(db: str | Path, create: bool = False, memory_vectors: bool = False) -> Store:
     """``postgresql://...`` -> ``PgVectorStore``; anything else is an SQLite index file."""
     if str(db).startswith(("postgresql://", "postgres://")):
         from onecard.rag.pgvector_store import PgVectorStore
 
         return PgVectorStore(str(db), create=create)
-    return SqliteStore(db, create=create)
+    return SqliteStore(db, create=create, memory_vectors=memory_vectors)
+
+
+_OPEN: dict[tuple[str, int], Store] = {}
+
+
+def shared_store(db: str | Path) -> Store:
+    """A store kept open for this process (vectors cached in memory), so repeated searches, e.g. a server's,
+    skip opening the file and loading vectors. Keyed by path and inode: a replaced file is reopened."""
+    if str(db).startswith(("postgresql://", "postgres://")):
+        key = (str(db), 0)
+    else:
+        path = Path(db).expanduser().resolve()
+        if not path.is_file():
+            return open_store(db)  # raises the one-line "no index at ..." error
+        key = (path.as_posix(), path.stat().st_ino)
+    if key not in _OPEN:
+        _OPEN[key] = open_store(db, memory_vectors=True)
+    return _OPEN[key]
 
 
 Reranker = Callable[[str, list[Hit]], list[Hit]]
@@ -322,17 +364,14 @@ def search(query: str, db: str | Path, k: int = 5, mode: str = "hybrid", embedde
     """Retrieval only: open the index at ``db``, embed ``query`` with the index's embedder, return top-``k`` hits."""
     if not query or not query.strip():
         raise BadInputError("the query is empty; pass some words to search for")
-    store = open_store(db)
-    try:
-        meta = store.get_meta()
-        qvec = None
-        if mode != "bm25":
-            from onecard.rag.embeddings import load_embedder
+    store = shared_store(db)
+    meta = store.get_meta()
+    qvec = None
+    if mode != "bm25":
+        from onecard.rag.embeddings import load_embedder
 
-            emb = load_embedder(embedder or meta.get("embedder"))
-            check_embedder(meta, emb.name)
-            qvec = emb.encode([query])[0]
-        return retrieve(store, query, qvec, k=k, mode=mode, candidates=candidates, rerank=rerank)
-    finally:
-        store.close()
+        emb = load_embedder(embedder or meta.get("embedder"))
+        check_embedder(meta, emb.name)
+        qvec = emb.encode([query])[0]
+    return retrieve(store, query, qvec, k=k, mode=mode, candidates=candidates, rerank=rerank)
 
