@@ -98,6 +98,8 @@ def test_config_only_folder_and_quantized_folder(tmp_path):
 def test_tiny_trained_model_folder(tiny_model):
     p = plan_inference(tiny_model.path, "4090", bits=16, max_model_len=256)
     assert p.fits and p.weights_gib * 1024**3 >= 2 * tiny_model.parameters
+    t = plan_training(tiny_model.path, "4090", method="full")  # default seq_len respects the model's 1,024 limit
+    assert t.fits and t.seq_len <= resolve_model(tiny_model.path).args.max_position_embeddings
 
 
 @pytest.mark.parametrize("call, match", [

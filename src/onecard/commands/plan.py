@@ -79,7 +79,7 @@ def register(app: typer.Typer) -> None:
                       ("max context", f"{plan.max_context_tokens:,} tokens (1 sequence)"),
                       ("max sequences", f"{plan.max_concurrent_seqs} of {plan.max_model_len:,} tokens")]
         else:
-            plan = plan_training(model, gpu, method=method, seq_len=ctx or 2048, batch_size=batch, grad_accum=grad_accum,
+            plan = plan_training(model, gpu, method=method, seq_len=ctx, batch_size=batch, grad_accum=grad_accum,
                                  gradient_checkpointing=checkpointing, optimizer=optimizer, precision=precision,
                                  gpu_memory_utilization=util or 0.95)
             title = (f"{plan.model} {plan.method} training on {plan.card}: batch {plan.batch_size} x {plan.seq_len:,}, "

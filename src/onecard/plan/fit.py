@@ -380,7 +380,7 @@ def _train_core(spec: ModelSpec, gpu: GPUSpec, method: str, precision: str, opti
         peak_phase=phase)
 
 
-def plan_training(model, card: "str | GPUSpec | None" = None, method: str = "lora", seq_len: int = 2048,
+def plan_training(model, card: "str | GPUSpec | None" = None, method: str = "lora", seq_len: int | None = None,
                   batch_size: int = 1, grad_accum: int = 1, gradient_checkpointing: bool = True,
                   optimizer: str = "adamw", lora_rank: int = 16, lora_targets: "str | list[str]" = "all",
                   precision: str = "bf16", fused_ce: bool = False, base_format: str | None = None,
@@ -392,8 +392,10 @@ def plan_training(model, card: "str | GPUSpec | None" = None, method: str = "lor
     ``precision`` (full only): "bf16" (bf16 weights, grads and AdamW states) or
     "mixed" (fp32 master weights, grads and states under bf16 autocast).
     LoRA adapters, their grads and states are fp32 (PEFT's default).
+    ``seq_len`` None means 2048, or the model's max_position_embeddings if shorter.
     """
     spec = resolve_model(model)
+    seq_len = min(2048, spec.args.max_position_embeddings) if seq_len is None else seq_len
     gpu = resolve_card(card)
     _check_common(gpu_memory_utilization)
     if method not in METHODS:
