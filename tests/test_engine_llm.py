@@ -199,9 +199,10 @@ def test_bf16_gpu_greedy_matches_hf_for_256_steps(arch, random_checkpoint):
     assert llm.stats()["cuda_graphs"], "decode should run through CUDA graphs"
     out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=256, ignore_eos=True), use_tqdm=False)[0]
     hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).cuda().eval()
+    hf.generation_config.eos_token_id = None  # like ignore_eos: EOS may be chosen, it just does not stop
     ids = llm.tokenizer(PROMPTS[0], return_tensors="pt").input_ids.cuda()
     with torch.no_grad():
-        ref = hf.generate(ids, max_new_tokens=256, min_new_tokens=256, do_sample=False)[0, ids.shape[1]:].tolist()
+        ref = hf.generate(ids, max_new_tokens=256, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
     same = next((i for i, (a, b) in enumerate(zip(out.outputs[0].token_ids, ref)) if a != b), 256)
     assert same == 256, f"first divergence at step {same}"
 
