@@ -81,8 +81,9 @@ def run_hf_infer(cfg: dict, ctx: int, device: str) -> dict:
     new = 64
     ids = torch.randint(3, cfg["vocab_size"] - 1, (1, ctx - new), device=device)
     with torch.no_grad():
+        # disable_compile: transformers would otherwise torch.compile the static-cache decode on CUDA (its own memory).
         model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static",
-                       pad_token_id=0)
+                       pad_token_id=0, disable_compile=True)
     peak = measured_gib(device)
     del model
     reset(device)
