@@ -80,7 +80,11 @@ def check_no_dropout(model: nn.Module) -> None:
 def enable_checkpointing(model: nn.Module, offload: bool = False) -> None:
     """Turn on HF gradient checkpointing for every decoder layer; with ``offload`` keep checkpoints on CPU."""
     model.config.use_cache = False
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # older transformers (e.g. 5.17, 4.x)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if offload:
         # reentrant-style: a layer's LoRA grads flow only if its input requires grad, even with a frozen embedding
         model.enable_input_require_grads()
