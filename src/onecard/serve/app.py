@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from onecard.errors import BadInputError
 from onecard.serve.completions import (
     Generation,
     chat_response,
@@ -74,9 +75,9 @@ def build_app(engine=None, model_name: str = "model", api_key: str | None = None
     ``rag_db``: a ``onecard rag index`` database; enables ``POST /v1/rag/ask``.
     """
     if (engine is None) == (engine_factory is None):
-        raise ValueError("pass exactly one of engine or engine_factory")
+        raise BadInputError("build_app needs exactly one of engine= (a ready AsyncEngine) or engine_factory=")
     if api_key is not None and not api_key.strip():
-        raise ValueError("api_key must be a non-empty string (or None for no authentication)")
+        raise BadInputError("api_key must be a non-empty string (or None for no authentication)")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
