@@ -154,7 +154,7 @@ def table(rows: list[dict], title: str) -> Table:
                 "peak GiB"):
         t.add_column(col, justify="right" if col != "path" else "left")
     base = next((r["decode_tok_s"] for r in rows if r["name"] == "hf_bf16"), None)
-    f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    f = lambda v, spec: "-" if v is None else format(v, spec)
     for r in rows:
         t.add_row(r["name"], f(r["ttft_ms"], ".0f"), f(r["decode_tok_s"], ".1f"), f(r["ms_per_token"], ".2f"),
                   f(r["decode_tok_s"] / base if base else None, ".2f"), f(100 * r["roofline_fraction"] if
@@ -217,7 +217,8 @@ def main() -> None:
                                     ("engine_bf16", False, "engine"), ("engine_int4", True, "engine")):
             rows7.append(run_variant(name, "llava-1.5-7b", size, dtype, device, int4, backend, image, a, console,
                                      bandwidth))
-        console.print(table(rows7, f"llava-1.5-7b ({size}), bs=1, {a.decode_tokens} tokens, one {result['image_px']} image"))
+        console.print(table(rows7, f"llava-1.5-7b ({size}, float weights {dtype}), bs=1, {a.decode_tokens} tokens, "
+                                   f"one {result['image_px']} image"))
         base = rows7[0]
         for r in rows7:
             for k, v in r.items():
@@ -235,7 +236,8 @@ def main() -> None:
             torch.cuda.set_per_process_memory_fraction(min(1.0, a.cap_gib * GiB / total), device.index)
         row13 = run_variant("engine_int4", "llava-1.5-13b", size, dtype, device, True, "engine", image, a, console,
                             bandwidth, host_build=True)
-        console.print(table([row13], f"llava-1.5-13b ({size}), int4 LM, process capped at {a.cap_gib:g} GiB"))
+        cap_note = f"process capped at {a.cap_gib:g} GiB" if device.type == "cuda" else "no cap on CPU"
+        console.print(table([row13], f"llava-1.5-13b ({size}), int4 LM, {cap_note}"))
         for k, v in row13.items():
             result[f"13b_{k}"] = v
         result["13b_cap_gib"] = a.cap_gib if device.type == "cuda" else None

@@ -16,15 +16,25 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from onecard.errors import BadInputError, OnecardError, UnsupportedModelError
+from onecard.errors import (
+    BadInputError,
+    NotBuiltYetError,
+    OnecardError,
+    UnsupportedModelError,
+)
 from onecard.vision.images import DEFAULT_MAX_PIXELS, load_image
-from onecard.vision.loader import LlavaFolder, load_llava, load_processor, open_llava_folder
+from onecard.vision.loader import (
+    LlavaFolder,
+    load_llava,
+    load_processor,
+    open_llava_folder,
+)
 from onecard.vision.prompt import build_prompt
 
 log = logging.getLogger(__name__)
@@ -77,7 +87,8 @@ class VisionModel:
                  dtype: torch.dtype, progress: bool = False) -> None:
         """Take an already-loaded HF ``LlavaForConditionalGeneration`` (on CPU or ``device``) and place it.
 
-        ``folder`` may be None for a model built in memory (benchmarks); then ``eos`` comes from the config.
+        ``folder`` may be None for a model built in memory (benchmarks); the text config then comes from
+        ``hf_model.config`` instead of config.json.
         """
         self.folder, self.processor, self.hf, self.config = folder, processor, hf_model, config
         self.device, self.dtype = device, dtype
@@ -93,7 +104,6 @@ class VisionModel:
             from onecard.vision.int4 import place_llava_
 
             place_llava_(hf_model, device, dtype, quant, progress)
-            self.hf_quantized = quant
         log.info("onecard vision: %s backend (%s)", self.backend, self.why)
         tok = processor.tokenizer
         eos = cfg.text_config.eos_token_id
@@ -104,7 +114,7 @@ class VisionModel:
     # ---- construction ------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, config: VisionConfig | None = None, progress: bool = False,
-                        **kwargs) -> "VisionModel":
+                        **kwargs) -> VisionModel:
         """Validate ``path``, load processor and weights (on the CPU first when the LM is quantized), place them."""
         from onecard.engine.llm import resolve_device, resolve_dtype
 
@@ -151,6 +161,9 @@ class VisionModel:
         for part in (hf.model.vision_tower, hf.model.multi_modal_projector):
             part.to(device=self.device, dtype=self.dtype)
         max_len = self.config.max_model_len or min(self.args.max_position_embeddings, 4096)
+        if self.args.sliding_window is not None and max_len > self.args.sliding_window:
+            raise NotBuiltYetError(f"sliding-window attention is not implemented; set max_model_len <= "
+                                   f"{self.args.sliding_window} (the language model's sliding_window)")
         self.lm = onecard_language_model(hf, self.args, self.device, self.dtype, quant, max_positions=max_len,
                                          progress=progress)
         hf.model.language_model = None  # its weights now live in self.lm: free them
@@ -232,7 +245,7 @@ class VisionModel:
                             t_first - t0, rate, {"total_s": t_end - t0})
 
     @torch.no_grad()
-    def _generate_engine(self, inputs: dict, params, stream: "_Stream"):
+    def _generate_engine(self, inputs: dict, params, stream: _Stream):
         from onecard.engine.sampler import sample
         from onecard.engine.sequence import Sequence
 
@@ -274,7 +287,7 @@ class VisionModel:
         return None
 
     @torch.no_grad()
-    def _generate_hf(self, inputs: dict, params, stream: "_Stream"):
+    def _generate_hf(self, inputs: dict, params, stream: _Stream):
         from transformers.generation.streamers import BaseStreamer
 
         times: list[float] = []

@@ -16,7 +16,6 @@ from onecard.errors import BadInputError
 
 # 40 Mpx: any photo a phone or camera takes; the model sees 336x336 anyway. Raise it with max_pixels / --max-image-pixels.
 DEFAULT_MAX_PIXELS = 40_000_000
-ImageInput = "str | Path | bytes | PIL.Image.Image"
 
 
 def load_image(image, max_pixels: int = DEFAULT_MAX_PIXELS):
@@ -35,7 +34,7 @@ def load_image(image, max_pixels: int = DEFAULT_MAX_PIXELS):
         return image.convert("RGB")
     if isinstance(image, (bytes, bytearray, memoryview)):
         return _decode(bytes(image), "the image bytes", max_pixels)
-    if isinstance(image, Path) or isinstance(image, str):
+    if isinstance(image, (Path, str)):
         s = str(image)
         if s.startswith("data:"):
             return _decode(decode_data_url(s), "the data: URL", max_pixels)
