@@ -63,11 +63,13 @@ def stage_hf_generate(ctx: DemoContext) -> StageResult:
     path = str(ctx.artifacts["model_dir"])
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).to(ctx.device).eval()
-    ids = tok("def read_config(path):\n", return_tensors="pt").input_ids.to(ctx.device)
+    prompt = "class Config:\n    def __init__(self"
+    ids = tok(prompt, return_tensors="pt").input_ids.to(ctx.device)
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.eos_token_id)
+        # greedy; the penalty keeps a 5M-parameter model from repeating one line
+        out = model.generate(ids, max_new_tokens=32, do_sample=False, repetition_penalty=1.3, pad_token_id=tok.eos_token_id)
     text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    ctx.console.print(f"[dim]HF generate:[/] def read_config(path):\n{text}")
+    ctx.console.print(f"[dim]HF generate:[/]\n{prompt}{text}", highlight=False)
     return StageResult("generate (HF)", f"{out.shape[1] - ids.shape[1]} tokens greedy: {text.strip()[:40]!r}...")
 
 
@@ -78,9 +80,12 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("hardware", "onecard.demo:stage_hardware"),
     ("plan", "onecard.plan.demo_stage:demo_stage"),
     ("generate (HF)", "onecard.demo:stage_hf_generate"),
+    ("train (LoRA)", "onecard.train.demo_stage:demo_stage"),
+    ("quantize", "onecard.quant.demo_stage:demo_stage"),
     ("engine", "onecard.engine.demo_stage:demo_stage"),
     ("rag", "onecard.rag.demo_stage:demo_stage"),
     ("serve", "onecard.serve.demo_stage:demo_stage"),
+    ("vision", "onecard.vision.demo_stage:demo_stage"),
 )
 # Run even when an earlier stage failed: the monitor report covers the run that happened.
 FINAL_STAGES: tuple[tuple[str, str], ...] = (("monitor report", "onecard.monitor.demo_stage:demo_stage"),)
