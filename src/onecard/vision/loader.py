@@ -41,15 +41,6 @@ class LlavaFolder:
     def config(self) -> dict:
         return self.folder.config
 
-    @property
-    def text_config(self) -> dict:
-        """The language model's config.json, with the ``architectures`` entry onecard's ``ModelArgs`` reads."""
-        text = dict(self.config["text_config"])
-        kind = text.get("model_type", "llama")
-        if kind in TEXT_ARCHITECTURES and not text.get("architectures"):
-            text["architectures"] = [TEXT_ARCHITECTURES[kind]]
-        return text
-
 
 def open_llava_folder(path: str | Path) -> LlavaFolder:
     """Check ``path`` holds a complete LLaVA model + processor; raises a one-line error saying what to fix."""
