@@ -50,6 +50,11 @@ class AsyncEngine:
         self._thread.start()
 
     @property
+    def max_model_len(self) -> int:
+        """Longest prompt + output a request may have (the server checks requests against it)."""
+        return self.config.max_model_len
+
+    @property
     def ready(self) -> bool:
         return self._thread.is_alive() and not self._stop.is_set() and self._error is None
 

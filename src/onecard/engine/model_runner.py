@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,6 +30,81 @@ GiB = 1 << 30
 def kv_bytes_per_token(model: LlamaModel, dtype: torch.dtype) -> int:
     a = model.args
     return 2 * a.num_layers * a.num_kv_heads * a.head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+
+# Fixed headroom kept free for what start-up cannot profile: cuBLAS/Triton workspaces, the CUDA-graph pools' own
+# fragmentation, the sampler's per-step temporaries at odd batch sizes. Measured need on an H100 is ~100-200 MiB.
+FIXED_HEADROOM_BYTES = 384 << 20
+
+
+def graph_batch_sizes(max_bs: int) -> list[int]:
+    """Decode batch sizes that get a CUDA graph: 1, 2, 4, 8, 16, 32, 48, ... up to ``max_bs``."""
+    return sorted({b for b in [1, 2, 4, 8, *range(16, max_bs + 1, 16)] if b <= max_bs} | {max_bs})
+
+
+def cuda_graph_workspace_bytes(batch_sizes: list[int], vocab_size: int, hidden_size: int, elem_bytes: int) -> int:
+    """Memory the captured decode graphs keep alive after start-up: each graph's logits output stays allocated
+    (``sum(batch sizes) x vocab``), plus the shared pool that holds the largest batch's activations (generous:
+    ~16 hidden-sized rows per token for qkv, gate/up, attention and residual temporaries), plus fp32 logits and
+    the sampler's sort for the largest batch."""
+    max_bs = max(batch_sizes, default=0)
+    outputs = sum(batch_sizes) * vocab_size * elem_bytes
+    pool = max_bs * hidden_size * 16 * elem_bytes
+    sampler = max_bs * vocab_size * 4 * 3  # float logits + sorted values + indices (int64 counted as two floats)
+    return outputs + pool + sampler
+
+
+@dataclass
+class KVCachePlan:
+    """How start-up splits a (possibly capped) card: the inputs, what is left for the KV cache and how many blocks.
+
+    The budget is ``min(cap_bytes * utilization - reserved, free - (1 - utilization) * cap_bytes)`` minus the
+    activation peak and the workspace: ``torch.cuda.set_per_process_memory_fraction`` limits the *reserved*
+    bytes of this process, so the cap is counted against ``memory_reserved()``, not the driver's free memory
+    (which includes other processes and the CUDA context); the free-memory term keeps us off memory another
+    process already holds.
+    """
+
+    card_bytes: int
+    cap_bytes: int
+    reserved_bytes: int
+    activation_peak_bytes: int
+    workspace_bytes: int
+    block_bytes: int
+    utilization: float
+    available_bytes: int
+    num_blocks: int
+
+    def describe(self) -> str:
+        return (f"cap {self.cap_bytes / GiB:.2f} GiB x {self.utilization}, reserved {self.reserved_bytes / GiB:.2f} GiB, "
+                f"activation peak {self.activation_peak_bytes / GiB:.2f} GiB, graphs/sampler/workspace "
+                f"{self.workspace_bytes / GiB:.2f} GiB")
+
+    def check(self, max_model_len: int, block_size: int, weight_bytes: int) -> None:
+        """Raise ``DoesNotFitError`` (with the numbers and the knobs) when one max_model_len sequence cannot fit."""
+        if self.num_blocks * block_size >= max_model_len:
+            return
+        need = math.ceil(max_model_len / block_size) * self.block_bytes
+        raise DoesNotFitError(
+            f"the KV cache needs {need / GiB:.2f} GiB for one {max_model_len}-token sequence but only "
+            f"{max(self.available_bytes, 0) / GiB:.2f} GiB is left (weights {weight_bytes / GiB:.2f} GiB; "
+            f"{self.describe()}); lower max_model_len or max_num_batched_tokens, raise gpu_memory_utilization, "
+            "or use quantization='rtn-int4'")
+
+
+def plan_kv_cache(card_bytes: int, cap_fraction: float, reserved_bytes: int, activation_peak_bytes: int,
+                  block_bytes: int, utilization: float, workspace_bytes: int = 0, free_bytes: int | None = None,
+                  fixed_headroom_bytes: int = FIXED_HEADROOM_BYTES) -> KVCachePlan:
+    """Pure KV-cache sizing (no CUDA calls, so it is unit-tested on CPU with the H100's numbers)."""
+    cap = int(card_bytes * min(cap_fraction, 1.0))
+    budget = cap * utilization - reserved_bytes
+    if free_bytes is not None:
+        budget = min(budget, free_bytes - (1 - utilization) * cap)
+    workspace = workspace_bytes + fixed_headroom_bytes
+    available = int(budget - activation_peak_bytes - workspace)
+    return KVCachePlan(card_bytes, cap, reserved_bytes, activation_peak_bytes, workspace, block_bytes, utilization,
+                       available, max(available // block_bytes, 0))
 
 
 class ModelRunner:
@@ -75,26 +151,24 @@ class ModelRunner:
                 f"a {cfg.max_num_batched_tokens}-token prefill does not fit next to the weights; lower "
                 "max_num_batched_tokens / max_model_len, or use quantization='rtn-int4'") from None
         torch.cuda.synchronize(self.device)
-        free, card_total = torch.cuda.mem_get_info(self.device)
-        # Everything this process holds (CUDA context + allocator), as a real card of the capped size would count it.
-        used = card_total - free
-        # A per-process cap (torch.cuda.set_per_process_memory_fraction, e.g. to act as a 24 GB card) shrinks the card.
-        total = int(card_total * torch.cuda.get_per_process_memory_fraction(
-            self.device.index if self.device.index is not None else torch.cuda.current_device()))
         stats = torch.cuda.memory_stats(self.device)
         peak, current = stats["allocated_bytes.all.peak"], stats["allocated_bytes.all.current"]
-        available = total * cfg.gpu_memory_utilization - used - (peak - current)
-        num_blocks = int(available // per_block)
-        need = cfg.max_model_len * per_block / self.block_size
-        if num_blocks * self.block_size < cfg.max_model_len:
-            weights = sum(p.numel() * p.element_size() for p in self.model.parameters()) / GiB
-            raise DoesNotFitError(
-                f"the KV cache needs {need / GiB:.2f} GiB for one {cfg.max_model_len}-token sequence but only "
-                f"{max(available, 0) / GiB:.2f} GiB is left at gpu_memory_utilization={cfg.gpu_memory_utilization} "
-                f"(weights {weights:.1f} GiB, activation peak {(peak - current) / GiB:.2f} GiB); lower max_model_len "
-                "or max_num_batched_tokens, or use quantization='rtn-int4'")
-        log.info("KV cache: %d blocks x %d tokens = %.2f GiB", num_blocks, self.block_size, num_blocks * per_block / GiB)
-        return num_blocks
+        torch.cuda.empty_cache()  # the profile's activations come back as headroom below, not as reserved bytes
+        free, card_total = torch.cuda.mem_get_info(self.device)
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        a = self.model.args
+        max_bs = min(cfg.max_num_seqs, cfg.cuda_graph_max_batch)
+        plan = plan_kv_cache(
+            card_bytes=card_total, cap_fraction=torch.cuda.get_per_process_memory_fraction(index),
+            reserved_bytes=torch.cuda.memory_reserved(self.device), free_bytes=free,
+            activation_peak_bytes=peak - current, block_bytes=per_block, utilization=cfg.gpu_memory_utilization,
+            workspace_bytes=0 if cfg.enforce_eager else cuda_graph_workspace_bytes(
+                graph_batch_sizes(max_bs), a.vocab_size, a.hidden_size, self.dtype.itemsize))
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        plan.check(cfg.max_model_len, self.block_size, weights)
+        log.info("KV cache: %d blocks x %d tokens = %.2f GiB (%s)", plan.num_blocks, self.block_size,
+                 plan.num_blocks * per_block / GiB, plan.describe())
+        return plan.num_blocks
 
     @torch.no_grad()
     def _profile_run(self) -> None:
@@ -215,7 +289,7 @@ class ModelRunner:
     def capture_cudagraphs(self) -> None:
         """Capture decode (model + lm_head) for batch sizes 1, 2, 4, 8, 16, 32, ... up to max_num_seqs."""
         max_bs = min(self.config.max_num_seqs, self.config.cuda_graph_max_batch)
-        sizes = sorted({b for b in [1, 2, 4, 8, *range(16, max_bs + 1, 16)] if b <= max_bs} | {max_bs})
+        sizes = graph_batch_sizes(max_bs)
         self.graph_batch_sizes = sizes
         self.alloc_static_inputs(max_bs)
         self._graph_logits: dict[int, torch.Tensor] = {}
