@@ -27,7 +27,6 @@ from rich.table import Table
 from onecard.bench.results import save_figure, write_result
 
 GiB = 2**30
-ARMS = (("bf16", None), ("int8", "int8"), ("int4", "rtn-int4"))
 
 
 def parse() -> argparse.Namespace:
@@ -124,7 +123,7 @@ def kernel_table(device: str, dtype: torch.dtype, shapes, ms_list) -> dict:
         q8 = QuantLinear.from_linear(lin, 8, -1, sym=True)
         for M in ms_list:
             x = torch.randn(M, K, device=device, dtype=dtype)
-            for name, mod in (("bf16", lin), ("int8", q8), ("int4", q4)):
+            for name, mod in (("float", lin), ("int8", q8), ("int4", q4)):
                 with torch.no_grad():
                     for _ in range(3):
                         mod(x)
@@ -135,7 +134,7 @@ def kernel_table(device: str, dtype: torch.dtype, shapes, ms_list) -> dict:
                         mod(x)
                     _sync(device)
                 us = (time.perf_counter() - t0) / reps * 1e6
-                wbytes = K * N * lin.weight.element_size() if name == "bf16" else mod.weight_bytes()
+                wbytes = K * N * lin.weight.element_size() if name == "float" else mod.weight_bytes()
                 res[f"kernel_{name}_{K}x{N}_m{M}_us"] = us
                 res[f"kernel_{name}_{K}x{N}_m{M}_weight_gbs"] = wbytes / us / 1e3
     return res
@@ -169,34 +168,36 @@ def main() -> None:
     from onecard.bench.engine_bench import measure_copy_bandwidth
 
     bw = measure_copy_bandwidth(torch.device(device))
+    fl = "bf16" if dtype == "bfloat16" else "fp32"  # the float arm, named for what it really ran
+    arms = ((fl, None), ("int8", "int8"), ("int4", "rtn-int4"))
     result: dict = {"model": str(model_dir), "dtype": dtype, "copy_bandwidth_gbs": bw, "decode_tokens": a.decode_tokens,
                     "prompt_len": a.prompt_len, "batch": a.batch, "prefill_len": a.prefill_len}
-    for name, quant in ARMS:
+    for name, quant in arms:
         console.print(f"[bold]{name}[/] ...")
         for k, v in run_arm(model_dir, quant, dtype, device, a, bw).items():
             result[f"{name}_{k}"] = v
     b = a.batch
     for name in ("int8", "int4"):
-        result[f"{name}_speedup_bs1_vs_bf16"] = result["bf16_bs1_ms_per_token"] / result[f"{name}_bs1_ms_per_token"]
-        result[f"{name}_speedup_bs{b}_vs_bf16"] = result[f"bf16_bs{b}_ms_per_step"] / result[f"{name}_bs{b}_ms_per_step"]
-        result[f"{name}_prefill{a.prefill_len}_speed_ratio_vs_bf16"] = (result[f"bf16_prefill{a.prefill_len}_ms"]
-                                                                        / result[f"{name}_prefill{a.prefill_len}_ms"])
+        result[f"{name}_speedup_bs1_vs_{fl}"] = result[f"{fl}_bs1_ms_per_token"] / result[f"{name}_bs1_ms_per_token"]
+        result[f"{name}_speedup_bs{b}_vs_{fl}"] = result[f"{fl}_bs{b}_ms_per_step"] / result[f"{name}_bs{b}_ms_per_step"]
+        result[f"{name}_prefill{a.prefill_len}_speed_ratio_vs_{fl}"] = (result[f"{fl}_prefill{a.prefill_len}_ms"]
+                                                                       / result[f"{name}_prefill{a.prefill_len}_ms"])
     result.update(kernel_table(device, tdtype, shapes, ms_list))
 
     t = Table("arm", "bs=1 ms/tok", "bs=1 tok/s", f"bs={b} tok/s", f"prefill {a.prefill_len} ms", "step GiB",
               "% roofline", "speedup bs=1", f"speedup bs={b}", "peak GiB", title=f"quantized decode ({device}, {bw:.0f} GB/s copy)")
-    for name, _ in ARMS:
+    for name, _ in arms:
         g = lambda k: result.get(f"{name}_{k}")  # noqa: E731
         t.add_row(name, f"{g('bs1_ms_per_token'):.2f}", f"{g('bs1_tok_s'):.1f}", f"{g(f'bs{b}_tok_s'):.1f}",
                   f"{g(f'prefill{a.prefill_len}_ms'):.1f}", f"{g('step_weight_gib'):.2f}",
-                  f"{100 * g('bs1_roofline_fraction'):.0f}%", f"{g('speedup_bs1_vs_bf16') or 1:.2f}x",
-                  f"{g(f'speedup_bs{b}_vs_bf16') or 1:.2f}x", "-" if g("peak_gib") is None else f"{g('peak_gib'):.1f}")
+                  f"{100 * g('bs1_roofline_fraction'):.0f}%", f"{g(f'speedup_bs1_vs_{fl}') or 1:.2f}x",
+                  f"{g(f'speedup_bs{b}_vs_{fl}') or 1:.2f}x", "-" if g("peak_gib") is None else f"{g('peak_gib'):.1f}")
     console.print(t)
-    kt = Table("shape KxN", "M", "bf16 us", "int8 us", "int4 us", "int4 weight GB/s", title="QuantLinear vs nn.Linear")
+    kt = Table("shape KxN", "M", f"{fl} us", "int8 us", "int4 us", "int4 weight GB/s", title="QuantLinear vs nn.Linear")
     for K, N in shapes:
         for M in ms_list:
             g = lambda n, s="us": result[f"kernel_{n}_{K}x{N}_m{M}_{s}"]  # noqa: E731
-            kt.add_row(f"{K}x{N}", str(M), f"{g('bf16'):.1f}", f"{g('int8'):.1f}", f"{g('int4'):.1f}",
+            kt.add_row(f"{K}x{N}", str(M), f"{g('float'):.1f}", f"{g('int8'):.1f}", f"{g('int4'):.1f}",
                        f"{g('int4', 'weight_gbs'):.0f}")
     console.print(kt)
 
@@ -206,7 +207,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    names = [n for n, _ in ARMS]
+    names = [n for n, _ in arms]
     for i, (key, label) in enumerate([("bs1_tok_s", "bs=1 decode tok/s"), (f"bs{b}_tok_s", f"bs={b} decode tok/s")]):
         vals = [result[f"{n}_{key}"] for n in names]
         ax[i].bar(names, vals, color=["#888", "#4a90d9", "#2e7d32"])
