@@ -90,6 +90,10 @@ class VisionModel:
         ``folder`` may be None for a model built in memory (benchmarks); the text config then comes from
         ``hf_model.config`` instead of config.json.
         """
+        have = next(hf_model.parameters()).dtype
+        if have != dtype:
+            raise BadInputError(f"the model's weights are {have} but dtype={dtype}; load it in {dtype} "
+                                "(VisionModel moves devices, it never casts)")
         self.folder, self.processor, self.hf, self.config = folder, processor, hf_model, config
         self.device, self.dtype = device, dtype
         cfg = hf_model.config
@@ -103,7 +107,7 @@ class VisionModel:
         else:
             from onecard.vision.int4 import place_llava_
 
-            place_llava_(hf_model, device, dtype, quant, progress)
+            place_llava_(hf_model, device, quant, progress)
         log.info("onecard vision: %s backend (%s)", self.backend, self.why)
         tok = processor.tokenizer
         eos = cfg.text_config.eos_token_id
@@ -159,7 +163,7 @@ class VisionModel:
 
         hf = self.hf
         for part in (hf.model.vision_tower, hf.model.multi_modal_projector):
-            part.to(device=self.device, dtype=self.dtype)
+            part.to(self.device)  # already in self.dtype (loaded so)
         max_len = self.config.max_model_len or min(self.args.max_position_embeddings, 4096)
         if self.args.sliding_window is not None and max_len > self.args.sliding_window:
             raise NotBuiltYetError(f"sliding-window attention is not implemented; set max_model_len <= "

@@ -29,29 +29,31 @@ def quantize_linears_(module: nn.Module, spec: QuantSpec) -> int:
 
 
 @torch.no_grad()
-def place_llava_(model, device: torch.device, dtype: torch.dtype, quantization: str | None = "rtn-int4",
-                 progress: bool = False):
-    """Move an HF ``LlavaForConditionalGeneration`` to ``device`` in ``dtype``; with ``quantization`` its
-    language model's decoder linears become ``QuantLinear`` (the LM head and embeddings stay float)."""
+def place_llava_(model, device: torch.device, quantization: str | None = "rtn-int4", progress: bool = False):
+    """Move an HF ``LlavaForConditionalGeneration`` (already in its compute dtype) to ``device``; with
+    ``quantization`` its language model's decoder linears become ``QuantLinear`` (LM head and embeddings stay float).
+
+    Devices only, never dtypes: ``.to(dtype)`` would also round the float32 RoPE frequencies HF keeps as buffers.
+    """
     spec = QuantSpec.parse(quantization) if quantization else None
     lm = model.model.language_model
     layers = list(lm.layers)
     for name, child in model.named_children():
         if name != "model":
-            child.to(device=device, dtype=dtype)
+            child.to(device)
     for name, child in model.model.named_children():
         if name != "language_model":
-            child.to(device=device, dtype=dtype)
+            child.to(device)
     for name, child in lm.named_children():
         if name != "layers":
-            child.to(device=device, dtype=dtype)
+            child.to(device)
     it = layers
     if progress:
         from rich.progress import track
 
         it = track(layers, description="language model -> int4" if spec else "language model", transient=True)
     for layer in it:
-        layer.to(device=device, dtype=dtype)
+        layer.to(device)
         if spec is not None:
             quantize_linears_(layer, spec)
     return model
