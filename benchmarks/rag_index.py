@@ -19,6 +19,7 @@ for each mode with the query already embedded, and end to end with embedding.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -182,6 +183,7 @@ def main() -> None:
         "index_end_to_end_chunks_per_s": e2e_cps, "index_chunks": n_index, "index_mib": db_mb,
         "index_write_s": write_s, "vector_memory_load_s": load_s, "index_vectors": "real" if args.real_vectors else "real embeddings of cycled chunks + noise 0.02",
         "queries": len(questions), "cpu_threads": torch.get_num_threads(), "smoke": args.smoke,
+        "cpu_count": os.cpu_count(), "cpu_load_1min_at_end": os.getloadavg()[0],
     }
     for m, (p50, p95) in p.items():
         key = m.replace(" incl. query embedding", "_with_query_embedding").replace("-", "_").replace(" ", "_")
