@@ -91,7 +91,7 @@ def register(app: typer.Typer) -> None:
         max_tokens: int = typer.Option(256, help="Answer length limit in tokens."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
-        """Answer a question with [n] citations (file, page, heading)."""
+        """Answer a question with numbered citations (file, page, heading)."""
         from dataclasses import asdict
 
         from rich.console import Console
