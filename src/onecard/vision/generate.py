@@ -179,6 +179,8 @@ class VisionModel:
         ecfg.resolve(self.args.max_position_embeddings)
         self.engine_config = ecfg
         self.runner = ModelRunner(self.lm, ecfg, self.device)
+        # No prefix caching, ever: every image's placeholder ids are the same token, so blocks keyed by token ids
+        # would hand one picture's keys/values to the next.
         self.block_manager = BlockManager(self.runner.num_blocks, ecfg.block_size)
 
     # ---- inputs ------------------------------------------------------------------------------------------------
