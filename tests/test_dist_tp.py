@@ -1,0 +1,108 @@
+"""Tensor parallelism on CPU: 2 gloo processes give the single-process logits (prefill and paged decode)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from onecard.dist.launch import spawn
+from onecard.errors import BadInputError, NotBuiltYetError
+from onecard.models import ModelArgs, arch_config, open_model_folder, scale_config
+from onecard.models.llama import AttentionMetadata
+from onecard.models.loader import build_model, load_model
+from onecard.testing import make_random_checkpoint
+
+BLOCK, N_DECODE = 8, 4
+
+
+def prefill_then_decode(model, ids: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Logits of a prefill over ``ids`` then N_DECODE greedy steps through a paged cache: [T + N_DECODE, vocab]."""
+    a = model.args
+    T = ids.numel()
+    blocks = (T + N_DECODE + BLOCK - 1) // BLOCK
+    for layer in model.layers:
+        layer.self_attn.k_cache = torch.zeros(blocks, BLOCK, kv_heads, a.head_dim)
+        layer.self_attn.v_cache = torch.zeros(blocks, BLOCK, kv_heads, a.head_dim)
+    table = torch.arange(blocks, dtype=torch.int32)[None]
+    with torch.no_grad():
+        meta = AttentionMetadata(is_prefill=True, slot_mapping=torch.arange(T), seq_lens=[T])
+        logits = [model.compute_logits(model(ids, torch.arange(T), meta))]
+        for i in range(N_DECODE):
+            pos = torch.tensor([T + i])
+            tok = logits[-1][-1:].argmax(-1)
+            meta = AttentionMetadata(is_prefill=False, slot_mapping=pos, context_lens=pos + 1, block_tables=table)
+            logits.append(model.compute_logits(model(tok, pos, meta)))
+    return torch.cat(logits)
+
+
+def _tp_worker(cases: list[tuple[str, torch.Tensor]], out: str) -> None:
+    import torch.distributed as dist
+
+    from onecard.dist.launch import init_distributed
+    from onecard.dist.tp import local_kv_heads, shard_model_
+
+    env, _ = init_distributed("cpu")
+    results = []
+    for folder, ids in cases:  # every case in one spawn: starting processes is the slow part on CI
+        model = load_model(open_model_folder(folder), torch.float32, "cpu")
+        shard_model_(model, env.rank, env.world_size)
+        logits = prefill_then_decode(model, ids, local_kv_heads(model.args, env.world_size))
+        layer = model.layers[0]
+        results.append({"logits": logits, "shapes": [tuple(layer.self_attn.qkv_proj.weight.shape),
+                                                     tuple(layer.mlp.down_proj.linear.weight.shape)]})
+    dist.barrier()
+    if env.rank == 0:
+        torch.save(results, out)
+
+
+CASES = [
+    ("llama-2-7b", None),                                   # MHA: 4 heads, 4 kv heads -> 2 + 2 per rank
+    ("llama-3.1-8b", {"num_key_value_heads": 2}),            # GQA, kv heads sharded (llama3 rope scaling)
+    ("llama-3.1-8b", None),                                  # GQA with 1 kv head: replicated on both ranks
+    ("qwen2-7b", None),                                      # qkv bias
+]
+
+
+@pytest.fixture(scope="module")
+def tp_runs(tmp_path_factory):
+    """(single-process model, reference logits, TP=2 result) per case; one 2-process spawn for all of them."""
+    refs, cases = [], []
+    for arch, overrides in CASES:
+        folder = make_random_checkpoint(arch, "tiny", overrides=overrides)
+        model = load_model(open_model_folder(folder), torch.float32, "cpu")
+        ids = torch.randint(3, model.args.vocab_size, (11,), generator=torch.Generator().manual_seed(0))
+        refs.append((model, prefill_then_decode(model, ids, model.args.num_kv_heads)))
+        cases.append((str(folder), ids))
+    out = tmp_path_factory.mktemp("tp") / "tp.pt"
+    spawn(_tp_worker, 2, (cases, str(out)), timeout_s=240)
+    return [(m, r, g) for (m, r), g in zip(refs, torch.load(out))]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[a + ("-kv2" if o else "") for a, o in CASES])
+def test_tp2_equals_single_process(case, tp_runs):
+    model, ref, got = tp_runs[case]
+    a = model.args
+    kv_local = max(1, a.num_kv_heads // 2)
+    assert got["shapes"][0] == ((a.q_size // 2) + 2 * kv_local * a.head_dim, a.hidden_size)
+    assert got["shapes"][1] == (a.hidden_size, a.intermediate_size // 2)
+    assert got["logits"].shape == ref.shape
+    assert (got["logits"] - ref).abs().max().item() < 1e-5
+    assert torch.equal(got["logits"].argmax(-1), ref.argmax(-1))
+
+
+def test_shard_on_meta_and_bad_sizes():
+    args = ModelArgs.from_hf_config(scale_config(arch_config("llama-2-7b"), "tiny"))
+    from onecard.dist.tp import check_tp, shard_model_
+
+    model = build_model(args, torch.float32, "meta")
+    shard_model_(model, 1, 4)
+    attn = model.layers[0].self_attn
+    assert (attn.num_heads, attn.num_kv_heads, attn.qkv_proj.weight.shape[0]) == (1, 1, 3 * args.head_dim)
+    with pytest.raises(BadInputError, match="attention heads"):
+        check_tp(args, 3)
+    with pytest.raises(BadInputError, match="rank 2 is outside"):
+        shard_model_(build_model(args, torch.float32, "meta"), 2, 2)
+    quant = build_model(args, torch.float32, "meta")
+    quant.layers[0].mlp.down_proj = torch.nn.Identity()
+    with pytest.raises(NotBuiltYetError, match="quantized"):
+        shard_model_(quant, 0, 2)
