@@ -34,6 +34,9 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # override the measured cache size (tests force preemption with it)
     cuda_graph_max_batch: int = 256
     fused_rope_store: bool = True  # CUDA decode: one Triton kernel for RoPE + KV write (False: PyTorch ops)
+    enable_prefix_caching: bool = True  # share the KV of identical prompt prefixes across requests
+    enable_chunked_prefill: bool = True  # split long prompts into chunks interleaved with decode steps
+    long_prefill_chunk: int | None = None  # most prompt tokens one sequence computes per step (None: the budget)
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> BadInputError:
@@ -60,6 +63,11 @@ class EngineConfig:
                                    "GPU; run one replica per card behind a load balancer")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise bad("num_kv_blocks", "must be a positive integer")
+        if self.long_prefill_chunk is not None and (
+                not isinstance(self.long_prefill_chunk, int) or self.long_prefill_chunk < 1):
+            raise bad("long_prefill_chunk", "must be a positive integer (tokens of one prompt computed per step)")
+        if self.long_prefill_chunk is not None and not self.enable_chunked_prefill:
+            raise bad("long_prefill_chunk", "only applies with enable_chunked_prefill=True; drop one of them")
         if self.device is not None and not str(self.device).startswith(("cpu", "cuda")):
             raise bad("device", "must be 'cpu', 'cuda' or 'cuda:N'")
 
@@ -71,8 +79,12 @@ class EngineConfig:
             raise BadInputError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings="
                                 f"{max_position_embeddings}; lower max_model_len")
         if self.max_num_batched_tokens is None:
-            self.max_num_batched_tokens = max(self.max_model_len, 8192)
-        elif self.max_num_batched_tokens < self.max_model_len:
+            # Chunked prefill bounds a step's prefill at 8192 tokens at any context length (the start-up profile
+            # and the activation peak with it); without it a whole max_model_len prompt must fit one step.
+            self.max_num_batched_tokens = 8192 if self.enable_chunked_prefill else max(self.max_model_len, 8192)
+        elif self.max_num_batched_tokens < self.max_model_len and not self.enable_chunked_prefill:
             raise BadInputError(f"max_num_batched_tokens={self.max_num_batched_tokens} is below max_model_len="
-                                f"{self.max_model_len}: a full-length prompt could never be scheduled; raise it or "
-                                "lower max_model_len")
+                                f"{self.max_model_len}: a full-length prompt could never be scheduled; raise it, lower "
+                                "max_model_len, or keep enable_chunked_prefill=True")
+        if self.long_prefill_chunk is None and self.enable_chunked_prefill:
+            self.long_prefill_chunk = self.max_num_batched_tokens

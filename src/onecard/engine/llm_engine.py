@@ -27,8 +27,9 @@ class LLMEngine:
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
-        self.block_manager = BlockManager(runner.num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.block_manager = BlockManager(runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.long_prefill_chunk if config.enable_chunked_prefill else None)
         self.requests: dict[str, Request] = {}
         self.vocab_size = runner.model.args.vocab_size
         self.num_generated_tokens = 0
@@ -105,6 +106,9 @@ class LLMEngine:
         if not seqs:
             return []
         out = self.runner.run(seqs, is_prefill)
+        if out is None:  # only partial prefill chunks ran: nothing to report yet
+            return []
+        seqs = [s for s in seqs if s.num_cached_tokens >= len(s)]  # the ones that sampled, in the runner's order
         now = time.time()
         touched: dict[str, Request] = {}
         for seq, token, lp, slp in zip(seqs, out.token_ids, out.logprobs, out.sampled_logprobs):
@@ -161,6 +165,10 @@ class LLMEngine:
         return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
                 "num_requests": len(self.requests), "kv_blocks_total": bm.num_blocks, "kv_blocks_used": used,
                 "kv_usage": used / bm.num_blocks, "block_size": bm.block_size,
-                "num_preemptions": self.scheduler.num_preemptions, "num_generated_tokens": self.num_generated_tokens,
+                "num_preemptions": self.scheduler.num_preemptions,
+                "prefix_caching": bm.enable_prefix_caching, "prefix_cache_hit_rate": bm.hit_rate,
+                "prefix_cache_hit_tokens": bm.num_hit_tokens, "prefix_cache_queried_tokens": bm.num_queried_tokens,
+                "prefix_cache_blocks": bm.num_cached_blocks, "prefix_cache_evictions": bm.num_evictions,
+                "chunked_prefill": self.scheduler.long_prefill_chunk is not None, "num_generated_tokens": self.num_generated_tokens,
                 "max_model_len": self.config.max_model_len, "max_num_seqs": self.config.max_num_seqs,
                 "cuda_graphs": sorted(self.runner.graphs)}

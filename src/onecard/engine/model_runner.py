@@ -191,24 +191,37 @@ class ModelRunner:
         return t.to(self.device, non_blocking=True)
 
     def prepare_prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """Pack each sequence's scheduled tokens (``num_scheduled_tokens`` ending at ``num_cached_tokens``, as the
+        scheduler sets them; a sequence never scheduled, e.g. the vision path's, prefills all its uncached tokens);
+        the last index tensor holds the rows of the sequences whose prompt completes now (the ones that sample)."""
         ids: list[int] = []
         positions: list[torch.Tensor] = []
         slots: list[torch.Tensor] = []
         seq_lens: list[int] = []
+        prefix_lens: list[int] = []
         last: list[int] = []
         bs = self.block_size
         for seq in seqs:
-            assert seq.num_cached_tokens == 0, "prefill over cached prefixes needs prefix-aware attention"
-            n = len(seq)
-            ids.extend(seq.token_ids)
-            pos = torch.arange(n)
+            if seq.num_scheduled_tokens:
+                end, n = seq.num_cached_tokens, seq.num_scheduled_tokens
+            else:
+                end, n = len(seq), len(seq) - seq.num_cached_tokens
+            ids.extend(seq.token_ids[end - n:end])
+            pos = torch.arange(end - n, end)
             positions.append(pos)
             slots.append(torch.tensor(seq.block_table)[pos // bs] * bs + pos % bs)
             seq_lens.append(n)
-            last.append(sum(seq_lens) - 1)
+            prefix_lens.append(end - n)
+            if end >= len(seq):
+                last.append(sum(seq_lens) - 1)
         dev = self.device
         meta = AttentionMetadata(True, torch.cat(slots).to(dev, non_blocking=True), seq_lens=seq_lens,
                                  decode_attention=self.decode_attention)
+        if any(prefix_lens):  # some context is already cached: attend over the paged cache
+            width = max(len(s.block_table) for s in seqs)
+            meta.prefix_lens = prefix_lens
+            meta.block_tables = self._to_device([s.block_table + [0] * (width - len(s.block_table)) for s in seqs],
+                                                torch.int32)
         return (self._to_device(ids, torch.long), torch.cat(positions).to(dev, non_blocking=True), meta,
                 self._to_device(last, torch.long))
 
@@ -223,10 +236,15 @@ class ModelRunner:
 
     # ---- forward ---------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> SamplerOutput:
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> SamplerOutput | None:
+        """Compute the scheduled tokens; sample for the sequences whose every token now has KV (all of a decode
+        batch; in a prefill batch, those whose last prompt chunk ran). None when nobody samples."""
         if is_prefill:
             ids, positions, meta, last = self.prepare_prefill(seqs)
             hidden = self.model(ids, positions, meta)
+            seqs = [s for s in seqs if s.num_cached_tokens >= len(s)]
+            if not seqs:
+                return None
             logits = self.model.compute_logits(hidden.index_select(0, last))
         else:
             logits = self._decode(seqs)

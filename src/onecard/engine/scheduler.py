@@ -1,11 +1,20 @@
-"""Continuous batching: each step is either one prefill batch or one decode batch; FCFS; preempt by recompute.
+"""Continuous batching: each step is one prefill batch or one decode batch; FCFS; chunked prefill; preempt by recompute.
 
-Waiting sequences are admitted in arrival order while they fit (``max_num_seqs``,
-``max_num_batched_tokens``, free blocks); when none can be admitted, every running
-sequence decodes one token. If the cache is full, the most recently admitted
-running sequence is preempted: its blocks are freed and it goes back to the
-*front* of the waiting queue, to be recomputed (prompt + tokens so far) when room
-returns; older requests are never starved by newer ones.
+A prefill step first continues prompts part-way through chunked prefill, then
+admits waiting sequences in arrival order while they fit (``max_num_seqs``, the
+``max_num_batched_tokens`` token budget, free blocks); a shared cached prefix
+(prefix caching) costs no budget. With chunked prefill a prompt longer than the
+budget (or than ``long_prefill_chunk``) is computed over several steps, and while
+one is in flight prefill and decode steps alternate, so running requests keep
+streaming a token every other step instead of stalling for the whole prompt.
+When no prefill is scheduled every running sequence decodes one token. If the
+cache is full, the most recently admitted running sequence is preempted: its
+blocks are freed (its computed full blocks stay in the prefix cache) and it goes
+back to the *front* of the waiting queue, to be recomputed when room returns.
+
+``num_cached_tokens`` is advanced when a step is scheduled (the engine always
+runs what was scheduled before scheduling again), and blocks are registered in
+the prefix cache at the next ``schedule``/``finish``, after their KV was written.
 """
 
 from __future__ import annotations
@@ -17,13 +26,18 @@ from onecard.engine.sequence import Sequence, SequenceStatus
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 long_prefill_chunk: int | None = None) -> None:
+        """``long_prefill_chunk=None``: no chunked prefill (each prompt is computed in one step, so it must fit the
+        token budget); otherwise the most tokens one sequence's prefill takes per step."""
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.long_prefill_chunk = long_prefill_chunk
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
+        self._last_was_prefill = False
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -32,46 +46,90 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> tuple[list[Sequence], bool]:
-        """The sequences to run this step and whether it is a prefill step."""
+        """The sequences to run this step and whether it is a prefill step (each has ``num_scheduled_tokens``)."""
+        for seq in self.running:  # the previous step has run: its full blocks hold KV now
+            self.block_manager.register_computed(seq, seq.num_cached_tokens)
+        chunking = any(s.needs_prefill for s in self.running)
+        decodable = any(not s.needs_prefill for s in self.running)
+        if not (chunking and decodable and self._last_was_prefill):
+            scheduled = self._schedule_prefill()
+            if scheduled:
+                self._last_was_prefill = True
+                return scheduled, True
+        self._last_was_prefill = False
+        return self._schedule_decode(), False
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """Tokens of this sequence's prompt to compute now (0: it does not fit this step)."""
+        n = len(seq) - seq.num_cached_tokens
+        if self.long_prefill_chunk is None:
+            return n if n <= budget else 0
+        return min(n, self.long_prefill_chunk, budget)
+
+    def _schedule_prefill(self) -> list[Sequence]:
         scheduled: list[Sequence] = []
-        num_tokens = 0
-        while self.waiting and len(self.running) < self.max_num_seqs:
+        budget = self.max_num_batched_tokens
+        for seq in self.running:  # prompts part-way through chunked prefill go first, in admission order
+            if seq.needs_prefill and budget > 0:
+                n = self._chunk(seq, budget)
+                if n:
+                    self._take_tokens(seq, n)
+                    budget -= n
+                    scheduled.append(seq)
+        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             seq = self.waiting[0]
-            n = len(seq) - seq.num_cached_tokens
-            if num_tokens + n > self.max_num_batched_tokens or not self.block_manager.can_allocate(seq):
+            if not self.block_manager.can_allocate(seq):
                 break
-            self.block_manager.allocate(seq)
-            num_tokens += n
+            self.block_manager.allocate(seq)  # sets num_cached_tokens to the shared prefix
+            n = self._chunk(seq, budget)
+            if not n:  # unchunked and over the budget: undo the admission (and its lookup in the hit-rate stats)
+                self.block_manager.num_queried_tokens -= len(seq)
+                self.block_manager.num_hit_tokens -= seq.num_cached_tokens
+                self.block_manager.deallocate(seq)
+                break
+            self._take_tokens(seq, n)
+            budget -= n
             seq.status = SequenceStatus.RUNNING
             self.waiting.popleft()
             self.running.append(seq)
             scheduled.append(seq)
-        if scheduled:
-            return scheduled, True
+        return scheduled
 
-        while self.running and len(scheduled) < self.max_num_seqs:
-            seq = self.running.popleft()
+    @staticmethod
+    def _take_tokens(seq: Sequence, n: int) -> None:
+        seq.num_scheduled_tokens = n
+        seq.num_cached_tokens += n
+
+    def _schedule_decode(self) -> list[Sequence]:
+        scheduled: list[Sequence] = []
+        pending = deque(self.running)
+        while pending and len(scheduled) < self.max_num_seqs:
+            seq = pending.popleft()
+            if seq.needs_prefill:
+                continue
             while not self.block_manager.can_append(seq):
-                if self.running:
-                    self._preempt(self.running.pop())
-                else:
-                    self._preempt(seq)
+                victim = pending.pop() if pending else seq  # the most recently admitted one not yet scheduled
+                self._preempt(victim)
+                if victim is seq:
                     break
             else:
                 self.block_manager.may_append(seq)
+                self._take_tokens(seq, len(seq) - seq.num_cached_tokens)
                 scheduled.append(seq)
-        self.running.extendleft(reversed(scheduled))
-        return scheduled, False
+        return scheduled
 
     def _preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
+        self.block_manager.register_computed(seq, seq.num_cached_tokens)
         self.block_manager.deallocate(seq)
+        self.running.remove(seq)
         self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence) -> None:
         """Free a finished (or aborted) sequence's blocks and drop it from the queues."""
         seq.status = SequenceStatus.FINISHED
+        self.block_manager.register_computed(seq, seq.num_cached_tokens)
         self.block_manager.deallocate(seq)
         if seq in self.running:
             self.running.remove(seq)

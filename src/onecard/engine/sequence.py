@@ -23,8 +23,10 @@ _ids = itertools.count()
 class Sequence:
     """Token ids (prompt + generated), where its KV lives (``block_table``) and its decoding state.
 
-    ``num_cached_tokens`` counts leading tokens whose KV is already in the cache
-    from elsewhere (prefix caching; 0 until that exists).
+    ``num_cached_tokens`` counts leading tokens whose KV is in the cache (or is
+    being written by the step just scheduled): shared prefix blocks, earlier
+    prefill chunks, decoded tokens. ``num_scheduled_tokens`` is how many tokens
+    the current step computes for it (a prefill chunk, or 1 when decoding).
     """
 
     def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
@@ -39,6 +41,8 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.num_cached_tokens = 0
+        self.num_scheduled_tokens = 0
+        self.block_hashes: list[int] = []  # prefix-cache hashes of its leading full, computed blocks
         self.finish_reason: str | None = None
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.cumulative_logprob = 0.0
@@ -65,6 +69,12 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
+
+    @property
+    def needs_prefill(self) -> bool:
+        """More than the last token still lacks KV (a waiting prompt, or one part-way through chunked prefill).
+        With exactly one token left, a decode step computes it and samples, the same as a 1-token prefill."""
+        return len(self.token_ids) - self.num_cached_tokens > 1
 
     def num_blocks(self, block_size: int) -> int:
         return (len(self.token_ids) + block_size - 1) // block_size

@@ -35,7 +35,10 @@ class AttentionMetadata:
     """Where a packed batch's tokens go in the KV cache and what they attend to.
 
     Prefill: ``seq_lens`` (host ints) split the flat tokens into sequences, each
-    attends causally to itself. Decode: one token per sequence, attending to
+    attends causally to itself; with ``prefix_lens`` (host ints), sequence b's
+    tokens come after ``prefix_lens[b]`` tokens already in the paged cache
+    (prefix caching, chunked prefill) and attend to those too, found through
+    ``block_tables[b]``. Decode: one token per sequence, attending to
     ``context_lens[b]`` cached tokens found through ``block_tables[b]``.
     ``slot_mapping[t]`` is the flat cache slot (block * block_size + offset) that
     token t's key/value are written to.
@@ -48,6 +51,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None
     decode_attention: str = "reference"  # "reference" (PyTorch) or "triton"
     fused_rope_store: bool = False  # decode: RoPE + cache write in one Triton kernel (CUDA)
+    prefix_lens: list[int] | None = None
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
@@ -142,7 +146,10 @@ class Attention(nn.Module):
         q, k = rotary(positions, q, k)
         if meta is not None and self.k_cache is not None:
             store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        if meta is None or meta.is_prefill:
+        if meta is not None and meta.is_prefill and meta.prefix_lens is not None:
+            out = prefill_attention_with_prefix(q, self.k_cache, self.v_cache, meta.seq_lens, meta.prefix_lens,
+                                                meta.block_tables, self.scale)
+        elif meta is None or meta.is_prefill:
             out = prefill_attention(q, k, v, meta.seq_lens if meta is not None else [T], self.scale)
         else:
             out = paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
@@ -166,6 +173,37 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len
             ks, vs = ks.repeat_interleave(rep, 0), vs.repeat_interleave(rep, 0)
         outs.append(F.scaled_dot_product_attention(qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0),
                                                    is_causal=True, scale=scale)[0].transpose(0, 1))
+        start += n
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+
+
+def prefill_attention_with_prefix(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: list[int],
+                                  prefix_lens: list[int], block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+    """Prefill of packed sequences whose first ``prefix_lens[b]`` tokens are already in the paged cache.
+
+    Runs after this step's keys/values were stored, so each sequence's whole context (prefix + new tokens) is
+    gathered from its blocks; query i (position ``prefix + i``) sees keys ``0..prefix + i``. Queries are tiled so
+    the mask and the score matrix stay bounded at long contexts. A sequence with no prefix takes the same path
+    (its keys read back from the cache equal the fresh ones).
+    """
+    block_size = k_cache.shape[1]
+    outs, start = [], 0
+    for b, (n, p) in enumerate(zip(seq_lens, prefix_lens)):
+        ctx = p + n
+        blocks = block_tables[b, :(ctx + block_size - 1) // block_size].long()
+        ks = k_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)  # [kv_heads, ctx, D]
+        vs = v_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)
+        if q.shape[1] != ks.shape[0]:
+            rep = q.shape[1] // ks.shape[0]
+            ks, vs = ks.repeat_interleave(rep, 0), vs.repeat_interleave(rep, 0)
+        qs = q[start:start + n].transpose(0, 1)  # [H, n, D]
+        tile = max(1, min(n, (1 << 27) // max(1, q.shape[1] * ctx)))
+        key_pos = torch.arange(ctx, device=q.device)
+        for t0 in range(0, n, tile):
+            t1 = min(n, t0 + tile)
+            mask = key_pos[None, :] <= (p + torch.arange(t0, t1, device=q.device))[:, None]
+            outs.append(F.scaled_dot_product_attention(qs[None, :, t0:t1], ks[None], vs[None], attn_mask=mask,
+                                                       scale=scale)[0].transpose(0, 1))
         start += n
     return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
 
