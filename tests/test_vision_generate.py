@@ -63,6 +63,10 @@ def test_engine_greedy_matches_hf_generate(engine_fp32, llava_dir):
     assert a.token_ids == b.token_ids and a.text == b.text
     assert a.num_image_tokens == (112 // 14) ** 2 and a.num_prompt_tokens > a.num_image_tokens
     assert a.finish_reason == "length" and len(a.token_ids) == 10
+    # A second picture right after the first: nothing of the first one's KV may leak into its answer.
+    yellow = shapes_image("yellow")
+    c, d = engine_fp32.generate(yellow, QUESTION, max_tokens=10), hf.generate(yellow, QUESTION, max_tokens=10)
+    assert c.token_ids == d.token_ids and c.token_ids != a.token_ids
 
 
 def test_int4_engine_matches_int4_hf(llava_dir):
