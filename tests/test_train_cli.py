@@ -43,6 +43,9 @@ def test_train_merge_refuse_then_resume(tiny_model, data_dir, tmp_path):
     original = AutoModelForCausalLM.from_pretrained(str(tiny_model.path))
     ids = torch.randint(3, 1000, (1, 8))
     assert not torch.allclose(merged(input_ids=ids).logits, original(input_ids=ids).logits)  # the adapter is in
+    from onecard.models import open_model_folder
+
+    assert open_model_folder(out / "merged").quantization_config is None  # what the engine and quantizer open
 
     again = _invoke(*base, "--max-steps", "2")
     assert isinstance(again.exception, BadInputError) and "--resume" in str(again.exception)

@@ -299,6 +299,8 @@ def train(cfg: TrainConfig, console=None, extra_callbacks: list | None = None) -
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     resume_from = check_out_dir(cfg.out, cfg.resume)
+    if cfg.merge and (cfg.out / "merged" / "config.json").exists():
+        raise BadInputError(f"'{cfg.out / 'merged'}' already holds a merged model; remove it or drop --merge")
     open_model_folder(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
     train_ds, val_ds, report = load_training_data(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, cfg.bad_lines,
