@@ -37,28 +37,45 @@ def test_cli_eval_ppl_prints_protocol(rtn_dir, tmp_path):
     assert "perplexity" in r.stdout and "context 64, stride 32" in r.stdout
 
 
+def _invoke(*args: str):
+    """In-process (no interpreter start-up): the typed error the CLI would print as one line."""
+    from typer.testing import CliRunner
+
+    from onecard.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
 @pytest.mark.parametrize("args,message", [
     (["--bits", "3"], "--bits 3 is not supported"),
     (["--group-size", "100"], "--group-size 100 is not supported"),
     (["--method", "awq", "--bits", "8"], "AWQ"),
 ])
-def test_cli_bad_input_is_one_line(random_checkpoint, tmp_path, args, message):
-    r = _run("quantize", str(random_checkpoint("llama-2-7b")), "--out", str(tmp_path / "o"), *args)
+def test_cli_bad_input(random_checkpoint, tmp_path, args, message):
+    from onecard.errors import BadInputError
+
+    res = _invoke("quantize", str(random_checkpoint("llama-2-7b")), "--out", str(tmp_path / "o"), *args)
+    assert isinstance(res.exception, BadInputError) and message in str(res.exception)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_error_is_one_line_exit_2(random_checkpoint, tmp_path):
+    r = _run("quantize", str(random_checkpoint("llama-2-7b")), "--out", str(tmp_path / "o"), "--bits", "3")
     assert r.returncode == 2
-    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "--bits 3 is not supported" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_cli_refuses_non_empty_out_and_requantizing(rtn_dir, random_checkpoint, tmp_path):
-    r = _run("quantize", str(random_checkpoint("llama-2-7b")), "--method", "rtn", "--out", str(rtn_dir))
-    assert r.returncode == 2 and "--overwrite" in r.stderr
-    r = _run("quantize", str(rtn_dir), "--method", "rtn", "--out", str(tmp_path / "again"))
-    assert r.returncode == 2 and "already quantized" in r.stderr
+    res = _invoke("quantize", str(random_checkpoint("llama-2-7b")), "--method", "rtn", "--out", str(rtn_dir))
+    assert "--overwrite" in str(res.exception)
+    res = _invoke("quantize", str(rtn_dir), "--method", "rtn", "--out", str(tmp_path / "again"))
+    assert "already quantized" in str(res.exception)
 
 
 def test_cli_eval_rejects_missing_data_and_long_context(rtn_dir, tmp_path):
-    r = _run("eval", "ppl", str(rtn_dir), "--data", str(tmp_path / "nope.txt"))
-    assert r.returncode == 2 and "is not a file" in r.stderr
+    res = _invoke("eval", "ppl", str(rtn_dir), "--data", str(tmp_path / "nope.txt"))
+    assert "is not a file" in str(res.exception)
     data = tmp_path / "t.txt"
     data.write_text("x = 1\n" * 10)
-    r = _run("eval", "ppl", str(rtn_dir), "--data", str(data), "--context", "100000")
-    assert r.returncode == 2 and "max_position_embeddings" in r.stderr
+    res = _invoke("eval", "ppl", str(rtn_dir), "--data", str(data), "--context", "100000")
+    assert "max_position_embeddings" in str(res.exception)
