@@ -13,8 +13,8 @@ import sys
 import typer
 
 from onecard import __version__
-from onecard.commands import (bench, demo, doctor, eval as eval_cmd, generate, hardware, monitor, plan, quantize, rag,
-                              serve, train, vision)
+from onecard.commands import (bench, demo, doctor, eval as eval_cmd, generate, hardware, inspect, monitor, plan, quantize,
+                              rag, serve, train, vision)
 from onecard.errors import OnecardError
 
 app = typer.Typer(
@@ -41,7 +41,7 @@ def _root(
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
-for _module in (doctor, hardware, plan, train, quantize, eval_cmd, generate, serve, bench, rag, vision, monitor, demo):
+for _module in (doctor, hardware, inspect, plan, train, quantize, eval_cmd, generate, serve, bench, rag, vision, monitor, demo):
     _module.register(app)
 
 
