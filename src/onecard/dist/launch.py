@@ -55,6 +55,9 @@ def backend_for(device: str) -> str:
 def init_distributed(device: str | None = None) -> tuple[DistEnv, str]:
     """Join the process group torchrun described; returns (env, this process's device).
 
+    A torchrun launch (MASTER_ADDR set) gets a process group even with one
+    process, so FSDP's 1-GPU baseline runs the same code as N GPUs.
+
     On CUDA each process takes GPU ``LOCAL_RANK``; a world larger than the
     visible GPUs is an error rather than two processes silently sharing a card.
     """
@@ -67,7 +70,7 @@ def init_distributed(device: str | None = None) -> tuple[DistEnv, str]:
                                 "visible; use --nproc-per-node <= the GPU count")
         torch.cuda.set_device(env.local_rank)
         device = f"cuda:{env.local_rank}"
-    if env.is_distributed and not dist.is_initialized():
+    if (env.is_distributed or "MASTER_ADDR" in os.environ) and not dist.is_initialized():  # torchrun, even 1 proc
         dist.init_process_group(backend_for(device), rank=env.rank, world_size=env.world_size,
                                 device_id=torch.device(device) if device.startswith("cuda") else None)
     return env, device
