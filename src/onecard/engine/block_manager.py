@@ -145,6 +145,16 @@ class BlockManager:
         """Can the sequence's next decode step (which writes KV for its last token) be given a slot?"""
         return len(seq.block_table) >= seq.num_blocks(self.block_size) or self.num_free_blocks >= 1
 
+    def reserve(self, seq: Sequence, num_tokens: int) -> bool:
+        """Give the sequence slots for ``num_tokens`` tokens (speculative drafts) if enough blocks are free.
+        Slots past what verification accepts keep rejected KV until the sequence overwrites or frees them."""
+        need = (num_tokens + self.block_size - 1) // self.block_size - len(seq.block_table)
+        if need > self.num_free_blocks:
+            return False
+        for _ in range(need):
+            seq.block_table.append(self._take())
+        return True
+
     def may_append(self, seq: Sequence) -> None:
         if len(seq.block_table) < seq.num_blocks(self.block_size):
             seq.block_table.append(self._take())

@@ -37,6 +37,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # share the KV of identical prompt prefixes across requests
     enable_chunked_prefill: bool = True  # split long prompts into chunks interleaved with decode steps
     long_prefill_chunk: int | None = None  # most prompt tokens one sequence computes per step (None: the budget)
+    num_speculative_tokens: int = 0  # n-gram (prompt-lookup) speculative decoding: draft tokens per step (0 = off)
+    ngram_size: int = 3  # longest suffix n-gram looked up in the context to draft from
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> BadInputError:
@@ -68,6 +70,10 @@ class EngineConfig:
             raise bad("long_prefill_chunk", "must be a positive integer (tokens of one prompt computed per step)")
         if self.long_prefill_chunk is not None and not self.enable_chunked_prefill:
             raise bad("long_prefill_chunk", "only applies with enable_chunked_prefill=True; drop one of them")
+        if not isinstance(self.num_speculative_tokens, int) or not 0 <= self.num_speculative_tokens <= 16:
+            raise bad("num_speculative_tokens", "must be an integer in 0..16 (0 turns speculative decoding off)")
+        if not isinstance(self.ngram_size, int) or not 1 <= self.ngram_size <= 16:
+            raise bad("ngram_size", "must be an integer in 1..16")
         if self.device is not None and not str(self.device).startswith(("cpu", "cuda")):
             raise bad("device", "must be 'cpu', 'cuda' or 'cuda:N'")
 

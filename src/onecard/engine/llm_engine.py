@@ -29,7 +29,10 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids
         self.block_manager = BlockManager(runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.long_prefill_chunk if config.enable_chunked_prefill else None)
+                                   config.long_prefill_chunk if config.enable_chunked_prefill else None,
+                                   config.num_speculative_tokens, config.ngram_size, config.max_model_len)
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
         self.requests: dict[str, Request] = {}
         self.vocab_size = runner.model.args.vocab_size
         self.num_generated_tokens = 0
@@ -105,6 +108,8 @@ class LLMEngine:
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             return []
+        if not is_prefill and any(s.draft_tokens for s in seqs):
+            return self._speculative_step(seqs, stream)
         out = self.runner.run(seqs, is_prefill)
         if out is None:  # only partial prefill chunks ran: nothing to report yet
             return []
@@ -123,6 +128,9 @@ class LLMEngine:
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
             touched[req.request_id] = req
+        return self._collect(touched, now, stream)
+
+    def _collect(self, touched: dict[str, Request], now: float, stream: bool) -> list[RequestOutput]:
         outputs = []
         for req in touched.values():
             if req.finished:
@@ -132,6 +140,29 @@ class LLMEngine:
             elif stream:
                 outputs.append(self._output(req))
         return outputs
+
+    def _speculative_step(self, seqs: list[Sequence], stream: bool) -> list[RequestOutput]:
+        """Verify every sequence's draft in one forward and append what greedy decoding would have produced."""
+        kept = self.runner.verify(seqs)
+        now = time.time()
+        touched: dict[str, Request] = {}
+        for seq, tokens in zip(seqs, kept):
+            self.num_draft_tokens += len(seq.draft_tokens)
+            self.num_accepted_tokens += len(tokens) - 1
+            seq.draft_tokens = []
+            for token in tokens:
+                seq.token_ids.append(token)
+                self.num_generated_tokens += 1
+                self._check_finish(seq, token)
+                if seq.finish_reason is not None:
+                    break
+            seq.num_cached_tokens = len(seq) - 1  # KV is valid up to the token before the newest one
+            req = self.requests[seq.request_id]
+            req.first_token_time = req.first_token_time or now
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+            touched[req.request_id] = req
+        return self._collect(touched, now, stream)
 
     def _check_finish(self, seq: Sequence, token: int) -> None:
         p = seq.params
@@ -169,6 +200,8 @@ class LLMEngine:
                 "prefix_caching": bm.enable_prefix_caching, "prefix_cache_hit_rate": bm.hit_rate,
                 "prefix_cache_hit_tokens": bm.num_hit_tokens, "prefix_cache_queried_tokens": bm.num_queried_tokens,
                 "prefix_cache_blocks": bm.num_cached_blocks, "prefix_cache_evictions": bm.num_evictions,
-                "chunked_prefill": self.scheduler.long_prefill_chunk is not None, "num_generated_tokens": self.num_generated_tokens,
+                "chunked_prefill": self.scheduler.long_prefill_chunk is not None,
+                "spec_draft_tokens": self.num_draft_tokens, "spec_accepted_tokens": self.num_accepted_tokens,
+                "spec_acceptance_rate": self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0, "num_generated_tokens": self.num_generated_tokens,
                 "max_model_len": self.config.max_model_len, "max_num_seqs": self.config.max_num_seqs,
                 "cuda_graphs": sorted(self.runner.graphs)}

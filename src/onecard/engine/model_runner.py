@@ -20,6 +20,7 @@ import torch
 from onecard.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from onecard.engine.sampler import SamplerOutput, sample
 from onecard.engine.sequence import Sequence
+from onecard.engine.speculative import accept_greedy
 from onecard.errors import DoesNotFitError
 from onecard.models.llama import AttentionMetadata, LlamaModel
 
@@ -265,6 +266,36 @@ class ModelRunner:
         self.fill_static_inputs(seqs, graph_bs)
         self.graphs[graph_bs].replay()
         return self._graph_logits[graph_bs][:B]
+
+    @torch.no_grad()
+    def verify(self, seqs: list[Sequence]) -> list[list[int]]:
+        """Speculative decode step (greedy): one forward over ``[last token, *draft]`` per sequence through the
+        prefix-attention path; returns the tokens each sequence keeps (accepted draft prefix + one model token)."""
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        bs = self.block_size
+        for seq in seqs:
+            toks = [seq.last_token, *seq.draft_tokens]
+            start = len(seq) - 1
+            ids.extend(toks)
+            for p in range(start, start + len(toks)):
+                positions.append(p)
+                slots.append(seq.block_table[p // bs] * bs + p % bs)
+            seq_lens.append(len(toks))
+        width = max(len(s.block_table) for s in seqs)
+        meta = AttentionMetadata(True, self._to_device(slots, torch.long), seq_lens=seq_lens,
+                                 decode_attention=self.decode_attention, prefix_lens=[len(s) - 1 for s in seqs],
+                                 block_tables=self._to_device([s.block_table + [0] * (width - len(s.block_table))
+                                                               for s in seqs], torch.int32))
+        hidden = self.model(self._to_device(ids, torch.long), self._to_device(positions, torch.long), meta)
+        targets = self.model.compute_logits(hidden).float().argmax(-1).tolist()
+        out, start = [], 0
+        for seq, n in zip(seqs, seq_lens):
+            out.append(accept_greedy(seq.draft_tokens, targets[start:start + n]))
+            start += n
+        return out
 
     # ---- CUDA graphs -----------------------------------------------------------------------------------------
     def alloc_static_inputs(self, max_bs: int) -> None:

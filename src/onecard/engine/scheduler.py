@@ -23,13 +23,16 @@ from collections import deque
 
 from onecard.engine.block_manager import BlockManager
 from onecard.engine.sequence import Sequence, SequenceStatus
+from onecard.engine.speculative import can_speculate, propose_ngram
 
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 long_prefill_chunk: int | None = None) -> None:
+                 long_prefill_chunk: int | None = None, num_speculative_tokens: int = 0, ngram_size: int = 3,
+                 max_model_len: int | None = None) -> None:
         """``long_prefill_chunk=None``: no chunked prefill (each prompt is computed in one step, so it must fit the
-        token budget); otherwise the most tokens one sequence's prefill takes per step."""
+        token budget); otherwise the most tokens one sequence's prefill takes per step. ``num_speculative_tokens``
+        > 0: decode steps of all-greedy batches carry n-gram drafts (``speculative.py``)."""
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -38,6 +41,9 @@ class Scheduler:
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
         self._last_was_prefill = False
+        self.num_speculative_tokens = num_speculative_tokens
+        self.ngram_size = ngram_size
+        self.max_model_len = max_model_len
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -116,7 +122,25 @@ class Scheduler:
                 self.block_manager.may_append(seq)
                 self._take_tokens(seq, len(seq) - seq.num_cached_tokens)
                 scheduled.append(seq)
+        if self.num_speculative_tokens and scheduled and all(can_speculate(s) for s in scheduled):
+            for seq in scheduled:
+                self._draft(seq)
         return scheduled
+
+    def _draft(self, seq: Sequence) -> None:
+        """Attach n-gram draft tokens (with cache slots for them) when the context offers a guess and room."""
+        p = seq.params
+        k = self.num_speculative_tokens
+        if p.max_tokens is not None:
+            k = min(k, p.max_tokens - seq.num_completion_tokens - 1)  # the step also adds one token of its own
+        if self.max_model_len is not None:
+            k = min(k, self.max_model_len - len(seq) - 1)
+        draft = propose_ngram(seq.token_ids, self.ngram_size, k)
+        if not draft or not self.block_manager.reserve(seq, len(seq) + len(draft)):  # never preempts anyone
+            return
+        seq.draft_tokens = draft
+        seq.num_scheduled_tokens = 1 + len(draft)
+        seq.num_cached_tokens = len(seq) + len(draft)  # until verification says how many of them stay
 
     def _preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1

@@ -1,0 +1,41 @@
+"""Prompt-lookup (n-gram) drafting for speculative decoding: no draft model, the context itself proposes.
+
+When the last ``n`` tokens appeared earlier in the sequence (prompt or output),
+the tokens that followed them then are a cheap guess of what follows now — the
+common case when a model edits code, quotes a document or repeats a list. One
+forward over ``[last token, draft...]`` checks every guess at once; under greedy
+decoding the accepted tokens are exactly what step-by-step decoding would give.
+"""
+
+from __future__ import annotations
+
+from onecard.engine.sequence import Sequence
+
+
+def propose_ngram(token_ids: list[int], ngram_size: int, num_tokens: int) -> list[int]:
+    """Up to ``num_tokens`` tokens that followed the most recent earlier match of the longest suffix n-gram
+    (``ngram_size`` down to 1); [] when nothing matches."""
+    if num_tokens <= 0:
+        return []
+    L = len(token_ids)
+    for n in range(min(ngram_size, L - 1), 0, -1):
+        pattern = token_ids[L - n:]
+        for start in range(L - n - 1, -1, -1):  # most recent earlier occurrence first
+            if token_ids[start:start + n] == pattern:
+                return token_ids[start + n:start + n + num_tokens]
+    return []
+
+
+def can_speculate(seq: Sequence) -> bool:
+    """Only greedy requests without penalties or logprobs: for them accepting the draft prefix that equals the
+    argmax at each position is exactly non-speculative decoding (sampled requests would need rejection sampling)."""
+    p = seq.params
+    return p.greedy and not p.uses_penalties and p.logprobs is None
+
+
+def accept_greedy(draft: list[int], targets: list[int]) -> list[int]:
+    """The tokens to append: the draft's prefix that matches the model's argmax, then the model's next token."""
+    n = 0
+    while n < len(draft) and draft[n] == targets[n]:
+        n += 1
+    return targets[:n + 1]

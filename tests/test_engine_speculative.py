@@ -1,0 +1,73 @@
+"""n-gram (prompt-lookup) speculative decoding: greedy outputs identical to plain decoding, acceptance counted,
+no block leaks, sampled requests untouched; the drafting and acceptance rules themselves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from onecard.engine import LLM, SamplingParams
+from onecard.engine.speculative import accept_greedy, propose_ngram
+from onecard.errors import BadInputError
+
+CODE = ("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\ndef mul(a, b):\n"
+        "    return a * b\n\n\ndef div(a, b):\n")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_propose_ngram_takes_the_most_recent_longest_match():
+    assert propose_ngram([1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3], 3, 2) == [7, 5]  # most recent earlier "1 2 3"
+    assert propose_ngram([4, 5, 6, 5], 3, 3) == [6, 5]                          # falls back to the 1-gram "5"
+    assert propose_ngram([1, 2, 3], 3, 4) == []
+    assert propose_ngram([1, 1, 1], 2, 0) == []
+
+
+def test_accept_greedy_keeps_the_matching_prefix_plus_one():
+    assert accept_greedy([5, 6, 7], [5, 6, 9, 1]) == [5, 6, 9]
+    assert accept_greedy([5, 6], [5, 6, 8]) == [5, 6, 8]
+    assert accept_greedy([5], [4, 0]) == [4]
+    assert accept_greedy([], [3]) == [3]
+
+
+@pytest.mark.parametrize("arch", ["trained", "llama-2-7b"])
+def test_greedy_outputs_identical_with_speculation(arch, tiny_model, random_checkpoint):
+    path = tiny_model.path if arch == "trained" else random_checkpoint(arch)
+    prompts = [CODE, CODE.replace("a, b", "x, y"), "import os\nimport sys\nimport os\n"]
+    sp = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (40, 33, 25)]
+    plain = LLM(path, max_model_len=256, max_num_seqs=4, block_size=8)
+    spec = LLM(path, max_model_len=256, max_num_seqs=4, block_size=8, num_speculative_tokens=4)
+    ref = [o.outputs[0].token_ids for o in plain.generate(prompts, sp, use_tqdm=False)]
+    got = spec.generate(prompts, sp, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == ref
+    assert [len(o.outputs[0].token_ids) for o in got] == [40, 33, 25]  # max_tokens respected with drafts
+    st = spec.stats()
+    assert st["spec_draft_tokens"] > 0 and st["kv_blocks_used"] == 0
+    assert all(b.ref_count == 0 for b in spec.engine.block_manager.blocks)
+    if arch == "trained":  # a model trained on code continues the repeated definitions the prompt lays out
+        assert st["spec_accepted_tokens"] > 0 and 0 < st["spec_acceptance_rate"] <= 1
+
+
+def test_sampled_and_penalized_requests_do_not_speculate(random_checkpoint):
+    path = random_checkpoint("llama-2-7b")
+    spec = LLM(path, max_model_len=256, max_num_seqs=4, block_size=8, num_speculative_tokens=4)
+    plain = LLM(path, max_model_len=256, max_num_seqs=4, block_size=8)
+    sp = SamplingParams(temperature=0.8, seed=3, max_tokens=16)
+    assert spec.generate([CODE], sp, use_tqdm=False)[0].outputs[0].token_ids == \
+        plain.generate([CODE], sp, use_tqdm=False)[0].outputs[0].token_ids
+    spec.generate([CODE], SamplingParams(temperature=0, repetition_penalty=1.3, max_tokens=16), use_tqdm=False)
+    assert spec.stats()["spec_draft_tokens"] == 0
+
+
+def test_speculative_options_are_validated(random_checkpoint):
+    path = random_checkpoint("llama-2-7b")
+    with pytest.raises(BadInputError, match="num_speculative_tokens"):
+        LLM(path, num_speculative_tokens=-1)
+    with pytest.raises(BadInputError, match="ngram_size"):
+        LLM(path, num_speculative_tokens=2, ngram_size=0)
