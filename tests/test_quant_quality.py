@@ -51,6 +51,7 @@ def test_gptq_recovers_per_channel_int4_loss(setup, tmp_path):
         cfg = QuantConfig(method, 4, -1, sym=False, nsamples=16, seqlen=256)
         rep = quantize_model_folder(path, tmp_path / method, cfg, progress=False)
         inc[method] = ppl(load_quantized_hf(rep.out_dir)) / base - 1
+    print(f"per-channel int4 ppl increase: {inc}")
     assert inc["rtn"] > 0, inc                      # per-channel int4 costs RTN something...
     assert inc["gptq"] <= 0.6 * inc["rtn"], inc      # ...and GPTQ recovers at least 40% of it
 
@@ -62,4 +63,5 @@ def test_awq_int4_keeps_quality(setup, tmp_path):
     path, _, ppl, base = setup
     rep = quantize_model_folder(path, tmp_path / "awq", QuantConfig("awq", 4, 64, nsamples=8, seqlen=256), progress=False)
     increase = ppl(load_quantized_hf(rep.out_dir)) / base - 1
+    print(f"AWQ int4 g64 ppl increase: {increase:+.5f}")
     assert abs(increase) <= 0.01, increase
