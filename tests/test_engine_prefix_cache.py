@@ -15,8 +15,7 @@ from onecard.engine.scheduler import Scheduler
 from onecard.engine.sequence import Sequence
 
 SYSTEM = "You are a careful assistant. Answer in one line, cite the source file, and never guess.\n"
-QUESTIONS = ["def read_config(path):", "import os\nimport sys", "class Parser:", "for i in range(10):",
-             "while True:", "with open(p) as f:"]
+QUESTIONS = ["def read_config(path):", "import os\nimport sys", "class Parser:", "for i in range(10):"]
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +47,7 @@ def _assert_all_free(llm):
 def reference(llama_path):
     off = LLM(llama_path, max_model_len=128, max_num_seqs=8, block_size=8, enable_prefix_caching=False)
     prompts = [SYSTEM + q for q in QUESTIONS]
-    out = _run(off, prompts, 24)
+    out = _run(off, prompts, 16)
     assert off.stats()["prefix_cache_hit_tokens"] == 0
     return prompts, out
 
@@ -56,9 +55,9 @@ def reference(llama_path):
 def test_same_greedy_outputs_with_and_without_and_refcounts_return_to_zero(llama_path, reference):
     prompts, ref = reference
     on = LLM(llama_path, max_model_len=128, max_num_seqs=8, block_size=8)
-    assert _run(on, prompts[:1], 24) == ref[:1]  # fills the cache with the system prompt
-    assert _run(on, prompts, 24) == ref          # every later request shares it
-    assert _run(on, prompts, 24) == ref          # and now whole prompts (all but the last block) hit
+    assert _run(on, prompts[:1], 16) == ref[:1]  # fills the cache with the system prompt
+    assert _run(on, prompts, 16) == ref          # every later request shares it
+    assert _run(on, prompts, 16) == ref          # and now whole prompts (all but the last block) hit
     _assert_all_free(on)
     assert on.stats()["prefix_cache_blocks"] > 0  # finished requests' blocks stay cached on the free list
 
@@ -82,8 +81,8 @@ def test_eviction_under_pressure_keeps_outputs(llama_path, reference):
     small = LLM(llama_path, max_model_len=128, max_num_seqs=2, block_size=8, num_kv_blocks=20)
     got = []
     for p in prompts:
-        got += _run(small, [p], 24)
-    got2 = _run(small, prompts[::-1], 24)
+        got += _run(small, [p], 16)
+    got2 = _run(small, prompts[::-1], 16)
     assert got == ref and got2 == ref[::-1]
     bm = small.engine.block_manager
     assert bm.num_evictions > 0
@@ -95,9 +94,9 @@ def test_eviction_under_pressure_keeps_outputs(llama_path, reference):
 
 def test_preemption_with_shared_blocks_keeps_outputs(llama_path, reference):
     prompts, ref = reference
-    small = LLM(llama_path, max_model_len=128, max_num_seqs=8, block_size=8, num_kv_blocks=24)
-    _run(small, prompts[:1], 24)
-    got = _run(small, prompts, 24)
+    small = LLM(llama_path, max_model_len=128, max_num_seqs=8, block_size=8, num_kv_blocks=16)
+    _run(small, prompts[:1], 16)
+    got = _run(small, prompts, 16)
     assert small.stats()["num_preemptions"] > 0
     assert got == ref
     _assert_all_free(small)
