@@ -1,0 +1,320 @@
+"""Beyond one card: tensor-parallel decode and FSDP2 training, 2 processes vs 1, on the same machine.
+
+Parts (pick with --part; each fits a 10-minute call on a 2-GPU host):
+  tp    Llama-2-13B architecture (random init, bf16), our model (onecard.models.llama) sharded with
+        onecard.dist.tp: prefill --prompt tokens, then --decode greedy steps through a paged KV cache, one CUDA
+        graph per step (NCCL all-reduces inside the graph), at batch 1 (latency) and --batch (offline
+        throughput). TP=1 runs in one process, TP=2 in two, launched one after the other by this script.
+        Target (issue 13): TP=2 bs=1 decode >= 1.6x TP=1.
+  fsdp  Llama-3-8B architecture (random init; fp32 master weights, bf16 compute via MixedPrecisionPolicy,
+        non-reentrant activation checkpointing, AdamW), HF model + PEFT, sharded with onecard.dist.fsdp
+        (fully_shard per decoder layer, then the root): tokens/s on 1 process vs 2 at the same per-GPU batch.
+        LoRA r=16 all-linear on all 32 layers; full fine-tuning on --full-layers layers (all 32 with fp32
+        AdamW states need ~128 GB on one card). Target: 2-GPU tokens/s >= 1.8x 1-GPU.
+
+  PYTHONPATH=src python benchmarks/dist_scaling.py --part tp     # 2x H100: ~4 min
+  PYTHONPATH=src python benchmarks/dist_scaling.py --part fsdp   # 2x H100: ~6 min
+  PYTHONPATH=src python benchmarks/dist_scaling.py --smoke       # CPU, gloo, tiny shapes, both parts, temp dir
+
+Each world size runs in fresh processes (onecard.dist.launch.spawn: torchrun's variables, NCCL on GPU, gloo
+on CPU); rank 0 writes its timings to a scratch file that this parent reads, tabulates and writes as
+docs/results/dist_<part>.json + .png (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from onecard.bench.results import gpu_name, save_figure, write_result
+from onecard.dist.launch import spawn
+
+console = Console()
+
+
+def _arch(name: str, smoke: bool, layers: int | None = None) -> dict:
+    from onecard.models import arch_config, scale_config
+
+    cfg = scale_config(arch_config(name), "tiny") if smoke else arch_config(name)
+    if smoke and name == "llama-3-8b":
+        cfg["num_key_value_heads"] = 2  # tiny GQA that still splits over 2 ranks
+    if layers:
+        cfg["num_hidden_layers"] = layers
+    return cfg
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _peak_gib(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+
+
+# ---------------------------------------------------------------- tensor parallel decode
+
+def _tp_model(cfg: dict, rank: int, world: int, device: str):
+    """Our model built on meta, sharded there, then materialized on this rank's device with random weights."""
+    from onecard.dist.tp import shard_model_
+    from onecard.models import ModelArgs
+    from onecard.models.llama import LlamaModel
+
+    args = ModelArgs.from_hf_config(cfg)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    with torch.device("meta"):
+        model = LlamaModel(args, max_positions=4096)
+    shard_model_(model, rank, world)
+    model = model.to_empty(device=device).to(dtype).eval().requires_grad_(False)
+    if args.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    gen = torch.Generator(device=device).manual_seed(rank)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0, 0.02, generator=gen)
+        # replicated tensors must be equal on every rank: give them rank 0's values
+        for name, p in model.named_parameters():
+            if not any(s in name for s in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")) and world > 1:
+                torch.distributed.broadcast(p, 0)
+    model.rotary.init_table()
+    return model, args
+
+
+def _decode_run(model, args, batch: int, prompt: int, steps: int, kv_heads: int, device: str) -> float:
+    """Seconds per decode step (all ``batch`` sequences advance one token) after a ``prompt``-token prefill."""
+    from onecard.models.llama import AttentionMetadata
+
+    block = 16
+    per_seq = (prompt + steps + block - 1) // block
+    dtype = next(model.parameters()).dtype
+    for layer in model.layers:
+        layer.self_attn.k_cache = torch.zeros(batch * per_seq, block, kv_heads, args.head_dim, dtype=dtype,
+                                              device=device)
+        layer.self_attn.v_cache = torch.zeros_like(layer.self_attn.k_cache)
+    tables = torch.arange(batch * per_seq, device=device, dtype=torch.int32).view(batch, per_seq)
+    on_gpu = device.startswith("cuda")
+    ids = torch.randint(3, args.vocab_size, (batch * prompt,), device=device)
+    pos = torch.arange(prompt, device=device).repeat(batch)
+    slots = (tables[:, :, None] * block + torch.arange(block, device=device)).view(batch, -1)[:, :prompt].reshape(-1)
+    with torch.no_grad():
+        meta = AttentionMetadata(is_prefill=True, slot_mapping=slots.long(), seq_lens=[prompt] * batch)
+        hidden = model(ids, pos, meta)
+        tok = model.compute_logits(hidden.view(batch, prompt, -1)[:, -1]).argmax(-1)
+    # static decode inputs, advanced in place so one captured graph serves every step
+    s_tok, s_pos = tok.clone(), torch.full((batch,), prompt, device=device)
+    s_ctx = (s_pos + 1).to(torch.int32)
+    s_slot = torch.empty(batch, dtype=torch.long, device=device)
+
+    def step() -> None:
+        s_slot.copy_(tables.gather(1, (s_pos // block)[:, None].long())[:, 0].long() * block + s_pos % block)
+        meta = AttentionMetadata(is_prefill=False, slot_mapping=s_slot, context_lens=s_ctx, block_tables=tables,
+                                 decode_attention="triton" if on_gpu else "reference")
+        logits = model.compute_logits(model(s_tok, s_pos, meta))
+        s_tok.copy_(logits.argmax(-1))
+        s_pos.add_(1)
+        s_ctx.add_(1)
+
+    run = step
+    with torch.no_grad():
+        if on_gpu:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(3):
+                    step()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            run = graph.replay
+        s_pos.fill_(prompt)
+        s_ctx.fill_(prompt + 1)
+        run()  # warm-up
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps - 2):
+            run()
+        _sync(device)
+    return (time.perf_counter() - t0) / (steps - 2)
+
+
+def _tp_worker(cfg: dict, batches: list[int], prompt: int, steps: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from onecard.dist.launch import init_distributed
+    from onecard.dist.tp import local_kv_heads
+
+    env, device = init_distributed()
+    model, args = _tp_model(cfg, env.rank, env.world_size, device)
+    rows = []
+    for b in batches:
+        sec = _decode_run(model, args, b, prompt, steps, local_kv_heads(args, env.world_size), device)
+        rows.append({"batch": b, "ms_per_step": sec * 1e3, "tokens_per_s": b / sec})
+    if dist.is_initialized():
+        dist.barrier()
+    if env.rank == 0:
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        Path(out).write_text(json.dumps({"rows": rows, "peak_gib": _peak_gib(device),
+                                         "weight_gib_per_rank": weight_bytes / 2**30}))
+
+
+def part_tp(a, out_dir: Path, scratch: Path) -> dict:
+    cfg = _arch("llama-2-13b", a.smoke)
+    batches = sorted({1, a.batch})
+    res = {}
+    for world in (1, 2):
+        path = scratch / f"tp{world}.json"
+        spawn(_tp_worker, world, (cfg, batches, a.prompt, a.decode, str(path)), timeout_s=a.timeout)
+        res[world] = json.loads(path.read_text())
+    data = {"arch": "llama-2-13b" + (" (tiny)" if a.smoke else ""), "dtype": "fp32" if a.smoke else "bf16",
+            "prompt_tokens": a.prompt, "decode_steps": a.decode, "cuda_graphs": not a.smoke,
+            "tp1_weight_gib": res[1]["weight_gib_per_rank"], "tp2_weight_gib_per_rank": res[2]["weight_gib_per_rank"],
+            "tp1_peak_gib": res[1]["peak_gib"], "tp2_peak_gib_rank0": res[2]["peak_gib"]}
+    t = Table(title=f"TP decode, {data['arch']} {data['dtype']}, prompt {a.prompt}, {gpu_name()}")
+    for c in ("batch", "TP=1 ms/step", "TP=2 ms/step", "TP=1 tok/s", "TP=2 tok/s", "speedup"):
+        t.add_column(c, justify="right")
+    for r1, r2 in zip(res[1]["rows"], res[2]["rows"]):
+        b, sp = r1["batch"], r1["ms_per_step"] / r2["ms_per_step"]
+        data.update({f"tp1_bs{b}_ms_per_token": r1["ms_per_step"], f"tp2_bs{b}_ms_per_token": r2["ms_per_step"],
+                     f"tp1_bs{b}_tokens_per_s": r1["tokens_per_s"], f"tp2_bs{b}_tokens_per_s": r2["tokens_per_s"],
+                     f"tp2_speedup_vs_tp1_bs{b}": sp})
+        t.add_row(str(b), f"{r1['ms_per_step']:.2f}", f"{r2['ms_per_step']:.2f}", f"{r1['tokens_per_s']:,.0f}",
+                  f"{r2['tokens_per_s']:,.0f}", f"{sp:.2f}x")
+    console.print(t)
+    data["target_bs1_speedup"] = 1.6
+    _chart(out_dir, "dist_tp", "TP=2 vs TP=1 decode tok/s", [f"bs={r['batch']}" for r in res[1]["rows"]],
+           {"TP=1": [r["tokens_per_s"] for r in res[1]["rows"]], "TP=2": [r["tokens_per_s"] for r in res[2]["rows"]]})
+    return data
+
+
+# ---------------------------------------------------------------- FSDP2 training
+
+def _fsdp_worker(cfg: dict, method: str, rows: int, seq: int, steps: int, out: str) -> None:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from onecard.dist.fsdp import shard_for_training_, train_step
+    from onecard.dist.launch import init_distributed
+    from onecard.train.checkpointing import enable_checkpointing
+    from onecard.train.lora import add_lora
+
+    env, device = init_distributed()
+    on_gpu = device.startswith("cuda")
+    torch.manual_seed(0)
+    conf = LlamaConfig(**{k: v for k, v in cfg.items() if not k.startswith("_")})
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(conf, dtype=torch.float32, attn_implementation="sdpa")
+    enable_checkpointing(model)
+    if method == "lora":
+        model.requires_grad_(False)
+        model = add_lora(model, r=16, alpha=32, seed=0)
+    model.train()
+    shard_for_training_(model, mixed_precision=on_gpu)
+    if on_gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    data = torch.randint(3, conf.vocab_size, (steps + 2, rows, seq), device=device,
+                         generator=torch.Generator(device=device).manual_seed(env.rank))
+    losses = [train_step(model, opt, data[i]) for i in range(2)]  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    losses += [train_step(model, opt, data[i]) for i in range(2, steps + 2)]
+    _sync(device)
+    sec = (time.perf_counter() - t0) / steps
+    if env.rank == 0:
+        Path(out).write_text(json.dumps({"s_per_step": sec, "tokens_per_s": env.world_size * rows * seq / sec,
+                                         "peak_gib": _peak_gib(device), "losses": losses}))
+
+
+def part_fsdp(a, out_dir: Path, scratch: Path) -> dict:
+    data = {"arch": "llama-3-8b" + (" (tiny)" if a.smoke else ""), "seq_len": a.seq, "rows_per_gpu": a.rows,
+            "measured_steps": a.steps, "compute_dtype": "fp32" if a.smoke else "bf16 (fp32 master weights)",
+            "full_num_layers": a.full_layers or _arch("llama-3-8b", a.smoke)["num_hidden_layers"]}
+    t = Table(title=f"FSDP2 training, {data['arch']}, seq {a.seq}, {a.rows} row(s)/GPU, {gpu_name()}")
+    for c in ("method", "1 GPU tok/s", "2 GPU tok/s", "scaling", "efficiency", "1 GPU peak GiB", "2 GPU peak GiB"):
+        t.add_column(c, justify="right")
+    series = {}
+    for method in ("lora", "full"):
+        cfg = _arch("llama-3-8b", a.smoke, a.full_layers if method == "full" else None)
+        res = {}
+        for world in (1, 2):
+            path = scratch / f"fsdp_{method}{world}.json"
+            spawn(_fsdp_worker, world, (cfg, method, a.rows, a.seq, a.steps, str(path)), timeout_s=a.timeout)
+            res[world] = json.loads(path.read_text())
+        sp = res[2]["tokens_per_s"] / res[1]["tokens_per_s"]
+        data.update({f"{method}_1gpu_tokens_per_s": res[1]["tokens_per_s"],
+                     f"{method}_2gpu_tokens_per_s": res[2]["tokens_per_s"], f"{method}_scaling_2gpu_vs_1": sp,
+                     f"{method}_scaling_efficiency": sp / 2, f"{method}_1gpu_peak_gib": res[1]["peak_gib"],
+                     f"{method}_2gpu_peak_gib_rank0": res[2]["peak_gib"],
+                     f"{method}_2gpu_losses": res[2]["losses"]})
+        fmt = (lambda g: "-" if g is None else f"{g:.1f}")
+        t.add_row(method, f"{res[1]['tokens_per_s']:,.0f}", f"{res[2]['tokens_per_s']:,.0f}", f"{sp:.2f}x",
+                  f"{sp / 2:.0%}", fmt(res[1]["peak_gib"]), fmt(res[2]["peak_gib"]))
+        series[method] = [res[1]["tokens_per_s"], res[2]["tokens_per_s"]]
+    console.print(t)
+    data["target_scaling"] = 1.8
+    _chart(out_dir, "dist_fsdp", "FSDP2 training tokens/s", ["1 GPU", "2 GPUs"], series)
+    return data
+
+
+def _chart(out_dir: Path, name: str, title: str, groups: list[str], series: dict[str, list[float]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    width = 0.8 / len(series)
+    for i, (label, vals) in enumerate(series.items()):
+        ax.bar([g + i * width for g in range(len(groups))], vals, width, label=label)
+    ax.set_xticks([g + width * (len(series) - 1) / 2 for g in range(len(groups))], groups)
+    ax.set_ylabel("tokens/s")
+    ax.set_title(f"{title} ({gpu_name()})", fontsize=9)
+    ax.legend()
+    save_figure(fig, name, out_dir)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=("tp", "fsdp", "all"), default="all")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU with gloo; results to a temp dir")
+    p.add_argument("--out", type=Path, help="results folder (default docs/results; --smoke: a temp dir)")
+    p.add_argument("--prompt", type=int, default=None, help="TP: prompt tokens (default 512; smoke 16)")
+    p.add_argument("--decode", type=int, default=None, help="TP: timed decode steps (default 128; smoke 8)")
+    p.add_argument("--batch", type=int, default=None, help="TP: offline batch besides 1 (default 32; smoke 4)")
+    p.add_argument("--seq", type=int, default=None, help="FSDP: tokens per row (default 2048; smoke 32)")
+    p.add_argument("--rows", type=int, default=1, help="FSDP: rows per GPU per step")
+    p.add_argument("--steps", type=int, default=None, help="FSDP: timed steps after 2 warm-up (default 8; smoke 2)")
+    p.add_argument("--full-layers", type=int, default=None, help="FSDP full fine-tune layers (default 8; smoke all)")
+    p.add_argument("--timeout", type=float, default=540, help="seconds per world size before workers are killed")
+    a = p.parse_args()
+    if not a.smoke and not (torch.cuda.is_available() and torch.cuda.device_count() >= 2):
+        raise SystemExit("dist_scaling needs 2 CUDA GPUs; use --smoke on CPU")
+    smoke = a.smoke
+    a.prompt = a.prompt or (16 if smoke else 512)
+    a.decode = a.decode or (8 if smoke else 128)
+    a.batch = a.batch or (4 if smoke else 32)
+    a.seq = a.seq or (32 if smoke else 2048)
+    a.steps = a.steps or (2 if smoke else 8)
+    a.full_layers = a.full_layers if a.full_layers is not None else (None if smoke else 8)
+    out_dir = a.out or (Path(tempfile.mkdtemp(prefix="dist_smoke_")) if smoke else None)
+    with tempfile.TemporaryDirectory() as scratch:
+        for part, fn in (("tp", part_tp), ("fsdp", part_fsdp)):
+            if a.part in (part, "all"):
+                data = fn(a, out_dir, Path(scratch))
+                console.print(f"wrote {write_result(f'dist_{part}', data, out_dir)}")
+
+
+if __name__ == "__main__":
+    main()
