@@ -185,7 +185,7 @@ def part_tp(a, out_dir: Path, scratch: Path) -> dict:
         t.add_column(c, justify="right")
     for r1, r2 in zip(res[1]["rows"], res[2]["rows"]):
         b, sp = r1["batch"], r1["ms_per_step"] / r2["ms_per_step"]
-        data.update({f"tp1_bs{b}_ms_per_token": r1["ms_per_step"], f"tp2_bs{b}_ms_per_token": r2["ms_per_step"],
+        data.update({f"tp1_bs{b}_ms_per_step": r1["ms_per_step"], f"tp2_bs{b}_ms_per_step": r2["ms_per_step"],
                      f"tp1_bs{b}_tokens_per_s": r1["tokens_per_s"], f"tp2_bs{b}_tokens_per_s": r2["tokens_per_s"],
                      f"tp2_speedup_vs_tp1_bs{b}": sp})
         t.add_row(str(b), f"{r1['ms_per_step']:.2f}", f"{r2['ms_per_step']:.2f}", f"{r1['tokens_per_s']:,.0f}",

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from onecard.errors import BadInputError, MissingExtraError
+from onecard.dist.launch import DistEnv
+from onecard.errors import BadInputError, MissingExtraError, NotBuiltYetError
 from onecard.train.callbacks import (LossHistoryCallback, RichProgressCallback, eval_perplexity, last_checkpoint,
                                      oom_guard, peak_gib, suggest_smaller)
 
@@ -296,6 +297,10 @@ def train(cfg: TrainConfig, console=None, extra_callbacks: list | None = None) -
     from onecard.train.data import load_training_data
     from onecard.train.lora import trainable_summary
 
+    if DistEnv.from_env().is_distributed:
+        raise NotBuiltYetError("onecard train under torchrun/accelerate (WORLD_SIZE > 1) is not wired yet: every "
+                               "process would train its own copy on the same GPU; run one process, or shard with "
+                               "onecard.dist.fsdp (docs/multi-gpu.md)")
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     resume_from = check_out_dir(cfg.out, cfg.resume)
