@@ -71,3 +71,18 @@ def test_speculative_options_are_validated(random_checkpoint):
         LLM(path, num_speculative_tokens=-1)
     with pytest.raises(BadInputError, match="ngram_size"):
         LLM(path, num_speculative_tokens=2, ngram_size=0)
+
+
+def test_hf_fallback_refuses_speculation(tmp_path):
+    import shutil
+
+    from onecard.errors import NotBuiltYetError
+    from onecard.testing.checkpoints import build_random_model, shared_tokenizer
+
+    cfg = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2,
+           "vocab_size": 2048, "n_positions": 128, "bos_token_id": 1, "eos_token_id": 2}
+    build_random_model(cfg).save_pretrained(str(tmp_path))
+    for f in shared_tokenizer(2048).iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    with pytest.raises(NotBuiltYetError, match="num_speculative_tokens"):
+        LLM(tmp_path, num_speculative_tokens=2)

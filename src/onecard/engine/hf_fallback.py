@@ -18,7 +18,7 @@ import torch
 from onecard.engine.config import EngineConfig
 from onecard.engine.outputs import CompletionOutput, RequestOutput
 from onecard.engine.sampling_params import SamplingParams
-from onecard.errors import BadInputError
+from onecard.errors import BadInputError, NotBuiltYetError
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -33,6 +33,10 @@ class HFFallbackEngine:
             _warned.add(arch)
             log.warning("%s is not implemented by onecard's engine: running it through HF transformers generate "
                         "(no paged KV cache, no continuous batching: slower)", arch)
+        if config.num_speculative_tokens:
+            raise NotBuiltYetError(f"num_speculative_tokens={config.num_speculative_tokens}: speculative decoding "
+                                   f"runs on onecard's own engine only, not on the HF fallback this architecture "
+                                   "uses; drop num_speculative_tokens")
         self.config = config
         self.tokenizer = tokenizer
         self.device = device
