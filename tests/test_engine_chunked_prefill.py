@@ -93,3 +93,22 @@ def test_chunk_options_are_validated(llama_path):
     # with chunking, a budget below max_model_len is fine: long prompts just take several steps
     llm = LLM(llama_path, max_model_len=256, max_num_batched_tokens=64, max_num_seqs=2)
     assert llm.engine.scheduler.long_prefill_chunk == 64
+
+
+@pytest.mark.gpu
+def test_gpu_prefix_cache_chunking_and_speculation_keep_greedy_outputs(tiny_model):
+    """On CUDA (graphs, Triton decode, SDPA over the paged cache), fp32: every capacity feature on gives the
+    tokens of all of them off, and a 24 GiB-style cap is respected at start-up."""
+    prompts = [TEXT, TEXT + TEXT[:60], "def f():"]
+    sp = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    off = LLM(tiny_model.path, dtype="float32", max_model_len=512, max_num_seqs=4, gpu_memory_utilization=0.3,
+              enable_prefix_caching=False, enable_chunked_prefill=False)
+    ref = [o.outputs[0].token_ids for o in off.generate(prompts, sp, use_tqdm=False)]
+    del off
+    on = LLM(tiny_model.path, dtype="float32", max_model_len=512, max_num_seqs=4, gpu_memory_utilization=0.3,
+             long_prefill_chunk=16, num_speculative_tokens=4)
+    assert on.stats()["cuda_graphs"]
+    for _ in range(2):  # the second round hits the prefix cache
+        assert [o.outputs[0].token_ids for o in on.generate(prompts, sp, use_tqdm=False)] == ref
+    st = on.stats()
+    assert st["prefix_cache_hit_tokens"] > 0 and st["spec_draft_tokens"] > 0 and st["kv_blocks_used"] == 0
