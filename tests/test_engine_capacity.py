@@ -2,8 +2,12 @@
 
 import pytest
 
-from onecard.engine.model_runner import (FIXED_HEADROOM_BYTES, cuda_graph_workspace_bytes, graph_batch_sizes,
-                                         plan_kv_cache)
+from onecard.engine.model_runner import (
+    FIXED_HEADROOM_BYTES,
+    cuda_graph_workspace_bytes,
+    graph_batch_sizes,
+    plan_kv_cache,
+)
 from onecard.errors import DoesNotFitError
 
 GiB, MiB = 1 << 30, 1 << 20
@@ -15,12 +19,11 @@ ACT_PEAK = int(1.1 * GiB)         # 8192-token prefill + sampling of 256 rows
 
 
 def h100_plan(reserved=WEIGHTS + 64 * MiB, **kw):
-    args = dict(card_bytes=CARD, cap_fraction=FRACTION, reserved_bytes=reserved, activation_peak_bytes=ACT_PEAK,
-                block_bytes=BLOCK, utilization=0.9,
-                workspace_bytes=cuda_graph_workspace_bytes(graph_batch_sizes(256), 32000, 4096, 2),
-                free_bytes=CARD - reserved - 500 * MiB)
-    args.update(kw)
-    return plan_kv_cache(**args)
+    args = {"card_bytes": CARD, "cap_fraction": FRACTION, "reserved_bytes": reserved,
+            "activation_peak_bytes": ACT_PEAK, "block_bytes": BLOCK, "utilization": 0.9,
+            "workspace_bytes": cuda_graph_workspace_bytes(graph_batch_sizes(256), 32000, 4096, 2),
+            "free_bytes": CARD - reserved - 500 * MiB}
+    return plan_kv_cache(**{**args, **kw})
 
 
 def test_capped_h100_kv_plus_weights_plus_headroom_stays_under_cap():
