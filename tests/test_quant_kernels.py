@@ -86,3 +86,16 @@ def test_kernel_bf16_on_gpu(M):
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     torch.testing.assert_close(wo_matmul(x, packed, s, z, 4, gs), wo_matmul_reference(x, packed, s, z, 4, gs),
                                rtol=2e-2, atol=2e-1)
+
+
+def test_concat_linear_fallback_adds_fused_bias():
+    """Projections that cannot be fused (different g_idx) run side by side; the fused bias still applies."""
+    from onecard.quant.linear import ConcatLinear
+
+    torch.manual_seed(0)
+    a = QuantLinear.from_quantized(rtn_quantize(torch.randn(8, 32), 4, 32))
+    b = QuantLinear.from_quantized(rtn_quantize(torch.randn(4, 32), 4, 32))
+    cat = ConcatLinear([a, b])
+    cat.bias = torch.nn.Parameter(torch.randn(12))
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(cat(x), torch.cat([a(x), b(x)], -1) + cat.bias)

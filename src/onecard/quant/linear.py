@@ -112,6 +112,8 @@ class ConcatLinear(nn.Module):
     def __init__(self, parts: list[nn.Module]) -> None:
         super().__init__()
         self.parts = nn.ModuleList(parts)
+        self.bias: nn.Parameter | None = None  # a fused bias (loaded into our fused rows) is added here
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([p(x) for p in self.parts], dim=-1)
+        y = torch.cat([p(x) for p in self.parts], dim=-1)
+        return y + self.bias.to(y.dtype) if self.bias is not None else y

@@ -40,14 +40,14 @@ def _folder(folder: str | Path | ModelFolder) -> tuple[ModelFolder, QuantFormat]
 
 
 def _fused_module(parts: list[QuantizedWeight], device) -> nn.Module:
+    """One ``QuantLinear`` for q/k/v (gate/up); separate ones, outputs concatenated, if their g_idx differ."""
     parts = [QuantizedWeight(p.q.to(device), p.scales.to(device), p.zeros.to(device), p.g_idx.to(device), p.bits,
                              p.group_size) for p in parts]
-    try:
-        return QuantLinear.from_quantized(concat_quantized(parts) if len(parts) > 1 else parts[0])
-    except Exception as exc:  # projections quantized with different g_idx: keep them apart
-        if len(parts) == 1 or "cannot fuse" not in str(exc):
-            raise
-        return ConcatLinear([QuantLinear.from_quantized(p) for p in parts])
+    if len(parts) == 1:
+        return QuantLinear.from_quantized(parts[0])
+    if all(torch.equal(p.g_idx, parts[0].g_idx) and p.group_size == parts[0].group_size for p in parts):
+        return QuantLinear.from_quantized(concat_quantized(parts))
+    return ConcatLinear([QuantLinear.from_quantized(p) for p in parts])
 
 
 @torch.no_grad()
@@ -58,8 +58,7 @@ def load_quantized_model(folder: str | Path | ModelFolder, dtype: torch.dtype = 
     from onecard.models.llama import LlamaModel
     from onecard.models.loader import load_weights
 
-    f, _fmt = _folder(folder)
-    fmt = _fmt
+    f, fmt = _folder(folder)
     args = f.model_args()
     present = set(quantized_modules(f))
     with torch.device("meta"):
@@ -72,12 +71,11 @@ def load_quantized_model(folder: str | Path | ModelFolder, dtype: torch.dtype = 
             have = [n in present for n in names]
             if all(have):
                 swap[(i, ours)] = tuple(names)
+                parent, attr = ours.split(".")
+                setattr(getattr(model.layers[i], parent), attr, nn.Identity())  # placeholder: no dense allocation
             elif any(have):
                 raise ModelFolderError(f"'{f.path}' quantizes only some of {hf_parts} in layer {i}; "
                                        "onecard fuses them and needs all or none")
-            parent, attr = ours.split(".")
-            if all(have):
-                setattr(getattr(model.layers[i], parent), attr, nn.Identity())  # placeholder: no dense allocation
     model = model.to_empty(device=device).to(dtype)
     if args.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
