@@ -33,7 +33,7 @@ def _data(vocab: int) -> torch.Tensor:
     return torch.randint(3, vocab, (STEPS, ROWS, SEQ), generator=torch.Generator().manual_seed(1))
 
 
-def _losses(model, data: torch.Tensor) -> list[float]:
+def _losses(model, data: torch.Tensor) -> tuple[list[float], torch.optim.Optimizer]:
     from onecard.dist.fsdp import rank_rows, train_step
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
@@ -103,13 +103,33 @@ def test_dcp_saved_by_two_loads_in_one(method, fsdp_run):
     assert opt.state and all(s["step"].item() == STEPS for s in opt.state.values())
 
 
+def test_trainer_fsdp_kwargs_build_training_arguments(tmp_path):
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from onecard.dist.fsdp import decoder_layers, trainer_fsdp_kwargs
+
+    model = AutoModelForCausalLM.from_pretrained(str(make_random_checkpoint("qwen2-7b", "tiny")))
+    assert len(decoder_layers(model)) == model.config.num_hidden_layers
+    kw = trainer_fsdp_kwargs(model, gradient_checkpointing=True)
+    assert kw["fsdp_config"]["transformer_layer_cls_to_wrap"] == ["Qwen2DecoderLayer"]
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], **kw)
+    assert args.fsdp_config["version"] == 2 and args.fsdp_config["state_dict_type"] == "SHARDED_STATE_DICT"
+
+
 def test_errors(tmp_path):
     from torch import nn
 
-    from onecard.dist.fsdp import load_sharded, rank_rows, shard_for_training_
+    from onecard.dist.fsdp import (
+        decoder_layers,
+        load_sharded,
+        rank_rows,
+        shard_for_training_,
+    )
 
     with pytest.raises(ModelFolderError, match="not a sharded"):
         load_sharded(tmp_path, nn.Linear(2, 2))
     with pytest.raises(BadInputError, match="process group"):
         shard_for_training_(nn.Linear(2, 2), mixed_precision=False)
     assert rank_rows(torch.zeros(3, 2)).shape == (3, 2)  # one process: the whole batch
+    with pytest.raises(BadInputError, match="decoder layers"):
+        decoder_layers(nn.Linear(2, 2))

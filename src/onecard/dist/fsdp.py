@@ -24,7 +24,6 @@ or merges on a laptop.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -118,7 +117,10 @@ def rank_rows(batch: torch.Tensor) -> torch.Tensor:
 def save_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Path:
     """Write model (and optimizer) state as a DCP checkpoint folder; every rank calls this, each writes its shards."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+    )
 
     if optimizer is not None:
         model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -132,8 +134,12 @@ def save_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
 def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Load a DCP checkpoint into ``model`` (sharded over any process count, or a plain model in one process)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
-                                                         set_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
 
     if not (Path(path) / ".metadata").exists():
         raise ModelFolderError(f"'{path}' is not a sharded (DCP) checkpoint: no .metadata file; "
@@ -151,13 +157,10 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole (unsharded) model state on CPU; collective: every rank must call it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-
-def batches(token_ids: torch.Tensor, rows: int, seq_len: int) -> Iterable[torch.Tensor]:
-    """Consecutive [rows, seq_len] blocks of a flat token stream (for benchmarks and tests)."""
-    per = rows * seq_len
-    for start in range(0, token_ids.numel() - per + 1, per):
-        yield token_ids[start:start + per].view(rows, seq_len)

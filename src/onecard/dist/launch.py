@@ -31,11 +31,11 @@ class DistEnv:
                                 f"LOCAL_RANK={self.local_rank}; launch with torchrun --nproc-per-node N")
 
     @classmethod
-    def from_env(cls) -> "DistEnv":
+    def from_env(cls) -> DistEnv:
         """The torchrun variables (all absent = one process)."""
         try:
-            return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                       int(os.environ.get("LOCAL_RANK", 0)))
+            return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                       int(os.environ.get("LOCAL_RANK", "0")))
         except ValueError as e:
             raise BadInputError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers ({e}); launch with torchrun") from None
 
