@@ -11,14 +11,20 @@ Parts (pick with --part; each fits a 10-minute call on a 2-GPU host):
         (fully_shard per decoder layer, then the root): tokens/s on 1 process vs 2 at the same per-GPU batch.
         LoRA r=16 all-linear on all 32 layers; full fine-tuning on --full-layers layers (all 32 with fp32
         AdamW states need ~128 GB on one card). Target: 2-GPU tokens/s >= 1.8x 1-GPU.
+  fit   Llama-2-13B architecture, LoRA, bf16 frozen base, seq 4096, activation checkpointing: the peak of one
+        process (uncapped; above 24 GiB, since the bf16 weights alone are 24.2 GiB) and of two FSDP2 processes
+        each capped at 24 GiB (torch.cuda.set_per_process_memory_fraction). The cap starts once the model is
+        sharded: this benchmark builds the random model whole on each card first (a real 24 GB card would
+        build on meta and load its shards). Target: the 2-process run fits.
 
   PYTHONPATH=src python benchmarks/dist_scaling.py --part tp     # 2x H100: ~4 min
   PYTHONPATH=src python benchmarks/dist_scaling.py --part fsdp   # 2x H100: ~6 min
+  PYTHONPATH=src python benchmarks/dist_scaling.py --part fit    # 2x H100: ~3 min
   PYTHONPATH=src python benchmarks/dist_scaling.py --smoke       # CPU, gloo, tiny shapes, both parts, temp dir
 
 Each world size runs in fresh processes (onecard.dist.launch.spawn: torchrun's variables, NCCL on GPU, gloo
 on CPU); rank 0 writes its timings to a scratch file that this parent reads, tabulates and writes as
-docs/results/dist_<part>.json + .png (or --out).
+docs/results/dist_<part>.json (+ .png for tp and fsdp) (or --out).
 """
 
 from __future__ import annotations
@@ -199,7 +205,8 @@ def part_tp(a, out_dir: Path, scratch: Path) -> dict:
 
 # ---------------------------------------------------------------- FSDP2 training
 
-def _fsdp_worker(cfg: dict, method: str, rows: int, seq: int, steps: int, out: str) -> None:
+def _fsdp_worker(cfg: dict, method: str, rows: int, seq: int, steps: int, out: str, base_bf16: bool = False,
+                 cap_gib: float | None = None) -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from onecard.dist.fsdp import shard_for_training_, train_step
@@ -212,7 +219,8 @@ def _fsdp_worker(cfg: dict, method: str, rows: int, seq: int, steps: int, out: s
     torch.manual_seed(0)
     conf = LlamaConfig(**{k: v for k, v in cfg.items() if not k.startswith("_")})
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(conf, dtype=torch.float32, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(conf, dtype=torch.bfloat16 if base_bf16 and on_gpu else torch.float32,
+                                                 attn_implementation="sdpa")
     enable_checkpointing(model)
     if method == "lora":
         model.requires_grad_(False)
@@ -222,6 +230,9 @@ def _fsdp_worker(cfg: dict, method: str, rows: int, seq: int, steps: int, out: s
     if on_gpu:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        if cap_gib:  # a 24 GB card, emulated from here on: the allocator refuses beyond this share of the H100
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / total)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     data = torch.randint(3, conf.vocab_size, (steps + 2, rows, seq), device=device,
                          generator=torch.Generator(device=device).manual_seed(env.rank))
@@ -267,6 +278,39 @@ def part_fsdp(a, out_dir: Path, scratch: Path) -> dict:
     return data
 
 
+def part_fit(a, out_dir: Path, scratch: Path) -> dict:
+    """13B-arch LoRA at seq 4k: one process uncapped (its peak), two processes each capped at 24 GiB."""
+    cfg = _arch("llama-2-13b", a.smoke)
+    seq = a.seq if a.smoke else 4096
+    cap = None if a.smoke else 24.0
+    res = {}
+    for world, limit in ((1, None), (2, cap)):
+        path = scratch / f"fit{world}.json"
+        try:
+            spawn(_fsdp_worker, world, (cfg, "lora", 1, seq, 2, str(path), True, limit), timeout_s=a.timeout)
+            res[world] = json.loads(path.read_text())
+        except Exception as e:  # an out-of-memory under the cap is a result ("does not fit"), not a crash
+            if limit is None:
+                raise
+            console.print(f"[red]{world} processes under {limit} GiB failed:[/] {str(e).splitlines()[-1][:300]}")
+            res[world] = {"peak_gib": None, "tokens_per_s": 0.0, "error": str(e).splitlines()[-1][:300]}
+    data = {"arch": "llama-2-13b" + (" (tiny)" if a.smoke else ""), "method": "lora r=16 all-linear",
+            "base_dtype": "fp32" if a.smoke else "bf16", "seq_len": seq, "cap_gib_per_process": cap,
+            "one_gpu_peak_gib": res[1]["peak_gib"], "two_gpu_peak_gib_rank0": res[2]["peak_gib"],
+            "two_gpu_fits_cap": cap is not None and "error" not in res[2] and res[2]["peak_gib"] <= cap,
+            "two_gpu_error": res[2].get("error"),
+            "one_gpu_tokens_per_s": res[1]["tokens_per_s"], "two_gpu_tokens_per_s": res[2]["tokens_per_s"]}
+    t = Table(title=f"13B-arch LoRA, seq {seq}: fits 24 GiB per card on 2 cards? ({gpu_name()})")
+    for c in ("processes", "cap GiB", "peak GiB", "tok/s"):
+        t.add_column(c, justify="right")
+    for world, limit in ((1, None), (2, cap)):
+        peak = res[world]["peak_gib"]
+        t.add_row(str(world), "-" if limit is None else f"{limit:.0f}", "-" if peak is None else f"{peak:.1f}",
+                  f"{res[world]['tokens_per_s']:,.0f}")
+    console.print(t)
+    return data
+
+
 def _chart(out_dir: Path, name: str, title: str, groups: list[str], series: dict[str, list[float]]) -> None:
     import matplotlib
 
@@ -287,7 +331,7 @@ def _chart(out_dir: Path, name: str, title: str, groups: list[str], series: dict
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=("tp", "fsdp", "all"), default="all")
+    p.add_argument("--part", choices=("tp", "fsdp", "fit", "all"), default="all")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU with gloo; results to a temp dir")
     p.add_argument("--out", type=Path, help="results folder (default docs/results; --smoke: a temp dir)")
     p.add_argument("--prompt", type=int, default=None, help="TP: prompt tokens (default 512; smoke 16)")
@@ -310,7 +354,7 @@ def main() -> None:
     a.full_layers = a.full_layers if a.full_layers is not None else (None if smoke else 8)
     out_dir = a.out or (Path(tempfile.mkdtemp(prefix="dist_smoke_")) if smoke else None)
     with tempfile.TemporaryDirectory() as scratch:
-        for part, fn in (("tp", part_tp), ("fsdp", part_fsdp)):
+        for part, fn in (("tp", part_tp), ("fsdp", part_fsdp), ("fit", part_fit)):
             if a.part in (part, "all"):
                 data = fn(a, out_dir, Path(scratch))
                 console.print(f"wrote {write_result(f'dist_{part}', data, out_dir)}")
