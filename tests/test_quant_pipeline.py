@@ -191,3 +191,16 @@ def test_gpu_quantized_engine_matches_reference_path(src, gptq_dir):
     llm = LLM(str(gptq_dir), max_model_len=128)
     out = llm.generate(["def f(x):"] * 3, SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 8 for o in out)
+
+
+def test_awq_searches_handle_a_partial_last_group():
+    """in_features 688 (the tiny model's intermediate size) = 10 groups of 64 + 48."""
+    from onecard.quant.awq import ScaleGroup, linear_outputs, search_clip, search_scales
+
+    torch.manual_seed(0)
+    x, w = torch.randn(64, 688), torch.randn(32, 688)
+    s = search_scales(x, ScaleGroup("down", [w], linear_outputs), 4, 64)
+    assert s.shape == (688,) and torch.isfinite(s).all() and (s > 0).all()
+    shrink = search_clip(x, w, 4, 64)
+    assert shrink.shape == (32, 11) and ((shrink >= 0.5) & (shrink <= 1)).all()
+    assert rtn_quantize(w, 4, 64, sym=False, shrink=shrink).scales.shape == (11, 32)

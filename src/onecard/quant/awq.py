@@ -60,8 +60,10 @@ def search_scales(x: torch.Tensor, group: ScaleGroup, bits: int, group_size: int
     x_mean = x.abs().mean(0)
     w_all = torch.cat(group.weights, 0)
     gs = w_all.shape[1] if group_size == -1 else group_size
-    wg = w_all.abs().reshape(w_all.shape[0], -1, gs)
-    w_mean = (wg / (wg.amax(dim=-1, keepdim=True) + 1e-6)).reshape(w_all.shape).mean(0)
+    in_f = w_all.shape[1]
+    pad = (-in_f) % gs  # a partial last group (e.g. 688 = 10 x 64 + 48)
+    wg = F.pad(w_all.abs(), (0, pad)).reshape(w_all.shape[0], -1, gs)
+    w_mean = (wg / (wg.amax(dim=-1, keepdim=True) + 1e-6)).reshape(w_all.shape[0], -1)[:, :in_f].mean(0)
     reference = group.score_fn(x, group.weights)
     best, best_err = torch.ones_like(x_mean), float("inf")
     for i in range(N_GRID):
