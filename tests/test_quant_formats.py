@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from onecard.quant.packing import from_awq, from_gptq, to_awq, to_gptq
-from onecard.quant.rtn import QuantizedWeight, rtn_quantize
+from onecard.quant.rtn import rtn_quantize
 
 
 def gptq_pack_loops(intweight: np.ndarray, zeros: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
