@@ -36,3 +36,12 @@ def random_checkpoint():
     from onecard.testing import make_random_checkpoint
 
     return lambda arch, size="tiny", dtype="float32": make_random_checkpoint(arch, size, dtype=dtype)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny decode-sized matmuls are slower with 2 threads on a busy 2-core CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from onecard.bench.engine_bench import EngineBenchConfig, lognormal_lengths, results_table, run_engine_bench
 from onecard.errors import BadInputError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny decode-sized matmuls are slower with 2 threads on a loaded shared CPU; restore afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_lognormal_lengths_are_seeded_and_centered():

@@ -14,12 +14,7 @@ TEXT = ("import os\nimport sys\n\ndef read_config(path):\n    with open(path) as
         "class Parser:\n    def __init__(self, text):\n        self.text = text\n")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,19 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from onecard.cli import app
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny decode-sized matmuls are slower with 2 threads on a loaded shared CPU; restore afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_generate_json_and_file(random_checkpoint, tmp_path):

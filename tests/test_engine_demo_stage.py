@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from rich.console import Console
 
 from onecard.demo import DemoContext
 from onecard.engine.demo_stage import demo_stage
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny decode-sized matmuls are slower with 2 threads on a loaded shared CPU; restore afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_demo_stage(tiny_model, tmp_path):

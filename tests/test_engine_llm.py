@@ -13,13 +13,7 @@ from onecard.errors import BadInputError
 PROMPTS = ["def read_config(path):\n", "import os\nimport sys\n", "class Parser:", "for i in range(10):"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny decode-sized matmuls are slower with 2 threads on a loaded shared CPU; restore afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from onecard.engine import LLM, SamplingParams
 from onecard.engine.block_manager import BlockManager
@@ -18,12 +17,7 @@ SYSTEM = "You are a careful assistant. Answer in one line, cite the source file,
 QUESTIONS = ["def read_config(path):", "import os\nimport sys", "class Parser:", "for i in range(10):"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ no block leaks, sampled requests untouched; the drafting and acceptance rules th
 from __future__ import annotations
 
 import pytest
-import torch
 
 from onecard.engine import LLM, SamplingParams
 from onecard.engine.speculative import accept_greedy, propose_ngram
@@ -14,12 +13,7 @@ CODE = ("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\
         "    return a * b\n\n\ndef div(a, b):\n")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_propose_ngram_takes_the_most_recent_longest_match():
