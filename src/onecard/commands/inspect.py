@@ -12,7 +12,7 @@ from onecard.models.folder import open_model_folder
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("inspect", hidden=True)
+    @app.command("inspect")
     def inspect_cmd(
         model: str = typer.Argument(..., help="Local Hugging Face model folder (config.json, *.safetensors, tokenizer)."),
         as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
