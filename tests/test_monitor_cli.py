@@ -72,6 +72,14 @@ def test_run_wraps_command_and_report(tmp_path):
     assert "tokens_total" in res.output
 
 
+def test_wrapped_command_form_without_run(tmp_path):
+    log = tmp_path / "run.jsonl"
+    res = runner.invoke(app, ["monitor", "--log", str(log), "--interval", "0.1", "--", sys.executable, "-c",
+                              "raise SystemExit(3)"], env={"PYTHONPATH": SRC})
+    assert res.exit_code == 3, res.output
+    assert load_trace(log).exit_code == 3
+
+
 def test_run_errors_are_one_line(tmp_path):
     res = runner.invoke(app, ["monitor", "run", "--log", str(tmp_path / "x.jsonl"), "--", "no-such-command-xyz"])
     assert res.exit_code != 0 and "cannot start 'no-such-command-xyz'" in str(res.exception)

@@ -6,10 +6,21 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperGroup
+
+class _MonitorGroup(TyperGroup):
+    """Also accepts ``onecard monitor [--log F ...] -- CMD ARGS``: the wrapped-command form without ``run``."""
+
+    def parse_args(self, ctx, args):
+        if "--" in args and not any(a in self.commands for a in args[: args.index("--")]):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
 
 monitor_app = typer.Typer(
-    help="Live GPU panel (default), wrap a command into a JSONL trace (run), write JSON + PNG reports (report).",
-    invoke_without_command=True, no_args_is_help=False, add_completion=False, rich_markup_mode="rich")
+    help="Live GPU panel (default), wrap a command into a JSONL trace (run, or `monitor --log F -- CMD`), "
+         "write JSON + PNG reports (report).",
+    cls=_MonitorGroup, invoke_without_command=True, no_args_is_help=False, add_completion=False, rich_markup_mode="rich")
 
 
 @monitor_app.callback()
