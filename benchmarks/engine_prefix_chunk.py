@@ -155,10 +155,9 @@ def main() -> None:
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA GPU: run with --smoke on CPU")
         if a.model is None:
-            from onecard.testing import make_random_checkpoint
+            from onecard.testing.checkpoints import gpu_benchmark_checkpoint
 
-            console.print("[dim]building (or reusing) the random llama-2-7b bf16 checkpoint on the GPU...[/]")
-            model = str(make_random_checkpoint("llama-2-7b", "full", dtype="bfloat16", device="cuda"))
+            model = str(gpu_benchmark_checkpoint("llama-2-7b", console))
             _free()
         else:
             model = a.model

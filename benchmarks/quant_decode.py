@@ -156,11 +156,9 @@ def main() -> None:
             raise SystemExit("no CUDA GPU: run with --smoke on CPU")
         device, dtype, tdtype = "cuda", "bfloat16", torch.bfloat16
         if a.model is None:
-            from onecard.testing import make_random_checkpoint
+            from onecard.testing.checkpoints import gpu_benchmark_checkpoint
 
-            console.print("[dim]building (or reusing) the random llama-2-7b bf16 checkpoint...[/]")
-            model_dir = make_random_checkpoint("llama-2-7b", "full", dtype="bfloat16", device="cuda")
-            torch.cuda.empty_cache()
+            model_dir = gpu_benchmark_checkpoint("llama-2-7b", console)
         else:
             model_dir = a.model
         shapes, ms_list = [(4096, 4096), (4096, 11008), (11008, 4096)], [1, 16, 2048]

@@ -119,3 +119,14 @@ def make_random_checkpoint(arch: str, size: str = "tiny", path: str | Path | Non
     if out != final:
         publish_dir(out, final)
     return final
+
+
+def gpu_benchmark_checkpoint(arch: str = "llama-2-7b", console=None) -> Path:
+    """The full-size random bf16 checkpoint GPU benchmarks share: built on the GPU once, cached, GPU memory freed."""
+    import torch
+
+    if console is not None:
+        console.print(f"[dim]building (or reusing) the random {arch} bf16 checkpoint on the GPU...[/]")
+    path = make_random_checkpoint(arch, "full", dtype="bfloat16", device="cuda")
+    torch.cuda.empty_cache()
+    return path
