@@ -15,13 +15,15 @@ where each sequence starts and where its keys/values live in the paged cache;
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from onecard.kernels.paged_attention import paged_decode_attention, rope_store_kv_triton, store_kv
+from onecard.kernels.varlen_attention import (PREFIX_GATHER_BYTES, cumulative, flash_varlen_usable, prefix_attention,
+                                             prefix_groups, varlen_causal)
 from onecard.models.config import ModelArgs
 
 try:  # fused RMSNorm (one kernel instead of seven) for CUDA tensors; same numerics as the PyTorch form below
@@ -52,6 +54,7 @@ class AttentionMetadata:
     decode_attention: str = "reference"  # "reference" (PyTorch) or "triton"
     fused_rope_store: bool = False  # decode: RoPE + cache write in one Triton kernel (CUDA)
     prefix_lens: list[int] | None = None
+    per_step: dict = field(default_factory=dict, repr=False)  # what every layer of one step reuses (varlen plans)
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
@@ -147,10 +150,24 @@ class Attention(nn.Module):
         if meta is not None and self.k_cache is not None:
             store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         if meta is not None and meta.is_prefill and meta.prefix_lens is not None:
-            out = prefill_attention_with_prefix(q, self.k_cache, self.v_cache, meta.seq_lens, meta.prefix_lens,
-                                                meta.block_tables, self.scale)
+            if flash_varlen_usable(q):
+                if "prefix" not in meta.per_step:
+                    budget = PREFIX_GATHER_BYTES // (2 * self.k_cache[0, 0].numel() * self.k_cache.element_size())
+                    meta.per_step["prefix"] = prefix_groups(meta.seq_lens, meta.prefix_lens, meta.block_tables,
+                                                            self.k_cache.shape[1], max(budget, 1))
+                out = prefix_attention(q, self.k_cache, self.v_cache, meta.per_step["prefix"], self.scale)
+            else:
+                out = prefill_attention_with_prefix(q, self.k_cache, self.v_cache, meta.seq_lens, meta.prefix_lens,
+                                                    meta.block_tables, self.scale)
         elif meta is None or meta.is_prefill:
-            out = prefill_attention(q, k, v, meta.seq_lens if meta is not None else [T], self.scale)
+            seq_lens = meta.seq_lens if meta is not None else [T]
+            if flash_varlen_usable(q):
+                cache = meta.per_step if meta is not None else {}
+                if "cu" not in cache:
+                    cache["cu"] = cumulative(seq_lens, q.device)
+                out = varlen_causal(q, k, v, cache["cu"], cache["cu"], max(seq_lens), max(seq_lens), self.scale)
+            else:
+                out = prefill_attention(q, k, v, seq_lens, self.scale)
         else:
             out = paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
                                          self.scale, use_triton=meta.decode_attention == "triton")

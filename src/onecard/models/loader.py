@@ -71,9 +71,9 @@ def shard_rows(args: ModelArgs, our_name: str, shard: int) -> tuple[int, int]:
 def build_model(args: ModelArgs, dtype: torch.dtype, device: str | torch.device,
                 max_positions: int | None = None) -> LlamaModel:
     """Our model with allocated but uninitialized weights (built on meta, then materialized) and its rope table."""
-    with torch.device("meta"):
-        model = LlamaModel(args, max_positions)
-    model = model.to_empty(device=device).to(dtype)
+    with torch.device("meta"):  # cast on meta: materializing in fp32 first would need 2x the bf16 weights
+        model = LlamaModel(args, max_positions).to(dtype)
+    model = model.to_empty(device=device)
     if args.tie_word_embeddings:  # to_empty re-creates parameters: re-tie
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary.init_table()
