@@ -6,8 +6,8 @@
 Rows (random weights: values do not change the work):
 - Llama-2-70B arch, int4 g128 (QuantLinear buffers filled with random codes directly,
   no dense 70B ever exists), under a ``--cap-gib`` process cap; the planner
-  (``onecard.plan``) picks how many layers live in pinned host memory (more are
-  offloaded, 4 at a time, if start-up still does not fit). bs=1 decode tok/s vs
+  (``onecard.plan``) picks how many layers live in pinned host memory (+2 for the
+  staging slots it does not count; 4 more at a time if start-up still does not fit). bs=1 decode tok/s vs
   the PCIe bound = measured pinned H2D bandwidth / offloaded bytes per token;
   ``fraction_of_pcie_bound`` (target >= 0.8) and the estimate the engine logs.
 - Llama-2-7B arch bf16, 8 layers offloaded vs none (no cap): the cost of
@@ -145,8 +145,9 @@ def big_row(a, device, bench: EngineBenchConfig, h2d: float, console) -> dict:
     model, cfg = random_model("llama-2-70b", size, 4, torch.bfloat16 if device.type == "cuda" else torch.float32,
                               bench.max_model_len)
     build_s = time.perf_counter() - t0
-    n = max(1, planned_offload(cfg, a.cap_gib, bench.max_model_len)) if not a.smoke else 2
-    planned = n
+    planned = planned_offload(cfg, a.cap_gib, bench.max_model_len)
+    # + 2: the planner does not count the two staging slots, each one layer big
+    n = min(model.args.num_layers, planned + 2) if not a.smoke else 2
     index = None
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
