@@ -37,6 +37,8 @@ def register(app: typer.Typer) -> None:
         quantization: str = typer.Option(None, "--quantization", help="On-the-fly weight quantization: rtn-int4 or int8."),
         max_model_len: int = typer.Option(None, "--max-model-len", help="Context length (default: the model's, capped at 8192)."),
         device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda if present)."),
+        offload_layers: str = typer.Option("0", "--offload-layers", help="Decoder layers kept in CPU memory and "
+                                           "streamed in per step (a number, or 'auto': the planner's count)."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object per prompt."),
     ) -> None:
         """Generate text with onecard's engine (paged KV cache, continuous batching, CUDA-graph decode)."""
@@ -48,7 +50,8 @@ def register(app: typer.Typer) -> None:
 
         prompts = read_prompts(prompt, file)
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens)
-        llm = LLM(model, dtype=dtype, quantization=quantization, max_model_len=max_model_len, device=device)
+        llm = LLM(model, dtype=dtype, quantization=quantization, max_model_len=max_model_len, device=device,
+                  offload_layers=int(offload_layers) if offload_layers.isdigit() else offload_layers)
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=not as_json)
         seconds = time.perf_counter() - t0

@@ -39,6 +39,7 @@ class EngineConfig:
     long_prefill_chunk: int | None = None  # most prompt tokens one sequence computes per step (None: the budget)
     num_speculative_tokens: int = 0  # n-gram (prompt-lookup) speculative decoding: draft tokens per step (0 = off)
     ngram_size: int = 3  # longest suffix n-gram looked up in the context to draft from
+    offload_layers: int | str = 0  # decoder layers kept in pinned CPU memory, streamed in per step ("auto": planner's)
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> BadInputError:
@@ -74,6 +75,8 @@ class EngineConfig:
             raise bad("num_speculative_tokens", "must be an integer in 0..16 (0 turns speculative decoding off)")
         if not isinstance(self.ngram_size, int) or not 1 <= self.ngram_size <= 16:
             raise bad("ngram_size", "must be an integer in 1..16")
+        if self.offload_layers != "auto" and (not isinstance(self.offload_layers, int) or self.offload_layers < 0):
+            raise bad("offload_layers", "must be a non-negative integer (decoder layers kept in CPU memory) or 'auto'")
         if self.device is not None and not str(self.device).startswith(("cpu", "cuda")):
             raise bad("device", "must be 'cpu', 'cuda' or 'cuda:N'")
 
