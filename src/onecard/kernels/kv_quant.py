@@ -68,5 +68,8 @@ def quantize_kv(x: torch.Tensor, cache_dtype: torch.dtype) -> tuple[torch.Tensor
 
 
 def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of ``quantize_kv`` (up to the rounding): ``q [..., head_dim] * scale [...]`` in ``dtype``."""
-    return (q.float() * scale.float().unsqueeze(-1)).to(dtype)
+    """Inverse of ``quantize_kv`` (up to the rounding): ``q [..., head_dim] * scale [...]`` in ``dtype``.
+
+    fp32 math (exact: 8-bit values times 11-bit scales), in place, so a long context's gather holds one fp32 copy."""
+    x = q.to(torch.float32, copy=True)
+    return x.mul_(scale.float().unsqueeze(-1)).to(dtype)
