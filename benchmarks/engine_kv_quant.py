@@ -69,8 +69,8 @@ def _free() -> None:
 
 
 def _engine_kwargs(a: argparse.Namespace, model: str, fmt: str, quantization: str | None, device: str) -> dict:
-    kw = dict(kv_cache_dtype=fmt, quantization=quantization, max_num_seqs=1, max_num_batched_tokens=a.chunk,
-              enable_prefix_caching=False, device=device, gpu_memory_utilization=a.util)
+    kw = {"kv_cache_dtype": fmt, "quantization": quantization, "max_num_seqs": 1, "max_num_batched_tokens": a.chunk,
+          "enable_prefix_caching": False, "device": device, "gpu_memory_utilization": a.util}
     if a.smoke:  # CPU sizes the cache for max_model_len tokens: a fixed byte budget stands in for the GPU cap
         from onecard.engine.model_runner import kv_bytes_per_token
         from onecard.models.folder import open_model_folder

@@ -22,7 +22,7 @@ from onecard.engine.kv_cache import allocate_kv_cache, attach_kv_cache
 from onecard.engine.sampler import SamplerOutput, sample
 from onecard.engine.sequence import Sequence
 from onecard.engine.speculative import accept_greedy
-from onecard.errors import DoesNotFitError
+from onecard.errors import BadInputError, DoesNotFitError
 from onecard.kernels.kv_quant import SCALE_DTYPE, kv_storage
 from onecard.models.llama import AttentionMetadata, LlamaModel
 
@@ -120,6 +120,10 @@ class ModelRunner:
         self.dtype = next(model.parameters()).dtype
         self.is_cuda = device.type == "cuda"
         self.decode_attention = "triton" if self.is_cuda else "reference"
+        cc = torch.cuda.get_device_capability(device) if self.is_cuda else None
+        if cc is not None and cc < (8, 9) and config.kv_cache_dtype.startswith("fp8"):
+            raise BadInputError(f"kv_cache_dtype={config.kv_cache_dtype!r} needs an fp8-capable GPU (compute "
+                                f"capability 8.9+: RTX 40xx, L4, H100), this one is {cc}; use kv_cache_dtype='int8'")
         self.max_blocks_per_seq = math.ceil(config.max_model_len / self.block_size)
         self.num_blocks = config.num_kv_blocks or self._measure_num_blocks()
         if self.num_blocks * self.block_size < config.max_model_len:

@@ -48,7 +48,8 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         scales.view(-1, scales.shape[-1]).index_copy_(0, slot_mapping, sx)
 
 
-def gather_kv(cache: torch.Tensor, scale: torch.Tensor | None, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def gather_kv(cache: torch.Tensor, scale: torch.Tensor | None, blocks: torch.Tensor,
+              dtype: torch.dtype) -> torch.Tensor:
     """The listed blocks of a (possibly quantized) cache, ``[*blocks.shape, block_size, Hkv, D]`` in ``dtype``."""
     if scale is None:
         return cache[blocks].to(dtype)
@@ -149,8 +150,8 @@ def rope_store_kv_reference(qkv: torch.Tensor, positions: torch.Tensor, cos_sin:
 if triton is not None:
 
     @triton.jit
-    def _quantize_store(x1, x2, cache, scale_ptr, offs, m, HALF: tl.constexpr, QMAX: tl.constexpr, MIN_SCALE: tl.constexpr,
-                        IS_INT: tl.constexpr):
+    def _quantize_store(x1, x2, cache, scale_ptr, offs, m, HALF: tl.constexpr, QMAX: tl.constexpr,
+                        MIN_SCALE: tl.constexpr, IS_INT: tl.constexpr):
         # kv_quant.quantize_kv's arithmetic on one head (two halves of head_dim), IEEE division like torch's.
         amax = tl.maximum(tl.max(tl.where(m, tl.abs(x1), 0.0), axis=0), tl.max(tl.where(m, tl.abs(x2), 0.0), axis=0))
         sc = tl.maximum(tl.math.div_rn(amax, QMAX), MIN_SCALE).to(tl.float16)

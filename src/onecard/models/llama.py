@@ -21,7 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onecard.kernels.paged_attention import gather_kv, paged_decode_attention, rope_store_kv_triton, store_kv
+from onecard.kernels.paged_attention import (
+    gather_kv,
+    paged_decode_attention,
+    rope_store_kv_triton,
+    store_kv,
+)
 from onecard.models.config import ModelArgs
 
 try:  # fused RMSNorm (one kernel instead of seven) for CUDA tensors; same numerics as the PyTorch form below
