@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from onecard.errors import BadInputError, NotBuiltYetError
+from onecard.kernels.kv_quant import KV_CACHE_DTYPES
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 # Default context when the user does not set max_model_len: the model's own limit, capped here so a
@@ -58,9 +59,8 @@ class EngineConfig:
             raise bad("max_num_batched_tokens", "must be a positive integer")
         if self.block_size not in (8, 16, 32, 64, 128, 256):
             raise bad("block_size", "must be a power of two in 8..256 (16 is a good default)")
-        if self.kv_cache_dtype != "auto":
-            raise NotBuiltYetError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not implemented yet; use 'auto' "
-                                   "(the cache stores keys/values in the model dtype)")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise bad("kv_cache_dtype", f"choose one of {', '.join(KV_CACHE_DTYPES)} ('auto' stores the model dtype)")
         if self.tensor_parallel_size != 1:
             raise NotBuiltYetError("tensor_parallel_size > 1 is not implemented yet: onecard's engine runs on one "
                                    "GPU; run one replica per card behind a load balancer")

@@ -18,20 +18,25 @@ import numpy as np
 import torch
 
 from onecard.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
+from onecard.engine.kv_cache import allocate_kv_cache, attach_kv_cache
 from onecard.engine.sampler import SamplerOutput, sample
 from onecard.engine.sequence import Sequence
 from onecard.engine.speculative import accept_greedy
-from onecard.errors import DoesNotFitError
+from onecard.errors import BadInputError, DoesNotFitError
+from onecard.kernels.kv_quant import SCALE_DTYPE, kv_storage
 from onecard.models.llama import AttentionMetadata, LlamaModel
 
 log = logging.getLogger(__name__)
 GiB = 1 << 30
 
 
-def kv_bytes_per_token(model: LlamaModel, dtype: torch.dtype) -> int:
+def kv_bytes_per_token(model: LlamaModel, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+    """K and V of one token over all layers in the cache's storage (``dtype`` is the model's), plus the per-head
+    scales an fp8/int8 cache keeps beside it: what one token costs, so the block count follows the format."""
     a = model.args
-    return 2 * a.num_layers * a.num_kv_heads * a.head_dim * torch.tensor([], dtype=dtype).element_size()
-
+    elem, scaled = kv_storage(kv_cache_dtype, dtype)
+    per_head = a.head_dim * elem.itemsize + (SCALE_DTYPE.itemsize if scaled else 0)
+    return 2 * a.num_layers * a.num_kv_heads * per_head
 
 
 # Fixed headroom kept free for what start-up cannot profile: cuBLAS/Triton workspaces, the CUDA-graph pools' own
@@ -115,6 +120,10 @@ class ModelRunner:
         self.dtype = next(model.parameters()).dtype
         self.is_cuda = device.type == "cuda"
         self.decode_attention = "triton" if self.is_cuda else "reference"
+        cc = torch.cuda.get_device_capability(device) if self.is_cuda else None
+        if cc is not None and cc < (8, 9) and config.kv_cache_dtype.startswith("fp8"):
+            raise BadInputError(f"kv_cache_dtype={config.kv_cache_dtype!r} needs an fp8-capable GPU (compute "
+                                f"capability 8.9+: RTX 40xx, L4, H100), this one is {cc}; use kv_cache_dtype='int8'")
         self.max_blocks_per_seq = math.ceil(config.max_model_len / self.block_size)
         self.num_blocks = config.num_kv_blocks or self._measure_num_blocks()
         if self.num_blocks * self.block_size < config.max_model_len:
@@ -123,12 +132,10 @@ class ModelRunner:
                 f"{config.max_model_len} sequence; lower max_model_len, or give the cache more room "
                 "(num_kv_blocks / gpu_memory_utilization)")
         self.scratch_block = self.num_blocks  # one extra block: CUDA-graph padding rows write here
-        a = model.args
-        self.kv_cache = torch.zeros(2, a.num_layers, self.num_blocks + 1, self.block_size, a.num_kv_heads,
-                                    a.head_dim, dtype=self.dtype, device=device)
-        for i, layer in enumerate(model.layers):
-            layer.self_attn.k_cache = self.kv_cache[0, i]
-            layer.self_attn.v_cache = self.kv_cache[1, i]
+        # fp8/int8 caches come with per-(token, kv head) scales (None for "auto")
+        self.kv_cache, self.kv_scales = allocate_kv_cache(model.args, self.num_blocks + 1, self.block_size,
+                                                          config.kv_cache_dtype, self.dtype, device)
+        attach_kv_cache(model, self.kv_cache, self.kv_scales)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_batch_sizes: list[int] = []
         if self.is_cuda and not config.enforce_eager:
@@ -137,7 +144,7 @@ class ModelRunner:
     # ---- KV cache sizing -------------------------------------------------------------------------------------
     def _measure_num_blocks(self) -> int:
         cfg = self.config
-        per_block = kv_bytes_per_token(self.model, self.dtype) * self.block_size
+        per_block = kv_bytes_per_token(self.model, self.dtype, cfg.kv_cache_dtype) * self.block_size
         if not self.is_cuda:
             want = cfg.max_model_len * cfg.max_num_seqs * per_block // self.block_size
             budget = max(min(want, CPU_KV_CACHE_BYTES), cfg.max_model_len * per_block // self.block_size)

@@ -10,11 +10,18 @@ blocks (several per iteration) once and keeps an online softmax in registers (fl
 the split: at decode, the weights dominate the bytes moved, not the cache).
 Shapes of every tensor it reads are fixed per batch size, and the context
 lengths are read on the device, so a CUDA graph can capture it.
+
+Quantized caches (``kv_cache_dtype`` fp8 / int8, ``onecard.kernels.kv_quant``)
+come with ``k_scale, v_scale: [num_blocks, block_size, num_kv_heads]``: every
+writer here quantizes with them and every reader multiplies them back in
+(the kernel in registers, after the loads).
 """
 
 from __future__ import annotations
 
 import torch
+
+from onecard.kernels.kv_quant import MIN_SCALE, dequantize_kv, qmax_of, quantize_kv
 
 try:  # Triton is optional: without it (or without CUDA and TRITON_INTERPRET) the reference path runs.
     import triton
@@ -24,17 +31,35 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Write keys/values of T tokens ``[T, Hkv, D]`` to their flat cache slots (no host sync)."""
+             slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+             v_scale: torch.Tensor | None = None) -> None:
+    """Write keys/values of T tokens ``[T, Hkv, D]`` to their flat cache slots (no host sync); with scales, the
+    cache is quantized (``quantize_kv``) and each token's per-head scales go to the same slots."""
     kc = k_cache.view(-1, *k_cache.shape[2:])
     vc = v_cache.view(-1, *v_cache.shape[2:])
-    kc.index_copy_(0, slot_mapping, k.to(kc.dtype))
-    vc.index_copy_(0, slot_mapping, v.to(vc.dtype))
+    if k_scale is None:
+        kc.index_copy_(0, slot_mapping, k.to(kc.dtype))
+        vc.index_copy_(0, slot_mapping, v.to(vc.dtype))
+        return
+    for x, cache, scales in ((k, kc, k_scale), (v, vc, v_scale)):
+        qx, sx = quantize_kv(x, cache.dtype)
+        # 1-byte formats move as bytes: index_copy_ / indexing have no float8 kernels on every device
+        cache.view(torch.uint8).index_copy_(0, slot_mapping, qx.view(torch.uint8))
+        scales.view(-1, scales.shape[-1]).index_copy_(0, slot_mapping, sx)
+
+
+def gather_kv(cache: torch.Tensor, scale: torch.Tensor | None, blocks: torch.Tensor,
+              dtype: torch.dtype) -> torch.Tensor:
+    """The listed blocks of a (possibly quantized) cache, ``[*blocks.shape, block_size, Hkv, D]`` in ``dtype``."""
+    if scale is None:
+        return cache[blocks].to(dtype)
+    return dequantize_kv(cache.view(torch.uint8)[blocks].view(cache.dtype), scale[blocks], dtype)
 
 
 def paged_decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                      block_tables: torch.Tensor, context_lens: torch.Tensor,
-                                     scale: float) -> torch.Tensor:
+                                     scale: float, k_scale: torch.Tensor | None = None,
+                                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """PyTorch reference (and the CPU path): gather each sequence's blocks, mask past its length, softmax.
 
     q: [B, Hq, D] -> [B, Hq, D]. Memory is B x max_blocks x block_size x Hkv x D,
@@ -42,8 +67,9 @@ def paged_decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_c
     """
     B, Hq, D = q.shape
     Hkv = k_cache.shape[2]
-    k = k_cache[block_tables.long()].reshape(B, -1, Hkv, D).float()  # [B, S, Hkv, D]
-    v = v_cache[block_tables.long()].reshape(B, -1, Hkv, D).float()
+    blocks = block_tables.long()
+    k = gather_kv(k_cache, k_scale, blocks, torch.float32).reshape(B, -1, Hkv, D)  # [B, S, Hkv, D]
+    v = gather_kv(v_cache, v_scale, blocks, torch.float32).reshape(B, -1, Hkv, D)
     rep = Hq // Hkv
     qg = q.float().view(B, Hkv, rep, D)
     scores = torch.einsum("bgrd,bsgd->bgrs", qg, k) * scale
@@ -56,11 +82,13 @@ def paged_decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_c
 if triton is not None:
 
     @triton.jit
-    def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, context_lens_ptr, scale,
-                             stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt_b, stride_ob,
-                             stride_oh, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                             BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr):
+    def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, out_ptr, block_tables_ptr, context_lens_ptr, scale,
+                             stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_sb, stride_ss, stride_bt_b,
+                             stride_ob, stride_oh, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+                             QUANT: tl.constexpr):
         # TILE tokens (TILE // BLOCK_SIZE cache blocks, gathered) per iteration: more bytes in flight per program.
+        # QUANT: fp8/int8 cache; each token's per-head scale multiplies its score (K) and its weight (V).
         seq = tl.program_id(0)
         head = tl.program_id(1)
         kv_head = head // GROUP
@@ -81,12 +109,18 @@ if triton is not None:
             mask2 = tmask[:, None] & dmask[None, :]
             k = tl.load(k_ptr + off, mask=mask2, other=0.0).to(tl.float32)
             s = tl.sum(k * q[None, :], axis=1) * scale
+            if QUANT:
+                soff = block * stride_sb + (pos % BLOCK_SIZE) * stride_ss + kv_head
+                s = s * tl.load(ks_ptr + soff, mask=tmask, other=0.0).to(tl.float32)
             s = tl.where(tmask, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=0))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new)
             v = tl.load(v_ptr + off, mask=mask2, other=0.0).to(tl.float32)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            pv = p
+            if QUANT:
+                pv = p * tl.load(vs_ptr + soff, mask=tmask, other=0.0).to(tl.float32)
+            acc = acc * alpha + tl.sum(pv[:, None] * v, axis=0)
             l_i = l_i * alpha + tl.sum(p, axis=0)
             m_i = m_new
         out = acc / l_i
@@ -95,8 +129,10 @@ if triton is not None:
 
 def rope_store_kv_reference(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, k_cache: torch.Tensor,
                             v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int,
-                            head_dim: int) -> torch.Tensor:
-    """Rotate q and k (HF rotate-half convention, fp32 math), write k and v to their cache slots, return q [T, H, D]."""
+                            head_dim: int, k_scale: torch.Tensor | None = None,
+                            v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate q and k (HF rotate-half convention, fp32 math), write k and v to their cache slots (quantized when
+    scales are given), return q [T, H, D]."""
     T = qkv.shape[0]
     q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
     cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
@@ -107,19 +143,39 @@ def rope_store_kv_reference(qkv: torch.Tensor, positions: torch.Tensor, cos_sin:
 
     q = rot(q.reshape(T, num_heads, head_dim))
     store_kv(rot(k.reshape(T, num_kv_heads, head_dim)), v.reshape(T, num_kv_heads, head_dim), k_cache, v_cache,
-             slot_mapping)
+             slot_mapping, k_scale, v_scale)
     return q
 
 
 if triton is not None:
 
     @triton.jit
-    def _rope_store_kernel(qkv_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, cos_sin_ptr, pos_ptr, slot_ptr,
+    def _quantize_store(x1, x2, cache, scale_ptr, offs, m, HALF: tl.constexpr, QMAX: tl.constexpr,
+                        MIN_SCALE: tl.constexpr, IS_INT: tl.constexpr):
+        # kv_quant.quantize_kv's arithmetic on one head (two halves of head_dim), IEEE division like torch's.
+        amax = tl.maximum(tl.max(tl.where(m, tl.abs(x1), 0.0), axis=0), tl.max(tl.where(m, tl.abs(x2), 0.0), axis=0))
+        sc = tl.maximum(tl.math.div_rn(amax, QMAX), MIN_SCALE).to(tl.float16)
+        tl.store(scale_ptr, sc)
+        sc = sc.to(tl.float32)
+        q1 = tl.math.div_rn(x1, sc)
+        q2 = tl.math.div_rn(x2, sc)
+        if IS_INT:
+            q1 = tl.floor(q1 + 0.5)
+            q2 = tl.floor(q2 + 0.5)
+        q1 = tl.minimum(tl.maximum(q1, -QMAX), QMAX)
+        q2 = tl.minimum(tl.maximum(q2, -QMAX), QMAX)
+        tl.store(cache + offs, q1.to(cache.dtype.element_ty), mask=m)
+        tl.store(cache + HALF + offs, q2.to(cache.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _rope_store_kernel(qkv_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, ks_ptr, vs_ptr, cos_sin_ptr, pos_ptr, slot_ptr,
                            stride_qkv, stride_qo, stride_cs, stride_slot, NUM_HEADS: tl.constexpr,
                            NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
-                           BLOCK_HALF: tl.constexpr):
+                           BLOCK_HALF: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr,
+                           MIN_SCALE: tl.constexpr, IS_INT: tl.constexpr):
         # one program per (token, q-or-kv head): q heads are rotated into q_out, kv heads rotate k and copy v
         # straight into the paged cache. Replaces ~25 small kernels per layer at decode.
+        # QUANT: k and v are quantized with a per-(token, head) scale written to ks/vs at [slot, head].
         t = tl.program_id(0)
         h = tl.program_id(1)
         offs = tl.arange(0, BLOCK_HALF)
@@ -136,6 +192,19 @@ if triton is not None:
             out = q_out_ptr + t.to(tl.int64) * stride_qo + h * HEAD_DIM
             tl.store(out + offs, o1.to(q_out_ptr.dtype.element_ty), mask=m)
             tl.store(out + HALF + offs, o2.to(q_out_ptr.dtype.element_ty), mask=m)
+        elif QUANT:
+            kh = h - NUM_HEADS
+            slot = tl.load(slot_ptr + t).to(tl.int64)
+            # k is quantized from its model-dtype rounding, as store_kv receives it on the PyTorch path
+            o1 = o1.to(q_out_ptr.dtype.element_ty).to(tl.float32)
+            o2 = o2.to(q_out_ptr.dtype.element_ty).to(tl.float32)
+            _quantize_store(o1, o2, k_cache_ptr + slot * stride_slot + kh * HEAD_DIM, ks_ptr + slot * NUM_KV_HEADS + kh,
+                            offs, m, HALF, QMAX, MIN_SCALE, IS_INT)
+            vb = qkv_ptr + t.to(tl.int64) * stride_qkv + (NUM_HEADS + NUM_KV_HEADS + kh) * HEAD_DIM
+            v1 = tl.load(vb + offs, mask=m, other=0.0).to(tl.float32)
+            v2 = tl.load(vb + HALF + offs, mask=m, other=0.0).to(tl.float32)
+            _quantize_store(v1, v2, v_cache_ptr + slot * stride_slot + kh * HEAD_DIM, vs_ptr + slot * NUM_KV_HEADS + kh,
+                            offs, m, HALF, QMAX, MIN_SCALE, IS_INT)
         else:
             kh = h - NUM_HEADS
             slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -151,23 +220,36 @@ if triton is not None:
 
 def rope_store_kv_triton(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, k_cache: torch.Tensor,
                          v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int,
-                         head_dim: int) -> torch.Tensor:
-    """Fused RoPE + KV-cache write (Triton); same contract as ``rope_store_kv_reference``."""
+                         head_dim: int, k_scale: torch.Tensor | None = None,
+                         v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Fused RoPE + KV-cache write (Triton); same contract as ``rope_store_kv_reference``.
+
+    fp8 stores need CUDA: the CPU interpreter's numpy fp8 cast is wrong where rounding carries into the exponent
+    (127.6 is stored as 64), so off CUDA fp8 caches are written by ``rope_store_kv_reference``."""
+    if k_cache.dtype == torch.float8_e4m3fn and not qkv.is_cuda:
+        from onecard.errors import BadInputError
+
+        raise BadInputError("the fused RoPE + fp8 KV store runs on CUDA only; off CUDA use rope_store_kv_reference "
+                            "(the engine does unless fused_rope_store=True on a GPU)")
     T = qkv.shape[0]
     qkv = qkv.contiguous()
     q = torch.empty(T, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     half = head_dim // 2
+    quant = k_scale is not None
     _rope_store_kernel[(T, num_heads + num_kv_heads)](
-        qkv, q, k_cache, v_cache, cos_sin, positions, slot_mapping,
-        qkv.stride(0), q.stride(0), cos_sin.stride(0), k_cache.stride(1),
+        qkv, q, k_cache, v_cache, k_scale if quant else k_cache, v_scale if quant else v_cache, cos_sin, positions,
+        slot_mapping, qkv.stride(0), q.stride(0), cos_sin.stride(0), k_cache.stride(1),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
-        BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_HALF=triton.next_power_of_2(half), QUANT=quant, QMAX=qmax_of(k_cache.dtype) if quant else 1.0,
+        MIN_SCALE=MIN_SCALE, IS_INT=k_cache.dtype == torch.int8,
     )
     return q
 
 
 def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                  block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                                  block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                                  k_scale: torch.Tensor | None = None,
+                                  v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Triton kernel: q [B, Hq, D] -> [B, Hq, D]; same contract as the reference."""
     if triton is None:
         from onecard.errors import MissingExtraError
@@ -177,18 +259,21 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     _, block_size, Hkv, _ = k_cache.shape
     q = q.contiguous()
     out = torch.empty_like(q)
+    quant = k_scale is not None
+    ks, vs = (k_scale, v_scale) if quant else (k_cache, v_cache)  # unread placeholders when not quantized
     _paged_decode_kernel[(B, Hq)](
-        q, k_cache, v_cache, out, block_tables, context_lens, scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1),
+        q, k_cache, v_cache, ks, vs, out, block_tables, context_lens, scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        ks.stride(0), ks.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_SIZE=block_size,
-        TILE=max(64, block_size),
+        TILE=max(64, block_size), QUANT=quant,
     )
     return out
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                           context_lens: torch.Tensor, scale: float, use_triton: bool) -> torch.Tensor:
+                           context_lens: torch.Tensor, scale: float, use_triton: bool,
+                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     if use_triton:
-        return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
-    return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale)
+        return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale)
+    return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale)

@@ -21,7 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onecard.kernels.paged_attention import paged_decode_attention, rope_store_kv_triton, store_kv
+from onecard.kernels.paged_attention import (
+    gather_kv,
+    paged_decode_attention,
+    rope_store_kv_triton,
+    store_kv,
+)
 from onecard.kernels.varlen_attention import (PREFIX_GATHER_BYTES, cumulative, flash_varlen_usable, prefix_attention,
                                              prefix_groups, varlen_causal)
 from onecard.models.config import ModelArgs
@@ -128,9 +133,12 @@ class Attention(nn.Module):
         self.scale = args.head_dim ** -0.5
         self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=False)
-        # Paged cache views [num_blocks, block_size, num_kv_heads, head_dim], set by the engine's ModelRunner.
+        # Paged cache views [num_blocks, block_size, num_kv_heads, head_dim], set by the engine's ModelRunner;
+        # with kv_cache_dtype fp8/int8 also their per-(token, head) scales [num_blocks, block_size, num_kv_heads].
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        self.k_scale: torch.Tensor | None = None
+        self.v_scale: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                 meta: AttentionMetadata | None) -> torch.Tensor:
@@ -138,9 +146,9 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x)
         if meta is not None and meta.fused_rope_store and not meta.is_prefill:
             q = rope_store_kv_triton(qkv, positions, rotary.cos_sin, self.k_cache, self.v_cache, meta.slot_mapping,
-                                     self.num_heads, self.num_kv_heads, self.head_dim)
+                                     self.num_heads, self.num_kv_heads, self.head_dim, self.k_scale, self.v_scale)
             out = paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
-                                         self.scale, use_triton=meta.decode_attention == "triton")
+                                         self.scale, meta.decode_attention == "triton", self.k_scale, self.v_scale)
             return self.o_proj(out.reshape(T, self.q_size))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)
@@ -148,17 +156,18 @@ class Attention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         q, k = rotary(positions, q, k)
         if meta is not None and self.k_cache is not None:
-            store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         if meta is not None and meta.is_prefill and meta.prefix_lens is not None:
             if flash_varlen_usable(q):
                 if "prefix" not in meta.per_step:
-                    budget = PREFIX_GATHER_BYTES // (2 * self.k_cache[0, 0].numel() * self.k_cache.element_size())
+                    budget = PREFIX_GATHER_BYTES // (2 * self.k_cache[0, 0].numel() * q.element_size())
                     meta.per_step["prefix"] = prefix_groups(meta.seq_lens, meta.prefix_lens, meta.block_tables,
                                                             self.k_cache.shape[1], max(budget, 1))
-                out = prefix_attention(q, self.k_cache, self.v_cache, meta.per_step["prefix"], self.scale)
+                out = prefix_attention(q, self.k_cache, self.v_cache, meta.per_step["prefix"], self.scale,
+                                       self.k_scale, self.v_scale)
             else:
                 out = prefill_attention_with_prefix(q, self.k_cache, self.v_cache, meta.seq_lens, meta.prefix_lens,
-                                                    meta.block_tables, self.scale)
+                                                    meta.block_tables, self.scale, self.k_scale, self.v_scale)
         elif meta is None or meta.is_prefill:
             seq_lens = meta.seq_lens if meta is not None else [T]
             if flash_varlen_usable(q):
@@ -170,7 +179,7 @@ class Attention(nn.Module):
                 out = prefill_attention(q, k, v, seq_lens, self.scale)
         else:
             out = paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
-                                         self.scale, use_triton=meta.decode_attention == "triton")
+                                         self.scale, meta.decode_attention == "triton", self.k_scale, self.v_scale)
         return self.o_proj(out.reshape(T, self.q_size))
 
 
@@ -195,21 +204,24 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len
 
 
 def prefill_attention_with_prefix(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: list[int],
-                                  prefix_lens: list[int], block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+                                  prefix_lens: list[int], block_tables: torch.Tensor, scale: float,
+                                  k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None
+                                  ) -> torch.Tensor:
     """Prefill of packed sequences whose first ``prefix_lens[b]`` tokens are already in the paged cache.
 
     Runs after this step's keys/values were stored, so each sequence's whole context (prefix + new tokens) is
-    gathered from its blocks; query i (position ``prefix + i``) sees keys ``0..prefix + i``. Queries are tiled so
+    gathered from its blocks (dequantized to q's dtype when the cache is fp8/int8: then the new tokens, too, see
+    their own keys as stored); query i (position ``prefix + i``) sees keys ``0..prefix + i``. Queries are tiled so
     the mask and the score matrix stay bounded at long contexts. A sequence with no prefix takes the same path
-    (its keys read back from the cache equal the fresh ones).
+    (its keys read back from an unquantized cache equal the fresh ones).
     """
     block_size = k_cache.shape[1]
     outs, start = [], 0
     for b, (n, p) in enumerate(zip(seq_lens, prefix_lens)):
         ctx = p + n
         blocks = block_tables[b, :(ctx + block_size - 1) // block_size].long()
-        ks = k_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)  # [kv_heads, ctx, D]
-        vs = v_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)
+        ks = gather_kv(k_cache, k_scale, blocks, q.dtype).flatten(0, 1)[:ctx].transpose(0, 1)  # [kv_heads, ctx, D]
+        vs = gather_kv(v_cache, v_scale, blocks, q.dtype).flatten(0, 1)[:ctx].transpose(0, 1)
         if q.shape[1] != ks.shape[0]:
             rep = q.shape[1] // ks.shape[0]
             ks, vs = ks.repeat_interleave(rep, 0), vs.repeat_interleave(rep, 0)
