@@ -30,7 +30,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     seed: int = 0
     device: str | None = None
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = 1  # >1: one shard per GPU in that many processes (tp_engine.py)
     num_kv_blocks: int | None = None  # override the measured cache size (tests force preemption with it)
     cuda_graph_max_batch: int = 256
     fused_rope_store: bool = True  # CUDA decode: one Triton kernel for RoPE + KV write (False: PyTorch ops)
@@ -60,9 +60,8 @@ class EngineConfig:
         if self.kv_cache_dtype != "auto":
             raise NotBuiltYetError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not implemented yet; use 'auto' "
                                    "(the cache stores keys/values in the model dtype)")
-        if self.tensor_parallel_size != 1:
-            raise NotBuiltYetError("tensor_parallel_size > 1 is not implemented yet: onecard's engine runs on one "
-                                   "GPU; run one replica per card behind a load balancer")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise bad("tensor_parallel_size", "must be a positive integer (GPUs to shard the model over)")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise bad("num_kv_blocks", "must be a positive integer")
         if self.long_prefill_chunk is not None and (
