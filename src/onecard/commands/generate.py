@@ -38,6 +38,7 @@ def register(app: typer.Typer) -> None:
         max_model_len: int = typer.Option(None, "--max-model-len", help="Context length (default: the model's, capped at 8192)."),
         device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda if present)."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object per prompt."),
+        tp: int = typer.Option(1, "--tp", help="Tensor parallel: shard the model over this many GPUs."),
     ) -> None:
         """Generate text with onecard's engine (paged KV cache, continuous batching, CUDA-graph decode)."""
         import time
@@ -48,7 +49,8 @@ def register(app: typer.Typer) -> None:
 
         prompts = read_prompts(prompt, file)
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens)
-        llm = LLM(model, dtype=dtype, quantization=quantization, max_model_len=max_model_len, device=device)
+        llm = LLM(model, dtype=dtype, quantization=quantization, max_model_len=max_model_len, device=device,
+                  tensor_parallel_size=tp)
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=not as_json)
         seconds = time.perf_counter() - t0
