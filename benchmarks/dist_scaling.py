@@ -1,11 +1,11 @@
 """Beyond one card: tensor-parallel decode and FSDP2 training, 2 processes vs 1, on the same machine.
 
 Parts (pick with --part; each fits a 10-minute call on a 2-GPU host):
-  tp    Llama-2-13B architecture (random init, bf16), our model (onecard.models.llama) sharded with
-        onecard.dist.tp: prefill --prompt tokens, then --decode greedy steps through a paged KV cache, one CUDA
-        graph per step (NCCL all-reduces inside the graph), at batch 1 (latency) and --batch (offline
-        throughput). TP=1 runs in one process, TP=2 in two, launched one after the other by this script.
-        Target (issue 13): TP=2 bs=1 decode >= 1.6x TP=1.
+  tp    Llama-2-13B architecture (random bf16 checkpoint, written once and cached), through the engine:
+        LLM(tensor_parallel_size=1) then LLM(tensor_parallel_size=2) (this process is rank 0, the engine spawns
+        rank 1; CUDA-graph decode on every rank). bs=1 decode tok/s = (--decode - 1) tokens over (time of a
+        --decode-token request - time of a 1-token request), and offline throughput = --batch prompts of
+        --prompt tokens x --decode tokens / wall time. Target (issue 13): TP=2 bs=1 decode >= 1.6x TP=1.
   fsdp  Llama-3-8B architecture (random init; fp32 master weights, bf16 compute via MixedPrecisionPolicy,
         non-reentrant activation checkpointing, AdamW), HF model + PEFT, sharded with onecard.dist.fsdp
         (fully_shard per decoder layer, then the root): tokens/s on 1 process vs 2 at the same per-GPU batch.
@@ -17,12 +17,12 @@ Parts (pick with --part; each fits a 10-minute call on a 2-GPU host):
         sharded: this benchmark builds the random model whole on each card first (a real 24 GB card would
         build on meta and load its shards). Target: the 2-process run fits.
 
-  PYTHONPATH=src python benchmarks/dist_scaling.py --part tp     # 2x H100: ~4 min
-  PYTHONPATH=src python benchmarks/dist_scaling.py --part fsdp   # 2x H100: ~6 min
-  PYTHONPATH=src python benchmarks/dist_scaling.py --part fit    # 2x H100: ~3 min
+  PYTHONPATH=src python benchmarks/dist_scaling.py               # 2x H100, all three parts (estimate ~8 min)
+  PYTHONPATH=src python benchmarks/dist_scaling.py --part tp     # 2x H100: ~3 min (+~2 min the first time: the
+                                                                 #   26 GB checkpoint is written once, then cached)
   PYTHONPATH=src python benchmarks/dist_scaling.py --smoke       # CPU, gloo, tiny shapes, both parts, temp dir
 
-Each world size runs in fresh processes (onecard.dist.launch.spawn: torchrun's variables, NCCL on GPU, gloo
+The fsdp and fit parts run each world size in fresh processes (onecard.dist.launch.spawn: torchrun's variables, NCCL on GPU, gloo
 on CPU); rank 0 writes its timings to a scratch file that this parent reads, tabulates and writes as
 docs/results/dist_<part>.json (+ .png for tp and fsdp) (or --out).
 """
@@ -67,139 +67,70 @@ def _peak_gib(device: str) -> float | None:
 
 # ---------------------------------------------------------------- tensor parallel decode
 
-def _tp_model(cfg: dict, rank: int, world: int, device: str):
-    """Our model built on meta, sharded there, then materialized on this rank's device with random weights."""
-    from onecard.dist.tp import shard_model_
-    from onecard.models import ModelArgs
-    from onecard.models.llama import LlamaModel
+def _engine_run(folder: str, tp: int, device: str, a) -> dict:
+    """One engine (``LLM(tensor_parallel_size=tp)``): bs=1 decode tok/s and offline throughput at ``a.batch``."""
+    import gc
 
-    args = ModelArgs.from_hf_config(cfg)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    with torch.device("meta"):
-        model = LlamaModel(args, max_positions=4096)
-    shard_model_(model, rank, world)
-    model = model.to_empty(device=device).to(dtype).eval().requires_grad_(False)
-    if args.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    gen = torch.Generator(device=device).manual_seed(rank)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                p.fill_(1.0)
-            else:
-                p.normal_(0, 0.02, generator=gen)
-        # replicated tensors must be equal on every rank: give them rank 0's values
-        for name, p in model.named_parameters():
-            if not any(s in name for s in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")) and world > 1:
-                torch.distributed.broadcast(p, 0)
-    model.rotary.init_table()
-    return model, args
+    from onecard.engine import LLM, SamplingParams
 
+    llm = LLM(folder, tensor_parallel_size=tp, device=device, max_model_len=a.prompt + a.decode + 16,
+              max_num_seqs=a.batch, enable_prefix_caching=False)  # every timed prompt computes its prefill
+    vocab = llm.engine.vocab_size
+    prompts = [torch.randint(3, vocab, (a.prompt,), generator=torch.Generator().manual_seed(i)).tolist()
+               for i in range(a.batch)]
 
-def _decode_run(model, args, batch: int, prompt: int, steps: int, kv_heads: int, device: str) -> float:
-    """Seconds per decode step (all ``batch`` sequences advance one token) after a ``prompt``-token prefill."""
-    from onecard.models.llama import AttentionMetadata
-
-    block = 16
-    per_seq = (prompt + steps + block - 1) // block
-    dtype = next(model.parameters()).dtype
-    for layer in model.layers:
-        layer.self_attn.k_cache = torch.zeros(batch * per_seq, block, kv_heads, args.head_dim, dtype=dtype,
-                                              device=device)
-        layer.self_attn.v_cache = torch.zeros_like(layer.self_attn.k_cache)
-    tables = torch.arange(batch * per_seq, device=device, dtype=torch.int32).view(batch, per_seq)
-    on_gpu = device.startswith("cuda")
-    ids = torch.randint(3, args.vocab_size, (batch * prompt,), device=device)
-    pos = torch.arange(prompt, device=device).repeat(batch)
-    slots = (tables[:, :, None] * block + torch.arange(block, device=device)).view(batch, -1)[:, :prompt].reshape(-1)
-    with torch.no_grad():
-        meta = AttentionMetadata(is_prefill=True, slot_mapping=slots.long(), seq_lens=[prompt] * batch)
-        hidden = model(ids, pos, meta)
-        tok = model.compute_logits(hidden.view(batch, prompt, -1)[:, -1]).argmax(-1)
-    # static decode inputs, advanced in place so one captured graph serves every step
-    s_tok, s_pos = tok.clone(), torch.full((batch,), prompt, device=device)
-    s_ctx = (s_pos + 1).to(torch.int32)
-    s_slot = torch.empty(batch, dtype=torch.long, device=device)
-
-    def step() -> None:
-        s_slot.copy_(tables.gather(1, (s_pos // block)[:, None].long())[:, 0].long() * block + s_pos % block)
-        meta = AttentionMetadata(is_prefill=False, slot_mapping=s_slot, context_lens=s_ctx, block_tables=tables,
-                                 decode_attention="triton" if on_gpu else "reference")
-        logits = model.compute_logits(model(s_tok, s_pos, meta))
-        s_tok.copy_(logits.argmax(-1))
-        s_pos.add_(1)
-        s_ctx.add_(1)
-
-    run = step
-    with torch.no_grad():
-        if on_gpu:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(3):
-                    step()
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
-            run = graph.replay
-        s_pos.fill_(prompt)
-        s_ctx.fill_(prompt + 1)
-        run()  # warm-up
+    def timed(batch: list[list[int]], tokens: int) -> float:
+        params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
         _sync(device)
         t0 = time.perf_counter()
-        for _ in range(steps - 2):
-            run()
+        llm.generate(batch, params, use_tqdm=False)
         _sync(device)
-    return (time.perf_counter() - t0) / (steps - 2)
+        return time.perf_counter() - t0
 
-
-def _tp_worker(cfg: dict, batches: list[int], prompt: int, steps: int, out: str) -> None:
-    import torch.distributed as dist
-
-    from onecard.dist.launch import init_distributed
-    from onecard.dist.tp import local_kv_heads
-
-    env, device = init_distributed()
-    model, args = _tp_model(cfg, env.rank, env.world_size, device)
-    rows = []
-    for b in batches:
-        sec = _decode_run(model, args, b, prompt, steps, local_kv_heads(args, env.world_size), device)
-        rows.append({"batch": b, "ms_per_step": sec * 1e3, "tokens_per_s": b / sec})
-    if dist.is_initialized():
-        dist.barrier()
-    if env.rank == 0:
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        Path(out).write_text(json.dumps({"rows": rows, "peak_gib": _peak_gib(device),
-                                         "weight_gib_per_rank": weight_bytes / 2**30}))
+    timed(prompts[:1], 4)  # warm-up: compiles, first graph replays
+    prefill = min(timed(prompts[:1], 1) for _ in range(2))
+    one = timed(prompts[:1], a.decode)
+    offline = timed(prompts, a.decode)
+    stats = llm.stats()
+    weight_gib = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters()) / 2**30
+    if tp > 1:
+        llm.engine.runner.close()
+    del llm
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return {"bs1_decode_tokens_per_s": (a.decode - 1) / max(one - prefill, 1e-9), "prefill_s": prefill,
+            "offline_tokens_per_s": a.batch * a.decode / offline, "weight_gib_rank0": weight_gib,
+            "cuda_graphs": stats["cuda_graphs"], "kv_blocks": stats["kv_blocks_total"]}
 
 
 def part_tp(a, out_dir: Path, scratch: Path) -> dict:
-    cfg = _arch("llama-2-13b", a.smoke)
-    batches = sorted({1, a.batch})
-    res = {}
-    for world in (1, 2):
-        path = scratch / f"tp{world}.json"
-        spawn(_tp_worker, world, (cfg, batches, a.prompt, a.decode, str(path)), timeout_s=a.timeout)
-        res[world] = json.loads(path.read_text())
+    """LLM(tensor_parallel_size=1) then =2 in this process (rank 0 here, rank 1 spawned by the engine)."""
+    from onecard.testing.checkpoints import gpu_benchmark_checkpoint, make_random_checkpoint
+
+    device = "cpu" if a.smoke else "cuda"
+    folder = str(make_random_checkpoint("llama-2-13b", "tiny") if a.smoke else
+                 gpu_benchmark_checkpoint("llama-2-13b", console))
+    res = {tp: _engine_run(folder, tp, device, a) for tp in (1, 2)}
     data = {"arch": "llama-2-13b" + (" (tiny)" if a.smoke else ""), "dtype": "fp32" if a.smoke else "bf16",
-            "prompt_tokens": a.prompt, "decode_steps": a.decode, "cuda_graphs": not a.smoke,
-            "tp1_weight_gib": res[1]["weight_gib_per_rank"], "tp2_weight_gib_per_rank": res[2]["weight_gib_per_rank"],
-            "tp1_peak_gib": res[1]["peak_gib"], "tp2_peak_gib_rank0": res[2]["peak_gib"]}
-    t = Table(title=f"TP decode, {data['arch']} {data['dtype']}, prompt {a.prompt}, {gpu_name()}")
-    for c in ("batch", "TP=1 ms/step", "TP=2 ms/step", "TP=1 tok/s", "TP=2 tok/s", "speedup"):
+            "engine": "onecard LLM(tensor_parallel_size=N)", "prompt_tokens": a.prompt, "decode_tokens": a.decode,
+            "offline_batch": a.batch, "cuda_graphs": bool(res[2]["cuda_graphs"])}
+    for tp, r in res.items():
+        data.update({f"tp{tp}_{k}": v for k, v in r.items() if k != "cuda_graphs"})
+    bs1 = res[2]["bs1_decode_tokens_per_s"] / res[1]["bs1_decode_tokens_per_s"]
+    off = res[2]["offline_tokens_per_s"] / res[1]["offline_tokens_per_s"]
+    data.update({"tp2_speedup_bs1_decode": bs1, "tp2_speedup_offline": off, "target_bs1_speedup": 1.6})
+    t = Table(title=f"LLM tensor parallel, {data['arch']} {data['dtype']}, prompt {a.prompt}, {gpu_name()}")
+    for c in ("metric", "TP=1", "TP=2", "speedup"):
         t.add_column(c, justify="right")
-    for r1, r2 in zip(res[1]["rows"], res[2]["rows"]):
-        b, sp = r1["batch"], r1["ms_per_step"] / r2["ms_per_step"]
-        data.update({f"tp1_bs{b}_ms_per_step": r1["ms_per_step"], f"tp2_bs{b}_ms_per_step": r2["ms_per_step"],
-                     f"tp1_bs{b}_tokens_per_s": r1["tokens_per_s"], f"tp2_bs{b}_tokens_per_s": r2["tokens_per_s"],
-                     f"tp2_speedup_vs_tp1_bs{b}": sp})
-        t.add_row(str(b), f"{r1['ms_per_step']:.2f}", f"{r2['ms_per_step']:.2f}", f"{r1['tokens_per_s']:,.0f}",
-                  f"{r2['tokens_per_s']:,.0f}", f"{sp:.2f}x")
+    t.add_row("bs=1 decode tok/s", f"{res[1]['bs1_decode_tokens_per_s']:,.1f}",
+              f"{res[2]['bs1_decode_tokens_per_s']:,.1f}", f"{bs1:.2f}x")
+    t.add_row(f"offline tok/s (bs={a.batch})", f"{res[1]['offline_tokens_per_s']:,.1f}",
+              f"{res[2]['offline_tokens_per_s']:,.1f}", f"{off:.2f}x")
+    t.add_row("weights GiB (rank 0)", f"{res[1]['weight_gib_rank0']:.1f}", f"{res[2]['weight_gib_rank0']:.1f}", "")
     console.print(t)
-    data["target_bs1_speedup"] = 1.6
-    _chart(out_dir, "dist_tp", "TP=2 vs TP=1 decode tok/s", [f"bs={r['batch']}" for r in res[1]["rows"]],
-           {"TP=1": [r["tokens_per_s"] for r in res[1]["rows"]], "TP=2": [r["tokens_per_s"] for r in res[2]["rows"]]})
+    _chart(out_dir, "dist_tp", "LLM TP=2 vs TP=1 tok/s", ["bs=1 decode", f"offline bs={a.batch}"],
+           {f"TP={tp}": [res[tp]["bs1_decode_tokens_per_s"], res[tp]["offline_tokens_per_s"]] for tp in (1, 2)})
     return data
 
 
@@ -335,11 +266,11 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU with gloo; results to a temp dir")
     p.add_argument("--out", type=Path, help="results folder (default docs/results; --smoke: a temp dir)")
     p.add_argument("--prompt", type=int, default=None, help="TP: prompt tokens (default 512; smoke 16)")
-    p.add_argument("--decode", type=int, default=None, help="TP: timed decode steps (default 128; smoke 8)")
+    p.add_argument("--decode", type=int, default=None, help="TP: tokens generated per request (default 128; smoke 8)")
     p.add_argument("--batch", type=int, default=None, help="TP: offline batch besides 1 (default 32; smoke 4)")
     p.add_argument("--seq", type=int, default=None, help="FSDP: tokens per row (default 2048; smoke 32)")
     p.add_argument("--rows", type=int, default=1, help="FSDP: rows per GPU per step")
-    p.add_argument("--steps", type=int, default=None, help="FSDP: timed steps after 2 warm-up (default 8; smoke 2)")
+    p.add_argument("--steps", type=int, default=None, help="FSDP: timed steps after 2 warm-up (default 6; smoke 2)")
     p.add_argument("--full-layers", type=int, default=None, help="FSDP full fine-tune layers (default 8; smoke all)")
     p.add_argument("--timeout", type=float, default=540, help="seconds per world size before workers are killed")
     a = p.parse_args()
@@ -350,14 +281,14 @@ def main() -> None:
     a.decode = a.decode or (8 if smoke else 128)
     a.batch = a.batch or (4 if smoke else 32)
     a.seq = a.seq or (32 if smoke else 2048)
-    a.steps = a.steps or (2 if smoke else 8)
+    a.steps = a.steps or (2 if smoke else 6)
     a.full_layers = a.full_layers if a.full_layers is not None else (None if smoke else 8)
     out_dir = a.out or (Path(tempfile.mkdtemp(prefix="dist_smoke_")) if smoke else None)
     with tempfile.TemporaryDirectory() as scratch:
         for part, fn in (("tp", part_tp), ("fsdp", part_fsdp), ("fit", part_fit)):
             if a.part in (part, "all"):
                 data = fn(a, out_dir, Path(scratch))
-                console.print(f"wrote {write_result(f'dist_{part}', data, out_dir)}")
+                console.print(f"wrote {write_result(f'dist_{part}', data, out_dir)}")  # each part as it ends
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Launch plumbing: torchrun variables, spawn's timeout, and the trainer's refusal to run N unsharded copies."""
+"""Launch plumbing: torchrun variables, spawn's timeout, the --gpus re-launch command, multi-process refusals."""
 
 from __future__ import annotations
 
@@ -39,10 +39,26 @@ def test_spawn_kills_hung_workers():
     assert time.monotonic() - t0 < 60
 
 
-def test_train_refuses_unsharded_multi_process(monkeypatch, tmp_path):
+def test_train_refuses_what_fsdp_cannot_shard(monkeypatch, tmp_path):
     from onecard.train.trainer import TrainConfig, train
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(NotBuiltYetError, match="WORLD_SIZE > 1"):
-        train(TrainConfig(model=tmp_path, data=tmp_path, out=tmp_path / "run"))
+    with pytest.raises(NotBuiltYetError, match="QLoRA on several GPUs"):
+        train(TrainConfig(model=tmp_path, data=tmp_path, out=tmp_path / "run", method="qlora", device="cpu"))
+    with pytest.raises(NotBuiltYetError, match="offload-checkpoints"):
+        train(TrainConfig(model=tmp_path, data=tmp_path, out=tmp_path / "run", offload_checkpoints=True, device="cpu"))
+
+
+def test_torchrun_command_drops_gpus():
+    import sys
+
+    from onecard.dist.launch import torchrun_command, without_option
+
+    args = without_option(["m", "--gpus", "2", "--data", "d", "--gpus=4", "--seq-len", "8"], "--gpus")
+    assert args == ["m", "--data", "d", "--seq-len", "8"]
+    cmd = torchrun_command(2, "onecard.cli", ["train", *args])
+    assert cmd[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    assert cmd[5:8] == ["-m", "onecard.cli", "train"]
+    with pytest.raises(BadInputError, match="--gpus 0"):
+        torchrun_command(0, "onecard.cli", [])

@@ -45,8 +45,10 @@ def _tp_worker(cases: list[tuple[str, torch.Tensor]], out: str) -> None:
     results = []
     for folder, ids in cases:  # every case in one spawn: starting processes is the slow part on CI
         model = load_model(open_model_folder(folder), torch.float32, "cpu")
+        kv_heads = local_kv_heads(model.args, env.world_size)
         shard_model_(model, env.rank, env.world_size)
-        logits = prefill_then_decode(model, ids, local_kv_heads(model.args, env.world_size))
+        assert model.args.num_kv_heads == kv_heads and model.full_args.num_kv_heads >= kv_heads
+        logits = prefill_then_decode(model, ids, model.args.num_kv_heads)
         layer = model.layers[0]
         results.append({"logits": logits, "shapes": [tuple(layer.self_attn.qkv_proj.weight.shape),
                                                      tuple(layer.mlp.down_proj.linear.weight.shape)]})

@@ -202,14 +202,14 @@ def test_bf16_gpu_greedy_matches_hf_for_256_steps(arch, random_checkpoint):
 
 
 def test_config_errors_are_one_line_and_actionable(llama_path):
-    from onecard.errors import DoesNotFitError, NotBuiltYetError
+    from onecard.errors import DoesNotFitError
 
     with pytest.raises(DoesNotFitError, match="max_model_len"):
         LLM(llama_path, max_model_len=128, block_size=8, num_kv_blocks=2)
     with pytest.raises(BadInputError, match="max_position_embeddings"):
         LLM(llama_path, max_model_len=10**7)
-    with pytest.raises(NotBuiltYetError, match="tensor_parallel_size"):
-        LLM(llama_path, tensor_parallel_size=2)
+    with pytest.raises(BadInputError, match="tensor_parallel_size"):
+        LLM(llama_path, tensor_parallel_size=0)
     with pytest.raises(BadInputError, match="block_size"):
         LLM(llama_path, block_size=12)
     with pytest.raises(BadInputError, match="gpu_memory_utilization"):

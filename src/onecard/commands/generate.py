@@ -40,6 +40,7 @@ def register(app: typer.Typer) -> None:
         offload_layers: str = typer.Option("0", "--offload-layers", help="Decoder layers kept in CPU memory and "
                                            "streamed in per step (a number, or 'auto': the planner's count)."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object per prompt."),
+        tp: int = typer.Option(1, "--tp", help="Tensor parallel: shard the model over this many GPUs."),
     ) -> None:
         """Generate text with onecard's engine (paged KV cache, continuous batching, CUDA-graph decode)."""
         import time
@@ -51,7 +52,8 @@ def register(app: typer.Typer) -> None:
         prompts = read_prompts(prompt, file)
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens)
         llm = LLM(model, dtype=dtype, quantization=quantization, max_model_len=max_model_len, device=device,
-                  offload_layers=int(offload_layers) if offload_layers.isdigit() else offload_layers)
+                  offload_layers=int(offload_layers) if offload_layers.isdigit() else offload_layers,
+                  tensor_parallel_size=tp)
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=not as_json)
         seconds = time.perf_counter() - t0

@@ -26,6 +26,7 @@ def register(app: typer.Typer) -> None:
         shutdown_timeout: float = typer.Option(30.0, help="Seconds in-flight requests get to finish on SIGTERM."),
         log_level: str = typer.Option("warning", help="uvicorn log level: debug|info|warning|error."),
         rag_db: str | None = typer.Option(None, help="A 'onecard rag index' database: enables POST /v1/rag/ask."),
+        tp: int = typer.Option(1, "--tp", help="Tensor parallel: shard the model over this many GPUs (spawns workers)."),
     ) -> None:
         """OpenAI-compatible HTTP server on the engine (/v1/completions, /v1/chat/completions, /metrics)."""
         from rich.console import Console
@@ -33,7 +34,7 @@ def register(app: typer.Typer) -> None:
         from onecard.serve.server import ServeConfig, serve
 
         cfg = ServeConfig(model, host, port, api_key, dtype, gpu_memory_utilization, max_model_len, max_num_seqs,
-                          quantization, served_model_name, shutdown_timeout, log_level, rag_db)
+                          quantization, served_model_name, shutdown_timeout, log_level, rag_db, tp)
         console = Console(stderr=True)
         status = serve(cfg, on_listening=lambda url: console.print(
             f"onecard serve: [bold]{url}/v1[/] model [bold]{cfg.model_name}[/] (loading; GET {url}/health says 200 "

@@ -40,9 +40,23 @@ def register(app: typer.Typer) -> None:
         max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Gradient clipping; 0 = off."),
         seed: int = typer.Option(0, "--seed"),
         device: str = typer.Option(None, "--device", help="cuda | cpu (default: cuda if present)."),
+        gpus: int = typer.Option(1, "--gpus", help="Processes, one per GPU: N > 1 re-runs this command under "
+                                 "torchrun and shards with FSDP2 (with --device cpu: N gloo processes)."),
     ) -> None:
         """Fine-tune (LoRA / QLoRA / full) on local data."""
+        import os
+        import subprocess
+        import sys
+
         from rich.console import Console
+
+        from onecard.dist.launch import DistEnv, torchrun_command, without_option
+
+        if gpus > 1 and not DistEnv.from_env().is_distributed:  # the launcher: torchrun runs the real job
+            cmd = torchrun_command(gpus, "onecard.cli", ["train", *without_option(sys.argv[sys.argv.index("train") + 1:],
+                                                                                    "--gpus")])
+            raise typer.Exit(subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get(
+                "OMP_NUM_THREADS", "1")}))
 
         from onecard.train.trainer import TrainConfig, train
 
@@ -56,6 +70,8 @@ def register(app: typer.Typer) -> None:
                           offload_checkpoints=offload_checkpoints, precision=precision, optimizer=optimizer,
                           max_grad_norm=max_grad_norm, seed=seed, device=device)
         r = train(cfg, console=console)
+        if not DistEnv.from_env().is_main:
+            return  # rank 0 reports for everyone
         d = r.data_summary
         console.print(f"data: {d['kind']}, {d['documents']} documents -> {d['train_blocks']} train / "
                       f"{d['val_blocks']} val rows of {cfg.seq_len} tokens"

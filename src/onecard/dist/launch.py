@@ -97,6 +97,33 @@ def _worker(rank: int, fn: Callable, world_size: int, port: int, args: tuple) ->
         shutdown()
 
 
+def torchrun_command(nproc: int, module: str, args: list[str]) -> list[str]:
+    """The command that re-runs ``python -m module args`` as ``nproc`` processes under torchrun (one per GPU).
+
+    ``--standalone`` gives a local rendezvous on a free port, so two jobs on one
+    machine do not collide; torchrun exports RANK/WORLD_SIZE/LOCAL_RANK.
+    """
+    import sys
+
+    if nproc < 1:
+        raise BadInputError(f"--gpus {nproc}: need at least 1 process")
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", module, *args]
+
+
+def without_option(argv: list[str], name: str) -> list[str]:
+    """``argv`` minus ``name VALUE`` / ``name=VALUE`` (how ``--gpus N`` is dropped before torchrun re-runs the CLI)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == name:
+            skip = True
+        elif not a.startswith(name + "="):
+            out.append(a)
+    return out
+
+
 def spawn(fn: Callable, nprocs: int, args: tuple = (), timeout_s: float = 300) -> None:
     """Run ``fn(*args)`` in ``nprocs`` fresh processes with torchrun's variables set (tests, ``--smoke``).
 

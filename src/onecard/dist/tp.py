@@ -19,6 +19,8 @@ so every rank ends with the full logits and samples the same token.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -88,7 +90,9 @@ def shard_model_(model: LlamaModel, tp_rank: int, tp_size: int, group: dist.Proc
 
     Works on real or ``meta`` tensors (shard on meta, then ``to_empty``: a
     model larger than one card never has to exist whole). ``group`` is the
-    tensor-parallel process group (None = the default world group).
+    tensor-parallel process group (None = the default world group). Afterwards
+    ``model.args`` holds the local head counts and MLP width (what this rank
+    stores) and ``model.full_args`` the checkpoint's.
     """
     args = model.args
     check_tp(args, tp_size)
@@ -129,5 +133,9 @@ def shard_model_(model: LlamaModel, tp_rank: int, tp_size: int, group: dist.Proc
         _replace_(down, down.weight.narrow(1, tp_rank * i_local, i_local), None)
         mlp.down_proj = RowParallelLinear(down, group)
         mlp.intermediate_size = i_local
+    # From here ``model.args`` describes what this rank holds (local heads, local MLP width), so code that sizes
+    # per-rank state from it (the engine's KV cache) needs no TP special case; the checkpoint's stays in full_args.
+    model.full_args = args
+    model.args = replace(args, num_heads=q_local, num_kv_heads=kv_local, intermediate_size=i_local)
     model.tp_rank, model.tp_size = tp_rank, tp_size
     return model

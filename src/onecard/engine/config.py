@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from onecard.errors import BadInputError, NotBuiltYetError
+from onecard.errors import BadInputError
 from onecard.kernels.kv_quant import KV_CACHE_DTYPES
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -31,7 +31,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     seed: int = 0
     device: str | None = None
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = 1  # >1: one shard per GPU in that many processes (tp_engine.py)
     num_kv_blocks: int | None = None  # override the measured cache size (tests force preemption with it)
     cuda_graph_max_batch: int = 256
     fused_rope_store: bool = True  # CUDA decode: one Triton kernel for RoPE + KV write (False: PyTorch ops)
@@ -61,9 +61,8 @@ class EngineConfig:
             raise bad("block_size", "must be a power of two in 8..256 (16 is a good default)")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise bad("kv_cache_dtype", f"choose one of {', '.join(KV_CACHE_DTYPES)} ('auto' stores the model dtype)")
-        if self.tensor_parallel_size != 1:
-            raise NotBuiltYetError("tensor_parallel_size > 1 is not implemented yet: onecard's engine runs on one "
-                                   "GPU; run one replica per card behind a load balancer")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise bad("tensor_parallel_size", "must be a positive integer (GPUs to shard the model over)")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise bad("num_kv_blocks", "must be a positive integer")
         if self.long_prefill_chunk is not None and (

@@ -73,6 +73,9 @@ def build_engine(config: EngineConfig, progress: bool = False):
     if not any(a in SUPPORTED_ARCHITECTURES for a in folder.config.get("architectures") or []):
         from onecard.engine.hf_fallback import HFFallbackEngine
 
+        if config.tensor_parallel_size > 1:
+            raise NotBuiltYetError(f"tensor_parallel_size={config.tensor_parallel_size} needs onecard's own forward; "
+                                   f"{folder.config.get('architectures')} runs through HF generate on one device")
         return HFFallbackEngine(config, folder, tokenizer, device)
     args = folder.model_args()
     if config.max_model_len is None and args.sliding_window is not None:
@@ -83,11 +86,15 @@ def build_engine(config: EngineConfig, progress: bool = False):
                                f"{args.sliding_window} (the model's sliding_window)")
     dtype = resolve_dtype(config.dtype, folder.weight_dtype() if folder.quantization_config is None else args.torch_dtype,
                           device)
-    model = _load_model(folder, config, dtype, device, progress)
     from onecard.engine.llm_engine import LLMEngine
     from onecard.engine.model_runner import ModelRunner
 
-    runner = ModelRunner(model, config, device)
+    if config.tensor_parallel_size > 1:  # one shard per GPU; this process is rank 0 (tp_engine.py)
+        from onecard.engine.tp_engine import start_tp_runner
+
+        runner = start_tp_runner(config, folder, dtype, device, progress)
+    else:
+        runner = ModelRunner(_load_model(folder, config, dtype, device, progress), config, device)
     return LLMEngine(config, runner, tokenizer, eos_ids(folder.path, folder.config, tokenizer))
 
 

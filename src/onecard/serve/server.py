@@ -45,6 +45,7 @@ class ServeConfig:
     shutdown_timeout: float = 30.0
     log_level: str = "warning"
     rag_db: str | None = None
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -57,6 +58,8 @@ class ServeConfig:
             raise BadInputError(f"--max-model-len {self.max_model_len} must be >= 1")
         if self.max_num_seqs < 1:
             raise BadInputError(f"--max-num-seqs {self.max_num_seqs} must be >= 1")
+        if self.tensor_parallel_size < 1:
+            raise BadInputError(f"--tp {self.tensor_parallel_size} must be >= 1 (GPUs to shard the model over)")
         if self.shutdown_timeout <= 0:
             raise BadInputError(f"--shutdown-timeout {self.shutdown_timeout} must be > 0 seconds")
         if self.api_key is not None and not self.api_key.strip():
@@ -88,7 +91,7 @@ def engine_factory(cfg: ServeConfig) -> Callable[[], object]:
 
         return AsyncEngine(cfg.model, dtype=cfg.dtype, gpu_memory_utilization=cfg.gpu_memory_utilization,
                            max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
-                           quantization=cfg.quantization)
+                           quantization=cfg.quantization, tensor_parallel_size=cfg.tensor_parallel_size)
 
     return build
 

@@ -135,6 +135,37 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
+def rank_device(device: str, env: DistEnv) -> str:
+    """One GPU per process: under torchrun rank r's model lives on ``cuda:LOCAL_RANK``, never all on GPU 0."""
+    if not (env.is_distributed and device.startswith("cuda")):
+        return device
+    if env.local_rank >= torch.cuda.device_count():
+        raise BadInputError(f"process LOCAL_RANK={env.local_rank} has no GPU: only {torch.cuda.device_count()} visible; "
+                            "use --gpus (or --nproc-per-node) <= the GPU count")
+    torch.cuda.set_device(env.local_rank)
+    return f"cuda:{env.local_rank}"
+
+
+def check_distributed(cfg: TrainConfig) -> None:
+    """What multi-process training refuses up front (one line each)."""
+    if cfg.method == "qlora":
+        raise NotBuiltYetError("QLoRA on several GPUs is not built: FSDP2 cannot shard its packed int4 base; use "
+                               "--method lora (bf16 base, sharded) or train QLoRA on one GPU")
+    if cfg.offload_checkpoints:
+        raise NotBuiltYetError("--offload-checkpoints with several GPUs is not built; drop it (each GPU holds 1/N of "
+                               "the weights, which usually frees more memory than offloading)")
+
+
+def _worker_result(cfg: TrainConfig, steps: int, history, seconds: float, precision: str, trainable: int, total: int,
+                   patch_summary: str, report) -> TrainResult:
+    """What a rank other than 0 returns: the same numbers, nothing written (rank 0 writes the run folder)."""
+    weights = cfg.out / ("model" if cfg.method == "full" else "adapter")
+    return TrainResult(out_dir=cfg.out, weights_dir=weights, merged_dir=None, steps=steps, train_loss=history.train,
+                       eval=history.eval, seconds=seconds, tokens_per_second=0.0, peak_gib=peak_gib(),
+                       precision=precision, trainable_parameters=trainable, total_parameters=total,
+                       patch_summary=patch_summary, data_summary=asdict(report))
+
+
 def resolve_precision(precision: str, device: str) -> str:
     """auto: bf16 on cards that have it, else fp16 (+GradScaler); fp32 on CPU."""
     on_gpu = device.startswith("cuda")
@@ -230,9 +261,15 @@ def _optimizer(cfg: TrainConfig) -> str:
     return "adamw_torch"
 
 
-def training_arguments(cfg: TrainConfig, precision: str, device: str, has_eval: bool, **overrides):
+def training_arguments(cfg: TrainConfig, precision: str, device: str, has_eval: bool, model=None, **overrides):
     from transformers import TrainingArguments
 
+    if DistEnv.from_env().is_distributed and device.startswith("cuda"):
+        # FSDP2 through accelerate's plugin: one unit per decoder layer, DCP checkpoint-N folders. Activation
+        # checkpointing stays onecard's (already applied, non-reentrant: composes with FSDP2), not the plugin's.
+        from onecard.dist.fsdp import trainer_fsdp_kwargs
+
+        overrides = {**trainer_fsdp_kwargs(model, gradient_checkpointing=False), **overrides}
     return TrainingArguments(
         output_dir=str(cfg.out), per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
@@ -267,7 +304,7 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, val_ds, precisio
                   callbacks: list):
     from onecard.train.data import collate
 
-    args = training_arguments(cfg, precision, device, val_ds is not None)
+    args = training_arguments(cfg, precision, device, val_ds is not None, model=model)
     trainer_cls = make_trainer_class()
     trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                           data_collator=collate, processing_class=tokenizer, callbacks=callbacks)
@@ -297,11 +334,11 @@ def train(cfg: TrainConfig, console=None, extra_callbacks: list | None = None) -
     from onecard.train.data import load_training_data
     from onecard.train.lora import trainable_summary
 
-    if DistEnv.from_env().is_distributed:
-        raise NotBuiltYetError("onecard train under torchrun/accelerate (WORLD_SIZE > 1) is not wired yet: every "
-                               "process would train its own copy on the same GPU; run one process, or shard with "
-                               "onecard.dist.fsdp (docs/multi-gpu.md)")
-    device = resolve_device(cfg.device)
+    env = DistEnv.from_env()
+    device = rank_device(resolve_device(cfg.device), env)
+    if env.is_distributed:
+        check_distributed(cfg)
+        cfg.progress = cfg.progress and env.is_main
     precision = resolve_precision(cfg.precision, device)
     resume_from = check_out_dir(cfg.out, cfg.resume)
     if cfg.merge and (cfg.out / "merged" / "config.json").exists():
@@ -330,9 +367,13 @@ def train(cfg: TrainConfig, console=None, extra_callbacks: list | None = None) -
     seconds = time.perf_counter() - t0
     steps = trainer.state.global_step
     done = steps - (int(resume_from.name.split("-")[1]) if resume_from else 0)
-    tokens = done * cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    tokens = done * cfg.batch_size * cfg.grad_accum * cfg.seq_len * env.world_size
     weights_dir = cfg.out / ("model" if cfg.method == "full" else "adapter")
-    model.save_pretrained(str(weights_dir))
+    # Under FSDP every rank holds a shard: gathering the full state is collective, writing it is rank 0's job.
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped) if env.is_distributed else None
+    if not env.is_main:
+        return _worker_result(cfg, steps, history, seconds, precision, trainable, total, patch_summary, report)
+    model.save_pretrained(str(weights_dir), state_dict=state)
     tokenizer.save_pretrained(str(weights_dir))
     merged = None
     if cfg.merge:
