@@ -33,6 +33,7 @@ class EngineMemory:
     workspace_bytes: int  # CUDA-graph outputs/pool and the sampler at the largest captured batch (0 when eager)
     headroom_bytes: int  # the engine's fixed headroom for what start-up cannot profile
     outside_bytes: int  # CUDA context and other processes
+    held_bytes: int  # what this process's allocator already held before the engine started
     budget_bytes: int  # what the allocator may reserve (card budget at gpu_memory_utilization)
     block_bytes: int
     block_size: int
@@ -59,7 +60,7 @@ class EngineMemory:
 
         The fixed headroom is left free on purpose, so it is not counted.
         """
-        return (self.outside_bytes + self.weights_bytes + self.kv_pool_bytes + self.activation_bytes
+        return (self.outside_bytes + self.held_bytes + self.weights_bytes + self.kv_pool_bytes + self.activation_bytes
                 + self.workspace_bytes)
 
     def need_bytes(self, tokens: int) -> int:
@@ -94,5 +95,6 @@ def engine_memory(spec: ModelSpec, fmt: str, memory: CardMemory, utilization: fl
                        utilization=utilization, workspace_bytes=workspace, free_bytes=free_after_load)
     return EngineMemory(weights_bytes=weights, activation_bytes=act, workspace_bytes=workspace,
                         headroom_bytes=FIXED_HEADROOM_BYTES, outside_bytes=memory.outside_bytes,
+                        held_bytes=memory.reserved_bytes,
                         budget_bytes=memory.budget_bytes(utilization), block_bytes=block, block_size=block_size,
                         kv_blocks=kv.num_blocks)
