@@ -215,6 +215,7 @@ def main() -> None:
                                                            overrides=None if args.smoke else {"num_hidden_layers": args.layers})
                 bits = 4 if kind.endswith("int4") else 16
                 plan = plan_inference(spec, card, bits=bits, max_model_len=n, gpu_memory_utilization=ENGINE_UTILIZATION)
+                reset(device)  # the card as the engine will find it
                 live = live_card_memory() if device == "cuda" else None
                 if live is not None:  # what the engine will reserve on this card, as it is now
                     eng = engine_memory(spec, plan.weight_format, live, ENGINE_UTILIZATION, 1, DEFAULT_PREFILL_CHUNK)
