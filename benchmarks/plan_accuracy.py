@@ -5,8 +5,10 @@ bias + 152k vocab) at full width with fewer layers ("medium": minutes, not
 hours), each configuration runs in this process on the GPU at hand:
 
 - infer-hf-bf16: HF transformers ``generate`` with a static cache (full prompt prefill + 64 new tokens);
-- infer-engine-bf16 / infer-engine-int4: onecard's engine (paged KV sized to exactly the plan's tokens,
-  on-the-fly RTN int4 for int4), a full-length prompt + 64 tokens, and bs=1 decode tok/s;
+- infer-engine-bf16 / infer-engine-int4: onecard's engine as users start it (gpu_memory_utilization 0.9: it
+  fills the card with KV blocks; on-the-fly RTN int4 for int4), a full-length prompt + 64 tokens, and bs=1
+  decode tok/s. Compared with what the planner says the engine reserves (``engine_memory``: weights, profiled
+  activation peak, graphs and the KV pool ``plan_kv_cache`` decides), measured from before the engine starts;
 - train-full / train-lora / train-qlora: HF model + PEFT LoRA (onecard.train.lora.add_lora) or onecard's
   int4 QLoRA base, gradient checkpointing, two forward/backward + torch AdamW steps;
 
@@ -15,7 +17,7 @@ the CUDA context (device memory in use that torch's allocator does not hold, via
 torch.cuda.mem_get_info after a warm-up). Load-time transients (building a bf16
 model before quantizing it) are excluded: the planner predicts the running job.
 
-    PYTHONPATH=src python benchmarks/plan_accuracy.py            # GPU: writes docs/results/plan_accuracy.{json,png}
+    PYTHONPATH=src python benchmarks/plan_accuracy.py            # GPU: 36 configs, 3 archs (~4 min on an H100)
     PYTHONPATH=src python benchmarks/plan_accuracy.py --smoke    # CPU: tiny configs, code paths run, predictions only
 """
 
@@ -33,12 +35,15 @@ import torch
 from onecard.bench.results import save_figure, write_result
 from onecard.hardware import find_gpu, probe
 from onecard.models import arch_config, scale_config
-from onecard.plan import plan_inference, plan_training
+from onecard.plan import live_card_memory, plan_inference, plan_training
+from onecard.plan.engine_memory import engine_memory
+from onecard.plan.fit import DEFAULT_PREFILL_CHUNK
 from onecard.plan.spec import spec_from_config
 
 GIB = 1024**3
 ARCHS = ("llama-2-7b", "llama-3-8b", "qwen2-7b")
 TARGET_REL, TARGET_ABS_GIB = 0.05, 0.5
+ENGINE_UTILIZATION = 0.9
 
 
 def config_for(arch: str, smoke: bool, layers: int) -> dict:
@@ -91,12 +96,15 @@ def run_hf_infer(cfg: dict, ctx: int, device: str) -> dict:
 
 
 def run_engine_infer(folder: Path, ctx: int, bits: int, device: str, decode_tokens: int) -> dict:
+    """The engine as users start it; on CPU (smoke) the KV pool is fixed, there is no card to fill."""
     from onecard.engine import LLM, SamplingParams
 
     new = 64
+    reset(device)  # the peak counts start-up: load, profile run, KV pool, graphs
     llm = LLM(str(folder), dtype="bfloat16", max_model_len=ctx, max_num_seqs=1, device=device,
-              quantization="rtn-int4" if bits == 4 else None, num_kv_blocks=math.ceil(ctx / 16))
-    reset(device)
+              quantization="rtn-int4" if bits == 4 else None, gpu_memory_utilization=ENGINE_UTILIZATION,
+              num_kv_blocks=None if device == "cuda" else math.ceil(ctx / 16))
+    kv_tokens = llm.engine.runner.num_blocks * llm.engine.runner.block_size
     vocab = llm.tokenizer.vocab_size
     prompt = torch.randint(3, vocab - 1, (ctx - new,)).tolist()
     llm.generate([prompt], SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True), use_tqdm=False)
@@ -113,7 +121,7 @@ def run_engine_infer(folder: Path, ctx: int, bits: int, device: str, decode_toke
     tok_s = decode_tokens / (time.perf_counter() - t0)
     del llm
     reset(device)
-    return {"measured_gib": peak, "measured_decode_tok_s": tok_s}
+    return {"measured_gib": peak, "measured_decode_tok_s": tok_s, "measured_kv_tokens": kv_tokens}
 
 
 def run_train(cfg: dict, method: str, seq: int, device: str) -> dict:
@@ -166,8 +174,8 @@ def main() -> None:
         context = cuda_context_gib()
     else:
         card, context = find_gpu("h100"), None
-    lens_infer = (96, 128) if args.smoke else (1024, 4096)
-    lens_train = (64, 128) if args.smoke else (1024, 4096)
+    lens_infer = (96,) if args.smoke else (1024, 4096)
+    lens_train = (64,) if args.smoke else (1024, 4096)
     engine_ok = True
     try:
         import onecard.engine  # noqa: F401
@@ -194,8 +202,9 @@ def main() -> None:
             row = {"arch": arch, "layers": cfg["num_hidden_layers"], "params": spec.num_parameters(), "path": kind,
                    "length": n}
             if kind == "infer-hf-bf16":
-                plan = plan_inference(spec, card, bits=16, max_model_len=n, prefill_tokens=n - 64, attention_mask=True,
+                plan = plan_inference(spec, card, bits=16, max_model_len=n, prefill_tokens=n - 64, runtime="hf",
                                       gpu_memory_utilization=1.0)
+                row["predicted_gib"] = plan.total_gib
                 row.update(run_hf_infer(cfg, n, device))
             elif kind.startswith("infer-engine"):
                 if arch not in folders:
@@ -205,17 +214,27 @@ def main() -> None:
                                                            dtype="bfloat16", device=device,
                                                            overrides=None if args.smoke else {"num_hidden_layers": args.layers})
                 bits = 4 if kind.endswith("int4") else 16
-                plan = plan_inference(spec, card, bits=bits, max_model_len=n, gpu_memory_utilization=1.0)
+                plan = plan_inference(spec, card, bits=bits, max_model_len=n, gpu_memory_utilization=ENGINE_UTILIZATION)
+                reset(device)  # the card as the engine will find it
+                live = live_card_memory() if device == "cuda" else None
+                if live is not None:  # what the engine will reserve on this card, as it is now
+                    eng = engine_memory(spec, plan.weight_format, live, ENGINE_UTILIZATION, 1, DEFAULT_PREFILL_CHUNK)
+                    row.update(predicted_gib=eng.reserved_bytes / GIB, predicted_kv_tokens=eng.kv_tokens)
+                else:
+                    row["predicted_gib"] = plan.engine_reserved_gib
+                row["predicted_min_gib"] = plan.total_gib  # the least the job needs (what 'fits' uses), for reference
                 row.update(run_engine_infer(folders[arch], n, bits, device, decode_tokens))
                 row["predicted_decode_tok_s"] = plan_inference(spec, card, bits=bits, max_model_len=32).decode_tok_s_bs1
                 row["decode_efficiency_used"] = plan.efficiency
+                row["weight_format"] = plan.weight_format
             else:
                 method = kind.split("-")[1]
                 plan = plan_training(spec, card, method=method, seq_len=n, gradient_checkpointing=True,
                                      gpu_memory_utilization=1.0)
+                row["predicted_gib"] = plan.total_gib
+                row["predicted_peak_phase"] = plan.peak_phase
             if kind.startswith("train"):
                 row.update(run_train(cfg, kind.split("-")[1], n, device))
-            row["predicted_gib"] = plan.total_gib
             row["predicted_context_gib"] = plan.cuda_context_gib
             if row["measured_gib"] is not None:
                 row["measured_gib"] += context
@@ -262,9 +281,15 @@ def main() -> None:
         dec = [r for r in rows if "decode_tok_s_error_rel" in r]
         if dec:
             summary["max_decode_tok_s_error_rel"] = max(abs(r["decode_tok_s_error_rel"]) for r in dec)
-            # Achieved fraction of the bandwidth roofline at bs=1 (what calibration reads next time).
-            fr = [r["measured_decode_tok_s"] / r["predicted_decode_tok_s"] * r["decode_efficiency_used"] for r in dec]
-            summary["decode_roofline_fraction"] = sum(fr) / len(fr)
+            # Achieved fraction of the bandwidth roofline at bs=1, per weight format and overall (what
+            # onecard.plan.calibration reads next time).
+            def fraction(rows_: list[dict]) -> float:
+                fr = [r["measured_decode_tok_s"] / r["predicted_decode_tok_s"] * r["decode_efficiency_used"] for r in rows_]
+                return sum(fr) / len(fr)
+
+            summary["decode_roofline_fraction"] = fraction(dec)
+            for fmt in sorted({r["weight_format"] for r in dec}):
+                summary[f"decode_roofline_fraction_{fmt}"] = fraction([r for r in dec if r["weight_format"] == fmt])
     out = args.out or (tmp / "out" if args.smoke else None)
     path = write_result(args.name, {**summary, "configs": rows}, out)
     import matplotlib

@@ -76,7 +76,7 @@ def register(app: typer.Typer) -> None:
                 n = min(plan.max_num_seqs, max(plan.max_concurrent_seqs, 1))
                 speed.append((f"decode, {n} seqs", f"{plan.decode_tok_s_batch:,.1f} tok/s in total"))
             speed += [("efficiency", f"{plan.efficiency:.2f} of roofline ({plan.efficiency_source})"),
-                      ("max context", f"{plan.max_context_tokens:,} tokens (1 sequence)"),
+                      ("max context", f"{plan.max_context_tokens:,} tokens (1 sequence, the engine's KV pool)"),
                       ("max sequences", f"{plan.max_concurrent_seqs} of {plan.max_model_len:,} tokens")]
         else:
             plan = plan_training(model, gpu, method=method, seq_len=ctx, batch_size=batch, grad_accum=grad_accum,
@@ -100,6 +100,8 @@ def register(app: typer.Typer) -> None:
             t.add_row(item, f"{gib:.2f}", what)
         t.add_row("[bold]total[/]", f"[bold]{plan.total_gib:.2f}[/]", f"of {plan.usable_gib:.1f} GiB usable "
                   f"({plan.gpu_memory_utilization:.0%} of the card)")
+        for item, gib, what in plan.engine_rows() if job is Job.infer else []:
+            t.add_row(item, f"{gib:.2f}", what)
         for item, value in speed:
             t.add_row(item, "", value)
         console.print(t)

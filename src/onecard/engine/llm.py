@@ -63,8 +63,12 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def build_engine(config: EngineConfig, progress: bool = False):
-    """Load model + tokenizer and return an ``LLMEngine`` (our forward) or an ``HFFallbackEngine``."""
+def build_engine(config: EngineConfig, progress: bool = False, card_memory=None):
+    """Load model + tokenizer and return an ``LLMEngine`` (our forward) or an ``HFFallbackEngine``.
+
+    Before loading weights, a planner preflight (``onecard.plan.preflight``) checks the job against the card:
+    ``card_memory`` (an ``onecard.plan.CardMemory``) or, on CUDA, the live card's free memory and per-process cap.
+    """
     folder = open_model_folder(config.model, supported=None)
     tokenizer = folder.load_tokenizer()
     device = resolve_device(config.device)
@@ -78,6 +82,7 @@ def build_engine(config: EngineConfig, progress: bool = False):
                                    f"{folder.config.get('architectures')} runs through HF generate on one device")
         return HFFallbackEngine(config, folder, tokenizer, device)
     args = folder.model_args()
+    user_max_model_len = config.max_model_len
     if config.max_model_len is None and args.sliding_window is not None:
         config.max_model_len = min(args.max_position_embeddings, args.sliding_window, DEFAULT_MAX_MODEL_LEN_CAP)
     config.resolve(args.max_position_embeddings)
@@ -86,6 +91,8 @@ def build_engine(config: EngineConfig, progress: bool = False):
                                f"{args.sliding_window} (the model's sliding_window)")
     dtype = resolve_dtype(config.dtype, folder.weight_dtype() if folder.quantization_config is None else args.torch_dtype,
                           device)
+    if config.tensor_parallel_size == 1 and not config.offload_layers:  # both exist to run what one card can't hold
+        _preflight(folder, config, user_max_model_len, dtype, device, card_memory)
     from onecard.engine.llm_engine import LLMEngine
     from onecard.engine.model_runner import ModelRunner
 
@@ -96,6 +103,27 @@ def build_engine(config: EngineConfig, progress: bool = False):
     else:
         runner = ModelRunner(_load_model(folder, config, dtype, device, progress), config, device)
     return LLMEngine(config, runner, tokenizer, eos_ids(folder.path, folder.config, tokenizer))
+
+
+def _preflight(folder, config: EngineConfig, user_max_model_len: int | None, dtype: torch.dtype, device: torch.device,
+               card_memory) -> None:
+    """Refuse (``DoesNotFitError``) before loading when the KV pool could not hold one max_model_len sequence;
+    pick max_model_len when the user left it unset and the default does not fit. Skipped when ``num_kv_blocks``
+    fixes the pool or no card is known (CPU without ``card_memory``)."""
+    from onecard.plan.card_memory import live_card_memory
+    from onecard.plan.preflight import engine_preflight
+
+    memory = card_memory if card_memory is not None else live_card_memory(device)
+    if memory is None or config.num_kv_blocks is not None:
+        return
+    check = engine_preflight(folder.config, memory, max_model_len=user_max_model_len,
+                             default_max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
+                             max_num_batched_tokens=config.max_num_batched_tokens,
+                             gpu_memory_utilization=config.gpu_memory_utilization, dtype_bytes=dtype.itemsize,
+                             quantization=config.quantization, block_size=config.block_size,
+                             enforce_eager=config.enforce_eager, cuda_graph_max_batch=config.cuda_graph_max_batch,
+                             kv_cache_dtype=config.kv_cache_dtype)
+    config.max_model_len = check.max_model_len
 
 
 def _load_model(folder, config: EngineConfig, dtype: torch.dtype, device: torch.device, progress: bool):
@@ -155,17 +183,18 @@ def _quant_function(name: str, what: str):
 
 
 class LLM:
-    """Offline batch generation. Keyword arguments are ``EngineConfig`` fields."""
+    """Offline batch generation. Keyword arguments are ``EngineConfig`` fields, plus ``card_memory``: plan the
+    start-up preflight against this ``onecard.plan.CardMemory`` instead of the live card."""
 
     def __init__(self, model: str | Path, dtype: str = "auto", gpu_memory_utilization: float = 0.9,
                  max_model_len: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  block_size: int = 16, enforce_eager: bool = False, quantization: str | None = None,
                  kv_cache_dtype: str = "auto", seed: int = 0, device: str | None = None, tensor_parallel_size: int = 1,
-                 **engine_kwargs) -> None:
+                 card_memory=None, **engine_kwargs) -> None:
         self.config = EngineConfig(model, dtype, gpu_memory_utilization, max_model_len, max_num_seqs,
                                    max_num_batched_tokens, block_size, enforce_eager, quantization, kv_cache_dtype, seed,
                                    device, tensor_parallel_size, **engine_kwargs)
-        self.engine = build_engine(self.config, progress=True)
+        self.engine = build_engine(self.config, progress=True, card_memory=card_memory)
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts: str | list[str] | list[list[int]],

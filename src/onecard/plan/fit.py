@@ -8,17 +8,20 @@ these before loading anything, to refuse early and to pick defaults.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from onecard.errors import BadInputError
 from onecard.hardware import GPUSpec, find_gpu, list_gpus
 from onecard.plan import memory as M
 from onecard.plan import speed as S
-from onecard.plan.calibration import factor
+from onecard.plan.calibration import decode_efficiency, factor
+from onecard.plan.card_memory import CardMemory
+from onecard.plan.engine_memory import EngineMemory, engine_memory
 from onecard.plan.spec import ModelSpec, resolve_model
 
 GIB = M.GIB
-DEFAULT_PREFILL_CHUNK = 8192  # the engine's max_num_batched_tokens is max(max_model_len, 8192)
+DEFAULT_PREFILL_CHUNK = 8192  # the engine's default max_num_batched_tokens (chunked prefill on: EngineConfig.resolve)
 DEFAULT_MAX_MODEL_LEN_CAP = 8192  # the engine's default context cap (onecard.engine.config)
 
 
@@ -45,8 +48,18 @@ def _gib(nbytes: float) -> float:
 
 @dataclass
 class InferencePlan:
+    """A serving plan. Two totals, for two questions:
+
+    ``total_gib`` is the *minimum* the job needs: ``max_num_seqs`` sequences of
+    ``max_model_len`` tokens (what ``fits``, ``max_context_tokens`` and
+    ``max_concurrent_seqs`` use). ``engine_reserved_gib`` is what onecard's
+    engine will actually hold: it fills ``gpu_memory_utilization`` of the card
+    with a KV pool of ``engine_kv_tokens`` tokens (``runtime="engine"`` only).
+    """
+
     model: str
     card: str
+    runtime: str
     bits: int
     weight_format: str
     kv_cache_dtype: str
@@ -59,10 +72,14 @@ class InferencePlan:
     kv_gib_per_token: float
     kv_gib: float
     activations_gib: float
+    workspace_gib: float
     overhead_gib: float
     total_gib: float
     fits: bool
     free_gib: float
+    engine_kv_tokens: int
+    engine_kv_gib: float
+    engine_reserved_gib: float
     max_context_tokens: int
     max_concurrent_seqs: int
     decode_tok_s_bs1: float
@@ -79,12 +96,26 @@ class InferencePlan:
     def breakdown(self) -> list[tuple[str, float, str]]:
         """(item, GiB, what it is) rows that sum to ``total_gib``."""
         kv_what = f"{self.max_num_seqs} x {self.max_model_len:,} tokens x {self.kv_gib_per_token * GIB / 1024:,.0f} KiB ({self.kv_cache_dtype})"
-        return [
+        rows = [
             ("weights", self.weights_gib, f"{M.WEIGHT_FORMATS[self.weight_format]}, allocator-rounded"),
-            ("KV cache", self.kv_gib, kv_what),
-            ("activations", self.activations_gib, f"prefill of {self.prefill_tokens:,} tokens, last-token logits, cuBLAS workspace"),
-            ("overhead", self.overhead_gib, f"CUDA context {self.cuda_context_gib:.2f} GiB ({self.cuda_context_source}), allocator slack"),
+            ("KV cache", self.kv_gib, kv_what + (", the least the engine must hold" if self.runtime == "engine" else "")),
+            ("activations", self.activations_gib, f"prefill of {self.prefill_tokens:,} tokens, sampling of "
+             f"{min(self.max_num_seqs, self.prefill_tokens)} rows, cuBLAS workspace"),
         ]
+        if self.runtime == "engine":
+            rows.append(("graphs / headroom", self.workspace_gib, "CUDA-graph decode outputs and pool, sampler, the "
+                         "engine's fixed headroom"))
+        rows.append(("overhead", self.overhead_gib, f"CUDA context {self.cuda_context_gib:.2f} GiB "
+                     f"({self.cuda_context_source})" + (", allocator slack" if self.runtime == "hf" else "")))
+        return rows
+
+    def engine_rows(self) -> list[tuple[str, float, str]]:
+        """What the engine will reserve at start-up (empty for ``runtime="hf"``)."""
+        if self.runtime != "engine":
+            return []
+        return [("engine KV pool", self.engine_kv_gib, f"{self.engine_kv_tokens:,} tokens: the rest of "
+                 f"{self.gpu_memory_utilization:.0%} of the card, shared by all sequences"),
+                ("engine reserves", self.engine_reserved_gib, "weights + KV pool + activation peak + graphs + CUDA context")]
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -122,7 +153,7 @@ class TrainingPlan:
     free_gib: float
     max_batch_size: int
     max_seq_len: int
-    tokens_per_s: float
+    tokens_per_s: float | None  # None when the card is not in the catalog (no roofline figures)
     mfu: float
     mfu_source: str
     cuda_context_gib: float
@@ -144,7 +175,7 @@ class TrainingPlan:
             ("activations", self.activations_gib, f"{self.batch_size} x {self.seq_len:,} tokens, {ckpt}"
              + ("; freed before the step" if self.peak_phase == "optimizer step" else "")),
             ("logits / loss", self.logits_gib, ("fused linear+CE (chunked)" if self.fused_ce else "fp32 log-softmax + grads")
-             + ("; freed before the step" if self.peak_phase == "optimizer step" else "")),
+             + ("; freed before the step, its segments stay reserved" if self.peak_phase == "optimizer step" else "")),
             ("step temporaries", self.step_temp_gib, "at the peak phase: " + self.peak_phase),
             ("overhead", self.overhead_gib, f"CUDA context {self.cuda_context_gib:.2f} GiB ({self.cuda_context_source}), allocator slack"),
         ]
@@ -162,37 +193,54 @@ def _check_common(util: float) -> None:
         raise BadInputError(f"gpu_memory_utilization must be in (0, 1], got {util}")
 
 
-def _infer_bytes(spec: ModelSpec, fmt: str, max_model_len: int, max_num_seqs: int, kv_cache_dtype: str,
-                 prefill_tokens: int, attention_mask: bool) -> tuple[int, int, int]:
-    """(allocator-rounded weights, KV cache, activations) in bytes."""
-    w_res = M.reserved_bytes(M.weight_tensors(spec, fmt))
-    kv = M.reserved_bytes(M.kv_cache_tensors(spec, max_model_len * max_num_seqs, kv_cache_dtype))
-    act = M.inference_activation_bytes(spec, prefill_tokens, max_num_seqs, max_model_len, attention_mask)
-    return w_res, kv, act
+def _runtime_bytes(spec: ModelSpec, fmt: str, mem: CardMemory, util: float, max_model_len: int, max_num_seqs: int,
+                   kv_cache_dtype: str, prefill: int, runtime: str) -> tuple[int, int, int, int, EngineMemory | None]:
+    """(weights, KV for max_num_seqs x max_model_len, activations, workspace) in allocator bytes, plus the engine's
+    start-up split for ``runtime="engine"``. The HF path (generate with a static cache) has one K and one V
+    tensor per layer, a bool mask of prefill x cache length, no graphs; the engine has whole KV blocks."""
+    if runtime == "hf":
+        w = M.reserved_bytes(M.weight_tensors(spec, fmt))
+        kv = M.reserved_bytes(M.kv_cache_tensors(spec, max_model_len * max_num_seqs, kv_cache_dtype))
+        act = M.inference_activation_bytes(spec, prefill, max_num_seqs, max_model_len, attention_mask=True)
+        return w, kv, act, M.ALLOCATOR_SLACK_BYTES, None
+    eng = engine_memory(spec, fmt, mem, util, max_num_seqs, prefill, kv_cache_dtype=kv_cache_dtype)
+    kv = max_num_seqs * math.ceil(max_model_len / eng.block_size) * eng.block_bytes
+    return eng.weights_bytes, kv, eng.activation_bytes, eng.workspace_bytes + eng.headroom_bytes, eng
 
 
 def _infer_core(spec: ModelSpec, card: GPUSpec, fmt: str, bits: int, max_model_len: int, max_num_seqs: int,
                 kv_cache_dtype: str, util: float, prefill_tokens: int | None, context_gib: float | None,
-                attention_mask: bool = False) -> InferencePlan:
-    usable = card.memory_gib * util * GIB
+                runtime: str, efficiency: float | None) -> InferencePlan:
     ctx = factor("cuda_context_gib")
     ctx_gib = context_gib if context_gib is not None else ctx.value
     ctx_src = "given" if context_gib is not None else ctx.source
-    overhead = ctx_gib * GIB + M.ALLOCATOR_SLACK_BYTES
+    mem = CardMemory.for_card(card.memory_gib, int(ctx_gib * GIB), card.key)
+    usable = card.memory_gib * util * GIB
+    overhead = ctx_gib * GIB
+
+    def prefill_for(length: int, seqs: int) -> int:
+        if prefill_tokens:
+            return prefill_tokens
+        return DEFAULT_PREFILL_CHUNK if runtime == "engine" else length * seqs
 
     def need(length: int, seqs: int) -> int:
-        prefill = prefill_tokens or _prefill(seqs, length)
-        return sum(_infer_bytes(spec, fmt, length, seqs, kv_cache_dtype, prefill, attention_mask)) + overhead
+        return sum(_runtime_bytes(spec, fmt, mem, util, length, seqs, kv_cache_dtype, prefill_for(length, seqs),
+                                  runtime)[:4]) + overhead
 
-    prefill = prefill_tokens or _prefill(max_num_seqs, max_model_len)
-    w_res, kv, act = _infer_bytes(spec, fmt, max_model_len, max_num_seqs, kv_cache_dtype, prefill, attention_mask)
-    total = w_res + kv + act + overhead
+    prefill = prefill_for(max_model_len, max_num_seqs)
+    w_res, kv, act, work, eng = _runtime_bytes(spec, fmt, mem, util, max_model_len, max_num_seqs, kv_cache_dtype,
+                                               prefill, runtime)
+    total = w_res + kv + act + work + overhead
     kv_tok = M.kv_bytes_per_token(spec, kv_cache_dtype)
-    # Longest single sequence and most sequences of max_model_len that fit (prefill grows with them).
-    max_ctx = _largest(lambda n: need(n, 1) <= usable, 1, spec.args.max_position_embeddings)
+    limit = spec.args.max_position_embeddings
+    # Longest single sequence and most sequences of max_model_len that fit.
+    if eng is not None:
+        max_ctx = min(eng.kv_tokens, limit)
+    else:
+        max_ctx = _largest(lambda n: need(n, 1) <= usable, 1, limit)
     max_seqs = _largest(lambda n: need(max_model_len, n) <= usable, 1, 4096)
     w_tensors = M.weight_tensors(spec, fmt)
-    eff = factor("decode_roofline_fraction")
+    eff = decode_efficiency(fmt, efficiency)
     mid = max(1, max_model_len // 2)
     bs1 = S.decode_tok_s(spec, card, fmt, kv_tok, 1, mid, eff.value)
     batch = max(1, min(max_num_seqs, max_seqs) if max_seqs else max_num_seqs)
@@ -201,25 +249,27 @@ def _infer_core(spec: ModelSpec, card: GPUSpec, fmt: str, bits: int, max_model_l
     if total > usable:
         per_layer = sum(M.allocator_bytes(nb) * (c // spec.args.num_layers) for name, nb, c in w_tensors
                         if c % spec.args.num_layers == 0 and c >= spec.args.num_layers)
-        need = total - usable
-        n = -(-int(need) // per_layer)
+        n = -(-int(total - usable) // per_layer)
         if n <= spec.args.num_layers:  # else even all layers on the host leave too little for KV and activations
             offload_layers = n
             offload_speed = S.offload_tok_s(spec, card, fmt, n * per_layer, kv_tok, mid, eff.value)
     return InferencePlan(
-        model=spec.name, card=card.key, bits=bits, weight_format=fmt, kv_cache_dtype=kv_cache_dtype,
+        model=spec.name, card=card.key, runtime=runtime, bits=bits, weight_format=fmt, kv_cache_dtype=kv_cache_dtype,
         max_model_len=max_model_len, max_num_seqs=max_num_seqs, prefill_tokens=prefill,
         gpu_memory_utilization=util, usable_gib=_gib(usable), weights_gib=_gib(w_res), kv_gib_per_token=_gib(kv_tok),
-        kv_gib=_gib(kv), activations_gib=_gib(act), overhead_gib=_gib(overhead), total_gib=_gib(total),
-        fits=total <= usable, free_gib=_gib(usable - total), max_context_tokens=max_ctx, max_concurrent_seqs=max_seqs,
-        decode_tok_s_bs1=bs1, decode_tok_s_batch=tok_batch, offload_layers=offload_layers, offload_tok_s=offload_speed,
-        efficiency=eff.value, efficiency_source=eff.source, cuda_context_gib=ctx_gib, cuda_context_source=ctx_src)
+        kv_gib=_gib(kv), activations_gib=_gib(act), workspace_gib=_gib(work), overhead_gib=_gib(overhead),
+        total_gib=_gib(total), fits=total <= usable, free_gib=_gib(usable - total),
+        engine_kv_tokens=eng.kv_tokens if eng else 0, engine_kv_gib=_gib(eng.kv_pool_bytes) if eng else 0.0,
+        engine_reserved_gib=_gib(eng.reserved_bytes) if eng else 0.0, max_context_tokens=max_ctx,
+        max_concurrent_seqs=max_seqs, decode_tok_s_bs1=bs1, decode_tok_s_batch=tok_batch,
+        offload_layers=offload_layers, offload_tok_s=offload_speed, efficiency=eff.value, efficiency_source=eff.source,
+        cuda_context_gib=ctx_gib, cuda_context_source=ctx_src)
 
 
 def plan_inference(model, card: "str | GPUSpec | None" = None, bits: int | None = None, max_model_len: int | None = None,
                    max_num_seqs: int = 1, kv_cache_dtype: str = "auto", gpu_memory_utilization: float = 0.9,
                    prefill_tokens: int | None = None, cuda_context_gib: float | None = None,
-                   attention_mask: bool = False) -> InferencePlan:
+                   runtime: str = "engine", decode_efficiency: float | None = None) -> InferencePlan:
     """Memory, speed and a verdict for serving ``model`` on ``card``.
 
     ``model``: built-in name, folder (config.json is enough), config dict,
@@ -227,14 +277,21 @@ def plan_inference(model, card: "str | GPUSpec | None" = None, bits: int | None 
     GPU. ``bits`` None means the checkpoint's own (its quantization_config, else
     16). ``max_model_len`` None means the engine's default: the model's
     max_position_embeddings capped at 8192. ``prefill_tokens``: the largest
-    forward (default: the engine's max_num_batched_tokens = max(max_model_len,
-    8192), or all the tokens if fewer). The whole job, CUDA context included,
-    must fit in ``gpu_memory_utilization`` of the card. ``attention_mask``:
-    count HF generate's bool mask over a static cache (the engine has none).
+    forward (default: the engine's max_num_batched_tokens, 8192, which its
+    start-up profile always runs). The whole job, CUDA context included, must
+    fit in ``gpu_memory_utilization`` of the card. ``runtime``: "engine"
+    (onecard's engine: whole KV blocks, CUDA graphs, and the KV pool it fills
+    the card with) or "hf" (transformers generate with a static cache and its
+    bool attention mask). ``decode_efficiency`` overrides the measured fraction
+    of the bandwidth roofline.
     """
     spec = resolve_model(model)
     gpu = resolve_card(card)
     _check_common(gpu_memory_utilization)
+    if runtime not in ("engine", "hf"):
+        raise BadInputError(f"runtime must be 'engine' or 'hf', got {runtime!r}")
+    if decode_efficiency is not None and not 0 < decode_efficiency <= 1:
+        raise BadInputError(f"decode_efficiency must be in (0, 1], got {decode_efficiency}")
     bits = bits if bits is not None else (spec.stored_bits or 16)
     if bits not in M.BITS_TO_FORMAT:
         raise BadInputError(f"bits must be 16, 8 or 4, got {bits}")
@@ -253,17 +310,16 @@ def plan_inference(model, card: "str | GPUSpec | None" = None, bits: int | None 
         a = dict(bits=bits, fmt=fmt, max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype)
         a.update(changes)
         return _infer_core(spec, gpu, a["fmt"], a["bits"], a["max_model_len"], a["max_num_seqs"], a["kv_cache_dtype"],
-                           gpu_memory_utilization, prefill_tokens, cuda_context_gib, attention_mask)
+                           gpu_memory_utilization, prefill_tokens, cuda_context_gib, runtime, decode_efficiency)
 
     plan = core()
     plan.suggestions = _infer_suggestions(plan, core, gpu, spec.args.num_layers)
-    plan.verdict = _verdict(plan.fits, gpu, plan.total_gib, plan.usable_gib, plan.free_gib, plan.suggestions,
-                            f"~{plan.decode_tok_s_bs1:,.0f} tok/s decode at bs=1")
+    speed = f"~{plan.decode_tok_s_bs1:,.0f} tok/s decode at bs=1"
+    if runtime == "engine" and plan.fits:
+        speed += (f"; the engine reserves {plan.engine_reserved_gib:.1f} GiB with a KV pool of "
+                  f"{plan.engine_kv_tokens:,} tokens")
+    plan.verdict = _verdict(plan.fits, gpu, plan.total_gib, plan.usable_gib, plan.free_gib, plan.suggestions, speed)
     return plan
-
-
-def _prefill(max_num_seqs: int, max_model_len: int) -> int:
-    return min(max_num_seqs * max_model_len, max(max_model_len, DEFAULT_PREFILL_CHUNK))
 
 
 def _infer_suggestions(plan: InferencePlan, core, gpu: GPUSpec, num_layers: int) -> list[str]:
@@ -306,12 +362,15 @@ def _infer_suggestions(plan: InferencePlan, core, gpu: GPUSpec, num_layers: int)
     return out
 
 
-def _verdict(fits: bool, gpu: GPUSpec, total: float, usable: float, free: float, suggestions: list[str], speed: str) -> str:
+def _verdict(fits: bool, gpu: GPUSpec | None, total: float, usable: float, free: float, suggestions: list[str],
+             speed: str, card_name: str | None = None) -> str:
+    name = card_name if gpu is None else gpu.name
     if fits:
-        return (f"fits, {free:.1f} GiB free: needs {total:.1f} of {usable:.1f} GiB usable on {gpu.name} "
-                f"({gpu.memory_gib:g} GiB); {speed}")
+        size = "" if gpu is None else f" ({gpu.memory_gib:g} GiB)"
+        return f"fits, {free:.1f} GiB free: needs {total:.1f} of {usable:.1f} GiB usable on {name}{size}" + \
+            (f"; {speed}" if speed else "")
     opts = "; ".join(suggestions) if suggestions else "none on this card"
-    return f"does not fit: needs {total:.1f} GiB, {gpu.name} has {usable:.1f} usable; options: {opts}"
+    return f"does not fit: needs {total:.1f} GiB, {name} has {usable:.1f} usable; options: {opts}"
 
 
 # ---------------------------------------------------------------- training
@@ -324,10 +383,10 @@ PRECISIONS = ("bf16", "mixed")
 METHODS = ("full", "lora", "qlora")
 
 
-def _train_core(spec: ModelSpec, gpu: GPUSpec, method: str, precision: str, optimizer: str, seq_len: int,
-                batch_size: int, grad_accum: int, checkpointing: bool, fused_ce: bool, rank: int,
-                targets: tuple[str, ...], base_fmt: str, util: float, context_gib: float | None) -> TrainingPlan:
-    usable = gpu.memory_gib * util * GIB
+def _train_core(spec: ModelSpec, gpu: GPUSpec | None, mem: CardMemory, context_source: str, method: str,
+                precision: str, optimizer: str, seq_len: int, batch_size: int, grad_accum: int, checkpointing: bool,
+                fused_ce: bool, rank: int, targets: tuple[str, ...], base_fmt: str, util: float) -> TrainingPlan:
+    usable = mem.budget_bytes(util) + mem.outside_bytes
     total_params = spec.num_parameters()
     mixed = method == "full" and precision == "mixed"
     if method == "full":
@@ -353,30 +412,33 @@ def _train_core(spec: ModelSpec, gpu: GPUSpec, method: str, precision: str, opti
         fwd_extra += 2 * max(o * i for _, o, i in spec.linear_shapes())  # one dequantized bf16 weight in flight
     held_grads = grads if grad_accum > 1 else 0  # accumulated grads live through the next micro-batches
     backward_peak = states + held_grads + acts + logits + fwd_extra
-    step_peak = states + grads + temp
+    # The loss's [tokens, vocab] fp32 tensors are each one large segment of the caching allocator. The gradients,
+    # optimizer states and step temporaries allocated after them (per parameter) are carved out of those cached
+    # segments, so the next forward's logits need fresh ones: at steady state the reserved peak is the optimizer
+    # step's plus the loss's. (Measured on the H100, Llama-3-8B x 8 layers, full bf16: +1.2 GiB at 1,024 tokens,
+    # +6.1 GiB at 4,096 over the step alone; the loss is 1.5 and 5.9 GiB.)
+    step_peak = states + grads + temp + logits
     if backward_peak >= step_peak:
         phase, temp_shown = "forward/backward", fwd_extra
         dynamic = backward_peak
     else:
         phase, temp_shown = "optimizer step", temp
-        dynamic, acts, logits = step_peak, 0, 0  # activations are freed before the step
+        dynamic, acts = step_peak, 0  # activations are freed before the step; the loss's segments stay reserved
     shown_grads = grads if phase == "optimizer step" or grad_accum > 1 else 0
-    ctx = factor("cuda_context_gib")
-    ctx_gib = context_gib if context_gib is not None else ctx.value
-    overhead = ctx_gib * GIB + M.ALLOCATOR_SLACK_BYTES
+    overhead = mem.outside_bytes + M.ALLOCATOR_SLACK_BYTES
     total = weights + adapter + dynamic + overhead
     mfu = factor("train_mfu")
-    tok_s = S.train_tok_s(spec, gpu, method, seq_len, tokens, checkpointing, mfu.value,
-                          base_fmt if method == "qlora" else "bf16")
+    tok_s = None if gpu is None else S.train_tok_s(spec, gpu, method, seq_len, tokens, checkpointing, mfu.value,
+                                                   base_fmt if method == "qlora" else "bf16")
     return TrainingPlan(
-        model=spec.name, card=gpu.key, method=method, precision=precision, optimizer=optimizer, seq_len=seq_len,
+        model=spec.name, card=gpu.key if gpu is not None else mem.name, method=method, precision=precision, optimizer=optimizer, seq_len=seq_len,
         batch_size=batch_size, grad_accum=grad_accum, gradient_checkpointing=checkpointing, fused_ce=fused_ce,
         lora_rank=rank, lora_targets=targets, base_format=base_fmt, gpu_memory_utilization=util,
         usable_gib=_gib(usable), trainable_params=trainable, total_params=total_params, weights_gib=_gib(weights),
         adapter_gib=_gib(adapter), grads_gib=_gib(shown_grads), optimizer_gib=_gib(states), activations_gib=_gib(acts),
         logits_gib=_gib(logits), step_temp_gib=_gib(temp_shown), overhead_gib=_gib(overhead), total_gib=_gib(total),
         fits=total <= usable, free_gib=_gib(usable - total), max_batch_size=0, max_seq_len=0, tokens_per_s=tok_s,
-        mfu=mfu.value, mfu_source=mfu.source, cuda_context_gib=ctx_gib, cuda_context_source=ctx.source if context_gib is None else "given",
+        mfu=mfu.value, mfu_source=mfu.source, cuda_context_gib=_gib(mem.outside_bytes), cuda_context_source=context_source,
         peak_phase=phase)
 
 
@@ -384,7 +446,8 @@ def plan_training(model, card: "str | GPUSpec | None" = None, method: str = "lor
                   batch_size: int = 1, grad_accum: int = 1, gradient_checkpointing: bool = True,
                   optimizer: str = "adamw", lora_rank: int = 16, lora_targets: "str | list[str]" = "all",
                   precision: str = "bf16", fused_ce: bool = False, base_format: str | None = None,
-                  gpu_memory_utilization: float = 0.95, cuda_context_gib: float | None = None) -> TrainingPlan:
+                  gpu_memory_utilization: float = 0.95, cuda_context_gib: float | None = None,
+                  memory: CardMemory | None = None, flags: str = "plan") -> TrainingPlan:
     """Peak memory, tokens/s and a verdict for fine-tuning ``model`` on ``card``.
 
     ``method``: full | lora | qlora (LoRA on a 4-bit base: ``base_format``
@@ -393,10 +456,25 @@ def plan_training(model, card: "str | GPUSpec | None" = None, method: str = "lor
     "mixed" (fp32 master weights, grads and states under bf16 autocast).
     LoRA adapters, their grads and states are fp32 (PEFT's default).
     ``seq_len`` None means 2048, or the model's max_position_embeddings if shorter.
+    ``memory``: plan against this card memory (the live card's free bytes,
+    per-process cap and CUDA context, as the trainer's preflight passes it)
+    instead of the catalog card's size; ``card`` then only gives the speed
+    figures (None: the catalog entry named like ``memory``, else no speed).
+    ``flags``: "plan" or "train", which command's option names the suggestions use.
     """
     spec = resolve_model(model)
     seq_len = min(2048, spec.args.max_position_embeddings) if seq_len is None else seq_len
-    gpu = resolve_card(card)
+    if flags not in SUGGESTION_FLAGS:
+        raise BadInputError(f"flags must be one of {', '.join(SUGGESTION_FLAGS)}, got {flags!r}")
+    if memory is None:
+        gpu = resolve_card(card)
+        ctx = factor("cuda_context_gib")
+        ctx_gib = cuda_context_gib if cuda_context_gib is not None else ctx.value
+        mem = CardMemory.for_card(gpu.memory_gib, int(ctx_gib * GIB), gpu.key)
+        ctx_src = "given" if cuda_context_gib is not None else ctx.source
+    else:
+        gpu = resolve_card(card) if card is not None else _catalog_card(memory.name)
+        mem, ctx_src = memory, "measured now: CUDA context and other processes"
     _check_common(gpu_memory_utilization)
     if method not in METHODS:
         raise BadInputError(f"unknown method '{method}'; one of {', '.join(METHODS)}")
@@ -425,17 +503,28 @@ def plan_training(model, card: "str | GPUSpec | None" = None, method: str = "lor
             a["base_fmt"] = "int4-g64"
         if a["method"] != "qlora":
             a["base_fmt"] = "bf16"
-        return _train_core(spec, gpu, a["method"], a["precision"], a["optimizer"], a["seq_len"], a["batch_size"],
-                           a["grad_accum"], a["checkpointing"], a["fused_ce"], lora_rank, targets, a["base_fmt"],
-                           gpu_memory_utilization, cuda_context_gib)
+        return _train_core(spec, gpu, mem, ctx_src, a["method"], a["precision"], a["optimizer"], a["seq_len"],
+                           a["batch_size"], a["grad_accum"], a["checkpointing"], a["fused_ce"], lora_rank, targets,
+                           a["base_fmt"], gpu_memory_utilization)
 
     plan = core()
     plan.max_batch_size = _largest(lambda b: core(batch_size=b).fits, 1, 1024)
     plan.max_seq_len = _largest(lambda s: core(seq_len=s, batch_size=1).fits, 1, spec.args.max_position_embeddings)
-    plan.suggestions = _train_suggestions(plan, core, gpu)
+    plan.suggestions = _train_suggestions(plan, core, gpu, SUGGESTION_FLAGS[flags])
     plan.verdict = _verdict(plan.fits, gpu, plan.total_gib, plan.usable_gib, plan.free_gib, plan.suggestions,
-                            f"~{plan.tokens_per_s:,.0f} tokens/s")
+                            _tokens_per_s(plan), card_name=mem.name)
     return plan
+
+
+def _catalog_card(name: str) -> GPUSpec | None:
+    try:
+        return find_gpu(name)
+    except BadInputError:
+        return None
+
+
+def _tokens_per_s(plan: TrainingPlan) -> str:
+    return "" if plan.tokens_per_s is None else f"~{plan.tokens_per_s:,.0f} tokens/s"
 
 
 def _largest(ok, lo: int, hi: int) -> int:
@@ -451,38 +540,51 @@ def _largest(ok, lo: int, hi: int) -> int:
     return lo
 
 
-def _train_suggestions(plan: TrainingPlan, core, gpu: GPUSpec) -> list[str]:
+# How each suggestion is spelled: as `onecard plan` options, or as `onecard train` options (the trainer's preflight).
+SUGGESTION_FLAGS = {
+    "plan": {"batch": "--batch", "ctx": "--ctx", "ckpt_on": "gradient checkpointing on", "ckpt_off": "--no-checkpointing",
+             "fused": "fused linear+cross-entropy", "adam8": "8-bit AdamW", "method": "--method"},
+    "train": {"batch": "--batch-size", "ctx": "--seq-len", "ckpt_on": "--gradient-checkpointing",
+              "ckpt_off": "--no-gradient-checkpointing", "fused": "--fused", "adam8": "--optimizer adamw_8bit",
+              "method": "--method"},
+}
+
+
+def _train_suggestions(plan: TrainingPlan, core, gpu: GPUSpec | None, f: dict[str, str]) -> list[str]:
     out: list[str] = []
     if plan.fits:
         if plan.max_batch_size > plan.batch_size:
             out.append(f"micro-batch up to {plan.max_batch_size} at seq {plan.seq_len:,}")
         if plan.gradient_checkpointing and core(checkpointing=False).fits:
-            out.append("--no-checkpointing also fits (~30% faster)")
+            out.append(f"{f['ckpt_off']} also fits (~30% faster)")
         return out
     tried: list[tuple[str, dict]] = []
     if not plan.gradient_checkpointing:
-        tried.append(("gradient checkpointing on", dict(checkpointing=True)))
+        tried.append((f["ckpt_on"], dict(checkpointing=True)))
     if not plan.fused_ce:
-        tried.append(("fused linear+cross-entropy", dict(fused_ce=True)))
+        tried.append((f["fused"], dict(fused_ce=True)))
     if plan.batch_size > 1:
-        tried.append((f"--batch 1 --grad-accum {plan.batch_size * plan.grad_accum}",
+        tried.append((f"{f['batch']} 1 --grad-accum {plan.batch_size * plan.grad_accum}",
                       dict(batch_size=1, grad_accum=plan.batch_size * plan.grad_accum)))
     if plan.optimizer == "adamw":
-        tried.append(("8-bit AdamW", dict(optimizer="adamw-8bit")))
+        tried.append((f["adam8"], dict(optimizer="adamw-8bit")))
     if plan.method == "full":
-        tried.append(("--method lora", dict(method="lora")))
+        tried.append((f"{f['method']} lora", dict(method="lora")))
     if plan.method in ("full", "lora"):
-        tried.append(("--method qlora", dict(method="qlora", checkpointing=True)))
+        tried.append((f"{f['method']} qlora", dict(method="qlora", checkpointing=True)))
     for label, change in tried:
         p = core(**change)
         if p.fits:
-            out.append(f"{label} (needs {p.total_gib:.1f} GiB, ~{p.tokens_per_s:,.0f} tokens/s)")
+            speed = _tokens_per_s(p)
+            out.append(f"{label} (needs {p.total_gib:.1f} GiB{', ' + speed if speed else ''})")
     if plan.max_seq_len >= 128 and plan.max_seq_len < plan.seq_len:
-        out.append(f"--ctx {plan.max_seq_len:,} at batch 1")
+        out.append(f"{f['ctx']} {plan.max_seq_len} at {f['batch']} 1")
     if not out:
         q = core(method="qlora", checkpointing=True, batch_size=1, fused_ce=True, optimizer="adamw-8bit")
         out.append(f"even QLoRA at batch 1 with every saving needs {q.total_gib:.1f} GiB" if not q.fits else
-                   f"--method qlora --batch 1 with fused CE and 8-bit AdamW (needs {q.total_gib:.1f} GiB)")
+                   f"{f['method']} qlora {f['batch']} 1 with {f['fused']} and {f['adam8']} (needs {q.total_gib:.1f} GiB)")
+    if gpu is None:
+        return out
     bigger = [g for g in sorted(list_gpus(), key=lambda g: g.memory_gib) if g.memory_gib > gpu.memory_gib
               and plan.total_gib <= g.memory_gib * plan.gpu_memory_utilization]
     if bigger:

@@ -17,6 +17,7 @@ MIB = 1024**2
 
 # Weight formats: what a linear weight costs in each (bits per weight alone is not enough: scales and zeros count).
 WEIGHT_FORMATS = {
+    "fp32": "32-bit weights (float32)",
     "bf16": "16-bit weights (bf16/fp16)",
     "int8": "int8, per-channel fp16 scale + zero (onecard QuantLinear)",
     "int4": "int4 g128, fp16 scales + zeros (onecard QuantLinear, GPTQ/AWQ/RTN)",
@@ -28,7 +29,12 @@ GROUP_SIZE = 128
 NF4_BLOCK = 64
 
 # KV cache element formats: bytes per element, and whether a per-(token, head) fp16 scale is stored beside it.
-KV_FORMATS = {"auto": (2, False), "bf16": (2, False), "fp16": (2, False), "fp8": (1, False), "int8": (1, True)}
+# (element bytes, per-token-per-head fp16 scales stored) — the engine's fp8 and int8 caches both keep scales.
+KV_FORMATS = {"auto": (2, False), "bf16": (2, False), "fp16": (2, False), "fp32": (4, False), "fp8": (1, True),
+              "fp8_e4m3": (1, True), "int8": (1, True)}
+# Bytes per logit row the engine's sampling step holds at once: bf16 logits, their fp32 copy, the log-softmax and the
+# sampler's sort (fp32 values + int64 indices); the start-up profile runs exactly this for max_num_seqs rows.
+SAMPLED_LOGIT_BYTES = 2 + 4 + 4 + 4 + 8
 
 # cuBLAS/cuBLASLt workspaces and small kernels' buffers that live in the torch allocator.
 WORKSPACE_BYTES = 64 * MIB
@@ -48,6 +54,8 @@ def weight_format(bits: int | str) -> str:
 def linear_tensor_bytes(out_features: int, in_features: int, fmt: str) -> list[int]:
     """The stored tensors (bytes each) of one linear weight in ``fmt``."""
     n = out_features * in_features
+    if fmt == "fp32":
+        return [4 * n]
     if fmt == "bf16":
         return [2 * n]
     if fmt == "int8":  # QuantLinear: int32-packed codes [in/4, out], fp16 scales and zeros [1, out]
@@ -64,27 +72,28 @@ def linear_tensor_bytes(out_features: int, in_features: int, fmt: str) -> list[i
 
 
 def weight_tensors(spec: ModelSpec, fmt: str = "bf16") -> list[tuple[str, int, int]]:
-    """(name, bytes, count) for every stored tensor; decoder-layer linears in ``fmt``, the rest 16-bit.
+    """(name, bytes, count) for every stored tensor; decoder-layer linears in ``fmt``, the rest 16-bit (32 for fp32).
 
     Embeddings, lm_head, norms, biases and a vision tower stay 16-bit in every
-    format (what onecard.quant, GPTQ/AWQ checkpoints and QLoRA bases do).
+    quantized format (what onecard.quant, GPTQ/AWQ checkpoints and QLoRA bases do).
     """
     a = spec.args
     L = a.num_layers
+    e = 4 if fmt == "fp32" else 2
     rows: list[tuple[str, int, int]] = []
     for name, out_f, in_f in spec.linear_shapes():
         for k, nbytes in enumerate(linear_tensor_bytes(out_f, in_f, fmt)):
             rows.append((f"{name}.{k}", nbytes, L))
     if a.qkv_bias:
-        rows += [("q_proj.bias", 2 * a.q_size, L), ("k_proj.bias", 2 * a.kv_size, L), ("v_proj.bias", 2 * a.kv_size, L)]
-    rows.append(("layer norms", 2 * a.hidden_size, 2 * L))
-    rows.append(("embed_tokens", 2 * a.vocab_size * a.hidden_size, 1))
-    rows.append(("final norm", 2 * a.hidden_size, 1))
+        rows += [("q_proj.bias", e * a.q_size, L), ("k_proj.bias", e * a.kv_size, L), ("v_proj.bias", e * a.kv_size, L)]
+    rows.append(("layer norms", e * a.hidden_size, 2 * L))
+    rows.append(("embed_tokens", e * a.vocab_size * a.hidden_size, 1))
+    rows.append(("final norm", e * a.hidden_size, 1))
     if not a.tie_word_embeddings:
-        rows.append(("lm_head", 2 * a.vocab_size * a.hidden_size, 1))
+        rows.append(("lm_head", e * a.vocab_size * a.hidden_size, 1))
     if spec.vision is not None:
-        rows.append(("vision tower", 2 * spec.vision.tower_parameters(), 1))
-        rows.append(("projector", 2 * spec.vision.projector_parameters(), 1))
+        rows.append(("vision tower", e * spec.vision.tower_parameters(), 1))
+        rows.append(("projector", e * spec.vision.projector_parameters(), 1))
     return rows
 
 
@@ -140,7 +149,7 @@ def inference_activation_bytes(spec: ModelSpec, prefill_tokens: int, num_seqs: i
     a = spec.args
     h, i, q, kv = a.hidden_size, a.intermediate_size, a.q_size, a.kv_size
     per_token = 4 * h + max(12 * h, 10 * q + 6 * kv, 8 * i)
-    logits = num_seqs * a.vocab_size * (2 + 4)
+    logits = min(num_seqs, prefill_tokens) * a.vocab_size * SAMPLED_LOGIT_BYTES
     mask = prefill_tokens * max_model_len if attention_mask else 0
     vision = 0
     if spec.vision is not None:

@@ -319,6 +319,22 @@ def onecard_trainer(cfg: TrainConfig, tokenizer, train_ds, val_ds, precision: st
     return build_trainer(cfg, model, tokenizer, train_ds, val_ds, precision, device, callbacks), patch_summary
 
 
+def preflight(cfg: TrainConfig, device: str, precision: str, card_memory=None):
+    """Ask the planner before loading anything: raise ``DoesNotFitError`` with the settings that fit instead of an
+    OOM mid-step. ``card_memory`` (an ``onecard.plan.CardMemory``) replaces the live card's; the check is skipped
+    without a card (CPU) and for fp32 training, which the planner does not model. Returns the plan (or None)."""
+    from onecard.plan.card_memory import live_card_memory
+    from onecard.plan.preflight import training_preflight
+
+    memory = card_memory if card_memory is not None else live_card_memory(device)
+    if memory is None or precision == "fp32":
+        return None
+    return training_preflight(cfg.model, memory, method=cfg.method, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                              grad_accum=cfg.grad_accum, gradient_checkpointing=cfg.gradient_checkpointing,
+                              optimizer=_optimizer(cfg), fused_ce=cfg.fused, lora_rank=cfg.lora_r,
+                              lora_targets=cfg.lora_targets, qlora_group_size=cfg.qlora_group_size)
+
+
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
@@ -328,8 +344,11 @@ def load_tokenizer(path: Path):
     return tokenizer
 
 
-def train(cfg: TrainConfig, console=None, extra_callbacks: list | None = None) -> TrainResult:
-    """Run the whole job; raises ``OnecardError`` subclasses for anything the user can fix."""
+def train(cfg: TrainConfig, console=None, extra_callbacks: list | None = None, card_memory=None) -> TrainResult:
+    """Run the whole job; raises ``OnecardError`` subclasses for anything the user can fix.
+
+    ``card_memory``: plan the preflight against this ``onecard.plan.CardMemory`` instead of the live card.
+    """
     from onecard.models import open_model_folder
     from onecard.train.data import load_training_data
     from onecard.train.lora import trainable_summary
@@ -344,6 +363,7 @@ def train(cfg: TrainConfig, console=None, extra_callbacks: list | None = None) -
     if cfg.merge and (cfg.out / "merged" / "config.json").exists():
         raise BadInputError(f"'{cfg.out / 'merged'}' already holds a merged model; remove it or drop --merge")
     open_model_folder(cfg.model)
+    preflight(cfg, device, precision, card_memory)
     tokenizer = load_tokenizer(cfg.model)
     train_ds, val_ds, report = load_training_data(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, cfg.bad_lines,
                                                   cfg.seed, progress=cfg.progress)

@@ -1,0 +1,100 @@
+"""What onecard's engine reserves at start-up on a card, predicted before anything is loaded.
+
+The engine does not allocate "enough KV cache for max_model_len": it loads the
+weights, profiles one forward of ``max_num_batched_tokens`` tokens plus the
+sampling of ``max_num_seqs`` rows, and fills what is left of
+``gpu_memory_utilization`` with KV blocks
+(``onecard.engine.model_runner.plan_kv_cache``). So the engine's footprint is
+the card's budget, and the question a user asks ("how long a context, how many
+sequences") is answered by how many blocks that budget holds. This module calls
+the engine's own pure sizing functions with the planner's byte counts, so the
+two never disagree on the arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from onecard.plan import memory as M
+from onecard.plan.card_memory import CardMemory
+from onecard.plan.spec import ModelSpec
+
+# The engine's cap on CUDA-graph decode batch sizes (EngineConfig.cuda_graph_max_batch's default).
+CUDA_GRAPH_MAX_BATCH = 256
+
+
+@dataclass(frozen=True)
+class EngineMemory:
+    """The engine's start-up split of one card, in bytes (a prediction of ``ModelRunner._measure_num_blocks``)."""
+
+    weights_bytes: int
+    activation_bytes: int  # the profiled prefill + sampling peak (freed again, kept as headroom)
+    workspace_bytes: int  # CUDA-graph outputs/pool and the sampler at the largest captured batch (0 when eager)
+    headroom_bytes: int  # the engine's fixed headroom for what start-up cannot profile
+    outside_bytes: int  # CUDA context and other processes
+    held_bytes: int  # what this process's allocator already held before the engine started
+    budget_bytes: int  # what the allocator may reserve (card budget at gpu_memory_utilization)
+    block_bytes: int
+    block_size: int
+    kv_blocks: int
+
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens the KV pool holds (shared by all sequences)."""
+        return self.kv_blocks * self.block_size
+
+    @property
+    def kv_pool_bytes(self) -> int:
+        """The pool as allocated: ``kv_blocks`` plus the scratch block CUDA-graph padding rows write to."""
+        return (self.kv_blocks + 1) * self.block_bytes if self.kv_blocks else 0
+
+    @property
+    def fixed_bytes(self) -> int:
+        """Everything but the KV pool that start-up needs room for."""
+        return self.weights_bytes + self.activation_bytes + self.workspace_bytes + self.headroom_bytes
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Device memory the engine's process holds once running: context, weights, KV pool, activation peak, graphs.
+
+        The fixed headroom is left free on purpose, so it is not counted.
+        """
+        return (self.outside_bytes + self.held_bytes + self.weights_bytes + self.kv_pool_bytes + self.activation_bytes
+                + self.workspace_bytes)
+
+    def need_bytes(self, tokens: int) -> int:
+        """Allocator bytes start-up needs for a pool of ``tokens`` (whole blocks): compare with ``budget_bytes``."""
+        return self.fixed_bytes + math.ceil(tokens / self.block_size) * self.block_bytes
+
+
+def engine_memory(spec: ModelSpec, fmt: str, memory: CardMemory, utilization: float, max_num_seqs: int,
+                  max_num_batched_tokens: int, block_size: int = 16, kv_cache_dtype: str = "auto",
+                  enforce_eager: bool = False, cuda_graph_max_batch: int = CUDA_GRAPH_MAX_BATCH) -> EngineMemory:
+    """Predict the engine's start-up split of ``memory`` for ``spec`` with weights in ``fmt``.
+
+    Weights are allocator-rounded (``M.weight_tensors``); the activation peak is
+    the profile run's (``M.inference_activation_bytes`` over
+    ``max_num_batched_tokens`` tokens and ``max_num_seqs`` sampled rows); the
+    graph workspace and the KV blocks come from the engine's own
+    ``cuda_graph_workspace_bytes`` and ``plan_kv_cache``.
+    """
+    from onecard.engine.model_runner import (FIXED_HEADROOM_BYTES, cuda_graph_workspace_bytes, graph_batch_sizes,
+                                             plan_kv_cache)
+
+    a = spec.args
+    weights = M.reserved_bytes(M.weight_tensors(spec, fmt))
+    act = M.inference_activation_bytes(spec, max_num_batched_tokens, max_num_seqs, 0)
+    elem = 4 if fmt == "fp32" else 2
+    workspace = 0 if enforce_eager else cuda_graph_workspace_bytes(
+        graph_batch_sizes(min(max_num_seqs, cuda_graph_max_batch)), a.vocab_size, a.hidden_size, elem)
+    block = M.kv_bytes_per_token(spec, kv_cache_dtype) * block_size
+    free_after_load = memory.free_bytes - weights
+    kv = plan_kv_cache(card_bytes=memory.total_bytes, cap_fraction=memory.cap_fraction,
+                       reserved_bytes=memory.reserved_bytes + weights, activation_peak_bytes=act, block_bytes=block,
+                       utilization=utilization, workspace_bytes=workspace, free_bytes=free_after_load)
+    return EngineMemory(weights_bytes=weights, activation_bytes=act, workspace_bytes=workspace,
+                        headroom_bytes=FIXED_HEADROOM_BYTES, outside_bytes=memory.outside_bytes,
+                        held_bytes=memory.reserved_bytes,
+                        budget_bytes=memory.budget_bytes(utilization), block_bytes=block, block_size=block_size,
+                        kv_blocks=kv.num_blocks)
