@@ -54,8 +54,9 @@ def test_llava_counts_vision_tower_and_projector():
 def test_kv_bytes_per_token_by_hand(arch, kv_heads, layers, head_dim):
     spec = resolve_model(arch)
     assert M.kv_bytes_per_token(spec, "auto") == 2 * layers * kv_heads * head_dim * 2
-    assert M.kv_bytes_per_token(spec, "fp8") == 2 * layers * kv_heads * head_dim
-    assert M.kv_bytes_per_token(spec, "int8") == 2 * layers * kv_heads * head_dim + 2 * layers * kv_heads * 2
+    scales = 2 * layers * kv_heads * 2  # one fp16 scale per token, layer, K/V and kv head (the engine's layout)
+    assert M.kv_bytes_per_token(spec, "fp8") == 2 * layers * kv_heads * head_dim + scales
+    assert M.kv_bytes_per_token(spec, "int8") == 2 * layers * kv_heads * head_dim + scales
 
 
 def test_kv_llama2_7b_is_half_a_mib_per_token():
