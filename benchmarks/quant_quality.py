@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -49,15 +48,19 @@ def parse() -> argparse.Namespace:
 
 
 def train_medium(steps: int, seq_len: int = 1024, batch: int = 32, lr: float = 1e-3, console=None) -> Path:
-    """Train MEDIUM on the local corpus on the GPU (bf16 autocast), cached by settings."""
+    """Train MEDIUM on the local corpus on the GPU (bf16 autocast, fused AdamW), cached by settings."""
     import hashlib
     import shutil
 
-    from rich.progress import Progress
     from transformers import AutoTokenizer
 
-    from onecard.testing.checkpoints import build_random_model, cache_dir, shared_tokenizer
+    from onecard.testing.checkpoints import (
+        build_random_model,
+        cache_dir,
+        shared_tokenizer,
+    )
     from onecard.testing.corpus import local_corpus
+    from onecard.testing.train_lm import save_float_folder, train_lm
 
     key = hashlib.sha1(json.dumps([MEDIUM, steps, seq_len, batch, lr]).encode()).hexdigest()[:10]
     out = cache_dir() / f"medium-llama-{key}"
@@ -71,32 +74,11 @@ def train_medium(steps: int, seq_len: int = 1024, batch: int = 32, lr: float = 1
     data = torch.tensor(ids, device="cuda")
     torch.manual_seed(0)
     model = build_random_model(MEDIUM, device="cuda").train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95), fused=True)
-    warm = steps // 20
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("training the medium model", total=steps)
-        for step in range(steps):
-            starts = torch.randint(0, data.numel() - seq_len - 1, (batch,), device="cuda")
-            x = torch.stack([data[s:s + seq_len] for s in starts.tolist()])
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(input_ids=x, labels=x).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            bar.update(task, advance=1, description=f"training the medium model (loss {loss.item():.2f})")
+    train_lm(model, data, steps, seq_len, batch, lr, autocast_dtype=torch.bfloat16, fused=True, progress=True,
+             label="training the medium model", console=console)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.float().save_pretrained(str(tmp), safe_serialization=True)
-    cfg = json.loads((tmp / "config.json").read_text())
-    cfg["torch_dtype"] = "float32"
-    cfg.pop("dtype", None)
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-    for f in tok_dir.iterdir():
-        shutil.copy(f, tmp / f.name)
+    save_float_folder(model, tok_dir, tmp)
     tmp.rename(out)
     return out
 

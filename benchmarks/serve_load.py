@@ -4,9 +4,10 @@
                                                               #      incl. writing the 13 GB random checkpoint once)
     PYTHONPATH=src python benchmarks/serve_load.py --smoke     # CPU: tiny model, 100 clients, output to a temp dir
 
-The server runs as users run it (``onecard serve`` in a subprocess on
-127.0.0.1); clients are asyncio + httpx in this process. Two phases on the
-same server:
+First the offline engine (``LLM.generate``) runs the workload in this
+process on the bare card and is freed. Then the server runs as users run it
+(``onecard serve`` in a subprocess on 127.0.0.1, ``onecard.serve.launch``);
+clients are asyncio + httpx in this process. Two phases on the same server:
 
 1. ``load``: N clients stream at once, ``--disconnect-frac`` of them close the
    connection after a random number of tokens. Checks: every completed request
@@ -15,9 +16,9 @@ same server:
    from ``/metrics``). Reports p50/p99 TTFT and inter-token latency.
 2. ``throughput``: the same N requests, none disconnecting: output tok/s.
 
-Then the server is stopped (SIGTERM; exit status checked) and the offline
-engine (``LLM.generate``) runs the identical requests in this process:
-``server_vs_offline`` = server tok/s / offline tok/s (target >= 0.9 on GPU).
+Then the server is stopped (SIGTERM; exit status checked).
+``server_vs_offline_throughput`` = server tok/s / offline tok/s on the
+identical requests (target >= 0.9 on GPU).
 Exits non-zero if a correctness check fails.
 """
 
@@ -26,12 +27,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,8 +40,8 @@ from rich.console import Console
 from rich.table import Table
 
 from onecard.bench.results import save_figure, write_result
+from onecard.serve.launch import start_server
 
-SRC = Path(__file__).resolve().parents[1] / "src"
 MODEL_NAME = "bench"
 
 
@@ -81,40 +78,10 @@ def parse() -> argparse.Namespace:
 # ---- server process ---------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: Path, a: argparse.Namespace, console: Console) -> tuple[subprocess.Popen, str, float]:
-    port = free_port()
-    max_len = a.prompt_tokens + a.max_tokens
-    cmd = [sys.executable, "-m", "onecard.cli", "serve", str(model), "--port", str(port), "--served-model-name",
-           MODEL_NAME, "--dtype", a.dtype, "--max-model-len", str(max_len), "--max-num-seqs", str(min(a.clients, 256)),
-           "--gpu-memory-utilization", str(a.gpu_memory_utilization), "--shutdown-timeout", "10"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
-    if a.smoke:
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    log = tempfile.NamedTemporaryFile("w+", prefix="serve_load_", suffix=".log", delete=False)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    with console.status(f"starting onecard serve on {url} (log {log.name})"):
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"server exited with {proc.returncode}: {Path(log.name).read_text()[-2000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.perf_counter() - t0 > a.startup_timeout:
-                proc.kill()
-                raise SystemExit(f"server not healthy after {a.startup_timeout:.0f} s; see {log.name}")
-            time.sleep(0.5)
-    proc.log_path = log.name
-    return proc, url, time.perf_counter() - t0
+def serve_args(a: argparse.Namespace) -> list[str]:
+    return ["--served-model-name", MODEL_NAME, "--dtype", a.dtype, "--max-model-len", str(a.prompt_tokens + a.max_tokens),
+            "--max-num-seqs", str(min(a.clients, 256)), "--gpu-memory-utilization", str(a.gpu_memory_utilization),
+            "--shutdown-timeout", "10"]
 
 
 def read_metrics(url: str) -> dict[str, float]:
@@ -239,11 +206,16 @@ def make_prompts(tokenizer, n: int, length: int) -> list[list[int]]:
 
 
 def offline_throughput(model: Path, a: argparse.Namespace, prompts: list[list[int]]) -> tuple[float, int, float]:
+    """The engine alone (``LLM.generate``) on the server's workload; its GPU memory is given back before returning,
+    so the server that starts next gets the same card."""
+    import gc
+
+    import torch
+
     from onecard.engine import LLM, SamplingParams
 
+    threads = torch.get_num_threads()
     if a.smoke:
-        import torch
-
         # The server's engine steps in a background thread, where torch uses one CPU thread; the main thread's
         # default team spins and runs ~10x slower on a shared 2-core machine. Same threads, same comparison.
         torch.set_num_threads(1)
@@ -257,6 +229,15 @@ def offline_throughput(model: Path, a: argparse.Namespace, prompts: list[list[in
     outs = llm.generate(prompts, params)
     dt = time.perf_counter() - t0
     tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    del llm, outs
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        left = torch.cuda.memory_allocated() / 2**30
+        if left > 1.0:
+            raise SystemExit(f"the offline engine left {left:.1f} GiB allocated on the GPU; the server would start "
+                             "on a smaller card than the engine had")
+    torch.set_num_threads(threads)
     return tokens / dt, tokens, dt
 
 
@@ -289,9 +270,16 @@ def main() -> int:
     n_disc = round(a.clients * a.disconnect_frac)
     disconnects = {i: rng.randint(1, a.max_tokens // 2) for i in rng.sample(range(a.clients), n_disc)}
 
-    proc, url, startup_s = start_server(model, a, console)
+    offline_tok_s = offline_tokens = offline_s = None
+    if not a.no_offline:  # first, on the bare card, then freed: the server gets the same GPU memory
+        with console.status("offline engine (LLM.generate) on the same requests"):
+            offline_tok_s, offline_tokens, offline_s = offline_throughput(model, a, prompts)
+        console.print(f"offline engine: {offline_tok_s:.0f} output tok/s ({offline_tokens} tokens in {offline_s:.1f} s)")
+
     failures: list[str] = []
-    try:
+    console.print("starting onecard serve (the model loads; /health says 200 when ready)")
+    with start_server(model, serve_args(a), cpu=a.smoke, timeout=a.startup_timeout) as server:
+        url = server.url
         before = read_metrics(url)
         console.print(f"[bold]load[/]: {a.clients} streaming clients, {n_disc} disconnect mid-stream")
         load, load_s = asyncio.run(run_phase(url, prompts, a.max_tokens, disconnects, a.request_timeout))
@@ -299,15 +287,9 @@ def main() -> int:
         console.print(f"[bold]throughput[/]: {a.clients} streaming clients, none disconnect")
         thr, thr_s = asyncio.run(run_phase(url, prompts, a.max_tokens, {}, a.request_timeout))
         after_thr = wait_idle(url)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            rc = proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = None
+    rc = server.returncode
     if rc != 0:
-        failures.append(f"server exit status after SIGTERM was {rc}, not 0 (log {proc.log_path})")
+        failures.append(f"server exit status after SIGTERM was {rc}, not 0 (log {server.log_path})")
 
     completed = [r for r in load if r.disconnect_after is None]
     broken = [r for r in completed + thr if not r.whole]
@@ -330,15 +312,11 @@ def main() -> int:
     itl = [x for r in load for x in r.itl]
     server_tokens = sum(r.usage_tokens or 0 for r in thr)
     server_tok_s = server_tokens / thr_s
-    offline_tok_s = offline_tokens = offline_s = None
-    if not a.no_offline:
-        with console.status("offline engine on the same requests"):
-            offline_tok_s, offline_tokens, offline_s = offline_throughput(model, a, prompts)
 
     data = {
         "model": f"{a.arch} ({a.size}, random weights)" if not a.model else str(a.model),
         "dtype": a.dtype, "clients": a.clients, "disconnecting_clients": n_disc, "prompt_tokens": a.prompt_tokens,
-        "max_tokens": a.max_tokens, "server_startup_s": round(startup_s, 2),
+        "max_tokens": a.max_tokens, "server_startup_s": round(server.startup_s, 2),
         "load_phase_s": round(load_s, 3), "completed_whole": sum(r.whole for r in completed),
         "completed_total": len(completed), "aborted_by_disconnect": aborted,
         "kv_blocks_used_after": after_load.get("onecard_kv_cache_blocks_used"),
@@ -349,7 +327,7 @@ def main() -> int:
         "server_output_tok_s": server_tok_s, "server_tokens": server_tokens, "server_phase_s": round(thr_s, 3),
         "offline_output_tok_s": offline_tok_s, "offline_tokens": offline_tokens,
         "offline_s": round(offline_s, 3) if offline_s else None,
-        "server_vs_offline": server_tok_s / offline_tok_s if offline_tok_s else None,
+        "server_vs_offline_throughput": server_tok_s / offline_tok_s if offline_tok_s else None,
         "target_server_vs_offline": 0.9, "server_exit_status": rc, "checks_passed": not failures,
         "failures": failures,
     }
@@ -358,7 +336,7 @@ def main() -> int:
     table = Table("metric", "value", title=f"onecard serve load test ({data['model']}, {a.dtype})")
     for k in ("clients", "disconnecting_clients", "completed_whole", "completed_total", "aborted_by_disconnect",
               "kv_blocks_used_after", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "server_output_tok_s",
-              "offline_output_tok_s", "server_vs_offline", "server_exit_status"):
+              "offline_output_tok_s", "server_vs_offline_throughput", "server_exit_status"):
         v = data[k]
         table.add_row(k, f"{v:.3g}" if isinstance(v, float) else str(v))
     console.print(table)
@@ -385,7 +363,8 @@ def plot(data: dict, ttft: list[float], itl: list[float], out) -> Path:
     if data["offline_output_tok_s"]:
         bars["offline engine"] = data["offline_output_tok_s"]
     ax[2].bar(list(bars), list(bars.values()), color=["tab:green", "tab:gray"][:len(bars)])
-    ratio = f" (server/offline {data['server_vs_offline']:.2f})" if data["server_vs_offline"] else ""
+    ratio = data["server_vs_offline_throughput"]
+    ratio = f" (server/offline {ratio:.2f})" if ratio else ""
     ax[2].set(title=f"output tok/s{ratio}", ylabel="tokens / s")
     fig.tight_layout()
     return save_figure(fig, "serve_load", out)

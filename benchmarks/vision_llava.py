@@ -213,6 +213,7 @@ def main() -> None:
     rows7: list[dict] = []
     row13 = None
     if a.part in ("7b", "all"):
+        t_part = time.perf_counter()
         for name, int4, backend in (("hf_bf16", False, "hf"), ("hf_int4", True, "hf"),
                                     ("engine_bf16", False, "engine"), ("engine_int4", True, "engine")):
             rows7.append(run_variant(name, "llava-1.5-7b", size, dtype, device, int4, backend, image, a, console,
@@ -226,9 +227,11 @@ def main() -> None:
         for r in rows7[1:]:
             result[f"7b_{r['name']}_decode_speedup_vs_hf_bf16"] = r["decode_tok_s"] / base["decode_tok_s"]
             result[f"7b_{r['name']}_ttft_ratio_vs_hf_bf16"] = r["ttft_ms"] / base["ttft_ms"]
+        result["7b_part_s"] = time.perf_counter() - t_part
         result["7b_target_decode_speedup"] = 3.0
         result["7b_engine_int4_meets_target"] = result["7b_engine_int4_decode_speedup_vs_hf_bf16"] >= 3.0
     if a.part in ("13b", "all"):
+        t_part = time.perf_counter()
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -240,6 +243,7 @@ def main() -> None:
         console.print(table([row13], f"llava-1.5-13b ({size}), int4 LM, {cap_note}"))
         for k, v in row13.items():
             result[f"13b_{k}"] = v
+        result["13b_part_s"] = time.perf_counter() - t_part
         result["13b_cap_gib"] = a.cap_gib if device.type == "cuda" else None
         result["13b_fits_cap"] = (row13.get("peak_reserved_gib", 0.0) <= a.cap_gib) if device.type == "cuda" else None
     path = write_result("vision_llava", result, out_dir)

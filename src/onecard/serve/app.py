@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -32,10 +33,24 @@ from onecard.serve.completions import (
     tokenize_chat,
     tokenize_prompt,
 )
-from onecard.serve.errors import APIError, bad_request, not_ready, unauthorized, unknown_model
+from onecard.serve.errors import (
+    APIError,
+    bad_request,
+    not_ready,
+    unauthorized,
+    unknown_model,
+)
 from onecard.serve.metrics import ServerMetrics
-from onecard.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, new_id, now
+from onecard.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    new_id,
+    now,
+)
 from onecard.serve.rag_ask import RagAskRequest, rag_answer, rag_disabled
+from onecard.serve.vision_engine import image_prompt
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +190,9 @@ def build_app(engine=None, model_name: str = "model", api_key: str | None = None
     async def completions(req: CompletionRequest, request: Request):
         eng = ready_engine(request)
         check_model(req.model)
+        if getattr(eng, "accepts_images", False):
+            raise bad_request(f"The model '{model_name}' is a LLaVA model served for image questions; send them to "
+                              "/v1/chat/completions with an image_url content part", "prompt")
         tok = eng.tokenizer
         prompts = [tokenize_prompt(tok, p) for p in req.prompts()]
         max_tokens = min(resolve_max_tokens(len(p), req.max_tokens, max_model_len(eng), "prompt") for p in prompts)
@@ -190,13 +208,23 @@ def build_app(engine=None, model_name: str = "model", api_key: str | None = None
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat_completions(req: ChatCompletionRequest, request: Request):
+        t_arrival = time.perf_counter()
         eng = ready_engine(request)
         check_model(req.model)
         tok = eng.tokenizer
-        prompt = tokenize_chat(tok, req)
+        images = req.has_images() or getattr(eng, "accepts_images", False)
+        if images:  # a LLaVA model: the image and question through onecard.vision's path (vision_engine.py)
+            prompt = await image_prompt(eng, [m.model_dump() for m in req.messages], model_name)
+        else:
+            prompt = tokenize_chat(tok, req)
         max_tokens = resolve_max_tokens(len(prompt), req.max_new_tokens(), max_model_len(eng), "messages")
         params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
-        gen = Generation(eng, metrics, [prompt], params, new_id("chatcmpl"), req.n)
+        if images:
+            try:
+                eng.check_params(params)
+            except BadInputError as err:
+                raise bad_request(str(err)) from None
+        gen = Generation(eng, metrics, [prompt], params, new_id("chatcmpl"), req.n, t_arrival)
         if req.stream:
             await gen.start()
             return StreamingResponse(chat_stream(gen, req, tok, model_name), media_type="text/event-stream",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -112,13 +112,29 @@ class TextPart(_Strict):
     text: str
 
 
+class ImageURL(_Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImageURLPart(_Strict):
+    """An image as OpenAI's vision requests send it; onecard takes ``data:`` URLs only (it never downloads)."""
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # e.g. "name"; passed through to the chat template
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
+    content: str | list[Annotated[TextPart | ImageURLPart, Field(discriminator="type")]]
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return self.content if isinstance(self.content, str) else "".join(
+            p.text for p in self.content if isinstance(p, TextPart))
+
+    def has_image(self) -> bool:
+        return not isinstance(self.content, str) and any(isinstance(p, ImageURLPart) for p in self.content)
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -140,6 +156,9 @@ class ChatCompletionRequest(_SamplingFields):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self
+
+    def has_images(self) -> bool:
+        return any(m.has_image() for m in self.messages)
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import ipaddress
+import json
 import logging
 import signal
 import socket
@@ -83,8 +84,21 @@ class ServeConfig:
             return False
 
 
+VISION_QUANTIZATION = (None, "rtn-int4")
+
+
+def is_vision_folder(model: str | Path) -> bool:
+    """A folder whose config.json has a ``vision_config`` (LLaVA): served through ``onecard.vision`` for image chat."""
+    try:
+        config = json.loads((Path(model).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "vision_config" in config
+
+
 def engine_factory(cfg: ServeConfig) -> Callable[[], object]:
-    """A zero-argument builder of the AsyncEngine for ``cfg`` (run by the app off the event loop)."""
+    """A zero-argument builder of the engine for ``cfg`` (run by the app off the event loop): the AsyncEngine,
+    or for a LLaVA folder a ``VisionEngine`` over ``VisionModel`` (language model in int4 with rtn-int4)."""
 
     def build():
         from onecard.engine import AsyncEngine
@@ -93,6 +107,19 @@ def engine_factory(cfg: ServeConfig) -> Callable[[], object]:
                            max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
                            quantization=cfg.quantization, tensor_parallel_size=cfg.tensor_parallel_size)
 
+    def build_vision():
+        from onecard.serve.vision_engine import VisionEngine
+        from onecard.vision import VisionConfig, VisionModel
+
+        vc = VisionConfig(dtype=cfg.dtype, int4=cfg.quantization == "rtn-int4", max_model_len=cfg.max_model_len,
+                          gpu_memory_utilization=cfg.gpu_memory_utilization)
+        return VisionEngine(VisionModel.from_pretrained(cfg.model, vc))
+
+    if is_vision_folder(cfg.model):
+        if cfg.quantization not in VISION_QUANTIZATION:
+            raise BadInputError(f"--quantization {cfg.quantization}: a LLaVA folder is served with its language model "
+                                "as stored (no option) or quantized on load (--quantization rtn-int4)")
+        return build_vision
     return build
 
 
@@ -143,8 +170,13 @@ def serve(cfg: ServeConfig, factory: Callable[[], object] | None = None,
 
     if factory is None:
         from onecard.models import open_model_folder
+        from onecard.vision import open_llava_folder
 
-        open_model_folder(cfg.model)  # a wrong path fails here, in one line, before the server starts
+        # A wrong path or an incomplete folder fails here, in one line, before the server starts.
+        if is_vision_folder(cfg.model):
+            open_llava_folder(cfg.model)
+        else:
+            open_model_folder(cfg.model)
         factory = engine_factory(cfg)
     if not cfg.is_loopback() and cfg.api_key is None:
         log.warning("listening on %s without --api-key: anyone who can reach this address can use the model", cfg.host)

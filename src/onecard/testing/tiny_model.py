@@ -4,22 +4,27 @@ Random weights say nothing about quality; this model does: quantization and
 training quality checks compare perplexities on its validation split. Trained
 with plain HF transformers + AdamW on CPU in a few minutes, cached on disk
 (keyed by every setting and the Python version, since the corpus is the stdlib).
+The loop is ``train_lm``'s, shared with the benchmarks' larger models.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import sysconfig
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from onecard.testing.checkpoints import build_random_model, cache_dir, publish_dir, shared_tokenizer
+from onecard.testing.checkpoints import (
+    build_random_model,
+    cache_dir,
+    publish_dir,
+    shared_tokenizer,
+)
 from onecard.testing.corpus import local_corpus
+from onecard.testing.train_lm import save_float_folder, train_lm
 
 TINY_CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -42,7 +47,7 @@ class TinyModelInfo:
     protocol: str
 
 
-def _tokens(tokenizer, docs) -> "object":
+def _tokens(tokenizer, docs) -> object:
     import torch
 
     ids: list[int] = []
@@ -81,47 +86,14 @@ def train_tiny_model(steps: int = 300, seq_len: int = 256, batch_size: int = 8, 
     model = build_random_model(TINY_CONFIG, seed=seed).train()
     untrained = _val_ppl(model.eval(), val_ids, seq_len).perplexity
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    gen = torch.Generator().manual_seed(seed)
-    t0 = time.perf_counter()
-    bar = None
-    if progress:
-        from rich.progress import Progress
-
-        bar = Progress(transient=True)
-        bar.start()
-        task = bar.add_task("training tiny model", total=steps)
-    try:
-        for step in range(steps):
-            starts = torch.randint(0, train_ids.numel() - seq_len - 1, (batch_size,), generator=gen)
-            batch = torch.stack([train_ids[s : s + seq_len] for s in starts.tolist()])
-            loss = model(input_ids=batch, labels=batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            if bar:
-                bar.update(task, advance=1, description=f"training tiny model (loss {loss.item():.2f})")
-    finally:
-        if bar:
-            bar.stop()
-    seconds = time.perf_counter() - t0
+    seconds = train_lm(model, train_ids, steps, seq_len, batch_size, lr, generator=torch.Generator().manual_seed(seed),
+                       progress=progress, label="training tiny model")
     model.eval()
     ppl = _val_ppl(model, val_ids, seq_len)
     # Several test processes may train at once: each writes its own temp folder, the first rename wins.
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    cfg = json.loads((tmp / "config.json").read_text())
-    cfg["torch_dtype"] = "float32"
-    cfg.pop("dtype", None)
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-    for f in tok_dir.iterdir():
-        shutil.copy(f, tmp / f.name)
+    save_float_folder(model, tok_dir, tmp)
     info = TinyModelInfo(out, sum(p.numel() for p in model.parameters()), steps, seq_len, round(seconds, 1),
                          round(ppl.perplexity, 3), round(untrained, 1), ppl.protocol())
     (tmp / "onecard_tiny.json").write_text(json.dumps({**asdict(info), "path": None}, indent=2))

@@ -15,6 +15,7 @@ which path runs; every answer records it in ``VisionAnswer.backend``.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -183,6 +184,13 @@ class VisionModel:
         # would hand one picture's keys/values to the next.
         self.block_manager = BlockManager(self.runner.num_blocks, ecfg.block_size)
 
+    @property
+    def max_model_len(self) -> int:
+        """Longest prompt (image tokens included) + answer a request may have."""
+        if self.backend == "engine":
+            return self.engine_config.max_model_len
+        return self.config.max_model_len or self.hf.config.text_config.max_position_embeddings
+
     # ---- inputs ------------------------------------------------------------------------------------------------
     def prepare(self, image, question: str, use_chat_template: bool = True) -> dict:
         """Processor outputs for one image + question: ``input_ids [1, T]`` (image token repeated per patch),
@@ -235,23 +243,45 @@ class VisionModel:
         """
         from onecard.engine.sampling_params import SamplingParams
 
-        params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
-                                ignore_eos=ignore_eos)
         if max_tokens is None or max_tokens < 1:
             raise BadInputError(f"max_tokens={max_tokens}: must be a positive integer")
+        params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
+                                ignore_eos=ignore_eos)
         t0 = _now(self.device)
         inputs = self.prepare(image, question)
         n_image = int((inputs["input_ids"] == self.image_token_index).sum())
-        run = self._generate_engine if self.backend == "engine" else self._generate_hf
-        tokens, reason, t_first, t_end = run(inputs, params, _Stream(self.processor.tokenizer, on_text))
-        body = tokens[:-1] if reason == "stop" else tokens
-        text = self.processor.tokenizer.decode(body, skip_special_tokens=True)
+        tokens, reason, t_first, t_end = self.run_prepared(inputs, params, _Stream(self.processor.tokenizer, on_text).push)
+        text = self.processor.tokenizer.decode(self.answer_tokens(tokens, reason), skip_special_tokens=True)
         rate = (len(tokens) - 1) / (t_end - t_first) if len(tokens) > 1 and t_end > t_first else None
         return VisionAnswer(text.strip(), tokens, reason, self.backend, int(inputs["input_ids"].shape[1]), n_image,
                             t_first - t0, rate, {"total_s": t_end - t0})
 
+    @staticmethod
+    def answer_tokens(tokens: list[int], reason: str) -> list[int]:
+        """The tokens that make the answer's text: without the end-of-sequence token that stopped it."""
+        return tokens[:-1] if reason == "stop" else tokens
+
+    def run_prepared(self, inputs: dict, params, on_tokens: Callable[[list[int]], None] | None = None,
+                     cancel: threading.Event | None = None) -> tuple[list[int], str, float, float]:
+        """Generate from ``prepare``'s outputs with ``params`` (a ``SamplingParams``; the hf backend honours
+        temperature, top_p, seed, max_tokens and ignore_eos). Returns (token ids, finish reason, time of the first
+        token, time of the last).
+
+        ``on_tokens(all tokens so far)`` runs after every token; setting ``cancel`` stops the loop with reason
+        ``"abort"`` and frees the sequence's KV blocks (the server's client hung up).
+        """
+        run = self._generate_engine if self.backend == "engine" else self._generate_hf
+        return run(inputs, params, on_tokens or (lambda tokens: None), cancel or threading.Event())
+
+    def kv_blocks(self) -> tuple[int, int]:
+        """(KV-cache blocks in use, blocks in all) of the engine backend; (0, 0) on the hf backend."""
+        if self.backend != "engine":
+            return 0, 0
+        bm = self.block_manager
+        return bm.num_blocks - bm.num_free_blocks, bm.num_blocks
+
     @torch.no_grad()
-    def _generate_engine(self, inputs: dict, params, stream: _Stream):
+    def _generate_engine(self, inputs: dict, params, on_tokens, cancel: threading.Event):
         from onecard.engine.sampler import sample
         from onecard.engine.sequence import Sequence
 
@@ -272,8 +302,10 @@ class VisionModel:
             while True:
                 token = out.token_ids[0]
                 seq.token_ids.append(token)
-                stream.push(seq.completion_token_ids)
+                on_tokens(seq.completion_token_ids)
                 reason = self._finish(token, seq.num_completion_tokens, len(seq), params)
+                if reason is None and cancel.is_set():
+                    reason = "abort"
                 if reason is None and not bm.can_append(seq):
                     reason = "length"
                 if reason is not None:
@@ -293,7 +325,8 @@ class VisionModel:
         return None
 
     @torch.no_grad()
-    def _generate_hf(self, inputs: dict, params, stream: _Stream):
+    def _generate_hf(self, inputs: dict, params, on_tokens, cancel: threading.Event):
+        from transformers import StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
 
         times: list[float] = []
@@ -310,10 +343,14 @@ class VisionModel:
                     return
                 times.append(_now(device))
                 collected.extend(value.reshape(-1).tolist())
-                stream.push(collected)
+                on_tokens(list(collected))
 
             def end(self) -> None:
                 pass
+
+        class _Cancelled(StoppingCriteria):
+            def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
 
         if params.seed is not None:
             torch.manual_seed(params.seed)
@@ -322,9 +359,11 @@ class VisionModel:
             "do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
         out = self.hf.generate(**inputs, max_new_tokens=params.max_tokens, streamer=_Collect(),
                                eos_token_id=sorted(self.eos_ids), pad_token_id=self.processor.tokenizer.pad_token_id,
-                               **kwargs)
+                               stopping_criteria=StoppingCriteriaList([_Cancelled()]), **kwargs)
         tokens = out[0, inputs["input_ids"].shape[1]:].tolist()
         reason = "stop" if tokens and tokens[-1] in self.eos_ids and not params.ignore_eos else "length"
+        if reason == "length" and len(tokens) < params.max_tokens and cancel.is_set():
+            reason = "abort"
         t_end = _now(device)
         return tokens, reason, times[0] if times else t_end, t_end
 
