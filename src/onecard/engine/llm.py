@@ -94,7 +94,7 @@ def build_engine(config: EngineConfig, progress: bool = False):
 def _load_model(folder, config: EngineConfig, dtype: torch.dtype, device: torch.device, progress: bool):
     from onecard.models.loader import load_model
 
-    if device.type == "cuda" and folder.quantization_config is None:
+    if device.type == "cuda" and folder.quantization_config is None and config.quantization is None:
         free, _ = torch.cuda.mem_get_info(device)
         need = folder.model_args().num_parameters() * torch.tensor([], dtype=dtype).element_size()
         if need > free * config.gpu_memory_utilization:
@@ -102,17 +102,15 @@ def _load_model(folder, config: EngineConfig, dtype: torch.dtype, device: torch.
                                   f"(x{config.gpu_memory_utilization} utilization); use quantization='rtn-int4' or a "
                                   "quantized checkpoint")
     if folder.quantization_config is not None:
-        load_quantized = _quant_function("load_quantized_model", "loading GPTQ/AWQ checkpoints")
-        model = load_quantized(folder, dtype, device)
-    else:
-        model = load_model(folder, dtype, device, max_positions=None, progress=progress)
-    if config.quantization is not None:
-        if folder.quantization_config is not None:
+        if config.quantization is not None:
             raise BadInputError(f"quantization={config.quantization!r} but '{folder.path}' is already quantized "
                                 f"({folder.quantization_config.get('quant_method', '?')}); drop quantization=")
-        quantize = _quant_function("quantize_model_", "on-the-fly quantization")
-        quantize(model, config.quantization)
-    return model
+        load_quantized = _quant_function("load_quantized_model", "loading GPTQ/AWQ checkpoints")
+        return load_quantized(folder, dtype, device)
+    if config.quantization is not None:  # layer by layer: the dense model is never whole on the device
+        load_rtn = _quant_function("load_rtn_model", "on-the-fly quantization")
+        return load_rtn(folder, config.quantization, dtype, device, progress=progress)
+    return load_model(folder, dtype, device, max_positions=None, progress=progress)
 
 
 def _quant_function(name: str, what: str):
