@@ -33,7 +33,13 @@ from rich.console import Console
 from rich.table import Table
 
 from onecard.bench.results import save_figure, write_result
-from onecard.kernels.wo_matmul import CONFIGS, KernelConfig, pick_config, wo_matmul, wo_matmul_reference
+from onecard.kernels.wo_matmul import (
+    CONFIGS,
+    KernelConfig,
+    pick_config,
+    wo_matmul,
+    wo_matmul_reference,
+)
 
 SHAPES = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "down": (11008, 4096)}
 MS = (1, 2, 4, 8, 16, 2048)
@@ -141,14 +147,15 @@ def main() -> None:
     for s, (K, N) in shapes.items():
         w = torch.randn(N, K, device=device, dtype=dtype) * 0.02
         for M in ms:
-            result[f"{fl}_m{M}_{K}x{N}_us"] = bench(lambda: F.linear(xs[M, K], w))
+            result[f"{fl}_m{M}_{K}x{N}_us"] = bench(lambda x=xs[M, K], w=w: F.linear(x, w))
         result[f"{fl}_m1_{K}x{N}_gbs"] = K * N * w.element_size() / result[f"{fl}_m1_{K}x{N}_us"] / 1e3
-        del w
 
     def run(bits: int, s: str, M: int, config: KernelConfig | None) -> tuple[float, float]:
-        K, N = shapes[s]
+        K = shapes[s][0]
         gs = K if groups[bits] == -1 else groups[bits]
-        fn = lambda: wo_matmul(xs[M, K], *weights[bits, s], bits, gs, config)  # noqa: E731
+
+        def fn() -> torch.Tensor:
+            return wo_matmul(xs[M, K], *weights[bits, s], bits, gs, config)
         err = rel_err(fn(), refs[bits, s, M])
         if err > 2e-2:
             raise SystemExit(f"int{bits} {s} M={M} {config}: relative error {err:.2e} vs wo_matmul_reference")
@@ -158,7 +165,7 @@ def main() -> None:
     if a.sweep:
         for bits in (4, 8):
             for M in (m for m in ms if m <= 16):
-                def layer_us(c: KernelConfig) -> float:
+                def layer_us(c: KernelConfig, bits: int = bits, M: int = M) -> float:
                     return sum(run(bits, s, M, c)[0] for s in shapes)
 
                 scored = [(layer_us(c), c) for c in candidates(M, bits, a.smoke)]

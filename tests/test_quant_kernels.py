@@ -6,8 +6,18 @@ import pytest
 import torch
 
 from onecard.errors import BadInputError
-from onecard.kernels.wo_matmul import (CONFIGS, KernelConfig, _rowwise, dequantize, dequantize_reference, pick_config,
-                                       split_k, unpack_reference, wo_matmul, wo_matmul_reference)
+from onecard.kernels.wo_matmul import (
+    CONFIGS,
+    KernelConfig,
+    _rowwise,
+    dequantize,
+    dequantize_reference,
+    pick_config,
+    split_k,
+    unpack_reference,
+    wo_matmul,
+    wo_matmul_reference,
+)
 from onecard.quant.linear import QuantLinear
 from onecard.quant.packing import pack_rows
 from onecard.quant.rtn import rtn_quantize

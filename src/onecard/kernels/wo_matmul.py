@@ -179,7 +179,7 @@ def _store_out(out_ptr, y, offs_m, offs_n, M, N, stride_om, ATOMIC: tl.constexpr
         tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tiles_per_split"])  # one compile per config, whatever the split
 def _wo_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_om, tiles_per_split,
                     GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_KP: tl.constexpr, ROWWISE: tl.constexpr, ATOMIC: tl.constexpr):
@@ -195,7 +195,7 @@ def _wo_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, st
     n_mask = n3 < N
     KPT = K // PACK
     acc = tl.zeros((BLOCK_M, BLOCK_KP, BLOCK_N), dtype=tl.float32)
-    for t in range(0, tiles_per_split):
+    for t in range(tiles_per_split):
         kp0 = (pid_k * tiles_per_split + t) * BLOCK_KP
         rows = kp0 + tl.arange(0, BLOCK_KP)[None, :, None]
         r_mask = rows < KPT
@@ -213,7 +213,7 @@ def _wo_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, st
     _store_out(out_ptr, tl.sum(acc, axis=1), offs_m, offs_n, M, N, stride_om, ATOMIC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tiles_per_split"])
 def _wo_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_om, tiles_per_split,
                    GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_KP: tl.constexpr, ROWWISE: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr):
@@ -225,7 +225,7 @@ def _wo_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, str
     m_mask, n_mask = offs_m < M, offs_n < N
     KPT = K // PACK
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for t in range(0, tiles_per_split):
+    for t in range(tiles_per_split):
         kp0 = (pid_k * tiles_per_split + t) * BLOCK_KP
         rows = kp0 + tl.arange(0, BLOCK_KP)
         r_mask = rows < KPT
@@ -292,7 +292,7 @@ def _rowwise(group_size: int, K: int, bits: int, block_kp: int) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -345,8 +345,8 @@ def wo_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         out = torch.zeros(M, N, dtype=torch.float32, device=x.device)
     else:
         out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    consts = dict(GROUP=group_size, BITS=bits, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_KP=c.block_kp,
-                  ROWWISE=_rowwise(group_size, K, bits, c.block_kp), ATOMIC=split > 1)
+    consts = {"GROUP": group_size, "BITS": bits, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_KP": c.block_kp,
+              "ROWWISE": _rowwise(group_size, K, bits, c.block_kp), "ATOMIC": split > 1}
     if c.kernel == "dot":
         kernel = _wo_dot_kernel
         consts["PRECISION"] = "ieee" if x.dtype == torch.float32 else "tf32"
