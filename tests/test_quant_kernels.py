@@ -5,8 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from onecard.kernels.wo_matmul import (dequantize, dequantize_reference, unpack_reference, wo_matmul,
-                                       wo_matmul_reference)
+from onecard.errors import BadInputError
+from onecard.kernels.wo_matmul import (
+    CONFIGS,
+    KernelConfig,
+    _rowwise,
+    dequantize,
+    dequantize_reference,
+    pick_config,
+    split_k,
+    unpack_reference,
+    wo_matmul,
+    wo_matmul_reference,
+)
 from onecard.quant.linear import QuantLinear
 from onecard.quant.packing import pack_rows
 from onecard.quant.rtn import rtn_quantize
@@ -29,7 +40,7 @@ def test_unpack_reference_inverts_pack():
     assert torch.equal(unpack_reference(pack_rows(codes8, 8), 8), codes8)
 
 
-@pytest.mark.parametrize("bits,group_size,K,N", [(4, 32, 96, 80), (4, 64, 80, 48), (8, -1, 96, 40)])
+@pytest.mark.parametrize("bits,group_size,K,N", [(4, 32, 96, 80), (4, 64, 80, 48), (8, -1, 96, 40), (4, 128, 256, 48)])
 def test_dequant_kernel_bit_exact(bits, group_size, K, N):
     qw, packed, s, z, gs = _packed(K, N, bits, group_size)
     ref = dequantize_reference(packed, s, z, bits, gs)
@@ -38,16 +49,63 @@ def test_dequant_kernel_bit_exact(bits, group_size, K, N):
     assert torch.equal(ref.cpu(), qw.dequantize().t())
 
 
-@pytest.mark.parametrize("bits,group_size,M", [(4, 32, 1), (4, 32, 5), (8, -1, 3), (4, 64, 20)])
-def test_matmul_kernel_matches_reference(bits, group_size, M):
-    """M <= 16 takes the split-K decode path, M = 20 the tiled GEMM path; K = 96 ends in a partial tile."""
-    K, N = 96, 80
+# (bits, group_size, K, N, M, config): every kernel (gemv / dot) with and without split-K, tiles inside one group
+# and tiles spanning several (ROWWISE), K tails (K / P not a multiple of the tile), N not a multiple of the block.
+# config None = the table's choice for that M (M = 40 and 70 land in the two largest buckets).
+GEMV, DOT = "gemv", "dot"
+MATMUL_CASES = [
+    (4, 128, 256, 80, 1, None),
+    (8, 128, 256, 80, 1, None),
+    (4, 32, 224, 80, 3, None),
+    (8, -1, 96, 40, 3, None),
+    (8, 64, 256, 80, 8, None),
+    (4, -1, 200, 80, 16, None),
+    (4, 64, 256, 48, 40, None),
+    (8, 128, 256, 80, 40, None),
+    (4, 128, 256, 48, 70, None),
+    (4, 64, 256, 48, 2, KernelConfig(GEMV, 2, 64, 8, 0.0)),
+    (8, 32, 128, 80, 1, KernelConfig(GEMV, 1, 128, 16, 1.0)),
+    (4, 32, 224, 48, 4, KernelConfig(GEMV, 4, 64, 16, 0.0)),
+    (8, 128, 256, 80, 5, KernelConfig(DOT, 16, 64, 32, 0.0)),
+    (4, 32, 224, 48, 16, KernelConfig(DOT, 16, 64, 16, 0.0)),
+]
+
+
+def _case_paths(bits, group_size, K, N, M, config) -> tuple[str, bool, bool]:
+    """(kernel, rowwise, split) that a case runs: what the coverage test checks."""
+    c = config or pick_config(M, bits)
+    gs = K if group_size == -1 else group_size
+    k_tiles = -(-(K * bits // 32) // c.block_kp)
+    grid = -(-M // c.block_m) * -(-N // c.block_n)
+    return c.kernel, _rowwise(gs, K, bits, c.block_kp), split_k(c, grid, k_tiles, torch.device(DEV)) > 1
+
+
+def test_matmul_cases_cover_every_path():
+    assert {_case_paths(*case) for case in MATMUL_CASES} == {(k, r, s) for k in (GEMV, DOT) for r in (False, True)
+                                                            for s in (False, True)}
+
+
+@pytest.mark.parametrize("bits,group_size,K,N,M,config", MATMUL_CASES)
+def test_matmul_kernel_matches_reference(bits, group_size, K, N, M, config):
     _, packed, s, z, gs = _packed(K, N, bits, group_size, seed=M)
     x = torch.randn(M, K, device=DEV)
-    y = wo_matmul(x, packed, s, z, bits, gs)
+    y = wo_matmul(x, packed, s, z, bits, gs, config)
     ref = wo_matmul_reference(x, packed, s, z, bits, gs)
     assert y.shape == (M, N) and y.dtype == x.dtype
-    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_config_table_and_split():
+    assert pick_config(1, 4).kernel == GEMV and pick_config(3, 8) == CONFIGS[(4, 8)]
+    assert pick_config(10**6, 4) == CONFIGS[(max(m for m, _ in CONFIGS), 4)]
+    cfg = KernelConfig(GEMV, 1, 64, 16, 1.0)
+    assert split_k(cfg, grid_mn=1, k_tiles=10, device=torch.device("cpu")) == 4      # 4 SMs x 1 wave, 3+3+3+1 tiles
+    assert split_k(cfg, grid_mn=1, k_tiles=3, device=torch.device("cpu")) == 3       # never more splits than tiles
+    assert split_k(cfg, grid_mn=8, k_tiles=10, device=torch.device("cpu")) == 1      # enough output tiles already
+    with pytest.raises(BadInputError, match="tl.dot"):
+        KernelConfig(DOT, 4, 64, 16, 0.0)
+    with pytest.raises(BadInputError, match="power-of-two"):
+        KernelConfig(GEMV, 3, 64, 16, 0.0)
 
 
 def test_kernel_rejects_inconsistent_tensors():

@@ -129,37 +129,39 @@ def _preflight(folder, config: EngineConfig, user_max_model_len: int | None, dty
 def _load_model(folder, config: EngineConfig, dtype: torch.dtype, device: torch.device, progress: bool):
     from onecard.models.loader import load_model
 
+    if folder.quantization_config is not None and config.quantization is not None:
+        raise BadInputError(f"quantization={config.quantization!r} but '{folder.path}' is already quantized "
+                            f"({folder.quantization_config.get('quant_method', '?')}); drop quantization=")
     offload = _offload_count(folder, config, device)
-    where = torch.device("cpu") if offload else device  # offloading: build on the host, then place layer by layer
-    if device.type == "cuda" and folder.quantization_config is None and not offload:
-        free, _ = torch.cuda.mem_get_info(device)
-        need = folder.model_args().num_parameters() * torch.tensor([], dtype=dtype).element_size()
-        if need > free * config.gpu_memory_utilization:
-            raise DoesNotFitError(f"the {dtype} weights need {need / GiB:.1f} GiB but {free / GiB:.1f} GiB is free "
-                                  f"(x{config.gpu_memory_utilization} utilization); use quantization='rtn-int4' or a "
-                                  "quantized checkpoint")
-    if folder.quantization_config is not None:
-        load_quantized = _quant_function("load_quantized_model", "loading GPTQ/AWQ checkpoints")
-        model = load_quantized(folder, dtype, where)
-    else:
-        model = load_model(folder, dtype, where, max_positions=None, progress=progress)
-    quantize = None
-    if config.quantization is not None:
+    if not offload:
+        if device.type == "cuda" and folder.quantization_config is None and config.quantization is None:
+            free, _ = torch.cuda.mem_get_info(device)
+            need = folder.model_args().num_parameters() * torch.tensor([], dtype=dtype).element_size()
+            if need > free * config.gpu_memory_utilization:
+                raise DoesNotFitError(f"the {dtype} weights need {need / GiB:.1f} GiB but {free / GiB:.1f} GiB is "
+                                      f"free (x{config.gpu_memory_utilization} utilization); use quantization="
+                                      "'rtn-int4', a quantized checkpoint or offload_layers='auto'")
         if folder.quantization_config is not None:
-            raise BadInputError(f"quantization={config.quantization!r} but '{folder.path}' is already quantized "
-                                f"({folder.quantization_config.get('quant_method', '?')}); drop quantization=")
-        quantize = _quant_function("quantize_model_", "on-the-fly quantization")
-        if not offload:
-            quantize(model, config.quantization)
-    if offload:
-        from onecard.engine.offload import describe_offload, offload_layers, quantize_layer
+            return _quant_function("load_quantized_model", "loading GPTQ/AWQ checkpoints")(folder, dtype, device)
+        if config.quantization is not None:  # layer by layer: the dense model is never whole on the device
+            load_rtn = _quant_function("load_rtn_model", "on-the-fly quantization")
+            return load_rtn(folder, config.quantization, dtype, device, progress=progress)
+        return load_model(folder, dtype, device, max_positions=None, progress=progress)
+    # offloading: build on the host, then place layer by layer (quantizing each on the card first)
+    cpu = torch.device("cpu")
+    if folder.quantization_config is not None:
+        model = _quant_function("load_quantized_model", "loading GPTQ/AWQ checkpoints")(folder, dtype, cpu)
+    else:
+        model = load_model(folder, dtype, cpu, max_positions=None, progress=progress)
+    quantize = config.quantization and _quant_function("quantize_model_", "on-the-fly quantization")
+    from onecard.engine.offload import describe_offload, offload_layers, quantize_layer
 
-        offload_layers(model, offload, device, quantize and (lambda layer: quantize_layer(quantize, layer, config.quantization)))
-        config.enforce_eager = True  # graphs would capture one layer's copy; the streamer re-issues them every step
-        d = describe_offload(model, device)
-        log.warning("offloading %d of %d decoder layers (%.2f GiB) to pinned CPU memory: expected ~%.2f tok/s at bs=1 "
-                    "(host link %.1f GB/s measured, bound %.2f tok/s); CUDA graphs off", d["offload_layers"],
-                    d["num_layers"], d["offloaded_gib"], d["expected_tok_s"], d["h2d_gbs"], d["pcie_bound_tok_s"])
+    offload_layers(model, offload, device, quantize and (lambda layer: quantize_layer(quantize, layer, config.quantization)))
+    config.enforce_eager = True  # graphs would capture one layer's copy; the streamer re-issues them every step
+    d = describe_offload(model, device)
+    log.warning("offloading %d of %d decoder layers (%.2f GiB) to pinned CPU memory: expected ~%.2f tok/s at bs=1 "
+                "(host link %.1f GB/s measured, bound %.2f tok/s); CUDA graphs off", d["offload_layers"],
+                d["num_layers"], d["offloaded_gib"], d["expected_tok_s"], d["h2d_gbs"], d["pcie_bound_tok_s"])
     return model
 
 

@@ -2,7 +2,8 @@
 
 Why: decoding is memory-bound — each step streams every weight once — so
 reading 4-bit (or 8-bit) codes instead of bf16 cuts the bytes per token ~4x
-(~2x) if the dequantization happens in registers, never in memory.
+(~2x) if the dequantization happens in registers, never in memory, and costs
+fewer instructions than the bytes it saves take to arrive.
 
 Kernel layout (what ``onecard.quant.linear.QuantLinear`` repacks checkpoints into at load time):
 
@@ -14,22 +15,107 @@ Kernel layout (what ``onecard.quant.linear.QuantLinear`` repacks checkpoints int
   *contiguous*: input channel ``k`` belongs to group ``k // group_size``. Act-order
   checkpoints are made contiguous at load time by permuting K (rows of the codes)
   and gathering the activations with the same permutation.
-- ``w[k, n] = (code - zeros[g, n]) * scales[g, n]`` in fp32, cast to the activation dtype.
+- ``w[k, n] = (code - zeros[g, n]) * scales[g, n]``.
 
-Two launch policies of the one kernel: ``M <= 16`` (decode) runs 16-row tiles
-with split-K, so even a 4096-wide GEMV fills every SM; larger ``M`` runs square
-tiles without split. On CUDA, ``M >= DEQUANT_GEMM_MIN_M`` (long prefill,
-compute-bound) dequantizes once into a scratch bf16 weight and calls cuBLAS,
-as exllamav2 does: the dequant is a small fraction of a 2k-token GEMM.
+How the kernels stay cheap per element:
+
+- No ``tl.reshape`` of unpacked codes: a tile of ``BLOCK_KP`` word rows is loaded
+  once and code ``j`` of every word (input channel ``P*r + j``) is taken with a
+  shift and a mask; the matching activations ``x[P*r + j]`` are a strided load
+  (x is tiny and stays in L1).
+- Code to float without an int->float conversion (a quarter-rate instruction):
+  ``(code | 0x4B000000)`` read as fp32 is exactly ``2**23 + code``, so one
+  subtraction of ``zero + 2**23`` gives ``code - zero`` exactly.
+- The scale is factored out of the sum: a tile that lies inside one group
+  accumulates ``sum_k x_k (c_kn - z_n)`` and multiplies by ``s_n`` once per tile,
+  not once per element. (Folding the zero into the conversion, rather than
+  subtracting ``z_n * sum_k x_k`` at the end of a group, needs no cross-thread
+  sum per group.) Tiles wider than a small group (``ROWWISE``) load one scale
+  and zero per word row instead.
+
+Two kernels, chosen per ``M`` from ``CONFIGS`` (tuned by ``benchmarks/quant_kernels.py --sweep``):
+
+- ``gemv`` (decode, M <= a few rows): no tensor cores; a ``[BLOCK_M, BLOCK_KP, BLOCK_N]``
+  fp32 accumulator of products, summed over K once at the end. Every tensor is
+  3-D from its load on, so the whole loop stays in the words' coalesced layout
+  (checked on the sm_90 TTGIR: no ``convert_layout`` inside the loop, no spills);
+  about 5 instructions per code (extract, or, subtract, FMA).
+- ``dot``: ``P`` separate ``tl.dot`` of ``x_j [BLOCK_M, BLOCK_KP] @ (c_j - z) [BLOCK_KP, BLOCK_N]``
+  (codes minus zero are exact in bf16 for 4- and 8-bit codes), scale after the dot
+  (within the dot each ``c_j - z`` tile still passes through shared memory, as any
+  Triton dequant-then-dot does).
+
+Both split K over groups when the output tiles alone would leave SMs idle
+(``KernelConfig.waves``): partial sums are added with ``tl.atomic_add`` into a
+zeroed fp32 output (one memset and one cast, both small next to the weight read;
+no partials tensor and no separate sum kernel). On CUDA, ``M >= DEQUANT_GEMM_MIN_M``
+(long prefill, compute-bound) dequantizes once into a scratch weight and calls
+cuBLAS, as exllamav2 does: the dequant is a small fraction of a 2k-token GEMM.
 """
 
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from onecard.errors import BadInputError
+
 DEQUANT_GEMM_MIN_M = 512
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """One launch configuration of ``wo_matmul`` (all block sizes powers of two).
+
+    ``block_kp`` counts packed rows (int32 words along K): a tile spans
+    ``block_kp * 32 / bits`` input channels. ``waves`` is the split-K target in
+    programs per SM (0 = no split): split-K is set from it per shape, so one
+    table row serves every ``N x K``.
+    """
+
+    kernel: str        # "gemv" (CUDA cores, small M) or "dot" (tl.dot tiles)
+    block_m: int
+    block_n: int
+    block_kp: int
+    waves: float
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        sizes = (self.block_m, self.block_n, self.block_kp)
+        if self.kernel not in ("gemv", "dot") or any(s < 1 or s & (s - 1) for s in sizes) or self.waves < 0:
+            raise BadInputError(f"bad kernel config {self}: kernel gemv|dot, power-of-two blocks, waves >= 0")
+        if self.kernel == "dot" and min(sizes) < 16:
+            raise BadInputError(f"bad kernel config {self}: tl.dot needs block_m, block_n, block_kp >= 16")
+
+
+# (largest M of the bucket, bits) -> config. Pre-sweep defaults; `benchmarks/quant_kernels.py --sweep`
+# prints this table measured on the card it runs on.
+CONFIGS: dict[tuple[int, int], KernelConfig] = {
+    (1, 4): KernelConfig("gemv", 1, 128, 16, 4.0, 4, 3),
+    (1, 8): KernelConfig("gemv", 1, 128, 32, 4.0, 4, 3),
+    (2, 4): KernelConfig("gemv", 2, 128, 16, 4.0, 4, 3),
+    (2, 8): KernelConfig("gemv", 2, 128, 32, 4.0, 4, 3),
+    (4, 4): KernelConfig("gemv", 4, 64, 16, 4.0, 4, 3),
+    (4, 8): KernelConfig("gemv", 4, 64, 32, 4.0, 4, 3),
+    (8, 4): KernelConfig("dot", 16, 64, 16, 2.0, 4, 3),
+    (8, 8): KernelConfig("dot", 16, 64, 32, 2.0, 4, 3),
+    (16, 4): KernelConfig("dot", 16, 64, 16, 2.0, 4, 3),
+    (16, 8): KernelConfig("dot", 16, 64, 32, 2.0, 4, 3),
+    (64, 4): KernelConfig("dot", 32, 64, 16, 1.0, 4, 3),
+    (64, 8): KernelConfig("dot", 32, 64, 32, 1.0, 4, 3),
+    (2**31, 4): KernelConfig("dot", 64, 128, 16, 0.0, 4, 3),
+    (2**31, 8): KernelConfig("dot", 64, 128, 16, 0.0, 4, 3),
+}
+
+
+def pick_config(M: int, bits: int) -> KernelConfig:
+    """The table row of the smallest M bucket that holds ``M``."""
+    return CONFIGS[min(m for m, b in CONFIGS if b == bits and m >= M), bits]
 
 
 # ---- PyTorch reference -------------------------------------------------------------------------------------
@@ -52,7 +138,7 @@ def dequantize_reference(qweight: torch.Tensor, scales: torch.Tensor, zeros: tor
 
 def wo_matmul_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                         bits: int, group_size: int) -> torch.Tensor:
-    """``x[..., K] @ W[K, N]`` with W dequantized in fp32 and cast to x's dtype (what the kernel does)."""
+    """``x[..., K] @ W[K, N]`` with W dequantized in fp32 and cast to x's dtype."""
     w = dequantize_reference(qweight, scales, zeros, bits, group_size).to(x.dtype)
     return x @ w
 
@@ -60,75 +146,165 @@ def wo_matmul_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
 # ---- Triton ------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, N, K, GROUP: tl.constexpr, BITS: tl.constexpr,
-                  BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """fp32 weight tile ``[BLOCK_K, BLOCK_N]`` starting at input channel ``k0`` (BLOCK_K divides GROUP or GROUP >= K)."""
+def _group_affine(s_ptr, z_ptr, kp0, rows, offs_n, n_mask, N, KPT, GROUP: tl.constexpr, PACK: tl.constexpr,
+                  ROWWISE: tl.constexpr, PER_ROW: tl.constexpr):
+    """Scale and ``zero + 2**23`` (fp32) for a tile of word rows.
+
+    ``rows`` and ``offs_n``/``n_mask`` come already expanded (``[BKP, 1]`` / ``[1, BN]``, or with a
+    leading 1 for 3-D tiles). ``PER_ROW`` loads a one-group tile's scales once per word row (L1 hits),
+    shaped like the words so the compiler keeps the words' layout (the gemv); otherwise once per tile
+    (the dot, whose accumulator has its own layout).
+    """
+    if ROWWISE:    # the tile spans several groups: one scale/zero per word row (a word never straddles groups)
+        off = (rows * PACK) // GROUP * N + offs_n
+        mask = (rows < KPT) & n_mask
+    elif PER_ROW:  # the whole tile lies in group kp0 * PACK // GROUP
+        off = (kp0 * PACK) // GROUP * N + offs_n + rows * 0
+        mask = (rows < KPT) & n_mask
+    else:
+        off = (kp0 * PACK) // GROUP * N + offs_n
+        mask = n_mask & ((tl.zeros_like(offs_n) + kp0) < KPT)
+    s = tl.load(s_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    return s, z + 8388608.0
+
+
+@triton.jit
+def _store_out(out_ptr, y, offs_m, offs_n, M, N, stride_om, ATOMIC: tl.constexpr):
+    ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if ATOMIC:
+        tl.atomic_add(ptrs, y, mask=mask)
+    else:
+        tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["tiles_per_split"])  # one compile per config, whatever the split
+def _wo_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_om, tiles_per_split,
+                    GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_KP: tl.constexpr, ROWWISE: tl.constexpr, ATOMIC: tl.constexpr):
     PACK: tl.constexpr = 32 // BITS
-    offs_kp = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
-    n_mask = offs_n < N
-    words = tl.load(qw_ptr + offs_kp[:, None] * N + offs_n[None, :],
-                    mask=(offs_kp[:, None] < K // PACK) & n_mask[None, :], other=0)
-    shifts = tl.arange(0, PACK) * BITS
-    codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
-    codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))
-    g = k0 // GROUP
-    gmask = n_mask & ((tl.zeros_like(offs_n) + k0) < K)
-    s = tl.load(s_ptr + g * N + offs_n, mask=gmask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + g * N + offs_n, mask=gmask, other=0.0).to(tl.float32)
-    return (codes.to(tl.float32) - z[None, :]) * s[None, :]
+    MASK: tl.constexpr = (1 << BITS) - 1
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Everything 3-D [BLOCK_M, BLOCK_KP, BLOCK_N] from the loads on, so the compiler keeps the coalesced
+    # layout of the words load throughout (a 2-D load expanded to 3-D costs a shared-memory shuffle per code).
+    m3 = offs_m[:, None, None]
+    n3 = offs_n[None, None, :]
+    n_mask = n3 < N
+    KPT = K // PACK
+    acc = tl.zeros((BLOCK_M, BLOCK_KP, BLOCK_N), dtype=tl.float32)
+    for t in range(tiles_per_split):
+        kp0 = (pid_k * tiles_per_split + t) * BLOCK_KP
+        rows = kp0 + tl.arange(0, BLOCK_KP)[None, :, None]
+        r_mask = rows < KPT
+        s, zm = _group_affine(s_ptr, z_ptr, kp0, rows, n3, n_mask, N, KPT, GROUP, PACK, ROWWISE, True)
+        words = tl.load(qw_ptr + rows * N + n3, mask=r_mask & n_mask, other=0)             # [1, BKP, BN]
+        x_rows = x_ptr + m3 * stride_xm + rows * PACK  # [BM, BKP, 1]; x[P*r + j] is x_rows + j
+        x_mask = (m3 < M) & r_mask
+        part = tl.zeros((BLOCK_M, BLOCK_KP, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(PACK):
+            # code_j - zero, exact: (code | 0x4B000000) read as fp32 is 2**23 + code, and zm = zero + 2**23
+            w = (((words >> (j * BITS)) & MASK) | 0x4B000000).to(tl.float32, bitcast=True) - zm
+            xj = tl.load(x_rows + j, mask=x_mask, other=0.0).to(tl.float32)
+            part += xj * w
+        acc += part * s
+    _store_out(out_ptr, tl.sum(acc, axis=1), offs_m, offs_n, M, N, stride_om, ATOMIC)
+
+
+@triton.jit(do_not_specialize=["tiles_per_split"])
+def _wo_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_om, tiles_per_split,
+                   GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_KP: tl.constexpr, ROWWISE: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr):
+    PACK: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask, n_mask = offs_m < M, offs_n < N
+    KPT = K // PACK
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(tiles_per_split):
+        kp0 = (pid_k * tiles_per_split + t) * BLOCK_KP
+        rows = kp0 + tl.arange(0, BLOCK_KP)
+        r_mask = rows < KPT
+        words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0)
+        s, zm = _group_affine(s_ptr, z_ptr, kp0, rows[:, None], offs_n[None, :], n_mask[None, :], N, KPT, GROUP, PACK,
+                              ROWWISE, False)
+        x_rows = x_ptr + offs_m[:, None] * stride_xm + rows[None, :] * PACK
+        x_mask = m_mask[:, None] & r_mask[None, :]
+        if ROWWISE:  # scales differ along the tile's K: apply them before the dot (what the reference rounds)
+            for j in tl.static_range(PACK):
+                w = (((words >> (j * BITS)) & MASK) | 0x4B000000).to(tl.float32, bitcast=True) - zm
+                xj = tl.load(x_rows + j, mask=x_mask, other=0.0)
+                acc = tl.dot(xj, (w * s).to(xj.dtype), acc, input_precision=PRECISION)
+        else:        # one group: dot on exact (code - zero), scale once after
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for j in tl.static_range(PACK):
+                w = (((words >> (j * BITS)) & MASK) | 0x4B000000).to(tl.float32, bitcast=True) - zm
+                xj = tl.load(x_rows + j, mask=x_mask, other=0.0)
+                part = tl.dot(xj, w.to(xj.dtype), part, input_precision=PRECISION)
+            acc += part * s
+    _store_out(out_ptr, acc, offs_m, offs_n, M, N, stride_om, ATOMIC)
 
 
 @triton.jit
 def _dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, GROUP: tl.constexpr, BITS: tl.constexpr,
-                    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_k, pid_n = tl.program_id(0), tl.program_id(1)
-    k0 = pid_k * BLOCK_K
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    w = _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, N, K, GROUP, BITS, BLOCK_K, BLOCK_N)
-    tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
-             mask=(offs_k[:, None] < K) & (offs_n[None, :] < N))
+                    BLOCK_KP: tl.constexpr, BLOCK_N: tl.constexpr, ROWWISE: tl.constexpr):
+    PACK: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    kp0 = tl.program_id(0) * BLOCK_KP
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = kp0 + tl.arange(0, BLOCK_KP)
+    KPT = K // PACK
+    n_mask = offs_n < N
+    mask = (rows < KPT)[:, None] & n_mask[None, :]
+    words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=mask, other=0)
+    s, zm = _group_affine(s_ptr, z_ptr, kp0, rows[:, None], offs_n[None, :], n_mask[None, :], N, KPT, GROUP, PACK,
+                          ROWWISE, True)
+    for j in tl.static_range(PACK):
+        w = ((((words >> (j * BITS)) & MASK) | 0x4B000000).to(tl.float32, bitcast=True) - zm) * s
+        tl.store(out_ptr + (rows[:, None] * PACK + j) * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _wo_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_om, stride_split,
-                      tiles_per_split, GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_start = pid_k * tiles_per_split * BLOCK_K
-    for t in range(0, tiles_per_split):
-        k0 = k_start + t * BLOCK_K
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, N, K, GROUP, BITS, BLOCK_K, BLOCK_N)
-        acc += tl.dot(x, w.to(x.dtype))
-    out = out_ptr + pid_k * stride_split + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
-
-
-def _block_k(group_size: int, K: int, want: int) -> int:
-    """Largest power of two <= ``want`` whose tiles never straddle a group boundary."""
-    bk = want
-    while bk > 16 and group_size < K and group_size % bk:
-        bk //= 2
-    if group_size < K and group_size % bk:
-        raise ValueError(f"group size {group_size} is not a multiple of 16")
-    return bk
-
+# ---- launch ------------------------------------------------------------------------------------------------
 
 def _check(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int) -> tuple[int, int]:
     if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, got {bits}")
+        raise BadInputError(f"bits must be 4 or 8, got {bits}")
     K, N = qweight.shape[0] * (32 // bits), qweight.shape[1]
     G = (K + group_size - 1) // group_size
     if qweight.dtype != torch.int32 or tuple(scales.shape) != (G, N) or tuple(zeros.shape) != (G, N):
-        raise ValueError(f"bad packed weight: qweight {qweight.dtype} {tuple(qweight.shape)}, scales "
-                         f"{tuple(scales.shape)}, zeros {tuple(zeros.shape)} for K={K}, N={N}, group {group_size}")
+        raise BadInputError(f"bad packed weight: qweight {qweight.dtype} {tuple(qweight.shape)}, scales "
+                            f"{tuple(scales.shape)}, zeros {tuple(zeros.shape)} for K={K}, N={N}, group {group_size}")
     return K, N
+
+
+def _rowwise(group_size: int, K: int, bits: int, block_kp: int) -> bool:
+    """Whether a tile of ``block_kp`` word rows spans several groups (then scales load per word row)."""
+    pack = 32 // bits
+    if group_size >= K or group_size % (block_kp * pack) == 0:
+        return False
+    if group_size % pack:
+        raise BadInputError(f"group size {group_size} is not a multiple of {pack}: a {bits}-bit word would straddle "
+                            "two groups; requantize with group size 32, 64 or 128")
+    return True
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def split_k(config: KernelConfig, grid_mn: int, k_tiles: int, device: torch.device) -> int:
+    """How many programs share one output tile's K range: ``waves`` programs per SM in all, at most one per tile."""
+    if config.waves <= 0:
+        return 1
+    split = max(1, min(k_tiles, round(config.waves * _sm_count(device) / max(grid_mn, 1))))
+    return triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))  # no empty splits
 
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
@@ -136,53 +312,48 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     """Triton dequantization to ``[K, N]`` in ``dtype`` (bit-exact with ``dequantize_reference`` in fp32)."""
     K, N = _check(qweight, scales, zeros, bits, group_size)
     out = torch.empty(K, N, dtype=dtype, device=qweight.device)
-    bk = _block_k(group_size, K, 64)
-    grid = (triton.cdiv(K, bk), triton.cdiv(N, 64))
-    _dequant_kernel[grid](qweight, scales, zeros, out, N, K, GROUP=group_size, BITS=bits, BLOCK_K=bk, BLOCK_N=64)
+    bkp, bn = 16, 64
+    grid = (triton.cdiv(K // (32 // bits), bkp), triton.cdiv(N, bn))
+    _dequant_kernel[grid](qweight, scales, zeros, out, N, K, GROUP=group_size, BITS=bits, BLOCK_KP=bkp, BLOCK_N=bn,
+                          ROWWISE=_rowwise(group_size, K, bits, bkp))
     return out
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def wo_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
-              group_size: int) -> torch.Tensor:
-    """``x[..., K] @ dequant(W)[K, N]`` -> ``[..., N]`` in x's dtype; decode shapes use split-K."""
+              group_size: int, config: KernelConfig | None = None) -> torch.Tensor:
+    """``x[..., K] @ dequant(W)[K, N]`` -> ``[..., N]`` in x's dtype.
+
+    ``config`` overrides the table (benchmarks, tests); without it, long
+    prefills on CUDA take the dequantize + cuBLAS path.
+    """
     K, N = _check(qweight, scales, zeros, bits, group_size)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
-    interpret = x.device.type != "cuda"
-    if not interpret and M >= DEQUANT_GEMM_MIN_M:
-        w = dequantize(qweight, scales, zeros, bits, group_size, dtype=x.dtype)
-        return (x2 @ w).reshape(*lead, N)
-    if M <= 16:
-        bm, bn, bk, warps, stages = 16, (32 if interpret else 64), (32 if interpret else 128), 4, 4
-    else:
-        bm, bn, bk, warps, stages = (16, 32, 32, 4, 1) if interpret else (64, 128, 64, 4, 3)
-    bk = _block_k(group_size, K, bk)
-    k_tiles = triton.cdiv(K, bk)
-    grid_mn = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-    split = 1
-    if M <= 16:
-        split = max(1, min(k_tiles, (2 * _sm_count(x.device)) // max(grid_mn, 1)))
-    tiles_per_split = triton.cdiv(k_tiles, split)
-    split = triton.cdiv(k_tiles, tiles_per_split)
-    if split == 1:
-        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-        stride_split = 0
-    else:
-        out = torch.empty(split, M, N, dtype=torch.float32, device=x.device)
-        stride_split = M * N
-    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn), split)
-    kwargs = {} if interpret else {"num_warps": warps, "num_stages": stages}
-    _wo_matmul_kernel[grid](x2, qweight, scales, zeros, out, M, N, K, x2.stride(0), N, stride_split, tiles_per_split,
-                            GROUP=group_size, BITS=bits, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **kwargs)
+    if config is None:
+        if x.is_cuda and M >= DEQUANT_GEMM_MIN_M:
+            w = dequantize(qweight, scales, zeros, bits, group_size, dtype=x.dtype)
+            return (x2 @ w).reshape(*lead, N)
+        config = pick_config(M, bits)
+    c = config
+    k_tiles = triton.cdiv(K // (32 // bits), c.block_kp)
+    grid_m, grid_n = triton.cdiv(M, c.block_m), triton.cdiv(N, c.block_n)
+    split = split_k(c, grid_m * grid_n, k_tiles, x.device)
     if split > 1:
-        out = out.sum(0).to(x.dtype)
-    return out.reshape(*lead, N)
+        out = torch.zeros(M, N, dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    consts = {"GROUP": group_size, "BITS": bits, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_KP": c.block_kp,
+              "ROWWISE": _rowwise(group_size, K, bits, c.block_kp), "ATOMIC": split > 1}
+    if c.kernel == "dot":
+        kernel = _wo_dot_kernel
+        consts["PRECISION"] = "ieee" if x.dtype == torch.float32 else "tf32"
+    else:
+        kernel = _wo_gemv_kernel
+    if x.is_cuda:
+        consts.update(num_warps=c.num_warps, num_stages=c.num_stages)
+    kernel[(grid_m, grid_n, split)](x2, qweight, scales, zeros, out, M, N, K, x2.stride(0), N,
+                                    triton.cdiv(k_tiles, split), **consts)
+    return out.to(x.dtype).reshape(*lead, N)

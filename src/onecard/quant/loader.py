@@ -98,6 +98,12 @@ def load_quantized_model(folder: str | Path | ModelFolder, dtype: torch.dtype = 
     return model.eval().requires_grad_(False)
 
 
+def _linears(module: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, linear) for every ``nn.Linear`` inside ``module``."""
+    return [(parent, attr, child) for parent in module.modules() for attr, child in parent.named_children()
+            if type(child) is nn.Linear]
+
+
 def _decoder_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
     """(parent, attribute, linear) for every ``nn.Linear`` inside the decoder layers (never the head)."""
     found = []
@@ -110,6 +116,14 @@ def _decoder_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]
     return found
 
 
+def _quantize_linears_(linears: list[tuple[nn.Module, str, nn.Linear]], s: QuantSpec) -> None:
+    for parent, attr, lin in linears:
+        q = QuantLinear.from_linear(lin, s.bits, s.group_size, s.sym)
+        if q.bias is not None:
+            q.bias.data = q.bias.data.to(lin.weight.dtype)
+        setattr(parent, attr, q)
+
+
 @torch.no_grad()
 def quantize_model_(model: nn.Module, spec: str | QuantSpec) -> nn.Module:
     """On-the-fly RTN, in place: every decoder-layer ``nn.Linear`` becomes a ``QuantLinear``.
@@ -118,13 +132,48 @@ def quantize_model_(model: nn.Module, spec: str | QuantSpec) -> nn.Module:
     fused rows is the same as quantizing each part, since RTN is per output row)
     and on HF models. ``spec``: ``"rtn-int4"`` (g128, asymmetric) or ``"int8"``.
     """
-    s = QuantSpec.parse(spec)
-    for parent, attr, lin in _decoder_linears(model):
-        q = QuantLinear.from_linear(lin, s.bits, s.group_size, s.sym)
-        if q.bias is not None:
-            q.bias.data = q.bias.data.to(lin.weight.dtype)
-        setattr(parent, attr, q)
+    _quantize_linears_(_decoder_linears(model), QuantSpec.parse(spec))
     return model
+
+
+@torch.no_grad()
+def load_rtn_model(folder: str | Path | ModelFolder, spec: str | QuantSpec, dtype: torch.dtype = torch.bfloat16,
+                   device: str | torch.device = "cuda", max_positions: int | None = None, progress: bool = False):
+    """onecard's model from a float folder, RTN-quantized one decoder layer at a time (what the engine loads).
+
+    Why: ``load_model`` + ``quantize_model_`` puts the whole dense model on the
+    device first (26 GB for a 13B in bf16). Here the model is built on the meta
+    device, and each layer in turn is materialized, filled from the safetensors,
+    quantized and its dense linears dropped, so the device holds the quantized
+    layers so far plus one dense layer. The result equals that of
+    ``load_model`` + ``quantize_model_``, bit for bit.
+    """
+    from onecard.models.llama import LlamaModel
+    from onecard.models.loader import load_weights
+
+    s = QuantSpec.parse(spec)
+    f = folder if isinstance(folder, ModelFolder) else open_model_folder(folder)
+    args = f.model_args()
+    with torch.device("meta"):
+        model = LlamaModel(args, max_positions)
+    outer = [model.embed_tokens, model.norm] + ([] if args.tie_word_embeddings else [model.lm_head])
+    for part in outer:
+        part.to(dtype).to_empty(device=device)
+    if args.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rotary.to_empty(device=device).init_table()
+    load_weights(model, f, skip=lambda n: n.startswith("model.layers."))
+    layers = range(args.num_layers)
+    if progress:
+        from rich.progress import track
+
+        layers = track(layers, description=f"loading + RTN int{s.bits}", transient=True)
+    for i in layers:
+        prefix = f"model.layers.{i}."
+        model.layers[i].to(dtype).to_empty(device=device)
+        load_weights(model, f, skip=lambda n, p=prefix: not n.startswith(p))
+        _quantize_linears_(_linears(model.layers[i]), s)
+    return model.eval().requires_grad_(False)
 
 
 @torch.no_grad()

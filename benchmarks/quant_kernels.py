@@ -1,0 +1,251 @@
+"""Weight-only int4 / int8 kernels (``onecard.kernels.wo_matmul``) vs bf16 cuBLAS, per linear shape, one process.
+
+    PYTHONPATH=src python benchmarks/quant_kernels.py           # H100: ~1 min, the configs in wo_matmul.CONFIGS
+    PYTHONPATH=src python benchmarks/quant_kernels.py --sweep   # H100: ~3-4 min, tries the config grid and prints
+                                                                #   a CONFIGS table to paste into wo_matmul.py
+    PYTHONPATH=src python benchmarks/quant_kernels.py --smoke   # CPU (Triton interpreter), tiny shapes, < 2 min
+
+Shapes: the Llama-2-7B linears as the engine fuses them (K x N: qkv 4096x12288,
+o 4096x4096, gate_up 4096x22016, down 11008x4096); M = 1, 2, 4, 8, 16 (decode
+batch) and 2048 (prefill: the dequantize + cuBLAS path). int4 is group 128
+(asymmetric, the GPTQ-g128 layout); int8 is per-channel by default, as the
+engine's ``quantization="int8"`` runs it (``--int8-group 128`` for g128).
+Each case is checked against ``wo_matmul_reference`` and timed with
+``triton.testing.do_bench`` (median; L2 flushed between runs, so the weights
+come from HBM as in a real decode step). Reported: us, effective GB/s
+(quantized bytes read / time), that as % of the bf16 GEMV's measured GB/s on
+the same shape (M = 1), speedup vs bf16 ``F.linear``, and the same for a whole
+layer (sum of the four shapes: what one decode step spends per layer).
+Writes docs/results/quant_kernels.json (+ PNG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+from onecard.bench.results import save_figure, write_result
+from onecard.kernels.wo_matmul import (
+    CONFIGS,
+    KernelConfig,
+    pick_config,
+    wo_matmul,
+    wo_matmul_reference,
+)
+
+SHAPES = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "down": (11008, 4096)}
+MS = (1, 2, 4, 8, 16, 2048)
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes; output to a temp dir")
+    p.add_argument("--sweep", action="store_true", help="try the config grid per (M, bits); print the best as CONFIGS")
+    p.add_argument("--int8-group", type=int, default=-1, help="int8 group size (-1 = per-channel, the engine's int8)")
+    p.add_argument("--out", default=None, help="result folder (default docs/results; --smoke: a temp dir)")
+    return p.parse_args()
+
+
+def packed_weight(K: int, N: int, bits: int, group: int, device: str) -> tuple[torch.Tensor, ...]:
+    """Random codes in the kernel layout (speed does not depend on how codes were chosen)."""
+    g = torch.Generator(device=device).manual_seed(K * 7 + N + bits)
+    qweight = torch.randint(-2**31, 2**31 - 1, (K * bits // 32, N), dtype=torch.int32, device=device, generator=g)
+    groups = -(-K // group)
+    scales = (torch.rand(groups, N, device=device, generator=g) * 0.02 + 0.001).half()
+    zeros = torch.randint(1, 2**bits, (groups, N), device=device, generator=g).half()
+    return qweight, scales, zeros
+
+
+def timer(device: str) -> Callable[[Callable[[], object]], float]:
+    """Median microseconds of ``fn()``: do_bench on CUDA, a few wall-clock runs in the CPU interpreter."""
+    if device == "cuda":
+        import triton.testing
+
+        return lambda fn: triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median") * 1e3
+
+    def cpu(fn) -> float:
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e6)
+        return statistics.median(times)
+
+    return cpu
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+
+
+def candidates(M: int, bits: int, smoke: bool) -> list[KernelConfig]:
+    """The sweep grid for one (M, bits): wide at M = 1 (the decode case that matters most), narrower above."""
+    g = 128 * bits // 32  # word rows in a 128-channel group: 16 (int4), 32 (int8)
+    bm = 1 << (M - 1).bit_length()
+    out: list[KernelConfig] = []
+    if M <= 8:
+        wide = M == 1
+        for bn in (64, 128, 256):
+            for kp in ((g // 2, g) if wide else (g,)):
+                for warps in ((4, 8) if wide else (4,)):
+                    for waves in ((0, 2, 4, 8) if wide else (0, 2, 4)):
+                        out.append(KernelConfig("gemv", bm, bn, kp, float(waves), warps, 3))
+    if M >= 4:
+        for bn in (64, 128):
+            for kp in (16, 32):
+                for waves in (0, 1, 2, 4):
+                    out.append(KernelConfig("dot", 16, bn, kp, float(waves), 4, 3))
+    if smoke:  # one of each kernel: exercises the sweep's code, not its search
+        out = [next(c for c in out if c.kernel == k) for k in ("gemv", "dot") if any(c.kernel == k for c in out)]
+    return out
+
+
+def short(c: KernelConfig | None) -> str:
+    if c is None:
+        return "dequantize + cuBLAS"
+    return (f"{c.kernel} m{c.block_m} n{c.block_n} kp{c.block_kp} waves{c.waves:g} "
+            f"warps{c.num_warps} stages{c.num_stages}")
+
+
+def with_stages(c: KernelConfig, stages: int) -> KernelConfig:
+    return KernelConfig(c.kernel, c.block_m, c.block_n, c.block_kp, c.waves, c.num_warps, stages)
+
+
+def main() -> None:
+    a = parse()
+    console = Console()
+    if a.smoke:
+        device, dtype = "cpu", torch.float32
+        shapes, ms = {"a": (256, 384), "b": (256, 128)}, (1, 4, 16)
+        out_dir = a.out or tempfile.mkdtemp(prefix="quant_kernels_")
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA GPU: run with --smoke on CPU")
+        device, dtype, shapes, ms, out_dir = "cuda", torch.bfloat16, SHAPES, MS, a.out
+    fl = "bf16" if dtype == torch.bfloat16 else "fp32"
+    groups = {4: 128, 8: a.int8_group}
+    bench = timer(device)
+    t_start = time.perf_counter()
+    weights = {(bits, s): packed_weight(K, N, bits, K if groups[bits] == -1 else groups[bits], device)
+               for bits in (4, 8) for s, (K, N) in shapes.items()}
+    xs = {(M, K): torch.randn(M, K, device=device, dtype=dtype) for M in ms for K in {k for k, _ in shapes.values()}}
+    refs = {(bits, s, M): wo_matmul_reference(xs[M, shapes[s][0]], *weights[bits, s], bits,
+                                              shapes[s][0] if groups[bits] == -1 else groups[bits])
+            for bits in (4, 8) for s in shapes for M in ms}
+
+    result: dict = {"device": device, "dtype": fl, "int4_group": 128, "int8_group": a.int8_group, "sweep": a.sweep,
+                    "shapes": {s: list(kn) for s, kn in shapes.items()}}
+    # the float baseline: F.linear on an [N, K] weight, as the engine's bf16 path runs it
+    for s, (K, N) in shapes.items():
+        w = torch.randn(N, K, device=device, dtype=dtype) * 0.02
+        for M in ms:
+            result[f"{fl}_m{M}_{K}x{N}_us"] = bench(lambda x=xs[M, K], w=w: F.linear(x, w))
+        result[f"{fl}_m1_{K}x{N}_gbs"] = K * N * w.element_size() / result[f"{fl}_m1_{K}x{N}_us"] / 1e3
+
+    def run(bits: int, s: str, M: int, config: KernelConfig | None) -> tuple[float, float]:
+        K = shapes[s][0]
+        gs = K if groups[bits] == -1 else groups[bits]
+
+        def fn() -> torch.Tensor:
+            return wo_matmul(xs[M, K], *weights[bits, s], bits, gs, config)
+        err = rel_err(fn(), refs[bits, s, M])
+        if err > 2e-2:
+            raise SystemExit(f"int{bits} {s} M={M} {config}: relative error {err:.2e} vs wo_matmul_reference")
+        return bench(fn), err
+
+    best: dict[tuple[int, int], KernelConfig] = {}
+    if a.sweep:
+        for bits in (4, 8):
+            for M in (m for m in ms if m <= 16):
+                def layer_us(c: KernelConfig, bits: int = bits, M: int = M) -> float:
+                    return sum(run(bits, s, M, c)[0] for s in shapes)
+
+                scored = [(layer_us(c), c) for c in candidates(M, bits, a.smoke)]
+                us, c = min(scored, key=lambda t: t[0])
+                for stages in (() if a.smoke else (2, 4)):  # second pass: pipelining depth of the winner
+                    alt = with_stages(c, stages)
+                    alt_us = layer_us(alt)
+                    if alt_us < us:
+                        us, c = alt_us, alt
+                best[M, bits] = c
+                console.print(f"int{bits} M={M}: {len(scored)} configs, best {short(c)} ({us:.1f} us per layer), "
+                              f"{time.perf_counter() - t_start:.0f} s so far")
+
+    rows = []
+    for bits in (4, 8):
+        q = f"int{bits}"
+        for M in ms:
+            config = best.get((M, bits)) or (None if device == "cuda" and M >= 512 else pick_config(M, bits))
+            layer_q = layer_f = 0.0
+            for s, (K, N) in shapes.items():
+                us, err = run(bits, s, M, config)
+                nbytes = sum(t.numel() * t.element_size() for t in weights[bits, s])
+                key = f"{q}_m{M}_{K}x{N}"
+                result[f"{key}_us"], result[f"{key}_rel_err"] = us, err
+                result[f"{key}_gbs"] = nbytes / us / 1e3
+                result[f"{key}_pct_of_{fl}_gemv_bw"] = 100 * result[f"{key}_gbs"] / result[f"{fl}_m1_{K}x{N}_gbs"]
+                result[f"{key}_speedup_vs_{fl}"] = result[f"{fl}_m{M}_{K}x{N}_us"] / us
+                layer_q, layer_f = layer_q + us, layer_f + result[f"{fl}_m{M}_{K}x{N}_us"]
+                rows.append((q, s, f"{K}x{N}", M, us, result[f"{key}_gbs"], result[f"{key}_pct_of_{fl}_gemv_bw"],
+                             result[f"{fl}_m{M}_{K}x{N}_us"], result[f"{key}_speedup_vs_{fl}"]))
+            result[f"{q}_m{M}_config"] = short(config)
+            result[f"{q}_m{M}_layer_us"] = layer_q
+            result[f"{q}_m{M}_layer_speedup_vs_{fl}"] = layer_f / layer_q
+    result["elapsed_s"] = time.perf_counter() - t_start
+
+    t = Table("w", "linear", "KxN", "M", "us", "GB/s", f"% {fl} GEMV BW", f"{fl} us", "speedup",
+              title=f"weight-only matmul vs {fl} ({device}{', swept' if a.sweep else ''})")
+    for q, s, kn, M, us, gbs, pct, fus, sp in rows:
+        t.add_row(q, s, kn, str(M), f"{us:.1f}", f"{gbs:.0f}", f"{pct:.0f}%", f"{fus:.1f}", f"{sp:.2f}x")
+    console.print(t)
+    lt = Table("w", "M", "config", "layer us", f"layer speedup vs {fl}", title="per layer (sum of the four linears)")
+    for bits in (4, 8):
+        for M in ms:
+            k = f"int{bits}_m{M}"
+            lt.add_row(f"int{bits}", str(M), result[f"{k}_config"], f"{result[f'{k}_layer_us']:.1f}",
+                       f"{result[f'{k}_layer_speedup_vs_{fl}']:.2f}x")
+    console.print(lt)
+    if best:
+        table = dict(CONFIGS)
+        table.update({(M, bits): c for (M, bits), c in best.items()})
+        console.print("[bold]paste into src/onecard/kernels/wo_matmul.py:[/]")
+        print("CONFIGS: dict[tuple[int, int], KernelConfig] = {")
+        for (M, bits), c in sorted(table.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+            m = "2**31" if M == 2**31 else str(M)
+            print(f"    ({m}, {bits}): KernelConfig({c.kernel!r}, {c.block_m}, {c.block_n}, {c.block_kp}, "
+                  f"{c.waves}, {c.num_warps}, {c.num_stages}),")
+        print("}")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.38
+    for i, bits in enumerate((4, 8)):
+        vals = [result[f"int{bits}_m{M}_layer_speedup_vs_{fl}"] for M in ms]
+        xs_ = [j + (i - 0.5) * width for j in range(len(ms))]
+        ax.bar(xs_, vals, width, label=f"int{bits}")
+        for x_, v in zip(xs_, vals):
+            ax.text(x_, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+    ax.axhline(1.0, color="#888", lw=0.8)
+    ax.set_xticks(range(len(ms)), [f"M={M}" for M in ms])
+    ax.set_ylabel(f"speedup vs {fl} (one layer's linears)")
+    ax.set_title(f"onecard weight-only matmul ({device})")
+    ax.legend()
+    path = write_result("quant_kernels", result, out_dir)
+    png = save_figure(fig, "quant_kernels", out_dir)
+    console.print(f"wrote {path} and {png} ({result['elapsed_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
