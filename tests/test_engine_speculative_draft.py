@@ -127,14 +127,16 @@ def test_preemption_and_prefix_sharing_with_a_draft(tiny_model, layer_skip_draft
     _assert_all_free(small)
 
 
-def test_sampled_requests_decode_without_the_draft(tiny_model, layer_skip_draft):
-    sp = SamplingParams(temperature=0.8, seed=3, max_tokens=16)
-    plain = LLM(tiny_model.path, max_model_len=256, max_num_seqs=4, block_size=8)
+def test_requests_the_draft_cannot_serve_are_refused(tiny_model, layer_skip_draft):
     spec = LLM(tiny_model.path, max_model_len=256, max_num_seqs=4, block_size=8, num_speculative_tokens=3,
                speculative_model=layer_skip_draft)
-    assert spec.generate([CODE], sp, use_tqdm=False)[0].outputs[0].token_ids == \
-        plain.generate([CODE], sp, use_tqdm=False)[0].outputs[0].token_ids
-    assert spec.stats()["spec_draft_tokens"] == 0 and spec.stats()["spec_draft_model_steps"] == 0
+    for sp, what in ((SamplingParams(temperature=0.8, seed=3), "temperature=0.8"),
+                     (SamplingParams(temperature=0, repetition_penalty=1.3), "penalties"),
+                     (SamplingParams(temperature=0, logprobs=2), "logprobs=2")):
+        with pytest.raises(NotBuiltYetError, match=f"{what}.*rejection sampling is not built"):
+            spec.generate([CODE], sp, use_tqdm=False)
+    assert not spec.engine.has_unfinished_requests()
+    assert spec.generate([CODE], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0].outputs[0].token_ids
 
 
 def test_draft_with_another_vocabulary_is_refused(tiny_model, random_checkpoint):

@@ -220,8 +220,8 @@ class LLM:
             params = list(sampling_params)
         else:
             params = [sampling_params or SamplingParams()] * len(prompts)
-        for p in prompts:  # validate everything first: no half-run batch on a bad input
-            self.engine.encode(p)
+        for p, sp in zip(prompts, params):  # validate everything first: no half-run batch on a bad input
+            self.engine.validate(p, sp)
         ids = [f"gen-{uuid.uuid4().hex[:12]}" for _ in prompts]
         for rid, prompt, sp in zip(ids, prompts, params):
             self.engine.add_request(rid, prompt, sp)
