@@ -244,7 +244,7 @@ def test_static_decode_inputs_match_eager_decode(llm):
     seqs, is_prefill = engine.scheduler.schedule()
     assert not is_prefill and len(seqs) == 3
     with torch.no_grad():
-        eager = runner._decode(seqs).clone()
+        eager = runner.decode_logits(seqs).clone()
         runner.alloc_static_inputs(8)
         runner.fill_static_inputs(seqs, 4)
         static = runner.static_step(4)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from onecard.errors import BadInputError
+from onecard.errors import BadInputError, NotBuiltYetError
 from onecard.kernels.kv_quant import KV_CACHE_DTYPES
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -40,6 +40,7 @@ class EngineConfig:
     long_prefill_chunk: int | None = None  # most prompt tokens one sequence computes per step (None: the budget)
     num_speculative_tokens: int = 0  # n-gram (prompt-lookup) speculative decoding: draft tokens per step (0 = off)
     ngram_size: int = 3  # longest suffix n-gram looked up in the context to draft from
+    speculative_model: str | Path | None = None  # a small model with the same tokenizer drafts instead of n-grams
     offload_layers: int | str = 0  # decoder layers kept in pinned CPU memory, streamed in per step ("auto": planner's)
 
     def __post_init__(self) -> None:
@@ -74,6 +75,11 @@ class EngineConfig:
             raise bad("num_speculative_tokens", "must be an integer in 0..16 (0 turns speculative decoding off)")
         if not isinstance(self.ngram_size, int) or not 1 <= self.ngram_size <= 16:
             raise bad("ngram_size", "must be an integer in 1..16")
+        if self.speculative_model is not None and not self.num_speculative_tokens:
+            raise bad("speculative_model", "needs num_speculative_tokens=k > 0 (draft tokens proposed per step)")
+        if self.speculative_model is not None and self.tensor_parallel_size > 1:
+            raise NotBuiltYetError(f"speculative_model with tensor_parallel_size={self.tensor_parallel_size} is not "
+                                   "built; drop one of them (n-gram speculation works with tensor parallelism)")
         if self.offload_layers != "auto" and (not isinstance(self.offload_layers, int) or self.offload_layers < 0):
             raise bad("offload_layers", "must be a non-negative integer (decoder layers kept in CPU memory) or 'auto'")
         if self.device is not None and not str(self.device).startswith(("cpu", "cuda")):

@@ -93,6 +93,7 @@ def build_engine(config: EngineConfig, progress: bool = False, card_memory=None)
                           device)
     if config.tensor_parallel_size == 1 and not config.offload_layers:  # both exist to run what one card can't hold
         _preflight(folder, config, user_max_model_len, dtype, device, card_memory)
+    from onecard.engine.draft_model import build_proposer, load_draft
     from onecard.engine.llm_engine import LLMEngine
     from onecard.engine.model_runner import ModelRunner
 
@@ -100,9 +101,13 @@ def build_engine(config: EngineConfig, progress: bool = False, card_memory=None)
         from onecard.engine.tp_engine import start_tp_runner
 
         runner = start_tp_runner(config, folder, dtype, device, progress)
-    else:
-        runner = ModelRunner(_load_model(folder, config, dtype, device, progress), config, device)
-    return LLMEngine(config, runner, tokenizer, eos_ids(folder.path, folder.config, tokenizer))
+        drafter = None
+    else:  # a speculative draft model loads before the target's KV sizing, which pays for the draft's cache too
+        model = _load_model(folder, config, dtype, device, progress)
+        draft = load_draft(config, folder, tokenizer, dtype, device, progress) if config.speculative_model else None
+        runner = ModelRunner(model, config, device, draft_model=draft)
+        drafter = build_proposer(draft, config, runner) if draft is not None else None
+    return LLMEngine(config, runner, tokenizer, eos_ids(folder.path, folder.config, tokenizer), drafter)
 
 
 def _preflight(folder, config: EngineConfig, user_max_model_len: int | None, dtype: torch.dtype, device: torch.device,
@@ -217,8 +222,8 @@ class LLM:
             params = list(sampling_params)
         else:
             params = [sampling_params or SamplingParams()] * len(prompts)
-        for p in prompts:  # validate everything first: no half-run batch on a bad input
-            self.engine.encode(p)
+        for p, sp in zip(prompts, params):  # validate everything first: no half-run batch on a bad input
+            self.engine.validate(p, sp)
         ids = [f"gen-{uuid.uuid4().hex[:12]}" for _ in prompts]
         for rid, prompt, sp in zip(ids, prompts, params):
             self.engine.add_request(rid, prompt, sp)

@@ -13,24 +13,30 @@ import torch
 from onecard.engine.block_manager import BlockManager
 from onecard.engine.config import EngineConfig
 from onecard.engine.detokenizer import append_text, find_stop
+from onecard.engine.draft_model import DraftProposer
 from onecard.engine.model_runner import ModelRunner
 from onecard.engine.outputs import CompletionOutput, RequestOutput
 from onecard.engine.sampling_params import SamplingParams
 from onecard.engine.scheduler import Scheduler
 from onecard.engine.sequence import Request, Sequence
-from onecard.errors import BadInputError
+from onecard.engine.speculative import why_not_speculative
+from onecard.errors import BadInputError, NotBuiltYetError
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, runner: ModelRunner, tokenizer, eos_token_ids: set[int]) -> None:
+    def __init__(self, config: EngineConfig, runner: ModelRunner, tokenizer, eos_token_ids: set[int],
+                 drafter: DraftProposer | None = None) -> None:
+        """``drafter``: the draft model's proposer when ``config.speculative_model`` is set (else n-gram drafts)."""
         self.config = config
         self.runner = runner
+        self.drafter = drafter
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.block_manager = BlockManager(runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.long_prefill_chunk if config.enable_chunked_prefill else None,
-                                   config.num_speculative_tokens, config.ngram_size, config.max_model_len)
+                                   config.num_speculative_tokens, config.ngram_size, config.max_model_len,
+                                   drafter.propose if drafter is not None else None)
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
         self.requests: dict[str, Request] = {}
@@ -60,6 +66,11 @@ class LLMEngine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise BadInputError(f"sampling_params must be a SamplingParams, not {type(params).__name__}")
+        blocker = why_not_speculative(params) if self.drafter is not None else None
+        if blocker is not None:
+            raise NotBuiltYetError(f"{blocker} with speculative_model: the draft model serves greedy requests without "
+                                   "penalties or logprobs only (rejection sampling is not built); use temperature=0 "
+                                   "or an engine without speculative_model")
         text, ids = self.encode(prompt)
         if len(ids) >= self.config.max_model_len:
             raise BadInputError(f"prompt is {len(ids)} tokens but max_model_len={self.config.max_model_len} leaves no "
@@ -157,6 +168,8 @@ class LLMEngine:
                 if seq.finish_reason is not None:
                     break
             seq.num_cached_tokens = len(seq) - 1  # KV is valid up to the token before the newest one
+            if self.drafter is not None:
+                self.drafter.rollback(seq)
             req = self.requests[seq.request_id]
             req.first_token_time = req.first_token_time or now
             if seq.finish_reason is not None:
@@ -202,6 +215,10 @@ class LLMEngine:
                 "prefix_cache_blocks": bm.num_cached_blocks, "prefix_cache_evictions": bm.num_evictions,
                 "chunked_prefill": self.scheduler.long_prefill_chunk is not None,
                 "spec_draft_tokens": self.num_draft_tokens, "spec_accepted_tokens": self.num_accepted_tokens,
-                "spec_acceptance_rate": self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0, "num_generated_tokens": self.num_generated_tokens,
+                "spec_acceptance_rate": self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0,
+                "spec_method": ("draft_model" if self.drafter is not None else "ngram") if self.config.num_speculative_tokens else None,
+                "spec_draft_model_steps": self.drafter.num_draft_steps if self.drafter is not None else 0,
+                "spec_draft_model_catch_up_tokens": self.drafter.num_catch_up_tokens if self.drafter is not None else 0,
+                "num_generated_tokens": self.num_generated_tokens,
                 "max_model_len": self.config.max_model_len, "max_num_seqs": self.config.max_num_seqs,
                 "cuda_graphs": sorted(self.runner.graphs)}

@@ -114,8 +114,12 @@ def plan_kv_cache(card_bytes: int, cap_fraction: float, reserved_bytes: int, act
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, config: EngineConfig, device: torch.device) -> None:
+    def __init__(self, model: LlamaModel, config: EngineConfig, device: torch.device,
+                 draft_model: LlamaModel | None = None) -> None:
+        """``draft_model``: a speculative draft whose KV cache (``draft_model.py``) will mirror this one block for
+        block, so the measured block count pays for both caches and for the draft's decode graphs."""
         self.model, self.config, self.device = model, config, device
+        self.draft_model = draft_model
         self.block_size = config.block_size
         self.dtype = next(model.parameters()).dtype
         self.is_cuda = device.type == "cuda"
@@ -145,6 +149,8 @@ class ModelRunner:
     def _measure_num_blocks(self) -> int:
         cfg = self.config
         per_block = kv_bytes_per_token(self.model, self.dtype, cfg.kv_cache_dtype) * self.block_size
+        if self.draft_model is not None:
+            per_block += kv_bytes_per_token(self.draft_model, self.dtype, cfg.kv_cache_dtype) * self.block_size
         if not self.is_cuda:
             want = cfg.max_model_len * cfg.max_num_seqs * per_block // self.block_size
             budget = max(min(want, CPU_KV_CACHE_BYTES), cfg.max_model_len * per_block // self.block_size)
@@ -164,15 +170,16 @@ class ModelRunner:
         torch.cuda.empty_cache()  # the profile's activations come back as headroom below, not as reserved bytes
         free, card_total = torch.cuda.mem_get_info(self.device)
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        a = self.model.args
         max_bs = min(cfg.max_num_seqs, cfg.cuda_graph_max_batch)
         plan = plan_kv_cache(
             card_bytes=card_total, cap_fraction=torch.cuda.get_per_process_memory_fraction(index),
             reserved_bytes=torch.cuda.memory_reserved(self.device), free_bytes=free,
             activation_peak_bytes=peak - current, block_bytes=per_block, utilization=cfg.gpu_memory_utilization,
-            workspace_bytes=0 if cfg.enforce_eager else cuda_graph_workspace_bytes(
-                graph_batch_sizes(max_bs), a.vocab_size, a.hidden_size, self.dtype.itemsize))
-        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+            workspace_bytes=0 if cfg.enforce_eager else sum(cuda_graph_workspace_bytes(
+                graph_batch_sizes(max_bs), m.args.vocab_size, m.args.hidden_size, self.dtype.itemsize)
+                for m in (self.model, self.draft_model) if m is not None))
+        weights = sum(p.numel() * p.element_size() for m in (self.model, self.draft_model) if m is not None
+                      for p in m.parameters())
         plan.check(cfg.max_model_len, self.block_size, weights)
         log.info("KV cache: %d blocks x %d tokens = %.2f GiB (%s)", plan.num_blocks, self.block_size,
                  plan.num_blocks * per_block / GiB, plan.describe())
@@ -255,10 +262,11 @@ class ModelRunner:
                 return None
             logits = self.model.compute_logits(hidden.index_select(0, last))
         else:
-            logits = self._decode(seqs)
+            logits = self.decode_logits(seqs)
         return sample(logits.float(), seqs)
 
-    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
+    def decode_logits(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Logits ``[B, vocab]`` of one decode token per sequence (its last token, at position ``len - 1``)."""
         B = len(seqs)
         graph_bs = next((b for b in self.graph_batch_sizes if b >= B), None) if self.graphs else None
         if graph_bs is None:

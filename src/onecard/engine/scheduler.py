@@ -20,6 +20,7 @@ the prefix cache at the next ``schedule``/``finish``, after their KV was written
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from onecard.engine.block_manager import BlockManager
 from onecard.engine.sequence import Sequence, SequenceStatus
@@ -29,10 +30,13 @@ from onecard.engine.speculative import can_speculate, propose_ngram
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  long_prefill_chunk: int | None = None, num_speculative_tokens: int = 0, ngram_size: int = 3,
-                 max_model_len: int | None = None) -> None:
+                 max_model_len: int | None = None,
+                 propose: Callable[[list[Sequence], list[int]], list[list[int]]] | None = None) -> None:
         """``long_prefill_chunk=None``: no chunked prefill (each prompt is computed in one step, so it must fit the
         token budget); otherwise the most tokens one sequence's prefill takes per step. ``num_speculative_tokens``
-        > 0: decode steps of all-greedy batches carry n-gram drafts (``speculative.py``)."""
+        > 0: decode steps of all-greedy batches carry drafts: n-gram ones (``speculative.py``), or ``propose``'s
+        (a draft model, ``draft_model.py``: given the sequences and how many tokens each may draft, with their
+        cache slots already reserved)."""
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -44,6 +48,7 @@ class Scheduler:
         self.num_speculative_tokens = num_speculative_tokens
         self.ngram_size = ngram_size
         self.max_model_len = max_model_len
+        self.propose = propose
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -123,21 +128,34 @@ class Scheduler:
                 self._take_tokens(seq, len(seq) - seq.num_cached_tokens)
                 scheduled.append(seq)
         if self.num_speculative_tokens and scheduled and all(can_speculate(s) for s in scheduled):
-            for seq in scheduled:
-                self._draft(seq)
+            if self.propose is None:
+                for seq in scheduled:
+                    draft = propose_ngram(seq.token_ids, self.ngram_size, self._draft_room(seq))
+                    if draft and self.block_manager.reserve(seq, len(seq) + len(draft)):  # never preempts anyone
+                        self._attach(seq, draft)
+            else:
+                room = []
+                for seq in scheduled:  # slots first: the draft writes its own KV for the tokens it guesses
+                    k = self._draft_room(seq)
+                    room.append(k if k > 0 and self.block_manager.reserve(seq, len(seq) + k) else 0)
+                for seq, draft in zip(scheduled, self.propose(scheduled, room)):
+                    if draft:
+                        self._attach(seq, draft)
         return scheduled
 
-    def _draft(self, seq: Sequence) -> None:
-        """Attach n-gram draft tokens (with cache slots for them) when the context offers a guess and room."""
+    def _draft_room(self, seq: Sequence) -> int:
+        """How many draft tokens this step may check for the sequence (max_tokens and max_model_len leave room)."""
         p = seq.params
         k = self.num_speculative_tokens
         if p.max_tokens is not None:
             k = min(k, p.max_tokens - seq.num_completion_tokens - 1)  # the step also adds one token of its own
         if self.max_model_len is not None:
             k = min(k, self.max_model_len - len(seq) - 1)
-        draft = propose_ngram(seq.token_ids, self.ngram_size, k)
-        if not draft or not self.block_manager.reserve(seq, len(seq) + len(draft)):  # never preempts anyone
-            return
+        return k
+
+    @staticmethod
+    def _attach(seq: Sequence, draft: list[int]) -> None:
+        """Schedule ``[last token, *draft]`` for verification (the slots are reserved)."""
         seq.draft_tokens = draft
         seq.num_scheduled_tokens = 1 + len(draft)
         seq.num_cached_tokens = len(seq) + len(draft)  # until verification says how many of them stay
@@ -147,6 +165,7 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.block_manager.register_computed(seq, seq.num_cached_tokens)
         self.block_manager.deallocate(seq)
+        seq.num_draft_cached_tokens = 0  # its blocks (and the draft KV in them) may go to others
         self.running.remove(seq)
         self.waiting.appendleft(seq)
 

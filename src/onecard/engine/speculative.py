@@ -9,6 +9,7 @@ decoding the accepted tokens are exactly what step-by-step decoding would give.
 
 from __future__ import annotations
 
+from onecard.engine.sampling_params import SamplingParams
 from onecard.engine.sequence import Sequence
 
 
@@ -26,11 +27,21 @@ def propose_ngram(token_ids: list[int], ngram_size: int, num_tokens: int) -> lis
     return []
 
 
+def why_not_speculative(params: SamplingParams) -> str | None:
+    """What keeps a request off speculative decoding (None: nothing). Only greedy requests without penalties or
+    logprobs speculate: for them accepting the draft prefix that equals the argmax at each position is exactly
+    non-speculative decoding (sampled requests would need rejection sampling, which is not built)."""
+    if not params.greedy:
+        return f"temperature={params.temperature}"
+    if params.uses_penalties:
+        return "repetition/presence/frequency penalties"
+    if params.logprobs is not None:
+        return f"logprobs={params.logprobs}"
+    return None
+
+
 def can_speculate(seq: Sequence) -> bool:
-    """Only greedy requests without penalties or logprobs: for them accepting the draft prefix that equals the
-    argmax at each position is exactly non-speculative decoding (sampled requests would need rejection sampling)."""
-    p = seq.params
-    return p.greedy and not p.uses_penalties and p.logprobs is None
+    return why_not_speculative(seq.params) is None
 
 
 def accept_greedy(draft: list[int], targets: list[int]) -> list[int]:

@@ -155,7 +155,7 @@ class TPModelRunner(ModelRunner):
             ids, positions, meta, _last = self.prepare_prefill(seqs)
             self.model(ids, positions, meta)
         elif kind == DECODE:
-            self._decode(seqs)
+            self.decode_logits(seqs)
         else:
             self.verify(seqs)
 
