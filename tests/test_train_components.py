@@ -106,19 +106,3 @@ def test_precision_benchmark_runs_fresh_models_and_skips_what_cpu_cannot(random_
     assert res["fp32"].tokens_per_second > 0 and res["bf16"].tokens_per_second > 0
     assert res["fp16"].skipped == "fp16 needs a CUDA GPU" and res["fp16"].tokens_per_second is None
     assert abs(res["bf16"].loss - res["fp32"].loss) < 0.1 * res["fp32"].loss
-
-
-def test_oom_is_reported_with_a_fix_and_the_intact_checkpoint(tmp_path):
-    from onecard.errors import DoesNotFitError
-    from onecard.train.callbacks import oom_guard, suggest_smaller
-
-    (tmp_path / "checkpoint-5").mkdir()
-    (tmp_path / "checkpoint-10").mkdir()
-    hint = suggest_smaller(batch_size=4, grad_accum=2, seq_len=2048, offload=False, method="lora")
-    assert hint.startswith("--batch-size 2 --grad-accum 4")
-    with pytest.raises(DoesNotFitError) as err:
-        with oom_guard(tmp_path, hint, step=lambda: 12):
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    msg = str(err.value)
-    assert "at step 12" in msg and "--batch-size 2" in msg and "checkpoint-10 is intact" in msg and "\n" not in msg
-    assert suggest_smaller(1, 1, 2048, offload=True, method="qlora") == "--seq-len 1024"

@@ -161,11 +161,13 @@ class TrainingPlan:
     peak_phase: str = ""
     suggestions: list[str] = field(default_factory=list)
     verdict: str = ""
+    offload_checkpoints: bool = False
 
     def breakdown(self) -> list[tuple[str, float, str]]:
         w = {"full": "fp32 master weights" if self.precision == "mixed" else "bf16 weights", "lora": "frozen bf16 base",
              "qlora": f"frozen {M.WEIGHT_FORMATS[self.base_format]} base"}[self.method]
-        ckpt = "checkpointing on" if self.gradient_checkpointing else "checkpointing off"
+        ckpt = ("checkpoints offloaded to CPU" if self.offload_checkpoints else "checkpointing on") \
+            if self.gradient_checkpointing else "checkpointing off"
         rows = [
             ("weights", self.weights_gib, w + ", allocator-rounded"),
             ("LoRA adapters", self.adapter_gib, f"rank {self.lora_rank} on {', '.join(self.lora_targets)}, fp32"),
@@ -385,7 +387,8 @@ METHODS = ("full", "lora", "qlora")
 
 def _train_core(spec: ModelSpec, gpu: GPUSpec | None, mem: CardMemory, context_source: str, method: str,
                 precision: str, optimizer: str, seq_len: int, batch_size: int, grad_accum: int, checkpointing: bool,
-                fused_ce: bool, rank: int, targets: tuple[str, ...], base_fmt: str, util: float) -> TrainingPlan:
+                fused_ce: bool, rank: int, targets: tuple[str, ...], base_fmt: str, util: float,
+                offload: bool = False) -> TrainingPlan:
     usable = mem.budget_bytes(util) + mem.outside_bytes
     total_params = spec.num_parameters()
     mixed = method == "full" and precision == "mixed"
@@ -403,7 +406,7 @@ def _train_core(spec: ModelSpec, gpu: GPUSpec | None, mem: CardMemory, context_s
         states, temp = 2 * trainable * (1 + 4 / 256), 0
     tokens = batch_size * seq_len
     acts = M.model_activation_bytes(spec, tokens, method, targets, mixed=mixed, checkpointing=checkpointing, lora_rank=rank,
-                                    base_format=base_fmt)
+                                    base_format=base_fmt, offload=offload and checkpointing)
     logits = M.logits_bytes(spec, tokens, fused_ce)
     fwd_extra = 0
     if mixed:
@@ -439,7 +442,7 @@ def _train_core(spec: ModelSpec, gpu: GPUSpec | None, mem: CardMemory, context_s
         logits_gib=_gib(logits), step_temp_gib=_gib(temp_shown), overhead_gib=_gib(overhead), total_gib=_gib(total),
         fits=total <= usable, free_gib=_gib(usable - total), max_batch_size=0, max_seq_len=0, tokens_per_s=tok_s,
         mfu=mfu.value, mfu_source=mfu.source, cuda_context_gib=_gib(mem.outside_bytes), cuda_context_source=context_source,
-        peak_phase=phase)
+        peak_phase=phase, offload_checkpoints=offload and checkpointing)
 
 
 def plan_training(model, card: "str | GPUSpec | None" = None, method: str = "lora", seq_len: int | None = None,
@@ -447,7 +450,8 @@ def plan_training(model, card: "str | GPUSpec | None" = None, method: str = "lor
                   optimizer: str = "adamw", lora_rank: int = 16, lora_targets: "str | list[str]" = "all",
                   precision: str = "bf16", fused_ce: bool = False, base_format: str | None = None,
                   gpu_memory_utilization: float = 0.95, cuda_context_gib: float | None = None,
-                  memory: CardMemory | None = None, flags: str = "plan") -> TrainingPlan:
+                  memory: CardMemory | None = None, flags: str = "plan",
+                  offload_checkpoints: bool = False) -> TrainingPlan:
     """Peak memory, tokens/s and a verdict for fine-tuning ``model`` on ``card``.
 
     ``method``: full | lora | qlora (LoRA on a 4-bit base: ``base_format``
@@ -461,6 +465,7 @@ def plan_training(model, card: "str | GPUSpec | None" = None, method: str = "lor
     instead of the catalog card's size; ``card`` then only gives the speed
     figures (None: the catalog entry named like ``memory``, else no speed).
     ``flags``: "plan" or "train", which command's option names the suggestions use.
+    ``offload_checkpoints``: checkpoints kept in CPU memory (``onecard train --offload-checkpoints``).
     """
     spec = resolve_model(model)
     seq_len = min(2048, spec.args.max_position_embeddings) if seq_len is None else seq_len
@@ -497,7 +502,8 @@ def plan_training(model, card: "str | GPUSpec | None" = None, method: str = "lor
 
     def core(**changes) -> TrainingPlan:
         a = dict(method=method, precision=precision, optimizer=optimizer, seq_len=seq_len, batch_size=batch_size,
-                 grad_accum=grad_accum, checkpointing=gradient_checkpointing, fused_ce=fused_ce, base_fmt=base_fmt)
+                 grad_accum=grad_accum, checkpointing=gradient_checkpointing, fused_ce=fused_ce, base_fmt=base_fmt,
+                 offload=offload_checkpoints)
         a.update(changes)
         if a["method"] == "qlora" and a["base_fmt"] == "bf16":
             a["base_fmt"] = "int4-g64"
@@ -505,7 +511,7 @@ def plan_training(model, card: "str | GPUSpec | None" = None, method: str = "lor
             a["base_fmt"] = "bf16"
         return _train_core(spec, gpu, mem, ctx_src, a["method"], a["precision"], a["optimizer"], a["seq_len"],
                            a["batch_size"], a["grad_accum"], a["checkpointing"], a["fused_ce"], lora_rank, targets,
-                           a["base_fmt"], gpu_memory_utilization)
+                           a["base_fmt"], gpu_memory_utilization, a["offload"])
 
     plan = core()
     plan.max_batch_size = _largest(lambda b: core(batch_size=b).fits, 1, 1024)

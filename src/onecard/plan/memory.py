@@ -226,13 +226,15 @@ def layer_activation_bytes(spec: ModelSpec, method: str, targets: tuple[str, ...
 
 def model_activation_bytes(spec: ModelSpec, tokens: int, method: str, targets: tuple[str, ...], *, mixed: bool,
                            checkpointing: bool, lora_rank: int = 16, adapter_bytes: int = 4,
-                           base_format: str = "int4-g64") -> int:
+                           base_format: str = "int4-g64", offload: bool = False) -> int:
     """Saved activations of a forward over ``tokens`` (batch x seq), before the loss.
 
     Without checkpointing every layer keeps ``layer_activation_bytes``; with
     HF's per-layer checkpointing each layer keeps only its input and one layer
     is recomputed at a time during backward (its saved tensors plus their
-    gradients, counted as twice the layer). Plus the final norm, RoPE cos/sin.
+    gradients, counted as twice the layer). ``offload`` (onecard.train's
+    offloaded checkpoints): the layer inputs wait in CPU memory, one at a time
+    is on the GPU. Plus the final norm, RoPE cos/sin.
     """
     a = spec.args
     layer = layer_activation_bytes(spec, method, targets, mixed=mixed, lora_rank=lora_rank, adapter_bytes=adapter_bytes,
@@ -240,7 +242,8 @@ def model_activation_bytes(spec: ModelSpec, tokens: int, method: str, targets: t
     res = 4 if mixed else 2
     final_norm = 4 * a.hidden_size + 4 + ((res + 2) * a.hidden_size if method == "full" else 0)
     rope = 2 * 2 * a.head_dim
-    per_token = (a.num_layers * res * a.hidden_size + 2 * layer) if checkpointing else a.num_layers * layer
+    kept_inputs = 1 if offload else a.num_layers
+    per_token = (kept_inputs * res * a.hidden_size + 2 * layer) if checkpointing else a.num_layers * layer
     return tokens * (per_token + final_norm + rope + 8)
 
 

@@ -114,14 +114,14 @@ _OPTIMIZERS = {"adamw_torch": "adamw", "adamw": "adamw", "adamw_8bit": "adamw-8b
 def training_preflight(model, memory: CardMemory, *, method: str, seq_len: int, batch_size: int, grad_accum: int,
                        gradient_checkpointing: bool, optimizer: str, fused_ce: bool,
                        lora_rank: int, lora_targets: str, qlora_group_size: int = 64,
-                       gpu_memory_utilization: float = 0.95) -> TrainingPlan:
+                       gpu_memory_utilization: float = 0.95, offload_checkpoints: bool = False) -> TrainingPlan:
     """Plan the trainer's job on ``memory`` and raise ``DoesNotFitError`` (with settings that fit) when it cannot.
 
     Arguments are ``onecard.train.TrainConfig``'s, already resolved (``optimizer``
     as the trainer picked it: adamw_torch / adamw_8bit / paged_adamw_8bit;
     ``precision``: bf16 or fp16). Full fine-tuning loads fp32 master weights
     under autocast (the planner's "mixed"); LoRA/QLoRA keep a 16-bit base.
-    Checkpoints offloaded to CPU are counted as if on the GPU (the plan errs high).
+    ``offload_checkpoints``: the layer checkpoints wait in CPU memory (one on the GPU at a time).
     """
     targets = "all" if lora_targets in ("all-linear", "all") else [t.strip() for t in lora_targets.split(",") if t.strip()]
     plan = plan_training(model, None, memory=memory, method=method, seq_len=seq_len, batch_size=batch_size,
@@ -129,7 +129,8 @@ def training_preflight(model, memory: CardMemory, *, method: str, seq_len: int, 
                          optimizer=_OPTIMIZERS.get(optimizer, "adamw"), lora_rank=lora_rank, lora_targets=targets,
                          precision="mixed" if method == "full" else "bf16", fused_ce=fused_ce,
                          base_format="int4-g64" if qlora_group_size == 64 else "int4",
-                         gpu_memory_utilization=gpu_memory_utilization, flags="train")
+                         gpu_memory_utilization=gpu_memory_utilization, flags="train",
+                         offload_checkpoints=offload_checkpoints)
     if not plan.fits:
         raise DoesNotFitError(f"{plan.model} {method} training (batch {batch_size} x {seq_len} tokens) "
                               f"{plan.verdict}")

@@ -1,15 +1,12 @@
-"""Trainer callbacks and the out-of-memory guard.
+"""Trainer callbacks (the out-of-memory guard is ``oom.py``).
 
 - ``RichProgressCallback``: one rich progress bar with loss, lr, eval perplexity and peak memory
   (the Trainer's tqdm bars are turned off so the terminal shows one thing).
 - ``LossHistoryCallback``: keeps (step, loss) and (step, eval_loss, eval_perplexity) for reports and tests.
-- ``oom_guard``: turns ``torch.cuda.OutOfMemoryError`` into a one-line ``DoesNotFitError`` with the peak,
-  a setting that needs less memory, and the last checkpoint on disk (which the failed step never touched).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -18,7 +15,6 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from onecard.errors import DoesNotFitError
 
 
 def peak_gib() -> float:
@@ -69,6 +65,10 @@ class RichProgressCallback(TrainerCallback):
             self.bar.update(self.task, description=self.last)
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.stop()
+
+    def stop(self) -> None:
+        """End the live display; also called when training stops with an error (no on_train_end then)."""
         if self.bar:
             self.bar.stop()
             self.bar = None
@@ -96,32 +96,3 @@ def last_checkpoint(out_dir: Path) -> Path | None:
         return None
     ckpts = [p for p in out_dir.iterdir() if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
     return max(ckpts, key=lambda p: int(p.name.split("-")[1])) if ckpts else None
-
-
-def suggest_smaller(batch_size: int, grad_accum: int, seq_len: int, offload: bool, method: str) -> str:
-    """The first setting, in order of least change to the run, that needs less memory."""
-    if batch_size > 1:
-        return f"--batch-size {batch_size // 2} --grad-accum {grad_accum * 2} (same tokens per step)"
-    if not offload:
-        return "--offload-checkpoints (keeps layer checkpoints in CPU memory)"
-    if method == "full":
-        return "--method lora"
-    if method == "lora":
-        return "--method qlora (int4 base weights)"
-    return f"--seq-len {max(seq_len // 2, 128)}"
-
-
-@contextlib.contextmanager
-def oom_guard(out_dir: Path, suggestion: str, step=lambda: None):
-    """Re-raise a CUDA OOM as ``DoesNotFitError`` naming the peak, a fix and the intact checkpoint."""
-    try:
-        yield
-    except torch.cuda.OutOfMemoryError:
-        peak = peak_gib()
-        total = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0.0
-        torch.cuda.empty_cache()
-        ckpt = last_checkpoint(out_dir)
-        kept = f"last checkpoint {ckpt} is intact (continue with --resume)" if ckpt else "no checkpoint was saved yet"
-        at = step()
-        raise DoesNotFitError(f"out of GPU memory{f' at step {at}' if at is not None else ''}: peak "
-                              f"{peak:.1f} GiB of {total:.1f} GiB; try {suggestion}; {kept}") from None

@@ -24,7 +24,8 @@ import torch
 from onecard.dist.launch import DistEnv
 from onecard.errors import BadInputError, MissingExtraError, NotBuiltYetError
 from onecard.train.callbacks import (LossHistoryCallback, RichProgressCallback, eval_perplexity, last_checkpoint,
-                                     oom_guard, peak_gib, suggest_smaller)
+                                     peak_gib)
+from onecard.train.oom import RunShape, oom_advice, oom_guard, plan_shape
 
 log = logging.getLogger(__name__)
 
@@ -319,20 +320,13 @@ def onecard_trainer(cfg: TrainConfig, tokenizer, train_ds, val_ds, precision: st
     return build_trainer(cfg, model, tokenizer, train_ds, val_ds, precision, device, callbacks), patch_summary
 
 
-def preflight(cfg: TrainConfig, device: str, precision: str, card_memory=None):
+def preflight(cfg: TrainConfig, precision: str, memory):
     """Ask the planner before loading anything: raise ``DoesNotFitError`` with the settings that fit instead of an
-    OOM mid-step. ``card_memory`` (an ``onecard.plan.CardMemory``) replaces the live card's; the check is skipped
-    without a card (CPU) and for fp32 training, which the planner does not model. Returns the plan (or None)."""
-    from onecard.plan.card_memory import live_card_memory
-    from onecard.plan.preflight import training_preflight
-
-    memory = card_memory if card_memory is not None else live_card_memory(device)
+    OOM mid-step. ``memory`` is the card's ``onecard.plan.CardMemory`` (None: no card, the check is skipped); fp32
+    training, which the planner does not model, is not checked either. Returns the plan (or None)."""
     if memory is None or precision == "fp32":
         return None
-    return training_preflight(cfg.model, memory, method=cfg.method, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                              grad_accum=cfg.grad_accum, gradient_checkpointing=cfg.gradient_checkpointing,
-                              optimizer=_optimizer(cfg), fused_ce=cfg.fused, lora_rank=cfg.lora_r,
-                              lora_targets=cfg.lora_targets, qlora_group_size=cfg.qlora_group_size)
+    return plan_shape(cfg.model, memory, RunShape.of(cfg, _optimizer(cfg)))
 
 
 def load_tokenizer(path: Path):
@@ -347,7 +341,8 @@ def load_tokenizer(path: Path):
 def train(cfg: TrainConfig, console=None, extra_callbacks: list | None = None, card_memory=None) -> TrainResult:
     """Run the whole job; raises ``OnecardError`` subclasses for anything the user can fix.
 
-    ``card_memory``: plan the preflight against this ``onecard.plan.CardMemory`` instead of the live card.
+    ``card_memory``: plan against this ``onecard.plan.CardMemory`` instead of the live card: the preflight, and
+    the settings an out-of-memory error suggests (re-planned with the measured peak, ``oom.py``).
     """
     from onecard.models import open_model_folder
     from onecard.train.data import load_training_data
@@ -363,7 +358,10 @@ def train(cfg: TrainConfig, console=None, extra_callbacks: list | None = None, c
     if cfg.merge and (cfg.out / "merged" / "config.json").exists():
         raise BadInputError(f"'{cfg.out / 'merged'}' already holds a merged model; remove it or drop --merge")
     open_model_folder(cfg.model)
-    preflight(cfg, device, precision, card_memory)
+    from onecard.plan.card_memory import live_card_memory
+
+    memory = card_memory if card_memory is not None else live_card_memory(device)
+    plan = preflight(cfg, precision, memory)
     tokenizer = load_tokenizer(cfg.model)
     train_ds, val_ds, report = load_training_data(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, cfg.bad_lines,
                                                   cfg.seed, progress=cfg.progress)
@@ -380,10 +378,16 @@ def train(cfg: TrainConfig, console=None, extra_callbacks: list | None = None, c
     cfg.out.mkdir(parents=True, exist_ok=True)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    suggestion = suggest_smaller(cfg.batch_size, cfg.grad_accum, cfg.seq_len, cfg.offload_checkpoints, cfg.method)
+    shape = RunShape.of(cfg, _optimizer(cfg))
     t0 = time.perf_counter()
-    with oom_guard(cfg.out, suggestion, step=lambda: trainer.state.global_step):
-        out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        with oom_guard(cfg.out, lambda peak, asked: oom_advice(cfg.model, memory, shape, plan, peak, asked),
+                       card=memory, step=lambda: trainer.state.global_step):
+            out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        for cb in callbacks:
+            if isinstance(cb, RichProgressCallback):
+                cb.stop()
     seconds = time.perf_counter() - t0
     steps = trainer.state.global_step
     done = steps - (int(resume_from.name.split("-")[1]) if resume_from else 0)
