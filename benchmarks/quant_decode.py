@@ -4,8 +4,9 @@
     PYTHONPATH=src python benchmarks/quant_decode.py --smoke   # CPU, tiny random model, ~1 min, writes to a temp dir
 
 Arms: bf16 engine; ``quantization="int8"`` (per-channel RTN) and ``"rtn-int4"``
-(group 128, the GPTQ-g128 layout and kernel — speed does not depend on how the
-codes were chosen). Each arm: bs=1 and bs=16 decode (ms per step, tok/s),
+(group 128, the GPTQ-g128 layout — speed does not depend on how the codes were
+chosen) with the engine's default int4 kernel on CUDA (PyTorch's tinygemm,
+``int4_kernel="auto"``) and with onecard's Triton kernel (``int4_kernel="triton"``). Each arm: bs=1 and bs=16 decode (ms per step, tok/s),
 2k-token prefill (ms), peak GiB, and % of the bandwidth roofline: the bytes one
 decode step must read (quantized linears' codes + scales + zeros, plus norms and
 the LM head; the embedding reads one row) over the measured copy bandwidth.
@@ -86,7 +87,7 @@ def prefill_ms(llm, length: int, vocab: int, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def run_arm(model_dir, quantization, dtype: str, device: str, a, bandwidth_gbs: float) -> dict:
+def run_arm(model_dir, quantization, dtype: str, device: str, a, bandwidth_gbs: float, **engine_kwargs) -> dict:
     from onecard.engine import LLM
 
     gc.collect()
@@ -94,7 +95,8 @@ def run_arm(model_dir, quantization, dtype: str, device: str, a, bandwidth_gbs: 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     llm = LLM(str(model_dir), dtype=dtype, device=device, quantization=quantization,
-              max_model_len=a.prefill_len + 64, max_num_seqs=max(a.batch, 1), gpu_memory_utilization=0.85)
+              max_model_len=a.prefill_len + 64, max_num_seqs=max(a.batch, 1), gpu_memory_utilization=0.85,
+              **engine_kwargs)
     model = llm.engine.runner.model
     vocab = model.args.vocab_size
     nbytes = step_bytes(model)
@@ -114,6 +116,8 @@ def run_arm(model_dir, quantization, dtype: str, device: str, a, bandwidth_gbs: 
 
 def kernel_table(device: str, dtype: torch.dtype, shapes, ms_list) -> dict:
     """QuantLinear (int4 g128, int8) vs nn.Linear alone: us per call and effective GB/s."""
+    import copy
+
     from onecard.quant.linear import QuantLinear
 
     res = {}
@@ -121,9 +125,13 @@ def kernel_table(device: str, dtype: torch.dtype, shapes, ms_list) -> dict:
         lin = torch.nn.Linear(K, N, bias=False, device=device, dtype=dtype)
         q4 = QuantLinear.from_linear(lin, 4, 128 if K % 128 == 0 else 32, sym=False)
         q8 = QuantLinear.from_linear(lin, 8, -1, sym=True)
+        mods = [("float", lin), ("int8", q8), ("int4", q4)]
+        tg = copy.deepcopy(q4)
+        if device.startswith("cuda") and dtype == torch.bfloat16 and tg.to_tinygemm_():
+            mods.append(("int4-tinygemm", tg))
         for M in ms_list:
             x = torch.randn(M, K, device=device, dtype=dtype)
-            for name, mod in (("float", lin), ("int8", q8), ("int4", q4)):
+            for name, mod in mods:
                 with torch.no_grad():
                     for _ in range(3):
                         mod(x)
@@ -167,15 +175,17 @@ def main() -> None:
 
     bw = measure_copy_bandwidth(torch.device(device))
     fl = "bf16" if dtype == "bfloat16" else "fp32"  # the float arm, named for what it really ran
-    arms = ((fl, None), ("int8", "int8"), ("int4", "rtn-int4"))
+    arms = ((fl, None, {}), ("int8", "int8", {}), ("int4", "rtn-int4", {}))
+    if device == "cuda":
+        arms += (("int4-triton", "rtn-int4", {"int4_kernel": "triton"}),)
     result: dict = {"model": str(model_dir), "dtype": dtype, "copy_bandwidth_gbs": bw, "decode_tokens": a.decode_tokens,
                     "prompt_len": a.prompt_len, "batch": a.batch, "prefill_len": a.prefill_len}
-    for name, quant in arms:
+    for name, quant, kw in arms:
         console.print(f"[bold]{name}[/] ...")
-        for k, v in run_arm(model_dir, quant, dtype, device, a, bw).items():
+        for k, v in run_arm(model_dir, quant, dtype, device, a, bw, **kw).items():
             result[f"{name}_{k}"] = v
     b = a.batch
-    for name in ("int8", "int4"):
+    for name in [n for n, _, _ in arms[1:]]:
         result[f"{name}_speedup_bs1_vs_{fl}"] = result[f"{fl}_bs1_ms_per_token"] / result[f"{name}_bs1_ms_per_token"]
         result[f"{name}_speedup_bs{b}_vs_{fl}"] = result[f"{fl}_bs{b}_ms_per_step"] / result[f"{name}_bs{b}_ms_per_step"]
         result[f"{name}_prefill{a.prefill_len}_speed_ratio_vs_{fl}"] = (result[f"{fl}_prefill{a.prefill_len}_ms"]
@@ -184,19 +194,21 @@ def main() -> None:
 
     t = Table("arm", "bs=1 ms/tok", "bs=1 tok/s", f"bs={b} tok/s", f"prefill {a.prefill_len} ms", "step GiB",
               "% roofline", "speedup bs=1", f"speedup bs={b}", "peak GiB", title=f"quantized decode ({device}, {bw:.0f} GB/s copy)")
-    for name, _ in arms:
+    for name, _, _ in arms:
         g = lambda k: result.get(f"{name}_{k}")  # noqa: E731
         t.add_row(name, f"{g('bs1_ms_per_token'):.2f}", f"{g('bs1_tok_s'):.1f}", f"{g(f'bs{b}_tok_s'):.1f}",
                   f"{g(f'prefill{a.prefill_len}_ms'):.1f}", f"{g('step_weight_gib'):.2f}",
                   f"{100 * g('bs1_roofline_fraction'):.0f}%", f"{g(f'speedup_bs1_vs_{fl}') or 1:.2f}x",
                   f"{g(f'speedup_bs{b}_vs_{fl}') or 1:.2f}x", "-" if g("peak_gib") is None else f"{g('peak_gib'):.1f}")
     console.print(t)
-    kt = Table("shape KxN", "M", f"{fl} us", "int8 us", "int4 us", "int4 weight GB/s", title="QuantLinear vs nn.Linear")
+    tg = any(k.startswith("kernel_int4-tinygemm") for k in result)
+    kt = Table("shape KxN", "M", f"{fl} us", "int8 us", "int4 us", "int4 weight GB/s", *(["tinygemm us"] if tg else []),
+               title="QuantLinear vs nn.Linear (host time per call: launch-bound for small shapes)")
     for K, N in shapes:
         for M in ms_list:
             g = lambda n, s="us": result[f"kernel_{n}_{K}x{N}_m{M}_{s}"]  # noqa: E731
             kt.add_row(f"{K}x{N}", str(M), f"{g('float'):.1f}", f"{g('int8'):.1f}", f"{g('int4'):.1f}",
-                       f"{g('int4', 'weight_gbs'):.0f}")
+                       f"{g('int4', 'weight_gbs'):.0f}", *([f"{g('int4-tinygemm'):.1f}"] if tg else []))
     console.print(kt)
 
     import matplotlib
@@ -205,10 +217,10 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    names = [n for n, _ in arms]
+    names = [n for n, _, _ in arms]
     for i, (key, label) in enumerate([("bs1_tok_s", "bs=1 decode tok/s"), (f"bs{b}_tok_s", f"bs={b} decode tok/s")]):
         vals = [result[f"{n}_{key}"] for n in names]
-        ax[i].bar(names, vals, color=["#888", "#4a90d9", "#2e7d32"])
+        ax[i].bar(names, vals, color=["#888", "#4a90d9", "#2e7d32", "#9ccc65"][:len(names)])
         ax[i].set_title(label)
         for j, v in enumerate(vals):
             ax[i].text(j, v, f"{v:.0f}", ha="center", va="bottom")

@@ -147,11 +147,16 @@ def _load_model(folder, config: EngineConfig, dtype: torch.dtype, device: torch.
                                       f"free (x{config.gpu_memory_utilization} utilization); use quantization="
                                       "'rtn-int4', a quantized checkpoint or offload_layers='auto'")
         if folder.quantization_config is not None:
-            return _quant_function("load_quantized_model", "loading GPTQ/AWQ checkpoints")(folder, dtype, device)
-        if config.quantization is not None:  # layer by layer: the dense model is never whole on the device
+            model = _quant_function("load_quantized_model", "loading GPTQ/AWQ checkpoints")(folder, dtype, device)
+        elif config.quantization is not None:  # layer by layer: the dense model is never whole on the device
             load_rtn = _quant_function("load_rtn_model", "on-the-fly quantization")
-            return load_rtn(folder, config.quantization, dtype, device, progress=progress)
-        return load_model(folder, dtype, device, max_positions=None, progress=progress)
+            model = load_rtn(folder, config.quantization, dtype, device, progress=progress)
+        else:
+            return load_model(folder, dtype, device, max_positions=None, progress=progress)
+        if device.type == "cuda" and dtype == torch.bfloat16 and config.int4_kernel == "auto":
+            n = _quant_function("use_tinygemm_", "PyTorch's int4 kernel")(model)
+            log.info("int4 kernel: PyTorch's _weight_int4pack_mm for %d layers (int4_kernel='triton' keeps ours)", n)
+        return model
     # offloading: build on the host, then place layer by layer (quantizing each on the card first)
     cpu = torch.device("cpu")
     if folder.quantization_config is not None:

@@ -9,9 +9,10 @@
 
 from onecard.quant.config import QuantConfig, QuantSpec
 from onecard.quant.layerwise import QuantReport, quantize_model_folder
-from onecard.quant.linear import QuantLinear
+from onecard.quant.linear import QuantLinear, use_tinygemm_
 from onecard.quant.loader import load_quantized_hf, load_quantized_model, load_rtn_model, quantize_model_
 from onecard.quant.rtn import QuantizedWeight, rtn_quantize
 
 __all__ = ["QuantConfig", "QuantLinear", "QuantReport", "QuantSpec", "QuantizedWeight", "load_quantized_hf",
-           "load_quantized_model", "load_rtn_model", "quantize_model_", "quantize_model_folder", "rtn_quantize"]
+           "load_quantized_model", "load_rtn_model", "quantize_model_", "quantize_model_folder", "rtn_quantize",
+           "use_tinygemm_"]

@@ -9,6 +9,15 @@ activations in the same order before the matmul, so groups stay whole.
 
 On CUDA ``forward`` runs the Triton kernel; elsewhere it runs the PyTorch
 reference (dequantize, then matmul) — same numbers, no interpreter in the hot path.
+
+``use_tinygemm_`` (what the engine calls on CUDA for bf16 models) moves int4
+layers to PyTorch's own int4 weight-only kernel (``aten._weight_int4pack_mm``,
+"tinygemm", what gpt-fast and torchao run): measured on the H200, our Triton
+GEMV reached 1.30x of bf16 at bs=1 while the weight bytes allow ~4x, and a
+well-kept kernel beats a hand-tuned one we cannot iterate on. Its layout keeps
+bf16 scales and an additive bf16 zero (``w = (q - 8) * s + (8 - z) * s``), so the
+weights it computes with differ from the fp16-scale reference by the bf16
+rounding of each group's scale and zero (~0.4 % of a weight).
 """
 
 from __future__ import annotations
@@ -20,6 +29,16 @@ from onecard.errors import UnsupportedModelError
 from onecard.kernels.wo_matmul import dequantize_reference, wo_matmul, wo_matmul_reference
 from onecard.quant.packing import pack_rows
 from onecard.quant.rtn import QuantizedWeight, rtn_quantize
+
+
+# aten._weight_int4pack_mm: group sizes it supports, and the K tiling its packed layout uses.
+TINYGEMM_GROUPS = (32, 64, 128, 256)
+TINYGEMM_INNER_K_TILES = 8
+
+
+def use_tinygemm_(model: nn.Module) -> int:
+    """Move every eligible int4 ``QuantLinear`` of a bf16 CUDA model to PyTorch's int4 kernel; returns how many."""
+    return sum(m.to_tinygemm_() for m in model.modules() if isinstance(m, QuantLinear))
 
 
 class QuantLinear(nn.Module):
@@ -37,6 +56,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("zeros", torch.zeros(groups, out_features, dtype=torch.float16, device=device))
         self.register_buffer("perm", torch.arange(in_features, dtype=torch.int32, device=device) if act_order else None)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+        self.register_buffer("tg_weight", None, persistent=False)  # set by to_tinygemm_ (CUDA int4)
+        self.register_buffer("tg_scale_zeros", None, persistent=False)
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> "QuantLinear":
@@ -72,15 +93,44 @@ class QuantLinear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``[out, in]`` in the original input-channel order (what an ``nn.Linear`` would hold)."""
+        if self.tg_weight is not None:
+            raise NotImplementedError("this layer was repacked for PyTorch's int4 kernel (to_tinygemm_), whose "
+                                      "layout onecard does not unpack; load the checkpoint again to dequantize")
         w = dequantize_reference(self.qweight, self.scales, self.zeros, self.bits, self.group_size)  # [K', N]
         if self.perm is not None:
             w = torch.empty_like(w).index_copy_(0, self.perm.long(), w)
         return w.t().to(dtype)
 
+    def to_tinygemm_(self) -> bool:
+        """Repack into ``aten._weight_int4pack_mm``'s layout on this module's CUDA device (frees the Triton layout).
+
+        Returns False (and changes nothing) where that kernel does not apply: not int4, not CUDA, a group size it
+        lacks, or shapes off its tiles."""
+        K, N = self.in_features, self.out_features
+        if (self.bits != 4 or not self.qweight.is_cuda or self.group_size not in TINYGEMM_GROUPS
+                or K % (TINYGEMM_INNER_K_TILES * 16) or N % 8 or not hasattr(torch.ops.aten, "_weight_int4pack_mm")):
+            return False
+        from onecard.kernels.wo_matmul import unpack_reference
+
+        codes = unpack_reference(self.qweight, 4).t().contiguous()  # [N, K] in 0..15
+        packed = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
+        s = self.scales.float()
+        scale_zeros = torch.stack([s, (8 - self.zeros.float()) * s], -1).to(torch.bfloat16).contiguous()
+        self.tg_weight = torch.ops.aten._convert_weight_to_int4pack(packed, TINYGEMM_INNER_K_TILES)
+        self.tg_scale_zeros = scale_zeros
+        empty = self.qweight.new_empty(0)
+        self.qweight, self.scales, self.zeros = empty, empty.half(), empty.half()
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
-        if x.is_cuda:
+        if self.tg_weight is not None:
+            lead = x.shape[:-1]
+            y = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16),
+                                                   self.tg_weight, self.group_size, self.tg_scale_zeros)
+            y = y.reshape(*lead, self.out_features).to(x.dtype)
+        elif x.is_cuda:
             y = wo_matmul(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size)
         else:
             y = wo_matmul_reference(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size)
@@ -88,7 +138,8 @@ class QuantLinear(nn.Module):
 
     def weight_bytes(self) -> int:
         """Bytes read per forward (codes + scales + zeros): the roofline's numerator."""
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros))
+        held = (self.qweight, self.scales, self.zeros, self.tg_weight, self.tg_scale_zeros)
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
