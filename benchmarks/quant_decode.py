@@ -5,8 +5,8 @@
 
 Arms: bf16 engine; ``quantization="int8"`` (per-channel RTN) and ``"rtn-int4"``
 (group 128, the GPTQ-g128 layout — speed does not depend on how the codes were
-chosen) with the engine's default int4 kernel on CUDA (PyTorch's tinygemm,
-``int4_kernel="auto"``) and with onecard's Triton kernel (``int4_kernel="triton"``). Each arm: bs=1 and bs=16 decode (ms per step, tok/s),
+chosen) with onecard's Triton kernel (the default) and, on CUDA, with PyTorch's
+tinygemm kernel (``int4_kernel="tinygemm"``). Each arm: bs=1 and bs=16 decode (ms per step, tok/s),
 2k-token prefill (ms), peak GiB, and % of the bandwidth roofline: the bytes one
 decode step must read (quantized linears' codes + scales + zeros, plus norms and
 the LM head; the embedding reads one row) over the measured copy bandwidth.
@@ -177,7 +177,7 @@ def main() -> None:
     fl = "bf16" if dtype == "bfloat16" else "fp32"  # the float arm, named for what it really ran
     arms = ((fl, None, {}), ("int8", "int8", {}), ("int4", "rtn-int4", {}))
     if device == "cuda":
-        arms += (("int4-triton", "rtn-int4", {"int4_kernel": "triton"}),)
+        arms += (("int4-tinygemm", "rtn-int4", {"int4_kernel": "tinygemm"}),)
     result: dict = {"model": str(model_dir), "dtype": dtype, "copy_bandwidth_gbs": bw, "decode_tokens": a.decode_tokens,
                     "prompt_len": a.prompt_len, "batch": a.batch, "prefill_len": a.prefill_len}
     for name, quant, kw in arms:

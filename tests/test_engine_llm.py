@@ -255,3 +255,14 @@ def test_static_decode_inputs_match_eager_decode(llm):
     for rid in [f"static-{i}" for i in range(3)]:
         engine.abort_request(rid)
     assert llm.stats()["kv_blocks_used"] == 0
+
+
+def test_int4_kernel_choice_is_validated(random_checkpoint):
+    """PyTorch's int4 kernel is opt-in and only where it applies; the error says what to do."""
+    path = random_checkpoint("llama-2-7b")
+    with pytest.raises(BadInputError, match="int4_kernel='cuda'"):
+        LLM(path, device="cpu", int4_kernel="cuda")
+    with pytest.raises(BadInputError, match="not quantized; add quantization='rtn-int4'"):
+        LLM(path, device="cpu", int4_kernel="tinygemm")
+    with pytest.raises(BadInputError, match="needs CUDA and bfloat16"):
+        LLM(path, device="cpu", quantization="rtn-int4", int4_kernel="tinygemm")

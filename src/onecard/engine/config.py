@@ -42,7 +42,7 @@ class EngineConfig:
     ngram_size: int = 3  # longest suffix n-gram looked up in the context to draft from
     speculative_model: str | Path | None = None  # a small model with the same tokenizer drafts instead of n-grams
     offload_layers: int | str = 0  # decoder layers kept in pinned CPU memory, streamed in per step ("auto": planner's)
-    int4_kernel: str = "auto"  # CUDA bf16 int4 matmul: "auto" = PyTorch's tinygemm where it applies, "triton" = ours
+    int4_kernel: str = "triton"  # CUDA int4 matmul: ours, or "tinygemm" (PyTorch's; faster bs=1, 15x slower prefill)
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> BadInputError:
@@ -63,8 +63,8 @@ class EngineConfig:
             raise bad("block_size", "must be a power of two in 8..256 (16 is a good default)")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise bad("kv_cache_dtype", f"choose one of {', '.join(KV_CACHE_DTYPES)} ('auto' stores the model dtype)")
-        if self.int4_kernel not in ("auto", "triton"):
-            raise bad("int4_kernel", "choose 'auto' (PyTorch's int4 kernel on CUDA where it applies) or 'triton'")
+        if self.int4_kernel not in ("triton", "tinygemm"):
+            raise bad("int4_kernel", "choose 'triton' (onecard's kernel) or 'tinygemm' (PyTorch's int4 kernel, CUDA bf16)")
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise bad("tensor_parallel_size", "must be a positive integer (GPUs to shard the model over)")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

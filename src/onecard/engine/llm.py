@@ -152,10 +152,16 @@ def _load_model(folder, config: EngineConfig, dtype: torch.dtype, device: torch.
             load_rtn = _quant_function("load_rtn_model", "on-the-fly quantization")
             model = load_rtn(folder, config.quantization, dtype, device, progress=progress)
         else:
+            if config.int4_kernel != "triton":
+                raise BadInputError(f"int4_kernel={config.int4_kernel!r} applies to int4 weights but "
+                                    f"'{folder.path}' is not quantized; add quantization='rtn-int4' or drop int4_kernel")
             return load_model(folder, dtype, device, max_positions=None, progress=progress)
-        if device.type == "cuda" and dtype == torch.bfloat16 and config.int4_kernel == "auto":
+        if config.int4_kernel == "tinygemm":
+            if device.type != "cuda" or dtype != torch.bfloat16:
+                raise BadInputError(f"int4_kernel='tinygemm' needs CUDA and bfloat16 (got {device.type}, {dtype}); "
+                                    "use int4_kernel='triton'")
             n = _quant_function("use_tinygemm_", "PyTorch's int4 kernel")(model)
-            log.info("int4 kernel: PyTorch's _weight_int4pack_mm for %d layers (int4_kernel='triton' keeps ours)", n)
+            log.info("int4 kernel: PyTorch's _weight_int4pack_mm for %d layers", n)
         return model
     # offloading: build on the host, then place layer by layer (quantizing each on the card first)
     cpu = torch.device("cpu")
