@@ -24,7 +24,6 @@ in place of the memory cap, so the context search still measures what the format
 from __future__ import annotations
 
 import argparse
-import gc
 import tempfile
 import time
 
@@ -32,7 +31,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from onecard.bench.results import save_figure, write_result
+from onecard.bench.results import cap_process_memory, free_memory, publish
 from onecard.engine import LLM, SamplingParams
 from onecard.errors import DoesNotFitError
 
@@ -61,11 +60,6 @@ def parse() -> argparse.Namespace:
         a.first_probe, a.step, a.chunk, a.decode_contexts, a.decode_steps, a.ppl_tokens = 64, 16, 64, "128", 8, 2000
     return a
 
-
-def _free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _engine_kwargs(a: argparse.Namespace, model: str, fmt: str, quantization: str | None, device: str) -> dict:
@@ -103,7 +97,7 @@ def probe(a: argparse.Namespace, model: str, fmt: str, quantization: str | None,
         ok, capacity, why = False, 0, f"out of memory while running: {str(e).splitlines()[0]}"
     finally:
         del llm
-        _free()
+        free_memory()
     console.print(f"  {fmt:>5} {quantization or 'bf16'} L={length:>7,}: {'ok' if ok else 'FAILS'} "
                   f"({time.perf_counter() - t0:.0f} s){'' if ok else ' - ' + why[:160]}")
     return ok, capacity, why
@@ -153,7 +147,7 @@ def decode_speed(a: argparse.Namespace, model: str, fmt: str, device: str, conte
         eng.step()
     tok_s = a.decode_steps / (time.perf_counter() - t0)
     del llm, eng, seq
-    _free()
+    free_memory()
     return tok_s
 
 
@@ -233,7 +227,7 @@ def main() -> None:
         else:
             model = a.model
         device, out_dir = "cuda", a.out
-        torch.cuda.set_per_process_memory_fraction(a.cap_gib * GiB / torch.cuda.mem_get_info()[1])
+        cap_process_memory(a.cap_gib)
     from onecard.models.folder import open_model_folder
 
     max_pos = open_model_folder(model).model_args().max_position_embeddings
@@ -272,9 +266,7 @@ def main() -> None:
         d.add_row(f"{ctx:,}", *(f"{row[f]:.1f}" for f in formats))
     console.print(d)
     where = "CPU smoke" if a.smoke else f"{torch.cuda.get_device_name(0)}, {a.cap_gib:g} GiB cap"
-    path = write_result("engine_kv_quant", r, out_dir)
-    png = save_figure(figure(r, f"onecard KV-cache quantization ({where})"), "engine_kv_quant", out_dir)
-    console.print(f"wrote {path} and {png}")
+    publish("engine_kv_quant", r, figure(r, f"onecard KV-cache quantization ({where})"), out_dir, console)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ The engines run in this process one after the other, under --cap-gib (0 = no cap
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import tempfile
 import time
@@ -32,7 +31,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from onecard.bench.results import save_figure, write_result
+from onecard.bench.results import cap_process_memory, free_memory, publish
 from onecard.engine import LLM, SamplingParams
 
 
@@ -52,11 +51,6 @@ def parse() -> argparse.Namespace:
     p.add_argument("--out", default=None, help="result folder (default docs/results; --smoke: a temp dir)")
     return p.parse_args()
 
-
-def _free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def prefix_run(model: str, a: argparse.Namespace, device: str, dtype: str, caching: bool) -> dict:
@@ -81,7 +75,7 @@ def prefix_run(model: str, a: argparse.Namespace, device: str, dtype: str, cachi
                 ttft[out.request_id] = out.metrics["first_token_time"] - t0
     st = llm.stats()
     del llm, eng
-    _free()
+    free_memory()
     vals = sorted(ttft.values())
     return {"ttft_mean_s": statistics.mean(vals), "ttft_p50_s": vals[len(vals) // 2], "ttft_max_s": vals[-1],
             "hit_rate": st["prefix_cache_hit_rate"], "kv_blocks": st["kv_blocks_total"]}
@@ -115,7 +109,7 @@ def chunk_run(model: str, a: argparse.Namespace, device: str, dtype: str, chunke
             long_ttft = now - t_long
     eng.abort_request("stream")
     del llm, eng
-    _free()
+    free_memory()
     return {"stream_max_gap_ms": max(gaps) * 1e3, "stream_median_gap_ms": statistics.median(gaps) * 1e3,
             "long_prompt_ttft_s": long_ttft}
 
@@ -134,7 +128,7 @@ def spec_run(model: str, a: argparse.Namespace, device: str, dtype: str, k: int)
     dt = time.perf_counter() - t0
     st = llm.stats()
     del llm
-    _free()
+    free_memory()
     return {"tok_s": len(out) / dt, "tokens": out, "acceptance_rate": st["spec_acceptance_rate"],
             "draft_tokens": st["spec_draft_tokens"]}
 
@@ -158,12 +152,12 @@ def main() -> None:
             from onecard.testing.checkpoints import gpu_benchmark_checkpoint
 
             model = str(gpu_benchmark_checkpoint("llama-2-7b", console))
-            _free()
+            free_memory()
         else:
             model = a.model
         device, dtype = "cuda", "auto"
         if a.cap_gib:
-            torch.cuda.set_per_process_memory_fraction(a.cap_gib * (1 << 30) / torch.cuda.mem_get_info()[1])
+            cap_process_memory(a.cap_gib)
         out_dir = a.out
     if a.prefix_tokens + a.suffix_tokens + 4 > a.max_model_len or a.long_prompt_tokens + 32 > a.max_model_len:
         raise SystemExit("prompts do not fit --max-model-len; lower --prefix-tokens / --long-prompt-tokens")
@@ -226,9 +220,7 @@ def main() -> None:
     ax3.set_title(f"n-gram speculation (acceptance {r['spec_acceptance_rate']:.2f})")
     fig.suptitle(f"onecard engine, {'CPU smoke' if a.smoke else torch.cuda.get_device_name(0)}"
                  f"{'' if a.smoke or not a.cap_gib else f', {a.cap_gib:g} GiB cap'}")
-    path = write_result("engine_prefix_chunk", r, out_dir)
-    png = save_figure(fig, "engine_prefix_chunk", out_dir)
-    console.print(f"wrote {path} and {png}")
+    publish("engine_prefix_chunk", r, fig, out_dir, console)
 
 
 if __name__ == "__main__":

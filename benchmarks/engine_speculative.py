@@ -29,7 +29,6 @@ default is no memory cap (--cap-gib 0); Llama-2-7B bf16 twice is ~27 GiB.
 from __future__ import annotations
 
 import argparse
-import gc
 import tempfile
 import time
 
@@ -37,7 +36,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from onecard.bench.results import save_figure, write_result
+from onecard.bench.results import cap_process_memory, free_memory, publish
 from onecard.engine import LLM, SamplingParams
 
 
@@ -57,11 +56,6 @@ def parse() -> argparse.Namespace:
     p.add_argument("--out", default=None, help="result folder (default docs/results; --smoke: a temp dir)")
     return p.parse_args()
 
-
-def _free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def workload(vocab: int, block_tokens: int) -> list[int]:
@@ -86,7 +80,7 @@ def run(model: str, a: argparse.Namespace, device: str, dtype: str, **spec) -> d
     drafted = st["spec_draft_tokens"] - before["spec_draft_tokens"]
     accepted = st["spec_accepted_tokens"] - before["spec_accepted_tokens"]
     del llm
-    _free()
+    free_memory()
     return {"tok_s": len(out) / dt, "ms_per_token": dt / len(out) * 1e3, "tokens": out,
             "draft_tokens": drafted, "acceptance_rate": accepted / drafted if drafted else 0.0,
             "draft_model_steps": st["spec_draft_model_steps"] - before["spec_draft_model_steps"]}
@@ -118,10 +112,10 @@ def main() -> None:
                                                overrides={"num_hidden_layers": a.draft_layers}))
         else:
             draft = a.draft
-        _free()
+        free_memory()
         device, dtype = "cuda", "auto"
         if a.cap_gib:
-            torch.cuda.set_per_process_memory_fraction(a.cap_gib * (1 << 30) / torch.cuda.mem_get_info()[1])
+            cap_process_memory(a.cap_gib)
         out_dir = a.out
     if a.block_tokens + 17 + a.output_tokens > a.max_model_len:
         raise SystemExit("prompt + output do not fit --max-model-len; lower --block-tokens / --output-tokens")
@@ -164,9 +158,7 @@ def main() -> None:
     ax.set_ylabel("bs=1 decode tok/s")
     ax.set_title(f"speculative decoding, {'CPU smoke' if a.smoke else torch.cuda.get_device_name(0)}"
                  f"{', random weights' if a.model is None else ''}")
-    path = write_result("engine_speculative", r, out_dir)
-    png = save_figure(fig, "engine_speculative", out_dir)
-    console.print(f"wrote {path} and {png}")
+    publish("engine_speculative", r, fig, out_dir, console)
 
 
 if __name__ == "__main__":

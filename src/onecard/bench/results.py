@@ -50,3 +50,26 @@ def save_figure(fig, name: str, out_dir: str | Path | None = None) -> Path:
     path = out / f"{name}.png"
     fig.savefig(path, dpi=120, bbox_inches="tight")
     return path
+
+
+def publish(name: str, data: dict, fig, out_dir: str | Path | None, console) -> None:
+    """``write_result`` + ``save_figure`` and one line saying where they went (every benchmark's last step)."""
+    console.print(f"wrote {write_result(name, data, out_dir)} and {save_figure(fig, name, out_dir)}")
+
+
+def free_memory() -> None:
+    """Drop the last engine's tensors before the next one is built (engines run one after another in a benchmark)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def cap_process_memory(gib: float) -> None:
+    """Cap this process's CUDA memory at ``gib`` (how a 24 GiB card is stood in for on a bigger one)."""
+    import torch
+
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * (1 << 30) / torch.cuda.mem_get_info()[1]))
