@@ -184,15 +184,21 @@ CRASHER = textwrap.dedent("""
     real_connect = store._connect
 
     class Crashing:
-        # wraps the connection; SIGKILLs this process after a few vector inserts, inside the write transaction
+        # wraps the connection; SIGKILLs this process at the second file's vector insert, inside the write
+        # transaction (the first file's rows are already written)
         def __init__(self, conn):
             self.conn, self.inserts = conn, 0
-        def execute(self, sql, *args):
+        def _count(self, sql):
             if sql.startswith("INSERT INTO chunks_vec"):
                 self.inserts += 1
                 if self.inserts == 2:
                     os.kill(os.getpid(), signal.SIGKILL)
+        def execute(self, sql, *args):
+            self._count(sql)
             return self.conn.execute(sql, *args)
+        def executemany(self, sql, *args):
+            self._count(sql)
+            return self.conn.executemany(sql, *args)
         def __getattr__(self, name):
             return getattr(self.conn, name)
 

@@ -214,18 +214,19 @@ class SqliteStore:
                     self.conn.execute(f"DELETE FROM chunks_vec WHERE rowid IN ({marks})", ids)
                     self.conn.execute(f"DELETE FROM chunks WHERE id IN ({marks})", ids)
                 self.conn.execute("DELETE FROM files WHERE path = ?", (path,))
-            for u in updates:
+            next_id = self._q("SELECT coalesce(max(id), 0) + 1 FROM chunks")[0][0]
+            for u in updates:  # one executemany per file and table: ids are assigned here, inside the transaction
                 if len(u.chunks) != len(u.vectors) or (len(u.vectors) and u.vectors.shape[1] != dim):
                     raise OnecardError(f"internal: {u.path} has {len(u.chunks)} chunks but vectors {u.vectors.shape}")
-                title = _title(u.path)
-                for c, v in zip(u.chunks, u.vectors):
-                    self.conn.execute("INSERT INTO chunks(path, page, heading, start, end_, kind, title, text) "
-                                      "VALUES (?,?,?,?,?,?,?,?)",
-                                      (u.path, c.page, c.heading, c.start, c.end, c.kind, title, c.text))
-                    rowid = self.conn.last_insert_rowid() if hasattr(self.conn, "last_insert_rowid") else \
-                        self._q("SELECT last_insert_rowid()")[0][0]
-                    self.conn.execute("INSERT INTO chunks_vec(rowid, embedding) VALUES (?, ?)",
-                                      (rowid, np.asarray(v, dtype=np.float32).tobytes()))
+                title, ids = _title(u.path), range(next_id, next_id + len(u.chunks))
+                next_id += len(u.chunks)
+                self.conn.executemany("INSERT INTO chunks(id, path, page, heading, start, end_, kind, title, text) "
+                                      "VALUES (?,?,?,?,?,?,?,?,?)",
+                                      [(i, u.path, c.page, c.heading, c.start, c.end, c.kind, title, c.text)
+                                       for i, c in zip(ids, u.chunks)])
+                vecs = np.ascontiguousarray(u.vectors, dtype=np.float32)
+                self.conn.executemany("INSERT INTO chunks_vec(rowid, embedding) VALUES (?, ?)",
+                                      [(i, v.tobytes()) for i, v in zip(ids, vecs)])
                 self.conn.execute("INSERT INTO files(path, sha256, n_chunks, indexed_at) VALUES (?,?,?,?)",
                                   (u.path, u.sha256, len(u.chunks), time.time()))
             n_chunks = self._q("SELECT count(*) FROM chunks")[0][0]
