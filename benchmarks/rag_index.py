@@ -18,7 +18,7 @@ queue for a core, CPU time what the query itself costs; the load average at
 the start of each part is recorded beside the figures.
 
     PYTHONPATH=src python benchmarks/rag_index.py --device cuda   # GPU box: writes docs/results/rag_index.{json,png}
-    PYTHONPATH=src python benchmarks/rag_index.py --device cpu    # the CPU figures (embedding takes ~5 min)
+    PYTHONPATH=src python benchmarks/rag_index.py --device cpu    # docs/results/rag_index_cpu.{json,png} (~12 min)
     PYTHONPATH=src python benchmarks/rag_index.py --smoke         # < 2 min on CPU, writes to a temp dir
     ... --embedder DIR    # any local sentence-transformers folder (e.g. an fp16 copy of MiniLM carried to a GPU box)
 """
@@ -218,7 +218,8 @@ def main() -> None:
         data[f"{key}_p50_ms"], data[f"{key}_p95_ms"] = p50, p95
         data[f"{key}_cpu_p50_ms"], data[f"{key}_cpu_p95_ms"] = c50, c95
     data["hybrid_p95_under_50ms"] = p["hybrid (two threads)"][1] < 50.0
-    path = write_result("rag_index", data, out_dir)
+    name = "rag_index" if device == "cuda" else "rag_index_cpu"  # the GPU run and the CPU run keep separate files
+    path = write_result(name, data, out_dir)
 
     import matplotlib
 
@@ -239,7 +240,7 @@ def main() -> None:
     b.set_ylabel("p95 latency (ms)")
     b.set_title(f"retrieval at {n_index:,} chunks, CPU (load {load_latency:.1f})")
     b.legend()
-    save_figure(fig, "rag_index", out_dir)
+    save_figure(fig, name, out_dir)
     console.print(f"wrote {path}")
 
 
