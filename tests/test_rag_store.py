@@ -14,7 +14,8 @@ import pytest
 from onecard.errors import BadInputError
 from onecard.rag.answer import ask, parse_citations
 from onecard.rag.indexer import index_directory
-from onecard.rag.store import SqliteStore, fts_query, rrf_fuse, search
+from onecard.rag.splitter import Chunk
+from onecard.rag.store import FileUpdate, SqliteStore, fts_query, minmax_fuse, rrf_fuse, search
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -52,9 +53,51 @@ def test_rrf_fusion_math():
     assert [d for d, _ in rrf_fuse([[1, 2, 3], [3, 1]], k=60)] == [1, 3, 2]
 
 
+def test_minmax_fusion_math():
+    fused = dict(minmax_fuse([[(1, 0.9), (2, 0.5), (3, 0.4)], [(3, 12.0), (4, 4.0), (1, 2.0)]]))
+    assert fused[1] == pytest.approx((1.0 + 0.0) / 2)
+    assert fused[3] == pytest.approx((0.0 + 1.0) / 2)
+    assert fused[2] == pytest.approx(0.2 / 2)
+    assert fused[4] == pytest.approx(0.2 / 2)
+    # a list far ahead of its runner-up carries its best hit, which RRF would rank below a two-list consensus
+    vec, bm = [(5, 0.80), (6, 0.60), (7, 0.40)], [(8, 30.0), (9, 3.0), (6, 2.0)]
+    mm, rrf = [d for d, _ in minmax_fuse([vec, bm])], [d for d, _ in rrf_fuse([[i for i, _ in vec], [i for i, _ in bm]])]
+    assert mm.index(8) < mm.index(6) and rrf.index(6) < rrf.index(8)
+    assert minmax_fuse([[(1, 3.0)], []]) == [(1, 0.5)], "an empty list still counts in the mean"
+
+
 def test_fts_query_is_sanitised():
     assert fts_query('what is "ZX-4471" OR NEAR(a b)*') == '"zx" OR "4471" OR "near"'
     assert fts_query("the of and ?") == ""
+
+
+def _store_of(path: Path, texts: list[str]) -> SqliteStore:
+    """An index of ``texts`` (one file, random unit vectors): enough for BM25, no embedder needed."""
+    import numpy as np
+
+    vecs = np.random.default_rng(0).standard_normal((len(texts), 8)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    chunks = [Chunk("/d/notes.txt", t, i * 100, i * 100 + len(t)) for i, t in enumerate(texts)]
+    store = SqliteStore(path, create=True)
+    store.apply([FileUpdate("/d/notes.txt", "sha", chunks, vecs)], [], {"embedder": "x", "dim": "8"})
+    return store
+
+
+def test_bm25_leaves_out_words_in_half_the_chunks(tmp_path):
+    texts = ["python snakes shed their skin", "python code runs fast", "python lists and python dicts",
+             "zebra stripes confuse flies", "python zebra crossing signs", "quiet library reading room"]
+    store = _store_of(tmp_path / "kb.sqlite", texts)
+    assert store.get_meta()["chunks"] == "6"
+    # 'python' is in 4 of 6 chunks: IDF ~0, so it is dropped; the ranking by the other words is unchanged
+    assert store._common_words(["python", "zebra"]) == {"python"}
+    ids = [i for i, _ in store.bm25_search("python zebra", 10)]
+    assert sorted(store.chunks(ids)[i].text for i in ids) == sorted(t for t in texts if "zebra" in t)
+    assert [i for i, _ in store.bm25_search("zebra", 10)] == ids
+    # stemming is the index's: 'pythons' stems to 'python', the common term
+    assert store._common_words(["pythons", "zebras"]) == {"pythons"}
+    # a query of common words only keeps them all rather than finding nothing
+    assert len(store.bm25_search("python", 10)) == 4
+    store.close()
 
 
 def test_each_mode_finds_its_kind_of_match(kb):
@@ -76,8 +119,10 @@ def test_hybrid_fuses_both_lists(kb):
     top = res.hits[0]
     assert Path(top.chunk.source).name == "network.md"
     assert top.vector_rank is not None and top.bm25_rank is not None
-    assert top.score == pytest.approx(1 / (60 + top.vector_rank) + 1 / (60 + top.bm25_rank))
     assert [h.score for h in res.hits] == sorted((h.score for h in res.hits), reverse=True)
+    assert 0.0 < res.hits[-1].score <= top.score <= 1.0, "min-max fused scores lie in [0, 1]"
+    rrf = search("router ZX-4471 wifi", db, k=4, mode="hybrid", fusion="rrf").hits[0]
+    assert rrf.score == pytest.approx(1 / (60 + rrf.vector_rank) + 1 / (60 + rrf.bm25_rank))
 
 
 def test_rerank_hook_reorders(kb):
@@ -139,15 +184,21 @@ CRASHER = textwrap.dedent("""
     real_connect = store._connect
 
     class Crashing:
-        # wraps the connection; SIGKILLs this process after a few vector inserts, inside the write transaction
+        # wraps the connection; SIGKILLs this process at the second file's vector insert, inside the write
+        # transaction (the first file's rows are already written)
         def __init__(self, conn):
             self.conn, self.inserts = conn, 0
-        def execute(self, sql, *args):
+        def _count(self, sql):
             if sql.startswith("INSERT INTO chunks_vec"):
                 self.inserts += 1
                 if self.inserts == 2:
                     os.kill(os.getpid(), signal.SIGKILL)
+        def execute(self, sql, *args):
+            self._count(sql)
             return self.conn.execute(sql, *args)
+        def executemany(self, sql, *args):
+            self._count(sql)
+            return self.conn.executemany(sql, *args)
         def __getattr__(self, name):
             return getattr(self.conn, name)
 

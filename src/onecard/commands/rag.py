@@ -58,6 +58,7 @@ def register(app: typer.Typer) -> None:
         db: str = typer.Option("kb.sqlite", "--db", help=DB_HELP),
         k: int = typer.Option(5, "--k", help="Number of chunks."),
         mode: str = typer.Option("hybrid", "--mode", help="hybrid | vector | bm25"),
+        fusion: str = typer.Option("minmax", "--fusion", help="How hybrid fuses the lists: minmax (scores) | rrf (ranks)."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
         """Retrieval only: the best chunks with their scores."""
@@ -66,7 +67,7 @@ def register(app: typer.Typer) -> None:
 
         from onecard.rag.store import search
 
-        res = search(query, db, k=k, mode=mode)
+        res = search(query, db, k=k, mode=mode, fusion=fusion)
         if as_json:
             typer.echo(json.dumps({"mode": mode, "seconds": res.seconds, "hits": [
                 {"rank": r, "score": h.score, "similarity": h.similarity, "bm25": h.bm25, "source": h.chunk.source,

@@ -41,7 +41,7 @@ class Citation:
     source: str
     page: int | None
     heading: str
-    score: float           # retrieval score of the chunk (RRF for hybrid)
+    score: float           # retrieval score of the chunk (fused score for hybrid)
     similarity: float | None = None
 
 

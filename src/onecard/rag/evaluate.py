@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from onecard.errors import BadInputError
-from onecard.rag.store import MODES, Hit, open_store, retrieve
+from onecard.rag.store import Hit, open_store, retrieve
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +89,16 @@ class ModeScores:
     ranks: list[int | None] = field(repr=False, default_factory=list)
 
 
+# what ``rag eval`` compares: the three modes, and hybrid with reciprocal-rank fusion instead of the default
+EVAL_MODES = {"hybrid": ("hybrid", "minmax"), "vector": ("vector", "minmax"), "bm25": ("bm25", "minmax"),
+              "hybrid_rrf": ("hybrid", "rrf")}
+
+
 def evaluate_retrieval(db: str | Path, targets: list[Target], ks: tuple[int, ...] = (1, 5, 10),
-                       modes: tuple[str, ...] = MODES, depth: int = 50, embedder: str | None = None,
+                       modes: tuple[str, ...] = tuple(EVAL_MODES), depth: int = 50, embedder: str | None = None,
                        progress: bool = False) -> dict[str, ModeScores]:
-    """recall@k for each k, MRR@depth and per-query retrieval latency for each mode (query embedding excluded)."""
+    """recall@k for each k, MRR@depth and per-query retrieval latency for each of ``EVAL_MODES`` (query
+    embedding excluded)."""
     from onecard.rag.embeddings import load_embedder
 
     store = open_store(db, memory_vectors=True)
@@ -101,16 +107,17 @@ def evaluate_retrieval(db: str | Path, targets: list[Target], ks: tuple[int, ...
         emb = load_embedder(embedder or meta.get("embedder"))
         qvecs = emb.encode([t.question for t in targets], progress=progress)
         out: dict[str, ModeScores] = {}
-        for mode in modes:
+        for name in modes:
+            mode, fusion = EVAL_MODES[name]
             ranks, times = [], []
             for t, qv in zip(targets, qvecs):
                 t0 = time.perf_counter()
-                res = retrieve(store, t.question, qv, k=depth, mode=mode, candidates=depth)
+                res = retrieve(store, t.question, qv, k=depth, mode=mode, candidates=depth, fusion=fusion)
                 times.append(time.perf_counter() - t0)
                 ranks.append(first_relevant_rank(res.hits, t))
             recall = {k: float(np.mean([r is not None and r <= k for r in ranks])) for k in ks}
             mrr = float(np.mean([1.0 / r if r else 0.0 for r in ranks]))
-            out[mode] = ModeScores(mode, recall, mrr, float(np.percentile(times, 95) * 1e3), ranks)
+            out[name] = ModeScores(name, recall, mrr, float(np.percentile(times, 95) * 1e3), ranks)
         return out
     finally:
         store.close()
