@@ -10,10 +10,13 @@ process on the bare card and is freed. Then the server runs as users run it
 clients are asyncio + httpx in this process. Two phases on the same server:
 
 1. ``load``: N clients stream at once, ``--disconnect-frac`` of them close the
-   connection after a random number of tokens. Checks: every completed request
-   is whole ([DONE], finish_reason length, usage = max_tokens); afterwards the
-   engine holds no sequence and no KV block and aborted == disconnected (read
-   from ``/metrics``). Reports p50/p99 TTFT and inter-token latency.
+   connection after a random number of chunks. Checks: every completed request
+   is whole ([DONE], finish_reason length, usage = max_tokens, at most one chunk
+   per token); afterwards the engine holds no sequence and no KV block and
+   aborted == hung up (read from ``/metrics``). Reports p50/p99 TTFT and
+   the gap between chunks. A stream whose reader falls behind the engine gets
+   several tokens in one chunk (the server coalesces), so chunks are counted
+   and tokens come from ``usage``.
 2. ``throughput``: the same N requests, none disconnecting: output tok/s.
 
 Then the server is stopped (SIGTERM; exit status checked).
@@ -100,13 +103,14 @@ def read_metrics(url: str) -> dict[str, float]:
 
 @dataclass
 class ClientResult:
-    disconnect_after: int | None  # tokens to read before hanging up (None: read to the end)
+    disconnect_after: int | None  # chunks to read before hanging up (None: read to the end)
     max_tokens: int
     ttft: float | None = None
-    itl: list[float] = field(default_factory=list)
-    tokens: int = 0  # token-carrying chunks received
+    gaps: list[float] = field(default_factory=list)  # seconds between successive chunks
+    chunks: int = 0  # choice chunks received (each holds one or more tokens)
     done: bool = False  # saw data: [DONE]
     finish_reason: str | None = None
+    hung_up: bool = False  # left before the last chunk (a fast, coalesced stream may end before disconnect_after)
     usage_tokens: int | None = None
     error: str | None = None
     t_end: float = 0.0
@@ -114,7 +118,7 @@ class ClientResult:
     @property
     def whole(self) -> bool:
         return (self.done and self.error is None and self.finish_reason == "length"
-                and self.usage_tokens == self.tokens == self.max_tokens)
+                and self.usage_tokens == self.max_tokens and 1 <= self.chunks <= self.max_tokens)
 
 
 async def one_client(http: httpx.AsyncClient, url: str, prompt: list[int], max_tokens: int, seed: int,
@@ -143,14 +147,15 @@ async def one_client(http: httpx.AsyncClient, url: str, prompt: list[int], max_t
                     r.usage_tokens = chunk["usage"]["completion_tokens"]
                 for c in chunk["choices"]:
                     now = time.perf_counter()
-                    r.tokens += 1
+                    r.chunks += 1
                     if r.ttft is None:
                         r.ttft = now - t0
                     else:
-                        r.itl.append(now - last)
+                        r.gaps.append(now - last)
                     last = now
                     r.finish_reason = c.get("finish_reason") or r.finish_reason
-                if disconnect_after is not None and r.tokens >= disconnect_after:
+                if disconnect_after is not None and r.chunks >= disconnect_after and r.finish_reason is None:
+                    r.hung_up = True
                     return  # leaving the 'async with' closes the connection mid-stream
 
     try:
@@ -296,7 +301,7 @@ def main() -> int:
     if broken:
         b = broken[0]
         failures.append(f"{len(broken)} completed requests not whole (e.g. done={b.done} finish={b.finish_reason} "
-                        f"chunks={b.tokens} usage={b.usage_tokens} error={b.error})")
+                        f"chunks={b.chunks} usage={b.usage_tokens} error={b.error})")
     disc_errors = [r for r in load if r.disconnect_after is not None and r.error]
     if disc_errors:
         failures.append(f"{len(disc_errors)} disconnecting clients failed before hanging up: {disc_errors[0].error}")
@@ -304,26 +309,32 @@ def main() -> int:
         for key in ("onecard_kv_cache_blocks_used", "onecard_num_requests_running", "onecard_num_requests_waiting"):
             if m.get(key, -1) != 0:
                 failures.append(f"after the {label} phase {key} = {m.get(key)} (leak)")
+    hung_up = sum(r.hung_up for r in load)
+    if n_disc and not hung_up:
+        failures.append(f"none of the {n_disc} disconnecting clients hung up before its stream ended")
     aborted = after_load.get("onecard_requests_aborted_total", 0) - before.get("onecard_requests_aborted_total", 0)
-    if aborted != n_disc:
-        failures.append(f"{aborted:.0f} requests aborted for {n_disc} disconnects")
+    if aborted != hung_up:
+        failures.append(f"{aborted:.0f} requests aborted for {hung_up} clients that hung up mid-stream")
 
     ttft = [r.ttft for r in load if r.ttft is not None]
-    itl = [x for r in load for x in r.itl]
+    gaps = [x for r in load for x in r.gaps]
     server_tokens = sum(r.usage_tokens or 0 for r in thr)
     server_tok_s = server_tokens / thr_s
 
     data = {
         "model": f"{a.arch} ({a.size}, random weights)" if not a.model else str(a.model),
-        "dtype": a.dtype, "clients": a.clients, "disconnecting_clients": n_disc, "prompt_tokens": a.prompt_tokens,
+        "dtype": a.dtype, "clients": a.clients, "disconnecting_clients": n_disc, "hung_up_mid_stream": hung_up,
+        "prompt_tokens": a.prompt_tokens,
         "max_tokens": a.max_tokens, "server_startup_s": round(server.startup_s, 2),
         "load_phase_s": round(load_s, 3), "completed_whole": sum(r.whole for r in completed),
         "completed_total": len(completed), "aborted_by_disconnect": aborted,
         "kv_blocks_used_after": after_load.get("onecard_kv_cache_blocks_used"),
         "ttft_p50_ms": 1e3 * pct(ttft, 50), "ttft_p99_ms": 1e3 * pct(ttft, 99),
-        "itl_p50_ms": 1e3 * pct(itl, 50) if itl else None, "itl_p99_ms": 1e3 * pct(itl, 99) if itl else None,
-        "itl_mean_ms": 1e3 * statistics.fmean(itl) if itl else None,
-        "load_output_tok_s": sum(r.tokens for r in load) / load_s,
+        "chunk_gap_p50_ms": 1e3 * pct(gaps, 50) if gaps else None,
+        "chunk_gap_p99_ms": 1e3 * pct(gaps, 99) if gaps else None,
+        "chunk_gap_mean_ms": 1e3 * statistics.fmean(gaps) if gaps else None,
+        "server_tokens_per_chunk": server_tokens / max(1, sum(r.chunks for r in thr)),
+        "load_chunks_per_s": sum(r.chunks for r in load) / load_s,
         "server_output_tok_s": server_tok_s, "server_tokens": server_tokens, "server_phase_s": round(thr_s, 3),
         "offline_output_tok_s": offline_tok_s, "offline_tokens": offline_tokens,
         "offline_s": round(offline_s, 3) if offline_s else None,
@@ -334,20 +345,21 @@ def main() -> int:
     out = a.out or (tempfile.mkdtemp(prefix="serve_load_") if a.smoke else None)
     path = write_result("serve_load", data, out)
     table = Table("metric", "value", title=f"onecard serve load test ({data['model']}, {a.dtype})")
-    for k in ("clients", "disconnecting_clients", "completed_whole", "completed_total", "aborted_by_disconnect",
-              "kv_blocks_used_after", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "server_output_tok_s",
+    for k in ("clients", "disconnecting_clients", "hung_up_mid_stream", "completed_whole", "completed_total", "aborted_by_disconnect",
+              "kv_blocks_used_after", "ttft_p50_ms", "ttft_p99_ms", "chunk_gap_p50_ms", "chunk_gap_p99_ms",
+              "server_tokens_per_chunk", "server_output_tok_s",
               "offline_output_tok_s", "server_vs_offline_throughput", "server_exit_status"):
         v = data[k]
         table.add_row(k, f"{v:.3g}" if isinstance(v, float) else str(v))
     console.print(table)
-    fig_path = plot(data, ttft, itl, out)
+    fig_path = plot(data, ttft, gaps, out)
     console.print(f"wrote {path} and {fig_path}")
     for f in failures:
         console.print(f"[bold red]FAIL[/] {f}")
     return 1 if failures else 0
 
 
-def plot(data: dict, ttft: list[float], itl: list[float], out) -> Path:
+def plot(data: dict, ttft: list[float], gaps: list[float], out) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -356,9 +368,10 @@ def plot(data: dict, ttft: list[float], itl: list[float], out) -> Path:
     fig, ax = plt.subplots(1, 3, figsize=(14, 4))
     ax[0].hist([1e3 * t for t in ttft], bins=40, color="tab:blue")
     ax[0].set(title=f"TTFT, {data['clients']} clients (p50 {data['ttft_p50_ms']:.0f} ms)", xlabel="ms", ylabel="requests")
-    if itl:
-        ax[1].hist([1e3 * t for t in itl], bins=60, color="tab:orange")
-        ax[1].set(title=f"inter-token latency (p50 {data['itl_p50_ms']:.1f} ms)", xlabel="ms", ylabel="tokens")
+    if gaps:
+        ax[1].hist([1e3 * t for t in gaps], bins=60, color="tab:orange")
+        ax[1].set(title=f"gap between chunks (p50 {data['chunk_gap_p50_ms']:.1f} ms, "
+                        f"{data['server_tokens_per_chunk']:.2f} tokens/chunk)", xlabel="ms", ylabel="chunks")
     bars = {"server": data["server_output_tok_s"]}
     if data["offline_output_tok_s"]:
         bars["offline engine"] = data["offline_output_tok_s"]

@@ -28,7 +28,7 @@ def test_serve_load_smoke(tmp_path, random_checkpoint):
     data = json.loads((tmp_path / "serve_load.json").read_text())
     assert data["clients"] == 100 and data["disconnecting_clients"] == 10
     assert data["completed_whole"] == data["completed_total"] == 90
-    assert data["aborted_by_disconnect"] == 10 and data["kv_blocks_used_after"] == 0
+    assert data["aborted_by_disconnect"] == data["hung_up_mid_stream"] >= 1 and data["kv_blocks_used_after"] == 0
     assert data["server_exit_status"] == 0 and data["checks_passed"] and not data["failures"]
     assert data["ttft_p50_ms"] <= data["ttft_p99_ms"] and data["server_output_tok_s"] > 0
     assert (tmp_path / "serve_load.png").stat().st_size > 0

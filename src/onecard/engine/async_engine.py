@@ -9,6 +9,14 @@ never reaches the batch), then handed to the loop thread through a queue; the
 loop adds them between steps, so the event loop never waits for a GPU step.
 Leaving the ``async for`` early (client gone) aborts the request and frees its
 KV blocks.
+
+The hand-off back is one ``call_soon_threadsafe`` per engine step and event
+loop, carrying every output of that step (a wake-up per request per step cost
+hundreds of self-pipe writes and loop wake-ups per step at serving batch
+sizes, all on the GIL the step loop needs). The engine thread never waits on
+the event loop. Outputs are cumulative, so each request keeps only its newest
+one: a consumer that falls behind (slow client, busy event loop) gets the
+latest state with several new tokens instead of a backlog of stale copies.
 """
 
 from __future__ import annotations
@@ -33,6 +41,49 @@ class EngineDeadError(OnecardError):
     """The engine's step loop stopped (shut down or crashed); requests can no longer run."""
 
 
+class RequestStream:
+    """One request's outputs on its event loop: the newest cumulative output (or the error that ended it).
+
+    Touched only on ``loop`` (the engine thread reaches it through ``call_soon_threadsafe``), so no lock.
+    """
+
+    __slots__ = ("loop", "latest", "error", "waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.latest: RequestOutput | None = None
+        self.error: BaseException | None = None
+        self.waiter: asyncio.Future | None = None
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        if isinstance(item, BaseException):
+            self.error = item
+        else:
+            self.latest = item  # cumulative: replaces an unread older output without losing anything
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> RequestOutput:
+        """The newest output not yet taken; the error once every output before it was taken."""
+        while self.latest is None:
+            if self.error is not None:
+                raise self.error
+            self.waiter = self.loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        out, self.latest = self.latest, None
+        return out
+
+
+def dispatch(batch: list[tuple[RequestStream, RequestOutput | BaseException]]) -> None:
+    """Runs on the event loop: one engine step's outputs into their requests' streams."""
+    for stream, item in batch:
+        stream.put(item)
+
+
 class AsyncEngine:
     def __init__(self, model: str | Path, **kwargs) -> None:
         self.config = EngineConfig(model, **kwargs)
@@ -40,7 +91,7 @@ class AsyncEngine:
         self.tokenizer = self.engine.tokenizer
         self.engine.incremental_text = True
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", rid, text/ids, params) | ("abort", rid)
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, RequestStream] = {}
         self._streams_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -64,27 +115,24 @@ class AsyncEngine:
     # ---- asyncio side ------------------------------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams | None,
                        request_id: str) -> AsyncIterator[RequestOutput]:
+        """Cumulative outputs of one request, the last with ``finished=True``; a consumer slower than the engine
+        sees only the newest output (it holds every token so far), so it may skip intermediate ones."""
         if not self.ready:
             raise EngineDeadError(f"the engine is not running ({self._error or 'shut down'}); restart the server")
         self.engine.validate(prompt, sampling_params)  # raises BadInputError here, in the caller
-        loop = asyncio.get_running_loop()
-        stream: asyncio.Queue = asyncio.Queue()
+        stream = RequestStream(asyncio.get_running_loop())
         with self._streams_lock:
             if request_id in self._streams:
                 raise BadInputError(f"request_id '{request_id}' is already in use; pass a unique id")
-            self._streams[request_id] = (loop, stream)
+            self._streams[request_id] = stream
         self._inbox.put(("add", request_id, prompt, sampling_params))
         self._wake.set()
         finished = False
         try:
-            while True:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
+            while not finished:
+                out = await stream.get()
+                finished = out.finished
+                yield out
         finally:
             if not finished:
                 self._inbox.put(("abort", request_id))
@@ -104,42 +152,51 @@ class AsyncEngine:
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout)
 
     # ---- loop thread -------------------------------------------------------------------------------------------
-    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+    def _deliver(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        """Hand ``items`` to their streams: one ``call_soon_threadsafe`` per event loop, never a wait on one."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         with self._streams_lock:
-            target = self._streams.get(request_id)
-        if target is not None:
-            loop, stream = target
+            for rid, item in items:
+                stream = self._streams.get(rid)
+                if stream is not None:
+                    by_loop.setdefault(stream.loop, []).append((stream, item))
+        for loop, batch in by_loop.items():
             try:
-                loop.call_soon_threadsafe(stream.put_nowait, item)
-            except RuntimeError:  # the caller's event loop is closed
+                loop.call_soon_threadsafe(dispatch, batch)
+            except RuntimeError:  # that event loop is closed; nobody is left to read these
                 pass
 
-    def _drain_inbox(self) -> None:
+    def _drain_inbox(self) -> list[tuple[str, RequestOutput | BaseException]]:
+        """Add and abort what the event loop sent; returns what the affected requests must be told."""
+        told: list[tuple[str, RequestOutput | BaseException]] = []
         while True:
             try:
                 msg = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                return told
             if msg[0] == "add":
                 _, rid, prompt, params = msg
                 try:
                     self.engine.add_request(rid, prompt, params)
                 except Exception as exc:  # validated already; anything here is reported to that request only
-                    self._deliver(rid, exc)
+                    told.append((rid, exc))
             else:
                 out = self.engine.abort_request(msg[1])
                 if out is not None:
-                    self._deliver(msg[1], out)
+                    told.append((msg[1], out))
 
     def _loop(self) -> None:
         try:
             while not self._stop.is_set():
-                self._drain_inbox()
+                told = self._drain_inbox()
                 if self.engine.has_unfinished_requests():
-                    for out in self.engine.step():
-                        self._deliver(out.request_id, out)
+                    told += [(out.request_id, out) for out in self.engine.step()]
                     self._stats = self.engine.stats()
+                    if told:
+                        self._deliver(told)
                 else:
+                    if told:
+                        self._deliver(told)
                     self._stats = self.engine.stats()
                     self._wake.wait(0.1)
                     self._wake.clear()
@@ -153,4 +210,4 @@ class AsyncEngine:
                 rids = list(self._streams)
             for rid in rids:
                 self.engine.abort_request(rid)
-                self._deliver(rid, err)
+            self._deliver([(rid, err) for rid in rids])

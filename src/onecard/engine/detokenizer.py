@@ -10,14 +10,27 @@ string split across tokens is still found.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from onecard.engine.sequence import Sequence
+
+
+def fast_decode(tokenizer) -> Callable[..., str]:
+    """``tokenizer.decode``, or the same text from a fast tokenizer's Rust ``decode`` called directly: a streaming
+    server decodes twice per token per step, and transformers' per-call Python around it costs ~3x the decode.
+    Identical unless the tokenizer cleans up spaces after decoding (then the transformers call is kept)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return tokenizer.decode
+    return backend.decode
 
 
 def append_text(tokenizer, seq: Sequence) -> str:
     """Decode the tokens added since the last call; append them to ``seq.text`` and return the new text."""
     skip = seq.params.skip_special_tokens
-    prefix = tokenizer.decode(seq.token_ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=skip)
-    full = tokenizer.decode(seq.token_ids[seq.prefix_offset:], skip_special_tokens=skip)
+    decode = fast_decode(tokenizer)
+    prefix = decode(seq.token_ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=skip)
+    full = decode(seq.token_ids[seq.prefix_offset:], skip_special_tokens=skip)
     if len(full) > len(prefix) and not full.endswith("\ufffd"):
         new = full[len(prefix):]
         seq.prefix_offset, seq.read_offset = seq.read_offset, len(seq.token_ids)
