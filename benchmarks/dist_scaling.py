@@ -95,7 +95,7 @@ def _engine_run(folder: str, tp: int, device: str, a) -> dict:
     weight_gib = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters()) / 2**30
     if tp > 1:
         llm.engine.runner.close()
-    del llm
+    llm = None  # free the engine (a closure above holds the name)
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()

@@ -339,7 +339,7 @@ def part_qlora_ctx(args, out_dir) -> dict:
     ax.set_title(f"QLoRA r=32 longest context: {ok_len or 0:,} tokens")
     write_result("train_qlora_ctx", data, out_dir)
     save_figure(fig, "train_qlora_ctx", out_dir)
-    del model, opt
+    model = opt = None  # free them (a closure above holds the names)
     _free()
     if torch.cuda.is_available():
         torch.cuda.set_per_process_memory_fraction(1.0)

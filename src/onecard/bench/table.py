@@ -192,7 +192,7 @@ def run_hf_row(row: str, cfg: TableConfig, reqs, device: torch.device, progress,
         out["max_context_tokens"] = None
         out["reasons"]["peak_gib"] = "CPU: no CUDA allocator peak"
         out["reasons"]["max_context_tokens"] = "CPU: no memory cap for an HF prefill to search under"
-    del model
+    model = None  # free it (a closure above holds the name)
     return out
 
 

@@ -126,7 +126,7 @@ def benchmark_precision(model_dir: str | Path, modes: tuple[str, ...] = MODES, s
         finally:
             if old_tf32 is not None:
                 torch.backends.cuda.matmul.allow_tf32 = old_tf32
-            del model, opt
+            model = opt = None  # free this mode's weights before the next (the closure above holds the names)
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
     return results
