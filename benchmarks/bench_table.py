@@ -15,10 +15,16 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-import torch
 from rich.console import Console
 
-from onecard.bench.table import TableConfig, rich_table, run_table, smoke_config, write_table
+from onecard.bench.table import (
+    TableConfig,
+    rich_table,
+    run_table,
+    smoke_config,
+    write_table,
+)
+from onecard.testing.checkpoints import benchmark_model
 
 
 def main() -> None:
@@ -38,14 +44,7 @@ def main() -> None:
         cfg = smoke_config(a.model or make_random_checkpoint("llama-3-8b", "tiny"), a.quantized)
         out = a.out or tempfile.mkdtemp(prefix="bench_table_")
     else:
-        if not torch.cuda.is_available():
-            raise SystemExit("no CUDA GPU: run with --smoke on CPU")
-        if a.model is None:
-            from onecard.testing.checkpoints import gpu_benchmark_checkpoint
-
-            model = gpu_benchmark_checkpoint("llama-3.1-8b", console)
-        else:
-            model = a.model
+        model = benchmark_model(a.model, "llama-3.1-8b", console)
         cfg = TableConfig(model, a.quantized, num_prompts=a.num_prompts, hf_prompts=a.hf_prompts,
                           memory_cap_gib=a.cap_gib)
         out = a.out

@@ -34,6 +34,7 @@ from rich.table import Table
 from onecard.bench.results import cap_process_memory, free_memory, publish
 from onecard.engine import LLM, SamplingParams
 from onecard.errors import DoesNotFitError
+from onecard.testing.checkpoints import benchmark_model
 
 GiB = 1 << 30
 
@@ -218,14 +219,7 @@ def main() -> None:
         model, device = str(a.model or make_random_checkpoint("llama-3.1-8b", "tiny")), "cpu"
         out_dir = a.out or tempfile.mkdtemp(prefix="engine_kv_quant_")
     else:
-        if not torch.cuda.is_available():
-            raise SystemExit("no CUDA GPU: run with --smoke on CPU")
-        if a.model is None:
-            from onecard.testing.checkpoints import gpu_benchmark_checkpoint
-
-            model = str(gpu_benchmark_checkpoint("llama-3.1-8b", console))
-        else:
-            model = a.model
+        model = benchmark_model(a.model, "llama-3.1-8b", console)
         device, out_dir = "cuda", a.out
         cap_process_memory(a.cap_gib)
     from onecard.models.folder import open_model_folder

@@ -33,6 +33,7 @@ from rich.table import Table
 
 from onecard.bench.results import cap_process_memory, free_memory, publish
 from onecard.engine import LLM, SamplingParams
+from onecard.testing.checkpoints import benchmark_model
 
 
 def parse() -> argparse.Namespace:
@@ -146,15 +147,8 @@ def main() -> None:
         a.spec_output_tokens = 48
         out_dir = a.out or tempfile.mkdtemp(prefix="engine_prefix_chunk_")
     else:
-        if not torch.cuda.is_available():
-            raise SystemExit("no CUDA GPU: run with --smoke on CPU")
-        if a.model is None:
-            from onecard.testing.checkpoints import gpu_benchmark_checkpoint
-
-            model = str(gpu_benchmark_checkpoint("llama-2-7b", console))
-            free_memory()
-        else:
-            model = a.model
+        model = benchmark_model(a.model, "llama-2-7b", console)
+        free_memory()
         device, dtype = "cuda", "auto"
         if a.cap_gib:
             cap_process_memory(a.cap_gib)

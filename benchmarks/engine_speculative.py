@@ -38,6 +38,7 @@ from rich.table import Table
 
 from onecard.bench.results import cap_process_memory, free_memory, publish
 from onecard.engine import LLM, SamplingParams
+from onecard.testing.checkpoints import benchmark_model
 
 
 def parse() -> argparse.Namespace:
@@ -98,14 +99,7 @@ def main() -> None:
         a.block_tokens, a.output_tokens, a.max_model_len = 48, 32, 256
         out_dir = a.out or tempfile.mkdtemp(prefix="engine_speculative_")
     else:
-        if not torch.cuda.is_available():
-            raise SystemExit("no CUDA GPU: run with --smoke on CPU")
-        if a.model is None:
-            from onecard.testing.checkpoints import gpu_benchmark_checkpoint
-
-            model = str(gpu_benchmark_checkpoint("llama-2-7b", console))
-        else:
-            model = a.model
+        model = benchmark_model(a.model, "llama-2-7b", console)
         if a.draft is None:
             console.print(f"[dim]building (or reusing) a random {a.draft_layers}-layer llama-2-7b draft...[/]")
             draft = str(make_random_checkpoint("llama-2-7b", "full", dtype="bfloat16", device="cuda",

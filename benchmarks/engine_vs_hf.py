@@ -17,11 +17,16 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-import torch
 from rich.console import Console
 
-from onecard.bench.engine_bench import EngineBenchConfig, results_figure, results_table, run_engine_bench
+from onecard.bench.engine_bench import (
+    EngineBenchConfig,
+    results_figure,
+    results_table,
+    run_engine_bench,
+)
 from onecard.bench.results import save_figure, write_result
+from onecard.testing.checkpoints import benchmark_model
 
 
 def parse() -> argparse.Namespace:
@@ -51,14 +56,7 @@ def main() -> None:
                                 memory_cap_gib=None, max_num_seqs=8, run_hf_static=not a.no_hf_static)
         out_dir = a.out or tempfile.mkdtemp(prefix="engine_vs_hf_")
     else:
-        if not torch.cuda.is_available():
-            raise SystemExit("no CUDA GPU: run with --smoke on CPU")
-        if a.model is None:
-            from onecard.testing.checkpoints import gpu_benchmark_checkpoint
-
-            model = gpu_benchmark_checkpoint("llama-2-7b", console)
-        else:
-            model = a.model
+        model = benchmark_model(a.model, "llama-2-7b", console)
         cfg = EngineBenchConfig(model, num_prompts=a.num_prompts, hf_prompts=a.hf_prompts, hf_batch=a.hf_batch,
                                 memory_cap_gib=a.cap_gib or None, cap_num_prompts=a.cap_num_prompts,
                                 decode_tokens=a.decode_tokens, run_hf_static=not a.no_hf_static)

@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from onecard.bench.results import save_figure, write_result
+from onecard.testing.checkpoints import benchmark_model
 
 GiB = 2**30
 
@@ -160,15 +161,8 @@ def main() -> None:
         shapes, ms_list = [(256, 256)], [1, 16]
         out_dir = a.out or tempfile.mkdtemp(prefix="quant_decode_")
     else:
-        if not torch.cuda.is_available():
-            raise SystemExit("no CUDA GPU: run with --smoke on CPU")
+        model_dir = benchmark_model(a.model, "llama-2-7b", console)
         device, dtype, tdtype = "cuda", "bfloat16", torch.bfloat16
-        if a.model is None:
-            from onecard.testing.checkpoints import gpu_benchmark_checkpoint
-
-            model_dir = gpu_benchmark_checkpoint("llama-2-7b", console)
-        else:
-            model_dir = a.model
         shapes, ms_list = [(4096, 4096), (4096, 11008), (11008, 4096)], [1, 16, 2048]
         out_dir = a.out
     from onecard.bench.engine_bench import measure_copy_bandwidth

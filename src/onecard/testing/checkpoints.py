@@ -130,3 +130,14 @@ def gpu_benchmark_checkpoint(arch: str = "llama-2-7b", console=None) -> Path:
     path = make_random_checkpoint(arch, "full", dtype="bfloat16", device="cuda")
     torch.cuda.empty_cache()
     return path
+
+
+def benchmark_model(model: str | None, arch: str, console=None) -> str:
+    """A GPU benchmark's model folder: ``--model`` when given, else the shared random ``arch`` checkpoint.
+
+    Exits with one line on a machine without CUDA (every GPU benchmark has a ``--smoke`` for the CPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU: run with --smoke on CPU")
+    return model if model is not None else str(gpu_benchmark_checkpoint(arch, console))
