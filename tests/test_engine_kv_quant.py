@@ -15,6 +15,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_engine_paged_attention import (
+    _contiguous,  # the per-sequence SDPA reference both files check against
+)
 
 from onecard.engine import LLM, SamplingParams
 from onecard.engine.config import EngineConfig
@@ -101,15 +104,6 @@ def _paged(ctx_lens, fmt, Hq=4, Hkv=2, D=16, block_size=8, num_blocks=24, seed=0
     return q, kc, vc, ks, vs, bt, ctx, keys, values
 
 
-def _sdpa(q, keys, values, scale):
-    out = []
-    for b, (k, v) in enumerate(zip(keys, values)):
-        rep = q.shape[1] // k.shape[1]
-        kk, vv = k.repeat_interleave(rep, 1).transpose(0, 1), v.repeat_interleave(rep, 1).transpose(0, 1)
-        out.append(F.scaled_dot_product_attention(q[b].unsqueeze(1), kk, vv, scale=scale).squeeze(1))
-    return torch.stack(out)
-
-
 def _dequantized(keys, values, fmt):
     return ([dequantize_kv(*quantize_kv(k, fmt), torch.float32) for k in keys],
             [dequantize_kv(*quantize_kv(v, fmt), torch.float32) for v in values])
@@ -131,8 +125,8 @@ def test_reference_attention_over_quantized_cache(fmt):
     q, kc, vc, ks, vs, bt, ctx, keys, values = _paged([5, 19, 8, 1], fmt)
     got = paged_decode_attention_reference(q, kc, vc, bt, ctx, 0.25, ks, vs)
     dk, dv = _dequantized(keys, values, fmt)
-    torch.testing.assert_close(got, _sdpa(q, dk, dv, 0.25), atol=1e-5, rtol=1e-5)  # exactly the stored values
-    exact = _sdpa(q, keys, values, 0.25)
+    torch.testing.assert_close(got, _contiguous(q, dk, dv, 0.25), atol=1e-5, rtol=1e-5)  # exactly the stored values
+    exact = _contiguous(q, keys, values, 0.25)
     bound = _perturbation_bound(q, keys, values, [a - b for a, b in zip(dk, keys)], [a - b for a, b in zip(dv, values)],
                                 0.25)
     assert 0 < (got - exact).abs().max() <= bound  # quantized (not a silent fallback) and within the format's bound
