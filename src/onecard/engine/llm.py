@@ -138,6 +138,16 @@ def _load_model(folder, config: EngineConfig, dtype: torch.dtype, device: torch.
         raise BadInputError(f"quantization={config.quantization!r} but '{folder.path}' is already quantized "
                             f"({folder.quantization_config.get('quant_method', '?')}); drop quantization=")
     offload = _offload_count(folder, config, device)
+    if config.int4_kernel == "tinygemm":  # refused up front where it would not apply, never silently dropped
+        if folder.quantization_config is None and config.quantization is None:
+            raise BadInputError(f"int4_kernel={config.int4_kernel!r} applies to int4 weights but "
+                                f"'{folder.path}' is not quantized; add quantization='rtn-int4' or drop int4_kernel")
+        if device.type != "cuda" or dtype != torch.bfloat16:
+            raise BadInputError(f"int4_kernel='tinygemm' needs CUDA and bfloat16 (got {device.type}, {dtype}); "
+                                "use int4_kernel='triton'")
+        if offload:
+            raise BadInputError("int4_kernel='tinygemm' repacks weights on the GPU and cannot stream offloaded "
+                                "layers; use int4_kernel='triton' with offload_layers")
     if not offload:
         if device.type == "cuda" and folder.quantization_config is None and config.quantization is None:
             free, _ = torch.cuda.mem_get_info(device)
@@ -152,14 +162,8 @@ def _load_model(folder, config: EngineConfig, dtype: torch.dtype, device: torch.
             load_rtn = _quant_function("load_rtn_model", "on-the-fly quantization")
             model = load_rtn(folder, config.quantization, dtype, device, progress=progress)
         else:
-            if config.int4_kernel != "triton":
-                raise BadInputError(f"int4_kernel={config.int4_kernel!r} applies to int4 weights but "
-                                    f"'{folder.path}' is not quantized; add quantization='rtn-int4' or drop int4_kernel")
             return load_model(folder, dtype, device, max_positions=None, progress=progress)
         if config.int4_kernel == "tinygemm":
-            if device.type != "cuda" or dtype != torch.bfloat16:
-                raise BadInputError(f"int4_kernel='tinygemm' needs CUDA and bfloat16 (got {device.type}, {dtype}); "
-                                    "use int4_kernel='triton'")
             n = _quant_function("use_tinygemm_", "PyTorch's int4 kernel")(model)
             log.info("int4 kernel: PyTorch's _weight_int4pack_mm for %d layers", n)
         return model
