@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from onecard.kernels.kv_quant import dequantize_kv
+from onecard.kernels.paged_attention import gather_kv
 
 # Packed K+V gathered for one prefix-attention call is kept under this many bytes (the engine's fixed headroom
 # covers it); a single sequence longer than that is gathered alone.
@@ -95,21 +95,14 @@ def prefix_groups(seq_lens: list[int], prefix_lens: list[int], block_tables: tor
     return groups
 
 
-def gather_slots(cache: torch.Tensor, scale: torch.Tensor | None, slots: torch.Tensor,
-                 dtype: torch.dtype) -> torch.Tensor:
-    """Flat cache slots of a (possibly fp8/int8-quantized) paged cache as ``[len(slots), Hkv, D]`` in ``dtype``."""
-    flat = cache.view(-1, *cache.shape[2:])
-    if scale is None:
-        return flat.index_select(0, slots)
-    codes = flat.view(torch.uint8).index_select(0, slots).view(cache.dtype)  # no fp8 index kernels: move bytes
-    return dequantize_kv(codes, scale.view(-1, scale.shape[-1]).index_select(0, slots), dtype)
-
-
 def prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, groups: list[PrefixGroup],
                      scale: float, k_scale: torch.Tensor | None = None,
                      v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Each group's queries over its gathered paged context (the step's own keys were stored first)."""
-    outs = [varlen_causal(q[g.q_start:g.q_end], gather_slots(k_cache, k_scale, g.slots, q.dtype),
-                          gather_slots(v_cache, v_scale, g.slots, q.dtype), g.cu_q, g.cu_k, g.max_q, g.max_k, scale)
-            for g in groups]
+    def flat(t: torch.Tensor | None) -> torch.Tensor | None:  # [blocks, block_size, ...] -> [slots, ...]
+        return None if t is None else t.flatten(0, 1)
+
+    outs = [varlen_causal(q[g.q_start:g.q_end], gather_kv(flat(k_cache), flat(k_scale), g.slots, q.dtype),
+                          gather_kv(flat(v_cache), flat(v_scale), g.slots, q.dtype), g.cu_q, g.cu_k, g.max_q, g.max_k,
+                          scale) for g in groups]
     return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
