@@ -77,28 +77,34 @@ def _engine_kwargs(a: argparse.Namespace, model: str, fmt: str, quantization: st
     return kw
 
 
+def _run_probe(a: argparse.Namespace, model: str, fmt: str, quantization: str | None, device: str,
+               length: int) -> int:
+    """Prefill ``length - decode_tokens`` tokens and decode the rest; returns the cache's token capacity.
+
+    A function of its own so the engine dies with its frame: a reference left in the caller (``eng``) kept
+    the previous probe's weights and cache allocated, and the next probe's preflight saw ~1 GiB free."""
+    llm = LLM(model, max_model_len=length, **_engine_kwargs(a, model, fmt, quantization, device))
+    eng = llm.engine
+    capacity = eng.stats()["kv_blocks_total"] * eng.stats()["block_size"]
+    prompt = torch.randint(3, eng.vocab_size, (length - a.decode_tokens,),
+                           generator=torch.Generator().manual_seed(length)).tolist()
+    eng.add_request("probe", prompt, SamplingParams(temperature=0, max_tokens=a.decode_tokens, ignore_eos=True))
+    while eng.has_unfinished_requests():
+        eng.step()
+    return capacity
+
+
 def probe(a: argparse.Namespace, model: str, fmt: str, quantization: str | None, device: str, length: int,
           console: Console) -> tuple[bool, int, str]:
     """Build the engine for one ``length``-token sequence, prefill and decode it: (ran, cache tokens, why not)."""
     t0 = time.perf_counter()
-    llm = None
     try:
-        llm = LLM(model, max_model_len=length, **_engine_kwargs(a, model, fmt, quantization, device))
-        eng = llm.engine
-        capacity = eng.stats()["kv_blocks_total"] * eng.stats()["block_size"]
-        prompt = torch.randint(3, eng.vocab_size, (length - a.decode_tokens,),
-                               generator=torch.Generator().manual_seed(length)).tolist()
-        eng.add_request("probe", prompt, SamplingParams(temperature=0, max_tokens=a.decode_tokens, ignore_eos=True))
-        while eng.has_unfinished_requests():
-            eng.step()
-        ok, why = True, ""
+        ok, capacity, why = True, _run_probe(a, model, fmt, quantization, device, length), ""
     except DoesNotFitError as e:
         ok, capacity, why = False, 0, f"start-up: {e}"
     except torch.cuda.OutOfMemoryError as e:
         ok, capacity, why = False, 0, f"out of memory while running: {str(e).splitlines()[0]}"
-    finally:
-        del llm
-        free_memory()
+    free_memory()  # after _run_probe returned: none of its engine's tensors is referenced any more
     console.print(f"  {fmt:>5} {quantization or 'bf16'} L={length:>7,}: {'ok' if ok else 'FAILS'} "
                   f"({time.perf_counter() - t0:.0f} s){'' if ok else ' - ' + why[:160]}")
     return ok, capacity, why

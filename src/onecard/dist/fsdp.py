@@ -61,7 +61,7 @@ def trainer_fsdp_kwargs(model: nn.Module, gradient_checkpointing: bool) -> dict:
 
 
 def shard_for_training_(model: nn.Module, mixed_precision: bool, reshard_after_forward: bool = True) -> nn.Module:
-    """``fully_shard`` each decoder layer, then the root (embeddings, norm, head); in place, returns ``model``.
+    """``fully_shard`` the embedding, each decoder layer, norm + head, then the root; in place, returns ``model``.
 
     Call inside an initialized process group, after LoRA is added and
     activation checkpointing is enabled (HF's non-reentrant kind composes with
@@ -77,10 +77,32 @@ def shard_for_training_(model: nn.Module, mixed_precision: bool, reshard_after_f
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
         else MixedPrecisionPolicy()
-    for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    for unit in _embedding_unit(model) + decoder_layers(model):
+        fully_shard(unit, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    head = _head_unit(model)
+    if head:  # used first in backward, so it stays gathered after forward (torchtitan does the same)
+        fully_shard(head, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     return model
+
+
+def _untied(model: nn.Module) -> bool:
+    inner = _unwrap(model)
+    emb, head = inner.get_input_embeddings(), inner.get_output_embeddings()
+    return emb is not None and head is not None and emb.weight is not head.weight
+
+
+def _embedding_unit(model: nn.Module) -> list[nn.Module]:
+    """The input embedding as a unit of its own: in the root unit its all-gather (vocab x hidden, a large share of
+    a model with few layers) and its gradient reduce-scatter could not overlap with any layer's compute."""
+    return [_unwrap(model).get_input_embeddings()] if _untied(model) else []
+
+
+def _head_unit(model: nn.Module) -> list[nn.Module]:
+    """Final norm + LM head as one unit (tied heads stay in the root with the embedding they share)."""
+    inner = _unwrap(model)
+    norm = getattr(getattr(inner, "model", None), "norm", None)
+    return ([norm] if norm is not None else []) + [inner.get_output_embeddings()] if _untied(model) else []
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor,
