@@ -3,7 +3,8 @@
 The server's answer must be exactly ``onecard.vision``'s offline greedy answer
 for the same image and question (same folder, same float weights, same CPU):
 the route, the streaming and the abort path are the text server's, the
-generation is ``VisionModel``'s.
+generation is ``VisionModel``'s. A text-only chat to the same server must be
+transformers' own greedy answer for the chat template's input ids.
 """
 
 from __future__ import annotations
