@@ -57,7 +57,7 @@ def built(monkeypatch):
 def generate(model_dir: str, *extra: str) -> list[dict]:
     res = CliRunner().invoke(app, ["generate", model_dir, "def f(x):\n    return x", *ARGS, *extra])
     assert res.exit_code == 0, res.output
-    return [json.loads(line) for line in res.output.strip().splitlines()]
+    return [json.loads(line) for line in res.output.splitlines() if line.startswith("{")]  # not the log lines
 
 
 def test_generate_options_reach_the_engine_and_speculation_keeps_greedy_output(model_dir, built):
@@ -73,6 +73,12 @@ def test_generate_options_reach_the_engine_and_speculation_keeps_greedy_output(m
     assert built[0].num_speculative_tokens == 0 and built[0].enable_prefix_caching  # defaults are EngineConfig's
     generate(model_dir, "--kv-cache-dtype", "int8", "--offload-layers", "auto", "--long-prefill-chunk", "16")
     assert (built[-1].kv_cache_dtype, built[-1].offload_layers, built[-1].long_prefill_chunk) == ("int8", "auto", 16)
+
+
+def test_generate_with_a_draft_model_keeps_greedy_output(model_dir, built):
+    plain = generate(model_dir)
+    drafted = generate(model_dir, "--speculative-model", model_dir, "--num-speculative-tokens", "2")
+    assert drafted == plain and built[-1].speculative_model == model_dir  # the model drafts for itself: same tokenizer
 
 
 def run_main(monkeypatch, capsys, argv: list[str]) -> tuple[int, str]:
