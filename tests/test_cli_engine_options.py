@@ -106,6 +106,15 @@ def test_bad_combinations_are_the_engines_one_line_errors(model_dir, monkeypatch
     assert code == 2 and says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+def test_serve_config_names_unknown_engine_options():
+    from onecard.errors import BadInputError
+    from onecard.serve.server import ServeConfig
+
+    with pytest.raises(BadInputError, match="'kv_cache_dtyp'.*not EngineConfig options"):
+        ServeConfig("m", engine={"kv_cache_dtyp": "int8"})
+    assert ServeConfig("m", engine={"kv_cache_dtype": "int8"}).engine == {"kv_cache_dtype": "int8"}
+
+
 def test_llava_folder_refuses_options_it_would_ignore(monkeypatch, capsys):
     from onecard.vision.testing import make_llava_checkpoint
 

@@ -20,7 +20,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from onecard.errors import BadInputError, OnecardError, require_extra
@@ -66,6 +66,10 @@ class ServeConfig:
                                 "--db FILE'")
         if self.served_model_name is not None and not self.served_model_name.strip():
             raise BadInputError("--served-model-name is empty; pass a name or leave the option out")
+        unknown = sorted(set(self.engine) - ({f.name for f in fields(EngineConfig)} - {"model"}))
+        if unknown:
+            raise BadInputError(f"engine={{{', '.join(map(repr, unknown))}: ...}}: not EngineConfig options; see "
+                                "onecard.engine.config.EngineConfig for the names")
         EngineConfig(self.model, **self.engine)
 
     @property
