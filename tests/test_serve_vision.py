@@ -3,7 +3,8 @@
 The server's answer must be exactly ``onecard.vision``'s offline greedy answer
 for the same image and question (same folder, same float weights, same CPU):
 the route, the streaming and the abort path are the text server's, the
-generation is ``VisionModel``'s.
+generation is ``VisionModel``'s. A text-only chat to the same server must be
+transformers' own greedy answer for the chat template's input ids.
 """
 
 from __future__ import annotations
@@ -85,7 +86,6 @@ def test_answer_equals_offline_greedy(oai, offline):
 @pytest.mark.parametrize("content, match", [
     ([{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}, {"type": "text", "text": "q"}],
      "never downloads"),
-    ("What is in the picture?", "has no image"),
     ([{"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}},
       {"type": "text", "text": "q"}], "not an image"),
 ])
@@ -97,10 +97,59 @@ def test_bad_image_requests_are_400(oai, content, match):
 
 def test_unsupported_fields_and_completions_are_400(oai):
     url = "data:image/png;base64," + base64.b64encode(shapes_png()).decode()
-    with pytest.raises(openai.BadRequestError, match="'n' is not supported with image input"):
+    with pytest.raises(openai.BadRequestError, match="'n' is not supported by onecard serve on a LLaVA folder"):
         oai.chat.completions.create(model=MODEL, messages=image_message(url), max_tokens=4, n=2)
-    with pytest.raises(openai.BadRequestError, match="/v1/chat/completions with an image_url"):
+    with pytest.raises(openai.BadRequestError, match="send /v1/chat/completions requests"):
         oai.completions.create(model=MODEL, prompt="a", max_tokens=4)
+
+
+CHAT = [{"role": "user", "content": "Name three colours."}, {"role": "assistant", "content": "Red, green, blue."},
+        {"role": "user", "content": [{"type": "text", "text": "And three shapes?"}]}]
+
+
+@pytest.fixture(scope="module")
+def hf_text_answer(llava_dir):
+    """transformers' own greedy answer to CHAT (no image): the processor's chat template, LlavaForConditionalGeneration
+    ``generate`` on the input ids alone; (prompt token count, answer token ids, answer text)."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    proc = AutoProcessor.from_pretrained(str(llava_dir))
+    conv = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str)
+             else m["content"]} for m in CHAT]
+    ids = proc.tokenizer(proc.apply_chat_template(conv, add_generation_prompt=True, tokenize=False), return_tensors="pt")
+    hf = LlavaForConditionalGeneration.from_pretrained(str(llava_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = hf.generate(**ids, max_new_tokens=MAX_TOKENS, do_sample=False)[0, ids["input_ids"].shape[1]:].tolist()
+    answer = out[:-1] if out[-1] == proc.tokenizer.eos_token_id else out
+    return ids["input_ids"].shape[1], out, proc.tokenizer.decode(answer, skip_special_tokens=True).strip()
+
+
+def test_text_only_chat_equals_hf_greedy(oai, hf_text_answer):
+    n_prompt, tokens, text = hf_text_answer
+    assert len(set(tokens)) > 3  # a varied answer: agreement means something
+    r = oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0)
+    assert r.choices[0].message.content.strip() == text
+    assert r.usage.prompt_tokens == n_prompt and r.usage.completion_tokens == len(tokens)
+    chunks = list(oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0,
+                                              stream=True, stream_options={"include_usage": True}))
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(deltas) > 1 and "".join(deltas).strip() == text
+    assert chunks[-1].usage.completion_tokens == len(tokens)
+
+
+def test_text_with_image_placeholder_is_400(oai):
+    with pytest.raises(openai.BadRequestError, match="image placeholder") as e:
+        oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "<image> what is it?"}],
+                                    max_tokens=4)
+    assert e.value.body["param"] == "messages"
+
+
+def test_models_report_the_vision_engine(oai, server):
+    card = httpx.get(server.url + "/v1/models").json()["data"][0]
+    assert card["options"]["backend"] == "engine" and card["options"]["max_num_seqs"] == 1
+    assert card["max_model_len"] == 160 and card["options"]["max_model_len"] == 160
+    assert 'onecard_engine_info{backend="engine"' in httpx.get(server.url + "/metrics").text
 
 
 def metric(url: str, name: str) -> float:

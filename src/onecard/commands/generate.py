@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from onecard.commands.engine_options import with_engine_options
 from onecard.errors import BadInputError
 
 
@@ -24,6 +25,7 @@ def read_prompts(prompt: str | None, file: Path | None) -> list[str]:
 
 def register(app: typer.Typer) -> None:
     @app.command("generate")
+    @with_engine_options
     def generate_cmd(
         model: str = typer.Argument(..., help="Local Hugging Face model folder."),
         prompt: str = typer.Argument(None, help="The prompt (or use --file)."),
@@ -33,14 +35,9 @@ def register(app: typer.Typer) -> None:
         top_p: float = typer.Option(1.0, "--top-p"),
         top_k: int = typer.Option(0, "--top-k", help="0 = off."),
         seed: int = typer.Option(None, "--seed", help="Per-request sampling seed (reproducible output)."),
-        dtype: str = typer.Option("auto", "--dtype", help="auto, bfloat16, float16 or float32."),
-        quantization: str = typer.Option(None, "--quantization", help="On-the-fly weight quantization: rtn-int4 or int8."),
-        max_model_len: int = typer.Option(None, "--max-model-len", help="Context length (default: the model's, capped at 8192)."),
-        device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda if present)."),
-        offload_layers: str = typer.Option("0", "--offload-layers", help="Decoder layers kept in CPU memory and "
-                                           "streamed in per step (a number, or 'auto': the planner's count)."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object per prompt."),
-        tp: int = typer.Option(1, "--tp", help="Tensor parallel: shard the model over this many GPUs."),
+        *,
+        engine: dict,
     ) -> None:
         """Generate text with onecard's engine (paged KV cache, continuous batching, CUDA-graph decode)."""
         import time
@@ -51,9 +48,7 @@ def register(app: typer.Typer) -> None:
 
         prompts = read_prompts(prompt, file)
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens)
-        llm = LLM(model, dtype=dtype, quantization=quantization, max_model_len=max_model_len, device=device,
-                  offload_layers=int(offload_layers) if offload_layers.isdigit() else offload_layers,
-                  tensor_parallel_size=tp)
+        llm = LLM(model, **engine)
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=not as_json)
         seconds = time.perf_counter() - t0

@@ -8,33 +8,31 @@ import sys
 
 import typer
 
+from onecard.commands.engine_options import with_engine_options
+
 
 def register(app: typer.Typer) -> None:
     @app.command("serve")
+    @with_engine_options
     def serve_cmd(
         model: str = typer.Argument(..., help="Local Hugging Face model folder."),
         host: str = typer.Option("127.0.0.1", help="Address to bind; the default is reachable from this machine only."),
         port: int = typer.Option(8000, help="TCP port (0 = any free port)."),
         api_key: str | None = typer.Option(None, "--api-key", envvar="ONECARD_API_KEY",
                                               help="Require 'Authorization: Bearer KEY' on every route but /health."),
-        dtype: str = typer.Option("auto", help="auto|bfloat16|float16|float32."),
-        gpu_memory_utilization: float = typer.Option(0.9, help="Fraction of GPU memory for weights + KV cache."),
-        max_model_len: int | None = typer.Option(None, help="Context length (default: the model's)."),
-        max_num_seqs: int = typer.Option(256, help="Most sequences in one batch."),
-        quantization: str | None = typer.Option(None, help="Quantization method of the checkpoint (see 'onecard quantize')."),
         served_model_name: str | None = typer.Option(None, help="Model id clients send (default: the folder name)."),
         shutdown_timeout: float = typer.Option(30.0, help="Seconds in-flight requests get to finish on SIGTERM."),
         log_level: str = typer.Option("warning", help="uvicorn log level: debug|info|warning|error."),
         rag_db: str | None = typer.Option(None, help="A 'onecard rag index' database: enables POST /v1/rag/ask."),
-        tp: int = typer.Option(1, "--tp", help="Tensor parallel: shard the model over this many GPUs (spawns workers)."),
+        *,
+        engine: dict,
     ) -> None:
         """OpenAI-compatible HTTP server on the engine (/v1/completions, /v1/chat/completions, /metrics)."""
         from rich.console import Console
 
         from onecard.serve.server import ServeConfig, serve
 
-        cfg = ServeConfig(model, host, port, api_key, dtype, gpu_memory_utilization, max_model_len, max_num_seqs,
-                          quantization, served_model_name, shutdown_timeout, log_level, rag_db, tp)
+        cfg = ServeConfig(model, host, port, api_key, served_model_name, shutdown_timeout, log_level, rag_db, engine)
         console = Console(stderr=True)
         status = serve(cfg, on_listening=lambda url: console.print(
             f"onecard serve: [bold]{url}/v1[/] model [bold]{cfg.model_name}[/] (loading; GET {url}/health says 200 "

@@ -33,6 +33,7 @@ from onecard.serve.completions import (
     tokenize_chat,
     tokenize_prompt,
 )
+from onecard.serve.engine_info import engine_options
 from onecard.serve.errors import (
     APIError,
     bad_request,
@@ -50,7 +51,7 @@ from onecard.serve.protocol import (
     now,
 )
 from onecard.serve.rag_ask import RagAskRequest, rag_answer, rag_disabled
-from onecard.serve.vision_engine import image_prompt
+from onecard.serve.vision_engine import chat_prompt
 
 log = logging.getLogger(__name__)
 
@@ -183,16 +184,18 @@ def build_app(engine=None, model_name: str = "model", api_key: str | None = None
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def models(request: Request) -> ModelList:
         eng = request.app.state.engine
-        max_len = max_model_len(eng) if eng is not None and eng.ready else None
-        return ModelList(data=[ModelCard(id=model_name, created=request.app.state.created, max_model_len=max_len)])
+        ready = eng is not None and eng.ready
+        return ModelList(data=[ModelCard(id=model_name, created=request.app.state.created,
+                                         max_model_len=max_model_len(eng) if ready else None,
+                                         options=engine_options(eng) if ready else None)])
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(req: CompletionRequest, request: Request):
         eng = ready_engine(request)
         check_model(req.model)
         if getattr(eng, "accepts_images", False):
-            raise bad_request(f"The model '{model_name}' is a LLaVA model served for image questions; send them to "
-                              "/v1/chat/completions with an image_url content part", "prompt")
+            raise bad_request(f"The model '{model_name}' is a LLaVA model served through its chat template; send "
+                              "/v1/chat/completions requests (text, or with an image_url content part)", "prompt")
         tok = eng.tokenizer
         prompts = [tokenize_prompt(tok, p) for p in req.prompts()]
         max_tokens = min(resolve_max_tokens(len(p), req.max_tokens, max_model_len(eng), "prompt") for p in prompts)
@@ -212,14 +215,14 @@ def build_app(engine=None, model_name: str = "model", api_key: str | None = None
         eng = ready_engine(request)
         check_model(req.model)
         tok = eng.tokenizer
-        images = req.has_images() or getattr(eng, "accepts_images", False)
-        if images:  # a LLaVA model: the image and question through onecard.vision's path (vision_engine.py)
-            prompt = await image_prompt(eng, [m.model_dump() for m in req.messages], model_name)
+        llava = req.has_images() or getattr(eng, "accepts_images", False)
+        if llava:  # a LLaVA model: image questions and text chats through onecard.vision's model (vision_engine.py)
+            prompt = await chat_prompt(eng, [m.model_dump() for m in req.messages], req.has_images(), model_name)
         else:
             prompt = tokenize_chat(tok, req)
         max_tokens = resolve_max_tokens(len(prompt), req.max_new_tokens(), max_model_len(eng), "messages")
         params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
-        if images:
+        if llava:
             try:
                 eng.check_params(params)
             except BadInputError as err:

@@ -15,7 +15,9 @@ import logging
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+
+from onecard.serve.engine_info import engine_options
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,8 @@ E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15
 
 
 class _EngineCollector:
-    """Engine state (running/waiting sequences, KV blocks) read from ``engine.stats()`` at scrape time."""
+    """Engine state (running/waiting sequences, KV blocks) read from ``engine.stats()`` at scrape time, and its
+    options as ``onecard_engine_info{kv_cache_dtype=..., speculative_method=..., ...} 1``."""
 
     def __init__(self, get_engine: Callable[[], object | None]) -> None:
         self.get_engine = get_engine
@@ -39,6 +42,10 @@ class _EngineCollector:
         yield ready
         if engine is None or not getattr(engine, "ready", False):
             return
+        options = engine_options(engine)
+        if options:
+            yield InfoMetricFamily("onecard_engine", "The engine's active options (kv dtype, speculation, offload, ...)",
+                                   value={k: "" if v is None else str(v) for k, v in options.items()})
         stats = engine.stats()
         for key, name, doc in (
             ("num_running", "onecard_num_requests_running", "Sequence groups in the running batch"),

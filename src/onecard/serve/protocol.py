@@ -271,6 +271,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "onecard"
     max_model_len: int | None = None
+    options: dict | None = None  # the engine's active options (engine_info.py); None while it loads
 
 
 class ModelList(BaseModel):

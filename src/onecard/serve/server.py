@@ -20,14 +20,12 @@ import socket
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from onecard.errors import BadInputError, OnecardError, require_extra
 
 log = logging.getLogger(__name__)
-
-DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 # The engine's step loop and the event loop share one GIL. Each time the step loop lets go of it (a torch call,
 # the wake-up write to the event loop) the event loop may take it, and CPython's default 5 ms switch interval is
@@ -38,36 +36,27 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 
 @dataclass
 class ServeConfig:
-    """What ``onecard serve`` was asked for; validated here so the CLI fails before loading anything."""
+    """What ``onecard serve`` was asked for; validated here so the CLI fails before loading anything.
+
+    ``engine`` holds ``EngineConfig`` keyword arguments (the CLI passes the ones the user changed); they are checked
+    by building an ``EngineConfig``, so a bad value or combination is the engine's own one-line error.
+    """
 
     model: str
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
-    dtype: str = "auto"
-    gpu_memory_utilization: float = 0.9
-    max_model_len: int | None = None
-    max_num_seqs: int = 256
-    quantization: str | None = None
     served_model_name: str | None = None
     shutdown_timeout: float = 30.0
     log_level: str = "warning"
     rag_db: str | None = None
-    tensor_parallel_size: int = 1
+    engine: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        from onecard.engine.config import EngineConfig
+
         if not 0 <= self.port <= 65535:
             raise BadInputError(f"--port {self.port} is not a TCP port; use 1-65535 (or 0 for any free port)")
-        if self.dtype not in DTYPES:
-            raise BadInputError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise BadInputError(f"--gpu-memory-utilization {self.gpu_memory_utilization} must be in (0, 1]")
-        if self.max_model_len is not None and self.max_model_len < 1:
-            raise BadInputError(f"--max-model-len {self.max_model_len} must be >= 1")
-        if self.max_num_seqs < 1:
-            raise BadInputError(f"--max-num-seqs {self.max_num_seqs} must be >= 1")
-        if self.tensor_parallel_size < 1:
-            raise BadInputError(f"--tp {self.tensor_parallel_size} must be >= 1 (GPUs to shard the model over)")
         if self.shutdown_timeout <= 0:
             raise BadInputError(f"--shutdown-timeout {self.shutdown_timeout} must be > 0 seconds")
         if self.api_key is not None and not self.api_key.strip():
@@ -77,6 +66,11 @@ class ServeConfig:
                                 "--db FILE'")
         if self.served_model_name is not None and not self.served_model_name.strip():
             raise BadInputError("--served-model-name is empty; pass a name or leave the option out")
+        unknown = sorted(set(self.engine) - ({f.name for f in fields(EngineConfig)} - {"model"}))
+        if unknown:
+            raise BadInputError(f"engine={{{', '.join(map(repr, unknown))}: ...}}: not EngineConfig options; see "
+                                "onecard.engine.config.EngineConfig for the names")
+        EngineConfig(self.model, **self.engine)
 
     @property
     def model_name(self) -> str:
@@ -92,6 +86,9 @@ class ServeConfig:
 
 
 VISION_QUANTIZATION = (None, "rtn-int4")
+# The EngineConfig options a LLaVA folder honours (onecard.vision builds its own one-sequence engine); any other
+# option is refused rather than silently ignored.
+VISION_OPTIONS = ("dtype", "device", "quantization", "max_model_len", "gpu_memory_utilization", "enforce_eager")
 
 
 def is_vision_folder(model: str | Path) -> bool:
@@ -110,22 +107,26 @@ def engine_factory(cfg: ServeConfig) -> Callable[[], object]:
     def build():
         from onecard.engine import AsyncEngine
 
-        return AsyncEngine(cfg.model, dtype=cfg.dtype, gpu_memory_utilization=cfg.gpu_memory_utilization,
-                           max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
-                           quantization=cfg.quantization, tensor_parallel_size=cfg.tensor_parallel_size)
+        return AsyncEngine(cfg.model, **cfg.engine)
 
     def build_vision():
         from onecard.serve.vision_engine import VisionEngine
         from onecard.vision import VisionConfig, VisionModel
 
-        vc = VisionConfig(dtype=cfg.dtype, int4=cfg.quantization == "rtn-int4", max_model_len=cfg.max_model_len,
-                          gpu_memory_utilization=cfg.gpu_memory_utilization)
+        e = cfg.engine
+        vc = VisionConfig(int4=e.get("quantization") == "rtn-int4",
+                          **{k: e[k] for k in ("dtype", "device", "max_model_len", "gpu_memory_utilization",
+                                                "enforce_eager") if k in e})
         return VisionEngine(VisionModel.from_pretrained(cfg.model, vc))
 
     if is_vision_folder(cfg.model):
-        if cfg.quantization not in VISION_QUANTIZATION:
-            raise BadInputError(f"--quantization {cfg.quantization}: a LLaVA folder is served with its language model "
-                                "as stored (no option) or quantized on load (--quantization rtn-int4)")
+        if cfg.engine.get("quantization") not in VISION_QUANTIZATION:
+            raise BadInputError(f"--quantization {cfg.engine['quantization']}: a LLaVA folder is served with its "
+                                "language model as stored (no option) or quantized on load (--quantization rtn-int4)")
+        ignored = sorted(set(cfg.engine) - set(VISION_OPTIONS))
+        if ignored:
+            raise BadInputError(f"{', '.join(ignored)} not supported when serving a LLaVA folder (onecard.vision runs "
+                                f"one sequence with its own cache); drop them, or serve a text model folder")
         return build_vision
     return build
 

@@ -5,6 +5,9 @@ carry one ``image_url`` part (a ``data:`` URL) through the same path as
 ``onecard vision``: the processor expands ``<image>`` to one token per patch,
 the CLIP tower + projector's features replace those tokens' embeddings, and the
 language model decodes on onecard's engine (or HF ``generate``, the fallback).
+A chat without an image (one turn or many) goes through the folder's chat
+template to the same language model with no image features: a LLaVA server is
+also a plain chat server.
 Because the route, the streaming, the metrics and the abort-on-disconnect code
 only see ``generate`` / ``abort`` / ``stats`` / ``tokenizer``, they are the
 text server's, unchanged.
@@ -33,8 +36,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ImagePrompt:
-    """One image question, prepared: the processor's tensors and the prompt's token ids (image patches included).
-    ``len()`` is the prompt's token count, which the server's context-length check and usage counts use."""
+    """One chat request, prepared: the model's input tensors (``pixel_values`` only with an image) and the prompt's
+    token ids (image patches included). ``len()`` is the prompt's token count, which the server's context-length
+    check and usage counts use."""
 
     inputs: dict
     token_ids: list[int]
@@ -67,6 +71,14 @@ class VisionEngine:
     def ready(self) -> bool:
         return not self._stopped
 
+    def options(self) -> dict:
+        """What /v1/models and /metrics report (engine_info.py): the vision path's fixed choices and its backend."""
+        m = self.model
+        return {"backend": m.backend, "dtype": str(m.dtype).removeprefix("torch."),
+                "quantization": "rtn-int4" if m.config.int4 else None, "kv_cache_dtype": "auto",
+                "speculative_method": None, "offload_layers": 0, "enable_prefix_caching": False, "max_num_seqs": 1,
+                "max_model_len": self.max_model_len}
+
     def stats(self) -> dict:
         used, total = self.model.kv_blocks()
         return {"num_running": self._running, "num_waiting": self._waiting, "kv_blocks_used": used,
@@ -78,8 +90,21 @@ class VisionEngine:
         inputs = await asyncio.to_thread(self.model.prepare, image, question)
         return ImagePrompt(inputs, inputs["input_ids"][0].tolist())
 
+    def prepare_text(self, messages: list[dict]) -> ImagePrompt:
+        """A chat without an image: ``messages`` (``{"role", "content": str}``) through the folder's chat template,
+        tokenized as the processor tokenizes image prompts (with BOS); an ``<image>`` placeholder in the text is a
+        ``BadInputError`` (there is no image to put there)."""
+        text = text_chat_prompt(self.model.processor, messages)
+        ids = self.tokenizer(text, return_tensors="pt")
+        if (ids["input_ids"] == self.model.image_token_index).any():
+            raise BadInputError("the messages contain the image placeholder token but no image_url part; remove the "
+                                "placeholder or send the image as an image_url content part")
+        device = self.model.device
+        return ImagePrompt({"input_ids": ids["input_ids"].to(device), "attention_mask": ids["attention_mask"].to(device)},
+                           ids["input_ids"][0].tolist())
+
     def check_params(self, params) -> None:
-        """Refuse what the image path does not implement, naming the field (the text path does all of them)."""
+        """Refuse what the LLaVA path does not implement, naming the field (the text engine does all of them)."""
         unsupported = [("n", params.n != 1), ("logprobs", params.logprobs is not None), ("stop", bool(params.stop)),
                        ("stop_token_ids", bool(params.stop_token_ids))]
         if self.model.backend == "hf":  # HF generate gets temperature, top_p, seed only
@@ -89,7 +114,7 @@ class VisionEngine:
                             ("frequency_penalty", params.frequency_penalty != 0.0)]
         for name, bad in unsupported:
             if bad:
-                raise BadInputError(f"'{name}' is not supported with image input by onecard serve "
+                raise BadInputError(f"'{name}' is not supported by onecard serve on a LLaVA folder "
                                     f"({self.model.backend} backend); remove it")
 
     async def generate(self, prompt: ImagePrompt, params, request_id: str) -> AsyncIterator[RequestOutput]:
@@ -178,8 +203,24 @@ class VisionEngine:
             await asyncio.wait(set(self._jobs), timeout=timeout)
 
 
-async def image_prompt(engine, messages: list[dict], model_name: str) -> ImagePrompt:
-    """The prompt of a chat request with an ``image_url`` part (or to a vision model); 400s name the problem."""
+def text_chat_prompt(processor, messages: list[dict]) -> str:
+    """A text-only conversation as the model was trained to read it: the folder's chat template (the processor's,
+    which takes content as parts), else llava-1.5's Vicuna format (``USER: q ASSISTANT: a</s>... ASSISTANT:``)."""
+    if getattr(processor, "chat_template", None):
+        conversation = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in messages]
+        try:
+            return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        except Exception as err:  # jinja errors from the folder's template (e.g. roles it does not allow)
+            raise BadInputError(f"the model's chat template rejected these messages: {err}".splitlines()[0]) from None
+    eos = processor.tokenizer.eos_token or ""
+    turns = [m["content"] if m["role"] in ("system", "developer") else
+             f"USER: {m['content']}" if m["role"] == "user" else f"ASSISTANT: {m['content']}{eos}" for m in messages]
+    return " ".join(turns) + " ASSISTANT:"
+
+
+async def chat_prompt(engine, messages: list[dict], has_images: bool, model_name: str) -> ImagePrompt:
+    """The prompt of a chat request to a LLaVA engine (an image question, or text only), or the 400 of an image
+    sent to a text-only model; 400s name the problem. ``messages``: the request's, as plain dicts."""
     from onecard.serve.errors import bad_request
     from onecard.vision.openai_messages import image_question
 
@@ -188,7 +229,14 @@ async def image_prompt(engine, messages: list[dict], model_name: str) -> ImagePr
                           "content parts; send text only, or serve a LLaVA model folder", "messages",
                           "image_input_not_supported")
     try:
+        if not has_images:
+            return engine.prepare_text([{"role": m["role"], "content": _text(m["content"])} for m in messages])
         image, question = image_question(messages)
         return await engine.prepare(image, question)
     except (BadInputError, NotImplementedError) as err:  # NotBuiltYetError: multi-turn image chat
         raise bad_request(str(err), "messages") from None
+
+
+def _text(content) -> str:
+    """A message's text: the string, or its text parts joined (the request has no image parts here)."""
+    return content if isinstance(content, str) else "".join(p.get("text", "") for p in content)

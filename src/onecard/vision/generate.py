@@ -296,7 +296,9 @@ class VisionModel:
         bm.allocate(seq)
         try:
             flat_ids, positions, meta, last = self.runner.prepare_prefill([seq])
-            hidden = self.lm(flat_ids, positions, meta, inputs_embeds=self._prefix_embeddings(flat_ids, inputs["pixel_values"]))
+            pixels = inputs.get("pixel_values")  # None: a text-only chat (onecard serve), no image features
+            embeds = self._prefix_embeddings(flat_ids, pixels) if pixels is not None else None
+            hidden = self.lm(flat_ids, positions, meta, inputs_embeds=embeds)
             out = sample(self.lm.compute_logits(hidden.index_select(0, last)).float(), [seq])
             t_first = _now(self.device)
             while True:
