@@ -408,13 +408,17 @@ def _train_core(spec: ModelSpec, gpu: GPUSpec | None, mem: CardMemory, context_s
     acts = M.model_activation_bytes(spec, tokens, method, targets, mixed=mixed, checkpointing=checkpointing, lora_rank=rank,
                                     base_format=base_fmt, offload=offload and checkpointing)
     logits = M.logits_bytes(spec, tokens, fused_ce)
+    # Checkpointed: the loss and a recomputed layer are never live together (M.checkpointed_peak_bytes).
+    loss_segments = M.loss_segment_bytes(spec, tokens, fused_ce)
+    layer = tokens * M.layer_activation_bytes(spec, method, targets, mixed=mixed, lora_rank=rank, base_format=base_fmt)
+    fwd_bwd = M.checkpointed_peak_bytes(acts, layer, loss_segments) if checkpointing else acts + logits
     fwd_extra = 0
     if mixed:
         fwd_extra += 2 * total_params  # autocast's bf16 weight copies, kept for backward
     if method == "qlora":
         fwd_extra += 2 * max(o * i for _, o, i in spec.linear_shapes())  # one dequantized bf16 weight in flight
     held_grads = grads if grad_accum > 1 else 0  # accumulated grads live through the next micro-batches
-    backward_peak = states + held_grads + acts + logits + fwd_extra
+    backward_peak = states + held_grads + fwd_bwd + fwd_extra
     # The loss's [tokens, vocab] fp32 tensors are each one large segment of the caching allocator. The gradients,
     # optimizer states and step temporaries allocated after them (per parameter) are carved out of those cached
     # segments, so the next forward's logits need fresh ones: at steady state the reserved peak is the optimizer
@@ -424,6 +428,8 @@ def _train_core(spec: ModelSpec, gpu: GPUSpec | None, mem: CardMemory, context_s
     if backward_peak >= step_peak:
         phase, temp_shown = "forward/backward", fwd_extra
         dynamic = backward_peak
+        if checkpointing:  # shown: the loss's segments, and the activations beside them at the peak
+            logits, acts = loss_segments, fwd_bwd - loss_segments
     else:
         phase, temp_shown = "optimizer step", temp
         dynamic, acts = step_peak, 0  # activations are freed before the step; the loss's segments stay reserved
