@@ -51,10 +51,11 @@ def test_more_context_needs_more_memory_and_gqa_needs_less():
 def test_decode_speed_is_bandwidth_bound_and_scales_with_bits():
     p16 = plan_inference("llama-2-7b", "4090", bits=16, max_model_len=1024)
     p4 = plan_inference("llama-2-7b", "4090", bits=4, max_model_len=1024)
-    # bs=1 decode reads every weight once: tok/s ~ efficiency x bandwidth / bytes.
-    assert p16.decode_tok_s_bs1 == pytest.approx(p16.efficiency * 1008e9 / (12.3 * 1024**3 + 512 * 512 * 1024), rel=0.05)
-    # at equal efficiency int4 reads ~3.5x fewer bytes (each format's efficiency is its own measured factor)
-    assert 3 < (p4.decode_tok_s_bs1 / p4.efficiency) / (p16.decode_tok_s_bs1 / p16.efficiency) < 4
+    # bs=1 decode reads every weight once: at most efficiency x bandwidth / bytes (fixed latencies come on top).
+    roofline = p16.efficiency * 1008e9 / (12.3 * 1024**3 + 512 * 512 * 1024)
+    assert 0.8 * roofline < p16.decode_tok_s_bs1 <= roofline
+    # int4 reads ~3.5x fewer bytes, but its kernels stream slower and the per-layer latency stays: faster, not 3.5x
+    assert 1.2 < p4.decode_tok_s_bs1 / p16.decode_tok_s_bs1 < 3.5
     h100 = plan_inference("llama-2-7b", "h100", bits=16, max_model_len=1024)
     assert h100.decode_tok_s_bs1 > 2 * p16.decode_tok_s_bs1
 

@@ -136,3 +136,45 @@ def test_training_activations_match_autograd(arch, method):
     predicted = M.model_activation_bytes(spec, tokens, method, targets, mixed=False, checkpointing=False, lora_rank=8)
     predicted += tokens * spec.args.vocab_size * 4 + 8 * tokens  # log-softmax kept by the loss; labels
     assert abs(measured - predicted) / measured < 0.01, (measured, predicted)
+
+
+def test_checkpointed_peak_is_one_layer_beside_the_loss_or_two_layers_alone():
+    """The loss is freed before a layer is recomputed: the peak is never the loss plus the recompute."""
+    kept, layer = 100, 30
+    saved = kept + 2 * layer  # model_activation_bytes with checkpointing counts the recomputed layer twice
+    assert M.checkpointed_peak_bytes(saved, layer, loss_bytes=50) == kept + layer + 50  # a large vocabulary
+    assert M.checkpointed_peak_bytes(saved, layer, loss_bytes=10) == kept + 2 * layer  # recompute outgrows it
+    spec = resolve_model("llama-2-7b")
+    assert M.loss_segment_bytes(spec, 10, fused_ce=False) == 10 * 32000 * 14
+    assert M.loss_segment_bytes(spec, 10, fused_ce=True) == M.logits_bytes(spec, 10, True)
+
+
+def _committed_training_rows():
+    import json
+
+    from onecard.bench.results import RESULTS_DIR
+
+    for path in sorted(RESULTS_DIR.glob("plan_accuracy_*.json")):
+        data = json.loads(path.read_text())
+        for r in data["configs"]:
+            if r["path"].startswith("train-") and r.get("measured_gib") is not None:
+                yield data, r
+
+
+def test_committed_training_peaks_are_within_target():
+    """Re-plans every measured training row of benchmarks/plan_accuracy.py (full/LoRA/QLoRA, 1k and 4k tokens)."""
+    from onecard.hardware import find_gpu
+    from onecard.plan import plan_training
+
+    rows = list(_committed_training_rows())
+    assert len(rows) >= 18
+    misses = []
+    for data, r in rows:
+        cfg = _cfg(r["arch"], "full")
+        cfg["num_hidden_layers"] = r["layers"]
+        p = plan_training(spec_from_config(cfg, r["arch"]), find_gpu(data["card_planned"]), method=r["path"].split("-")[1],
+                          seq_len=r["length"], gradient_checkpointing=True, gpu_memory_utilization=1.0,
+                          cuda_context_gib=data["cuda_context_gib"])
+        if abs(p.total_gib - r["measured_gib"]) > max(0.5, 0.05 * r["measured_gib"]):
+            misses.append(f"{r['arch']} {r['path']} {r['length']}: {p.total_gib:.2f} vs {r['measured_gib']:.2f} GiB")
+    assert not misses, misses

@@ -3,36 +3,41 @@
 A roofline says what the card could do; what onecard reaches is a measured
 fraction of it. Benchmarks write these keys into ``docs/results/*.json``:
 
-- ``decode_roofline_fraction_<format>`` (``_bf16``, ``_int8``, ``_int4``): engine bs=1 decode with weights in
-  that format, achieved bytes/s over peak bandwidth (int4 kernels reach a different fraction than bf16 GEMV);
-- ``decode_roofline_fraction``: the same over all formats (used for a format not measured on its own);
 - ``train_mfu``: training model-FLOP utilisation (dense bf16);
 - ``cuda_context_gib``: memory the CUDA context takes outside torch's allocator.
 
-When no file has a key, a stated default is used and the plan says so; a
-caller's own value (``plan_inference(decode_efficiency=...)``) overrides both.
+When no file has a key, a stated default is used and the plan says so.
+
+bs=1 decode speed is not one factor: ``decode_calibration`` fits
+``onecard.plan.decode_fit``'s step-time model (bandwidth efficiency per weight
+format + per-layer + per-step latency) to every engine bs=1 measurement in
+``docs/results`` (full-size and 8-layer runs together: the depths separate the
+latencies from the efficiency). A caller's own efficiency
+(``plan_inference(decode_efficiency=...)``) replaces the fitted one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
 from onecard.bench.results import RESULTS_DIR
+from onecard.errors import BadInputError
+from onecard.plan.decode_fit import DecodeModel, fit_decode_model, observations_from_results
 
 log = logging.getLogger(__name__)
 
 # Defaults, each with its basis (used only when onecard has not measured the figure yet).
 DEFAULTS = {
-    "decode_roofline_fraction": (0.70, "default 0.70 (gpt-fast-class bs=1 decode; not measured by onecard yet)"),
     "train_mfu": (0.35, "default 0.35 (HF Trainer + PEFT class MFU; not measured by onecard yet)"),
     "cuda_context_gib": (0.50, "default 0.50 GiB (CUDA 12 lazy-loading context; not measured by onecard yet)"),
 }
-DECODE_FORMATS = ("fp32", "bf16", "int8", "int4")
-MEASURED_KEYS = tuple(DEFAULTS) + tuple(f"decode_roofline_fraction_{f}" for f in DECODE_FORMATS)
+MEASURED_KEYS = tuple(DEFAULTS)
+# Without any decode measurement: gpt-fast-class bs=1 decode reaches about 70 % of the bandwidth roofline.
+DEFAULT_DECODE_EFFICIENCY = 0.70
 # Pinned host->device copies reach about 80% of the link's theoretical rate.
 HOST_LINK_EFFICIENCY = 0.8
 
@@ -43,23 +48,30 @@ class Factor:
     source: str
 
 
-@lru_cache(maxsize=8)
-def _scan(results_dir: str) -> dict[str, Factor]:
-    found: dict[str, tuple[str, Factor]] = {}
+def load_results(results_dir: str | Path) -> dict[str, dict]:
+    """{file name: parsed JSON object} for every readable ``*.json`` in ``results_dir``."""
+    out = {}
     for path in sorted(Path(results_dir).glob("*.json")):
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             log.warning("skipping unreadable result file %s", path)
             continue
-        if not isinstance(data, dict):
-            continue
+        if isinstance(data, dict):
+            out[path.name] = data
+    return out
+
+
+@lru_cache(maxsize=8)
+def _scan(results_dir: str) -> dict[str, Factor]:
+    found: dict[str, tuple[str, Factor]] = {}
+    for name, data in load_results(results_dir).items():
         for key in MEASURED_KEYS:
             value = data.get(key)
             if isinstance(value, (int, float)) and value > 0:
                 date = str(data.get("date", ""))
                 if key not in found or date > found[key][0]:  # newest measurement wins
-                    found[key] = (date, Factor(float(value), f"measured: {path.name} ({data.get('gpu', '?')}, {date or 'undated'})"))
+                    found[key] = (date, Factor(float(value), f"measured: {name} ({data.get('gpu', '?')}, {date or 'undated'})"))
     return {k: f for k, (_, f) in found.items()}
 
 
@@ -72,16 +84,37 @@ def factor(key: str, results_dir: str | Path | None = None) -> Factor:
     return Factor(value, why)
 
 
-def decode_efficiency(fmt: str, override: float | None = None, results_dir: str | Path | None = None) -> Factor:
-    """bs=1 decode fraction of the roofline for weights in ``fmt``: the caller's value, else measured for that
-    format, else measured over all formats, else the stated default."""
+@dataclass(frozen=True)
+class DecodeCalibration:
+    """What ``speed.decode_tok_s`` needs for one weight format: the step-time model and this format's efficiency."""
+
+    model: DecodeModel
+    efficiency: float  # the format's linears (the model's own, or the caller's)
+    source: str
+
+
+@lru_cache(maxsize=8)
+def decode_model(results_dir: str | None = None) -> DecodeModel | None:
+    """The step-time model fitted to every bs=1 decode measurement in ``results_dir`` (None: too few to fit)."""
+    observations = observations_from_results(load_results(str(results_dir or RESULTS_DIR)))
+    try:
+        return fit_decode_model(observations)
+    except BadInputError as e:
+        log.info("decode model not fitted (%s); using the stated default efficiency", e)
+        return None
+
+
+def decode_calibration(fmt: str, override: float | None = None, results_dir: str | Path | None = None) -> DecodeCalibration:
+    """The fitted decode model for weights in ``fmt``; ``override`` replaces the format's efficiency (the 16-bit
+    weights and the KV cache keep bf16's, the latencies stay fitted); with no measurements, the stated default
+    efficiency and no latency terms."""
+    model = decode_model(str(results_dir) if results_dir else None)
+    if model is None:
+        model = DecodeModel({"bf16": DEFAULT_DECODE_EFFICIENCY}, 0.0, 0.0, 0, ())
+        source = f"default {DEFAULT_DECODE_EFFICIENCY:.2f} of the bandwidth roofline (no onecard decode measurements)"
+    else:
+        source = model.describe() + ("" if fmt in model.efficiency else f"; {fmt} not measured, read like bf16")
     if override is not None:
-        return Factor(float(override), "given")
-    measured = _scan(str(results_dir or RESULTS_DIR))
-    key = f"decode_roofline_fraction_{fmt}"
-    if key in measured:
-        return measured[key]
-    general = factor("decode_roofline_fraction", results_dir)
-    if general.source.startswith("measured"):
-        return Factor(general.value, f"{general.source}; all formats, {fmt} not measured on its own")
-    return general
+        model = replace(model, efficiency={**model.efficiency, fmt: float(override)})
+        source = f"given efficiency; latencies {source}"
+    return DecodeCalibration(model, model.efficiency_for(fmt), source)

@@ -15,7 +15,7 @@ from onecard.errors import BadInputError
 from onecard.hardware import GPUSpec, find_gpu, list_gpus
 from onecard.plan import memory as M
 from onecard.plan import speed as S
-from onecard.plan.calibration import decode_efficiency, factor
+from onecard.plan.calibration import decode_calibration, factor
 from onecard.plan.card_memory import CardMemory
 from onecard.plan.engine_memory import EngineMemory, engine_memory
 from onecard.plan.spec import ModelSpec, resolve_model
@@ -242,11 +242,11 @@ def _infer_core(spec: ModelSpec, card: GPUSpec, fmt: str, bits: int, max_model_l
         max_ctx = _largest(lambda n: need(n, 1) <= usable, 1, limit)
     max_seqs = _largest(lambda n: need(max_model_len, n) <= usable, 1, 4096)
     w_tensors = M.weight_tensors(spec, fmt)
-    eff = decode_efficiency(fmt, efficiency)
+    eff = decode_calibration(fmt, efficiency)
     mid = max(1, max_model_len // 2)
-    bs1 = S.decode_tok_s(spec, card, fmt, kv_tok, 1, mid, eff.value)
+    bs1 = S.decode_tok_s(spec, card, fmt, kv_tok, 1, mid, eff)
     batch = max(1, min(max_num_seqs, max_seqs) if max_seqs else max_num_seqs)
-    tok_batch = S.decode_tok_s(spec, card, fmt, kv_tok, batch, mid, eff.value)
+    tok_batch = S.decode_tok_s(spec, card, fmt, kv_tok, batch, mid, eff)
     offload_layers, offload_speed = 0, None
     if total > usable:
         per_layer = sum(M.allocator_bytes(nb) * (c // spec.args.num_layers) for name, nb, c in w_tensors
@@ -254,7 +254,7 @@ def _infer_core(spec: ModelSpec, card: GPUSpec, fmt: str, bits: int, max_model_l
         n = -(-int(total - usable) // per_layer)
         if n <= spec.args.num_layers:  # else even all layers on the host leave too little for KV and activations
             offload_layers = n
-            offload_speed = S.offload_tok_s(spec, card, fmt, n * per_layer, kv_tok, mid, eff.value)
+            offload_speed = S.offload_tok_s(spec, card, fmt, n * per_layer, kv_tok, mid, eff)
     return InferencePlan(
         model=spec.name, card=card.key, runtime=runtime, bits=bits, weight_format=fmt, kv_cache_dtype=kv_cache_dtype,
         max_model_len=max_model_len, max_num_seqs=max_num_seqs, prefill_tokens=prefill,
@@ -264,7 +264,7 @@ def _infer_core(spec: ModelSpec, card: GPUSpec, fmt: str, bits: int, max_model_l
         engine_kv_tokens=eng.kv_tokens if eng else 0, engine_kv_gib=_gib(eng.kv_pool_bytes) if eng else 0.0,
         engine_reserved_gib=_gib(eng.reserved_bytes) if eng else 0.0, max_context_tokens=max_ctx,
         max_concurrent_seqs=max_seqs, decode_tok_s_bs1=bs1, decode_tok_s_batch=tok_batch,
-        offload_layers=offload_layers, offload_tok_s=offload_speed, efficiency=eff.value, efficiency_source=eff.source,
+        offload_layers=offload_layers, offload_tok_s=offload_speed, efficiency=eff.efficiency, efficiency_source=eff.source,
         cuda_context_gib=ctx_gib, cuda_context_source=ctx_src)
 
 
@@ -284,8 +284,8 @@ def plan_inference(model, card: "str | GPUSpec | None" = None, bits: int | None 
     fit in ``gpu_memory_utilization`` of the card. ``runtime``: "engine"
     (onecard's engine: whole KV blocks, CUDA graphs, and the KV pool it fills
     the card with) or "hf" (transformers generate with a static cache and its
-    bool attention mask). ``decode_efficiency`` overrides the measured fraction
-    of the bandwidth roofline.
+    bool attention mask). ``decode_efficiency`` replaces the fitted bandwidth
+    efficiency of the format's linears (``calibration.decode_calibration``).
     """
     spec = resolve_model(model)
     gpu = resolve_card(card)
@@ -408,13 +408,17 @@ def _train_core(spec: ModelSpec, gpu: GPUSpec | None, mem: CardMemory, context_s
     acts = M.model_activation_bytes(spec, tokens, method, targets, mixed=mixed, checkpointing=checkpointing, lora_rank=rank,
                                     base_format=base_fmt, offload=offload and checkpointing)
     logits = M.logits_bytes(spec, tokens, fused_ce)
+    # Checkpointed: the loss and a recomputed layer are never live together (M.checkpointed_peak_bytes).
+    loss_segments = M.loss_segment_bytes(spec, tokens, fused_ce)
+    layer = tokens * M.layer_activation_bytes(spec, method, targets, mixed=mixed, lora_rank=rank, base_format=base_fmt)
+    fwd_bwd = M.checkpointed_peak_bytes(acts, layer, loss_segments) if checkpointing else acts + logits
     fwd_extra = 0
     if mixed:
         fwd_extra += 2 * total_params  # autocast's bf16 weight copies, kept for backward
     if method == "qlora":
         fwd_extra += 2 * max(o * i for _, o, i in spec.linear_shapes())  # one dequantized bf16 weight in flight
     held_grads = grads if grad_accum > 1 else 0  # accumulated grads live through the next micro-batches
-    backward_peak = states + held_grads + acts + logits + fwd_extra
+    backward_peak = states + held_grads + fwd_bwd + fwd_extra
     # The loss's [tokens, vocab] fp32 tensors are each one large segment of the caching allocator. The gradients,
     # optimizer states and step temporaries allocated after them (per parameter) are carved out of those cached
     # segments, so the next forward's logits need fresh ones: at steady state the reserved peak is the optimizer
@@ -424,6 +428,8 @@ def _train_core(spec: ModelSpec, gpu: GPUSpec | None, mem: CardMemory, context_s
     if backward_peak >= step_peak:
         phase, temp_shown = "forward/backward", fwd_extra
         dynamic = backward_peak
+        if checkpointing:  # shown: the loss's segments, and the activations beside them at the peak
+            logits, acts = loss_segments, fwd_bwd - loss_segments
     else:
         phase, temp_shown = "optimizer step", temp
         dynamic, acts = step_peak, 0  # activations are freed before the step; the loss's segments stay reserved

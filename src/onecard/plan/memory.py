@@ -247,6 +247,33 @@ def model_activation_bytes(spec: ModelSpec, tokens: int, method: str, targets: t
     return tokens * (per_token + final_norm + rope + 8)
 
 
+# What the caching allocator holds for an unfused loss, per logit (transformers' ForCausalLMLoss): forward keeps
+# segments for the bf16 logits (2), their fp32 upcast (4) and the log-softmax (4); backward puts nll's gradient (4)
+# in the freed upcast's segment, needs a new one for log-softmax's gradient (4), and the bf16 gradient reuses the
+# freed bf16 logits' segment.
+LOSS_SEGMENT_BYTES = 2 + 4 + 4 + 4
+
+
+def loss_segment_bytes(spec: ModelSpec, tokens: int, fused_ce: bool) -> int:
+    """Reserved segments of the loss (``LOSS_SEGMENT_BYTES`` per logit; a fused loss's chunks as ``logits_bytes``)."""
+    return logits_bytes(spec, tokens, True) if fused_ce else tokens * spec.args.vocab_size * LOSS_SEGMENT_BYTES
+
+
+def checkpointed_peak_bytes(saved_bytes: int, layer_bytes: int, loss_bytes: int) -> int:
+    """Reserved activation + loss peak of a checkpointed forward/backward (``saved_bytes``: ``model_activation_bytes``
+    with checkpointing, which counts the recomputed layer twice; ``layer_bytes``: one layer's saved set, all tokens).
+
+    A checkpointed layer's forward still creates its whole saved set and frees it: those blocks stay cached, and
+    the loss's [tokens, vocab] tensors are too large to be carved from them, so the loss's segments come on top
+    of one layer's. The loss is freed before the first layer is recomputed, and the recompute (saved set and its
+    gradients, two layers) is carved from those cached segments; it needs more only when two layers exceed one
+    layer plus the loss (wide layers, a small vocabulary). Adding the loss to the recompute (as a peak of live
+    tensors would) double-counts: 1 GiB too much for Llama-2 (32k vocabulary) LoRA at 4,096 tokens.
+    """
+    kept = saved_bytes - 2 * layer_bytes  # the checkpoints (layer inputs), final norm, RoPE tables
+    return kept + max(layer_bytes + loss_bytes, 2 * layer_bytes)
+
+
 def logits_bytes(spec: ModelSpec, tokens: int, fused_ce: bool) -> int:
     """Peak of the loss: fp32 log-softmax kept for backward, its incoming and outgoing grads (3 x 4 B per logit).
 

@@ -1,14 +1,16 @@
-"""Roofline speed: decode is bytes over bandwidth (or FLOPs over compute), training is FLOPs over compute.
+"""Speed: decode is bytes over bandwidth (or FLOPs over compute) plus fixed latencies, training is FLOPs over compute.
 
 Every figure of the card comes from the catalog (``onecard.hardware``); the
-fraction of the roofline onecard reaches comes from ``calibration``.
+efficiencies and latencies onecard reaches come from ``calibration`` (the
+decode step-time model of ``decode_fit``, fitted to onecard's measurements).
 """
 
 from __future__ import annotations
 
 from onecard.hardware import GPUSpec
 from onecard.plan import memory as M
-from onecard.plan.calibration import HOST_LINK_EFFICIENCY
+from onecard.plan.calibration import HOST_LINK_EFFICIENCY, DecodeCalibration
+from onecard.plan.decode_fit import StepBytes, step_bytes
 from onecard.plan.spec import ModelSpec
 
 
@@ -26,19 +28,24 @@ def forward_flops_per_token(spec: ModelSpec, context: int) -> float:
 
 
 def decode_tok_s(spec: ModelSpec, card: GPUSpec, fmt: str, kv_bytes_per_token: int, batch: int, context: int,
-                 efficiency: float) -> float:
-    """Tokens/s of a decode step for ``batch`` sequences each at ``context`` tokens: the slower of memory and compute."""
-    step_bytes = decode_bytes_per_step(spec, fmt) + batch * context * kv_bytes_per_token
-    t_mem = step_bytes / (card.bandwidth_gbs * 1e9 * efficiency)
-    t_compute = batch * forward_flops_per_token(spec, context) / (card.bf16_dense_tflops * 1e12 * efficiency)
-    return batch / max(t_mem, t_compute)
+                 cal: DecodeCalibration) -> float:
+    """Tokens/s of a decode step for ``batch`` sequences each at ``context`` tokens: the slower of memory and
+    compute, plus the fitted per-layer and per-step latencies."""
+    b = step_bytes(spec, fmt, context, kv_bytes_per_token, batch)
+    t_mem = cal.model.memory_seconds(b, card.bandwidth_gbs * 1e9, fmt)
+    t_compute = batch * forward_flops_per_token(spec, context) / (card.bf16_dense_tflops * 1e12 * cal.efficiency)
+    return batch / (max(t_mem, t_compute) + b.layers * cal.model.per_layer_s + cal.model.per_step_s)
 
 
 def offload_tok_s(spec: ModelSpec, card: GPUSpec, fmt: str, offloaded_bytes: int, kv_bytes_per_token: int,
-                  context: int, efficiency: float) -> float:
-    """bs=1 decode with ``offloaded_bytes`` of weights streamed from host memory over the host link every step."""
-    on_gpu = decode_bytes_per_step(spec, fmt) - offloaded_bytes + context * kv_bytes_per_token
-    t = offloaded_bytes / (card.host_link_gbs * 1e9 * HOST_LINK_EFFICIENCY) + on_gpu / (card.bandwidth_gbs * 1e9 * efficiency)
+                  context: int, cal: DecodeCalibration) -> float:
+    """bs=1 decode with ``offloaded_bytes`` of decoder-layer weights streamed from host memory over the host link
+    every step (they are decoder-layer linears: quantized bytes, or 16-bit ones for bf16); the rest as ``decode_tok_s``."""
+    b = step_bytes(spec, fmt, context, kv_bytes_per_token)
+    on_gpu = StepBytes(b.quantized - (offloaded_bytes if b.quantized else 0),
+                       b.plain - (0 if b.quantized else offloaded_bytes), b.layers)
+    t = offloaded_bytes / (card.host_link_gbs * 1e9 * HOST_LINK_EFFICIENCY) + \
+        cal.model.step_seconds(on_gpu, card.bandwidth_gbs, fmt)
     return 1.0 / t
 
 
