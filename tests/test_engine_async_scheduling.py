@@ -198,3 +198,26 @@ def test_config_switch():
     assert not EngineConfig("m", tensor_parallel_size=2).overlaps(is_cuda=True)
     with pytest.raises(NotBuiltYetError, match="async_scheduling"):
         EngineConfig("m", async_scheduling=True, num_speculative_tokens=2)
+
+
+def test_bench_compare_async_smoke(random_checkpoint):
+    """``benchmarks/engine_vs_hf.py --compare-async``: both modes run the same workload and fill the table."""
+    import importlib.util
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from onecard.bench.engine_bench import EngineBenchConfig
+
+    path = Path(__file__).parents[1] / "benchmarks" / "engine_vs_hf.py"
+    spec = importlib.util.spec_from_file_location("engine_vs_hf", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = EngineBenchConfig(random_checkpoint("llama-2-7b"), dtype="float32", device="cpu", num_prompts=4,
+                            mean_input=12, mean_output=6, max_model_len=64, decode_prompt_len=8, decode_tokens=6,
+                            memory_cap_gib=None, max_num_seqs=4, run_hf=False)
+    r = bench.compare_async(cfg, Console(quiet=True))
+    assert r["sync_offline_output_tokens"] == r["async_offline_output_tokens"] > 0
+    assert r["async_bs1_tok_s"] > 0 and 0 < r["sync_bs1_roofline_fraction"]
+    Console(quiet=True).print(bench.async_table(r))
+    bench.async_figure(r)
