@@ -11,8 +11,9 @@ t's tokens from pinned memory, and does the stop checks, detokenization and
 outputs for them while the GPU computes step t+1. So outputs lag one step, and a
 sequence that stops at step t has already been computed once more in step t+1:
 that token is discarded, never shown. Only decode steps overlap (no penalties,
-which need every token on the host); a prefill or any other step first waits for
-the step in flight and then runs as before.
+which need every token on the host); any other step runs as before, after the
+step in flight has been read back (a prefill step is queued first, as its
+sequences are never in flight, but it still waits for its own sample).
 """
 
 from __future__ import annotations
@@ -157,14 +158,17 @@ class LLMEngine:
                 if not s.is_finished:  # one that stopped at the step read back: this step's token is discarded
                     s.token_ids.append(PLACEHOLDER)
             return outputs
-        if in_flight is not None:
+        if in_flight is not None and not is_prefill:  # a decode batch may hold in-flight sequences: tokens first
             self._read_back(in_flight, touched)
+            in_flight = None
             seqs = [s for s in seqs if not s.is_finished]
         if not seqs:
             return self._collect(touched, time.time(), stream)
         if not is_prefill and any(s.draft_tokens for s in seqs):
             return self._speculative_step(seqs, stream)
         out = self.runner.run(seqs, is_prefill)
+        if in_flight is not None:  # a prefill never holds an in-flight sequence, so it was launched before this wait
+            self._read_back(in_flight, touched)
         if out is not None:  # None: only partial prefill chunks ran, nothing to report yet
             sampled = [s for s in seqs if s.num_cached_tokens >= len(s)]  # the runner's rows, in order
             for seq in sampled:
