@@ -26,8 +26,8 @@ import tempfile
 from rich.console import Console
 
 from onecard.bench.engine_bench import (
-    GiB,
     EngineBenchConfig,
+    GiB,
     measure_copy_bandwidth,
     results_figure,
     results_table,

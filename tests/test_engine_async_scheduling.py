@@ -30,7 +30,7 @@ def llama_path(random_checkpoint):
 @pytest.fixture(scope="module")
 def pair(llama_path):
     """The same engine twice: async scheduling off (the reference) and on."""
-    kw = dict(max_model_len=128, max_num_seqs=8, block_size=8)
+    kw = {"max_model_len": 128, "max_num_seqs": 8, "block_size": 8}
     return LLM(llama_path, async_scheduling=False, **kw), LLM(llama_path, async_scheduling=True, **kw)
 
 
@@ -132,7 +132,7 @@ def test_streaming_never_shows_placeholders_or_tokens_after_a_stop(pair):
             seen[out.request_id].append(out.outputs[0].token_ids)
     final = seen["s0"][-1]
     assert final == ref[0].outputs[0].token_ids[:ref[0].outputs[0].token_ids.index(stop_tok) + 1]
-    for rid, snaps in seen.items():
+    for snaps in seen.values():
         assert all(PLACEHOLDER not in s and s == snaps[-1][:len(s)] for s in snaps)
         assert [len(s) for s in snaps] == sorted({len(s) for s in snaps}), "each stream only grows"
     assert len(seen["s1"][-1]) == 12
@@ -221,3 +221,42 @@ def test_bench_compare_async_smoke(random_checkpoint):
     assert r["async_bs1_tok_s"] > 0 and 0 < r["sync_bs1_roofline_fraction"]
     Console(quiet=True).print(bench.async_table(r))
     bench.async_figure(r)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_gpu_async_identical_and_decode_steps_never_sync(enforce_eager):
+    """On CUDA (graphs or eager): the same greedy tokens with the switch on and off (a batch that stays together,
+    so both runs use the same batch shapes), and a steady-state decode step never blocks on the GPU except on the
+    event of the step before (``set_sync_debug_mode('error')`` raises on ``.item()``/``.tolist()``/pageable copies)."""
+    from onecard.testing import make_random_checkpoint
+
+    path = make_random_checkpoint("llama-2-7b", "tiny", dtype="bfloat16")
+    kw = {"dtype": "bfloat16", "max_model_len": 256, "max_num_seqs": 8, "gpu_memory_utilization": 0.3,
+          "enforce_eager": enforce_eager}
+    sp = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    off = LLM(path, async_scheduling=False, **kw)
+    want = [off.generate(PROMPTS[:4], sp, use_tqdm=False), off.generate(PROMPTS[4], sp, use_tqdm=False)]
+    del off
+    torch.cuda.empty_cache()
+    on = LLM(path, **kw)
+    assert on.engine.overlap, "async scheduling is the CUDA default"
+    got = [on.generate(PROMPTS[:4], sp, use_tqdm=False), on.generate(PROMPTS[4], sp, use_tqdm=False)]
+    assert [_view(g) for g in got] == [_view(w) for w in want]
+    eng = on.engine
+    for i, p in enumerate(PROMPTS[:3]):
+        eng.add_request(f"g{i}", p, sp)
+    eng.add_request("s", PROMPTS[3], SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=1, max_tokens=64,
+                                                    ignore_eos=True, logprobs=2))
+    for _ in range(4):  # the prefill, then decode steps until one is in flight
+        eng.step()
+    assert eng.in_flight is not None
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(20):
+            eng.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    while eng.has_unfinished_requests():
+        eng.step()
+    _assert_clean(on)

@@ -29,9 +29,9 @@ from onecard.engine.detokenizer import append_text, find_stop
 from onecard.engine.draft_model import DraftProposer
 from onecard.engine.model_runner import ModelRunner
 from onecard.engine.outputs import CompletionOutput, RequestOutput
+from onecard.engine.sampler import PendingSample, SamplerOutput
 from onecard.engine.sampling_params import SamplingParams
 from onecard.engine.scheduler import Scheduler
-from onecard.engine.sampler import PendingSample, SamplerOutput
 from onecard.engine.sequence import PLACEHOLDER, Request, Sequence
 from onecard.engine.speculative import why_not_speculative
 from onecard.errors import BadInputError, NotBuiltYetError

@@ -21,7 +21,12 @@ import torch
 
 from onecard.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from onecard.engine.kv_cache import allocate_kv_cache, attach_kv_cache
-from onecard.engine.sampler import PendingSample, SamplerOutput, sample, sample_on_device
+from onecard.engine.sampler import (
+    PendingSample,
+    SamplerOutput,
+    sample,
+    sample_on_device,
+)
 from onecard.engine.sequence import Sequence
 from onecard.engine.speculative import accept_greedy
 from onecard.errors import BadInputError, DoesNotFitError
