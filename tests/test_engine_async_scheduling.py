@@ -118,6 +118,35 @@ def test_preemption_identical(llama_path, pair):
     _assert_clean(small)
 
 
+def test_chunked_prefill_and_prefix_hits_identical(llama_path):
+    """A long prompt prefilled in chunks between decode steps (a step in flight at each chunk), and prompts that
+    share cached prefix blocks written by in-flight steps."""
+    kw = {"max_model_len": 128, "max_num_seqs": 8, "block_size": 8, "long_prefill_chunk": 16}
+    off, on = LLM(llama_path, async_scheduling=False, **kw), LLM(llama_path, async_scheduling=True, **kw)
+    shared = PROMPTS[0] * 6
+    prompts = [PROMPTS[1], PROMPTS[2], shared + PROMPTS[3], shared + PROMPTS[4]]
+    sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    for llm in (off, on):
+        llm.generate(prompts[:2], sp, use_tqdm=False)  # something to decode while the long prompts chunk
+    eng_outs = []
+    for llm in (off, on):
+        eng = llm.engine
+        eng.add_request("d0", prompts[0], sp)
+        eng.step()
+        eng.step()
+        eng.add_request("c0", prompts[2], sp)
+        done = {}
+        for _ in range(12):  # c0's chunks, then decode steps with c0 in flight
+            done.update({o.request_id: o for o in eng.step() if o.finished})
+        eng.add_request("c1", prompts[3], sp)  # its prefix blocks were written by c0's steps
+        while eng.has_unfinished_requests():
+            done.update({o.request_id: o for o in eng.step() if o.finished})
+        eng_outs.append({k: _view([v]) for k, v in done.items()})
+    assert eng_outs[0] == eng_outs[1] and len(eng_outs[0]) == 3
+    assert on.stats()["prefix_cache_hit_tokens"] > 0
+    _assert_clean(on)
+
+
 def test_streaming_never_shows_placeholders_or_tokens_after_a_stop(pair):
     off, on = pair
     ref = off.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)

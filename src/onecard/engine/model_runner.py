@@ -349,7 +349,8 @@ class ModelRunner:
         """The fixed-address inputs a captured decode reads: rows of ``meta`` are token ids, positions, cache
         slots, context lengths and the previous step's sample row to take the token from (-1: none), one int64
         tensor so a step is one host-to-device copy; plus block tables. Two pinned host staging buffers
-        alternate, so writing step t+1's inputs never races the still-queued copy of step t's."""
+        alternate, so writing step t+1's inputs never races the still-queued copy of step t's: safe while the
+        host is at most one decode step ahead of the GPU (the engine reads step t back before launching t+2)."""
         scratch = self.scratch_block
         meta = torch.zeros(5, max_bs, dtype=torch.long, device=self.device)
         meta[2] = scratch * self.block_size
