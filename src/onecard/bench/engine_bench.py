@@ -234,14 +234,15 @@ def _engine_offline(llm, reqs, progress, label: str) -> dict:
 
 
 def run_engine(cfg: EngineBenchConfig, reqs, device: torch.device, progress, prefix: str,
-               num_prompts: int | None = None) -> dict:
+               num_prompts: int | None = None, **engine_kwargs) -> dict:
+    """``engine_kwargs``: extra ``LLM`` options for this run (e.g. ``async_scheduling=False``)."""
     from onecard.engine import LLM
     from onecard.engine.model_runner import kv_bytes_per_token
 
     _peak_reset(device)
     t0 = time.perf_counter()
     llm = LLM(cfg.model, dtype=cfg.dtype, device=str(device), max_model_len=cfg.max_model_len,
-              max_num_seqs=cfg.max_num_seqs, gpu_memory_utilization=cfg.gpu_memory_utilization)
+              max_num_seqs=cfg.max_num_seqs, gpu_memory_utilization=cfg.gpu_memory_utilization, **engine_kwargs)
     startup = time.perf_counter() - t0
     model = llm.engine.runner.model
     vocab = model.args.vocab_size

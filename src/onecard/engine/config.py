@@ -43,6 +43,9 @@ class EngineConfig:
     speculative_model: str | Path | None = None  # a small model with the same tokenizer drafts instead of n-grams
     offload_layers: int | str = 0  # decoder layers kept in pinned CPU memory, streamed in per step ("auto": planner's)
     int4_kernel: str = "triton"  # CUDA int4 matmul: ours, or "tinygemm" (PyTorch's; faster bs=1, 15x slower prefill)
+    # overlap the host's scheduling/sampling bookkeeping of step t+1 with the GPU's step t (decode steps only);
+    # None: on for CUDA without speculation or tensor parallelism, off otherwise; True also runs it on CPU (tests)
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> BadInputError:
@@ -83,10 +86,21 @@ class EngineConfig:
         if self.speculative_model is not None and self.tensor_parallel_size > 1:
             raise NotBuiltYetError(f"speculative_model with tensor_parallel_size={self.tensor_parallel_size} is not "
                                    "built; drop one of them (n-gram speculation works with tensor parallelism)")
+        if self.async_scheduling not in (None, True, False):
+            raise bad("async_scheduling", "must be True, False or None (None: on for CUDA)")
+        if self.async_scheduling and (self.num_speculative_tokens or self.tensor_parallel_size > 1):
+            raise NotBuiltYetError("async_scheduling=True with speculative decoding or tensor_parallel_size > 1 is "
+                                   "not built; leave async_scheduling=None (it turns itself off there) or drop one")
         if self.offload_layers != "auto" and (not isinstance(self.offload_layers, int) or self.offload_layers < 0):
             raise bad("offload_layers", "must be a non-negative integer (decoder layers kept in CPU memory) or 'auto'")
         if self.device is not None and not str(self.device).startswith(("cpu", "cuda")):
             raise bad("device", "must be 'cpu', 'cuda' or 'cuda:N'")
+
+    def overlaps(self, is_cuda: bool) -> bool:
+        """Whether decode steps run with async scheduling on this device (``async_scheduling=None`` resolved)."""
+        if self.async_scheduling is not None:
+            return self.async_scheduling
+        return is_cuda and not self.num_speculative_tokens and self.tensor_parallel_size == 1
 
     def resolve(self, max_position_embeddings: int) -> None:
         """Fill defaults that depend on the model; check limits against it."""

@@ -2,11 +2,24 @@
 
 Not thread-safe by itself: ``LLM`` drives it from one thread; ``AsyncEngine``
 drives it from its background thread and hands requests over under a lock.
+
+Async scheduling (``EngineConfig.async_scheduling``): in a decode step the
+host launches step t+1 before it has read step t's tokens. Step t+1's rows take
+their input token on the device from step t's sample (``ModelRunner.launch_decode``);
+the host holds a placeholder meanwhile (``sequence.PLACEHOLDER``), then reads step
+t's tokens from pinned memory, and does the stop checks, detokenization and
+outputs for them while the GPU computes step t+1. So outputs lag one step, and a
+sequence that stops at step t has already been computed once more in step t+1:
+that token is discarded, never shown. Only decode steps overlap (no penalties,
+which need every token on the host); any other step runs as before, after the
+step in flight has been read back (a prefill step is queued first, as its
+sequences are never in flight, but it still waits for its own sample).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -16,11 +29,23 @@ from onecard.engine.detokenizer import append_text, find_stop
 from onecard.engine.draft_model import DraftProposer
 from onecard.engine.model_runner import ModelRunner
 from onecard.engine.outputs import CompletionOutput, RequestOutput
+from onecard.engine.sampler import PendingSample, SamplerOutput
 from onecard.engine.sampling_params import SamplingParams
 from onecard.engine.scheduler import Scheduler
-from onecard.engine.sequence import Request, Sequence
+from onecard.engine.sequence import PLACEHOLDER, Request, Sequence
 from onecard.engine.speculative import why_not_speculative
 from onecard.errors import BadInputError, NotBuiltYetError
+
+
+@dataclass
+class InFlight:
+    """A decode step launched but not yet read back: its sequences in row order and its pending sample."""
+
+    seqs: list[Sequence]
+    sample: PendingSample
+
+    def rows(self) -> dict[int, int]:
+        return {s.seq_id: i for i, s in enumerate(self.seqs)}
 
 
 class LLMEngine:
@@ -45,6 +70,8 @@ class LLMEngine:
         # Streaming callers (AsyncEngine) need the text as it grows; offline callers only need it at the end,
         # which saves two tokenizer calls per sequence per step (unless a request has stop strings).
         self.incremental_text = False
+        self.overlap = config.overlaps(runner.is_cuda)  # async scheduling of decode steps
+        self.in_flight: InFlight | None = None
 
     # ---- requests ----------------------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -102,6 +129,7 @@ class LLMEngine:
             return None
         for s in req.seqs:
             if not s.is_finished:
+                s.drop_placeholder()
                 s.finish_reason = "abort"
                 self.scheduler.finish(s)
         req.finished_time = time.time()
@@ -117,18 +145,50 @@ class LLMEngine:
         ``stream=False`` returns only the requests that finished in this step.
         """
         seqs, is_prefill = self.scheduler.schedule()
+        in_flight, self.in_flight = self.in_flight, None
+        touched: dict[str, Request] = {}
+        if not is_prefill and seqs and self.overlap and not any(s.params.uses_penalties for s in seqs):
+            rows = in_flight.rows() if in_flight is not None else {}
+            launched = self.runner.launch_decode(seqs, [rows.get(s.seq_id, -1) for s in seqs])
+            if in_flight is not None:  # the GPU runs the step just launched while the host reads the one before
+                self._read_back(in_flight, touched)
+            outputs = self._collect(touched, time.time(), stream)
+            self.in_flight = InFlight(seqs, launched)
+            for s in seqs:
+                if not s.is_finished:  # one that stopped at the step read back: this step's token is discarded
+                    s.token_ids.append(PLACEHOLDER)
+            return outputs
+        if in_flight is not None and not is_prefill:  # a decode batch may hold in-flight sequences: tokens first
+            self._read_back(in_flight, touched)
+            in_flight = None
+            seqs = [s for s in seqs if not s.is_finished]
         if not seqs:
-            return []
+            return self._collect(touched, time.time(), stream)
         if not is_prefill and any(s.draft_tokens for s in seqs):
             return self._speculative_step(seqs, stream)
         out = self.runner.run(seqs, is_prefill)
-        if out is None:  # only partial prefill chunks ran: nothing to report yet
-            return []
-        seqs = [s for s in seqs if s.num_cached_tokens >= len(s)]  # the ones that sampled, in the runner's order
+        if in_flight is not None:  # a prefill never holds an in-flight sequence, so it was launched before this wait
+            self._read_back(in_flight, touched)
+        if out is not None:  # None: only partial prefill chunks ran, nothing to report yet
+            sampled = [s for s in seqs if s.num_cached_tokens >= len(s)]  # the runner's rows, in order
+            for seq in sampled:
+                seq.token_ids.append(PLACEHOLDER)
+            self._apply(sampled, out, touched)
+        return self._collect(touched, time.time(), stream)
+
+    def _read_back(self, in_flight: InFlight, touched: dict[str, Request]) -> None:
+        """Wait for an in-flight decode step (alone) and apply its tokens; rows of sequences that finished since
+        it was launched (a stop at the step before, an abort) are dropped."""
+        out = in_flight.sample.result()
+        self._apply(in_flight.seqs, out, touched)
+
+    def _apply(self, seqs: list[Sequence], out: SamplerOutput, touched: dict[str, Request]) -> None:
+        """Put each sampled token in place of its sequence's placeholder, then check stops and free the finished."""
         now = time.time()
-        touched: dict[str, Request] = {}
         for seq, token, lp, slp in zip(seqs, out.token_ids, out.logprobs, out.sampled_logprobs):
-            seq.token_ids.append(token)
+            if seq.is_finished:
+                continue
+            seq.token_ids[-1] = token
             self.num_generated_tokens += 1
             if seq.logprobs is not None:
                 seq.logprobs.append(lp)
@@ -139,7 +199,6 @@ class LLMEngine:
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
             touched[req.request_id] = req
-        return self._collect(touched, now, stream)
 
     def _collect(self, touched: dict[str, Request], now: float, stream: bool) -> list[RequestOutput]:
         outputs = []

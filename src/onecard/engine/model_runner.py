@@ -5,7 +5,10 @@ logits only for each sequence's last token. Decode runs one token per sequence;
 on CUDA it replays a CUDA graph captured for the smallest captured batch size
 that holds the batch (padding rows write to a scratch block nobody reads), so a
 decode step is a handful of host-to-device copies plus one graph launch: no
-host syncs until the sampled tokens come back.
+host syncs until the sampled tokens come back. ``launch_decode`` does not even
+wait for those: a decode row may take its input token straight from the
+previous step's sample on the device (``prev_rows``), so the host can prepare
+step t+1 while the GPU still runs step t (async scheduling, ``llm_engine.py``).
 """
 
 from __future__ import annotations
@@ -14,12 +17,16 @@ import logging
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from onecard.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from onecard.engine.kv_cache import allocate_kv_cache, attach_kv_cache
-from onecard.engine.sampler import SamplerOutput, sample
+from onecard.engine.sampler import (
+    PendingSample,
+    SamplerOutput,
+    sample,
+    sample_on_device,
+)
 from onecard.engine.sequence import Sequence
 from onecard.engine.speculative import accept_greedy
 from onecard.errors import BadInputError, DoesNotFitError
@@ -113,6 +120,12 @@ def plan_kv_cache(card_bytes: int, cap_fraction: float, reserved_bytes: int, act
                        available, max(available // block_bytes, 0))
 
 
+def take_previous(tokens: torch.Tensor, prev_rows: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
+    """``tokens`` with row i replaced by ``sampled[prev_rows[i]]`` where ``prev_rows[i] >= 0``: a decode step's
+    input tokens taken on the device from the step before, which the host has not seen yet."""
+    return torch.where(prev_rows >= 0, sampled.index_select(0, prev_rows.clamp(min=0)), tokens)
+
+
 class ModelRunner:
     def __init__(self, model: LlamaModel, config: EngineConfig, device: torch.device,
                  draft_model: LlamaModel | None = None) -> None:
@@ -140,6 +153,8 @@ class ModelRunner:
         self.kv_cache, self.kv_scales = allocate_kv_cache(model.args, self.num_blocks + 1, self.block_size,
                                                           config.kv_cache_dtype, self.dtype, device)
         attach_kv_cache(model, self.kv_cache, self.kv_scales)
+        # the last decode step's sampled tokens, on the device: the next step's inputs for rows that name them
+        self._sampled = torch.zeros(config.max_num_seqs, dtype=torch.long, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_batch_sizes: list[int] = []
         if self.is_cuda and not config.enforce_eager:
@@ -241,12 +256,16 @@ class ModelRunner:
                 self._to_device(last, torch.long))
 
     def prepare_decode(self, seqs: list[Sequence]) -> tuple[list[int], list[int], list[int], list[int], list[list[int]]]:
+        """Per row: input token, position, cache slot, context length, block table (one pass over ``seqs``)."""
         bs = self.block_size
-        ids = [s.last_token for s in seqs]
-        positions = [len(s) - 1 for s in seqs]
-        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
-        ctx = [len(s) for s in seqs]
-        tables = [s.block_table for s in seqs]
+        ids, positions, slots, ctx, tables = [], [], [], [], []
+        for s in seqs:
+            p = len(s) - 1
+            ids.append(s.last_token)
+            positions.append(p)
+            slots.append(s.block_table[p // bs] * bs + p % bs)
+            ctx.append(p + 1)
+            tables.append(s.block_table)
         return ids, positions, slots, ctx, tables
 
     # ---- forward ---------------------------------------------------------------------------------------------
@@ -265,8 +284,18 @@ class ModelRunner:
             logits = self.decode_logits(seqs)
         return sample(logits.float(), seqs)
 
-    def decode_logits(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Logits ``[B, vocab]`` of one decode token per sequence (its last token, at position ``len - 1``)."""
+    @torch.no_grad()
+    def launch_decode(self, seqs: list[Sequence], prev_rows: list[int]) -> PendingSample:
+        """Queue a decode step and its sampling without waiting for the device; the host reads the tokens later
+        (``PendingSample.result``). ``prev_rows[i] >= 0``: row i's input token is row ``prev_rows[i]`` of the
+        previous ``launch_decode``'s sample (the host holds only a placeholder for it yet)."""
+        ds = sample_on_device(self.decode_logits(seqs, prev_rows).float(), seqs)
+        self._sampled[:len(seqs)].copy_(ds.tokens)
+        return PendingSample.start(ds)
+
+    def decode_logits(self, seqs: list[Sequence], prev_rows: list[int] | None = None) -> torch.Tensor:
+        """Logits ``[B, vocab]`` of one decode token per sequence (its last token, at position ``len - 1``; for
+        rows with ``prev_rows[i] >= 0``, the previous decode step's sampled token instead, see ``launch_decode``)."""
         B = len(seqs)
         graph_bs = next((b for b in self.graph_batch_sizes if b >= B), None) if self.graphs else None
         if graph_bs is None:
@@ -276,9 +305,12 @@ class ModelRunner:
             meta = AttentionMetadata(False, self._to_device(slots, torch.long), context_lens=self._to_device(ctx, torch.int32),
                                      block_tables=bt, decode_attention=self.decode_attention,
                                      fused_rope_store=self.is_cuda and self.config.fused_rope_store)
-            hidden = self.model(self._to_device(ids, torch.long), self._to_device(positions, torch.long), meta)
+            tokens = self._to_device(ids, torch.long)
+            if prev_rows is not None:
+                tokens = take_previous(tokens, self._to_device(prev_rows, torch.long), self._sampled)
+            hidden = self.model(tokens, self._to_device(positions, torch.long), meta)
             return self.model.compute_logits(hidden)
-        self.fill_static_inputs(seqs, graph_bs)
+        self.fill_static_inputs(seqs, graph_bs, prev_rows)
         self.graphs[graph_bs].replay()
         return self._graph_logits[graph_bs][:B]
 
@@ -315,31 +347,46 @@ class ModelRunner:
     # ---- CUDA graphs -----------------------------------------------------------------------------------------
     def alloc_static_inputs(self, max_bs: int) -> None:
         """The fixed-address inputs a captured decode reads: rows of ``meta`` are token ids, positions, cache
-        slots and context lengths (one int64 tensor, so a step is one host-to-device copy), plus block tables."""
+        slots, context lengths and the previous step's sample row to take the token from (-1: none), one int64
+        tensor so a step is one host-to-device copy; plus block tables. Two pinned host staging buffers
+        alternate, so writing step t+1's inputs never races the still-queued copy of step t's: safe while the
+        host is at most one decode step ahead of the GPU (the engine reads step t back before launching t+2)."""
         scratch = self.scratch_block
-        meta = torch.zeros(4, max_bs, dtype=torch.long, device=self.device)
+        meta = torch.zeros(5, max_bs, dtype=torch.long, device=self.device)
         meta[2] = scratch * self.block_size
         meta[3] = 1
+        meta[4] = -1
         self._gbuf = {"meta": meta, "block_tables": torch.full((max_bs, self.max_blocks_per_seq), scratch,
                                                                 dtype=torch.int32, device=self.device)}
+        pin = self.is_cuda
+        self._staging = [(torch.empty(5 * max_bs, dtype=torch.long, pin_memory=pin),
+                          torch.empty(max_bs * self.max_blocks_per_seq, dtype=torch.int32, pin_memory=pin))
+                         for _ in range(2)]
+        self._staging_turn = 0
 
-    def fill_static_inputs(self, seqs: list[Sequence], graph_bs: int) -> None:
+    def fill_static_inputs(self, seqs: list[Sequence], graph_bs: int, prev_rows: list[int] | None = None) -> None:
         """Write a decode batch into the static inputs; rows past the batch attend to and write the scratch block."""
         ids, positions, slots, ctx, tables = self.prepare_decode(seqs)
         B = len(seqs)
-        host = np.empty((4, graph_bs), dtype=np.int64)
+        meta_buf, bt_buf = self._staging[self._staging_turn]
+        self._staging_turn ^= 1
+        host_t = meta_buf[:5 * graph_bs].view(5, graph_bs)
+        host = host_t.numpy()
         host[0, :B], host[1, :B], host[2, :B], host[3, :B] = ids, positions, slots, ctx
-        host[0, B:], host[1, B:], host[2, B:], host[3, B:] = 0, 0, self.scratch_block * self.block_size, 1
+        host[4, :B] = -1 if prev_rows is None else prev_rows
+        host[0, B:], host[1, B:], host[2, B:], host[3, B:], host[4, B:] = 0, 0, self.scratch_block * self.block_size, 1, -1
+        if prev_rows is not None:
+            host[0, :B][host[4, :B] >= 0] = 0  # placeholders: the graph takes these tokens from the last sample
         g = self._gbuf
         pin = self.is_cuda
-        src = torch.from_numpy(host)
-        g["meta"][:, :graph_bs].copy_(src.pin_memory() if pin else src, non_blocking=pin)
+        g["meta"][:, :graph_bs].copy_(host_t, non_blocking=pin)
         width = max(len(t) for t in tables)
-        rows = np.full((graph_bs, width), self.scratch_block, dtype=np.int32)
+        rows_t = bt_buf[:graph_bs * width].view(graph_bs, width)
+        rows = rows_t.numpy()
+        rows.fill(self.scratch_block)
         for i, t in enumerate(tables):
             rows[i, :len(t)] = t
-        src = torch.from_numpy(rows)
-        g["block_tables"][:graph_bs, :width].copy_(src.pin_memory() if pin else src, non_blocking=pin)
+        g["block_tables"][:graph_bs, :width].copy_(rows_t, non_blocking=pin)
 
     def static_step(self, bs: int) -> torch.Tensor:
         """Decode the first ``bs`` rows of the static inputs: what each CUDA graph captures."""
@@ -347,7 +394,8 @@ class ModelRunner:
         meta = AttentionMetadata(False, g["meta"][2, :bs], context_lens=g["meta"][3, :bs],
                                  block_tables=g["block_tables"][:bs], decode_attention=self.decode_attention,
                                  fused_rope_store=self.is_cuda and self.config.fused_rope_store)
-        return self.model.compute_logits(self.model(g["meta"][0, :bs], g["meta"][1, :bs], meta))
+        tokens = take_previous(g["meta"][0, :bs], g["meta"][4, :bs], self._sampled)
+        return self.model.compute_logits(self.model(tokens, g["meta"][1, :bs], meta))
 
     @torch.no_grad()
     def capture_cudagraphs(self) -> None:

@@ -1,7 +1,9 @@
 """Sampling on the device: penalties, temperature, top-k, top-p, min-p, seeded draws, logprobs.
 
 One call per step for the whole batch; the only host transfer is the chosen
-tokens (and logprobs when asked). Sampling uses the exponential race
+tokens (and logprobs when asked). ``sample_on_device`` stops before that
+transfer, so async scheduling (``llm_engine.py``) can start it without waiting
+and read the tokens one step later; ``sample`` is both halves back to back. Sampling uses the exponential race
 (``argmax(p / q)``, ``q ~ Exp(1)``), which draws exactly from ``p``; a request
 with a seed draws its ``q`` row from its own ``torch.Generator``, so its tokens
 do not depend on which other requests share the batch.
@@ -21,6 +23,27 @@ class SamplerOutput:
     token_ids: list[int]
     logprobs: list[dict[int, float] | None]  # per row: top-k + sampled token, or None when not asked
     sampled_logprobs: list[float]
+
+
+@dataclass
+class DeviceSample:
+    """What the sampler chose, still where it was computed: ``tokens`` [B] int64; with logprobs asked, the
+    sampled token's raw logprob [B] and the top-``max k`` logprobs and ids [B, k] (else None)."""
+
+    tokens: torch.Tensor
+    want_logprobs: list[int | None]
+    chosen_logprobs: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.tokens, self.chosen_logprobs, self.top_logprobs, self.top_ids) if t is not None]
+
+
+def _on(values: list, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
+    """A small per-step parameter tensor on ``dev`` without a host sync (a pageable copy would wait for the GPU)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -71,7 +94,14 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 
 @torch.no_grad()
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
-    """Choose one token per row of ``logits`` [B, V] (float32) for ``seqs``."""
+    """Choose one token per row of ``logits`` [B, V] (float32) for ``seqs``; waits for the device."""
+    return to_host(sample_on_device(logits, seqs))
+
+
+@torch.no_grad()
+def sample_on_device(logits: torch.Tensor, seqs: list[Sequence]) -> DeviceSample:
+    """Choose one token per row of ``logits`` [B, V] (float32) for ``seqs``, leaving the result on the device:
+    nothing here waits for the GPU (penalties excepted: they read each sequence's tokens on the host)."""
     dev = logits.device
     params = [s.params for s in seqs]
     want_lp = [p.logprobs for p in params]
@@ -81,16 +111,15 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
     if all(p.greedy for p in params):
         tokens = logits.argmax(-1)
     else:
-        greedy = torch.tensor([p.greedy for p in params], device=dev)
-        temp = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
+        greedy = _on([p.greedy for p in params], torch.bool, dev)
+        temp = _on([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32, dev)
         scaled = logits / temp.unsqueeze(1)
         use_kp = any(p.top_k > 0 or p.top_p < 1 for p in params)
         use_min_p = any(p.min_p > 0 for p in params)
         if use_kp or use_min_p:
             scaled = filter_logits(
-                scaled, torch.tensor([p.top_k for p in params], device=dev),
-                torch.tensor([p.top_p for p in params], device=dev),
-                torch.tensor([p.min_p for p in params], device=dev), use_kp, use_min_p)
+                scaled, _on([p.top_k for p in params], torch.long, dev), _on([p.top_p for p in params], torch.float32, dev),
+                _on([p.min_p for p in params], torch.float32, dev), use_kp, use_min_p)
         probs = scaled.softmax(-1)
         q = torch.empty_like(probs).exponential_()
         for i, s in enumerate(seqs):
@@ -98,18 +127,56 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
                 q[i] = torch.empty(probs.shape[1], device=dev).exponential_(generator=s.generator)
         sampled = (probs / q).argmax(-1)
         tokens = torch.where(greedy, logits.argmax(-1), sampled)
-    token_list = tokens.tolist()
-    lps: list[dict[int, float] | None] = [None] * len(seqs)
-    sampled_lp = [0.0] * len(seqs)
+    out = DeviceSample(tokens, want_lp)
     if raw_logprobs is not None:
         kmax = max(k for k in want_lp if k is not None)
-        chosen = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
-        top_v, top_i = raw_logprobs.topk(max(kmax, 1), dim=-1)
-        top_v, top_i = top_v.tolist(), top_i.tolist()
-        for i, k in enumerate(want_lp):
+        out.chosen_logprobs = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        out.top_logprobs, out.top_ids = raw_logprobs.topk(max(kmax, 1), dim=-1)
+    return out
+
+
+def to_host(ds: DeviceSample) -> SamplerOutput:
+    """The host lists of a ``DeviceSample`` (a sync unless its tensors were already copied to the host)."""
+    token_list = ds.tokens.tolist()
+    n = len(token_list)
+    lps: list[dict[int, float] | None] = [None] * n
+    sampled_lp = [0.0] * n
+    if ds.chosen_logprobs is not None:
+        chosen = ds.chosen_logprobs.tolist()
+        top_v, top_i = ds.top_logprobs.tolist(), ds.top_ids.tolist()
+        for i, k in enumerate(ds.want_logprobs):
             sampled_lp[i] = chosen[i]
             if k is not None:
                 d = {top_i[i][j]: top_v[i][j] for j in range(k)}
                 d[token_list[i]] = chosen[i]
                 lps[i] = d
     return SamplerOutput(token_list, lps, sampled_lp)
+
+
+@dataclass
+class PendingSample:
+    """A step's sample on its way to the host: the copies were queued behind the step without waiting for it.
+    ``result()`` waits for that step alone (its event), not for anything queued after it."""
+
+    host: DeviceSample
+    event: torch.cuda.Event | None
+
+    @classmethod
+    def start(cls, ds: DeviceSample) -> PendingSample:
+        """Queue non-blocking copies of ``ds`` into pinned host memory and an event after them (CPU: as is)."""
+        if ds.tokens.device.type != "cuda":
+            return cls(ds, None)
+        copies = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                  for t in ds.tensors()]
+        it = iter(copies)
+        host = DeviceSample(next(it), ds.want_logprobs)
+        if ds.chosen_logprobs is not None:
+            host.chosen_logprobs, host.top_logprobs, host.top_ids = next(it), next(it), next(it)
+        event = torch.cuda.Event()
+        event.record()
+        return cls(host, event)
+
+    def result(self) -> SamplerOutput:
+        if self.event is not None:
+            self.event.synchronize()
+        return to_host(self.host)

@@ -15,6 +15,10 @@ back to the *front* of the waiting queue, to be recomputed when room returns.
 ``num_cached_tokens`` is advanced when a step is scheduled (the engine always
 runs what was scheduled before scheduling again), and blocks are registered in
 the prefix cache at the next ``schedule``/``finish``, after their KV was written.
+With async scheduling the engine schedules step t+1 while step t still runs:
+sequences of step t carry a placeholder last token (``sequence.PLACEHOLDER``)
+and are scheduled as if it were known; a sequence whose placeholder already
+reaches ``max_tokens`` or ``max_model_len`` is surely finished and is skipped.
 """
 
 from __future__ import annotations
@@ -116,7 +120,7 @@ class Scheduler:
         pending = deque(self.running)
         while pending and len(scheduled) < self.max_num_seqs:
             seq = pending.popleft()
-            if seq.needs_prefill:
+            if seq.needs_prefill or self._at_limit(seq):
                 continue
             while not self.block_manager.can_append(seq):
                 victim = pending.pop() if pending else seq  # the most recently admitted one not yet scheduled
@@ -142,6 +146,12 @@ class Scheduler:
                     if draft:
                         self._attach(seq, draft)
         return scheduled
+
+    def _at_limit(self, seq: Sequence) -> bool:
+        """The sequence holds all the tokens it may have (only a placeholder's can: see async scheduling above)."""
+        p = seq.params
+        return ((p.max_tokens is not None and seq.num_completion_tokens >= p.max_tokens)
+                or (self.max_model_len is not None and len(seq) >= self.max_model_len))
 
     def _draft_room(self, seq: Sequence) -> int:
         """How many draft tokens this step may check for the sequence (max_tokens and max_model_len leave room)."""

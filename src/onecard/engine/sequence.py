@@ -18,6 +18,10 @@ class SequenceStatus(Enum):
 
 
 _ids = itertools.count()
+# Async scheduling: the token of a decode step still running on the GPU. At most one, always last in token_ids,
+# so lengths, positions and cache slots are right for the next step; the engine writes the real id once it is
+# known (a step later) and never shows a placeholder to the caller.
+PLACEHOLDER = -1
 
 
 class Sequence:
@@ -67,6 +71,11 @@ class Sequence:
     @property
     def last_token(self) -> int:
         return self.token_ids[-1]
+
+    def drop_placeholder(self) -> None:
+        """Forget an in-flight token (the sequence was aborted while a step for it was still running)."""
+        if self.token_ids and self.token_ids[-1] == PLACEHOLDER:
+            self.token_ids.pop()
 
     @property
     def is_finished(self) -> bool:
