@@ -111,7 +111,12 @@ def part_tp(a, out_dir: Path, scratch: Path) -> dict:
     device = "cpu" if a.smoke else "cuda"
     folder = str(make_random_checkpoint("llama-2-13b", "tiny") if a.smoke else
                  gpu_benchmark_checkpoint("llama-2-13b", console))
-    res = {tp: _engine_run(folder, tp, device, a) for tp in (1, 2)}
+    res = {}
+    for tp in (1, 2):  # a line per engine: a run cut by a timeout still says how far it got
+        t0 = time.perf_counter()
+        res[tp] = _engine_run(folder, tp, device, a)
+        console.print(f"TP={tp}: {res[tp]['bs1_decode_tokens_per_s']:.1f} tok/s at bs=1 "
+                      f"({time.perf_counter() - t0:.0f} s)")
     data = {"arch": "llama-2-13b" + (" (tiny)" if a.smoke else ""), "dtype": "fp32" if a.smoke else "bf16",
             "engine": "onecard LLM(tensor_parallel_size=N)", "prompt_tokens": a.prompt, "decode_tokens": a.decode,
             "offline_batch": a.batch, "cuda_graphs": bool(res[2]["cuda_graphs"])}

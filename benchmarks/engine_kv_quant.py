@@ -158,6 +158,24 @@ def decode_speed(a: argparse.Namespace, model: str, fmt: str, device: str, conte
     return tok_s
 
 
+def flat_summary(r: dict) -> dict:
+    """The headline figures as flat keys (max_context_tokens_<weights>_<kv>, perplexity_kv_<fmt>, ...)."""
+    flat = {}
+    for name, v in r["max_context"].items():
+        weights, kv = name.replace(" weights,", "").replace(" KV", "").split()
+        flat[f"max_context_tokens_{weights}_weights_{kv}_kv"] = v["max_context"]
+    base = r["perplexity"]["auto"]["perplexity"]
+    for fmt in ("auto", "fp8", "int8"):
+        if fmt in r["perplexity"]:
+            flat[f"perplexity_kv_{fmt}"] = r["perplexity"][fmt]["perplexity"]
+            if fmt != "auto":
+                flat[f"perplexity_change_kv_{fmt}_vs_auto"] = r["perplexity"][fmt]["perplexity"] / base - 1
+    for ctx, row in r["decode_tok_s"].items():
+        for fmt, tok_s in row.items():
+            flat[f"decode_tok_s_bs1_ctx{ctx}_kv_{fmt}"] = tok_s
+    return flat
+
+
 def perplexities(a: argparse.Namespace, device: str) -> dict:
     """Tiny trained model: validation perplexity with every format, all attention read back through the cache."""
     from transformers import AutoTokenizer
@@ -244,6 +262,8 @@ def main() -> None:
     console.print("[bold]3. bs=1 decode[/]")
     for ctx in (int(c) for c in a.decode_contexts.split(",")):
         r["decode_tok_s"][ctx] = {f: decode_speed(a, model, f, device, ctx) for f in formats}
+
+    r.update(flat_summary(r))
 
     t = Table(title="KV-cache formats")
     t.add_column("weights / KV")

@@ -64,6 +64,8 @@ ENGINE_FLAGS: tuple[EngineFlag, ...] = (
     EngineFlag("long_prefill_chunk", ("--long-prefill-chunk",), int, "Most prompt tokens one sequence computes "
                "per step (chunked prefill; default: the step budget)."),
     EngineFlag("enforce_eager", ("--enforce-eager",), bool, "No CUDA graphs (debugging; slower decode)."),
+    EngineFlag("async_scheduling", ("--async-scheduling/--no-async-scheduling",), bool, "Prepare the next decode "
+               "step while the GPU runs this one (default: on for CUDA, off with speculation or --tp)."),
     EngineFlag("num_speculative_tokens", ("--num-speculative-tokens",), int, "Speculative decoding: draft tokens "
                "per step (0 = off); n-gram prompt lookup unless --speculative-model is given."),
     EngineFlag("ngram_size", ("--ngram-size",), int, "n-gram speculation: longest context suffix looked up."),

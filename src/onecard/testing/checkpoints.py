@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -127,8 +128,11 @@ def gpu_benchmark_checkpoint(arch: str = "llama-2-7b", console=None) -> Path:
 
     if console is not None:
         console.print(f"[dim]building (or reusing) the random {arch} bf16 checkpoint on the GPU...[/]")
+    t0 = time.perf_counter()
     path = make_random_checkpoint(arch, "full", dtype="bfloat16", device="cuda")
     torch.cuda.empty_cache()
+    if console is not None:
+        console.print(f"[dim]{path.name} ready ({time.perf_counter() - t0:.0f} s)[/]")
     return path
 
 
