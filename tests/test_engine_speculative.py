@@ -80,3 +80,38 @@ def test_hf_fallback_refuses_speculation(tmp_path):
         shutil.copy(f, tmp_path / f.name)
     with pytest.raises(NotBuiltYetError, match="num_speculative_tokens"):
         LLM(tmp_path, num_speculative_tokens=2)
+
+
+def _record_decode_logits(llm: LLM) -> dict[int, list]:
+    """Wrap the runner's decode forward: every row's logits, keyed by the row's length (its position + 1)."""
+    runner, seen = llm.engine.runner, {}
+    decode = runner.decode_logits
+
+    def wrapped(rows):
+        logits = decode(rows)
+        for row, lg in zip(rows, logits):
+            seen.setdefault(len(row), []).append(lg.clone())
+        return logits
+
+    runner.decode_logits = wrapped
+    return seen
+
+
+def test_verify_rows_are_decode_rows(tiny_model):
+    """A verify step runs each draft position as a plain decode row (same attention path as decode): for the same
+    token at the same position its logits equal plain decoding's up to the matmul rounding of M = k + 1 rows
+    instead of 1 (CPU BLAS blocks them differently: ~1e-6 here), and greedy outputs are identical."""
+    import torch
+
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    plain = LLM(tiny_model.path, max_model_len=256, max_num_seqs=1, block_size=8)
+    spec = LLM(tiny_model.path, max_model_len=256, max_num_seqs=1, block_size=8, num_speculative_tokens=4)
+    ref, got = _record_decode_logits(plain), _record_decode_logits(spec)
+    assert plain.generate([CODE], sp, use_tqdm=False)[0].outputs[0].token_ids == \
+        spec.generate([CODE], sp, use_tqdm=False)[0].outputs[0].token_ids
+    assert spec.stats()["spec_accepted_tokens"] > 0
+    verified = [n for n in got if n in ref]
+    assert sum(len(got[n]) for n in verified) > 40  # draft positions ran as decode rows too, not only plain steps
+    for n in verified:  # a rejected draft token gives its row other logits: the closest row is the accepted one
+        diff = min((g - ref[n][0]).abs().max().item() for g in got[n])
+        assert diff < 1e-4, f"position {n - 1}: verify logits differ from decode by {diff}"
