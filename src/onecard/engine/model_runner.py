@@ -315,7 +315,7 @@ class ModelRunner:
         """
         rows = [DecodeRow(tok, len(seq) + i, seq.block_table)
                 for seq in seqs for i, tok in enumerate([seq.last_token, *seq.draft_tokens])]
-        targets = self.decode_logits(rows).argmax(-1).tolist()
+        targets = self.decode_logits(rows).float().argmax(-1).tolist()  # as the sampler picks greedy tokens
         out, start = [], 0
         for seq in seqs:
             n = 1 + len(seq.draft_tokens)
