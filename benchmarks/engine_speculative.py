@@ -92,6 +92,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--block-chars", type=int, default=1200, help="characters of source per edit block (~350 tokens)")
     p.add_argument("--k", default="2,4,8", help="n-gram rows' num_speculative_tokens (comma list); the draft rows "
                                                "use the largest value that is <= 4")
+    p.add_argument("--ngram-size", type=int, default=3, help="n-gram rows' ngram_size (longest suffix looked up)")
     p.add_argument("--prompts", type=int, default=4, help="held-out edit prompts, each decoded at bs=1")
     p.add_argument("--output-tokens", type=int, default=320, help="cap on tokens generated per prompt")
     p.add_argument("--max-model-len", type=int, default=2048)
@@ -329,7 +330,7 @@ def main() -> None:
     if max(len(p) + n for p, n in prompts) + max(ks) + 1 > a.max_model_len:
         raise SystemExit("a prompt + its output do not fit --max-model-len; lower --block-chars / --output-tokens")
     rows: dict[str, dict] = {"plain": {}}
-    rows.update({f"n-gram k={k}": {"num_speculative_tokens": k} for k in ks})
+    rows.update({f"n-gram k={k}": {"num_speculative_tokens": k, "ngram_size": a.ngram_size} for k in ks})
     if draft:
         rows[f"draft k={draft_k}"] = {"num_speculative_tokens": draft_k, "speculative_model": draft}
     if not a.no_self_draft:
@@ -342,6 +343,7 @@ def main() -> None:
 
     hidden = json.loads((Path(model) / "config.json").read_text())["hidden_size"]
     r: dict = {"model": model, "draft": draft, "trained": trained, "k": ks, "draft_k": draft_k,
+               "ngram_size": a.ngram_size, "tokens_per_step": "generated tokens / engine steps (prefill included)",
                "prompts": len(prompts), "prompt_tokens": [len(p) for p, _ in prompts],
                "output_tokens": [n for _, n in prompts], "cap_gib": a.cap_gib or None,
                "matmul_row_bitwise_equal_m1_vs": {str(k + 1): matmul_rows_bitwise_equal(
