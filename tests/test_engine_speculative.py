@@ -115,3 +115,16 @@ def test_verify_rows_are_decode_rows(tiny_model):
     for n in verified:  # a rejected draft token gives its row other logits: the closest row is the accepted one
         diff = min((g - ref[n][0]).abs().max().item() for g in got[n])
         assert diff < 1e-4, f"position {n - 1}: verify logits differ from decode by {diff}"
+
+
+def test_decode_graphs_hold_every_verify_row():
+    """With speculation on, a verify step at max_num_seqs needs (1 + k) rows per sequence in one decode graph;
+    the cap still holds."""
+    from types import SimpleNamespace
+
+    from onecard.engine.model_runner import graph_batch_sizes, graph_max_batch
+
+    cfg = SimpleNamespace(max_num_seqs=3, num_speculative_tokens=4, cuda_graph_max_batch=256)
+    assert graph_max_batch(cfg) == 15 and graph_batch_sizes(graph_max_batch(cfg))[-1] == 15
+    assert graph_max_batch(SimpleNamespace(max_num_seqs=3, num_speculative_tokens=0, cuda_graph_max_batch=256)) == 3
+    assert graph_max_batch(SimpleNamespace(max_num_seqs=256, num_speculative_tokens=4, cuda_graph_max_batch=256)) == 256
