@@ -23,6 +23,24 @@ def test_propose_ngram_takes_the_most_recent_longest_match():
     assert propose_ngram([1, 1, 1], 2, 0) == []
 
 
+def test_propose_ngram_equals_the_plain_scan():
+    """The indexed search returns what testing every earlier position (longest n first, most recent first) does."""
+    import random
+
+    def scan(ids: list[int], ngram_size: int, num_tokens: int) -> list[int]:
+        for n in range(min(ngram_size, len(ids) - 1), 0, -1):
+            for start in range(len(ids) - n - 1, -1, -1):
+                if ids[start:start + n] == ids[len(ids) - n:]:
+                    return ids[start + n:start + n + num_tokens] if num_tokens > 0 else []
+        return []
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        ids = [rng.randrange(4) for _ in range(rng.randrange(0, 40))]
+        n, k = rng.randrange(1, 6), rng.randrange(0, 6)
+        assert propose_ngram(ids, n, k) == scan(ids, n, k), (ids, n, k)
+
+
 def test_accept_greedy_keeps_the_matching_prefix_plus_one():
     assert accept_greedy([5, 6, 7], [5, 6, 9, 1]) == [5, 6, 9]
     assert accept_greedy([5, 6], [5, 6, 8]) == [5, 6, 8]
