@@ -88,7 +88,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, default=800)
     p.add_argument("--train-seq-len", type=int, default=1024)
     p.add_argument("--train-batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr", type=float, default=3e-4, help="the target's peak learning rate")
+    p.add_argument("--draft-lr", type=float, default=1e-3, help="the (16x narrower) draft's peak learning rate")
     p.add_argument("--block-chars", type=int, default=1200, help="characters of source per edit block (~350 tokens)")
     p.add_argument("--k", default="2,4,8", help="n-gram rows' num_speculative_tokens (comma list); the draft rows "
                                                "use the largest value that is <= 4")
@@ -180,7 +181,7 @@ def edited_block_accuracy(model, encoded: list[tuple[list[int], list[int]]], hea
     return right / max(total, 1)
 
 
-def train_copy_model(config: dict, a: argparse.Namespace, device: str, dtype: str, label: str,
+def train_copy_model(config: dict, lr: float, a: argparse.Namespace, device: str, dtype: str, label: str,
                      console: Console) -> tuple[Path, dict]:
     """Train (or reuse from the cache) a model of ``config`` on edit pairs; returns its folder and how it went."""
     from transformers import AutoTokenizer
@@ -189,7 +190,7 @@ def train_copy_model(config: dict, a: argparse.Namespace, device: str, dtype: st
     from onecard.testing.checkpoints import build_random_model, cache_dir, publish_dir, shared_tokenizer
     from onecard.testing.train_lm import train_lm
 
-    settings = [config, a.train_steps, a.train_seq_len, a.train_batch, a.lr, a.block_chars, dtype,
+    settings = [config, a.train_steps, a.train_seq_len, a.train_batch, lr, a.block_chars, dtype,
                 sysconfig.get_python_version(), DATA_RECIPE]
     out = cache_dir() / f"copy-llama-{hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:10]}"
     if (out / "onecard_copy.json").exists():
@@ -207,12 +208,12 @@ def train_copy_model(config: dict, a: argparse.Namespace, device: str, dtype: st
     n_params = sum(p.numel() for p in model.parameters())
     console.print(f"[dim]{label}: training {n_params / 1e6:.0f}M parameters for {a.train_steps} steps x "
                   f"{a.train_batch} x {a.train_seq_len} tokens on {len(train) / 1e6:.1f}M tokens of edit pairs...[/]")
-    seconds = train_lm(model, train, a.train_steps, a.train_seq_len, a.train_batch, a.lr,
+    seconds = train_lm(model, train, a.train_steps, a.train_seq_len, a.train_batch, lr,
                        generator=torch.Generator(device).manual_seed(0),
                        autocast_dtype=torch.bfloat16 if device == "cuda" else None, fused=device == "cuda",
                        progress=True, label=label, console=console)
     model.eval()
-    info = {"parameters": n_params, "train_seconds": round(seconds, 1), "train_steps": a.train_steps,
+    info = {"parameters": n_params, "train_seconds": round(seconds, 1), "train_steps": a.train_steps, "lr": lr,
             "train_tokens": a.train_steps * a.train_batch * a.train_seq_len,
             "edited_block_accuracy": round(edited_block_accuracy(model, held_out, header_len(tokenizer, EDITED), device), 4)}
     console.print(f"{label}: {seconds:.0f} s, held-out edited-block next-token accuracy "
@@ -302,7 +303,7 @@ def main() -> None:
         device, dtype = "cpu", "float32"
         target_cfg, draft_cfg = SMOKE_TARGET, SMOKE_DRAFT
         # a pipeline check, not a measurement: a few steps on a shared CPU do not teach copying
-        a.train_steps, a.train_seq_len, a.train_batch, a.lr = 8, 256, 4, 3e-3
+        a.train_steps, a.train_seq_len, a.train_batch, a.lr, a.draft_lr = 8, 256, 4, 3e-3, 3e-3
         a.block_chars, a.prompts, a.output_tokens, a.max_model_len = 300, 1, 24, 512
         ks = ks[:2]
         out_dir = a.out or tempfile.mkdtemp(prefix="engine_speculative_")
@@ -315,11 +316,11 @@ def main() -> None:
     draft_k = max([k for k in ks if k <= 4] or ks[:1])
     trained: dict[str, dict] = {}
     if a.model is None:
-        model, trained["target"] = train_copy_model(target_cfg, a, device, dtype, "target", console)
+        model, trained["target"] = train_copy_model(target_cfg, a.lr, a, device, dtype, "target", console)
     else:
         model = a.model
     if a.draft is None and a.model is None:
-        draft, trained["draft"] = train_copy_model(draft_cfg, a, device, dtype, "draft", console)
+        draft, trained["draft"] = train_copy_model(draft_cfg, a.draft_lr, a, device, dtype, "draft", console)
     else:
         draft = a.draft
     model, draft = str(model), draft and str(draft)
