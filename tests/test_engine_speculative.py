@@ -116,14 +116,16 @@ def _record_decode_logits(llm: LLM) -> dict[int, list]:
 
 
 def test_verify_rows_are_decode_rows(tiny_model):
-    """A verify step runs each draft position as a plain decode row (same attention path as decode): for the same
-    token at the same position its logits equal plain decoding's up to the matmul rounding of M = k + 1 rows
-    instead of 1 (CPU BLAS blocks them differently: ~1e-6 here), and greedy outputs are identical."""
+    """A verify step runs each draft position as a plain decode row (same attention path as decode; on CUDA the
+    Triton kernel inside the decode CUDA graphs): for the same token at the same position its logits equal plain
+    decoding's up to the matmul rounding of M = k + 1 rows instead of 1 (CPU BLAS blocks them differently: ~1e-6
+    here), and greedy outputs are identical. fp32 everywhere, so the check means the same on a GPU."""
     import torch
 
     sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    plain = LLM(tiny_model.path, max_model_len=256, max_num_seqs=1, block_size=8)
-    spec = LLM(tiny_model.path, max_model_len=256, max_num_seqs=1, block_size=8, num_speculative_tokens=4)
+    plain = LLM(tiny_model.path, dtype="float32", max_model_len=256, max_num_seqs=1, block_size=8)
+    spec = LLM(tiny_model.path, dtype="float32", max_model_len=256, max_num_seqs=1, block_size=8,
+               num_speculative_tokens=4)
     ref, got = _record_decode_logits(plain), _record_decode_logits(spec)
     assert plain.generate([CODE], sp, use_tqdm=False)[0].outputs[0].token_ids == \
         spec.generate([CODE], sp, use_tqdm=False)[0].outputs[0].token_ids
