@@ -5,7 +5,9 @@ logits only for each sequence's last token. Decode runs one token per sequence;
 on CUDA it replays a CUDA graph captured for the smallest captured batch size
 that holds the batch (padding rows write to a scratch block nobody reads), so a
 decode step is a handful of host-to-device copies plus one graph launch: no
-host syncs until the sampled tokens come back.
+host syncs until the sampled tokens come back. A speculative verify step is a
+decode step too: each sequence's ``[last token, *draft]`` become k + 1 rows of
+the same graphs (``verify``).
 """
 
 from __future__ import annotations
