@@ -23,6 +23,24 @@ def test_propose_ngram_takes_the_most_recent_longest_match():
     assert propose_ngram([1, 1, 1], 2, 0) == []
 
 
+def test_propose_ngram_equals_the_plain_scan():
+    """The indexed search returns what testing every earlier position (longest n first, most recent first) does."""
+    import random
+
+    def scan(ids: list[int], ngram_size: int, num_tokens: int) -> list[int]:
+        for n in range(min(ngram_size, len(ids) - 1), 0, -1):
+            for start in range(len(ids) - n - 1, -1, -1):
+                if ids[start:start + n] == ids[len(ids) - n:]:
+                    return ids[start + n:start + n + num_tokens] if num_tokens > 0 else []
+        return []
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        ids = [rng.randrange(4) for _ in range(rng.randrange(0, 40))]
+        n, k = rng.randrange(1, 6), rng.randrange(0, 6)
+        assert propose_ngram(ids, n, k) == scan(ids, n, k), (ids, n, k)
+
+
 def test_accept_greedy_keeps_the_matching_prefix_plus_one():
     assert accept_greedy([5, 6, 7], [5, 6, 9, 1]) == [5, 6, 9]
     assert accept_greedy([5, 6], [5, 6, 8]) == [5, 6, 8]
@@ -80,3 +98,53 @@ def test_hf_fallback_refuses_speculation(tmp_path):
         shutil.copy(f, tmp_path / f.name)
     with pytest.raises(NotBuiltYetError, match="num_speculative_tokens"):
         LLM(tmp_path, num_speculative_tokens=2)
+
+
+def _record_decode_logits(llm: LLM) -> dict[int, list]:
+    """Wrap the runner's decode forward: every row's logits, keyed by the row's length (its position + 1)."""
+    runner, seen = llm.engine.runner, {}
+    decode = runner.decode_logits
+
+    def wrapped(rows):
+        logits = decode(rows)
+        for row, lg in zip(rows, logits):
+            seen.setdefault(len(row), []).append(lg.clone())
+        return logits
+
+    runner.decode_logits = wrapped
+    return seen
+
+
+def test_verify_rows_are_decode_rows(tiny_model):
+    """A verify step runs each draft position as a plain decode row (same attention path as decode; on CUDA the
+    Triton kernel inside the decode CUDA graphs): for the same token at the same position its logits equal plain
+    decoding's up to the matmul rounding of M = k + 1 rows instead of 1 (CPU BLAS blocks them differently: ~1e-6
+    here), and greedy outputs are identical. fp32 everywhere, so the check means the same on a GPU."""
+    import torch
+
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    plain = LLM(tiny_model.path, dtype="float32", max_model_len=256, max_num_seqs=1, block_size=8)
+    spec = LLM(tiny_model.path, dtype="float32", max_model_len=256, max_num_seqs=1, block_size=8,
+               num_speculative_tokens=4)
+    ref, got = _record_decode_logits(plain), _record_decode_logits(spec)
+    assert plain.generate([CODE], sp, use_tqdm=False)[0].outputs[0].token_ids == \
+        spec.generate([CODE], sp, use_tqdm=False)[0].outputs[0].token_ids
+    assert spec.stats()["spec_accepted_tokens"] > 0
+    verified = [n for n in got if n in ref]
+    assert sum(len(got[n]) for n in verified) > 40  # draft positions ran as decode rows too, not only plain steps
+    for n in verified:  # a rejected draft token gives its row other logits: the closest row is the accepted one
+        diff = min((g - ref[n][0]).abs().max().item() for g in got[n])
+        assert diff < 1e-4, f"position {n - 1}: verify logits differ from decode by {diff}"
+
+
+def test_decode_graphs_hold_every_verify_row():
+    """With speculation on, a verify step at max_num_seqs needs (1 + k) rows per sequence in one decode graph;
+    the cap still holds."""
+    from types import SimpleNamespace
+
+    from onecard.engine.model_runner import graph_batch_sizes, graph_max_batch
+
+    cfg = SimpleNamespace(max_num_seqs=3, num_speculative_tokens=4, cuda_graph_max_batch=256)
+    assert graph_max_batch(cfg) == 15 and graph_batch_sizes(graph_max_batch(cfg))[-1] == 15
+    assert graph_max_batch(SimpleNamespace(max_num_seqs=3, num_speculative_tokens=0, cuda_graph_max_batch=256)) == 3
+    assert graph_max_batch(SimpleNamespace(max_num_seqs=256, num_speculative_tokens=4, cuda_graph_max_batch=256)) == 256

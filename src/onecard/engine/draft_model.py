@@ -26,7 +26,7 @@ import logging
 import torch
 
 from onecard.engine.config import EngineConfig
-from onecard.engine.model_runner import ModelRunner
+from onecard.engine.model_runner import DecodeRow, ModelRunner
 from onecard.engine.sequence import Sequence
 from onecard.errors import BadInputError, UnsupportedModelError
 from onecard.models import SUPPORTED_ARCHITECTURES, open_model_folder
@@ -48,18 +48,6 @@ class _Chunk:
         return self.length
 
 
-class _Step:
-    """One draft decode row, shaped as ``ModelRunner.prepare_decode`` reads it: ``last_token`` at ``length - 1``."""
-
-    __slots__ = ("last_token", "length", "block_table")
-
-    def __init__(self, last_token: int, length: int, block_table: list[int]) -> None:
-        self.last_token, self.length, self.block_table = last_token, length, block_table
-
-    def __len__(self) -> int:
-        return self.length
-
-
 class DraftProposer:
     """Greedy k-token proposals from the draft model for a decode batch (``Scheduler(propose=...)``)."""
 
@@ -76,7 +64,7 @@ class DraftProposer:
         self._catch_up([seqs[i] for i in active])
         drafts: list[list[int]] = [[] for _ in seqs]
         while active:
-            rows = [_Step(drafts[i][-1] if drafts[i] else seqs[i].last_token, len(seqs[i]) + len(drafts[i]),
+            rows = [DecodeRow(drafts[i][-1] if drafts[i] else seqs[i].last_token, len(seqs[i]) + len(drafts[i]),
                           seqs[i].block_table) for i in active]
             tokens = self.runner.decode_logits(rows).argmax(-1).tolist()
             self.num_draft_steps += 1
@@ -149,6 +137,7 @@ def load_draft(config: EngineConfig, target_folder, target_tokenizer, dtype: tor
 
 def build_proposer(draft: LlamaModel, config: EngineConfig, target: ModelRunner) -> DraftProposer:
     """The draft's runner: a cache of the target's block count (its blocks mirror the target's), decode graphs."""
+    # the draft decodes one row per sequence: its graphs need not hold the target's verify rows
     draft_config = dataclasses.replace(config, model=config.speculative_model, num_kv_blocks=target.num_blocks,
-                                       offload_layers=0)
+                                       offload_layers=0, speculative_model=None, num_speculative_tokens=0)
     return DraftProposer(ModelRunner(draft, draft_config, target.device), config.max_num_batched_tokens)

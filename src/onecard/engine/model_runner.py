@@ -9,6 +9,8 @@ host syncs until the sampled tokens come back. ``launch_decode`` does not even
 wait for those: a decode row may take its input token straight from the
 previous step's sample on the device (``prev_rows``), so the host can prepare
 step t+1 while the GPU still runs step t (async scheduling, ``llm_engine.py``).
+A speculative verify step is a decode step too: each sequence's ``[last token,
+*draft]`` become k + 1 rows of the same graphs (``verify``).
 """
 
 from __future__ import annotations
@@ -66,6 +68,25 @@ def cuda_graph_workspace_bytes(batch_sizes: list[int], vocab_size: int, hidden_s
     pool = max_bs * hidden_size * 16 * elem_bytes
     sampler = max_bs * vocab_size * 4 * 3  # float logits + sorted values + indices (int64 counted as two floats)
     return outputs + pool + sampler
+
+
+def graph_max_batch(config: EngineConfig) -> int:
+    """Rows the largest captured decode graph holds: a speculative step verifies ``1 + num_speculative_tokens``
+    rows per sequence through the same graphs (``ModelRunner.verify``)."""
+    return min(config.max_num_seqs * (1 + config.num_speculative_tokens), config.cuda_graph_max_batch)
+
+
+class DecodeRow:
+    """One decode row that is not a whole sequence (a verify step's draft position, a draft model's guess), shaped
+    as ``prepare_decode`` reads it: ``last_token`` at position ``length - 1`` of ``block_table``."""
+
+    __slots__ = ("last_token", "length", "block_table")
+
+    def __init__(self, last_token: int, length: int, block_table: list[int]) -> None:
+        self.last_token, self.length, self.block_table = last_token, length, block_table
+
+    def __len__(self) -> int:
+        return self.length
 
 
 @dataclass
@@ -185,7 +206,7 @@ class ModelRunner:
         torch.cuda.empty_cache()  # the profile's activations come back as headroom below, not as reserved bytes
         free, card_total = torch.cuda.mem_get_info(self.device)
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        max_bs = min(cfg.max_num_seqs, cfg.cuda_graph_max_batch)
+        max_bs = graph_max_batch(cfg)
         plan = plan_kv_cache(
             card_bytes=card_total, cap_fraction=torch.cuda.get_per_process_memory_fraction(index),
             reserved_bytes=torch.cuda.memory_reserved(self.device), free_bytes=free,
@@ -316,30 +337,22 @@ class ModelRunner:
 
     @torch.no_grad()
     def verify(self, seqs: list[Sequence]) -> list[list[int]]:
-        """Speculative decode step (greedy): one forward over ``[last token, *draft]`` per sequence through the
-        prefix-attention path; returns the tokens each sequence keeps (accepted draft prefix + one model token)."""
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        seq_lens: list[int] = []
-        bs = self.block_size
-        for seq in seqs:
-            toks = [seq.last_token, *seq.draft_tokens]
-            start = len(seq) - 1
-            ids.extend(toks)
-            for p in range(start, start + len(toks)):
-                positions.append(p)
-                slots.append(seq.block_table[p // bs] * bs + p % bs)
-            seq_lens.append(len(toks))
-        width = max(len(s.block_table) for s in seqs)
-        meta = AttentionMetadata(True, self._to_device(slots, torch.long), seq_lens=seq_lens,
-                                 decode_attention=self.decode_attention, prefix_lens=[len(s) - 1 for s in seqs],
-                                 block_tables=self._to_device([s.block_table + [0] * (width - len(s.block_table))
-                                                               for s in seqs], torch.int32))
-        hidden = self.model(self._to_device(ids, torch.long), self._to_device(positions, torch.long), meta)
-        targets = self.model.compute_logits(hidden).float().argmax(-1).tolist()
+        """Speculative decode step (greedy): ``[last token, *draft]`` of each sequence run as decode rows, row i at
+        position ``len - 1 + i`` attending to ``len + i`` cached tokens; returns the tokens each sequence keeps
+        (accepted draft prefix + one model token).
+
+        Every row goes through the decode path (paged decode attention, the decode CUDA graph of the smallest
+        captured size that holds all rows), not the prefill/prefix path: each row's attention is computed exactly
+        as plain decoding computes it for that token, since all rows' keys/values are stored before any row
+        attends and a row sees only the ``len + i`` tokens up to itself. What may still differ from plain
+        decoding is the matmuls' rounding at M = rows instead of M = 1 (cuBLAS may pick another kernel).
+        """
+        rows = [DecodeRow(tok, len(seq) + i, seq.block_table)
+                for seq in seqs for i, tok in enumerate([seq.last_token, *seq.draft_tokens])]
+        targets = self.decode_logits(rows).float().argmax(-1).tolist()  # as the sampler picks greedy tokens
         out, start = [], 0
-        for seq, n in zip(seqs, seq_lens):
+        for seq in seqs:
+            n = 1 + len(seq.draft_tokens)
             out.append(accept_greedy(seq.draft_tokens, targets[start:start + n]))
             start += n
         return out
@@ -399,8 +412,8 @@ class ModelRunner:
 
     @torch.no_grad()
     def capture_cudagraphs(self) -> None:
-        """Capture decode (model + lm_head) for batch sizes 1, 2, 4, 8, 16, 32, ... up to max_num_seqs."""
-        max_bs = min(self.config.max_num_seqs, self.config.cuda_graph_max_batch)
+        """Capture decode (model + lm_head) for batch sizes 1, 2, 4, 8, 16, 32, ... up to ``graph_max_batch``."""
+        max_bs = graph_max_batch(self.config)
         sizes = graph_batch_sizes(max_bs)
         self.graph_batch_sizes = sizes
         self.alloc_static_inputs(max_bs)

@@ -15,15 +15,21 @@ from onecard.engine.sequence import Sequence
 
 def propose_ngram(token_ids: list[int], ngram_size: int, num_tokens: int) -> list[int]:
     """Up to ``num_tokens`` tokens that followed the most recent earlier match of the longest suffix n-gram
-    (``ngram_size`` down to 1); [] when nothing matches."""
-    if num_tokens <= 0:
+    (``ngram_size`` down to 1); [] when nothing matches.
+
+    Runs on the host every decode step, so it first lists the earlier positions of the last token (one cheap
+    pass) and compares whole n-grams only there: at 900 tokens of context ~75 us instead of ~800 us for slicing
+    at every position (measured on a busy CPU), which is as long as a bs=1 decode step of a ~1B model."""
+    if num_tokens <= 0 or len(token_ids) < 2:
         return []
     L = len(token_ids)
+    last = token_ids[-1]
+    ends = [i for i, t in enumerate(token_ids[:-1]) if t == last]  # where an earlier match could end
     for n in range(min(ngram_size, L - 1), 0, -1):
         pattern = token_ids[L - n:]
-        for start in range(L - n - 1, -1, -1):  # most recent earlier occurrence first
-            if token_ids[start:start + n] == pattern:
-                return token_ids[start + n:start + n + num_tokens]
+        for end in reversed(ends):  # most recent earlier occurrence first
+            if end >= n - 1 and token_ids[end - n + 1:end + 1] == pattern:
+                return token_ids[end + 1:end + 1 + num_tokens]
     return []
 
 
