@@ -123,3 +123,17 @@ def test_concat_linear_splits_rows_among_its_parts():
     keep_out_features_(cat, rows)
     assert [p.out_features for p in cat.parts] == [16, 8, 8]
     torch.testing.assert_close(cat(x), full[:, rows], rtol=0, atol=0)
+
+
+def test_act_order_gptq_folder_is_refused_when_its_groups_mix_ranks(tmp_path):
+    from onecard.dist.tp import shard_model_
+    from onecard.quant import QuantConfig, load_quantized_model, quantize_model_folder
+    from onecard.testing import make_random_checkpoint
+
+    src = make_random_checkpoint("llama-2-7b", "tiny")
+    cfg = QuantConfig("gptq", 4, 32, act_order=True, nsamples=2, seqlen=32)
+    out = quantize_model_folder(src, tmp_path / "g", cfg, progress=False).out_dir
+    model = load_quantized_model(out, torch.float32, "cpu")
+    assert model.layers[0].self_attn.o_proj.perm is not None
+    with pytest.raises(BadInputError, match="act-order"):
+        shard_model_(model, 0, TP)
