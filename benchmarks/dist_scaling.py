@@ -20,6 +20,8 @@ Parts (pick with --part; each fits a 10-minute call on a 2-GPU host):
   PYTHONPATH=src python benchmarks/dist_scaling.py               # 2x H100, all three parts (estimate ~8 min)
   PYTHONPATH=src python benchmarks/dist_scaling.py --part tp     # 2x H100: ~3 min (+~2 min the first time: the
                                                                  #   26 GB checkpoint is written once, then cached)
+  PYTHONPATH=src python benchmarks/dist_scaling.py --part tp --quantization rtn-int4   # the same, int4 weights
+                                                                 #   (dist_tp_rtn-int4.json; int8 likewise)
   PYTHONPATH=src python benchmarks/dist_scaling.py --smoke       # CPU, gloo, tiny shapes, both parts, temp dir
 
 The fsdp and fit parts run each world size in fresh processes (onecard.dist.launch.spawn: torchrun's variables, NCCL on GPU, gloo
@@ -74,7 +76,7 @@ def _engine_run(folder: str, tp: int, device: str, a) -> dict:
     from onecard.engine import LLM, SamplingParams
 
     llm = LLM(folder, tensor_parallel_size=tp, device=device, max_model_len=a.prompt + a.decode + 16,
-              max_num_seqs=a.batch, enable_prefix_caching=False)  # every timed prompt computes its prefill
+              max_num_seqs=a.batch, enable_prefix_caching=False, quantization=a.quantization)  # every timed prompt computes its prefill
     vocab = llm.engine.vocab_size
     prompts = [torch.randint(3, vocab, (a.prompt,), generator=torch.Generator().manual_seed(i)).tolist()
                for i in range(a.batch)]
@@ -92,7 +94,12 @@ def _engine_run(folder: str, tp: int, device: str, a) -> dict:
     one = timed(prompts[:1], a.decode)
     offline = timed(prompts, a.decode)
     stats = llm.stats()
-    weight_gib = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters()) / 2**30
+    from onecard.quant.linear import QuantLinear
+
+    model = llm.engine.runner.model
+    weight_gib = (sum(p.numel() * p.element_size() for p in model.parameters())
+                  + sum(m.weight_bytes() for m in model.modules() if isinstance(m, QuantLinear))) / 2**30
+    model = None
     if tp > 1:
         llm.engine.runner.close()
     llm = None  # free the engine (a closure above holds the name)
@@ -113,6 +120,7 @@ def part_tp(a, out_dir: Path, scratch: Path) -> dict:
                  gpu_benchmark_checkpoint("llama-2-13b", console))
     res = {tp: _engine_run(folder, tp, device, a) for tp in (1, 2)}
     data = {"arch": "llama-2-13b" + (" (tiny)" if a.smoke else ""), "dtype": "fp32" if a.smoke else "bf16",
+            "quantization": a.quantization,
             "engine": "onecard LLM(tensor_parallel_size=N)", "prompt_tokens": a.prompt, "decode_tokens": a.decode,
             "offline_batch": a.batch, "cuda_graphs": bool(res[2]["cuda_graphs"])}
     for tp, r in res.items():
@@ -120,7 +128,8 @@ def part_tp(a, out_dir: Path, scratch: Path) -> dict:
     bs1 = res[2]["bs1_decode_tokens_per_s"] / res[1]["bs1_decode_tokens_per_s"]
     off = res[2]["offline_tokens_per_s"] / res[1]["offline_tokens_per_s"]
     data.update({"tp2_speedup_bs1_decode": bs1, "tp2_speedup_offline": off, "target_bs1_speedup": 1.6})
-    t = Table(title=f"LLM tensor parallel, {data['arch']} {data['dtype']}, prompt {a.prompt}, {gpu_name()}")
+    t = Table(title=f"LLM tensor parallel, {data['arch']} {a.quantization or data['dtype']}, prompt {a.prompt}, "
+                    f"{gpu_name()}")
     for c in ("metric", "TP=1", "TP=2", "speedup"):
         t.add_column(c, justify="right")
     t.add_row("bs=1 decode tok/s", f"{res[1]['bs1_decode_tokens_per_s']:,.1f}",
@@ -129,7 +138,7 @@ def part_tp(a, out_dir: Path, scratch: Path) -> dict:
               f"{res[2]['offline_tokens_per_s']:,.1f}", f"{off:.2f}x")
     t.add_row("weights GiB (rank 0)", f"{res[1]['weight_gib_rank0']:.1f}", f"{res[2]['weight_gib_rank0']:.1f}", "")
     console.print(t)
-    _chart(out_dir, "dist_tp", "LLM TP=2 vs TP=1 tok/s", ["bs=1 decode", f"offline bs={a.batch}"],
+    _chart(out_dir, _result_name("tp", a), f"LLM TP=2 vs TP=1 tok/s{f' ({a.quantization})' if a.quantization else ''}", ["bs=1 decode", f"offline bs={a.batch}"],
            {f"TP={tp}": [res[tp]["bs1_decode_tokens_per_s"], res[tp]["offline_tokens_per_s"]] for tp in (1, 2)})
     return data
 
@@ -260,6 +269,11 @@ def _chart(out_dir: Path, name: str, title: str, groups: list[str], series: dict
     plt.close(fig)
 
 
+def _result_name(part: str, a) -> str:
+    """dist_tp, dist_fsdp, dist_fit; a quantized TP run is dist_tp_<quantization> beside the bf16 one."""
+    return f"dist_{part}" + (f"_{a.quantization}" if part == "tp" and a.quantization else "")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=("tp", "fsdp", "fit", "all"), default="all")
@@ -268,6 +282,8 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=None, help="TP: prompt tokens (default 512; smoke 16)")
     p.add_argument("--decode", type=int, default=None, help="TP: tokens generated per request (default 128; smoke 8)")
     p.add_argument("--batch", type=int, default=None, help="TP: offline batch besides 1 (default 32; smoke 4)")
+    p.add_argument("--quantization", choices=("int8", "rtn-int4", "rtn-int4-g64", "rtn-int4-g32"), default=None,
+                   help="TP: quantize on load (both TP=1 and TP=2; each rank quantizes, then keeps its shard)")
     p.add_argument("--seq", type=int, default=None, help="FSDP: tokens per row (default 2048; smoke 32)")
     p.add_argument("--rows", type=int, default=1, help="FSDP: rows per GPU per step")
     p.add_argument("--steps", type=int, default=None, help="FSDP: timed steps after 2 warm-up (default 6; smoke 2)")
@@ -288,7 +304,7 @@ def main() -> None:
         for part, fn in (("tp", part_tp), ("fsdp", part_fsdp), ("fit", part_fit)):
             if a.part in (part, "all"):
                 data = fn(a, out_dir, Path(scratch))
-                console.print(f"wrote {write_result(f'dist_{part}', data, out_dir)}")  # each part as it ends
+                console.print(f"wrote {write_result(_result_name(part, a), data, out_dir)}")  # each part as it ends
 
 
 if __name__ == "__main__":
