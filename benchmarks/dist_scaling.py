@@ -22,6 +22,7 @@ Parts (pick with --part; each fits a 10-minute call on a 2-GPU host):
                                                                  #   26 GB checkpoint is written once, then cached)
   PYTHONPATH=src python benchmarks/dist_scaling.py --part tp --quantization rtn-int4   # the same, int4 weights
                                                                  #   (dist_tp_rtn-int4.json; int8 likewise)
+  PYTHONPATH=src python benchmarks/dist_scaling.py --part fsdp-qlora   # 2x H100: QLoRA (int4 base sharded) 2 vs 1
   PYTHONPATH=src python benchmarks/dist_scaling.py --smoke       # CPU, gloo, tiny shapes, both parts, temp dir
 
 The fsdp and fit parts run each world size in fresh processes (onecard.dist.launch.spawn: torchrun's variables, NCCL on GPU, gloo
@@ -162,7 +163,11 @@ def _fsdp_worker(cfg: dict, method: str, rows: int, seq: int, steps: int, out: s
         model = AutoModelForCausalLM.from_config(conf, dtype=torch.bfloat16 if base_bf16 and on_gpu else torch.float32,
                                                  attn_implementation="sdpa")
     enable_checkpointing(model)
-    if method == "lora":
+    if method == "qlora":  # int4 base (sharded by shard_for_training_ like any weight), LoRA in fp32
+        from onecard.train.qlora import quantize_model_int4
+
+        quantize_model_int4(model, 64, torch.bfloat16 if on_gpu else torch.float32)
+    if method in ("lora", "qlora"):
         model.requires_grad_(False)
         model = add_lora(model, r=16, alpha=32, seed=0)
     model.train()
@@ -187,7 +192,8 @@ def _fsdp_worker(cfg: dict, method: str, rows: int, seq: int, steps: int, out: s
                                          "peak_gib": _peak_gib(device), "losses": losses}))
 
 
-def part_fsdp(a, out_dir: Path, scratch: Path) -> dict:
+def part_fsdp(a, out_dir: Path, scratch: Path, methods: tuple[str, ...] = ("lora", "full"),
+              name: str = "dist_fsdp") -> dict:
     data = {"arch": "llama-3-8b" + (" (tiny)" if a.smoke else ""), "seq_len": a.seq, "rows_per_gpu": a.rows,
             "measured_steps": a.steps, "compute_dtype": "fp32" if a.smoke else "bf16 (fp32 master weights)",
             "full_num_layers": a.full_layers or _arch("llama-3-8b", a.smoke)["num_hidden_layers"]}
@@ -195,7 +201,7 @@ def part_fsdp(a, out_dir: Path, scratch: Path) -> dict:
     for c in ("method", "1 GPU tok/s", "2 GPU tok/s", "scaling", "efficiency", "1 GPU peak GiB", "2 GPU peak GiB"):
         t.add_column(c, justify="right")
     series = {}
-    for method in ("lora", "full"):
+    for method in methods:
         cfg = _arch("llama-3-8b", a.smoke, a.full_layers if method == "full" else None)
         res = {}
         for world in (1, 2):
@@ -214,8 +220,13 @@ def part_fsdp(a, out_dir: Path, scratch: Path) -> dict:
         series[method] = [res[1]["tokens_per_s"], res[2]["tokens_per_s"]]
     console.print(t)
     data["target_scaling"] = 1.8
-    _chart(out_dir, "dist_fsdp", "FSDP2 training tokens/s", ["1 GPU", "2 GPUs"], series)
+    _chart(out_dir, name, "FSDP2 training tokens/s", ["1 GPU", "2 GPUs"], series)
     return data
+
+
+def part_fsdp_qlora(a, out_dir: Path, scratch: Path) -> dict:
+    """The fsdp part for QLoRA (int4 base g64 + LoRA r=16): its own JSON, dist_fsdp_qlora."""
+    return part_fsdp(a, out_dir, scratch, ("qlora",), "dist_fsdp_qlora")
 
 
 def part_fit(a, out_dir: Path, scratch: Path) -> dict:
@@ -271,12 +282,13 @@ def _chart(out_dir: Path, name: str, title: str, groups: list[str], series: dict
 
 def _result_name(part: str, a) -> str:
     """dist_tp, dist_fsdp, dist_fit; a quantized TP run is dist_tp_<quantization> beside the bf16 one."""
-    return f"dist_{part}" + (f"_{a.quantization}" if part == "tp" and a.quantization else "")
+    return f"dist_{part.replace('-', '_')}" + (f"_{a.quantization}" if part == "tp" and a.quantization else "")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=("tp", "fsdp", "fit", "all"), default="all")
+    p.add_argument("--part", choices=("tp", "fsdp", "fsdp-qlora", "fit", "all"), default="all",
+                   help="all = tp, fsdp, fit (fsdp-qlora runs only when named)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU with gloo; results to a temp dir")
     p.add_argument("--out", type=Path, help="results folder (default docs/results; --smoke: a temp dir)")
     p.add_argument("--prompt", type=int, default=None, help="TP: prompt tokens (default 512; smoke 16)")
@@ -301,8 +313,8 @@ def main() -> None:
     a.full_layers = a.full_layers if a.full_layers is not None else (None if smoke else 8)
     out_dir = a.out or (Path(tempfile.mkdtemp(prefix="dist_smoke_")) if smoke else None)
     with tempfile.TemporaryDirectory() as scratch:
-        for part, fn in (("tp", part_tp), ("fsdp", part_fsdp), ("fit", part_fit)):
-            if a.part in (part, "all"):
+        for part, fn in (("tp", part_tp), ("fsdp", part_fsdp), ("fsdp-qlora", part_fsdp_qlora), ("fit", part_fit)):
+            if a.part == part or (a.part == "all" and part != "fsdp-qlora"):
                 data = fn(a, out_dir, Path(scratch))
                 console.print(f"wrote {write_result(_result_name(part, a), data, out_dir)}")  # each part as it ends
 
