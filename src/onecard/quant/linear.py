@@ -178,10 +178,10 @@ class QuantLinear(nn.Module):
                 raise BadInputError(f"this act-order (desc_act) layer's quantization groups mix input features that "
                                     f"belong to different GPUs; requantize without --act-order, or run it with "
                                     "tensor_parallel_size=1")
-            raise BadInputError(f"cannot split {K} input features into {K // length} GPUs' slices of {length}: "
-                                f"{length} is not a multiple of the group size {self.group_size if groups > 1 else per}; "
-                                "quantize with a group size that divides it (e.g. 64 or 32), or lower "
-                                "tensor_parallel_size")
+            unit_text = f"the group size {self.group_size}" if groups > 1 else f"{per} (codes per packed word)"
+            raise BadInputError(f"cannot split {K} input features into {K // length} GPUs' slices of {length} "
+                                f"starting at {start}: not a multiple of {unit_text}; quantize with a group size "
+                                "that divides the slice (e.g. 64 or 32), or lower tensor_parallel_size")
         self.qweight = self.qweight.index_select(0, pos[::per] // per).contiguous()
         if groups > 1:
             kept_groups = pos[::self.group_size] // self.group_size
