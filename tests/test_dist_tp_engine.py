@@ -106,3 +106,23 @@ def test_dead_worker_is_a_one_line_error():
     assert time.monotonic() - t0 < 30 and "\n" not in str(err.value)
     llm.engine.runner.close()
     assert not torch.distributed.is_initialized()  # the group is left: the next TP engine can start here
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("quantization", ["int8", "rtn-int4-g32"])
+def test_tp2_quantized_on_cuda_generates_the_single_gpu_tokens(quantization):
+    """On GPUs the shards run our Triton int8/int4 kernels, with NCCL all-reduces inside each rank's CUDA graphs
+    (fp32 activations, so a different summation order cannot flip a greedy token of the random model)."""
+    folder = make_random_checkpoint("llama-3.1-8b", "tiny", overrides={"num_key_value_heads": 2})
+    gpu = {**ENGINE, "device": "cuda", "dtype": "float32", "gpu_memory_utilization": 0.3}
+    one = LLM(folder, quantization=quantization, **gpu)
+    ref = _generate(one)
+    del one
+    gc.collect()
+    torch.cuda.empty_cache()
+    llm = LLM(folder, quantization=quantization, tensor_parallel_size=2, **gpu)
+    assert llm.stats()["cuda_graphs"]
+    assert type(llm.engine.runner.model.layers[0].mlp.down_proj.linear).__name__ == "QuantLinear"
+    assert _generate(llm) == ref
+    llm.engine.runner.close()
