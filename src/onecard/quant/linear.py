@@ -175,8 +175,8 @@ class QuantLinear(nn.Module):
         size = torch.bincount(torch.arange(K, device=dev) // unit)  # the last group may be short
         if bool(((kept != 0) & (kept != size)).any()) or pos.numel() != length:
             if self.perm is not None:
-                raise BadInputError(f"this act-order (desc_act) layer's quantization groups mix input features that "
-                                    f"belong to different GPUs; requantize without --act-order, or run it with "
+                raise BadInputError("this act-order (desc_act) layer's quantization groups mix input features that "
+                                    "belong to different GPUs; requantize without --act-order, or run it with "
                                     "tensor_parallel_size=1")
             unit_text = f"the group size {self.group_size}" if groups > 1 else f"{per} (codes per packed word)"
             raise BadInputError(f"cannot split {K} input features into {K // length} GPUs' slices of {length} "
