@@ -20,6 +20,9 @@ Parts (pick with --part; each fits a 10-minute call on a 2-GPU host):
   PYTHONPATH=src python benchmarks/dist_scaling.py               # 2x H100, all three parts (estimate ~8 min)
   PYTHONPATH=src python benchmarks/dist_scaling.py --part tp     # 2x H100: ~3 min (+~2 min the first time: the
                                                                  #   26 GB checkpoint is written once, then cached)
+  PYTHONPATH=src python benchmarks/dist_scaling.py --part tp --quantization rtn-int4   # the same, int4 weights
+                                                                 #   (dist_tp_rtn-int4.json; int8 likewise)
+  PYTHONPATH=src python benchmarks/dist_scaling.py --part fsdp-qlora   # 2x H100: QLoRA (int4 base sharded) 2 vs 1
   PYTHONPATH=src python benchmarks/dist_scaling.py --smoke       # CPU, gloo, tiny shapes, both parts, temp dir
 
 The fsdp and fit parts run each world size in fresh processes (onecard.dist.launch.spawn: torchrun's variables, NCCL on GPU, gloo
@@ -74,7 +77,7 @@ def _engine_run(folder: str, tp: int, device: str, a) -> dict:
     from onecard.engine import LLM, SamplingParams
 
     llm = LLM(folder, tensor_parallel_size=tp, device=device, max_model_len=a.prompt + a.decode + 16,
-              max_num_seqs=a.batch, enable_prefix_caching=False)  # every timed prompt computes its prefill
+              max_num_seqs=a.batch, enable_prefix_caching=False, quantization=a.quantization)  # every timed prompt computes its prefill
     vocab = llm.engine.vocab_size
     prompts = [torch.randint(3, vocab, (a.prompt,), generator=torch.Generator().manual_seed(i)).tolist()
                for i in range(a.batch)]
@@ -92,7 +95,12 @@ def _engine_run(folder: str, tp: int, device: str, a) -> dict:
     one = timed(prompts[:1], a.decode)
     offline = timed(prompts, a.decode)
     stats = llm.stats()
-    weight_gib = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters()) / 2**30
+    from onecard.quant.linear import QuantLinear
+
+    model = llm.engine.runner.model
+    weight_gib = (sum(p.numel() * p.element_size() for p in model.parameters())
+                  + sum(m.weight_bytes() for m in model.modules() if isinstance(m, QuantLinear))) / 2**30
+    model = None
     if tp > 1:
         llm.engine.runner.close()
     llm = None  # free the engine (a closure above holds the name)
@@ -118,6 +126,7 @@ def part_tp(a, out_dir: Path, scratch: Path) -> dict:
         console.print(f"TP={tp}: {res[tp]['bs1_decode_tokens_per_s']:.1f} tok/s at bs=1 "
                       f"({time.perf_counter() - t0:.0f} s)")
     data = {"arch": "llama-2-13b" + (" (tiny)" if a.smoke else ""), "dtype": "fp32" if a.smoke else "bf16",
+            "quantization": a.quantization,
             "engine": "onecard LLM(tensor_parallel_size=N)", "prompt_tokens": a.prompt, "decode_tokens": a.decode,
             "offline_batch": a.batch, "cuda_graphs": bool(res[2]["cuda_graphs"])}
     for tp, r in res.items():
@@ -125,7 +134,8 @@ def part_tp(a, out_dir: Path, scratch: Path) -> dict:
     bs1 = res[2]["bs1_decode_tokens_per_s"] / res[1]["bs1_decode_tokens_per_s"]
     off = res[2]["offline_tokens_per_s"] / res[1]["offline_tokens_per_s"]
     data.update({"tp2_speedup_bs1_decode": bs1, "tp2_speedup_offline": off, "target_bs1_speedup": 1.6})
-    t = Table(title=f"LLM tensor parallel, {data['arch']} {data['dtype']}, prompt {a.prompt}, {gpu_name()}")
+    t = Table(title=f"LLM tensor parallel, {data['arch']} {a.quantization or data['dtype']}, prompt {a.prompt}, "
+                    f"{gpu_name()}")
     for c in ("metric", "TP=1", "TP=2", "speedup"):
         t.add_column(c, justify="right")
     t.add_row("bs=1 decode tok/s", f"{res[1]['bs1_decode_tokens_per_s']:,.1f}",
@@ -134,7 +144,7 @@ def part_tp(a, out_dir: Path, scratch: Path) -> dict:
               f"{res[2]['offline_tokens_per_s']:,.1f}", f"{off:.2f}x")
     t.add_row("weights GiB (rank 0)", f"{res[1]['weight_gib_rank0']:.1f}", f"{res[2]['weight_gib_rank0']:.1f}", "")
     console.print(t)
-    _chart(out_dir, "dist_tp", "LLM TP=2 vs TP=1 tok/s", ["bs=1 decode", f"offline bs={a.batch}"],
+    _chart(out_dir, _result_name("tp", a), f"LLM TP=2 vs TP=1 tok/s{f' ({a.quantization})' if a.quantization else ''}", ["bs=1 decode", f"offline bs={a.batch}"],
            {f"TP={tp}": [res[tp]["bs1_decode_tokens_per_s"], res[tp]["offline_tokens_per_s"]] for tp in (1, 2)})
     return data
 
@@ -158,7 +168,11 @@ def _fsdp_worker(cfg: dict, method: str, rows: int, seq: int, steps: int, out: s
         model = AutoModelForCausalLM.from_config(conf, dtype=torch.bfloat16 if base_bf16 and on_gpu else torch.float32,
                                                  attn_implementation="sdpa")
     enable_checkpointing(model)
-    if method == "lora":
+    if method == "qlora":  # int4 base (sharded by shard_for_training_ like any weight), LoRA in fp32
+        from onecard.train.qlora import quantize_model_int4
+
+        quantize_model_int4(model, 64, torch.bfloat16 if on_gpu else torch.float32)
+    if method in ("lora", "qlora"):
         model.requires_grad_(False)
         model = add_lora(model, r=16, alpha=32, seed=0)
     model.train()
@@ -183,7 +197,8 @@ def _fsdp_worker(cfg: dict, method: str, rows: int, seq: int, steps: int, out: s
                                          "peak_gib": _peak_gib(device), "losses": losses}))
 
 
-def part_fsdp(a, out_dir: Path, scratch: Path) -> dict:
+def part_fsdp(a, out_dir: Path, scratch: Path, methods: tuple[str, ...] = ("lora", "full"),
+              name: str = "dist_fsdp") -> dict:
     data = {"arch": "llama-3-8b" + (" (tiny)" if a.smoke else ""), "seq_len": a.seq, "rows_per_gpu": a.rows,
             "measured_steps": a.steps, "compute_dtype": "fp32" if a.smoke else "bf16 (fp32 master weights)",
             "full_num_layers": a.full_layers or _arch("llama-3-8b", a.smoke)["num_hidden_layers"]}
@@ -191,7 +206,7 @@ def part_fsdp(a, out_dir: Path, scratch: Path) -> dict:
     for c in ("method", "1 GPU tok/s", "2 GPU tok/s", "scaling", "efficiency", "1 GPU peak GiB", "2 GPU peak GiB"):
         t.add_column(c, justify="right")
     series = {}
-    for method in ("lora", "full"):
+    for method in methods:
         cfg = _arch("llama-3-8b", a.smoke, a.full_layers if method == "full" else None)
         res = {}
         for world in (1, 2):
@@ -210,8 +225,13 @@ def part_fsdp(a, out_dir: Path, scratch: Path) -> dict:
         series[method] = [res[1]["tokens_per_s"], res[2]["tokens_per_s"]]
     console.print(t)
     data["target_scaling"] = 1.8
-    _chart(out_dir, "dist_fsdp", "FSDP2 training tokens/s", ["1 GPU", "2 GPUs"], series)
+    _chart(out_dir, name, "FSDP2 training tokens/s", ["1 GPU", "2 GPUs"], series)
     return data
+
+
+def part_fsdp_qlora(a, out_dir: Path, scratch: Path) -> dict:
+    """The fsdp part for QLoRA (int4 base g64 + LoRA r=16): its own JSON, dist_fsdp_qlora."""
+    return part_fsdp(a, out_dir, scratch, ("qlora",), "dist_fsdp_qlora")
 
 
 def part_fit(a, out_dir: Path, scratch: Path) -> dict:
@@ -265,14 +285,22 @@ def _chart(out_dir: Path, name: str, title: str, groups: list[str], series: dict
     plt.close(fig)
 
 
+def _result_name(part: str, a) -> str:
+    """dist_tp, dist_fsdp, dist_fit; a quantized TP run is dist_tp_<quantization> beside the bf16 one."""
+    return f"dist_{part.replace('-', '_')}" + (f"_{a.quantization}" if part == "tp" and a.quantization else "")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=("tp", "fsdp", "fit", "all"), default="all")
+    p.add_argument("--part", choices=("tp", "fsdp", "fsdp-qlora", "fit", "all"), default="all",
+                   help="all = tp, fsdp, fit (fsdp-qlora runs only when named)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU with gloo; results to a temp dir")
     p.add_argument("--out", type=Path, help="results folder (default docs/results; --smoke: a temp dir)")
     p.add_argument("--prompt", type=int, default=None, help="TP: prompt tokens (default 512; smoke 16)")
     p.add_argument("--decode", type=int, default=None, help="TP: tokens generated per request (default 128; smoke 8)")
     p.add_argument("--batch", type=int, default=None, help="TP: offline batch besides 1 (default 32; smoke 4)")
+    p.add_argument("--quantization", choices=("int8", "rtn-int4", "rtn-int4-g64", "rtn-int4-g32"), default=None,
+                   help="TP: quantize on load (both TP=1 and TP=2; each rank quantizes, then keeps its shard)")
     p.add_argument("--seq", type=int, default=None, help="FSDP: tokens per row (default 2048; smoke 32)")
     p.add_argument("--rows", type=int, default=1, help="FSDP: rows per GPU per step")
     p.add_argument("--steps", type=int, default=None, help="FSDP: timed steps after 2 warm-up (default 6; smoke 2)")
@@ -290,10 +318,10 @@ def main() -> None:
     a.full_layers = a.full_layers if a.full_layers is not None else (None if smoke else 8)
     out_dir = a.out or (Path(tempfile.mkdtemp(prefix="dist_smoke_")) if smoke else None)
     with tempfile.TemporaryDirectory() as scratch:
-        for part, fn in (("tp", part_tp), ("fsdp", part_fsdp), ("fit", part_fit)):
-            if a.part in (part, "all"):
+        for part, fn in (("tp", part_tp), ("fsdp", part_fsdp), ("fsdp-qlora", part_fsdp_qlora), ("fit", part_fit)):
+            if a.part == part or (a.part == "all" and part != "fsdp-qlora"):
                 data = fn(a, out_dir, Path(scratch))
-                console.print(f"wrote {write_result(f'dist_{part}', data, out_dir)}")  # each part as it ends
+                console.print(f"wrote {write_result(_result_name(part, a), data, out_dir)}")  # each part as it ends
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""FSDP2 on CPU (gloo, 2 processes): same losses as one process on the same global batch; DCP checkpoints
-saved by 2 processes load in 1 with identical weights."""
+"""FSDP2 on CPU (gloo, 2 processes): same losses as one process on the same global batch (full, LoRA, and QLoRA with
+its int4 base sharded too); DCP checkpoints saved by 2 processes load in 1 with identical weights."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from onecard.errors import BadInputError, ModelFolderError
 from onecard.testing import make_random_checkpoint
 
 STEPS, ROWS, SEQ, LR = 3, 4, 32, 1e-3
-METHODS = ("full", "lora")
+METHODS = ("full", "lora", "qlora")
+QLORA_GROUP = 32
 
 
 def _model(folder: str, method: str):
@@ -23,7 +24,11 @@ def _model(folder: str, method: str):
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model.config.use_cache = False
     enable_checkpointing(model)  # onecard's (non-reentrant) activation checkpointing composes with FSDP2
-    if method == "lora":
+    if method == "qlora":  # int4 base (fp32 compute on CPU), as `onecard train --method qlora` builds it
+        from onecard.train.qlora import quantize_model_int4
+
+        quantize_model_int4(model, QLORA_GROUP, torch.float32)
+    if method in ("lora", "qlora"):
         model.requires_grad_(False)
         model = add_lora(model, r=4, alpha=8, seed=0)
     return model.train()
@@ -53,6 +58,12 @@ def _fsdp_worker(folder: str, out_dir: str) -> None:
         save_sharded(f"{out_dir}/{method}-dcp", model, opt)
         full = full_state_dict(model)
         result[method] = {"losses": losses, "state": full}
+        if method == "qlora":  # what this rank holds of the first int4 linear (a DTensor shard, not a buffer)
+            from onecard.train.qlora import Int4Linear
+
+            q = next(m for m in model.modules() if isinstance(m, Int4Linear))
+            result[method]["int4_local"] = (type(q.qweight).__name__, tuple(q.qweight.to_local().shape),
+                                            tuple(q.scales.to_local().shape), q.out_features)
     if env.rank == 0:
         torch.save(result, f"{out_dir}/result.pt")
 
@@ -84,6 +95,12 @@ def test_fsdp2_losses_match_one_process(method, fsdp_run):
         diff = (t - state[name]).abs()
         assert diff.max().item() <= 2 * LR * STEPS, (name, diff.max().item())
         assert (diff > 1e-5).float().mean().item() < 0.01, (name, (diff > 1e-5).float().mean().item())
+
+
+def test_qlora_int4_base_is_sharded(fsdp_run):
+    kind, qweight, scales, out_features = fsdp_run[2]["qlora"]["int4_local"]
+    assert kind == "DTensor"
+    assert qweight[0] == scales[0] == out_features // 2  # rank 0's half of the output rows: codes and their scales
 
 
 @pytest.mark.parametrize("method", METHODS)

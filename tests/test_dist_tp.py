@@ -1,4 +1,5 @@
-"""Tensor parallelism on CPU: 2 gloo processes give the single-process logits (prefill and paged decode)."""
+"""Tensor parallelism on CPU: 2 gloo processes give the single-process logits (prefill and paged decode), for bf16-layout
+models and for quantized ones (int8, RTN int4, GPTQ and AWQ folders), which are quantized first and then sliced."""
 
 from __future__ import annotations
 
@@ -35,7 +36,19 @@ def prefill_then_decode(model, ids: torch.Tensor, kv_heads: int) -> torch.Tensor
     return torch.cat(logits)
 
 
-def _tp_worker(cases: list[tuple[str, torch.Tensor]], out: str) -> None:
+def load_case(folder: str, quant: str | None):
+    """The single-GPU model of a case: dense, RTN-quantized on the fly (``quant``), or a GPTQ/AWQ folder."""
+    from onecard.quant import load_quantized_model, load_rtn_model
+
+    f = open_model_folder(folder)
+    if f.quantization_config:
+        return load_quantized_model(f, torch.float32, "cpu")
+    if quant:
+        return load_rtn_model(f, quant, torch.float32, "cpu")
+    return load_model(f, torch.float32, "cpu")
+
+
+def _tp_worker(cases: list[tuple[str, str | None, torch.Tensor]], out: str) -> None:
     import torch.distributed as dist
 
     from onecard.dist.launch import init_distributed
@@ -43,50 +56,71 @@ def _tp_worker(cases: list[tuple[str, torch.Tensor]], out: str) -> None:
 
     env, _ = init_distributed("cpu")
     results = []
-    for folder, ids in cases:  # every case in one spawn: starting processes is the slow part on CI
-        model = load_model(open_model_folder(folder), torch.float32, "cpu")
+    for folder, quant, ids in cases:  # every case in one spawn: starting processes is the slow part on CI
+        model = load_case(folder, quant)
         kv_heads = local_kv_heads(model.args, env.world_size)
         shard_model_(model, env.rank, env.world_size)
         assert model.args.num_kv_heads == kv_heads and model.full_args.num_kv_heads >= kv_heads
         logits = prefill_then_decode(model, ids, model.args.num_kv_heads)
         layer = model.layers[0]
-        results.append({"logits": logits, "shapes": [tuple(layer.self_attn.qkv_proj.weight.shape),
-                                                     tuple(layer.mlp.down_proj.linear.weight.shape)]})
+        qkv, down = layer.self_attn.qkv_proj, layer.mlp.down_proj.linear
+        results.append({"logits": logits, "shapes": [(qkv.out_features, qkv.in_features),
+                                                     (down.out_features, down.in_features)],
+                        "types": [type(qkv).__name__, type(down).__name__]})
     dist.barrier()
     if env.rank == 0:
         torch.save(results, out)
 
 
 CASES = [
-    ("llama-2-7b", None),                                   # MHA: 4 heads, 4 kv heads -> 2 + 2 per rank
-    ("llama-3.1-8b", {"num_key_value_heads": 2}),            # GQA, kv heads sharded (llama3 rope scaling)
-    ("llama-3.1-8b", None),                                  # GQA with 1 kv head: replicated on both ranks
-    ("qwen2-7b", None),                                      # qkv bias
+    ("llama-2-7b", None, None),                               # MHA: 4 heads, 4 kv heads -> 2 + 2 per rank
+    ("llama-3.1-8b", {"num_key_value_heads": 2}, None),       # GQA, kv heads sharded (llama3 rope scaling)
+    ("llama-3.1-8b", None, None),                             # GQA with 1 kv head: replicated on both ranks
+    ("qwen2-7b", None, None),                                 # qkv bias
+    ("llama-2-7b", None, "int8"),                             # per-channel int8: row slices share each row's scale
+    ("llama-3.1-8b", {"num_key_value_heads": 2}, "rtn-int4-g32"),  # int4 groups of 32, kv heads sharded
+    ("qwen2-7b", None, "gptq"),                               # GPTQ folder (RTN 4-bit g32 in GPTQ layout), qkv bias
+    ("llama-2-7b", None, "awq"),                              # AWQ GEMM folder, g32
 ]
+FOLDER_METHODS = {"gptq": "rtn", "awq": "awq"}  # the case's folder format -> the `onecard quantize` method writing it
+
+
+def _case_folder(arch: str, overrides: dict | None, quant: str | None, tmp) -> tuple[str, str | None]:
+    folder = make_random_checkpoint(arch, "tiny", overrides=overrides)
+    if quant not in FOLDER_METHODS:
+        return str(folder), quant
+    from onecard.quant import QuantConfig, quantize_model_folder
+
+    out = tmp.mktemp(quant) / "q"
+    quantize_model_folder(folder, out, QuantConfig(FOLDER_METHODS[quant], 4, 32, nsamples=2, seqlen=32),
+                          progress=False)
+    return str(out), None
 
 
 @pytest.fixture(scope="module")
 def tp_runs(tmp_path_factory):
     """(single-process model, reference logits, TP=2 result) per case; one 2-process spawn for all of them."""
     refs, cases = [], []
-    for arch, overrides in CASES:
-        folder = make_random_checkpoint(arch, "tiny", overrides=overrides)
-        model = load_model(open_model_folder(folder), torch.float32, "cpu")
+    for arch, overrides, quant in CASES:
+        folder, rtn = _case_folder(arch, overrides, quant, tmp_path_factory)
+        model = load_case(folder, rtn)
         ids = torch.randint(3, model.args.vocab_size, (11,), generator=torch.Generator().manual_seed(0))
         refs.append((model, prefill_then_decode(model, ids, model.args.num_kv_heads)))
-        cases.append((str(folder), ids))
+        cases.append((folder, rtn, ids))
     out = tmp_path_factory.mktemp("tp") / "tp.pt"
-    spawn(_tp_worker, 2, (cases, str(out)), timeout_s=240)
+    spawn(_tp_worker, 2, (cases, str(out)), timeout_s=480)
     return [(m, r, g) for (m, r), g in zip(refs, torch.load(out))]
 
 
-@pytest.mark.parametrize("case", range(len(CASES)), ids=[a + ("-kv2" if o else "") for a, o in CASES])
+@pytest.mark.parametrize("case", range(len(CASES)),
+                         ids=[a + ("-kv2" if o else "") + (f"-{q}" if q else "") for a, o, q in CASES])
 def test_tp2_equals_single_process(case, tp_runs):
     model, ref, got = tp_runs[case]
     a = model.args
     kv_local = max(1, a.num_kv_heads // 2)
     assert got["shapes"][0] == ((a.q_size // 2) + 2 * kv_local * a.head_dim, a.hidden_size)
     assert got["shapes"][1] == (a.hidden_size, a.intermediate_size // 2)
+    assert got["types"] == (["QuantLinear"] * 2 if CASES[case][2] else ["Linear"] * 2)
     assert got["logits"].shape == ref.shape
     assert (got["logits"] - ref).abs().max().item() < 1e-5
     assert torch.equal(got["logits"].argmax(-1), ref.argmax(-1))
@@ -106,5 +140,5 @@ def test_shard_on_meta_and_bad_sizes():
         shard_model_(build_model(args, torch.float32, "meta"), 2, 2)
     quant = build_model(args, torch.float32, "meta")
     quant.layers[0].mlp.down_proj = torch.nn.Identity()
-    with pytest.raises(NotBuiltYetError, match="quantized"):
+    with pytest.raises(NotBuiltYetError, match="Identity"):
         shard_model_(quant, 0, 2)

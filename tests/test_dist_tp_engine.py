@@ -1,4 +1,5 @@
-"""``LLM(tensor_parallel_size=2)`` on CPU (gloo, 2 processes): the same greedy tokens as one process, workers that
+"""``LLM(tensor_parallel_size=2)`` on CPU (gloo, 2 processes): the same greedy tokens as one process (bf16-layout, int8,
+RTN int4 and GPTQ-folder models), workers that
 exit with the LLM (a second TP engine then starts in the same process), and a dead worker reported as a one-line error instead of a hang."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from onecard.engine import LLM, SamplingParams
-from onecard.errors import OnecardError
+from onecard.errors import BadInputError, OnecardError
 from onecard.testing import make_random_checkpoint
 
 PROMPTS = [[5, 9, 13, 17, 21, 25, 29, 33, 37, 41, 45, 49, 53, 57, 61, 65, 69, 73, 77], [7, 3, 11], [100] * 12]
@@ -23,7 +24,22 @@ ENGINE = {"device": "cpu", "max_model_len": 64, "max_num_seqs": 4, "block_size":
 CASES = {
     "llama-2-mha": ("llama-2-7b", None, {}),
     "llama-3-gqa": ("llama-3.1-8b", {"num_key_value_heads": 2}, {"num_speculative_tokens": 2}),
+    "llama-2-int8": ("llama-2-7b", None, {"quantization": "int8"}),
+    "llama-3-gqa-rtn-int4": ("llama-3.1-8b", {"num_key_value_heads": 2}, {"quantization": "rtn-int4-g32"}),
+    "qwen2-gptq-folder": ("qwen2-7b", None, {"quantized_folder": 32}),  # GPTQ layout, 4-bit groups of 32
 }
+
+
+def _folder(arch: str, overrides: dict | None, extra: dict, tmp_path) -> tuple[object, dict]:
+    """The case's model folder (quantized into ``tmp_path`` when it asks) and the remaining LLM arguments."""
+    folder = make_random_checkpoint(arch, "tiny", overrides=overrides)
+    extra = dict(extra)
+    group = extra.pop("quantized_folder", None)
+    if group is not None:
+        from onecard.quant import QuantConfig, quantize_model_folder
+
+        folder = quantize_model_folder(folder, tmp_path / "q", QuantConfig("rtn", 4, group), progress=False).out_dir
+    return folder, extra
 
 
 def _generate(llm: LLM) -> list[list[int]]:
@@ -49,25 +65,33 @@ def _gone(pids: list[int], within_s: float = 15) -> bool:
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_tp2_generates_the_single_process_tokens(case):
-    arch, overrides, extra = CASES[case]
-    folder = make_random_checkpoint(arch, "tiny", overrides=overrides)
+def test_tp2_generates_the_single_process_tokens(case, tmp_path):
+    folder, extra = _folder(*CASES[case], tmp_path)
     ref = _generate(LLM(folder, **ENGINE, **extra))
     llm = LLM(folder, tensor_parallel_size=2, **ENGINE, **extra)
     runner = llm.engine.runner
     pids = [p.pid for p, _ in runner._workers]
     assert len(pids) == 1 and _gone(pids, within_s=0) is False
     a = runner.model.args
-    assert a.num_kv_heads == runner.model.full_args.num_kv_heads // 2  # the cache holds this rank's heads only
+    assert a.num_kv_heads == max(1, runner.model.full_args.num_kv_heads // 2)  # this rank's heads (1: replicated)
     assert runner.kv_cache.shape[4] == a.num_kv_heads
     got = _generate(llm)
     assert got == ref
     assert all(len(t) == GREEDY.max_tokens for t in got)
+    quantized = llm.engine.runner.model.layers[0].mlp.down_proj.linear
+    assert (type(quantized).__name__ == "QuantLinear") == (case not in ("llama-2-mha", "llama-3-gqa"))
     if extra.get("num_speculative_tokens"):
         assert llm.stats()["spec_draft_tokens"] > 0  # the verify path ran on both ranks
     del llm, runner
     gc.collect()
     assert _gone(pids), "the worker outlived its LLM"
+
+
+def test_quantized_split_that_cuts_a_group_is_refused_before_starting():
+    folder = make_random_checkpoint("llama-2-7b", "tiny")  # MLP 704 wide: 352 per rank, not whole groups of 128
+    with pytest.raises(BadInputError, match="not a multiple of the group size 128"):
+        LLM(folder, tensor_parallel_size=2, quantization="rtn-int4", **ENGINE)
+    assert not torch.distributed.is_initialized()
 
 
 def test_dead_worker_is_a_one_line_error():
@@ -82,3 +106,23 @@ def test_dead_worker_is_a_one_line_error():
     assert time.monotonic() - t0 < 30 and "\n" not in str(err.value)
     llm.engine.runner.close()
     assert not torch.distributed.is_initialized()  # the group is left: the next TP engine can start here
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("quantization", ["int8", "rtn-int4-g32"])
+def test_tp2_quantized_on_cuda_generates_the_single_gpu_tokens(quantization):
+    """On GPUs the shards run our Triton int8/int4 kernels, with NCCL all-reduces inside each rank's CUDA graphs
+    (fp32 activations, so a different summation order cannot flip a greedy token of the random model)."""
+    folder = make_random_checkpoint("llama-3.1-8b", "tiny", overrides={"num_key_value_heads": 2})
+    gpu = {**ENGINE, "device": "cuda", "dtype": "float32", "gpu_memory_utilization": 0.3}
+    one = LLM(folder, quantization=quantization, **gpu)
+    ref = _generate(one)
+    del one
+    gc.collect()
+    torch.cuda.empty_cache()
+    llm = LLM(folder, quantization=quantization, tensor_parallel_size=2, **gpu)
+    assert llm.stats()["cuda_graphs"]
+    assert type(llm.engine.runner.model.layers[0].mlp.down_proj.linear).__name__ == "QuantLinear"
+    assert _generate(llm) == ref
+    llm.engine.runner.close()

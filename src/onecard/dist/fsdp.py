@@ -60,13 +60,34 @@ def trainer_fsdp_kwargs(model: nn.Module, gradient_checkpointing: bool) -> dict:
         "state_dict_type": "SHARDED_STATE_DICT", "activation_checkpointing": gradient_checkpointing}}
 
 
+def int4_base_as_parameters_(model: nn.Module) -> int:
+    """Re-register every QLoRA ``Int4Linear``'s packed codes and scales as frozen parameters; returns how many layers.
+
+    Why: FSDP2 shards parameters only; buffers stay whole on every rank, so
+    an int4 base held in buffers would be replicated, not sharded. As frozen
+    parameters they are sharded along dim 0 (output rows: whole groups of
+    whole bytes) and all-gathered per layer like any weight; FSDP2 gathers
+    non-float parameters as bytes and never casts them to ``param_dtype``
+    (torch >= 2.6), so the codes reach the matmul unchanged. Names stay
+    ``qweight``/``scales``, so state dicts keep their keys.
+    """
+    from onecard.train.qlora import Int4Linear
+
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    for m in layers:
+        for name in ("qweight", "scales"):
+            if name in m._buffers:
+                m.register_parameter(name, nn.Parameter(m._buffers.pop(name), requires_grad=False))
+    return len(layers)
+
+
 def shard_for_training_(model: nn.Module, mixed_precision: bool, reshard_after_forward: bool = True) -> nn.Module:
     """``fully_shard`` the embedding, each decoder layer, norm + head, then the root; in place, returns ``model``.
 
     Call inside an initialized process group, after LoRA is added and
     activation checkpointing is enabled (HF's non-reentrant kind composes with
     FSDP2), and before the optimizer is built (it must see the sharded
-    parameters).
+    parameters). A QLoRA int4 base is sharded too (``int4_base_as_parameters_``).
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -74,6 +95,7 @@ def shard_for_training_(model: nn.Module, mixed_precision: bool, reshard_after_f
     if not dist.is_initialized():
         raise BadInputError("FSDP needs a process group: launch with torchrun --nproc-per-node N")
     device = next(model.parameters()).device
+    int4_base_as_parameters_(model)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
         else MixedPrecisionPolicy()

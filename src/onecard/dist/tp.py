@@ -15,6 +15,12 @@ Qwen2-7B has 4), each KV head is replicated on ``tp / num_kv_heads`` ranks,
 as vLLM does: every rank's q heads still map onto exactly one local KV head.
 Embedding, norms and ``lm_head`` stay replicated (small next to the layers),
 so every rank ends with the full logits and samples the same token.
+
+Quantized models (``QuantLinear``: int8, RTN int4, GPTQ, AWQ) are sharded
+after quantization, so every rank holds exactly the codes, scales and zeros
+of the single-GPU model: a column-parallel slice keeps whole output columns
+of the packed tensors; a row-parallel slice keeps whole quantization groups
+(``check_tp_groups`` refuses a group size that would straddle two ranks).
 """
 
 from __future__ import annotations
@@ -59,6 +65,16 @@ def check_tp(args: ModelArgs, tp_size: int) -> None:
                             "choose a tensor-parallel size that divides them (2, 4, 8 usually do)")
 
 
+def check_tp_groups(args: ModelArgs, tp_size: int, group_size: int) -> None:
+    """Raise a one-line error if a ``group_size``-grouped quantized model's row-parallel layers cannot be split over
+    ``tp_size`` ranks in whole groups (``-1``, or a group spanning the row, is per-channel and always splits)."""
+    for name, k in (("o_proj", args.num_heads * args.head_dim), ("down_proj", args.intermediate_size)):
+        if 0 < group_size < k and (k // tp_size) % group_size:
+            raise BadInputError(f"cannot split {name}'s {k} input features over {tp_size} GPUs in whole quantization "
+                                f"groups: {k // tp_size} is not a multiple of the group size {group_size}; quantize "
+                                "with a group size that divides it (e.g. 64 or 32), or lower tensor_parallel_size")
+
+
 def local_kv_heads(args: ModelArgs, tp_size: int) -> int:
     """KV heads each rank stores (what the engine sizes its per-rank cache with)."""
     check_tp(args, tp_size)
@@ -71,8 +87,42 @@ def _kv_head_range(args: ModelArgs, tp_rank: int, tp_size: int) -> tuple[int, in
     return first, n
 
 
-def _rows(t: torch.Tensor, start: int, length: int) -> torch.Tensor:
-    return t.narrow(0, start, length)
+def keep_out_features_(lin: nn.Module, rows: torch.Tensor) -> None:
+    """Column-parallel: keep output features ``rows`` of a dense, quantized or concatenated linear, in place."""
+    from onecard.quant.linear import ConcatLinear, QuantLinear
+
+    if isinstance(lin, QuantLinear):
+        lin.keep_out_features_(rows)
+    elif isinstance(lin, ConcatLinear):  # q/k/v (gate/up) kept as separate quantized parts: split rows among them
+        first = 0
+        for part in lin.parts:
+            n = part.out_features
+            mine = rows[(rows >= first) & (rows < first + n)] - first
+            keep_out_features_(part, mine)
+            first += n
+        if lin.bias is not None:
+            lin.bias = nn.Parameter(lin.bias.index_select(0, rows.to(lin.bias.device)).contiguous(),
+                                    requires_grad=False)
+    elif type(lin) is nn.Linear:
+        rows = rows.to(lin.weight.device)
+        bias = lin.bias.index_select(0, rows) if lin.bias is not None else None
+        _replace_(lin, lin.weight.index_select(0, rows), bias)
+    else:
+        raise NotBuiltYetError(f"tensor parallelism of a {type(lin).__name__} layer is not built; shard the bf16 "
+                               "or the int4/int8 model")
+
+
+def keep_in_features_(lin: nn.Module, start: int, length: int) -> None:
+    """Row-parallel: keep input features ``[start, start + length)`` of a dense or quantized linear, in place."""
+    from onecard.quant.linear import QuantLinear
+
+    if isinstance(lin, QuantLinear):
+        lin.keep_in_features_(start, length)
+    elif type(lin) is nn.Linear:
+        _replace_(lin, lin.weight.narrow(1, start, length), None)
+    else:
+        raise NotBuiltYetError(f"tensor parallelism of a {type(lin).__name__} layer is not built; shard the bf16 "
+                               "or the int4/int8 model")
 
 
 def _replace_(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -84,12 +134,18 @@ def _replace_(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None
     linear.out_features, linear.in_features = weight.shape
 
 
+def _span(start: int, length: int) -> torch.Tensor:
+    return torch.arange(start, start + length)
+
+
 @torch.no_grad()
 def shard_model_(model: LlamaModel, tp_rank: int, tp_size: int, group: dist.ProcessGroup | None = None) -> LlamaModel:
     """Slice a loaded (full) model in place down to rank ``tp_rank``'s shard of ``tp_size``; returns it.
 
-    Works on real or ``meta`` tensors (shard on meta, then ``to_empty``: a
-    model larger than one card never has to exist whole). ``group`` is the
+    Dense models shard on real or ``meta`` tensors (shard on meta, then
+    ``to_empty``: a model larger than one card never has to exist whole);
+    quantized ones need real tensors (which input features an act-order
+    layer keeps is read from its ``perm``). ``group`` is the
     tensor-parallel process group (None = the default world group). Afterwards
     ``model.args`` holds the local head counts and MLP width (what this rank
     stores) and ``model.full_args`` the checkpoint's.
@@ -100,38 +156,31 @@ def shard_model_(model: LlamaModel, tp_rank: int, tp_size: int, group: dist.Proc
         raise BadInputError(f"tensor-parallel rank {tp_rank} is outside 0..{tp_size - 1}")
     if tp_size == 1:
         return model
+    from onecard.quant.linear import QuantLinear
+
+    for layer in model.layers:  # refuse before any layer is sliced
+        for lin in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            if isinstance(lin, QuantLinear):  # a group as wide as the row is per-channel
+                check_tp_groups(args, tp_size, lin.group_size if lin.group_size < lin.in_features else -1)
     hd = args.head_dim
     q_local = args.num_heads // tp_size
     kv_first, kv_local = _kv_head_range(args, tp_rank, tp_size)
     i_local = args.intermediate_size // tp_size
+    q_rows = _span(tp_rank * q_local * hd, q_local * hd)
+    kv_rows = _span(kv_first * hd, kv_local * hd)
+    qkv_rows = torch.cat([q_rows, args.q_size + kv_rows, args.q_size + args.kv_size + kv_rows])
+    i_rows = _span(tp_rank * i_local, i_local)
+    gate_up_rows = torch.cat([i_rows, args.intermediate_size + i_rows])
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        for name, lin in (("qkv_proj", attn.qkv_proj), ("o_proj", attn.o_proj), ("gate_up_proj", mlp.gate_up_proj),
-                          ("down_proj", mlp.down_proj)):
-            if type(lin) is not nn.Linear:
-                raise NotBuiltYetError(f"tensor parallelism of a quantized model ({name} is {type(lin).__name__}) "
-                                       "is not built yet; shard the bf16 model")
-
-        def qkv_slice(t: torch.Tensor) -> torch.Tensor:
-            q, k, v = t.split([args.q_size, args.kv_size, args.kv_size], dim=0)
-            return torch.cat([_rows(q, tp_rank * q_local * hd, q_local * hd),
-                              _rows(k, kv_first * hd, kv_local * hd), _rows(v, kv_first * hd, kv_local * hd)])
-
-        qkv = attn.qkv_proj
-        _replace_(qkv, qkv_slice(qkv.weight), qkv_slice(qkv.bias) if qkv.bias is not None else None)
-        o = attn.o_proj
-        _replace_(o, o.weight.narrow(1, tp_rank * q_local * hd, q_local * hd), None)
-        attn.o_proj = RowParallelLinear(o, group)
+        keep_out_features_(attn.qkv_proj, qkv_rows)
+        keep_in_features_(attn.o_proj, tp_rank * q_local * hd, q_local * hd)
+        attn.o_proj = RowParallelLinear(attn.o_proj, group)
         attn.num_heads, attn.num_kv_heads = q_local, kv_local
         attn.q_size, attn.kv_size = q_local * hd, kv_local * hd
-
-        gu = mlp.gate_up_proj
-        gate, up = gu.weight.chunk(2, dim=0)
-        _replace_(gu, torch.cat([_rows(gate, tp_rank * i_local, i_local), _rows(up, tp_rank * i_local, i_local)]),
-                  None)
-        down = mlp.down_proj
-        _replace_(down, down.weight.narrow(1, tp_rank * i_local, i_local), None)
-        mlp.down_proj = RowParallelLinear(down, group)
+        keep_out_features_(mlp.gate_up_proj, gate_up_rows)
+        keep_in_features_(mlp.down_proj, tp_rank * i_local, i_local)
+        mlp.down_proj = RowParallelLinear(mlp.down_proj, group)
         mlp.intermediate_size = i_local
     # From here ``model.args`` describes what this rank holds (local heads, local MLP width), so code that sizes
     # per-rank state from it (the engine's KV cache) needs no TP special case; the checkpoint's stays in full_args.

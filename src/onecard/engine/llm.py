@@ -131,14 +131,13 @@ def _preflight(folder, config: EngineConfig, user_max_model_len: int | None, dty
     config.max_model_len = check.max_model_len
 
 
-def _load_model(folder, config: EngineConfig, dtype: torch.dtype, device: torch.device, progress: bool):
-    from onecard.models.loader import load_model
-
+def check_quant_request(folder, config: EngineConfig, dtype: torch.dtype, device: torch.device, offload: int) -> None:
+    """Quantization settings that cannot apply, refused before anything loads (one GPU or tensor-parallel), never
+    silently dropped."""
     if folder.quantization_config is not None and config.quantization is not None:
         raise BadInputError(f"quantization={config.quantization!r} but '{folder.path}' is already quantized "
                             f"({folder.quantization_config.get('quant_method', '?')}); drop quantization=")
-    offload = _offload_count(folder, config, device)
-    if config.int4_kernel == "tinygemm":  # refused up front where it would not apply, never silently dropped
+    if config.int4_kernel == "tinygemm":
         if folder.quantization_config is None and config.quantization is None:
             raise BadInputError(f"int4_kernel={config.int4_kernel!r} applies to int4 weights but "
                                 f"'{folder.path}' is not quantized; add quantization='rtn-int4' or drop int4_kernel")
@@ -148,6 +147,13 @@ def _load_model(folder, config: EngineConfig, dtype: torch.dtype, device: torch.
         if offload:
             raise BadInputError("int4_kernel='tinygemm' repacks weights on the GPU and cannot stream offloaded "
                                 "layers; use int4_kernel='triton' with offload_layers")
+
+
+def _load_model(folder, config: EngineConfig, dtype: torch.dtype, device: torch.device, progress: bool):
+    from onecard.models.loader import load_model
+
+    offload = _offload_count(folder, config, device)
+    check_quant_request(folder, config, dtype, device, offload)
     if not offload:
         if device.type == "cuda" and folder.quantization_config is None and config.quantization is None:
             free, _ = torch.cuda.mem_get_info(device)

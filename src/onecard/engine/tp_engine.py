@@ -207,35 +207,46 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
     return torch.device("cuda", rank) if device.type == "cuda" else torch.device("cpu")
 
 
-def check_tp_request(config: EngineConfig, folder, device: torch.device) -> None:
+def check_tp_request(config: EngineConfig, folder, dtype: torch.dtype, device: torch.device) -> None:
     """Everything that can be refused before a process starts."""
-    from onecard.dist.tp import check_tp
+    from onecard.dist.tp import check_tp, check_tp_groups
 
     tp = config.tensor_parallel_size
-    check_tp(folder.model_args(), tp)
+    args = folder.model_args()
+    check_tp(args, tp)
     if device.type == "cuda" and torch.cuda.device_count() < tp:
         raise BadInputError(f"tensor_parallel_size={tp} needs {tp} GPUs but {torch.cuda.device_count()} are visible; "
                             "lower tensor_parallel_size or check CUDA_VISIBLE_DEVICES")
     if device.type == "cuda" and device.index not in (None, 0):
         raise BadInputError(f"device={device} with tensor_parallel_size={tp}: rank r runs on cuda:r; pass "
                             "device='cuda' and choose the GPUs with CUDA_VISIBLE_DEVICES")
-    if folder.quantization_config is not None or config.quantization is not None:
-        raise NotBuiltYetError("tensor parallelism of a quantized model is not built yet; run the bf16 model with "
-                               "tensor_parallel_size, or the quantized one on one GPU")
     if config.offload_layers:
         raise NotBuiltYetError("weight offload with tensor_parallel_size>1 is not built yet: shard over the GPUs "
                                "(offload_layers=0), or offload on one GPU")
+    from onecard.engine.llm import check_quant_request
+
+    check_quant_request(folder, config, dtype, device, offload=0)
+    if config.quantization is not None:
+        from onecard.quant.config import QuantSpec
+
+        check_tp_groups(args, tp, QuantSpec.parse(config.quantization).group_size)
+    elif folder.quantization_config is not None:
+        from onecard.quant.checkpoint import QuantFormat
+
+        check_tp_groups(args, tp, QuantFormat.from_config(folder.quantization_config).group_size)
     if dist.is_initialized():
         raise BadInputError("this process already belongs to a torch.distributed process group; LLM("
                             "tensor_parallel_size>1) starts its own: create it outside torchrun, or close the other")
 
 
 def load_shard(config: EngineConfig, dtype: torch.dtype, device: torch.device, rank: int, progress: bool = False):
-    """Load the checkpoint and keep rank ``rank``'s shard on ``device``.
+    """Load the checkpoint (quantizing it first when asked) and keep rank ``rank``'s shard on ``device``.
 
     The whole model is read where it fits (the card itself is fastest), else in
     host memory, and sliced before it moves: a card only ever holds its shard
     plus, at most, the full weights transiently when there is room for them.
+    Quantization happens before slicing, so each rank holds exactly its part of
+    the one-GPU quantized model (``int4_kernel='tinygemm'`` repacks the shard).
     """
     from onecard.dist.tp import shard_model_
     from onecard.models import open_model_folder
@@ -244,12 +255,30 @@ def load_shard(config: EngineConfig, dtype: torch.dtype, device: torch.device, r
     folder = open_model_folder(config.model, supported=None)
     load_on = device
     if device.type == "cuda":
+        from onecard.plan.memory import weight_bytes
+        from onecard.plan.preflight import engine_weight_format
+        from onecard.plan.spec import resolve_model
+
         free, _ = torch.cuda.mem_get_info(device)
-        full = folder.model_args().num_parameters() * dtype.itemsize
+        spec = resolve_model(folder.config)
+        full = weight_bytes(spec, engine_weight_format(spec, config.quantization, dtype.itemsize))
         load_on = device if full < free * config.gpu_memory_utilization else torch.device("cpu")
-    model = load_model(folder, dtype, load_on, progress=progress)
+    if folder.quantization_config is not None:
+        from onecard.quant import load_quantized_model
+
+        model = load_quantized_model(folder, dtype, load_on, progress=progress)
+    elif config.quantization is not None:  # one layer at a time, as on one GPU: the same codes, then sliced
+        from onecard.quant import load_rtn_model
+
+        model = load_rtn_model(folder, config.quantization, dtype, load_on, progress=progress)
+    else:
+        model = load_model(folder, dtype, load_on, progress=progress)
     shard_model_(model, rank, config.tensor_parallel_size)
     model = model.to(device)
+    if config.int4_kernel == "tinygemm":
+        from onecard.quant import use_tinygemm_
+
+        log.info("int4 kernel: PyTorch's _weight_int4pack_mm for %d layers", use_tinygemm_(model))
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return model
@@ -302,7 +331,7 @@ def start_tp_runner(config: EngineConfig, folder, dtype: torch.dtype, device: to
     """Start ranks 1..N-1, load rank 0's shard here, and return the driver's runner once every rank is ready."""
     from onecard.dist.launch import free_port
 
-    check_tp_request(config, folder, device)
+    check_tp_request(config, folder, dtype, device)
     tp = config.tensor_parallel_size
     ctx = mp.get_context("spawn")
     port = free_port()

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from onecard.errors import UnsupportedModelError
+from onecard.errors import BadInputError, UnsupportedModelError
 from onecard.kernels.wo_matmul import dequantize_reference, wo_matmul, wo_matmul_reference
 from onecard.quant.packing import pack_rows
 from onecard.quant.rtn import QuantizedWeight, rtn_quantize
@@ -136,6 +136,66 @@ class QuantLinear(nn.Module):
         else:
             y = wo_matmul_reference(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size)
         return y + self.bias.to(y.dtype) if self.bias is not None else y
+
+    def keep_out_features_(self, rows: torch.Tensor) -> None:
+        """Column-parallel shard, in place: keep output features ``rows`` (in that order) of every tensor.
+
+        The codes are packed along K, so an output feature is one column of
+        ``qweight``/``scales``/``zeros``: any subset slices exactly, and the
+        kept columns compute what they computed in the full layer."""
+        self._check_unpacked("shard")
+        rows = rows.to(self.qweight.device, torch.long)
+        self.qweight = self.qweight.index_select(1, rows).contiguous()
+        self.scales = self.scales.index_select(1, rows).contiguous()
+        self.zeros = self.zeros.index_select(1, rows).contiguous()
+        if self.bias is not None:
+            self.bias = nn.Parameter(self.bias.index_select(0, rows).contiguous(), requires_grad=False)
+        self.out_features = rows.numel()
+
+    def keep_in_features_(self, start: int, length: int) -> None:
+        """Row-parallel shard, in place: keep input features ``[start, start + length)`` (the caller sums the
+        partial outputs over ranks).
+
+        Exact only if the kept features form whole quantization groups (each
+        group's scale and zero then move with it) and whole packed words; with
+        act-order the features are stored sorted by group, so the kept ones are
+        gathered group by group and ``perm`` is renumbered. One-group (per-channel)
+        layers keep their scales whole. Anything else raises ``BadInputError``."""
+        self._check_unpacked("shard")
+        if self.bias is not None:
+            raise UnsupportedModelError("a row-parallel quantized linear with a bias would add it once per rank; "
+                                        "onecard's models have none there, so this checkpoint is not one it reads")
+        K, dev = self.in_features, self.qweight.device
+        order = self.perm.long() if self.perm is not None else torch.arange(K, device=dev)
+        pos = torch.nonzero((order >= start) & (order < start + length)).flatten()  # stored rows kept, ascending
+        per = 32 // self.bits
+        groups = self.scales.shape[0]
+        unit = per if groups == 1 else self.group_size  # what must be kept whole: a word, or a group
+        kept = torch.bincount(pos // unit, minlength=(K + unit - 1) // unit)
+        size = torch.bincount(torch.arange(K, device=dev) // unit)  # the last group may be short
+        if bool(((kept != 0) & (kept != size)).any()) or pos.numel() != length:
+            if self.perm is not None:
+                raise BadInputError("this act-order (desc_act) layer's quantization groups mix input features that "
+                                    "belong to different GPUs; requantize without --act-order, or run it with "
+                                    "tensor_parallel_size=1")
+            unit_text = f"the group size {self.group_size}" if groups > 1 else f"{per} (codes per packed word)"
+            raise BadInputError(f"cannot split {K} input features into {K // length} GPUs' slices of {length} "
+                                f"starting at {start}: not a multiple of {unit_text}; quantize with a group size "
+                                "that divides the slice (e.g. 64 or 32), or lower tensor_parallel_size")
+        self.qweight = self.qweight.index_select(0, pos[::per] // per).contiguous()
+        if groups > 1:
+            kept_groups = pos[::self.group_size] // self.group_size
+            self.scales = self.scales.index_select(0, kept_groups).contiguous()
+            self.zeros = self.zeros.index_select(0, kept_groups).contiguous()
+        local = order.index_select(0, pos) - start
+        natural = torch.equal(local, torch.arange(length, device=dev))
+        self.perm = None if natural else local.to(torch.int32)
+        self.in_features = length  # a one-group layer keeps group_size >= K: still one group
+
+    def _check_unpacked(self, what: str) -> None:
+        if self.tg_weight is not None:
+            raise NotImplementedError(f"cannot {what} a layer repacked for PyTorch's int4 kernel (to_tinygemm_); "
+                                      "shard first, then call use_tinygemm_")
 
     def weight_bytes(self) -> int:
         """Bytes read per forward (codes + scales + zeros): the roofline's numerator."""

@@ -150,8 +150,10 @@ def rank_device(device: str, env: DistEnv) -> str:
 def check_distributed(cfg: TrainConfig) -> None:
     """What multi-process training refuses up front (one line each)."""
     if cfg.method == "qlora":
-        raise NotBuiltYetError("QLoRA on several GPUs is not built: FSDP2 cannot shard its packed int4 base; use "
-                               "--method lora (bf16 base, sharded) or train QLoRA on one GPU")
+        raise NotBuiltYetError("QLoRA on several GPUs is not built into `onecard train`: accelerate's FSDP2 plugin "
+                               "would leave the int4 base in buffers, whole on every GPU (onecard.dist.fsdp."
+                               "shard_for_training_ shards it, but the Trainer does not use it yet); use --method "
+                               "lora (bf16 base, sharded) or train QLoRA on one GPU")
     if cfg.offload_checkpoints:
         raise NotBuiltYetError("--offload-checkpoints with several GPUs is not built; drop it (each GPU holds 1/N of "
                                "the weights, which usually frees more memory than offloading)")
