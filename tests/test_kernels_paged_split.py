@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_engine_kv_quant import _paged  # scattered-block paged cache builder (optionally quantized)
+from test_engine_kv_quant import (
+    _paged,  # scattered-block paged cache builder (optionally quantized)
+)
 
 from onecard.errors import BadInputError
 from onecard.kernels.paged_attention import (
