@@ -1,7 +1,7 @@
 """Flash-decoding paged attention (``paged_decode_attention_split``) vs the PyTorch reference, under
 TRITON_INTERPRET=1 on CPU: MHA and GQA, fp32/bf16 queries, fp16-scaled fp8/int8 caches, contexts that are not
-multiples of the block or partition, sequences of very different lengths (one of length 1), and the CUDA-graph
-contract that the launch depends on the block-table width only."""
+multiples of the block or partition, sequences of very different lengths (one of length 1), the CUDA-graph
+contract that the launch depends on the block-table width only, and the engine's decode through it."""
 
 from __future__ import annotations
 
@@ -88,3 +88,20 @@ def test_split_kernel_llama_heads_on_gpu(fmt):
     for partition in (None, 256):
         got = paged_decode_attention_split(q, kc, vc, bt, ctx, 128 ** -0.5, ks, vs, partition=partition).float()
         assert (got - want).abs().max() < 2e-2
+
+
+def test_engine_decode_through_the_split_kernel(tiny_model):
+    # the engine's call site (llama.Attention -> paged_decode_attention with use_triton): on CPU the runner picks
+    # the reference; switched to the Triton path, greedy tokens and logprobs stay those of the reference
+    from onecard.engine import LLM, SamplingParams
+
+    llm = LLM(tiny_model.path, max_model_len=256, max_num_seqs=2, block_size=8)
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
+    prompts = ["def read_config(path):\n    ", "The os module provides the functions that"]
+    want = [o.outputs[0] for o in llm.generate(prompts, sp, use_tqdm=False)]
+    llm.engine.runner.decode_attention = "triton"
+    got = [o.outputs[0] for o in llm.generate(prompts, sp, use_tqdm=False)]
+    for a, b in zip(want, got):
+        assert a.token_ids == b.token_ids
+        for t, la, lb in zip(a.token_ids, a.logprobs, b.logprobs):
+            assert abs(la[t] - lb[t]) < 1e-4

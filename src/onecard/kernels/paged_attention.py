@@ -299,13 +299,13 @@ if triton is not None:
     @triton.jit
     def _paged_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, out_ptr, m_ptr, l_ptr, acc_ptr, block_tables_ptr,
                             context_lens_ptr, scale, partition, stride_qb, stride_qh, stride_kb, stride_ks, stride_kh,
-                            stride_sb, stride_ss, stride_bt_b, stride_ob, stride_oh, SPLITS: tl.constexpr,
+                            stride_sb, stride_ss, stride_bt_b, stride_ob, stride_oh, SINGLE: tl.constexpr,
                             GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
                             BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
                             QUANT: tl.constexpr, LOW_DOT: tl.constexpr):
         # One program per (sequence, KV head, partition): each K/V tile is loaded once for all GROUP query heads
-        # (scores GROUP x TILE by tl.dot, rows padded to BLOCK_G >= 16). SPLITS == 1 normalizes and writes the
-        # output; otherwise the partial (max, sum, unnormalized acc) goes to the workspace for _paged_combine_kernel.
+        # (scores GROUP x TILE by tl.dot, rows padded to BLOCK_G >= 16). SINGLE (one partition) normalizes and
+        # writes the output; otherwise the partial (max, sum, unnormalized acc) goes to the workspace for _paged_combine_kernel.
         # QUANT: fp8/int8 cache; each token's per-head scale multiplies its score column (K) and weight (V).
         # LOW_DOT: both dots in the query's 16-bit dtype (fp32 accumulate); otherwise exact fp32 dots.
         seq = tl.program_id(0)
@@ -359,44 +359,45 @@ if triton is not None:
                     pv = tl.dot(p, v, input_precision="ieee")
                 acc = acc * alpha[:, None] + pv
                 m_i = m_new
-            if SPLITS == 1:
+            if SINGLE:
                 out = acc / l_i[:, None]
                 tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                          out.to(out_ptr.dtype.element_ty), mask=qmask)
             else:
-                row = (seq * GROUP * tl.num_programs(1) + heads) * SPLITS + split  # workspace [B, Hq, SPLITS]
+                row = (seq * GROUP * tl.num_programs(1) + heads) * tl.num_programs(2) + split  # [B, Hq, splits]
                 tl.store(m_ptr + row, m_i, mask=gmask)
                 tl.store(l_ptr + row, l_i, mask=gmask)
                 tl.store(acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=qmask)
 
     @triton.jit
-    def _paged_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, context_lens_ptr, partition, stride_ob, stride_oh,
-                              SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr,
-                              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-        # One program per (sequence, query head): log-sum-exp merge of the partitions the sequence reached;
-        # the ones past its end were never written, so they are masked by the context length, not read.
+    def _paged_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, context_lens_ptr, partition, splits, stride_ob,
+                              stride_oh, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+        # One program per (sequence, query head): log-sum-exp merge, CHUNK partials at a time, of the partitions
+        # the sequence reached; the ones past its end were never written, so they are not read. The partition
+        # count is a runtime value: eager steps (block tables as wide as the batch's longest) compile once.
         seq = tl.program_id(0)
         head = tl.program_id(1)
         ctx = tl.load(context_lens_ptr + seq).to(tl.int32)
-        n = tl.minimum(tl.cdiv(ctx, partition), SPLITS)
-        row = (seq * tl.num_programs(1) + head) * SPLITS
-        offs_s = tl.arange(0, BLOCK_S)
-        m_all = tl.load(m_ptr + row + offs_s, mask=offs_s < n, other=float("-inf"))
-        m_max = tl.max(m_all, axis=0)
+        n = tl.minimum(tl.cdiv(ctx, partition), splits)
+        row = (seq * tl.num_programs(1) + head) * splits
         offs_c = tl.arange(0, CHUNK)
         offs_d = tl.arange(0, BLOCK_D)
         dmask = offs_d < HEAD_DIM
+        m_run = tl.full([1], float("-inf"), tl.float32)
         total = tl.zeros([1], tl.float32)
         acc = tl.zeros([BLOCK_D], tl.float32)
         for c in range(0, n, CHUNK):
             s = c + offs_c
             smask = s < n
-            w = tl.exp(tl.load(m_ptr + row + s, mask=smask, other=float("-inf")) - m_max)
-            w = tl.where(smask, w, 0.0)
-            total += tl.sum(w * tl.load(l_ptr + row + s, mask=smask, other=0.0), axis=0)
+            m = tl.load(m_ptr + row + s, mask=smask, other=float("-inf"))
+            m_new = tl.maximum(m_run, tl.max(m, axis=0))
+            alpha = tl.exp(m_run - m_new)
+            w = tl.where(smask, tl.exp(m - m_new), 0.0)
+            total = total * alpha + tl.sum(w * tl.load(l_ptr + row + s, mask=smask, other=0.0), axis=0)
             a = tl.load(acc_ptr + (row + s)[:, None] * HEAD_DIM + offs_d[None, :], mask=smask[:, None] & dmask[None, :],
                         other=0.0)
-            acc += tl.sum(w[:, None] * a, axis=0)
+            acc = acc * alpha + tl.sum(w[:, None] * a, axis=0)
+            m_run = m_new
         tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d, (acc / total).to(out_ptr.dtype.element_ty),
                  mask=dmask)
 
@@ -441,15 +442,14 @@ def paged_decode_attention_split(q: torch.Tensor, k_cache: torch.Tensor, v_cache
         q, k_cache, v_cache, ks, vs, out, m, lsum, acc, block_tables, context_lens, scale, partition,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         ks.stride(0), ks.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
-        SPLITS=splits, GROUP=group, BLOCK_G=max(DOT_ROWS, triton.next_power_of_2(group)), HEAD_DIM=D,
+        SINGLE=splits == 1, GROUP=group, BLOCK_G=max(DOT_ROWS, triton.next_power_of_2(group)), HEAD_DIM=D,
         BLOCK_D=block_d, BLOCK_SIZE=block_size, TILE=tile, QUANT=quant,
         LOW_DOT=q.is_cuda and q.dtype in (torch.bfloat16, torch.float16),
     )
     if splits > 1:
-        block_s = triton.next_power_of_2(splits)
         _paged_combine_kernel[(B, Hq)](
-            m, lsum, acc, out, context_lens, partition, out.stride(0), out.stride(1),
-            SPLITS=splits, BLOCK_S=block_s, CHUNK=min(block_s, 16), HEAD_DIM=D, BLOCK_D=block_d,
+            m, lsum, acc, out, context_lens, partition, splits, out.stride(0), out.stride(1),
+            CHUNK=16, HEAD_DIM=D, BLOCK_D=block_d,
         )
     return out
 
