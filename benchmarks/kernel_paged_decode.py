@@ -15,7 +15,9 @@ serially); ``split`` = ``paged_decode_attention_split`` (the engine's path); ``s
 head as GROUP query rows: no mask is needed at decode), i.e. what a non-paged flash kernel does. The gather is
 not timed; for fp8 SDPA reads the dequantized bf16 copy, twice the bytes. Outputs are checked against SDPA.
 
-Reported: microseconds (``triton.testing.do_bench`` median, L2 flushed), achieved GB/s (the cache bytes each
+``split@P`` rows force a P-token partition: the sweep to set ``SPLIT_MIN_PARTITION`` / ``SPLIT_MAX_PARTITION`` /
+``SPLIT_TARGET_PROGRAMS`` in ``kernels/paged_attention.py`` from (pick, per row, the fastest; check the planned
+``split`` row is close to it). Reported: microseconds (``triton.testing.do_bench`` median, L2 flushed), achieved GB/s (the cache bytes each
 method must read: K, V and scales for the attended tokens / time) and that as % of the card's catalog bandwidth.
 Writes docs/results/kernel_paged_decode.json (+ PNG).
 """
@@ -34,6 +36,7 @@ from rich.table import Table
 
 from onecard.bench.results import publish
 from onecard.kernels.paged_attention import (
+    SPLIT_TILE,
     paged_decode_attention_split,
     paged_decode_attention_triton,
     split_plan,
@@ -98,16 +101,20 @@ def paged_case(B: int, ctx: int, width_tokens: int, Hq: int, Hkv: int, D: int, b
             "k": gathered(kc, ks), "v": gathered(vc, vs), "bytes": bytes_read}
 
 
-def methods(c: dict, scale: float) -> dict[str, Callable[[], torch.Tensor]]:
+def methods(c: dict, scale: float, partitions: tuple[int, ...]) -> dict[str, Callable[[], torch.Tensor]]:
+    """old, split (the planned partition), sdpa, and split@P for each forced partition P (the tuning sweep)."""
     B, Hq, D = c["q"].shape
     Hkv = c["k"].shape[1]
     qg = c["q"].view(B, Hkv, Hq // Hkv, D)
     args = (c["q"], c["kc"], c["vc"], c["bt"], c["ctx"], scale, c["ks"], c["vs"])
-    return {
+    fns = {
         "old": lambda: paged_decode_attention_triton(*args),
         "split": lambda: paged_decode_attention_split(*args),
         "sdpa": lambda: F.scaled_dot_product_attention(qg, c["k"], c["v"], scale=scale).reshape(B, Hq, D),
     }
+    for p in partitions:
+        fns[f"split@{p}"] = lambda p=p: paged_decode_attention_split(*args, partition=p)
+    return fns
 
 
 def main() -> None:
@@ -118,11 +125,11 @@ def main() -> None:
         import tempfile
 
         Hq, Hkv, D, block = 4, 2, 16, 8
-        batches, contexts, long_width = (1, 2), (64, 200), 512
+        batches, contexts, long_width, partitions = (1, 2), (64, 200), 512, (64,)
         out_dir = a.out or tempfile.mkdtemp(prefix="kernel_paged_decode_")
     else:
         Hq, Hkv, D, block = 32, 8, 128, 16
-        batches, contexts, long_width = (1, 8), (1024, 8192, 32768, 131072), 131072
+        batches, contexts, long_width, partitions = (1, 8), (1024, 8192, 32768, 131072), 131072, (128, 256, 512, 1024)
         out_dir = a.out
     bw = None
     if device == "cuda":
@@ -137,9 +144,9 @@ def main() -> None:
         for B in batches:
             for ctx, width in [(n, n) for n in contexts] + [(contexts[0], long_width)]:
                 c = paged_case(B, ctx, width, Hq, Hkv, D, block, fmt, device)
-                fns = methods(c, scale)
+                fns = methods(c, scale, partitions)
                 want = fns["sdpa"]().float()
-                partition, splits = split_plan(B, Hkv, c["bt"].shape[1] * block, max(64, block))
+                partition = split_plan(B, Hkv, c["bt"].shape[1] * block, max(SPLIT_TILE, block))[0]
                 for name, fn in fns.items():
                     err = (fn().float() - want).abs().max().item()
                     if err > 5e-2:
@@ -147,18 +154,18 @@ def main() -> None:
                     us = time_us(fn)
                     nbytes = c["bytes"] * (2 if name == "sdpa" and fmt == FP8 else 1)
                     gbs = nbytes / us / 1e3
+                    part = int(name[6:]) if name.startswith("split@") else partition if name == "split" else None
                     rows.append({"cache": "fp8" if fmt == FP8 else "bf16", "batch": B, "context": ctx,
                                  "table_tokens": width, "method": name, "us": us, "gbs": gbs,
                                  "pct_bandwidth": 100 * gbs / bw if bw else None, "max_abs_err": err,
-                                 "partition": partition if name == "split" else None,
-                                 "splits": splits if name == "split" else None})
+                                 "partition": part, "splits": -(-width // part) if part else None})
                 del c, fns
                 if device == "cuda":
                     torch.cuda.empty_cache()
     result = {"device": device, "card_bandwidth_gbs": bw, "heads": [Hq, Hkv, D], "block_size": block, "rows": rows,
               "elapsed_s": time.perf_counter() - t_start}
     for r in rows:
-        if r["method"] == "split":
+        if r["method"].startswith("split"):
             old = next(o for o in rows if o["method"] == "old" and all(o[k] == r[k] for k in
                                                                        ("cache", "batch", "context", "table_tokens")))
             r["speedup_vs_old"] = old["us"] / r["us"]

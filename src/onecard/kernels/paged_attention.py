@@ -275,22 +275,28 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
 
 # ---- flash-decoding: split the context over programs ------------------------------------------------------------
 # Programs a split launch aims for: several per SM on any card, so that a bs=1 long-context decode is not 32
-# serial walks over the whole cache (the per-query-head kernel above) but hundreds of short ones.
+# serial walks over the whole cache (the per-query-head kernel above) but hundreds of short ones. Partitions stay
+# within [SPLIT_MIN_PARTITION, SPLIT_MAX_PARTITION] tokens: shorter ones pay more for their partials (GROUP / partition
+# of the bytes read); longer ones leave a short context in a wide CUDA-graph table (max_model_len) on few programs.
+# Untuned guesses: benchmarks/kernel_paged_decode.py times a range of partitions to set them from.
 SPLIT_TARGET_PROGRAMS = 1024
+SPLIT_MIN_PARTITION = 128
+SPLIT_MAX_PARTITION = 512
 SPLIT_TILE = 64  # tokens per inner iteration (at least one cache block)
 DOT_ROWS = 16  # tl.dot needs >= 16 rows: the GROUP query heads of a KV head are padded to this
 
 
-def split_plan(batch: int, num_kv_heads: int, max_context: int, tile: int,
-               target_programs: int = SPLIT_TARGET_PROGRAMS) -> tuple[int, int]:
+def split_plan(batch: int, num_kv_heads: int, max_context: int, tile: int) -> tuple[int, int]:
     """(tokens per partition, partitions) for a launch of ``batch x num_kv_heads x partitions`` programs.
 
     Depends only on shapes (``max_context`` is the block-table width in tokens), never on the context lengths,
     so a CUDA graph captured once replays for any lengths: partitions past a sequence's end simply exit.
-    Partitions are whole tiles; as many as fill ``target_programs``, but never shorter than one tile."""
+    Partitions are whole tiles, as many as fill ``SPLIT_TARGET_PROGRAMS`` within the partition bounds."""
     tiles = max(1, -(-max_context // tile))
-    want = max(1, min(tiles, target_programs // max(1, batch * num_kv_heads)))
-    partition = -(-tiles // want) * tile
+    want = max(1, SPLIT_TARGET_PROGRAMS // max(1, batch * num_kv_heads))
+    per = max(-(-tiles // want), -(-SPLIT_MIN_PARTITION // tile))
+    per = min(per, max(1, SPLIT_MAX_PARTITION // tile), tiles)
+    partition = per * tile
     return partition, -(-max_context // partition)
 
 
