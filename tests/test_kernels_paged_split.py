@@ -14,6 +14,7 @@ from test_engine_kv_quant import (
 from onecard.errors import BadInputError
 from onecard.kernels.paged_attention import (
     SPLIT_MAX_PARTITION,
+    SPLIT_MAX_PROGRAMS,
     SPLIT_MIN_PARTITION,
     paged_decode_attention_reference,
     paged_decode_attention_split,
@@ -61,12 +62,15 @@ def test_launch_depends_on_table_width_only():
 
 def test_split_plan_covers_the_context_within_the_bounds():
     for batch, hkv, ctx, tile in [(1, 8, 32768, 64), (8, 8, 32768, 64), (1, 8, 1024, 64), (64, 8, 131072, 64),
-                                  (1, 1, 64, 64), (3, 2, 1, 64), (1, 8, 4096, 256)]:
+                                  (256, 8, 32768, 64), (1, 1, 64, 64), (3, 2, 1, 64), (1, 8, 4096, 256)]:
         partition, splits = split_plan(batch, hkv, ctx, tile)
         assert partition % tile == 0 and partition * splits >= ctx > partition * (splits - 1)
-        assert min(SPLIT_MIN_PARTITION, splits * partition) <= partition <= max(SPLIT_MAX_PARTITION, tile)
+        assert partition >= min(SPLIT_MIN_PARTITION, splits * partition)
+        assert batch * hkv * splits <= SPLIT_MAX_PROGRAMS or splits == 1
     assert split_plan(1, 8, 32768, 64) == (256, 128)  # bs=1 long context: 1024 programs, not 32
-    assert split_plan(8, 8, 32768, 64) == (SPLIT_MAX_PARTITION, 32768 // SPLIT_MAX_PARTITION)
+    assert split_plan(1, 8, 131072, 64) == (SPLIT_MAX_PARTITION, 131072 // SPLIT_MAX_PARTITION)
+    assert split_plan(64, 8, 32768, 64) == (4096, 8)  # the program cap bounds the workspace
+    assert split_plan(256, 8, 32768, 64) == (32768, 1)  # the batch alone fills the GPU: no split
     assert split_plan(1, 8, 64, 64) == (64, 1)  # one partition: the kernel writes the output itself
 
 

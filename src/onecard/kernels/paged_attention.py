@@ -278,8 +278,12 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
 # serial walks over the whole cache (the per-query-head kernel above) but hundreds of short ones. Partitions stay
 # within [SPLIT_MIN_PARTITION, SPLIT_MAX_PARTITION] tokens: shorter ones pay more for their partials (GROUP / partition
 # of the bytes read); longer ones leave a short context in a wide CUDA-graph table (max_model_len) on few programs.
+# SPLIT_MAX_PROGRAMS overrides the upper bound: each program writes one partial, so it caps the workspace (2 KiB a
+# program for Llama-3-8B heads) that a big captured batch would otherwise keep in the graph pool. A batch that fills
+# the target with one program per (sequence, KV head) is not split at all.
 # Untuned guesses: benchmarks/kernel_paged_decode.py times a range of partitions to set them from.
 SPLIT_TARGET_PROGRAMS = 1024
+SPLIT_MAX_PROGRAMS = 4 * SPLIT_TARGET_PROGRAMS
 SPLIT_MIN_PARTITION = 128
 SPLIT_MAX_PARTITION = 512
 SPLIT_TILE = 64  # tokens per inner iteration (at least one cache block)
@@ -291,11 +295,14 @@ def split_plan(batch: int, num_kv_heads: int, max_context: int, tile: int) -> tu
 
     Depends only on shapes (``max_context`` is the block-table width in tokens), never on the context lengths,
     so a CUDA graph captured once replays for any lengths: partitions past a sequence's end simply exit.
-    Partitions are whole tiles, as many as fill ``SPLIT_TARGET_PROGRAMS`` within the partition bounds."""
+    Partitions are whole tiles, as many as fill ``SPLIT_TARGET_PROGRAMS`` within the bounds above."""
     tiles = max(1, -(-max_context // tile))
-    want = max(1, SPLIT_TARGET_PROGRAMS // max(1, batch * num_kv_heads))
-    per = max(-(-tiles // want), -(-SPLIT_MIN_PARTITION // tile))
-    per = min(per, max(1, SPLIT_MAX_PARTITION // tile), tiles)
+    lanes = max(1, batch * num_kv_heads)
+    if lanes >= SPLIT_TARGET_PROGRAMS:
+        return tiles * tile, 1
+    per = max(-(-tiles * lanes // SPLIT_TARGET_PROGRAMS), -(-SPLIT_MIN_PARTITION // tile))
+    per = min(per, max(1, SPLIT_MAX_PARTITION // tile))
+    per = min(max(per, -(-tiles * lanes // SPLIT_MAX_PROGRAMS)), tiles)
     partition = per * tile
     return partition, -(-max_context // partition)
 
@@ -311,7 +318,8 @@ if triton is not None:
                             QUANT: tl.constexpr, LOW_DOT: tl.constexpr):
         # One program per (sequence, KV head, partition): each K/V tile is loaded once for all GROUP query heads
         # (scores GROUP x TILE by tl.dot, rows padded to BLOCK_G >= 16). SINGLE (one partition) normalizes and
-        # writes the output; otherwise the partial (max, sum, unnormalized acc) goes to the workspace for _paged_combine_kernel.
+        # writes the output; otherwise the partial (max, sum, unnormalized acc) goes to the workspace for
+        # _paged_combine_kernel.
         # QUANT: fp8/int8 cache; each token's per-head scale multiplies its score column (K) and weight (V).
         # LOW_DOT: both dots in the query's 16-bit dtype (fp32 accumulate); otherwise exact fp32 dots.
         seq = tl.program_id(0)
