@@ -37,6 +37,7 @@ from rich.table import Table
 from onecard.bench.results import publish
 from onecard.kernels.paged_attention import (
     SPLIT_TILE,
+    gather_kv,
     paged_decode_attention_split,
     paged_decode_attention_triton,
     split_plan,
@@ -91,10 +92,8 @@ def paged_case(B: int, ctx: int, width_tokens: int, Hq: int, Hkv: int, D: int, b
     q = torch.randn(B, Hq, D, device=device, generator=g, dtype=torch.bfloat16)
 
     def gathered(cache: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-        x = cache[perm.long()]  # [B, per_seq, block, Hkv, D]
-        if scale is not None:
-            x = x.float() * scale[perm.long()].float()[..., None]
-        return x.reshape(B, per_seq * block, Hkv, D)[:, :ctx].to(torch.bfloat16).transpose(1, 2).contiguous()
+        x = gather_kv(cache, scale, perm.long(), torch.bfloat16)  # [B, per_seq, block, Hkv, D]
+        return x.reshape(B, per_seq * block, Hkv, D)[:, :ctx].transpose(1, 2).contiguous()
 
     bytes_read = B * ctx * Hkv * (2 * D * kc.element_size() + (2 * 2 if fmt == FP8 else 0))
     return {"q": q, "kc": kc, "vc": vc, "ks": ks, "vs": vs, "bt": bt, "ctx": ctx_lens,
@@ -187,10 +186,10 @@ def main() -> None:
     fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4), squeeze=False)
     for ax, B in zip(axes[0], batches):
         for cache, style in (("bf16", "-"), ("fp8", "--")):
-            for name in ("old", "split", "sdpa"):
+            for name, color in (("old", "tab:red"), ("split", "tab:blue"), ("sdpa", "tab:gray")):
                 pts = [r for r in rows if r["batch"] == B and r["cache"] == cache and r["method"] == name
                        and r["table_tokens"] == r["context"]]
-                ax.plot([r["context"] for r in pts], [r["us"] for r in pts], style, marker="o",
+                ax.plot([r["context"] for r in pts], [r["us"] for r in pts], style, marker="o", color=color,
                         label=f"{name} ({cache})")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
