@@ -1,17 +1,17 @@
-"""Decode attention over a paged KV cache: a Triton kernel and its PyTorch reference.
+"""Decode attention over a paged KV cache: Triton kernels and their PyTorch reference.
 
 Cache layout (per layer): ``k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]``.
 Sequence b's token at position p lives in block ``block_tables[b, p // block_size]``
 at offset ``p % block_size``. ``context_lens[b]`` counts the cached tokens
 (including the one being decoded, which ``store_kv`` wrote first).
 
-Two Triton kernels. ``paged_decode_attention_triton`` runs one program per (sequence, query head) and walks
-the whole context serially: fine at short contexts, but at bs=1 and 32k tokens only B x Hq programs stream
-gigabytes and each KV head is read GROUP times. ``paged_decode_attention_split`` (flash-decoding, what the
-engine uses) runs one program per (sequence, KV head, context partition) computing all GROUP query heads from
-one load of each K/V tile, then merges the partitions' (max, sum, acc) by log-sum-exp in a second small kernel.
-Shapes of every tensor they read are fixed per batch size (the partition count comes from the block-table width,
-not the lengths), and the context lengths are read on the device, so a CUDA graph can capture them.
+Two Triton decode-attention kernels. ``paged_decode_attention_triton`` runs one program per (sequence, query
+head) and walks the whole context serially: fine at short contexts, but at bs=1 and 32k tokens only B x Hq
+programs stream gigabytes and each KV head is read GROUP times. ``paged_decode_attention_split`` (flash-decoding,
+what the engine uses) runs one program per (sequence, KV head, context partition) computing all GROUP query heads
+from one load of each K/V tile, then merges the partitions' (max, sum, acc) by log-sum-exp in a second small
+kernel. Shapes of every tensor they read are fixed per batch size (the partition count comes from the block-table
+width, not the lengths), and the context lengths are read on the device, so a CUDA graph can capture them.
 
 Quantized caches (``kv_cache_dtype`` fp8 / int8, ``onecard.kernels.kv_quant``)
 come with ``k_scale, v_scale: [num_blocks, block_size, num_kv_heads]``: every
