@@ -1,0 +1,114 @@
+"""Flash-decoding paged attention (``paged_decode_attention_split``) vs the PyTorch reference, under
+TRITON_INTERPRET=1 on CPU: MHA and GQA, fp32/bf16 queries, fp16-scaled fp8/int8 caches, contexts that are not
+multiples of the block or partition, sequences of very different lengths (one of length 1), the CUDA-graph
+contract that the launch depends on the block-table width only, and the engine's decode through it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_engine_kv_quant import (
+    _paged,  # scattered-block paged cache builder (optionally quantized)
+)
+
+from onecard.errors import BadInputError
+from onecard.kernels.paged_attention import (
+    SPLIT_MAX_PARTITION,
+    SPLIT_MAX_PROGRAMS,
+    SPLIT_MIN_PARTITION,
+    paged_decode_attention_reference,
+    paged_decode_attention_split,
+    split_plan,
+)
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.usefixtures("one_thread")
+FP8, INT8 = torch.float8_e4m3fn, torch.int8
+CTX = [1, 150, 37]  # 150 tokens: three 64-token partitions, the last partial; 1 and 37 leave partitions idle
+
+
+@pytest.mark.parametrize("fmt", [None, FP8, INT8])
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (8, 1)], ids=["mha", "group4", "group8"])
+@pytest.mark.parametrize("partition", [64, None], ids=["split64", "planned"])
+def test_split_kernel_matches_reference(fmt, heads, partition):
+    Hq, Hkv = heads
+    q, kc, vc, ks, vs, bt, ctx, *_ = _paged(CTX, fmt, Hq=Hq, Hkv=Hkv, num_blocks=32)
+    got = paged_decode_attention_split(q, kc, vc, bt, ctx, 0.25, ks, vs, partition=partition)
+    want = paged_decode_attention_reference(q, kc, vc, bt, ctx, 0.25, ks, vs)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", [None, FP8])
+def test_split_kernel_bf16(fmt):
+    q, kc, vc, ks, vs, bt, ctx, *_ = _paged(CTX, fmt, Hq=8, Hkv=2, num_blocks=32)
+    q = q.bfloat16()
+    if fmt is None:
+        kc, vc = kc.bfloat16(), vc.bfloat16()
+    got = paged_decode_attention_split(q, kc, vc, bt, ctx, 0.25, ks, vs, partition=64)
+    want = paged_decode_attention_reference(q, kc, vc, bt, ctx, 0.25, ks, vs)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want.float()).abs().max() < 2e-2  # bf16 probabilities into the P @ V dot
+
+
+def test_launch_depends_on_table_width_only():
+    # a captured graph's block table is max_model_len wide (padded with the scratch block): same answer, and
+    # int64 context lengths (the graph's packed buffer) read like int32
+    q, kc, vc, _, _, bt, ctx, *_ = _paged(CTX, None, Hq=8, Hkv=2, num_blocks=32)
+    wide = torch.cat([bt, torch.full((bt.shape[0], 3 * bt.shape[1]), 31, dtype=bt.dtype)], dim=1)
+    narrow = paged_decode_attention_split(q, kc, vc, bt, ctx, 0.25, partition=64)
+    torch.testing.assert_close(paged_decode_attention_split(q, kc, vc, wide, ctx.long(), 0.25, partition=64), narrow,
+                               atol=1e-6, rtol=1e-6)
+
+
+def test_split_plan_covers_the_context_within_the_bounds():
+    for batch, hkv, ctx, tile in [(1, 8, 32768, 64), (8, 8, 32768, 64), (1, 8, 1024, 64), (64, 8, 131072, 64),
+                                  (256, 8, 32768, 64), (1, 1, 64, 64), (3, 2, 1, 64), (1, 8, 4096, 256)]:
+        partition, splits = split_plan(batch, hkv, ctx, tile)
+        assert partition % tile == 0 and partition * splits >= ctx > partition * (splits - 1)
+        assert partition >= min(SPLIT_MIN_PARTITION, splits * partition)
+        assert batch * hkv * splits <= SPLIT_MAX_PROGRAMS or splits == 1
+    assert split_plan(1, 8, 32768, 64) == (256, 128)  # bs=1 long context: 1024 programs, not 32
+    assert split_plan(1, 8, 131072, 64) == (SPLIT_MAX_PARTITION, 131072 // SPLIT_MAX_PARTITION)
+    assert split_plan(64, 8, 32768, 64) == (4096, 8)  # the program cap bounds the workspace
+    assert split_plan(256, 8, 32768, 64) == (32768, 1)  # the batch alone fills the GPU: no split
+    assert split_plan(1, 8, 64, 64) == (64, 1)  # one partition: the kernel writes the output itself
+
+
+def test_partition_must_be_whole_tiles():
+    q, kc, vc, _, _, bt, ctx, *_ = _paged([5], None)
+    with pytest.raises(BadInputError, match="multiple"):
+        paged_decode_attention_split(q, kc, vc, bt, ctx, 0.25, partition=96)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", [None, FP8])
+def test_split_kernel_llama_heads_on_gpu(fmt):
+    # bf16 dots (CUDA only), Llama-3-8B head shapes, the planned partition and a forced multi-split one
+    q, kc, vc, ks, vs, bt, ctx, *_ = _paged([1, 17, 3000, 640], fmt, Hq=32, Hkv=8, D=128, block_size=16,
+                                            num_blocks=256)
+    dev = "cuda"
+    q = q.to(dev).bfloat16()
+    kc, vc = (c.to(dev) if fmt is not None else c.to(dev).bfloat16() for c in (kc, vc))
+    ks, vs = (s.to(dev) if s is not None else None for s in (ks, vs))
+    bt, ctx = bt.to(dev), ctx.to(dev)
+    want = paged_decode_attention_reference(q, kc, vc, bt, ctx, 128 ** -0.5, ks, vs).float()
+    for partition in (None, 256):
+        got = paged_decode_attention_split(q, kc, vc, bt, ctx, 128 ** -0.5, ks, vs, partition=partition).float()
+        assert (got - want).abs().max() < 2e-2
+
+
+def test_engine_decode_through_the_split_kernel(tiny_model):
+    # the engine's call site (llama.Attention -> paged_decode_attention with use_triton): on CPU the runner picks
+    # the reference; switched to the Triton path, greedy tokens and logprobs stay those of the reference
+    from onecard.engine import LLM, SamplingParams
+
+    llm = LLM(tiny_model.path, max_model_len=256, max_num_seqs=2, block_size=8)
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
+    prompts = ["def read_config(path):\n    ", "The os module provides the functions that"]
+    want = [o.outputs[0] for o in llm.generate(prompts, sp, use_tqdm=False)]
+    llm.engine.runner.decode_attention = "triton"
+    got = [o.outputs[0] for o in llm.generate(prompts, sp, use_tqdm=False)]
+    for a, b in zip(want, got):
+        assert a.token_ids == b.token_ids
+        for t, la, lb in zip(a.token_ids, a.logprobs, b.logprobs):
+            assert abs(la[t] - lb[t]) < 1e-4
