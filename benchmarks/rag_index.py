@@ -22,7 +22,7 @@ queue for a core, CPU time what the query itself costs; the load average at
 the start of each part is recorded beside the figures.
 
     PYTHONPATH=src python benchmarks/rag_index.py --device cuda   # GPU box: writes docs/results/rag_index.{json,png}
-    PYTHONPATH=src python benchmarks/rag_index.py --device cpu    # docs/results/rag_index_cpu.{json,png} (~12 min), static
+    PYTHONPATH=src python benchmarks/rag_index.py --device cpu    # docs/results/rag_index_cpu.{json,png}: static, ~5 min (minilm ~12)
     ... --device cpu --embedder minilm --out /tmp/x             # MiniLM on the CPU instead
     PYTHONPATH=src python benchmarks/rag_index.py --smoke         # < 2 min on CPU, writes to a temp dir
     ... --embedder minilm|static|DIR    # DIR: any local sentence-transformers / model2vec folder (e.g. an fp16 MiniLM copy)
