@@ -1,9 +1,13 @@
 """RAG benchmark: embedding throughput (chunks/s) and retrieval latency at 100k chunks.
 
 Part 1 (GPU when present): embed real 1000/200-char chunks of the Python stdlib
-with the index's embedder (all-MiniLM-L6-v2; fp16 batch 128 on GPU) against
-the sentence-transformers defaults (fp32, batch 32) in the same process, and
-time a real end-to-end ``index_directory`` run (load, split, embed, write).
+with the index's embedder (default: all-MiniLM-L6-v2 in fp16 batch 128 on a GPU,
+the static embedder distilled from it on a CPU) against MiniLM with the
+sentence-transformers defaults (fp32, batch 32) in the same process, and time
+a real end-to-end ``index_directory`` run (load, split, embed, write). On a CPU
+it also times MiniLM with int8 dynamic quantisation of its linear layers
+(``torch.ao.quantization.quantize_dynamic``) and reports its vectors' minimum
+cosine to fp32.
 
 Part 2 (CPU, as the target asks): a 100k-chunk index. Its texts are real stdlib
 chunks cycled to 100k (each tagged with its copy number) and its vectors are
@@ -18,9 +22,10 @@ queue for a core, CPU time what the query itself costs; the load average at
 the start of each part is recorded beside the figures.
 
     PYTHONPATH=src python benchmarks/rag_index.py --device cuda   # GPU box: writes docs/results/rag_index.{json,png}
-    PYTHONPATH=src python benchmarks/rag_index.py --device cpu    # docs/results/rag_index_cpu.{json,png} (~12 min)
+    PYTHONPATH=src python benchmarks/rag_index.py --device cpu    # docs/results/rag_index_cpu.{json,png}: static, ~5 min (minilm ~12)
+    ... --device cpu --embedder minilm --out /tmp/x             # MiniLM on the CPU instead
     PYTHONPATH=src python benchmarks/rag_index.py --smoke         # < 2 min on CPU, writes to a temp dir
-    ... --embedder DIR    # any local sentence-transformers folder (e.g. an fp16 copy of MiniLM carried to a GPU box)
+    ... --embedder minilm|static|DIR    # DIR: any local sentence-transformers / model2vec folder (e.g. an fp16 MiniLM copy)
 """
 
 from __future__ import annotations
@@ -49,17 +54,23 @@ def stdlib_chunks(limit: int) -> list[str]:
     return out[:limit]
 
 
-def time_embed(model, texts: list[str], batch_size: int, repeats: int = 1) -> float:
-    """chunks/s of ``model.encode`` (one warm-up batch first)."""
+def st_encode(model):
+    """``encode(texts, batch_size)`` of a sentence-transformers model, unit vectors as NumPy."""
+    return lambda texts, batch_size: model.encode(texts, batch_size=batch_size, normalize_embeddings=True,
+                                                  convert_to_numpy=True)
+
+
+def time_embed(encode, texts: list[str], batch_size: int, repeats: int = 1) -> float:
+    """chunks/s of ``encode(texts, batch_size)`` (one warm-up batch first)."""
     import torch
 
-    model.encode(texts[:batch_size], batch_size=batch_size, normalize_embeddings=True)
+    encode(texts[:batch_size], batch_size)
     best = float("inf")
     for _ in range(repeats):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
+        encode(texts, batch_size)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
@@ -78,7 +89,8 @@ def time_queries(fn, queries: list) -> tuple[list[float], list[float]]:
     return wall, cpu
 
 
-def build_synthetic_index(db: Path, n: int, base_texts: list[str], base_vecs: np.ndarray, noise: float, seed: int = 0):
+def build_synthetic_index(db: Path, n: int, base_texts: list[str], base_vecs: np.ndarray, noise: float, embedder: str,
+                          seed: int = 0):
     from onecard.rag.splitter import Chunk
     from onecard.rag.store import FileUpdate, SqliteStore
 
@@ -94,7 +106,7 @@ def build_synthetic_index(db: Path, n: int, base_texts: list[str], base_vecs: np
         vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
         updates.append(FileUpdate(chunks[0].source, f"synthetic{f0}", chunks, vecs.astype(np.float32)))
     t0 = time.perf_counter()
-    store.apply(updates, [], {"embedder": "all-MiniLM-L6-v2", "dim": str(base_vecs.shape[1]), "chunk_size": "1000",
+    store.apply(updates, [], {"embedder": embedder, "dim": str(base_vecs.shape[1]), "chunk_size": "1000",
                               "chunk_overlap": "200", "unit": "chars"})
     write_s = time.perf_counter() - t0
     return store, write_s
@@ -134,7 +146,8 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=0, help="time only the first N evaluation questions (0 = all)")
     ap.add_argument("--real-vectors", action="store_true", help="embed every index chunk for real (GPU)")
     ap.add_argument("--device", default=None, help="cuda | cpu (default: cuda when present)")
-    ap.add_argument("--embedder", default=None, help="local sentence-transformers folder (default: bundled MiniLM)")
+    ap.add_argument("--embedder", default=None, help="minilm | static | local sentence-transformers or model2vec folder "
+                                                     "(default: minilm on cuda, static on cpu)")
     ap.add_argument("--out", default=None, help="output folder (default docs/results; temp dir with --smoke)")
     args = ap.parse_args()
     if args.smoke:
@@ -147,7 +160,7 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
 
     from onecard.bench.results import gpu_name, save_figure, write_result
-    from onecard.rag.embeddings import default_model_dir, load_embedder
+    from onecard.rag.embeddings import DEFAULT_MODEL, default_model_dir, load_embedder
     from onecard.rag.evalset import QUESTIONS_FILE
     from onecard.rag.evaluate import load_questions
     from onecard.rag.indexer import index_directory
@@ -164,16 +177,31 @@ def main() -> None:
 
     # ---- part 1: embedding throughput, ours vs sentence-transformers defaults ----
     ours = load_embedder(args.embedder, device)
-    ref = SentenceTransformer(args.embedder or str(default_model_dir()), device=device).float()  # fp32, batch 32
+    # the reference: MiniLM (or the sentence-transformers folder under test) with the library's defaults
+    ref_dir = str(default_model_dir()) if ours.static or ours.name == DEFAULT_MODEL else ours.name
+    ref_label = DEFAULT_MODEL if ours.static or ours.name == DEFAULT_MODEL else Path(ref_dir).name
+    ref = SentenceTransformer(ref_dir, device=device).float()  # fp32, batch 32
     bs = 128 if device == "cuda" else 16  # CPU: 16 measured fastest of 16/32/64 on the 2-core machine
-    ref_cps = time_embed(ref, texts[: args.chunks], 32, repeats=repeats)
-    our_cps = time_embed(ours.model, texts[: args.chunks], bs, repeats=repeats)
+    # a static model embeds hundreds of chunks/s: time it on all the texts, MiniLM on --chunks of them
+    our_texts = texts if ours.static else texts[: args.chunks]
+    ref_cps = time_embed(st_encode(ref), texts[: args.chunks], 32, repeats=repeats)
+    our_cps = time_embed(lambda t, b: ours.encode(t, batch_size=b), our_texts, bs, repeats=repeats)
+    int8 = {}
+    if device == "cpu":  # option (b) of the CPU target: int8 dynamic quantisation of MiniLM's linear layers
+        from torch.ao.quantization import quantize_dynamic
+
+        fp32_vecs = st_encode(ref)(texts[: args.chunks], 32)
+        qref = quantize_dynamic(ref, {torch.nn.Linear}, dtype=torch.qint8)
+        int8 = {"embed_chunks_per_s_minilm_int8": time_embed(st_encode(qref), texts[: args.chunks], bs),
+                "minilm_int8_min_cosine_to_fp32": float((st_encode(qref)(texts[: args.chunks], bs) * fp32_vecs)
+                                                        .sum(1).min())}
+        del qref
     del ref
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "docs"
         folder.mkdir()
-        for i in range(0, min(len(texts), args.chunks), 8):  # files of 8 chunks each, real text
-            (folder / f"f{i:05d}.py").write_text("\n\n".join(texts[i:i + 8]))
+        for i in range(0, len(our_texts), 8):  # files of 8 chunks each, real text
+            (folder / f"f{i:05d}.py").write_text("\n\n".join(our_texts[i:i + 8]))
         rep = index_directory(folder, Path(tmp) / "e2e.sqlite", batch_size=bs, embedder=args.embedder)
     e2e_cps = rep.chunks_written / rep.seconds
 
@@ -188,7 +216,7 @@ def main() -> None:
             base, base_vecs, noise = all_texts, ours.encode(all_texts, batch_size=bs, progress=True), 0.0
         else:
             noise = 0.02
-        store, write_s = build_synthetic_index(db, args.index_chunks, base, base_vecs, noise)
+        store, write_s = build_synthetic_index(db, args.index_chunks, base, base_vecs, noise, ours.name)
         targets, _ = load_questions(QUESTIONS_FILE)
         questions = [t.question for t in targets][: 20 if args.smoke else (args.queries or None)]
         qvecs = ours.encode(questions)
@@ -214,8 +242,14 @@ def main() -> None:
 
     p = {m: tuple(float(np.percentile(x, q) * 1e3) for x in t for q in (50, 95)) for m, t in lat.items()}
     table = Table("measure", "value", title="RAG index benchmark")
-    table.add_row(f"embed chunks/s, ours ({'fp16' if device == 'cuda' else 'fp32'}, batch {bs})", f"{our_cps:.0f}")
-    table.add_row("embed chunks/s, sentence-transformers defaults (fp32, batch 32)", f"{ref_cps:.0f}")
+    kind = "static" if ours.static else ("fp16" if device == "cuda" else "fp32")
+    table.add_row(f"embed chunks/s, ours ({Path(ours.name).name}, {kind}, batch {bs}, {len(our_texts)} chunks)",
+                  f"{our_cps:.1f}")
+    table.add_row(f"embed chunks/s, {ref_label} sentence-transformers defaults (fp32, batch 32)", f"{ref_cps:.1f}")
+    if int8:
+        table.add_row(f"embed chunks/s, MiniLM int8 dynamic quantisation (batch {bs})",
+                      f"{int8['embed_chunks_per_s_minilm_int8']:.1f} (min cosine to fp32 "
+                      f"{int8['minilm_int8_min_cosine_to_fp32']:.3f})")
     table.add_row("index_directory end to end, chunks/s", f"{e2e_cps:.0f}")
     table.add_row(f"index size: {n_index} chunks", f"{db_mb:.0f} MiB, written in {write_s:.1f} s "
                   f"({n_index / write_s:.0f} rows/s)")
@@ -230,8 +264,9 @@ def main() -> None:
     console.print(table)
 
     data = {
-        "device": device, "embedder": "all-MiniLM-L6-v2", "chunk_chars": 1000, "chunk_overlap_chars": 200,
-        "embed_chunks": args.chunks, "embed_chunks_per_s": our_cps, "embed_chunks_per_s_st_default": ref_cps,
+        "device": device, "embedder": ours.name, "chunk_chars": 1000, "chunk_overlap_chars": 200,
+        "embed_chunks": len(our_texts), "embed_chunks_per_s": our_cps, "embed_chunks_per_s_st_default": ref_cps,
+        "st_default_model": ref_label, "st_default_chunks": args.chunks, **int8,
         "embed_speedup_vs_st_default": our_cps / ref_cps, "embed_batch_size": bs,
         "index_end_to_end_chunks_per_s": e2e_cps, "index_chunks": n_index, "index_mib": db_mb,
         "index_write_s": write_s, "vector_memory_load_s": load_s, "index_vectors": "real" if args.real_vectors else "real embeddings of cycled chunks + noise 0.02",
@@ -255,7 +290,11 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    a.bar(["ST default", "ours", "index e2e"], [ref_cps, our_cps, e2e_cps], color=["grey", "tab:blue", "tab:green"])
+    bars = {f"{ref_label[:12]}\nST default": ref_cps, f"ours\n{kind}": our_cps, "index e2e": e2e_cps}
+    if int8:
+        bars["MiniLM\nint8"] = int8["embed_chunks_per_s_minilm_int8"]
+    a.bar(list(bars), list(bars.values()), color=["grey", "tab:blue", "tab:green", "tab:red"][: len(bars)])
+    a.set_yscale("log")
     a.set_ylabel("chunks / s")
     a.set_title(f"embedding, {gpu_name()}")
     names = list(p)

@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
         chunk_size: int = typer.Option(1000, help="Chunk size (in --unit)."),
         chunk_overlap: int = typer.Option(200, help="Overlap between consecutive chunks (in --unit)."),
         unit: str = typer.Option("chars", help="chars | tokens (tokens of the embedder's tokenizer)."),
-        embedder: Optional[str] = typer.Option(None, help="Local sentence-transformers folder (default: bundled all-MiniLM-L6-v2)."),
+        embedder: Optional[str] = typer.Option(None, help="minilm | static | a local sentence-transformers or model2vec folder (default: minilm on GPU, static on CPU; an existing index keeps its own)."),
         batch_size: int = typer.Option(64, help="Embedding batch size."),
     ) -> None:
         """Index a folder of documents (incremental: only changed files are re-embedded)."""
@@ -120,6 +120,7 @@ def register(app: typer.Typer) -> None:
         db: str = typer.Option(..., "--db", help=DB_HELP),
         questions: Optional[str] = typer.Option(None, "--questions", help="JSONL questions (default: the packaged stdlib set)."),
         index_stdlib: bool = typer.Option(False, "--index-stdlib", help="First index the packaged set's stdlib corpus into --db."),
+        embedder: Optional[str] = typer.Option(None, help="With --index-stdlib: minilm | static | a local folder (default as `rag index`)."),
         model: Optional[str] = typer.Option(None, "--model", help="Also answer each question with this model and score its citations."),
         limit: int = typer.Option(0, help="Answer only the first N questions with --model (0 = all)."),
         out: Optional[str] = typer.Option(None, "--out", help="Write the scores to this JSON file."),
@@ -139,8 +140,10 @@ def register(app: typer.Typer) -> None:
         )
 
         console = Console()
+        indexed: dict = {}
         if index_stdlib:
-            rep = index_stdlib_corpus(db, progress=True)
+            rep = index_stdlib_corpus(db, progress=True, embedder=embedder)
+            indexed = {"index_chunks_per_s": rep.chunks_per_s, "index_embed_s": rep.embed_seconds}
             console.print(f"indexed stdlib corpus: {rep.total_chunks} chunks ({rep.chunks_written} embedded at "
                           f"{rep.chunks_per_s:.1f} chunks/s)")
         targets, missing = load_questions(questions or QUESTIONS_FILE)
@@ -149,8 +152,15 @@ def register(app: typer.Typer) -> None:
                           f"({', '.join(missing[:8])})", highlight=False)
         scores = evaluate_retrieval(db, targets, progress=True)
         table = Table("mode", "recall@1", "recall@5", "recall@10", "MRR", "p95 ms", title=f"{len(targets)} questions")
-        result: dict = {"questions": len(targets), "questions_missing": len(missing), "cpu": platform.processor() or platform.machine(),
-                        "cpu_count": os.cpu_count(), "cpu_load_1min_at_start": os.getloadavg()[0]}
+        from onecard.rag.store import open_store
+
+        store = open_store(db)
+        try:
+            embedder_name = store.get_meta().get("embedder", "")
+        finally:
+            store.close()
+        result: dict = {"embedder": embedder_name, "questions": len(targets), "questions_missing": len(missing), "cpu": platform.processor() or platform.machine(),
+                        "cpu_count": os.cpu_count(), "cpu_load_1min_at_start": os.getloadavg()[0], **indexed}
         for mode, s in scores.items():
             table.add_row(mode, *(f"{s.recall[k]:.3f}" for k in (1, 5, 10)), f"{s.mrr:.3f}", f"{s.p95_ms:.1f}")
             for k in (1, 5, 10):

@@ -20,11 +20,29 @@ from pathlib import Path
 
 from onecard.errors import BadInputError
 from onecard.rag.splitter import Chunk
-from onecard.rag.store import Hit, search
+from onecard.rag.static_embedder import STATIC_EMBEDDER
+from onecard.rag.store import Hit, search, shared_store
 
 # all-MiniLM-L6-v2 cosine. On the stdlib eval index the best hit of every real question scored >= 0.41 and of
 # every off-topic question (eval/offtopic_questions.txt) <= 0.31: 0.35 sits between (docs/rag.md).
 DEFAULT_MIN_SIMILARITY = 0.35
+
+
+def best_similarity(question: str, hits: list[Hit], embedder: str) -> float | None:
+    """How close the best retrieved passage is to the question, as all-MiniLM-L6-v2's cosine (the threshold's scale).
+
+    A MiniLM index has it already (``Hit.similarity``). The static embedder's cosines have no fixed scale: a
+    mean of token vectors over a long chunk drifts toward a common direction, so on the stdlib index real and
+    off-topic questions scored 0.57+ vs up to 0.53, while on short notes a real question scored 0.37. So for a
+    static index the question and the top hits are embedded again with MiniLM (k + 1 texts, at answer time only).
+    """
+    if embedder == STATIC_EMBEDDER and hits:
+        from onecard.rag.embeddings import DEFAULT_MODEL, load_embedder
+        from onecard.rag.indexer import embed_text
+
+        vecs = load_embedder(DEFAULT_MODEL).encode([question] + [embed_text(h.chunk) for h in hits])
+        return float((vecs[1:] @ vecs[0]).max())
+    return max((h.similarity for h in hits if h.similarity is not None), default=None)
 UNKNOWN = "I don't know"
 
 PROMPT = """Answer the question using only the numbered context passages below. After each fact, cite the passage it comes from as [n]. If the passages do not contain the answer, reply exactly "I don't know".
@@ -141,13 +159,14 @@ def ask(question: str, db: str | Path, model: str | Path | None = None, k: int =
     """Answer ``question`` from the index at ``db`` with citations; "I don't know" when nothing relevant is found.
 
     Pass ``model`` (a local HF model folder) or ``generate`` (prompt -> text) to write the answer.
+    ``min_similarity`` applies to ``best_similarity`` (all-MiniLM-L6-v2's cosine, whatever built the index).
     """
     if generate is None and model is None:
         raise BadInputError("answering needs a model: pass --model DIR (a local HF model folder); "
                             "'onecard rag search' gives retrieval without one")
     result = search(question, db, k=k, mode=mode, embedder=embedder)
     hits = result.hits
-    best = max((h.similarity for h in hits if h.similarity is not None), default=None)
+    best = best_similarity(question, hits, shared_store(db).get_meta().get("embedder", ""))
     context = [Citation(n, h.chunk.source, h.chunk.page, h.chunk.heading, h.score, h.similarity)
                for n, h in enumerate(hits, start=1)]
     if not hits or best is None or best < min_similarity:

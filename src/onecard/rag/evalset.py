@@ -160,11 +160,12 @@ def write_questions(questions: list[dict], path: Path = QUESTIONS_FILE) -> Path:
 STDLIB_EXCLUDE = ["site-packages/*", "dist-packages/*", "test/*", "idlelib/*", "tkinter/*", "__pycache__/*"]
 
 
-def index_stdlib_corpus(db: str | Path, progress: bool = False):
+def index_stdlib_corpus(db: str | Path, progress: bool = False, embedder: str | None = None):
     """Index the evaluation corpus (``STDLIB_FILES`` of this Python) into ``db``; returns the IndexReport."""
     from onecard.rag.indexer import index_directory
 
-    return index_directory(stdlib_root(), db, include=list(STDLIB_FILES), exclude=STDLIB_EXCLUDE, progress=progress)
+    return index_directory(stdlib_root(), db, include=list(STDLIB_FILES), exclude=STDLIB_EXCLUDE, progress=progress,
+                           embedder=embedder)
 
 
 if __name__ == "__main__":  # regenerate: PYTHONPATH=src python -m onecard.rag.evalset

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from onecard.errors import BadInputError
-from onecard.rag.store import Hit, open_store, retrieve
+from onecard.rag.store import Hit, check_embedder, open_store, retrieve
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +99,12 @@ def evaluate_retrieval(db: str | Path, targets: list[Target], ks: tuple[int, ...
                        progress: bool = False) -> dict[str, ModeScores]:
     """recall@k for each k, MRR@depth and per-query retrieval latency for each of ``EVAL_MODES`` (query
     embedding excluded)."""
-    from onecard.rag.embeddings import load_embedder
+    from onecard.rag.embeddings import embedder_name, load_embedder
 
     store = open_store(db, memory_vectors=True)
     try:
         meta = store.get_meta()
+        check_embedder(meta, embedder_name(embedder or meta.get("embedder")))
         emb = load_embedder(embedder or meta.get("embedder"))
         qvecs = emb.encode([t.question for t in targets], progress=progress)
         out: dict[str, ModeScores] = {}
@@ -137,17 +138,21 @@ class RefusalScores:
 
 def evaluate_refusals(db: str | Path, targets: list[Target], off_topic: list[str], threshold: float,
                       embedder: str | None = None) -> RefusalScores:
-    """How the "I don't know" threshold splits real questions from off-topic ones (best cosine of the top 5)."""
-    from onecard.rag.embeddings import load_embedder
+    """How the "I don't know" threshold splits real questions from off-topic ones (``best_similarity`` of the
+    hybrid top 5, as ``ask`` computes it)."""
+    from onecard.rag.answer import best_similarity
+    from onecard.rag.embeddings import embedder_name, load_embedder
 
     store = open_store(db, memory_vectors=True)
     try:
-        emb = load_embedder(embedder or store.get_meta().get("embedder"))
+        meta = store.get_meta()
+        check_embedder(meta, embedder_name(embedder or meta.get("embedder")))
+        emb = load_embedder(embedder or meta.get("embedder"))
         qs = [t.question for t in targets] + list(off_topic)
         best = []
         for q, v in zip(qs, emb.encode(qs)):
             hits = retrieve(store, q, v, k=5, mode="hybrid").hits
-            best.append(max((h.similarity for h in hits if h.similarity is not None), default=0.0))
+            best.append(best_similarity(q, hits, emb.name) or 0.0)
     finally:
         store.close()
     a, b = np.array(best[: len(targets)]), np.array(best[len(targets):])

@@ -50,7 +50,7 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _embed_text(chunk) -> str:
+def embed_text(chunk) -> str:
     """What the embedder sees: the chunk behind a short header (file and heading), so a chunk deep in a
     section still carries the words that say what it is about. The stored/displayed text is the chunk alone."""
     name = "/".join(Path(chunk.source).parts[-2:])
@@ -61,8 +61,11 @@ def _embed_text(chunk) -> str:
 def index_directory(directory: str | Path, db: str | Path, include: list[str] | None = None,
                     exclude: list[str] | None = None, split: SplitConfig | None = None, embedder: str | None = None,
                     batch_size: int = 64, progress: bool = False) -> IndexReport:
-    """Index (or update the index of) every supported file under ``directory`` into ``db``."""
-    from onecard.rag.embeddings import load_embedder
+    """Index (or update the index of) every supported file under ``directory`` into ``db``.
+
+    ``embedder``: ``minilm``, ``static`` or a local folder; None = the index's own, or for a new index
+    ``default_embedder()`` (static on a CPU, MiniLM on a GPU). Another embedder than the index's is refused."""
+    from onecard.rag.embeddings import embedder_name, load_embedder
 
     t_start = time.perf_counter()
     root = Path(directory).expanduser()
@@ -76,8 +79,8 @@ def index_directory(directory: str | Path, db: str | Path, include: list[str] | 
     report = IndexReport(db=str(db), files_seen=len(paths))
     try:
         meta = store.get_meta()
+        check_embedder(meta, embedder_name(embedder or meta.get("embedder")))  # before minutes of loading
         emb = load_embedder(embedder or meta.get("embedder"))
-        check_embedder(meta, emb.name)
         want = {"chunk_size": str(split.chunk_size), "chunk_overlap": str(split.chunk_overlap), "unit": split.unit}
         for key, value in want.items():
             if key in meta and meta[key] != value:
@@ -114,7 +117,7 @@ def index_directory(directory: str | Path, db: str | Path, include: list[str] | 
         per_file = [(key, sha, split_documents(docs, split, token_length)) for key, sha, docs in todo]
         all_chunks = [c for _, _, cs in per_file for c in cs]
         t0 = time.perf_counter()
-        vectors = emb.encode([_embed_text(c) for c in all_chunks], batch_size=batch_size, progress=progress)
+        vectors = emb.encode([embed_text(c) for c in all_chunks], batch_size=batch_size, progress=progress)
         report.embed_seconds = time.perf_counter() - t0
         updates, pos = [], 0
         for key, sha, cs in per_file:

@@ -497,9 +497,10 @@ def retrieve(store: Store, query: str, query_vector: np.ndarray | None, k: int =
 
 
 def check_embedder(meta: dict[str, str], embedder_name: str) -> None:
+    """Vectors of different embedders are not comparable: refuse to query or extend an index with another one."""
     if meta.get("embedder") and meta["embedder"] != embedder_name:
         raise BadInputError(f"this index was built with embedder '{meta['embedder']}', not '{embedder_name}'; "
-                            "pass the same --embedder or build a new --db")
+                            "leave --embedder out (the index's own is used) or build a new --db")
 
 
 def search(query: str, db: str | Path, k: int = 5, mode: str = "hybrid", embedder: str | None = None,
@@ -511,10 +512,10 @@ def search(query: str, db: str | Path, k: int = 5, mode: str = "hybrid", embedde
     meta = store.get_meta()
     qvec = None
     if mode != "bm25":
-        from onecard.rag.embeddings import load_embedder
+        from onecard.rag.embeddings import embedder_name, load_embedder
 
+        check_embedder(meta, embedder_name(embedder or meta.get("embedder")))
         emb = load_embedder(embedder or meta.get("embedder"))
-        check_embedder(meta, emb.name)
         qvec = emb.encode([query])[0]
     return retrieve(store, query, qvec, k=k, mode=mode, candidates=candidates, rerank=rerank, fusion=fusion)
 
