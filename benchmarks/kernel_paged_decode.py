@@ -1,7 +1,7 @@
 """Paged decode attention: the per-query-head kernel vs the flash-decoding split kernel vs SDPA, one process.
 
     PYTHONPATH=src python benchmarks/kernel_paged_decode.py            # H100: ~1-2 min
-    PYTHONPATH=src python benchmarks/kernel_paged_decode.py --smoke    # CPU (Triton interpreter), tiny, < 1 min
+    TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/kernel_paged_decode.py --smoke    # CPU (Triton interpreter), tiny, < 1 min
 
 Shapes: Llama-3-8B attention (32 query heads, 8 KV heads, head_dim 128), one layer, 16-token cache blocks
 scattered in random order; batch 1 and 8, every sequence at the full context (1k, 8k, 32k, 128k); bf16 and fp8
@@ -25,7 +25,6 @@ Writes docs/results/kernel_paged_decode.json (+ PNG).
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 
@@ -35,6 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 from onecard.bench.results import publish
+from onecard.bench.timing import kernel_timer
 from onecard.kernels.paged_attention import (
     SPLIT_TILE,
     gather_kv,
@@ -52,23 +52,6 @@ def parse() -> argparse.Namespace:
     p.add_argument("--out", default=None, help="result folder (default docs/results; --smoke: a temp dir)")
     return p.parse_args()
 
-
-def timer(device: str) -> Callable[[Callable[[], object]], float]:
-    """Median microseconds of ``fn()``: do_bench on CUDA, a few wall-clock runs in the CPU interpreter."""
-    if device == "cuda":
-        import triton.testing
-
-        return lambda fn: triton.testing.do_bench(fn, warmup=5, rep=30, return_mode="median") * 1e3
-
-    def cpu(fn) -> float:
-        times = []
-        for _ in range(2):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e6)
-        return statistics.median(times)
-
-    return cpu
 
 
 def paged_case(B: int, ctx: int, width_tokens: int, Hq: int, Hkv: int, D: int, block: int, fmt: torch.dtype,
@@ -135,7 +118,7 @@ def main() -> None:
         from onecard.engine.offload import card_bandwidth_gbs
 
         bw = card_bandwidth_gbs(torch.device(device))
-    time_us = timer(device)
+    time_us = kernel_timer(device)
     scale = D ** -0.5
     t_start = time.perf_counter()
     rows = []

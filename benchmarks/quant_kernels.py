@@ -3,7 +3,7 @@
     PYTHONPATH=src python benchmarks/quant_kernels.py           # H100: ~1 min, the configs in wo_matmul.CONFIGS
     PYTHONPATH=src python benchmarks/quant_kernels.py --sweep   # H100: ~3-4 min, tries the config grid and prints
                                                                 #   a CONFIGS table to paste into wo_matmul.py
-    PYTHONPATH=src python benchmarks/quant_kernels.py --smoke   # CPU (Triton interpreter), tiny shapes, < 2 min
+    TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/quant_kernels.py --smoke   # CPU (Triton interpreter), tiny shapes, < 2 min
 
 Shapes: the Llama-2-7B linears as the engine fuses them (K x N: qkv 4096x12288,
 o 4096x4096, gate_up 4096x22016, down 11008x4096); M = 1, 2, 4, 8, 16 (decode
@@ -22,10 +22,8 @@ Writes docs/results/quant_kernels.json (+ PNG).
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from onecard.bench.results import save_figure, write_result
+from onecard.bench.timing import kernel_timer
 from onecard.kernels.wo_matmul import (
     CONFIGS,
     KernelConfig,
@@ -63,23 +62,6 @@ def packed_weight(K: int, N: int, bits: int, group: int, device: str) -> tuple[t
     zeros = torch.randint(1, 2**bits, (groups, N), device=device, generator=g).half()
     return qweight, scales, zeros
 
-
-def timer(device: str) -> Callable[[Callable[[], object]], float]:
-    """Median microseconds of ``fn()``: do_bench on CUDA, a few wall-clock runs in the CPU interpreter."""
-    if device == "cuda":
-        import triton.testing
-
-        return lambda fn: triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median") * 1e3
-
-    def cpu(fn) -> float:
-        times = []
-        for _ in range(2):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e6)
-        return statistics.median(times)
-
-    return cpu
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -132,7 +114,7 @@ def main() -> None:
         device, dtype, shapes, ms, out_dir = "cuda", torch.bfloat16, SHAPES, MS, a.out
     fl = "bf16" if dtype == torch.bfloat16 else "fp32"
     groups = {4: 128, 8: a.int8_group}
-    bench = timer(device)
+    bench = kernel_timer(device)
     t_start = time.perf_counter()
     weights = {(bits, s): packed_weight(K, N, bits, K if groups[bits] == -1 else groups[bits], device)
                for bits in (4, 8) for s, (K, N) in shapes.items()}
