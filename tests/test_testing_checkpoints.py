@@ -24,7 +24,7 @@ def stored(path: Path) -> dict[str, torch.Tensor]:
     out = {}
     for f in sorted(path.glob("*.safetensors")):
         with safe_open(str(f), "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
+            out.update({k: h.get_tensor(k) for k in h.keys()})  # noqa: SIM118 (safe_open is not iterable)
     return out
 
 

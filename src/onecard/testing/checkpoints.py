@@ -156,7 +156,10 @@ def fast_random_checkpoint(arch: str, size: str = "full", path: str | Path | Non
     Same config.json, keys and tokenizer; the weights are other random draws of the same kinds, so the folders
     are cached under their own ``random-fast-`` names. ``device`` is where the tensors are drawn (cuda: fastest).
     """
-    from onecard.testing.fast_checkpoint import DEFAULT_SHARD_BYTES, write_fast_random_checkpoint
+    from onecard.testing.fast_checkpoint import (
+        DEFAULT_SHARD_BYTES,
+        write_fast_random_checkpoint,
+    )
 
     config = _arch_config(arch, size, overrides)
     shard_bytes = shard_bytes or DEFAULT_SHARD_BYTES

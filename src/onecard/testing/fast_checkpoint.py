@@ -23,7 +23,7 @@ import torch
 
 from onecard.errors import UnsupportedModelError
 
-DEFAULT_SHARD_BYTES = 4 * 1024**3
+DEFAULT_SHARD_BYTES = 4 * 1024**3  # save_pretrained's shards are ~5 GB; this keeps host memory per shard lower
 _NORM_TYPES = (torch.nn.GroupNorm, torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
 
 
@@ -35,13 +35,6 @@ class TensorSpec:
     shape: tuple[int, ...]
     kind: str
 
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
 
 def _is_norm(module: torch.nn.Module) -> bool:
     # HF's own test: norms are custom classes, recognised by name (LlamaRMSNorm, nn.LayerNorm, ...).
@@ -51,24 +44,22 @@ def _is_norm(module: torch.nn.Module) -> bool:
 
 def meta_model(config: dict):
     """The HF model for ``config`` (a config.json dict) on the meta device: names and shapes, no memory."""
-    from onecard.testing.checkpoints import hf_model_class, hf_config
-
-    cls = hf_model_class(config)
-    with torch.device("meta"):
-        return cls(hf_config(config)) if cls is not None else _auto_from_config(hf_config(config))
-
-
-def _auto_from_config(hf_cfg):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_config(hf_cfg)
+    from onecard.testing.checkpoints import hf_config, hf_model_class
+
+    cls, hf_cfg = hf_model_class(config), hf_config(config)
+    with torch.device("meta"):
+        return cls(hf_cfg) if cls is not None else AutoModelForCausalLM.from_config(hf_cfg)
 
 
 def tensor_specs(model: torch.nn.Module) -> list[TensorSpec]:
-    """Every tensor ``save_pretrained`` writes for ``model``: tied weights once, persistent buffers, in module order.
+    """The parameters ``save_pretrained`` writes for ``model`` (tied ones once, under the first name), in module order.
 
-    Persistent buffers hold values (not random draws) that a meta model cannot
-    give, so they raise; none of the built-in architectures has one.
+    It would write persistent buffers too, but they hold values (not random
+    draws) a meta model cannot give, so they raise; none of the built-in
+    architectures has one (rotary ``inv_freq`` and CLIP's ``position_ids`` are
+    non-persistent).
     """
     specs, seen = [], set()
     for mod_name, module in model.named_modules():
