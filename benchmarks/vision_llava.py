@@ -16,8 +16,10 @@ weights), one warm-up answer, then the median of --repeats answers of
 
 Part 13b (llava-1.5-13b architecture): the process is capped at --cap-gib
 (``torch.cuda.set_per_process_memory_fraction``, a 24 GB card) *before* the
-model touches the GPU; random bf16 weights are built in host memory (as
-``from_pretrained`` reads a folder) and streamed layer by layer to the card,
+model touches the GPU; random bf16 weights are drawn on the card tensor by
+tensor into a cached folder (``fast_random_checkpoint``), read into host
+memory with ``from_pretrained`` (as a user's model is) and streamed layer by
+layer to the card,
 where the language model becomes int4 (vision tower + projector stay bf16).
 Reports peak GiB (allocator), the weights and KV-cache GiB, TTFT and tok/s.
 """
@@ -70,8 +72,12 @@ def test_image(size: int = 336):
     return img
 
 
-def build_llava(arch: str, size: str, dtype: str, device: str, image_size: int | None = None):
-    """Random HF LLaVA of ``arch`` (+ processor) in memory; the image token is the test tokenizer's ``<image>``."""
+def build_llava(arch: str, size: str, dtype: str, device: str, image_size: int | None = None,
+                via_folder: bool = False):
+    """Random HF LLaVA of ``arch`` (+ processor) in memory; the image token is the test tokenizer's ``<image>``.
+
+    ``via_folder``: read it with ``from_pretrained`` (on ``device``) from a cached folder the fast writer draws on
+    the GPU, instead of HF's init on ``device`` (minutes for a 13B in host memory)."""
     from onecard.models.arch import arch_config, scale_config
     from onecard.testing.checkpoints import build_random_model, shared_tokenizer
     from onecard.vision.testing import llava_processor
@@ -84,8 +90,17 @@ def build_llava(arch: str, size: str, dtype: str, device: str, image_size: int |
     proc, image_token = llava_processor(shared_tokenizer(4096), cfg["vision_config"]["image_size"],
                                         cfg["vision_config"]["patch_size"])
     cfg["image_token_index"] = image_token  # 4096: inside the real 32064-token vocabulary
-    hf = build_random_model(cfg, dtype, device, seed=0)
-    return hf, proc, cfg
+    if not via_folder:
+        return build_random_model(cfg, dtype, device, seed=0), proc, cfg
+    from transformers import LlavaForConditionalGeneration
+
+    from onecard.testing.checkpoints import fast_random_checkpoint
+
+    keep = ("image_token_index", "text_config", "vision_config", "image_seq_length")
+    folder = fast_random_checkpoint(arch, size, dtype=dtype, device="cuda" if torch.cuda.is_available() else "cpu",
+                                    overrides={k: v for k, v in cfg.items() if k in keep})
+    hf = LlavaForConditionalGeneration.from_pretrained(str(folder), dtype=getattr(torch, dtype), device_map=device)
+    return hf.eval(), proc, cfg
 
 
 def module_bytes(*mods) -> int:
@@ -123,7 +138,7 @@ def run_variant(name: str, arch: str, size: str, dtype: str, device: torch.devic
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     hf, proc, _ = build_llava(arch, size, dtype, "cpu" if host_build else str(device),
-                              image_size=112 if a.smoke else None)
+                              image_size=112 if a.smoke else None, via_folder=host_build)
     built = time.perf_counter() - t0
     cfg = VisionConfig(device=str(device), int4=int4, backend=backend)
     vm = VisionModel(None, proc, hf, cfg, device, getattr(torch, dtype), progress=not a.smoke)

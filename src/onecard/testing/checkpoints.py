@@ -63,24 +63,60 @@ def _default_dtype(dtype):
         torch.set_default_dtype(old)
 
 
-def build_random_model(config: dict, dtype: str = "float32", device: str = "cpu", seed: int = 0):
-    """An HF model with random weights for ``config`` (a config.json dict), in ``dtype`` on ``device``."""
-    import torch
+def hf_config(config: dict):
+    """The transformers config object for ``config`` (a config.json dict; keys starting with ``_`` dropped)."""
     from transformers import AutoConfig
 
     # transformers edits nested dicts (rope_scaling) in place: give it a copy so the caller's config stays as written.
-    hf_cfg = AutoConfig.for_model(**copy.deepcopy({k: v for k, v in config.items() if not k.startswith("_")}))
+    return AutoConfig.for_model(**copy.deepcopy({k: v for k, v in config.items() if not k.startswith("_")}))
+
+
+def hf_model_class(config: dict):
+    """The HF class to build for ``config``: LLaVA's own class, else None (``AutoModelForCausalLM.from_config``)."""
+    if config.get("model_type") == "llava":
+        from transformers import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration
+    return None
+
+
+def build_random_model(config: dict, dtype: str = "float32", device: str = "cpu", seed: int = 0):
+    """An HF model with random weights for ``config`` (a config.json dict), in ``dtype`` on ``device``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf_cfg = hf_config(config)
     torch.manual_seed(seed)
     torch_dtype = getattr(torch, dtype)
-    if config.get("model_type") == "llava":
-        from transformers import LlavaForConditionalGeneration as cls
-    else:
-        from transformers import AutoModelForCausalLM
-
-        cls = None
+    cls = hf_model_class(config)
     with _default_dtype(torch_dtype), torch.device(device):
         model = cls(hf_cfg) if cls else AutoModelForCausalLM.from_config(hf_cfg)
     return model.to(dtype=torch_dtype).eval()
+
+
+def write_config(out: Path, config: dict, dtype: str) -> None:
+    """Rewrite ``out/config.json`` (as transformers saved it) to keep the config exactly as the architecture declares
+    it, plus the dtype actually stored."""
+    saved = json.loads((out / "config.json").read_text())
+    saved.update(config)
+    saved["torch_dtype"] = dtype
+    saved.pop("dtype", None)
+    (out / "config.json").write_text(json.dumps(saved, indent=2))
+
+
+def copy_tokenizer(out: Path, config: dict) -> None:
+    """Put the shared test tokenizer (capped at 4096 tokens, inside every vocabulary) into ``out``."""
+    text_cfg = config.get("text_config", config)
+    tok = shared_tokenizer(min(text_cfg["vocab_size"], 4096))
+    for f in tok.iterdir():
+        shutil.copy(f, out / f.name)
+
+
+def _arch_config(arch: str, size: str, overrides: dict | None) -> dict:
+    config = scale_config(arch_config(arch), size)
+    config.update(overrides or {})
+    config.pop("_onecard_source", None)
+    return config
 
 
 def make_random_checkpoint(arch: str, size: str = "tiny", path: str | Path | None = None, *, dtype: str = "float32",
@@ -90,9 +126,7 @@ def make_random_checkpoint(arch: str, size: str = "tiny", path: str | Path | Non
 
     ``overrides`` patches the config (e.g. ``{"num_hidden_layers": 1}``). Returns the folder.
     """
-    config = scale_config(arch_config(arch), size)
-    config.update(overrides or {})
-    config.pop("_onecard_source", None)
+    config = _arch_config(arch, size, overrides)
     if path is None:
         # Keyed by the exact config, so a change to the built-in configs or the scaling rules never reuses a stale folder.
         tag = hashlib.sha1(json.dumps([config, tokenizer], sort_keys=True).encode()).hexdigest()[:8]
@@ -106,31 +140,50 @@ def make_random_checkpoint(arch: str, size: str = "tiny", path: str | Path | Non
     model = build_random_model(config, dtype=dtype, device=device, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
-    # Keep the config exactly as the architecture declares it (plus the dtype actually stored).
-    saved = json.loads((out / "config.json").read_text())
-    saved.update(config)
-    saved["torch_dtype"] = dtype
-    saved.pop("dtype", None)
-    (out / "config.json").write_text(json.dumps(saved, indent=2))
+    write_config(out, config, dtype)
     if tokenizer:
-        text_cfg = config.get("text_config", config)
-        tok = shared_tokenizer(min(text_cfg["vocab_size"], 4096))
-        for f in tok.iterdir():
-            shutil.copy(f, out / f.name)
+        copy_tokenizer(out, config)
+    if out != final:
+        publish_dir(out, final)
+    return final
+
+
+def fast_random_checkpoint(arch: str, size: str = "full", path: str | Path | None = None, *, dtype: str = "bfloat16",
+                           seed: int = 0, device: str = "cpu", tokenizer: bool = True, overrides: dict | None = None,
+                           shard_bytes: int | None = None) -> Path:
+    """Like ``make_random_checkpoint`` but drawn tensor by tensor (``fast_checkpoint.py``): seconds for a 13B, not minutes.
+
+    Same config.json, keys and tokenizer; the weights are other random draws of the same kinds, so the folders
+    are cached under their own ``random-fast-`` names. ``device`` is where the tensors are drawn (cuda: fastest).
+    """
+    from onecard.testing.fast_checkpoint import (
+        DEFAULT_SHARD_BYTES,
+        write_fast_random_checkpoint,
+    )
+
+    config = _arch_config(arch, size, overrides)
+    shard_bytes = shard_bytes or DEFAULT_SHARD_BYTES
+    if path is None:
+        tag = hashlib.sha1(json.dumps([config, tokenizer, shard_bytes], sort_keys=True).encode()).hexdigest()[:8]
+        final = cache_dir() / f"random-fast-{arch}-{size}-{dtype}-s{seed}-{tag}"
+        if (final / "config.json").exists():
+            return final
+        out = final.with_name(final.name + f".tmp{os.getpid()}")
+        shutil.rmtree(out, ignore_errors=True)
+    else:
+        final = out = Path(path)
+    write_fast_random_checkpoint(config, out, dtype, device, seed, tokenizer, shard_bytes)
     if out != final:
         publish_dir(out, final)
     return final
 
 
 def gpu_benchmark_checkpoint(arch: str = "llama-2-7b", console=None) -> Path:
-    """The full-size random bf16 checkpoint GPU benchmarks share: built on the GPU once, cached, GPU memory freed."""
-    import torch
-
+    """The full-size random bf16 checkpoint GPU benchmarks share: drawn on the GPU shard by shard, cached."""
     if console is not None:
-        console.print(f"[dim]building (or reusing) the random {arch} bf16 checkpoint on the GPU...[/]")
+        console.print(f"[dim]writing (or reusing) the random {arch} bf16 checkpoint from the GPU...[/]")
     t0 = time.perf_counter()
-    path = make_random_checkpoint(arch, "full", dtype="bfloat16", device="cuda")
-    torch.cuda.empty_cache()
+    path = fast_random_checkpoint(arch, "full", dtype="bfloat16", device="cuda")
     if console is not None:
         console.print(f"[dim]{path.name} ready ({time.perf_counter() - t0:.0f} s)[/]")
     return path
