@@ -119,6 +119,23 @@ def _arch_config(arch: str, size: str, overrides: dict | None) -> dict:
     return config
 
 
+def _target_dirs(path: str | Path | None, name: str, key: list) -> tuple[Path, Path | None]:
+    """(the folder to return, the folder to write or None when the cached one exists).
+
+    Without ``path`` the folder is cached as ``name-<hash of key>`` (keyed by the exact config, so a change to the
+    built-in configs or the scaling rules never reuses a stale folder) and written beside it first, then published.
+    """
+    if path is not None:
+        return Path(path), Path(path)
+    tag = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+    final = cache_dir() / f"{name}-{tag}"
+    if (final / "config.json").exists():
+        return final, None
+    out = final.with_name(final.name + f".tmp{os.getpid()}")
+    shutil.rmtree(out, ignore_errors=True)
+    return final, out
+
+
 def make_random_checkpoint(arch: str, size: str = "tiny", path: str | Path | None = None, *, dtype: str = "float32",
                            seed: int = 0, device: str = "cpu", tokenizer: bool = True,
                            overrides: dict | None = None) -> Path:
@@ -127,16 +144,9 @@ def make_random_checkpoint(arch: str, size: str = "tiny", path: str | Path | Non
     ``overrides`` patches the config (e.g. ``{"num_hidden_layers": 1}``). Returns the folder.
     """
     config = _arch_config(arch, size, overrides)
-    if path is None:
-        # Keyed by the exact config, so a change to the built-in configs or the scaling rules never reuses a stale folder.
-        tag = hashlib.sha1(json.dumps([config, tokenizer], sort_keys=True).encode()).hexdigest()[:8]
-        final = cache_dir() / f"random-{arch}-{size}-{dtype}-s{seed}-{tag}"
-        if (final / "config.json").exists():
-            return final
-        out = final.with_name(final.name + f".tmp{os.getpid()}")
-        shutil.rmtree(out, ignore_errors=True)
-    else:
-        final = out = Path(path)
+    final, out = _target_dirs(path, f"random-{arch}-{size}-{dtype}-s{seed}", [config, tokenizer])
+    if out is None:
+        return final
     model = build_random_model(config, dtype=dtype, device=device, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
@@ -163,15 +173,9 @@ def fast_random_checkpoint(arch: str, size: str = "full", path: str | Path | Non
 
     config = _arch_config(arch, size, overrides)
     shard_bytes = shard_bytes or DEFAULT_SHARD_BYTES
-    if path is None:
-        tag = hashlib.sha1(json.dumps([config, tokenizer, shard_bytes], sort_keys=True).encode()).hexdigest()[:8]
-        final = cache_dir() / f"random-fast-{arch}-{size}-{dtype}-s{seed}-{tag}"
-        if (final / "config.json").exists():
-            return final
-        out = final.with_name(final.name + f".tmp{os.getpid()}")
-        shutil.rmtree(out, ignore_errors=True)
-    else:
-        final = out = Path(path)
+    final, out = _target_dirs(path, f"random-fast-{arch}-{size}-{dtype}-s{seed}", [config, tokenizer, shard_bytes])
+    if out is None:
+        return final
     write_fast_random_checkpoint(config, out, dtype, device, seed, tokenizer, shard_bytes)
     if out != final:
         publish_dir(out, final)
