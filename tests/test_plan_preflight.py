@@ -187,3 +187,18 @@ def test_plan_cli_json_and_table_agree():
     for key in ("total_gib", "engine_reserved_gib", "engine_kv_gib", "weights_gib"):
         assert f"{data[key]:.2f}" in t.output
     assert f"{data['engine_kv_tokens']:,} tokens" in t.output
+
+
+def test_speculation_widens_the_graph_workspace_the_preflight_counts():
+    """Verify steps replay the decode graphs with (1 + k) rows per sequence: the preflight sizes them as the
+    engine captures them (``graph_rows``), so the KV pool it promises is the one start-up will find."""
+    from onecard.engine.model_runner import cuda_graph_workspace_bytes, graph_batch_sizes
+
+    spec = resolve_model("llama-3-8b")
+    card = CardMemory(total_bytes=24 * GIB, free_bytes=23 * GIB, name="fake 4090")
+    plain, spec4 = (engine_memory(spec, "bf16", card, 0.9, 16, 8192, num_speculative_tokens=k) for k in (0, 4))
+    a = spec.args
+    assert spec4.workspace_bytes - plain.workspace_bytes == (
+        cuda_graph_workspace_bytes(graph_batch_sizes(80), a.vocab_size, a.hidden_size, 2)
+        - cuda_graph_workspace_bytes(graph_batch_sizes(16), a.vocab_size, a.hidden_size, 2)) > 0
+    assert spec4.kv_blocks < plain.kv_blocks

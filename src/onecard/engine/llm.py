@@ -127,7 +127,8 @@ def _preflight(folder, config: EngineConfig, user_max_model_len: int | None, dty
                              gpu_memory_utilization=config.gpu_memory_utilization, dtype_bytes=dtype.itemsize,
                              quantization=config.quantization, block_size=config.block_size,
                              enforce_eager=config.enforce_eager, cuda_graph_max_batch=config.cuda_graph_max_batch,
-                             kv_cache_dtype=config.kv_cache_dtype)
+                             kv_cache_dtype=config.kv_cache_dtype,
+                             num_speculative_tokens=config.num_speculative_tokens)
     config.max_model_len = check.max_model_len
 
 

@@ -70,10 +70,15 @@ def cuda_graph_workspace_bytes(batch_sizes: list[int], vocab_size: int, hidden_s
     return outputs + pool + sampler
 
 
-def graph_max_batch(config: EngineConfig) -> int:
+def graph_rows(max_num_seqs: int, num_speculative_tokens: int, cuda_graph_max_batch: int) -> int:
     """Rows the largest captured decode graph holds: a speculative step verifies ``1 + num_speculative_tokens``
-    rows per sequence through the same graphs (``ModelRunner.verify``)."""
-    return min(config.max_num_seqs * (1 + config.num_speculative_tokens), config.cuda_graph_max_batch)
+    rows per sequence through the same graphs (``ModelRunner.verify``). The planner's preflight sizes the graph
+    workspace with this same function."""
+    return min(max_num_seqs * (1 + num_speculative_tokens), cuda_graph_max_batch)
+
+
+def graph_max_batch(config: EngineConfig) -> int:
+    return graph_rows(config.max_num_seqs, config.num_speculative_tokens, config.cuda_graph_max_batch)
 
 
 class DecodeRow:

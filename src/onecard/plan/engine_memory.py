@@ -70,7 +70,8 @@ class EngineMemory:
 
 def engine_memory(spec: ModelSpec, fmt: str, memory: CardMemory, utilization: float, max_num_seqs: int,
                   max_num_batched_tokens: int, block_size: int = 16, kv_cache_dtype: str = "auto",
-                  enforce_eager: bool = False, cuda_graph_max_batch: int = CUDA_GRAPH_MAX_BATCH) -> EngineMemory:
+                  enforce_eager: bool = False, cuda_graph_max_batch: int = CUDA_GRAPH_MAX_BATCH,
+                  num_speculative_tokens: int = 0) -> EngineMemory:
     """Predict the engine's start-up split of ``memory`` for ``spec`` with weights in ``fmt``.
 
     Weights are allocator-rounded (``M.weight_tensors``); the activation peak is
@@ -80,14 +81,15 @@ def engine_memory(spec: ModelSpec, fmt: str, memory: CardMemory, utilization: fl
     ``cuda_graph_workspace_bytes`` and ``plan_kv_cache``.
     """
     from onecard.engine.model_runner import (FIXED_HEADROOM_BYTES, cuda_graph_workspace_bytes, graph_batch_sizes,
-                                             plan_kv_cache)
+                                             graph_rows, plan_kv_cache)
 
     a = spec.args
     weights = M.reserved_bytes(M.weight_tensors(spec, fmt))
     act = M.inference_activation_bytes(spec, max_num_batched_tokens, max_num_seqs, 0)
     elem = 4 if fmt == "fp32" else 2
     workspace = 0 if enforce_eager else cuda_graph_workspace_bytes(
-        graph_batch_sizes(min(max_num_seqs, cuda_graph_max_batch)), a.vocab_size, a.hidden_size, elem)
+        graph_batch_sizes(graph_rows(max_num_seqs, num_speculative_tokens, cuda_graph_max_batch)), a.vocab_size,
+        a.hidden_size, elem)
     block = M.kv_bytes_per_token(spec, kv_cache_dtype) * block_size
     free_after_load = memory.free_bytes - weights
     kv = plan_kv_cache(card_bytes=memory.total_bytes, cap_fraction=memory.cap_fraction,

@@ -52,7 +52,7 @@ def engine_preflight(model, memory: CardMemory, *, max_model_len: int | None, de
                      max_num_seqs: int, max_num_batched_tokens: int, gpu_memory_utilization: float,
                      dtype_bytes: int = 2, quantization: str | None = None, block_size: int = 16,
                      enforce_eager: bool = False, cuda_graph_max_batch: int = 256,
-                     kv_cache_dtype: str = "auto") -> EnginePreflight:
+                     kv_cache_dtype: str = "auto", num_speculative_tokens: int = 0) -> EnginePreflight:
     """Check that the engine's KV pool on ``memory`` holds one ``max_model_len`` sequence, before loading.
 
     ``max_model_len`` None means the user did not set one: ``default_max_model_len``
@@ -67,7 +67,7 @@ def engine_preflight(model, memory: CardMemory, *, max_model_len: int | None, de
 
     def split(weight_format: str = fmt, seqs: int = max_num_seqs) -> EngineMemory:
         return engine_memory(spec, weight_format, memory, gpu_memory_utilization, seqs, max_num_batched_tokens,
-                             block_size, kv_dtype, enforce_eager, cuda_graph_max_batch)
+                             block_size, kv_dtype, enforce_eager, cuda_graph_max_batch, num_speculative_tokens)
 
     eng = split()
     want = default_max_model_len if max_model_len is None else max_model_len
