@@ -1,5 +1,5 @@
 """n-gram (prompt-lookup) speculative decoding: greedy outputs identical to plain decoding, acceptance counted,
-no block leaks, sampled requests untouched; the drafting and acceptance rules themselves."""
+no block leaks, penalized/logprob requests untouched (sampling: test_engine_rejection_sampling.py); the drafting and acceptance rules themselves."""
 
 from __future__ import annotations
 
@@ -66,14 +66,14 @@ def test_greedy_outputs_identical_with_speculation(arch, tiny_model, random_chec
         assert st["spec_accepted_tokens"] > 0 and 0 < st["spec_acceptance_rate"] <= 1
 
 
-def test_sampled_and_penalized_requests_do_not_speculate(random_checkpoint):
+def test_penalized_and_logprob_requests_do_not_speculate(random_checkpoint):
     path = random_checkpoint("llama-2-7b")
     spec = LLM(path, max_model_len=256, max_num_seqs=4, block_size=8, num_speculative_tokens=4)
     plain = LLM(path, max_model_len=256, max_num_seqs=4, block_size=8)
-    sp = SamplingParams(temperature=0.8, seed=3, max_tokens=16)
-    assert spec.generate([CODE], sp, use_tqdm=False)[0].outputs[0].token_ids == \
-        plain.generate([CODE], sp, use_tqdm=False)[0].outputs[0].token_ids
-    spec.generate([CODE], SamplingParams(temperature=0, repetition_penalty=1.3, max_tokens=16), use_tqdm=False)
+    for sp in (SamplingParams(temperature=0.8, seed=3, max_tokens=16, repetition_penalty=1.3),
+               SamplingParams(temperature=0.8, seed=3, max_tokens=16, logprobs=2)):
+        assert spec.generate([CODE], sp, use_tqdm=False)[0].outputs[0].token_ids == \
+            plain.generate([CODE], sp, use_tqdm=False)[0].outputs[0].token_ids
     assert spec.stats()["spec_draft_tokens"] == 0
 
 

@@ -27,6 +27,7 @@ import torch
 
 from onecard.engine.config import EngineConfig
 from onecard.engine.model_runner import DecodeRow, ModelRunner
+from onecard.engine.sampler import sampling_probs
 from onecard.engine.sequence import Sequence
 from onecard.errors import BadInputError, UnsupportedModelError
 from onecard.models import SUPPORTED_ARCHITECTURES, open_model_folder
@@ -49,31 +50,45 @@ class _Chunk:
 
 
 class DraftProposer:
-    """Greedy k-token proposals from the draft model for a decode batch (``Scheduler(propose=...)``)."""
+    """k-token proposals from the draft model for a decode batch (``Scheduler(propose=...)``)."""
 
     def __init__(self, runner: ModelRunner, max_num_batched_tokens: int) -> None:
         self.runner = runner
         self.max_num_batched_tokens = max_num_batched_tokens
         self.num_catch_up_tokens = 0  # draft prefill work: prompts and tokens decoded without speculation
         self.num_draft_steps = 0      # batched draft decode forwards
+        self.draft_probs: dict[int, torch.Tensor] = {}  # seq_id -> q [k, V] of the last proposal (sampled requests)
 
     @torch.no_grad()
     def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[list[int]]:
-        """``num_tokens[i]`` greedy draft tokens for ``seqs[i]`` (0: none); their slots must be reserved already."""
+        """``num_tokens[i]`` draft tokens for ``seqs[i]`` (0: none); their slots must be reserved already. Greedy
+        requests get the draft's argmax; sampled ones a draw from the draft's q (after the request's temperature
+        / top-k / top-p / min-p, from its own generator), and q is kept in ``draft_probs`` for verification."""
         active = [i for i, k in enumerate(num_tokens) if k > 0]
         self._catch_up([seqs[i] for i in active])
         drafts: list[list[int]] = [[] for _ in seqs]
+        probs: dict[int, list[torch.Tensor]] = {seqs[i].seq_id: [] for i in active if not seqs[i].params.greedy}
         while active:
             rows = [DecodeRow(drafts[i][-1] if drafts[i] else seqs[i].last_token, len(seqs[i]) + len(drafts[i]),
                           seqs[i].block_table) for i in active]
-            tokens = self.runner.decode_logits(rows).argmax(-1).tolist()
+            logits = self.runner.decode_logits(rows).float()
+            tokens = logits.argmax(-1)
+            sampled = [j for j, i in enumerate(active) if seqs[i].seq_id in probs]
+            if sampled:
+                q = sampling_probs(logits[sampled], [seqs[active[j]].params for j in sampled])
+                for row, j in zip(q, sampled):
+                    seq = seqs[active[j]]
+                    race = torch.empty_like(row).exponential_(generator=seq.generator)
+                    tokens[j] = (row / race).argmax()
+                    probs[seq.seq_id].append(row)
             self.num_draft_steps += 1
-            for i, t in zip(active, tokens):
+            for i, t in zip(active, tokens.tolist()):
                 drafts[i].append(t)
             active = [i for i in active if len(drafts[i]) < num_tokens[i]]
         for seq, d in zip(seqs, drafts):
             if d:  # KV written for the last token and every draft token but the final one
                 seq.num_draft_cached_tokens = len(seq) + len(d) - 1
+        self.draft_probs = {sid: torch.stack(rows) for sid, rows in probs.items()}
         return drafts
 
     def _catch_up(self, seqs: list[Sequence]) -> None:

@@ -95,9 +95,9 @@ class LLMEngine:
             raise BadInputError(f"sampling_params must be a SamplingParams, not {type(params).__name__}")
         blocker = why_not_speculative(params) if self.drafter is not None else None
         if blocker is not None:
-            raise NotBuiltYetError(f"{blocker} with speculative_model: the draft model serves greedy requests without "
-                                   "penalties or logprobs only (rejection sampling is not built); use temperature=0 "
-                                   "or an engine without speculative_model")
+            raise NotBuiltYetError(f"{blocker} with speculative_model: the draft model serves requests without "
+                                   "penalties or logprobs only (verification does not apply them); drop them or use "
+                                   "an engine without speculative_model")
         text, ids = self.encode(prompt)
         if len(ids) >= self.config.max_model_len:
             raise BadInputError(f"prompt is {len(ids)} tokens but max_model_len={self.config.max_model_len} leaves no "
@@ -212,8 +212,9 @@ class LLMEngine:
         return outputs
 
     def _speculative_step(self, seqs: list[Sequence], stream: bool) -> list[RequestOutput]:
-        """Verify every sequence's draft in one forward and append what greedy decoding would have produced."""
-        kept = self.runner.verify(seqs)
+        """Verify every sequence's draft in one forward and append what plain decoding would have produced
+        (greedy: the same tokens; sampled: tokens of the same distribution, by rejection sampling)."""
+        kept = self.runner.verify(seqs, self.drafter.draft_probs if self.drafter is not None else None)
         now = time.time()
         touched: dict[str, Request] = {}
         for seq, tokens in zip(seqs, kept):

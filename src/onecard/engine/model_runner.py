@@ -30,7 +30,7 @@ from onecard.engine.sampler import (
     sample_on_device,
 )
 from onecard.engine.sequence import Sequence
-from onecard.engine.speculative import accept_greedy
+from onecard.engine.speculative import accept_drafts
 from onecard.errors import BadInputError, DoesNotFitError
 from onecard.kernels.kv_quant import SCALE_DTYPE, kv_storage
 from onecard.models.llama import AttentionMetadata, LlamaModel
@@ -341,10 +341,11 @@ class ModelRunner:
         return self._graph_logits[graph_bs][:B]
 
     @torch.no_grad()
-    def verify(self, seqs: list[Sequence]) -> list[list[int]]:
-        """Speculative decode step (greedy): ``[last token, *draft]`` of each sequence run as decode rows, row i at
+    def verify(self, seqs: list[Sequence], draft_probs: dict[int, torch.Tensor] | None = None) -> list[list[int]]:
+        """Speculative decode step: ``[last token, *draft]`` of each sequence run as decode rows, row i at
         position ``len - 1 + i`` attending to ``len + i`` cached tokens; returns the tokens each sequence keeps
-        (accepted draft prefix + one model token).
+        (accepted draft prefix + one model token: greedy match, or rejection sampling for sampled requests with
+        the draft model's q from ``draft_probs`` by ``seq_id``, see ``speculative.accept_drafts``).
 
         Every row goes through the decode path (paged decode attention, the decode CUDA graph of the smallest
         captured size that holds all rows), not the prefill/prefix path: each row's attention is computed exactly
@@ -352,15 +353,13 @@ class ModelRunner:
         attends and a row sees only the ``len + i`` tokens up to itself. What may still differ from plain
         decoding is the matmuls' rounding at M = rows instead of M = 1 (cuBLAS may pick another kernel).
         """
+        return accept_drafts(seqs, self.verify_logits(seqs), draft_probs or {})
+
+    def verify_logits(self, seqs: list[Sequence]) -> torch.Tensor:
+        """The target's float32 logits of every verify row (``verify``'s forward alone)."""
         rows = [DecodeRow(tok, len(seq) + i, seq.block_table)
                 for seq in seqs for i, tok in enumerate([seq.last_token, *seq.draft_tokens])]
-        targets = self.decode_logits(rows).float().argmax(-1).tolist()  # as the sampler picks greedy tokens
-        out, start = [], 0
-        for seq in seqs:
-            n = 1 + len(seq.draft_tokens)
-            out.append(accept_greedy(seq.draft_tokens, targets[start:start + n]))
-            start += n
-        return out
+        return self.decode_logits(rows).float()
 
     # ---- CUDA graphs -----------------------------------------------------------------------------------------
     def alloc_static_inputs(self, max_bs: int) -> None:

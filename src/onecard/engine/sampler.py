@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from onecard.engine.sampling_params import SamplingParams
 from onecard.engine.sequence import Sequence
 
 
@@ -92,6 +93,21 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return logits
 
 
+def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Each row's distribution after its temperature (greedy rows: 1), top-k, top-p and min-p, penalties not
+    included: what a sampled token is drawn from, and the p and q that speculative rejection sampling compares."""
+    dev = logits.device
+    temp = _on([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32, dev)
+    scaled = logits / temp.unsqueeze(1)
+    use_kp = any(p.top_k > 0 or p.top_p < 1 for p in params)
+    use_min_p = any(p.min_p > 0 for p in params)
+    if use_kp or use_min_p:
+        scaled = filter_logits(
+            scaled, _on([p.top_k for p in params], torch.long, dev), _on([p.top_p for p in params], torch.float32, dev),
+            _on([p.min_p for p in params], torch.float32, dev), use_kp, use_min_p)
+    return scaled.softmax(-1)
+
+
 @torch.no_grad()
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
     """Choose one token per row of ``logits`` [B, V] (float32) for ``seqs``; waits for the device."""
@@ -112,15 +128,7 @@ def sample_on_device(logits: torch.Tensor, seqs: list[Sequence]) -> DeviceSample
         tokens = logits.argmax(-1)
     else:
         greedy = _on([p.greedy for p in params], torch.bool, dev)
-        temp = _on([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32, dev)
-        scaled = logits / temp.unsqueeze(1)
-        use_kp = any(p.top_k > 0 or p.top_p < 1 for p in params)
-        use_min_p = any(p.min_p > 0 for p in params)
-        if use_kp or use_min_p:
-            scaled = filter_logits(
-                scaled, _on([p.top_k for p in params], torch.long, dev), _on([p.top_p for p in params], torch.float32, dev),
-                _on([p.min_p for p in params], torch.float32, dev), use_kp, use_min_p)
-        probs = scaled.softmax(-1)
+        probs = sampling_probs(logits, params)
         q = torch.empty_like(probs).exponential_()
         for i, s in enumerate(seqs):
             if s.generator is not None:

@@ -38,7 +38,7 @@ class Scheduler:
                  propose: Callable[[list[Sequence], list[int]], list[list[int]]] | None = None) -> None:
         """``long_prefill_chunk=None``: no chunked prefill (each prompt is computed in one step, so it must fit the
         token budget); otherwise the most tokens one sequence's prefill takes per step. ``num_speculative_tokens``
-        > 0: decode steps of all-greedy batches carry drafts: n-gram ones (``speculative.py``), or ``propose``'s
+        > 0: decode steps of batches without penalty/logprob requests carry drafts: n-gram ones (``speculative.py``), or ``propose``'s
         (a draft model, ``draft_model.py``: given the sequences and how many tokens each may draft, with their
         cache slots already reserved)."""
         self.block_manager = block_manager

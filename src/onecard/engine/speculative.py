@@ -9,6 +9,10 @@ decoding the accepted tokens are exactly what step-by-step decoding would give.
 
 from __future__ import annotations
 
+import torch
+
+from onecard.engine.rejection_sampler import rejection_sample
+from onecard.engine.sampler import sampling_probs
 from onecard.engine.sampling_params import SamplingParams
 from onecard.engine.sequence import Sequence
 
@@ -34,11 +38,10 @@ def propose_ngram(token_ids: list[int], ngram_size: int, num_tokens: int) -> lis
 
 
 def why_not_speculative(params: SamplingParams) -> str | None:
-    """What keeps a request off speculative decoding (None: nothing). Only greedy requests without penalties or
-    logprobs speculate: for them accepting the draft prefix that equals the argmax at each position is exactly
-    non-speculative decoding (sampled requests would need rejection sampling, which is not built)."""
-    if not params.greedy:
-        return f"temperature={params.temperature}"
+    """What keeps a request off speculative decoding (None: nothing). Greedy requests accept the draft prefix
+    that equals the argmax at each position, sampled ones rejection-sample (``rejection_sampler.py``); both give
+    exactly what non-speculative decoding gives (in distribution, for sampling). Penalties and logprobs are not
+    built into verification (penalties would change with every accepted token), so those requests decode plainly."""
     if params.uses_penalties:
         return "repetition/presence/frequency penalties"
     if params.logprobs is not None:
@@ -56,3 +59,29 @@ def accept_greedy(draft: list[int], targets: list[int]) -> list[int]:
     while n < len(draft) and draft[n] == targets[n]:
         n += 1
     return targets[:n + 1]
+
+
+def accept_drafts(seqs: list[Sequence], logits: torch.Tensor, draft_probs: dict[int, torch.Tensor]) -> list[list[int]]:
+    """The tokens each sequence keeps from a verify step: ``logits`` [sum(k_i + 1), V] (float32) are the target's
+    rows ``[last token, *draft]`` of each sequence in order; ``draft_probs`` holds the draft model's q [k, V] by
+    ``seq_id`` for sampled sequences (absent: an n-gram draft, a point mass). One host transfer for the batch."""
+    sizes = [1 + len(s.draft_tokens) for s in seqs]
+    greedy = [s.params.greedy for s in seqs]
+    targets = logits.argmax(-1).tolist() if any(greedy) else []  # as the sampler picks greedy tokens
+    per_seq = logits.split(sizes)
+    sampled = []
+    for seq, rows, g in zip(seqs, per_seq, greedy):
+        if not g:
+            p = sampling_probs(rows, [seq.params] * rows.shape[0])
+            draft = torch.tensor(seq.draft_tokens, dtype=torch.long, device=logits.device)
+            sampled.append(rejection_sample(p, draft, draft_probs.get(seq.seq_id), seq.generator))
+    decided = iter(torch.stack(sampled).tolist() if sampled else [])
+    out, start = [], 0
+    for seq, n, g in zip(seqs, sizes, greedy):
+        if g:
+            out.append(accept_greedy(seq.draft_tokens, targets[start:start + n]))
+        else:
+            num_accepted, token = next(decided)
+            out.append(seq.draft_tokens[:num_accepted] + [token])
+        start += n
+    return out

@@ -144,9 +144,9 @@ class TPModelRunner(ModelRunner):
         return super().run(seqs, is_prefill)
 
     @torch.no_grad()
-    def verify(self, seqs: list[Sequence]) -> list[list[int]]:
+    def verify(self, seqs: list[Sequence], draft_probs: dict[int, torch.Tensor] | None = None) -> list[list[int]]:
         self._send(VERIFY, seqs)
-        return super().verify(seqs)
+        return super().verify(seqs, draft_probs)
 
     @torch.no_grad()
     def forward_step(self, kind: int, seqs: list[StepSequence]) -> None:
@@ -157,7 +157,7 @@ class TPModelRunner(ModelRunner):
         elif kind == DECODE:
             self.decode_logits(seqs)
         else:
-            self.verify(seqs)
+            self.verify_logits(seqs)
 
     def close(self) -> None:
         """Stop the workers and leave the process group (idempotent; also runs at garbage collection/exit)."""
