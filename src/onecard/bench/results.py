@@ -58,7 +58,8 @@ def publish(name: str, data: dict, fig, out_dir: str | Path | None, console) -> 
 
 
 def free_memory() -> None:
-    """Drop the last engine's tensors before the next one is built (engines run one after another in a benchmark)."""
+    """Hand the allocator's unused cached blocks back (after a garbage collection): between a benchmark's engines,
+    and before a preflight measures what the card has free."""
     import gc
 
     import torch

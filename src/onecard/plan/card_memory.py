@@ -77,15 +77,14 @@ def live_card_memory(device=None) -> CardMemory | None:
         return None
     if not torch.cuda.is_available():
         return None
-    import gc
+    from onecard.bench.results import free_memory
 
     dev = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
     index = dev.index if dev.index is not None else torch.cuda.current_device()
     # Blocks this process's allocator caches but no tensor uses (a finished engine, a training run before) are
     # memory the job can have: hand them back first, or the budget counts them as taken (measured on an H200: a
     # second engine in one process was refused with 0.0 GiB "available" out of 42).
-    gc.collect()
-    torch.cuda.empty_cache()
+    free_memory()
     free, total = torch.cuda.mem_get_info(index)
     return CardMemory(total, free, torch.cuda.get_per_process_memory_fraction(index),
                       torch.cuda.memory_reserved(index), torch.cuda.get_device_name(index))
