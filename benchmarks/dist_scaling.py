@@ -101,15 +101,18 @@ def _engine_run(folder: str, tp: int, device: str, a) -> dict:
     weight_gib = (sum(p.numel() * p.element_size() for p in model.parameters())
                   + sum(m.weight_bytes() for m in model.modules() if isinstance(m, QuantLinear))) / 2**30
     model = None
+    result = {"bs1_decode_tokens_per_s": (a.decode - 1) / max(one - prefill, 1e-9), "prefill_s": prefill,
+              "offline_tokens_per_s": a.batch * a.decode / offline, "weight_gib_rank0": weight_gib,
+              "cuda_graphs": stats["cuda_graphs"], "kv_blocks": stats["kv_blocks_total"]}
+    console.print(f"TP={tp}: {result['bs1_decode_tokens_per_s']:.1f} tok/s at bs=1, "
+                  f"{result['offline_tokens_per_s']:.1f} tok/s offline (bs={a.batch})")  # before a teardown can hang
     if tp > 1:
         llm.engine.runner.close()
     llm = None  # free the engine (a closure above holds the name)
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return {"bs1_decode_tokens_per_s": (a.decode - 1) / max(one - prefill, 1e-9), "prefill_s": prefill,
-            "offline_tokens_per_s": a.batch * a.decode / offline, "weight_gib_rank0": weight_gib,
-            "cuda_graphs": stats["cuda_graphs"], "kv_blocks": stats["kv_blocks_total"]}
+    return result
 
 
 def part_tp(a, out_dir: Path, scratch: Path) -> dict:
@@ -123,8 +126,7 @@ def part_tp(a, out_dir: Path, scratch: Path) -> dict:
     for tp in (1, 2):  # a line per engine: a run cut by a timeout still says how far it got
         t0 = time.perf_counter()
         res[tp] = _engine_run(folder, tp, device, a)
-        console.print(f"TP={tp}: {res[tp]['bs1_decode_tokens_per_s']:.1f} tok/s at bs=1 "
-                      f"({time.perf_counter() - t0:.0f} s)")
+        console.print(f"TP={tp} done in {time.perf_counter() - t0:.0f} s")
     data = {"arch": "llama-2-13b" + (" (tiny)" if a.smoke else ""), "dtype": "fp32" if a.smoke else "bf16",
             "quantization": a.quantization,
             "engine": "onecard LLM(tensor_parallel_size=N)", "prompt_tokens": a.prompt, "decode_tokens": a.decode,

@@ -126,3 +126,26 @@ def test_tp2_quantized_on_cuda_generates_the_single_gpu_tokens(quantization):
     assert type(llm.engine.runner.model.layers[0].mlp.down_proj.linear).__name__ == "QuantLinear"
     assert _generate(llm) == ref
     llm.engine.runner.close()
+
+
+def test_nccl_teardown_that_hangs_does_not_hang_close(monkeypatch, caplog):
+    """destroy/abort of an NCCL group whose all-reduces sit in CUDA graphs can block forever (pytorch#115388):
+    close() gives up after the timeout with a warning instead of never returning."""
+    import threading
+    import time
+
+    import torch.distributed as dist
+
+    from onecard.engine import tp_engine
+
+    stuck, called = threading.Event(), []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(dist.distributed_c10d, "_abort_process_group", lambda *a: called.append(1) or stuck.wait())
+    t0 = time.monotonic()
+    with caplog.at_level("WARNING", logger="onecard.engine.tp_engine"):
+        tp_engine.leave_group(timeout_s=0.3)
+    stuck.set()
+    assert called and time.monotonic() - t0 < 5
+    assert "did not tear down" in caplog.text

@@ -74,6 +74,32 @@ def test_split_plan_covers_the_context_within_the_bounds():
     assert split_plan(1, 8, 64, 64) == (64, 1)  # one partition: the kernel writes the output itself
 
 
+def test_plan_rows_makes_a_row_independent_of_its_batch():
+    # speculative verify: k + 1 rows of one sequence in an 8-row graph must sum as plain bs=1 decode does, or a
+    # bf16 near-tie flips; on a wide (max_model_len) table the 8-row plan picks longer partitions than bs=1's
+    q, kc, vc, _, _, bt, ctx, *_ = _paged([300] * 8, None, Hq=8, Hkv=2, block_size=64, num_blocks=48)
+    wide = torch.cat([bt, torch.full((8, 256 - bt.shape[1]), 47, dtype=bt.dtype)], dim=1)  # 16,384 tokens wide
+    assert split_plan(8, 2, 256 * 64, 64) != split_plan(1, 2, 256 * 64, 64)
+    alone = paged_decode_attention_split(q[:1], kc, vc, wide[:1], ctx[:1], 0.25)
+    in_batch = paged_decode_attention_split(q, kc, vc, wide, ctx, 0.25, plan_rows=1)
+    assert torch.equal(in_batch[:1], alone)
+
+
+def test_engine_plans_one_sequences_verify_graph_as_bs1():
+    from types import SimpleNamespace
+
+    from onecard.engine.config import EngineConfig
+    from onecard.engine.model_runner import ModelRunner
+
+    def rows(k, bs):
+        cfg = EngineConfig(model="m", num_speculative_tokens=k, max_num_seqs=8)
+        return ModelRunner.split_rows(SimpleNamespace(config=cfg), bs)
+
+    assert [rows(4, b) for b in (1, 2, 4, 8, 16)] == [1, 1, 1, 1, None]  # 5 verify rows replay the 8-row graph
+    assert [rows(8, b) for b in (8, 16, 32)] == [1, 1, None]
+    assert rows(0, 1) is None  # no speculation: every graph plans for its own rows
+
+
 def test_partition_must_be_whole_tiles():
     q, kc, vc, _, _, bt, ctx, *_ = _paged([5], None)
     with pytest.raises(BadInputError, match="multiple"):

@@ -405,12 +405,24 @@ class ModelRunner:
             rows[i, :len(t)] = t
         g["block_tables"][:graph_bs, :width].copy_(rows_t, non_blocking=pin)
 
+    def split_rows(self, bs: int) -> int | None:
+        """The row count a ``bs``-row graph plans its split-KV attention for: 1 for the graphs that hold one
+        sequence's speculative verify rows, so a verified token's attention sums in plain bs=1 decode's order and
+        greedy speculation stays token-identical in bf16 (``split_plan`` otherwise picks longer partitions for
+        more rows, and a near-tie can flip); ``None`` (the batch's own plan) for every other graph."""
+        k = self.config.num_speculative_tokens
+        if not k:
+            return None
+        one_seq = next((b for b in graph_batch_sizes(graph_max_batch(self.config)) if b >= 1 + k), None)
+        return 1 if one_seq is not None and bs <= one_seq else None
+
     def static_step(self, bs: int) -> torch.Tensor:
         """Decode the first ``bs`` rows of the static inputs: what each CUDA graph captures."""
         g = self._gbuf
         meta = AttentionMetadata(False, g["meta"][2, :bs], context_lens=g["meta"][3, :bs],
                                  block_tables=g["block_tables"][:bs], decode_attention=self.decode_attention,
-                                 fused_rope_store=self.is_cuda and self.config.fused_rope_store)
+                                 fused_rope_store=self.is_cuda and self.config.fused_rope_store,
+                                 split_rows=self.split_rows(bs))
         tokens = take_previous(g["meta"][0, :bs], g["meta"][4, :bs], self._sampled)
         return self.model.compute_logits(self.model(tokens, g["meta"][1, :bs], meta))
 

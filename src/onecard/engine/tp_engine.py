@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import threading
 import time
 import weakref
 from datetime import timedelta
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 PREFILL, DECODE, VERIFY = 0, 1, 2
 COLLECTIVE_TIMEOUT_S = 300  # longest any rank may wait in a collective (start-up skew included) before it fails
 READY_TIMEOUT_S = 1800  # loading a large checkpoint and capturing graphs on every rank
+LEAVE_TIMEOUT_S = 30  # tearing the NCCL group down at close
 _HEADER = 6  # per sequence: length, num_cached_tokens, num_scheduled_tokens, first token position, #blocks, #tokens
 
 
@@ -198,8 +200,27 @@ def _shutdown(workers: list[tuple[mp.Process, object]]) -> None:
             proc.kill()
             proc.join(5)
         conn.close()
-    if dist.is_initialized():
+    leave_group()
+
+
+def leave_group(timeout_s: float = LEAVE_TIMEOUT_S) -> None:
+    """Leave the engine's process group. NCCL aborts its communicators instead of destroying the group: after
+    all-reduces were captured in CUDA graphs, ``destroy_process_group`` waits forever (pytorch#115388; seen on
+    2x H200 with torch 2.11). The abort runs in a thread given ``timeout_s``: if it hangs too, the process goes on
+    with the group half torn down (a warning says so) rather than never returning from ``close``."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() != "nccl":
         dist.destroy_process_group()
+        return
+    torch.cuda.synchronize()
+    done = threading.Thread(target=dist.distributed_c10d._abort_process_group, daemon=True,
+                            name="onecard-tp-leave")
+    done.start()
+    done.join(timeout_s)
+    if done.is_alive():
+        log.warning("tensor parallel: the NCCL group did not tear down within %.0f s (pytorch#115388); this "
+                    "process cannot start another tensor-parallel engine", timeout_s)
 
 
 # ---- start-up ----------------------------------------------------------------------------------------------------
@@ -322,8 +343,7 @@ def _worker_main(rank: int, port: int, config: EngineConfig, dtype: torch.dtype,
             pass
         raise SystemExit(1) from None
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_group()
 
 
 def start_tp_runner(config: EngineConfig, folder, dtype: torch.dtype, device: torch.device,

@@ -419,12 +419,14 @@ if triton is not None:
 def paged_decode_attention_split(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                  block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                                  k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                                 partition: int | None = None) -> torch.Tensor:
+                                 partition: int | None = None, plan_rows: int | None = None) -> torch.Tensor:
     """Flash-decoding over the paged cache (Triton): same contract as ``paged_decode_attention_reference``.
 
     The grid is (B, Hkv, partitions) with partitions from ``split_plan`` over the block-table width, so it is
     fixed for a captured CUDA graph (the engine's static block table is max_model_len wide). ``partition``
-    (tokens, a multiple of ``SPLIT_TILE``) overrides the plan, for tests and benchmarks. bf16/fp16 dots run on CUDA
+    (tokens, a multiple of ``SPLIT_TILE``) overrides the plan, for tests and benchmarks; ``plan_rows`` plans it as
+    for that many rows instead of ``B`` (a row's sums then run in the same order as in a ``plan_rows``-row launch,
+    whatever else is in the batch). bf16/fp16 dots run on CUDA
     only: the CPU interpreter's bf16 ``tl.dot`` returns garbage, so there the dots are fp32."""
     if triton is None:
         from onecard.errors import MissingExtraError
@@ -435,7 +437,7 @@ def paged_decode_attention_split(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     tile = max(SPLIT_TILE, block_size)
     max_context = block_tables.shape[1] * block_size
     if partition is None:
-        partition, splits = split_plan(B, Hkv, max_context, tile)
+        partition, splits = split_plan(plan_rows or B, Hkv, max_context, tile)
     else:
         if partition % tile:
             from onecard.errors import BadInputError
@@ -470,8 +472,10 @@ def paged_decode_attention_split(q: torch.Tensor, k_cache: torch.Tensor, v_cache
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float, use_triton: bool,
-                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                           plan_rows: int | None = None) -> torch.Tensor:
     """Decode attention for the engine: the flash-decoding Triton kernel, or the PyTorch reference."""
     if use_triton:
-        return paged_decode_attention_split(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale)
+        return paged_decode_attention_split(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale,
+                                            plan_rows=plan_rows)
     return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale)

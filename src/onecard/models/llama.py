@@ -58,6 +58,8 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None
     decode_attention: str = "reference"  # "reference" (PyTorch) or "triton"
     fused_rope_store: bool = False  # decode: RoPE + cache write in one Triton kernel (CUDA)
+    # decode: plan the split-KV partitions as for this many rows, not the batch's own (see ModelRunner.static_step)
+    split_rows: int | None = None
     prefix_lens: list[int] | None = None
     per_step: dict = field(default_factory=dict, repr=False)  # what every layer of one step reuses (varlen plans)
 
@@ -148,7 +150,8 @@ class Attention(nn.Module):
             q = rope_store_kv_triton(qkv, positions, rotary.cos_sin, self.k_cache, self.v_cache, meta.slot_mapping,
                                      self.num_heads, self.num_kv_heads, self.head_dim, self.k_scale, self.v_scale)
             out = paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
-                                         self.scale, meta.decode_attention == "triton", self.k_scale, self.v_scale)
+                                         self.scale, meta.decode_attention == "triton", self.k_scale, self.v_scale,
+                                         meta.split_rows)
             return self.o_proj(out.reshape(T, self.q_size))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)
@@ -179,7 +182,8 @@ class Attention(nn.Module):
                 out = prefill_attention(q, k, v, seq_lens, self.scale)
         else:
             out = paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
-                                         self.scale, meta.decode_attention == "triton", self.k_scale, self.v_scale)
+                                         self.scale, meta.decode_attention == "triton", self.k_scale, self.v_scale,
+                                         meta.split_rows)
         return self.o_proj(out.reshape(T, self.q_size))
 
 
