@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from onecard.bench.table import COLUMNS, ROWS, TableConfig, max_fitting
@@ -63,3 +64,28 @@ def test_bench_table_smoke_cli(random_checkpoint, tmp_path):
     want = int(r["config_cpu_kv_budget_mib"] * 2**20) // kv_per_token // r["config_search_step"] * r["config_search_step"]
     assert 0 < want < cfg["max_position_embeddings"]
     assert by["onecard-bf16"]["max_context_tokens"] == by["onecard-int4"]["max_context_tokens"] == want
+
+
+def test_hf_offline_halves_the_batch_until_it_fits():
+    from rich.progress import Progress
+
+    from onecard.bench.table import _hf_offline_fitting
+
+    class Model(torch.nn.Module):
+        """generate() runs out of memory above 8 rows, like HF bf16 under a 24 GiB cap at batch 32."""
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.batches = []
+
+        def generate(self, ids, **kw):
+            self.batches.append(ids.shape[0])
+            if ids.shape[0] > 8:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+            return ids
+
+    model, reqs = Model(), [([5, 6, 7], 4)] * 20
+    with Progress(disable=True) as progress:
+        batch, tok_s = _hf_offline_fitting(model, reqs, 32, progress)
+    assert batch == 8 and tok_s > 0 and model.batches[:3] == [20, 16, 8]
