@@ -90,8 +90,13 @@ def test_committed_runs_cover_depths_formats_and_cards():
 
 
 def test_leave_one_run_out_predicts_every_committed_bs1_speed_within_target():
-    """Each measured run is predicted by the model fitted without it (its repeats left out too)."""
-    errors = {f"{o.group}": pred / o.tok_s - 1 for o, pred in leave_one_out(_committed())}
+    """Each measured run is predicted by the model fitted without it (its repeats left out too). A run whose weight
+    format no other run measured (int8: quant_decode.json alone) has nothing left to fit that format's efficiency
+    from, so it is not predicted here: the planner fits it with that run in."""
+    obs = _committed()
+    seen_elsewhere = {o.group for o in obs if any(p.fmt == o.fmt and p.group != o.group for p in obs)}
+    errors = {f"{o.group}": pred / o.tok_s - 1 for o, pred in leave_one_out(obs) if o.group in seen_elsewhere}
+    assert all(g.endswith(":int8") for g in {o.group for o in obs} - seen_elsewhere)  # only the lone int8 run
     worst = max(errors, key=lambda k: abs(errors[k]))
     assert abs(errors[worst]) <= TARGET, f"{worst}: {errors[worst]:+.1%}"
 
