@@ -41,7 +41,7 @@ class DeviceSample:
         return [t for t in (self.tokens, self.chosen_logprobs, self.top_logprobs, self.top_ids) if t is not None]
 
 
-def _on(values: list, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
+def host_to_device(values: list, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
     """A small per-step parameter tensor on ``dev`` without a host sync (a pageable copy would wait for the GPU)."""
     t = torch.tensor(values, dtype=dtype)
     return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
@@ -51,9 +51,9 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Repetition (prompt + output, HF/vLLM rule), presence and frequency (output only) penalties."""
     V = logits.shape[1]
     dev = logits.device
-    rep = torch.tensor([s.params.repetition_penalty for s in seqs], device=dev).unsqueeze(1)
-    pres = torch.tensor([s.params.presence_penalty for s in seqs], device=dev).unsqueeze(1)
-    freq = torch.tensor([s.params.frequency_penalty for s in seqs], device=dev).unsqueeze(1)
+    rep = host_to_device([s.params.repetition_penalty for s in seqs], torch.float32, dev).unsqueeze(1)
+    pres = host_to_device([s.params.presence_penalty for s in seqs], torch.float32, dev).unsqueeze(1)
+    freq = host_to_device([s.params.frequency_penalty for s in seqs], torch.float32, dev).unsqueeze(1)
     out_counts = _counts([s.completion_token_ids for s in seqs], V, dev)
     prompt_seen = _counts([s.token_ids[:s.num_prompt_tokens] for s in seqs], V, dev) > 0
     seen = prompt_seen | (out_counts > 0)
@@ -97,14 +97,14 @@ def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
     """Each row's distribution after its temperature (greedy rows: 1), top-k, top-p and min-p, penalties not
     included: what a sampled token is drawn from, and the p and q that speculative rejection sampling compares."""
     dev = logits.device
-    temp = _on([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32, dev)
+    temp = host_to_device([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32, dev)
     scaled = logits / temp.unsqueeze(1)
     use_kp = any(p.top_k > 0 or p.top_p < 1 for p in params)
     use_min_p = any(p.min_p > 0 for p in params)
     if use_kp or use_min_p:
-        scaled = filter_logits(
-            scaled, _on([p.top_k for p in params], torch.long, dev), _on([p.top_p for p in params], torch.float32, dev),
-            _on([p.min_p for p in params], torch.float32, dev), use_kp, use_min_p)
+        scaled = filter_logits(scaled, host_to_device([p.top_k for p in params], torch.long, dev),
+                               host_to_device([p.top_p for p in params], torch.float32, dev),
+                               host_to_device([p.min_p for p in params], torch.float32, dev), use_kp, use_min_p)
     return scaled.softmax(-1)
 
 
@@ -127,7 +127,7 @@ def sample_on_device(logits: torch.Tensor, seqs: list[Sequence]) -> DeviceSample
     if all(p.greedy for p in params):
         tokens = logits.argmax(-1)
     else:
-        greedy = _on([p.greedy for p in params], torch.bool, dev)
+        greedy = host_to_device([p.greedy for p in params], torch.bool, dev)
         probs = sampling_probs(logits, params)
         q = torch.empty_like(probs).exponential_()
         for i, s in enumerate(seqs):

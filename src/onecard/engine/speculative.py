@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from onecard.engine.rejection_sampler import rejection_sample
-from onecard.engine.sampler import sampling_probs
+from onecard.engine.sampler import host_to_device, sampling_probs
 from onecard.engine.sampling_params import SamplingParams
 from onecard.engine.sequence import Sequence
 
@@ -73,7 +73,7 @@ def accept_drafts(seqs: list[Sequence], logits: torch.Tensor, draft_probs: dict[
     for seq, rows, g in zip(seqs, per_seq, greedy):
         if not g:
             p = sampling_probs(rows, [seq.params] * rows.shape[0])
-            draft = torch.tensor(seq.draft_tokens, dtype=torch.long, device=logits.device)
+            draft = host_to_device(seq.draft_tokens, torch.long, logits.device)
             sampled.append(rejection_sample(p, draft, draft_probs.get(seq.seq_id), seq.generator))
     decided = iter(torch.stack(sampled).tolist() if sampled else [])
     out, start = [], 0
