@@ -2,6 +2,8 @@
 
 Two halves, because accelerate has no FSDP on CPU:
 
+- ``train()`` on 2 processes hands ``Trainer.train()`` an int4 base whose codes and scales are frozen parameters, not
+  buffers (FSDP2 shards parameters only);
 - accelerate's own FSDP2 preparation (``fsdp2_prepare_model``, what ``Trainer`` calls on GPUs), run here on CPU with
   gloo on the QLoRA model ``onecard train`` builds: the int4 codes come out as uint8 shards (half the rows each), not
   cast, upcast or replicated, and 3 steps give the one-process losses;
@@ -26,6 +28,7 @@ from onecard.dist.launch import spawn
 from onecard.testing import make_random_checkpoint
 
 STEPS, ROWS, SEQ, LR, GROUP = 3, 4, 32, 1e-3, 32
+TEXT = "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat. " * 40
 LOSS_RTOL = 1e-4
 
 
@@ -95,25 +98,53 @@ def _int4_layout(model) -> dict:
             "buffers": sorted(n for n, _ in q.named_buffers()), "lora": lora}
 
 
-def _accelerate_worker(folder: str, out_dir: str) -> None:
+def _base_seen_by_trainer(tiny: str, out_dir: str) -> dict:
+    """What the first int4 linear holds when ``Trainer.train()`` starts under ``train()`` on 2 processes."""
+    from transformers import TrainerCallback
+
+    from onecard.train.qlora import Int4Linear
+    from onecard.train.trainer import TrainConfig, train
+
+    seen = {}
+
+    class Look(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            q = next(m for m in model.modules() if isinstance(m, Int4Linear))
+            seen.update(buffers=sorted(n for n, _ in q.named_buffers()),
+                        frozen=sorted(n for n, p in q.named_parameters(recurse=False) if not p.requires_grad))
+
+    data = Path(out_dir) / "data.txt"
+    data.write_text("\n\n".join([TEXT] * 4))
+    train(TrainConfig(model=tiny, data=data, out=Path(out_dir) / "run", method="qlora", device="cpu", seq_len=32,
+                      max_steps=1, eval_steps=0, val_fraction=0, lora_r=4, progress=False), extra_callbacks=[Look()])
+    return seen
+
+
+def _accelerate_worker(folder: str, tiny: str, out_dir: str) -> None:
     from onecard.dist.launch import init_distributed
 
     env, _ = init_distributed("cpu")
+    seen = _base_seen_by_trainer(tiny, out_dir)
     fp32 = _accelerate_prepare(_qlora_model(folder, torch.float32), out_dir, "no")
     result = {"fp32": _int4_layout(fp32), "losses": _steps(fp32)}
     bf16 = _accelerate_prepare(_qlora_model(folder, torch.bfloat16), out_dir, "bf16")
     result["bf16"] = _int4_layout(bf16)
     result["bf16_loss"] = _steps(bf16)[0]
     if env.rank == 0:
-        torch.save(result, f"{out_dir}/result.pt")
+        torch.save({**result, "trainer": seen}, f"{out_dir}/result.pt")
 
 
 @pytest.fixture(scope="module")
-def accelerate_run(tmp_path_factory):
+def accelerate_run(tmp_path_factory, tiny_model):
     folder = str(make_random_checkpoint("llama-3.1-8b", "tiny", overrides={"num_key_value_heads": 2}))
     out = tmp_path_factory.mktemp("accel")
-    spawn(_accelerate_worker, 2, (folder, str(out)), timeout_s=300)
+    spawn(_accelerate_worker, 2, (folder, str(tiny_model.path), str(out)), timeout_s=300)
     return folder, torch.load(out / "result.pt")
+
+
+def test_train_hands_the_trainer_an_int4_base_in_parameters(accelerate_run):
+    # accelerate's FSDP2 shards parameters only: by Trainer.train() the codes and scales must have left the buffers
+    assert accelerate_run[1]["trainer"] == {"buffers": [], "frozen": ["qweight", "scales"]}
 
 
 def test_accelerate_fsdp2_shards_the_int4_base_without_casting(accelerate_run):
@@ -138,7 +169,6 @@ def test_accelerate_fsdp2_losses_match_one_process(accelerate_run):
 
 # --- the CLI under torchrun ------------------------------------------------------------------------------------------
 
-TEXT = "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat. " * 40
 CLI_STEPS = 3
 ARGS = ["--method", "qlora", "--seq-len", "32", "--logging-steps", "1", "--eval-steps", "0", "--val-fraction", "0",
         "--lr", "1e-2", "--lora-r", "4", "--save-steps", str(CLI_STEPS)]
