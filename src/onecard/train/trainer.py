@@ -149,11 +149,6 @@ def rank_device(device: str, env: DistEnv) -> str:
 
 def check_distributed(cfg: TrainConfig) -> None:
     """What multi-process training refuses up front (one line each)."""
-    if cfg.method == "qlora":
-        raise NotBuiltYetError("QLoRA on several GPUs is not built into `onecard train`: accelerate's FSDP2 plugin "
-                               "would leave the int4 base in buffers, whole on every GPU (onecard.dist.fsdp."
-                               "shard_for_training_ shards it, but the Trainer does not use it yet); use --method "
-                               "lora (bf16 base, sharded) or train QLoRA on one GPU")
     if cfg.offload_checkpoints:
         raise NotBuiltYetError("--offload-checkpoints with several GPUs is not built; drop it (each GPU holds 1/N of "
                                "the weights, which usually frees more memory than offloading)")
@@ -377,6 +372,12 @@ def train(cfg: TrainConfig, console=None, extra_callbacks: list | None = None, c
     trainer, patch_summary = onecard_trainer(cfg, tokenizer, train_ds, val_ds, precision, device, callbacks)
     model = trainer.model
     trainable, total = trainable_summary(model)
+    if env.is_distributed:  # after the summary, which counts an int4 base by its logical weights
+        from onecard.dist.fsdp import int4_base_as_parameters_
+
+        # Before Trainer.train() lets accelerate's FSDP2 plugin shard the model: it shards parameters only, so a
+        # QLoRA base left in buffers would stay whole on every GPU.
+        int4_base_as_parameters_(model)
     cfg.out.mkdir(parents=True, exist_ok=True)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
