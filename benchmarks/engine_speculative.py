@@ -90,6 +90,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-4, help="the target's peak learning rate")
     p.add_argument("--draft-lr", type=float, default=1e-3, help="the (16x narrower) draft's peak learning rate")
+    p.add_argument("--loss-on", choices=("all", "edited"), default="all",
+                   help="train on every token, or on the edited blocks only (the copies; originals masked)")
     p.add_argument("--block-chars", type=int, default=1200, help="characters of source per edit block (~350 tokens)")
     p.add_argument("--k", default="2,4,8", help="n-gram rows' num_speculative_tokens (comma list); the draft rows "
                                                "use the largest value that is <= 4")
@@ -165,6 +167,12 @@ def pair_stream(encoded: list[tuple[list[int], list[int]]], eos: int) -> torch.T
     return torch.tensor([t for a, b in encoded for t in (*a, *b, eos)], dtype=torch.long)
 
 
+def edited_labels(encoded: list[tuple[list[int], list[int]]], eos: int) -> torch.Tensor:
+    """``pair_stream``'s labels with the original blocks masked (-100): the loss is on the edited blocks alone,
+    the part a model learns by copying, so no gradient goes to predicting unseen source."""
+    return torch.tensor([t for a, b in encoded for t in (*[-100] * len(a), *b, eos)], dtype=torch.long)
+
+
 # ---- the models -----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def edited_block_accuracy(model, encoded: list[tuple[list[int], list[int]]], header: int, device: str) -> float:
@@ -191,7 +199,7 @@ def train_copy_model(config: dict, lr: float, a: argparse.Namespace, device: str
     from onecard.testing.train_lm import train_lm
 
     settings = [config, a.train_steps, a.train_seq_len, a.train_batch, lr, a.block_chars, dtype,
-                sysconfig.get_python_version(), DATA_RECIPE]
+                sysconfig.get_python_version(), DATA_RECIPE] + ([a.loss_on] if a.loss_on != "all" else [])
     out = cache_dir() / f"copy-llama-{hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:10]}"
     if (out / "onecard_copy.json").exists():
         info = json.loads((out / "onecard_copy.json").read_text())
@@ -201,8 +209,9 @@ def train_copy_model(config: dict, lr: float, a: argparse.Namespace, device: str
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     corpus = local_corpus()
     n_pairs = a.train_steps * a.train_batch * a.train_seq_len // (a.block_chars // 2) + 64
-    train = pair_stream(encode_pairs(tokenizer, edit_pairs(corpus.train, n_pairs, a.block_chars, 0)),
-                        tokenizer.eos_token_id).to(device)
+    encoded = encode_pairs(tokenizer, edit_pairs(corpus.train, n_pairs, a.block_chars, 0))
+    train = pair_stream(encoded, tokenizer.eos_token_id).to(device)
+    labels = edited_labels(encoded, tokenizer.eos_token_id).to(device) if a.loss_on == "edited" else None
     held_out = encode_pairs(tokenizer, edit_pairs(corpus.validation, 32, a.block_chars, 1))
     model = build_random_model(config, device=device).train()
     n_params = sum(p.numel() for p in model.parameters())
@@ -211,9 +220,10 @@ def train_copy_model(config: dict, lr: float, a: argparse.Namespace, device: str
     seconds = train_lm(model, train, a.train_steps, a.train_seq_len, a.train_batch, lr,
                        generator=torch.Generator(device).manual_seed(0),
                        autocast_dtype=torch.bfloat16 if device == "cuda" else None, fused=device == "cuda",
-                       progress=True, label=label, console=console)
+                       progress=True, label=label, console=console, train_labels=labels)
     model.eval()
     info = {"parameters": n_params, "train_seconds": round(seconds, 1), "train_steps": a.train_steps, "lr": lr,
+            "loss_on": a.loss_on,
             "train_tokens": a.train_steps * a.train_batch * a.train_seq_len,
             "edited_block_accuracy": round(edited_block_accuracy(model, held_out, header_len(tokenizer, EDITED), device), 4)}
     console.print(f"{label}: {seconds:.0f} s, held-out edited-block next-token accuracy "
@@ -228,7 +238,7 @@ def train_copy_model(config: dict, lr: float, a: argparse.Namespace, device: str
     for f in tok_dir.iterdir():
         shutil.copy(f, tmp / f.name)
     (tmp / "onecard_copy.json").write_text(json.dumps(info, indent=2))
-    del model, train
+    del model, train, labels
     free_memory()
     publish_dir(tmp, out)
     return out, info

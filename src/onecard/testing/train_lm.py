@@ -23,11 +23,14 @@ import torch
 
 def train_lm(model: torch.nn.Module, train_ids: torch.Tensor, steps: int, seq_len: int, batch_size: int, lr: float, *,
              generator: torch.Generator | None = None, autocast_dtype: torch.dtype | None = None,
-             fused: bool | None = None, progress: bool = False, label: str = "training", console=None) -> float:
+             fused: bool | None = None, progress: bool = False, label: str = "training", console=None,
+             train_labels: torch.Tensor | None = None) -> float:
     """Train ``model`` (in place, left in train mode) for ``steps`` steps; returns the seconds the loop took.
 
     Windows are drawn on ``train_ids``' device from ``generator`` (the global RNG when None);
     ``autocast_dtype`` runs the forward under ``torch.autocast`` (bf16 on a GPU); ``fused`` is AdamW's.
+    ``train_labels`` (aligned with ``train_ids``, -100 where no loss is taken) trains on part of the stream only,
+    e.g. a copy task's copies; by default every token is a label.
     """
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95), fused=fused)
     warmup = max(1, steps // 20)
@@ -48,8 +51,10 @@ def train_lm(model: torch.nn.Module, train_ids: torch.Tensor, steps: int, seq_le
             starts = torch.randint(0, train_ids.numel() - seq_len - 1, (batch_size,), generator=generator,
                                    device=train_ids.device)
             batch = torch.stack([train_ids[s : s + seq_len] for s in starts.tolist()])
+            labels = batch if train_labels is None else \
+                torch.stack([train_labels[s : s + seq_len] for s in starts.tolist()])
             with autocast():
-                loss = model(input_ids=batch, labels=batch).loss
+                loss = model(input_ids=batch, labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
