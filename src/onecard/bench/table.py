@@ -23,7 +23,6 @@ budget. A value that is not measured is None with its reason in ``reasons``.
 
 from __future__ import annotations
 
-import gc
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -33,6 +32,7 @@ import torch
 
 from onecard.bench.engine_bench import (EngineBenchConfig, _engine_decode, _engine_offline, _hf_batched,
                                         _hf_decode_ms, _peak_gib, _peak_reset, measure_copy_bandwidth, workload)
+from onecard.bench.results import free_memory
 from onecard.errors import BadInputError, DoesNotFitError, NotBuiltYetError, OnecardError
 
 GiB = 1 << 30
@@ -169,8 +169,7 @@ def _hf_fits(model, n: int, vocab: int) -> bool:
     except torch.cuda.OutOfMemoryError:
         return False
     finally:
-        gc.collect()
-        torch.cuda.empty_cache()
+        free_memory()
 
 
 def _hf_offline_fitting(model, reqs, batch: int, progress) -> tuple[int, float]:
@@ -185,8 +184,7 @@ def _hf_offline_fitting(model, reqs, batch: int, progress) -> tuple[int, float]:
                 raise
             batch //= 2
         finally:
-            gc.collect()
-            torch.cuda.empty_cache()
+            free_memory()
 
 
 def run_hf_row(row: str, cfg: TableConfig, reqs, device: torch.device, progress, vocab: int, hi: int) -> dict:
@@ -234,9 +232,7 @@ def _engine_fits(model, cfg: TableConfig, kv: str, device: torch.device, n: int)
     finally:
         for layer in model.layers:  # drop this try's cache before the next one allocates
             layer.self_attn.k_cache = layer.self_attn.v_cache = None
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_memory()
 
 
 def run_engine_row(row: str, cfg: TableConfig, reqs, device: torch.device, progress, vocab: int, hi: int) -> dict:
