@@ -50,9 +50,9 @@ def train_lm(model: torch.nn.Module, train_ids: torch.Tensor, steps: int, seq_le
         for _ in range(steps):
             starts = torch.randint(0, train_ids.numel() - seq_len - 1, (batch_size,), generator=generator,
                                    device=train_ids.device)
-            batch = torch.stack([train_ids[s : s + seq_len] for s in starts.tolist()])
-            labels = batch if train_labels is None else \
-                torch.stack([train_labels[s : s + seq_len] for s in starts.tolist()])
+            offsets = starts.tolist()
+            batch = torch.stack([train_ids[s : s + seq_len] for s in offsets])
+            labels = batch if train_labels is None else torch.stack([train_labels[s : s + seq_len] for s in offsets])
             with autocast():
                 loss = model(input_ids=batch, labels=labels).loss
             loss.backward()
