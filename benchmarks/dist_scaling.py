@@ -77,7 +77,8 @@ def _engine_run(folder: str, tp: int, device: str, a) -> dict:
     from onecard.engine import LLM, SamplingParams
 
     llm = LLM(folder, tensor_parallel_size=tp, device=device, max_model_len=a.prompt + a.decode + 16,
-              max_num_seqs=a.batch, enable_prefix_caching=False, quantization=a.quantization)  # every timed prompt computes its prefill
+              max_num_seqs=a.batch, enable_prefix_caching=False, quantization=a.quantization,
+              tp_all_reduce=a.all_reduce)  # every timed prompt computes its prefill
     vocab = llm.engine.vocab_size
     prompts = [torch.randint(3, vocab, (a.prompt,), generator=torch.Generator().manual_seed(i)).tolist()
                for i in range(a.batch)]
@@ -100,10 +101,11 @@ def _engine_run(folder: str, tp: int, device: str, a) -> dict:
     model = llm.engine.runner.model
     weight_gib = (sum(p.numel() * p.element_size() for p in model.parameters())
                   + sum(m.weight_bytes() for m in model.modules() if isinstance(m, QuantLinear))) / 2**30
-    model = None
     result = {"bs1_decode_tokens_per_s": (a.decode - 1) / max(one - prefill, 1e-9), "prefill_s": prefill,
               "offline_tokens_per_s": a.batch * a.decode / offline, "weight_gib_rank0": weight_gib,
-              "cuda_graphs": stats["cuda_graphs"], "kv_blocks": stats["kv_blocks_total"]}
+              "cuda_graphs": stats["cuda_graphs"], "kv_blocks": stats["kv_blocks_total"],
+              "symm_mem_all_reduce": any(getattr(m, "fast", None) is not None for m in model.modules())}
+    model = None
     console.print(f"TP={tp}: {result['bs1_decode_tokens_per_s']:.1f} tok/s at bs=1, "
                   f"{result['offline_tokens_per_s']:.1f} tok/s offline (bs={a.batch})")  # before a teardown can hang
     if tp > 1:
@@ -128,7 +130,7 @@ def part_tp(a, out_dir: Path, scratch: Path) -> dict:
         res[tp] = _engine_run(folder, tp, device, a)
         console.print(f"TP={tp} done in {time.perf_counter() - t0:.0f} s")
     data = {"arch": "llama-2-13b" + (" (tiny)" if a.smoke else ""), "dtype": "fp32" if a.smoke else "bf16",
-            "quantization": a.quantization,
+            "quantization": a.quantization, "tp_all_reduce": a.all_reduce,
             "engine": "onecard LLM(tensor_parallel_size=N)", "prompt_tokens": a.prompt, "decode_tokens": a.decode,
             "offline_batch": a.batch, "cuda_graphs": bool(res[2]["cuda_graphs"])}
     for tp, r in res.items():
@@ -137,6 +139,7 @@ def part_tp(a, out_dir: Path, scratch: Path) -> dict:
     off = res[2]["offline_tokens_per_s"] / res[1]["offline_tokens_per_s"]
     data.update({"tp2_speedup_bs1_decode": bs1, "tp2_speedup_offline": off, "target_bs1_speedup": 1.6})
     t = Table(title=f"LLM tensor parallel, {data['arch']} {a.quantization or data['dtype']}, prompt {a.prompt}, "
+                    f"all-reduce {a.all_reduce}, "
                     f"{gpu_name()}")
     for c in ("metric", "TP=1", "TP=2", "speedup"):
         t.add_column(c, justify="right")
@@ -288,8 +291,12 @@ def _chart(out_dir: Path, name: str, title: str, groups: list[str], series: dict
 
 
 def _result_name(part: str, a) -> str:
-    """dist_tp, dist_fsdp, dist_fit; a quantized TP run is dist_tp_<quantization> beside the bf16 one."""
-    return f"dist_{part.replace('-', '_')}" + (f"_{a.quantization}" if part == "tp" and a.quantization else "")
+    """dist_tp, dist_fsdp, dist_fit; a quantized TP run is dist_tp_<quantization> beside the bf16 one, and one
+    with ``--all-reduce nccl`` (every sum over NCCL: the comparison for symmetric memory) ends in _nccl."""
+    name = f"dist_{part.replace('-', '_')}"
+    if part != "tp":
+        return name
+    return name + (f"_{a.quantization}" if a.quantization else "") + ("_nccl" if a.all_reduce == "nccl" else "")
 
 
 def main() -> None:
@@ -303,6 +310,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=None, help="TP: offline batch besides 1 (default 32; smoke 4)")
     p.add_argument("--quantization", choices=("int8", "rtn-int4", "rtn-int4-g64", "rtn-int4-g32"), default=None,
                    help="TP: quantize on load (both TP=1 and TP=2; each rank quantizes, then keeps its shard)")
+    p.add_argument("--all-reduce", choices=("auto", "nccl"), default="auto",
+                   help="TP: the engine's tp_all_reduce (auto: small sums through symmetric memory where it runs)")
     p.add_argument("--seq", type=int, default=None, help="FSDP: tokens per row (default 2048; smoke 32)")
     p.add_argument("--rows", type=int, default=1, help="FSDP: rows per GPU per step")
     p.add_argument("--steps", type=int, default=None, help="FSDP: timed steps after 2 warm-up (default 6; smoke 2)")

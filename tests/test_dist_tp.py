@@ -52,7 +52,7 @@ def _tp_worker(cases: list[tuple[str, str | None, torch.Tensor]], out: str) -> N
     import torch.distributed as dist
 
     from onecard.dist.launch import init_distributed
-    from onecard.dist.tp import local_kv_heads, shard_model_
+    from onecard.dist.tp import local_kv_heads, shard_model_, use_symm_mem_all_reduce_
 
     env, _ = init_distributed("cpu")
     results = []
@@ -60,6 +60,7 @@ def _tp_worker(cases: list[tuple[str, str | None, torch.Tensor]], out: str) -> N
         model = load_case(folder, quant)
         kv_heads = local_kv_heads(model.args, env.world_size)
         shard_model_(model, env.rank, env.world_size)
+        assert not use_symm_mem_all_reduce_(model)  # CPU: every sum stays on the process group (gloo here)
         assert model.args.num_kv_heads == kv_heads and model.full_args.num_kv_heads >= kv_heads
         logits = prefill_then_decode(model, ids, model.args.num_kv_heads)
         layer = model.layers[0]
@@ -142,3 +143,31 @@ def test_shard_on_meta_and_bad_sizes():
     quant.layers[0].mlp.down_proj = torch.nn.Identity()
     with pytest.raises(NotBuiltYetError, match="Identity"):
         shard_model_(quant, 0, 2)
+
+
+def test_row_parallel_sends_sums_that_fit_to_symmetric_memory():
+    from onecard.dist.tp import RowParallelLinear, SymmMemAllReduce, symm_mem_unavailable
+
+    fast = object.__new__(SymmMemAllReduce)  # the buffer without its CUDA rendezvous: what fits() reads
+    fast.buffer = torch.empty(64, dtype=torch.bfloat16)
+    assert fast.fits(torch.ones(2, 16, dtype=torch.bfloat16))
+    assert not fast.fits(torch.ones(2, 16))  # another dtype than the buffer's
+    assert not fast.fits(torch.ones(4, 32, dtype=torch.bfloat16))  # larger than the buffer
+    assert not fast.fits(torch.ones(1, 3, dtype=torch.bfloat16))  # 6 bytes: the kernels move 16-byte vectors
+    assert not fast.fits(torch.ones(16, 2, dtype=torch.bfloat16).t())  # not contiguous
+
+    class Doubling:  # stands in for the two-rank sum of equal partials
+        def fits(self, x):
+            return x.shape[0] == 1
+
+        def __call__(self, x):
+            return x * 2
+
+    lin = torch.nn.Linear(4, 4, bias=False)
+    row = RowParallelLinear(lin, None)
+    row.fast = Doubling()
+    x = torch.randn(1, 4)
+    torch.testing.assert_close(row(x), lin(x) * 2)
+    with pytest.raises(ValueError, match="Default process group"):  # does not fit: the NCCL/gloo path is taken
+        row(torch.randn(2, 4))
+    assert "CUDA only" in symm_mem_unavailable(torch.device("cpu"), 2)

@@ -108,24 +108,52 @@ def test_dead_worker_is_a_one_line_error():
     assert not torch.distributed.is_initialized()  # the group is left: the next TP engine can start here
 
 
+_CUDA_CHILD = """
+import gc, json, sys
+import torch
+from onecard.dist.tp import symm_mem_unavailable
+from onecard.engine import LLM
+from onecard.testing import make_random_checkpoint
+sys.path.insert(0, sys.argv[2])
+from test_dist_tp_engine import ENGINE, _generate
+
+folder = make_random_checkpoint("llama-3.1-8b", "tiny", overrides={"num_key_value_heads": 2})
+gpu = {**ENGINE, "device": "cuda", "dtype": "float32", "gpu_memory_utilization": 0.3}
+one = LLM(folder, quantization=sys.argv[1], **gpu)
+ref = _generate(one)
+del one
+gc.collect()
+torch.cuda.empty_cache()
+llm = LLM(folder, quantization=sys.argv[1], tensor_parallel_size=2, **gpu)
+model = llm.engine.runner.model
+print(json.dumps({"ref": ref, "tp": _generate(llm), "graphs": bool(llm.stats()["cuda_graphs"]),
+                  "base": type(model.layers[0].mlp.down_proj.linear).__name__,
+                  "symm": model.layers[0].mlp.down_proj.fast is not None,
+                  "symm_expected": symm_mem_unavailable(torch.device("cuda", 0), 2) is None}))
+llm.engine.runner.close()
+"""
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("quantization", ["int8", "rtn-int4-g32"])
 def test_tp2_quantized_on_cuda_generates_the_single_gpu_tokens(quantization):
-    """On GPUs the shards run our Triton int8/int4 kernels, with NCCL all-reduces inside each rank's CUDA graphs
-    (fp32 activations, so a different summation order cannot flip a greedy token of the random model)."""
-    folder = make_random_checkpoint("llama-3.1-8b", "tiny", overrides={"num_key_value_heads": 2})
-    gpu = {**ENGINE, "device": "cuda", "dtype": "float32", "gpu_memory_utilization": 0.3}
-    one = LLM(folder, quantization=quantization, **gpu)
-    ref = _generate(one)
-    del one
-    gc.collect()
-    torch.cuda.empty_cache()
-    llm = LLM(folder, quantization=quantization, tensor_parallel_size=2, **gpu)
-    assert llm.stats()["cuda_graphs"]
-    assert type(llm.engine.runner.model.layers[0].mlp.down_proj.linear).__name__ == "QuantLinear"
-    assert _generate(llm) == ref
-    llm.engine.runner.close()
+    """On GPUs the shards run our Triton int8/int4 kernels, with the all-reduces (symmetric memory where the GPUs
+    reach each other, else NCCL) inside each rank's CUDA graphs (fp32 activations, so a different summation order
+    cannot flip a greedy token of the random model). Each case runs in its own process: a process whose NCCL
+    all-reduces were graph-captured cannot leave its group cleanly (pytorch#115388), so cannot start a second."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    run = subprocess.run([sys.executable, "-c", _CUDA_CHILD, quantization, str(here)], capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    r = json.loads(run.stdout.strip().splitlines()[-1])
+    assert r["graphs"] and r["base"] == "QuantLinear" and r["symm"] == r["symm_expected"]
+    assert r["tp"] == r["ref"]
 
 
 def test_nccl_teardown_that_hangs_does_not_hang_close(monkeypatch, caplog):

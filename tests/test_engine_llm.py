@@ -295,3 +295,5 @@ def test_int4_kernel_choice_is_validated(random_checkpoint):
         LLM(path, device="cpu", int4_kernel="tinygemm")
     with pytest.raises(BadInputError, match="needs CUDA and bfloat16"):
         LLM(path, device="cpu", quantization="rtn-int4", int4_kernel="tinygemm")
+    with pytest.raises(BadInputError, match="tp_all_reduce='mpi': choose 'auto'"):
+        LLM(path, device="cpu", tp_all_reduce="mpi")

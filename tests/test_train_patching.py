@@ -78,3 +78,69 @@ def test_unsupported_family_is_refused():
 
     with pytest.raises(UnsupportedModelError, match="gpt2"):
         patch_model(Fake())
+
+
+def _lora_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_lean_lora_forward_matches_peft_and_steps_aside_when_merged(random_checkpoint):
+    """Same loss and adapter gradients as PEFT's own forward (fp32, and bf16 autocast with fp32 masters)."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from onecard.train.lora import add_lora, lean_lora_forward
+
+    base = _load(random_checkpoint("llama-3.1-8b")).train()
+    ours = add_lora(copy.deepcopy(base), r=4, alpha=8, seed=0)
+    ref = copy.deepcopy(ours)
+    lora = [m for m in ours.modules() if type(m) is LoraLinear]
+    assert lora and all(vars(m)["forward"].__func__ is lean_lora_forward for m in lora)
+    for m in ref.modules():
+        vars(m).pop("forward", None) if type(m) is LoraLinear else None
+    for m in [*ours.modules(), *ref.modules()]:  # B starts at zero: give it values so A's gradient is tested too
+        if type(m) is LoraLinear:
+            torch.nn.init.normal_(m.lora_B["default"].weight, std=0.02, generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, base.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    l_ref, g_ref = _lora_grads(ref, ids)
+    l_ours, g_ours = _lora_grads(ours, ids)
+    torch.testing.assert_close(l_ours, l_ref, rtol=1e-5, atol=1e-6)
+    assert g_ours.keys() == g_ref.keys() and all("lora_" in n for n in g_ref) and len(g_ref) == 2 * len(lora)
+    for name in g_ref:
+        torch.testing.assert_close(g_ours[name], g_ref[name], rtol=1e-4, atol=1e-7, msg=name)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lb_ref, gb_ref = _lora_grads(ref, ids)
+        lb_ours, gb_ours = _lora_grads(ours, ids)
+    torch.testing.assert_close(lb_ours, lb_ref, rtol=2e-2, atol=2e-2)
+    assert all(g.dtype == torch.float32 for g in gb_ours.values())  # the masters stay fp32
+    x = torch.randn(3, lora[0].in_features)
+    with torch.no_grad():
+        unmerged = lora[0](x)
+        lora[0].merge()  # merged: PEFT's own forward runs (the base alone already holds the adapter)
+        torch.testing.assert_close(lora[0](x), unmerged, rtol=1e-4, atol=1e-5)
+
+
+def test_long_inputs_run_the_mlp_in_checkpointed_chunks(random_checkpoint, monkeypatch):
+    """Above MLP_CHUNK_TOKENS the MLP runs per chunk: the same output and gradients as in one piece."""
+    import onecard.train.patching as patching
+
+    model = _load(random_checkpoint("llama-3.1-8b"))
+    patch_model(model)
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(2, 9, model.config.hidden_size, requires_grad=True)
+    whole = mlp(x)
+    (gx_whole,) = torch.autograd.grad(whole.square().sum(), x)
+    calls = []
+    monkeypatch.setattr(patching, "MLP_CHUNK_TOKENS", 4)
+    monkeypatch.setattr(mlp, "_mlp", lambda t: calls.append(t.numel() // t.shape[-1]) or type(mlp)._mlp(mlp, t))
+    chunked = mlp(x)
+    (gx_chunked,) = torch.autograd.grad(chunked.square().sum(), x)
+    assert calls[:5] == [4, 4, 4, 4, 2]  # 18 tokens in pieces of 4 (then each piece again in backward)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx_chunked, gx_whole, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        calls.clear()
+        mlp(x)
+        assert calls == [18]  # no gradients: nothing to save, one piece

@@ -195,11 +195,12 @@ def run_hf_row(row: str, cfg: TableConfig, reqs, device: torch.device, progress,
     with torch.no_grad():
         ms = _hf_decode_ms(model, prompt, cfg.decode_tokens)
         out.update(bs1_tok_s=1e3 / ms, ms_per_token=ms, ttft_ms=_hf_ttft_ms(model, cfg.ttft_prompt_len, vocab, cfg.seed + 5))
-        batch, offline = _hf_offline_fitting(model, reqs[:cfg.hf_prompts], cfg.hf_batch, progress)
+        first = min(cfg.hf_batch, cfg.hf_prompts)
+        batch, offline = _hf_offline_fitting(model, reqs[:cfg.hf_prompts], first, progress)
     out["offline_tok_s"] = offline
     out["reasons"]["offline_tok_s"] = (f"HF batched generate on {min(cfg.hf_prompts, len(reqs))} of {len(reqs)} prompts "
-                                       f"(batches of {batch}" + (f"; {cfg.hf_batch} ran out of memory under the cap"
-                                                                 if batch < cfg.hf_batch else "")
+                                       f"(batches of {batch}" + (f"; {first} ran out of memory under the cap"
+                                                                 if batch < first else "")
                                        + "), per useful token")
     out["peak_gib"] = _peak_gib(device)
     if device.type == "cuda":

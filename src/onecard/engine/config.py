@@ -32,6 +32,8 @@ class EngineConfig:
     seed: int = 0
     device: str | None = None
     tensor_parallel_size: int = 1  # >1: one shard per GPU in that many processes (tp_engine.py)
+    # "auto": decode-sized sums through PyTorch symmetric memory where the GPUs reach each other, NCCL otherwise
+    tp_all_reduce: str = "auto"
     num_kv_blocks: int | None = None  # override the measured cache size (tests force preemption with it)
     cuda_graph_max_batch: int = 256
     fused_rope_store: bool = True  # CUDA decode: one Triton kernel for RoPE + KV write (False: PyTorch ops)
@@ -70,6 +72,8 @@ class EngineConfig:
             raise bad("int4_kernel", "choose 'triton' (onecard's kernel) or 'tinygemm' (PyTorch's int4 kernel, CUDA bf16)")
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise bad("tensor_parallel_size", "must be a positive integer (GPUs to shard the model over)")
+        if self.tp_all_reduce not in ("auto", "nccl"):
+            raise bad("tp_all_reduce", "choose 'auto' (symmetric memory for small sums where it runs) or 'nccl'")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise bad("num_kv_blocks", "must be a positive integer")
         if self.long_prefill_chunk is not None and (

@@ -269,7 +269,7 @@ def load_shard(config: EngineConfig, dtype: torch.dtype, device: torch.device, r
     Quantization happens before slicing, so each rank holds exactly its part of
     the one-GPU quantized model (``int4_kernel='tinygemm'`` repacks the shard).
     """
-    from onecard.dist.tp import shard_model_
+    from onecard.dist.tp import shard_model_, use_symm_mem_all_reduce_
     from onecard.models import open_model_folder
     from onecard.models.loader import load_model
 
@@ -296,6 +296,8 @@ def load_shard(config: EngineConfig, dtype: torch.dtype, device: torch.device, r
         model = load_model(folder, dtype, load_on, progress=progress)
     shard_model_(model, rank, config.tensor_parallel_size)
     model = model.to(device)
+    if config.tp_all_reduce == "auto" and config.tensor_parallel_size > 1:
+        use_symm_mem_all_reduce_(model)
     if config.int4_kernel == "tinygemm":
         from onecard.quant import use_tinygemm_
 

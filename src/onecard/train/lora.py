@@ -3,11 +3,25 @@
 PEFT's own error for a target that matches nothing is a multi-line ValueError
 after the model is loaded; we check the names against the model's linear
 layers up front and say which names exist.
+
+Each LoRA layer also gets a leaner forward (``lean_lora_forward``). PEFT keeps
+the adapter weights in fp32 and casts the *activations* to fp32 before the
+adapter, which under bf16 autocast are cast straight back: two copies of the
+layer input, a scale and an add for every adapted linear, forward and
+recomputation alike (a quarter of the GPU time of a Llama-3-8B LoRA step at
+seq 2048 was such copies and elementwise kernels, measured with
+torch.profiler on an H200). The lean forward casts the small fp32 *weights*
+to the activation dtype instead (gradients still reach the fp32 masters) and
+folds scale and add into one ``addmm``. Same maths; the adapter files, merging
+and PEFT's API are untouched.
 """
 
 from __future__ import annotations
 
+import types
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from onecard.errors import BadInputError
@@ -53,7 +67,40 @@ def add_lora(model: nn.Module, r: int = 16, alpha: int = 32, dropout: float = 0.
                         bias="none", task_type="CAUSAL_LM")
     if seed is not None:
         torch.manual_seed(seed)
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    use_lean_lora_forward_(peft_model)
+    return peft_model
+
+
+def lean_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A PEFT ``lora.Linear`` forward for the plain case (one active vanilla adapter, not merged); anything else
+    goes to PEFT's own forward."""
+    adapters = self.active_adapters
+    name = adapters[0] if len(adapters) == 1 else None
+    if (args or kwargs or self.disable_adapters or self.merged or name not in self.lora_A
+            or name in getattr(self, "lora_variant", {})):
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x)
+    dtype = result.dtype
+    a = self.lora_A[name].weight.to(dtype)
+    b = self.lora_B[name].weight.to(dtype)
+    h = F.linear(self.lora_dropout[name](x).to(dtype), a)
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(),
+                      alpha=self.scaling[name])
+    return out.view(result.shape)
+
+
+def use_lean_lora_forward_(model: nn.Module) -> int:
+    """Give every PEFT LoRA ``Linear`` of ``model`` the lean forward (an instance attribute, as ``patching`` does
+    for attention); returns how many."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    n = 0
+    for module in model.modules():
+        if type(module) is LoraLinear:
+            module.forward = types.MethodType(lean_lora_forward, module)
+            n += 1
+    return n
 
 
 def trainable_summary(model: nn.Module) -> tuple[int, int]:
