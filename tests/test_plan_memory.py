@@ -95,8 +95,8 @@ def test_bad_inputs_raise_one_line():
         M.lora_targets(["qkv"])
 
 
-def _saved_bytes_per_token(model, tokens: int) -> float:
-    """Bytes autograd saves for a forward + loss, each storage counted once, parameters and buffers excluded."""
+def _saved_bytes_per_token(model, tokens: int, labels: bool = True) -> float:
+    """Bytes autograd saves for a forward (+ loss), each storage counted once, parameters and buffers excluded."""
     skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
     skip |= {b.untyped_storage().data_ptr() for b in model.buffers()}
     seen: dict[int, int] = {}
@@ -109,14 +109,17 @@ def _saved_bytes_per_token(model, tokens: int) -> float:
 
     ids = torch.randint(3, 1000, (1, tokens))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids)
+        model(input_ids=ids, labels=ids if labels else None)
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("arch, method", [("llama-2-7b", "full"), ("qwen2-7b", "full"), ("llama-2-7b", "lora"),
-                                          ("qwen2-7b", "lora"), ("mistral-7b", "qlora")])
-def test_training_activations_match_autograd(arch, method):
-    """Every tensor autograd keeps, by hook, equals model_activation_bytes + the fp32 log-softmax of the loss."""
+@pytest.mark.parametrize("arch, method, lora", [("llama-2-7b", "full", None), ("qwen2-7b", "full", None),
+                                                ("llama-2-7b", "lora", "peft"), ("qwen2-7b", "lora", "peft"),
+                                                ("mistral-7b", "qlora", "peft"), ("llama-3.1-8b", "lora", "lean"),
+                                                ("qwen2-7b", "qlora", "lean")])
+def test_training_activations_match_autograd(arch, method, lora):
+    """Every tensor autograd keeps, by hook, equals model_activation_bytes + the fp32 log-softmax of the loss:
+    for PEFT's own LoRA forward (adapter_bytes=4) and onecard's lean one (add_lora, adapter_bytes=2)."""
     cfg = _cfg(arch, "tiny")
     model = build_random_model(cfg, dtype="bfloat16")
     model.train()
@@ -125,17 +128,62 @@ def test_training_activations_match_autograd(arch, method):
         from onecard.train.qlora import quantize_model_int4
 
         quantize_model_int4(model, group_size=64)
-    if method in ("lora", "qlora"):
+    if lora is not None:
+        model.enable_input_require_grads()  # what HF does with gradient checkpointing; makes layer 0 like the rest
+    if lora == "peft":
         from peft import LoraConfig, get_peft_model
 
-        model.enable_input_require_grads()  # what HF does with gradient checkpointing; makes layer 0 like the rest
         model = get_peft_model(model, LoraConfig(r=8, target_modules=list(targets), lora_dropout=0.0))
+    elif lora == "lean":
+        from onecard.train.lora import add_lora
+
+        model = add_lora(model, r=8, alpha=16)
     tokens = 128
     spec = spec_from_config(cfg, arch)
     measured = _saved_bytes_per_token(model, tokens)
-    predicted = M.model_activation_bytes(spec, tokens, method, targets, mixed=False, checkpointing=False, lora_rank=8)
+    predicted = M.model_activation_bytes(spec, tokens, method, targets, mixed=False, checkpointing=False, lora_rank=8,
+                                         adapter_bytes=4 if lora == "peft" else 2)
     predicted += tokens * spec.args.vocab_size * 4 + 8 * tokens  # log-softmax kept by the loss; labels
     assert abs(measured - predicted) / measured < 0.01, (measured, predicted)
+
+
+def test_fused_lora_activations_match_autograd(monkeypatch):
+    """onecard's fused path (patch_model's Triton RMSNorm/SwiGLU/RoPE, run by the CPU interpreter here, as on
+    CUDA) with the lean LoRA forward keeps what model_activation_bytes(fused=True) counts."""
+    import onecard.train.patching as patching
+    from onecard.kernels.rmsnorm import rmsnorm_triton
+    from onecard.kernels.rope import rope_triton
+    from onecard.kernels.swiglu import swiglu_triton
+    from onecard.train.lora import add_lora
+
+    for name, fn in (("rmsnorm", rmsnorm_triton), ("swiglu", swiglu_triton), ("rope", rope_triton)):
+        monkeypatch.setattr(patching, name, fn)
+    cfg = _cfg("llama-3.1-8b", "tiny")
+    model = build_random_model(cfg, dtype="bfloat16")
+    patching.patch_model(model)
+    model.enable_input_require_grads()
+    model = add_lora(model, r=8, alpha=16).train()
+    tokens = 64
+    spec = spec_from_config(cfg, "llama-3.1-8b")
+    measured = _saved_bytes_per_token(model, tokens, labels=False)  # without labels: no loss, HF's lm_head
+    targets = M.LORA_TARGETS["all"]
+    predicted = M.model_activation_bytes(spec, tokens, "lora", targets, mixed=False, checkpointing=False, lora_rank=8,
+                                         fused=True) - 8 * tokens  # no labels
+    assert abs(measured - predicted) / measured < 0.01, (measured, predicted)
+
+
+def test_long_fused_layers_hold_one_mlp_chunk():
+    """Above MLP_CHUNK_TOKENS a fused LoRA layer's MLP part is one chunk's, the rest grows with the length."""
+    from onecard.train.patching import MLP_CHUNK_TOKENS
+
+    spec = resolve_model("llama-3-8b")
+    targets = M.LORA_TARGETS["all"]
+    per_token = M.layer_activation_bytes(spec, "qlora", targets, fused=True)
+    mlp = M.mlp_activation_bytes(spec, targets, fused=True)
+    n = 4 * MLP_CHUNK_TOKENS
+    assert M.layer_saved_bytes(spec, n, "qlora", targets, fused=True) == n * (per_token - mlp) + MLP_CHUNK_TOKENS * mlp
+    assert M.layer_saved_bytes(spec, n, "qlora", targets) == n * M.layer_activation_bytes(spec, "qlora", targets)
+    assert M.layer_saved_bytes(spec, MLP_CHUNK_TOKENS, "qlora", targets, fused=True) == MLP_CHUNK_TOKENS * per_token
 
 
 def test_checkpointed_peak_is_one_layer_beside_the_loss_or_two_layers_alone():
@@ -174,7 +222,7 @@ def test_committed_training_peaks_are_within_target():
         cfg["num_hidden_layers"] = r["layers"]
         p = plan_training(spec_from_config(cfg, r["arch"]), find_gpu(data["card_planned"]), method=r["path"].split("-")[1],
                           seq_len=r["length"], gradient_checkpointing=True, gpu_memory_utilization=1.0,
-                          cuda_context_gib=data["cuda_context_gib"])
+                          cuda_context_gib=data["cuda_context_gib"], peft_forward=True)  # measured before lean LoRA
         if abs(p.total_gib - r["measured_gib"]) > max(0.5, 0.05 * r["measured_gib"]):
             misses.append(f"{r['arch']} {r['path']} {r['length']}: {p.total_gib:.2f} vs {r['measured_gib']:.2f} GiB")
     assert not misses, misses

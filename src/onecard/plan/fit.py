@@ -388,7 +388,7 @@ METHODS = ("full", "lora", "qlora")
 def _train_core(spec: ModelSpec, gpu: GPUSpec | None, mem: CardMemory, context_source: str, method: str,
                 precision: str, optimizer: str, seq_len: int, batch_size: int, grad_accum: int, checkpointing: bool,
                 fused_ce: bool, rank: int, targets: tuple[str, ...], base_fmt: str, util: float,
-                offload: bool = False) -> TrainingPlan:
+                offload: bool = False, peft_forward: bool = False) -> TrainingPlan:
     usable = mem.budget_bytes(util) + mem.outside_bytes
     total_params = spec.num_parameters()
     mixed = method == "full" and precision == "mixed"
@@ -405,12 +405,14 @@ def _train_core(spec: ModelSpec, gpu: GPUSpec | None, mem: CardMemory, context_s
     else:
         states, temp = 2 * trainable * (1 + 4 / 256), 0
     tokens = batch_size * seq_len
-    acts = M.model_activation_bytes(spec, tokens, method, targets, mixed=mixed, checkpointing=checkpointing, lora_rank=rank,
-                                    base_format=base_fmt, offload=offload and checkpointing)
+    layer_kw = dict(mixed=mixed, lora_rank=rank, base_format=base_fmt, adapter_bytes=4 if peft_forward else 2,
+                    fused=fused_ce)
+    acts = M.model_activation_bytes(spec, tokens, method, targets, checkpointing=checkpointing,
+                                    offload=offload and checkpointing, **layer_kw)
     logits = M.logits_bytes(spec, tokens, fused_ce)
     # Checkpointed: the loss and a recomputed layer are never live together (M.checkpointed_peak_bytes).
     loss_segments = M.loss_segment_bytes(spec, tokens, fused_ce)
-    layer = tokens * M.layer_activation_bytes(spec, method, targets, mixed=mixed, lora_rank=rank, base_format=base_fmt)
+    layer = M.layer_saved_bytes(spec, tokens, method, targets, **layer_kw)
     fwd_bwd = M.checkpointed_peak_bytes(acts, layer, loss_segments) if checkpointing else acts + logits
     fwd_extra = 0
     if mixed:
@@ -457,14 +459,18 @@ def plan_training(model, card: "str | GPUSpec | None" = None, method: str = "lor
                   precision: str = "bf16", fused_ce: bool = False, base_format: str | None = None,
                   gpu_memory_utilization: float = 0.95, cuda_context_gib: float | None = None,
                   memory: CardMemory | None = None, flags: str = "plan",
-                  offload_checkpoints: bool = False) -> TrainingPlan:
+                  offload_checkpoints: bool = False, peft_forward: bool = False) -> TrainingPlan:
     """Peak memory, tokens/s and a verdict for fine-tuning ``model`` on ``card``.
 
     ``method``: full | lora | qlora (LoRA on a 4-bit base: ``base_format``
     "int4-g64" (onecard.train's Int4Linear, default) or "nf4" (bitsandbytes)).
     ``precision`` (full only): "bf16" (bf16 weights, grads and AdamW states) or
     "mixed" (fp32 master weights, grads and states under bf16 autocast).
-    LoRA adapters, their grads and states are fp32 (PEFT's default).
+    LoRA adapters, their grads and states are fp32 (PEFT's default); their activations are planned as
+    onecard's lean forward runs them (bf16 inputs, kept once), or with ``peft_forward`` as PEFT's own forward
+    (each target's fp32 input copy: the HF + PEFT reference, and runs measured before the lean forward).
+    ``fused_ce``: onecard's fused path (``onecard train --fused``): chunked linear + cross-entropy and, for
+    LoRA/QLoRA, the fused RMSNorm/SwiGLU and the MLP run in token chunks at long lengths.
     ``seq_len`` None means 2048, or the model's max_position_embeddings if shorter.
     ``memory``: plan against this card memory (the live card's free bytes,
     per-process cap and CUDA context, as the trainer's preflight passes it)
@@ -517,7 +523,7 @@ def plan_training(model, card: "str | GPUSpec | None" = None, method: str = "lor
             a["base_fmt"] = "bf16"
         return _train_core(spec, gpu, mem, ctx_src, a["method"], a["precision"], a["optimizer"], a["seq_len"],
                            a["batch_size"], a["grad_accum"], a["checkpointing"], a["fused_ce"], lora_rank, targets,
-                           a["base_fmt"], gpu_memory_utilization, a["offload"])
+                           a["base_fmt"], gpu_memory_utilization, a["offload"], peft_forward)
 
     plan = core()
     plan.max_batch_size = _largest(lambda b: core(batch_size=b).fits, 1, 1024)

@@ -185,66 +185,109 @@ def lora_parameters(spec: ModelSpec, rank: int, targets: tuple[str, ...]) -> int
 
 
 def layer_activation_bytes(spec: ModelSpec, method: str, targets: tuple[str, ...] = LORA_TARGETS["all"], *,
-                           mixed: bool = False, lora_rank: int = 16, adapter_bytes: int = 4,
-                           base_format: str = "int4-g64") -> int:
+                           mixed: bool = False, lora_rank: int = 16, adapter_bytes: int = 2,
+                           base_format: str = "int4-g64", fused: bool = False) -> int:
     """Bytes autograd saves per token in one decoder layer (bf16 compute, SDPA flash/efficient attention).
 
     Derived from the autograd graph of transformers' Llama/Qwen2 layer and PEFT's
     LoRA layer, and checked tensor by tensor with saved-tensor hooks in
     tests/test_plan_memory.py. ``method``: "full" trains every weight (norms
     keep their normalized input, linears their input); "lora" freezes the base
-    (a frozen linear keeps nothing) while each LoRA target keeps its own copy of
-    its input in the adapter dtype (PEFT casts to fp32 by default) and A's
-    output; "qlora" is "lora" on a 4-bit base: onecard's Int4Linear keeps only
-    its codes (like a frozen linear), bitsandbytes' NF4 matmul also keeps its bf16 input. ``mixed``: fp32 master weights under bf16 autocast,
-    so the residual stream and norms are fp32.
+    (a frozen linear keeps nothing); "qlora" is "lora" on a 4-bit base:
+    onecard's Int4Linear keeps only its codes (like a frozen linear),
+    bitsandbytes' NF4 matmul also keeps its bf16 input. ``mixed``: fp32 master
+    weights under bf16 autocast, so the residual stream and norms are fp32.
+
+    LoRA targets keep, with ``adapter_bytes=2`` (onecard's ``lean_lora_forward``,
+    what ``onecard.train.lora.add_lora`` installs), their bf16 input once per
+    distinct input plus A's output; with ``adapter_bytes=4`` (PEFT's own forward,
+    the HF + PEFT reference) each target its own fp32 copy of its input.
+    ``fused`` (LoRA/QLoRA; onecard.train.patching, what ``--fused`` turns on):
+    the fused RMSNorm keeps its bf16 input and 1/rms instead of an fp32 copy, the
+    fused SwiGLU keeps gate and up only (``mlp_activation_bytes``).
     """
     if method not in ("full", "lora", "qlora"):
         raise BadInputError(f"unknown training method '{method}'; one of full, lora, qlora")
     a = spec.args
-    h, i, q, kv = a.hidden_size, a.intermediate_size, a.q_size, a.kv_size
+    h, q, kv = a.hidden_size, a.q_size, a.kv_size
     res = 4 if mixed else 2
-    norms = 2 * (4 * h + 4)  # fp32 input (kept by x.pow(2) and x * rsqrt) and rsqrt, for both RMSNorms
     attn = 2 * q + 2 * kv + 2 * kv + 2 * q + 4 * a.num_heads  # SDPA keeps q, k (after RoPE), v, out, logsumexp
-    mlp = 3 * 2 * i  # silu keeps gate; the product keeps silu(gate) and up
     if method == "full":
-        norms += 2 * (res * h + 2 * h)  # normalized input (norm weight grad) and the bf16 output the linears keep
-        mlp += 2 * i  # down_proj's input (o_proj's input is the SDPA output, already kept)
-        return norms + attn + mlp
+        norms = 2 * (4 * h + 4) + 2 * (res * h + 2 * h)  # fp32 input and rsqrt; normalized input and bf16 output
+        return norms + attn + 3 * 2 * a.intermediate_size + 2 * a.intermediate_size  # + down_proj's input
+    fused = fused and not mixed
+    norms = 2 * ((2 if fused else 4) * h + 4)  # both RMSNorms: their input (fused: bf16; HF: the fp32 upcast), rsqrt
     shapes = {name: (out_f, in_f) for name, out_f, in_f in spec.linear_shapes()}
-    if adapter_bytes == 2:  # bf16 adapters read the bf16 inputs as they are: one kept copy per distinct input
-        t = set(targets)
-        lora = 2 * lora_rank * len(t) + (2 * h if t & {"q_proj", "k_proj", "v_proj"} else 0) + \
-            (2 * h if t & {"gate_proj", "up_proj"} else 0) + (2 * i if "down_proj" in t else 0)
-    else:  # PEFT's default fp32 adapters: each target casts its input and keeps that copy, plus A's output
-        lora = sum(adapter_bytes * (shapes[t][1] + lora_rank) for t in targets)
+    if adapter_bytes == 2:  # lean: one kept bf16 copy per distinct input (the MLP's inputs are in mlp_activation_bytes)
+        lora = 2 * lora_rank * len(set(targets) - MLP_TARGETS) + \
+            (2 * h if set(targets) & {"q_proj", "k_proj", "v_proj"} else 0) + (2 * h if set(targets) & {"gate_proj", "up_proj"} else 0)
+    else:  # PEFT's fp32 adapters: each target casts its input and keeps that copy, plus A's output
+        lora = sum(adapter_bytes * (shapes[t][1] + lora_rank) for t in targets if t not in MLP_TARGETS) + \
+            sum(adapter_bytes * (shapes[t][1] + lora_rank) for t in targets if t in ("gate_proj", "up_proj"))
     base = 0
     if method == "qlora" and base_format == "nf4":
-        base = 2 * h + 2 * h + 2 * i  # bitsandbytes' 4-bit matmul keeps its bf16 input: two norm outputs, the MLP product
-    return norms + attn + mlp + lora + base
+        base = 2 * h + 2 * h + 2 * a.intermediate_size  # bitsandbytes' 4-bit matmul keeps its bf16 input: two norm outputs, the MLP product
+    mlp = mlp_activation_bytes(spec, targets, lora_rank=lora_rank, adapter_bytes=adapter_bytes, fused=fused)
+    return norms + attn + lora + base + mlp
+
+
+MLP_TARGETS = frozenset({"gate_proj", "up_proj", "down_proj"})
+
+
+def mlp_activation_bytes(spec: ModelSpec, targets: tuple[str, ...], *, lora_rank: int = 16, adapter_bytes: int = 2,
+                         fused: bool = False) -> int:
+    """Per token, what a LoRA layer's MLP keeps besides its input: gate, up (and HF's silu(gate)), down_proj's
+    adapter input, the MLP adapters' A outputs. The part ``onecard.train.patching`` runs in token chunks."""
+    i = spec.args.intermediate_size
+    kept = (2 if fused else 3) * 2 * i  # fused SwiGLU: gate and up; HF: gate, silu(gate), up
+    mlp_targets = [t for t in targets if t in MLP_TARGETS]
+    if adapter_bytes == 2:
+        return kept + 2 * lora_rank * len(mlp_targets) + (2 * i if "down_proj" in targets else 0)
+    return kept + (adapter_bytes * (i + lora_rank) if "down_proj" in targets else 0)
+
+
+def layer_saved_bytes(spec: ModelSpec, tokens: int, method: str, targets: tuple[str, ...], *, mixed: bool = False,
+                      lora_rank: int = 16, adapter_bytes: int = 2, base_format: str = "int4-g64",
+                      fused: bool = False) -> int:
+    """One layer's saved set over ``tokens`` tokens, as its recomputation holds it. Fused LoRA/QLoRA runs the MLP
+    in checkpointed chunks of ``MLP_CHUNK_TOKENS`` above that length: its MLP part then holds one chunk's worth."""
+    per_token = layer_activation_bytes(spec, method, targets, mixed=mixed, lora_rank=lora_rank,
+                                       adapter_bytes=adapter_bytes, base_format=base_format, fused=fused)
+    from onecard.train.patching import MLP_CHUNK_TOKENS
+
+    if method == "full" or mixed or not fused or tokens <= MLP_CHUNK_TOKENS:
+        return tokens * per_token
+    mlp = mlp_activation_bytes(spec, targets, lora_rank=lora_rank, adapter_bytes=adapter_bytes, fused=True)
+    return tokens * (per_token - mlp) + MLP_CHUNK_TOKENS * mlp
 
 
 def model_activation_bytes(spec: ModelSpec, tokens: int, method: str, targets: tuple[str, ...], *, mixed: bool,
-                           checkpointing: bool, lora_rank: int = 16, adapter_bytes: int = 4,
-                           base_format: str = "int4-g64", offload: bool = False) -> int:
+                           checkpointing: bool, lora_rank: int = 16, adapter_bytes: int = 2,
+                           base_format: str = "int4-g64", offload: bool = False, fused: bool = False) -> int:
     """Saved activations of a forward over ``tokens`` (batch x seq), before the loss.
 
     Without checkpointing every layer keeps ``layer_activation_bytes``; with
     HF's per-layer checkpointing each layer keeps only its input and one layer
     is recomputed at a time during backward (its saved tensors plus their
-    gradients, counted as twice the layer). ``offload`` (onecard.train's
-    offloaded checkpoints): the layer inputs wait in CPU memory, one at a time
-    is on the GPU. Plus the final norm, RoPE cos/sin.
+    gradients, counted as twice the layer, ``layer_saved_bytes``). ``offload``
+    (onecard.train's offloaded checkpoints): the layer inputs wait in CPU
+    memory, one at a time is on the GPU. Plus the final norm, RoPE cos/sin.
     """
     a = spec.args
-    layer = layer_activation_bytes(spec, method, targets, mixed=mixed, lora_rank=lora_rank, adapter_bytes=adapter_bytes,
-                                   base_format=base_format)
     res = 4 if mixed else 2
-    final_norm = 4 * a.hidden_size + 4 + ((res + 2) * a.hidden_size if method == "full" else 0)
+    fused_norm = fused and method != "full" and not mixed
+    final_norm = (2 if fused_norm else 4) * a.hidden_size + 4 + ((res + 2) * a.hidden_size if method == "full" else 0)
     rope = 2 * 2 * a.head_dim
-    kept_inputs = 1 if offload else a.num_layers
-    per_token = (kept_inputs * res * a.hidden_size + 2 * layer) if checkpointing else a.num_layers * layer
-    return tokens * (per_token + final_norm + rope + 8)
+    kw = dict(mixed=mixed, lora_rank=lora_rank, adapter_bytes=adapter_bytes, base_format=base_format, fused=fused)
+    # the lean LoRA forward keeps bf16 copies of each layer's adapter weights (A for x's gradient, B for h's)
+    copies = 2 * lora_parameters(spec, lora_rank, targets) // a.num_layers if method != "full" and adapter_bytes == 2 else 0
+    if checkpointing:
+        kept_inputs = 1 if offload else a.num_layers
+        layer = layer_saved_bytes(spec, tokens, method, targets, **kw) + copies
+        layers = tokens * kept_inputs * res * a.hidden_size + 2 * layer
+    else:
+        layers = a.num_layers * (tokens * layer_activation_bytes(spec, method, targets, **kw) + copies)
+    return layers + tokens * (final_norm + rope + 8)
 
 
 # What the caching allocator holds for an unfused loss, per logit (transformers' ForCausalLMLoss): forward keeps
