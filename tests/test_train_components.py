@@ -82,6 +82,7 @@ def test_offloaded_checkpointing_matches_plain_backward(random_checkpoint):
     ({"lr": 3.0}, "--lr must be in"),
     ({"method": "full", "merge": True}, "--merge applies to LoRA"),
     ({"offload_checkpoints": True, "gradient_checkpointing": False}, "needs gradient checkpointing"),
+    ({"method": "qlora", "precision": "fp8"}, "QLoRA base is int4"),
 ])
 def test_train_config_rejects_bad_values(kw, match):
     from onecard.train.trainer import TrainConfig
@@ -106,3 +107,33 @@ def test_precision_benchmark_runs_fresh_models_and_skips_what_cpu_cannot(random_
     assert res["fp32"].tokens_per_second > 0 and res["bf16"].tokens_per_second > 0
     assert res["fp16"].skipped == "fp16 needs a CUDA GPU" and res["fp16"].tokens_per_second is None
     assert abs(res["bf16"].loss - res["fp32"].loss) < 0.1 * res["fp32"].loss
+
+
+def test_fp8_training_is_refused_where_it_cannot_run_and_picks_its_linears():
+    from onecard.errors import NotBuiltYetError
+    from onecard.train.precision import fp8_linear_filter
+    from onecard.train.trainer import TrainConfig, check_distributed, resolve_precision
+
+    with pytest.raises(BadInputError, match="--precision fp8: fp8 training needs a CUDA GPU"):
+        resolve_precision("fp8", "cpu")
+    with pytest.raises(NotBuiltYetError, match="fp8 with several GPUs"):
+        check_distributed(TrainConfig(model="m", data="d", precision="fp8"))
+    assert fp8_linear_filter(torch.nn.Linear(32, 64), "model.layers.0.mlp.up_proj")
+    assert not fp8_linear_filter(torch.nn.Linear(32, 64), "lm_head")  # the head stays bf16
+    assert not fp8_linear_filter(torch.nn.Linear(20, 64), "model.layers.0.mlp.up_proj")  # fp8 matmuls need /16
+    assert not fp8_linear_filter(torch.nn.LayerNorm(32), "model.norm")
+
+
+def test_fp8_linears_sit_under_the_lora_adapters(random_checkpoint, tmp_path):
+    """With torchao installed (the fp8 extra), the swap happens before PEFT wraps: LoRA's bases are float8."""
+    pytest.importorskip("torchao")
+    from onecard.train.trainer import TrainConfig, load_model, prepare_model
+
+    cfg = TrainConfig(model=random_checkpoint("llama-3.1-8b"), data=tmp_path, method="lora", precision="fp8",
+                      device="cpu", fused=False, gradient_checkpointing=False)
+    model, _ = load_model(cfg, "cpu", "fp8")
+    model, summary = prepare_model(model, cfg, "fp8")
+    layer = model.base_model.model.model.layers[0]
+    assert type(layer.self_attn.q_proj.base_layer).__name__ == "Float8Linear"
+    assert type(model.base_model.model.lm_head).__name__ == "Linear" and "float8 linears (torchao)" in summary
+    assert layer.self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16

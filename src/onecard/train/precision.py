@@ -46,11 +46,37 @@ def _skip_reason(mode: str, device: str) -> str | None:
     if mode == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         return "this GPU has no bf16"
     if mode == "fp8":
-        if torch.cuda.get_device_capability() < (8, 9):
-            return "fp8 matmuls need Ada (sm_89) or Hopper (sm_90)"
-        if importlib.util.find_spec("torchao") is None:
-            return "fp8 training needs torchao (pip install torchao)"
+        return fp8_unavailable(device)
     return None
+
+
+def fp8_unavailable(device: str) -> str | None:
+    """Why torchao's float8 training cannot run on ``device`` (None: it can)."""
+    if not device.startswith("cuda"):
+        return "fp8 training needs a CUDA GPU (Ada sm_89 or Hopper sm_90)"
+    if torch.cuda.get_device_capability() < (8, 9):
+        return "fp8 matmuls need Ada (sm_89) or Hopper (sm_90)"
+    if importlib.util.find_spec("torchao") is None:
+        return "fp8 training needs torchao (pip install torchao)"
+    return None
+
+
+def fp8_linear_filter(module: torch.nn.Module, name: str) -> bool:
+    """Which linears become float8: not the output head (its 128k-wide logits feed the loss, where fp8 costs
+    accuracy, as torchao's own recipes also leave it out), and only shapes fp8 matmuls take (both dims a multiple
+    of 16)."""
+    if name.split(".")[-1] == "lm_head" or not isinstance(module, torch.nn.Linear):
+        return False
+    return module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+
+def use_fp8_linears_(model: torch.nn.Module) -> int:
+    """Swap the model's eligible linears for torchao's ``Float8Linear`` (dynamic scaling, bf16 autocast around
+    them); returns how many. Frozen bases work too (their input gradient is an fp8 matmul)."""
+    from torchao.float8 import convert_to_float8_training
+
+    convert_to_float8_training(model, module_filter_fn=fp8_linear_filter)
+    return sum(1 for m in model.modules() if type(m).__name__ == "Float8Linear")
 
 
 def _sync(device: str) -> None:
@@ -88,7 +114,7 @@ def benchmark_precision(model_dir: str | Path, modes: tuple[str, ...] = MODES, s
         if mode == "fp8":
             from torchao.float8 import convert_to_float8_training
 
-            convert_to_float8_training(model, module_filter_fn=lambda m, name: "lm_head" not in name)
+            convert_to_float8_training(model, module_filter_fn=fp8_linear_filter)
         old_tf32 = torch.backends.cuda.matmul.allow_tf32 if device.startswith("cuda") else None
         if old_tf32 is not None:
             torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"

@@ -30,7 +30,7 @@ from onecard.train.oom import RunShape, oom_advice, oom_guard, plan_shape
 log = logging.getLogger(__name__)
 
 METHODS = ("lora", "qlora", "full")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32", "fp8")
 OPTIMIZERS = ("auto", "adamw", "adamw_8bit", "paged_adamw_8bit")
 RUN_FILE = "onecard_train.json"
 
@@ -101,6 +101,9 @@ class TrainConfig:
             raise BadInputError(f"--eval-steps must be >= 0 (0 disables evaluation), got {self.eval_steps}")
         if self.merge and self.method == "full":
             raise BadInputError("--merge applies to LoRA/QLoRA adapters; a full fine-tune already writes a model")
+        if self.precision == "fp8" and self.method == "qlora":
+            raise BadInputError("--precision fp8 swaps bf16 linears for float8 ones; a QLoRA base is int4: use "
+                                "--method lora with fp8, or --precision bf16 with qlora")
         if self.offload_checkpoints and not self.gradient_checkpointing:
             raise BadInputError("--offload-checkpoints needs gradient checkpointing; drop --no-gradient-checkpointing")
         if self.lr is None:
@@ -152,6 +155,9 @@ def check_distributed(cfg: TrainConfig) -> None:
     if cfg.offload_checkpoints:
         raise NotBuiltYetError("--offload-checkpoints with several GPUs is not built; drop it (each GPU holds 1/N of "
                                "the weights, which usually frees more memory than offloading)")
+    if cfg.precision == "fp8":
+        raise NotBuiltYetError("--precision fp8 with several GPUs is not built (FSDP2 would need torchao's float8 "
+                               "all-gather); use --precision bf16 there")
 
 
 def _worker_result(cfg: TrainConfig, steps: int, history, seconds: float, precision: str, trainable: int, total: int,
@@ -165,7 +171,8 @@ def _worker_result(cfg: TrainConfig, steps: int, history, seconds: float, precis
 
 
 def resolve_precision(precision: str, device: str) -> str:
-    """auto: bf16 on cards that have it, else fp16 (+GradScaler); fp32 on CPU."""
+    """auto: bf16 on cards that have it, else fp16 (+GradScaler); fp32 on CPU. fp8: torchao float8 linears under
+    bf16 autocast (Ada/Hopper, torchao installed)."""
     on_gpu = device.startswith("cuda")
     if precision == "auto":
         if not on_gpu:
@@ -175,11 +182,18 @@ def resolve_precision(precision: str, device: str) -> str:
         raise BadInputError("fp16 mixed precision needs a CUDA GPU; use --precision fp32 or bf16 on CPU")
     if precision == "bf16" and on_gpu and not torch.cuda.is_bf16_supported():
         raise BadInputError("this GPU has no bf16; use --precision fp16 (with automatic loss scaling)")
+    if precision == "fp8":
+        from onecard.train.precision import fp8_unavailable
+
+        why = fp8_unavailable(device)
+        if why is not None:
+            raise (MissingExtraError if "torchao" in why else BadInputError)(f"--precision fp8: {why}; or use "
+                                                                            "--precision bf16")
     return precision
 
 
 def _dtype(precision: str) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    return {"bf16": torch.bfloat16, "fp8": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
 def check_out_dir(out: Path, resume: bool) -> Path | None:
@@ -219,8 +233,9 @@ def load_model(cfg: TrainConfig, device: str, precision: str):
     return model, folder
 
 
-def prepare_model(model, cfg: TrainConfig) -> tuple[object, str]:
-    """Patch kernels, enable checkpointing, add LoRA (for lora/qlora). Returns (model, patch summary)."""
+def prepare_model(model, cfg: TrainConfig, precision: str = "bf16") -> tuple[object, str]:
+    """Patch kernels, float8 linears (``precision="fp8"``), enable checkpointing, add LoRA (for lora/qlora).
+    Returns (model, patch summary)."""
     from onecard.train.checkpointing import check_no_dropout, enable_checkpointing
     from onecard.train.lora import add_lora
     from onecard.train.patching import patch_model
@@ -229,6 +244,10 @@ def prepare_model(model, cfg: TrainConfig) -> tuple[object, str]:
     model.config.use_cache = False  # a KV cache in training also disables packed-document masking
     if cfg.fused:
         summary = patch_model(model).summary()
+    if precision == "fp8":  # before PEFT wraps the linears: LoRA's base layers are then float8
+        from onecard.train.precision import use_fp8_linears_
+
+        summary += f"; {use_fp8_linears_(model)} float8 linears (torchao)"
     if cfg.method == "full":
         model.requires_grad_(True)
     else:
@@ -272,7 +291,7 @@ def training_arguments(cfg: TrainConfig, precision: str, device: str, has_eval: 
         output_dir=str(cfg.out), per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
         learning_rate=cfg.lr, lr_scheduler_type="cosine", warmup_steps=cfg.warmup_steps, weight_decay=0.0,
-        max_grad_norm=cfg.max_grad_norm, bf16=precision == "bf16", fp16=precision == "fp16",
+        max_grad_norm=cfg.max_grad_norm, bf16=precision in ("bf16", "fp8"), fp16=precision == "fp16",
         optim=_optimizer(cfg), logging_steps=cfg.logging_steps,
         eval_strategy="steps" if has_eval and cfg.eval_steps > 0 else "no",
         eval_steps=cfg.eval_steps if has_eval and cfg.eval_steps > 0 else None,
@@ -313,7 +332,7 @@ def onecard_trainer(cfg: TrainConfig, tokenizer, train_ds, val_ds, precision: st
     """Our path: load (int4 for QLoRA), patch fused kernels, checkpointing (offloaded if asked), LoRA, Trainer."""
     torch.manual_seed(cfg.seed)
     model, _folder = load_model(cfg, device, precision)
-    model, patch_summary = prepare_model(model, cfg)
+    model, patch_summary = prepare_model(model, cfg, precision)
     return build_trainer(cfg, model, tokenizer, train_ds, val_ds, precision, device, callbacks), patch_summary
 
 
