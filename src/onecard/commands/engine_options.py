@@ -75,6 +75,8 @@ ENGINE_FLAGS: tuple[EngineFlag, ...] = (
                "in per step: a number, or auto (the planner's count).", _offload),
     EngineFlag("tensor_parallel_size", ("--tp", "--tensor-parallel-size"), int, "Tensor parallel: shard the model "
                "over this many GPUs (spawns workers)."),
+    EngineFlag("tp_all_reduce", ("--tp-all-reduce",), str, "Tensor parallel sums: auto (small ones through PyTorch "
+               "symmetric memory where the GPUs reach each other) or nccl."),
 )
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
