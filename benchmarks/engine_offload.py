@@ -25,88 +25,19 @@ import time
 import torch
 from rich.console import Console
 from rich.table import Table
-from torch import nn
 
 from onecard.bench.engine_bench import EngineBenchConfig, _engine_decode
 from onecard.bench.results import gpu_name, save_figure, write_result
+from onecard.testing.random_llama import in_memory_llm, random_llama
 
 GiB = 1 << 30
-
-
-def random_model(arch: str, size: str, bits: int | None, dtype: torch.dtype, max_positions: int):
-    """Our LlamaModel on the CPU with random weights; with ``bits``, every decoder linear is a QuantLinear holding
-    random codes (one random template per shape, shared by the layers: each layer is copied once when placed)."""
-    from onecard.models.arch import arch_config, scale_config
-    from onecard.models.config import ModelArgs
-    from onecard.models.llama import LlamaModel
-    from onecard.quant import QuantLinear
-
-    cfg = arch_config(arch) if size == "full" else scale_config(arch_config(arch), size)
-    args = ModelArgs.from_hf_config(cfg)
-    shapes = {"self_attn.qkv_proj": (args.hidden_size, args.q_size + 2 * args.kv_size),
-              "self_attn.o_proj": (args.q_size, args.hidden_size),
-              "mlp.gate_up_proj": (args.hidden_size, 2 * args.intermediate_size),
-              "mlp.down_proj": (args.intermediate_size, args.hidden_size)}
-    with torch.device("meta"):
-        model = LlamaModel(args, max_positions)
-    if bits:
-        for layer in model.layers:
-            for name in shapes:
-                parent, attr = name.split(".")
-                setattr(getattr(layer, parent), attr, nn.Identity())
-    model = model.to_empty(device="cpu").to(dtype)
-    if args.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.rotary.init_table()
-    g = torch.Generator().manual_seed(0)
-    for p in model.parameters():
-        p.data.normal_(0, 0.02, generator=g) if p.ndim > 1 else p.data.fill_(1.0)
-    if bits:
-        templates = {}
-        for name, (k, n) in shapes.items():
-            q = QuantLinear(k, n, bits, 128)
-            q.qweight.copy_(torch.randint(-2**31, 2**31 - 1, q.qweight.shape, generator=g, dtype=torch.int32))
-            q.scales.fill_(0.02 / 2 ** (bits - 1))
-            q.zeros.fill_(2 ** (bits - 1))
-            templates[name] = q
-        for layer in model.layers:
-            for name, t in templates.items():
-                parent, attr = name.split(".")
-                q = QuantLinear(t.in_features, t.out_features, bits, 128, device="meta")
-                q.qweight, q.scales, q.zeros = t.qweight, t.scales, t.zeros
-                setattr(getattr(layer, parent), attr, q)
-    return model.eval().requires_grad_(False), cfg
-
-
-def engine_for(model, offload: int, device: torch.device, max_model_len: int, enforce_eager: bool = False):
-    """An ``LLM`` around an in-memory model: the engine's own start-up (profile, KV sizing) and decode path."""
-    from transformers import AutoTokenizer
-
-    from onecard.engine import LLM
-    from onecard.engine.config import EngineConfig
-    from onecard.engine.llm_engine import LLMEngine
-    from onecard.engine.model_runner import ModelRunner
-    from onecard.engine.offload import offload_layers
-    from onecard.testing.checkpoints import shared_tokenizer
-
-    streamer = offload_layers(model, offload, device) if offload else None
-    if not offload:
-        model.to(device)
-    cfg = EngineConfig("<in-memory>", max_model_len=max_model_len, max_num_seqs=4, max_num_batched_tokens=max_model_len,
-                       device=str(device), enforce_eager=enforce_eager or bool(offload))
-    cfg.resolve(model.args.max_position_embeddings)
-    llm = object.__new__(LLM)  # LLM without a folder: same generate() over the same engine
-    llm.config = cfg
-    llm.tokenizer = AutoTokenizer.from_pretrained(str(shared_tokenizer(4096)))
-    llm.engine = LLMEngine(cfg, ModelRunner(model, cfg, device), llm.tokenizer, set())
-    return llm, streamer
 
 
 def decode_row(label: str, model, offload: int, device, bench: EngineBenchConfig, h2d_gbs: float) -> dict:
     from onecard.engine.offload import expected_tok_s, resident_step_bytes
 
     torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
-    llm, streamer = engine_for(model, offload, device, bench.max_model_len)
+    llm, streamer = in_memory_llm(model, device, bench.max_model_len, offload=offload)
     ms, _ = _engine_decode(llm, bench, model.args.vocab_size)
     row = {"row": label, "offload_layers": offload, "num_layers": model.args.num_layers, "tok_s": 1e3 / ms,
            "ms_per_token": ms, "resident_step_gib": resident_step_bytes(model) / GiB,
@@ -142,7 +73,7 @@ def big_row(a, device, bench: EngineBenchConfig, h2d: float, console) -> dict:
 
     size = "full" if not a.smoke else "tiny"
     t0 = time.perf_counter()
-    model, cfg = random_model("llama-2-70b", size, 4, torch.bfloat16 if device.type == "cuda" else torch.float32,
+    model, cfg = random_llama("llama-2-70b", size, 4, torch.bfloat16 if device.type == "cuda" else torch.float32,
                               bench.max_model_len)
     build_s = time.perf_counter() - t0
     planned = planned_offload(cfg, a.cap_gib, bench.max_model_len)
@@ -166,7 +97,7 @@ def big_row(a, device, bench: EngineBenchConfig, h2d: float, console) -> dict:
                 n = min(model.args.num_layers, n + 4)
                 del model
                 torch.cuda.empty_cache() if device.type == "cuda" else None
-                model, cfg = random_model("llama-2-70b", size, 4, torch.bfloat16 if device.type == "cuda"
+                model, cfg = random_llama("llama-2-70b", size, 4, torch.bfloat16 if device.type == "cuda"
                                           else torch.float32, bench.max_model_len)
     finally:
         if index is not None:
@@ -198,7 +129,7 @@ def main() -> None:
         dtype = torch.float32 if a.smoke else torch.bfloat16
         size = "tiny" if a.smoke else "full"
         for n in (0, 2 if a.smoke else 8):
-            model, _ = random_model("llama-2-7b", size, None, dtype, bench.max_model_len)
+            model, _ = random_llama("llama-2-7b", size, None, dtype, bench.max_model_len)
             rows.append(decode_row(f"llama-2-7b {str(dtype).removeprefix('torch.')}, {n} offloaded", model, n, device,
                                    bench, h2d))
             del model
