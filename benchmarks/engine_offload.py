@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from onecard.bench.engine_bench import EngineBenchConfig, _engine_decode
-from onecard.bench.results import gpu_name, save_figure, write_result
+from onecard.bench.results import gpu_name, memory_capped, save_figure, write_result
 from onecard.testing.random_llama import in_memory_llm, random_llama
 
 GiB = 1 << 30
@@ -79,12 +79,7 @@ def big_row(a, device, bench: EngineBenchConfig, h2d: float, console) -> dict:
     planned = planned_offload(cfg, a.cap_gib, bench.max_model_len)
     # + 2: the planner does not count the two staging slots, each one layer big
     n = min(model.args.num_layers, planned + 2) if not a.smoke else 2
-    index = None
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, a.cap_gib * GiB / total), index)
-    try:
+    with memory_capped(device, a.cap_gib):
         row = None
         while row is None:
             console.print(f"[dim]70B-arch int4: {n} of {model.args.num_layers} layers offloaded...[/]")
@@ -99,9 +94,6 @@ def big_row(a, device, bench: EngineBenchConfig, h2d: float, console) -> dict:
                 torch.cuda.empty_cache() if device.type == "cuda" else None
                 model, cfg = random_llama("llama-2-70b", size, 4, torch.bfloat16 if device.type == "cuda"
                                           else torch.float32, bench.max_model_len)
-    finally:
-        if index is not None:
-            torch.cuda.set_per_process_memory_fraction(1.0, index)
     row.update(planned_offload_layers=planned, cap_gib=a.cap_gib if device.type == "cuda" else None, build_s=build_s)
     del model
     return row

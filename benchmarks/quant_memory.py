@@ -22,7 +22,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from onecard.bench.results import gpu_name, save_figure, write_result
+from onecard.bench.results import gpu_name, memory_capped, save_figure, write_result
 from onecard.testing.random_llama import in_memory_llm, random_llama
 
 GiB = 1 << 30
@@ -102,17 +102,9 @@ def main() -> None:
     if not a.smoke and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU: run with --smoke on CPU")
     device = torch.device("cpu" if a.smoke else "cuda")
-    index = None
-    if device.type == "cuda":
-        index = torch.cuda.current_device()
-        total = torch.cuda.get_device_properties(index).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, a.cap_gib * GiB / total), index)
-    try:
+    with memory_capped(device, a.cap_gib):
         rows = [run_row(key, arch, mml, prompt, 8 if a.smoke else a.decode_tokens, device, a.cap_gib, a.smoke, console)
                 for key, arch, mml, prompt in (SMOKE_ROWS if a.smoke else ROWS)]
-    finally:
-        if index is not None:
-            torch.cuda.set_per_process_memory_fraction(1.0, index)
     result = {"device_name": gpu_name(), "cap_gib": a.cap_gib if device.type == "cuda" else None,
               "cap_enforced": device.type == "cuda", "weights": "random int4 g128 codes (QuantLinear), bf16 rest",
               "rows": rows, "target": "both rows fit under 24 GiB"}

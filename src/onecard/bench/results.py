@@ -11,6 +11,7 @@ import json
 import platform
 import shlex
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parents[3] / "docs" / "results"
@@ -67,6 +68,25 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+@contextmanager
+def memory_capped(device, gib: float | None):
+    """Within: this process may use at most ``gib`` of ``device``'s memory (how a 24 GiB card is stood in for on a
+    bigger one); the cap is lifted on the way out. Nothing happens on a CPU or without a cap."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda" or not gib:
+        yield
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * (1 << 30) / total), index)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, index)
 
 
 def cap_process_memory(gib: float) -> None:

@@ -32,10 +32,9 @@ import torch
 
 from onecard.bench.engine_bench import (EngineBenchConfig, _engine_decode, _engine_offline, _hf_batched,
                                         _hf_decode_ms, _peak_gib, _peak_reset, measure_copy_bandwidth, workload)
-from onecard.bench.results import free_memory
+from onecard.bench.results import free_memory, memory_capped
 from onecard.errors import BadInputError, DoesNotFitError, NotBuiltYetError, OnecardError
 
-GiB = 1 << 30
 ROWS = ("hf-bf16", "hf-int8", "onecard-bf16", "onecard-int8", "onecard-int4", "onecard-int4-fp8kv")
 COLUMNS = ("bs1_tok_s", "ms_per_token", "ttft_ms", "offline_tok_s", "peak_gib", "max_context_tokens", "roofline_pct")
 COLUMN_TITLES = ("bs=1 tok/s", "ms/token", "TTFT ms", "offline tok/s", "peak GiB", "max context", "% roofline")
@@ -306,12 +305,7 @@ def run_table(cfg: TableConfig, console=None) -> dict:
               "workload_mean_input": sum(len(p) for p, _ in reqs) / len(reqs),
               "workload_mean_output": sum(o for _, o in reqs) / len(reqs),
               **{f"config_{k}": v for k, v in asdict(cfg).items() if k != "model"}, "rows": []}
-    index = None
-    if device.type == "cuda" and cfg.memory_cap_gib:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.memory_cap_gib * GiB / total), index)
-    try:
+    with memory_capped(device, cfg.memory_cap_gib):
         with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console, transient=True) as progress:
             for row in cfg.rows:
@@ -334,9 +328,6 @@ def run_table(cfg: TableConfig, console=None) -> dict:
                     entry.setdefault(col, None)
                 result["rows"].append(entry)
                 console.print(f"[dim]{rs['label']}: {entry['status']}[/]")
-    finally:
-        if index is not None:
-            torch.cuda.set_per_process_memory_fraction(1.0, index)
     return result
 
 
