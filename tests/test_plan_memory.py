@@ -174,9 +174,8 @@ def test_fused_lora_activations_match_autograd(monkeypatch):
 
 def test_long_fused_layers_hold_one_mlp_chunk():
     """Above MLP_CHUNK_TOKENS a fused LoRA layer's MLP part is one chunk's, the rest grows with the length."""
-    from onecard.train.patching import MLP_CHUNK_TOKENS
-
     spec = resolve_model("llama-3-8b")
+    MLP_CHUNK_TOKENS = M.MLP_CHUNK_TOKENS
     targets = M.LORA_TARGETS["all"]
     per_token = M.layer_activation_bytes(spec, "qlora", targets, fused=True)
     mlp = M.mlp_activation_bytes(spec, targets, fused=True)

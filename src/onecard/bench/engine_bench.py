@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from onecard.bench.results import memory_capped
 from onecard.errors import BadInputError
 
 GiB = 1 << 30
@@ -293,16 +294,11 @@ def run_engine_bench(cfg: EngineBenchConfig, console=None) -> dict:
             result.update(run_hf(cfg, reqs, device, progress))
         result.update(run_engine(cfg, reqs, device, progress, "engine"))
         if cfg.memory_cap_gib and device.type == "cuda":
-            total = torch.cuda.get_device_properties(device).total_memory
-            frac = min(1.0, cfg.memory_cap_gib * GiB / total)
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            torch.cuda.set_per_process_memory_fraction(frac, index)
-            try:
-                result.update(run_engine(cfg, reqs, device, progress, "engine_cap", cfg.cap_num_prompts))
-            except Exception as exc:  # keep the uncapped results; the failure is itself a finding
-                result["engine_cap_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            finally:
-                torch.cuda.set_per_process_memory_fraction(1.0, index)
+            with memory_capped(device, cfg.memory_cap_gib):
+                try:
+                    result.update(run_engine(cfg, reqs, device, progress, "engine_cap", cfg.cap_num_prompts))
+                except Exception as exc:  # keep the uncapped results; the failure is itself a finding
+                    result["engine_cap_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
             result["engine_cap_memory_cap_gib"] = cfg.memory_cap_gib
     # roofline of bs=1 decode: weights + KV at the average context, per token, over measured bandwidth
     avg_ctx = cfg.decode_prompt_len + cfg.decode_tokens / 2

@@ -34,6 +34,7 @@ from onecard.kernels.fused_linear_ce import IGNORE_INDEX, fused_linear_cross_ent
 from onecard.kernels.rmsnorm import rmsnorm
 from onecard.kernels.rope import rope
 from onecard.kernels.swiglu import swiglu
+from onecard.plan.memory import MLP_CHUNK_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,6 @@ class FusedRMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
-
-
-MLP_CHUNK_TOKENS = 16384  # longer inputs run the MLP in pieces of this many tokens, each checkpointed
 
 
 class FusedSwiGLUMLP(nn.Module):

@@ -112,9 +112,7 @@ def benchmark_precision(model_dir: str | Path, modes: tuple[str, ...] = MODES, s
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="sdpa",
                                                      device_map={"": device}).train()
         if mode == "fp8":
-            from torchao.float8 import convert_to_float8_training
-
-            convert_to_float8_training(model, module_filter_fn=fp8_linear_filter)
+            use_fp8_linears_(model)
         old_tf32 = torch.backends.cuda.matmul.allow_tf32 if device.startswith("cuda") else None
         if old_tf32 is not None:
             torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
