@@ -46,9 +46,10 @@ class SymmMemAllReduce:
     """A sum over the group in one kernel through PyTorch symmetric memory: each rank copies its partial into its
     buffer, then reads every peer's over NVLink (``symm_mem.one_shot_all_reduce``, which barriers before and after).
 
-    Why: a decode step of a 13B model makes 80 all-reduces of ~10 KB; NCCL's small-message latency inside a CUDA
-    graph is what kept TP=2 bs=1 decode below 1.6x TP=1 (docs/results/dist_tp*.json compare the two). The same
-    idea as vLLM's custom all-reduce, from PyTorch's own ops. Multicast (``multimem``) ops are not used, so it
+    Why: a decode step of a 13B model makes 80 all-reduces of ~10 KB, where latency is all that counts. The same
+    idea as vLLM's custom all-reduce, from PyTorch's own ops. Measured end to end it gains little over NCCL
+    (docs/results/dist_tp*.json: 1.37x against 1.35x TP=1 at bs=1), but a process whose graph-captured sums go
+    through it leaves its group cleanly, where NCCL's teardown hangs (pytorch#115388). Multicast (``multimem``) ops are not used, so it
     also runs where NVLink multicast is off. One buffer serves every layer: the trailing barrier means no rank
     overwrites it while a peer still reads.
     """

@@ -9,8 +9,8 @@ the adapter weights in fp32 and casts the *activations* to fp32 before the
 adapter, which under bf16 autocast are cast straight back: two copies of the
 layer input, a scale and an add for every adapted linear, forward and
 recomputation alike (a quarter of the GPU time of a Llama-3-8B LoRA step at
-seq 2048 was such copies and elementwise kernels, measured with
-torch.profiler on an H200). The lean forward casts the small fp32 *weights*
+seq 2048 was such copies and elementwise kernels, seen in a dev-only
+torch.profiler run on an H200). The lean forward casts the small fp32 *weights*
 to the activation dtype instead (gradients still reach the fp32 masters) and
 folds scale and add into one ``addmm``. Same maths; the adapter files, merging
 and PEFT's API are untouched.
