@@ -17,7 +17,7 @@ not timed; for fp8 SDPA reads the dequantized bf16 copy, twice the bytes. Output
 
 ``split@P`` rows force a P-token partition: the sweep to set ``SPLIT_MIN_PARTITION`` / ``SPLIT_MAX_PARTITION`` /
 ``SPLIT_TARGET_PROGRAMS`` in ``kernels/paged_attention.py`` from (pick, per row, the fastest; check the planned
-``split`` row is close to it). Reported: microseconds (``triton.testing.do_bench`` median, L2 flushed), achieved GB/s (the cache bytes each
+``split`` row is close to it). Reported: microseconds (``graph_time_us``: inside a CUDA graph, L2 flushed), achieved GB/s (the cache bytes each
 method must read: K, V and scales for the attended tokens / time) and that as % of the card's catalog bandwidth.
 Writes docs/results/kernel_paged_decode.json (+ PNG).
 """

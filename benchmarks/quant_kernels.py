@@ -11,8 +11,10 @@ batch) and 2048 (prefill: the dequantize + cuBLAS path). int4 is group 128
 (asymmetric, the GPTQ-g128 layout); int8 is per-channel by default, as the
 engine's ``quantization="int8"`` runs it (``--int8-group 128`` for g128).
 Each case is checked against ``wo_matmul_reference`` and timed with
-``triton.testing.do_bench`` (median; L2 flushed between runs, so the weights
-come from HBM as in a real decode step). Reported: us, effective GB/s
+``onecard.bench.timing.graph_time_us`` (inside a CUDA graph, as the engine's
+decode step runs them, so the microseconds are the GPU's and not the Python
+launch's; L2 flushed before each call, so the weights come from HBM as in a
+real decode step; the memset and cast a split-K launch adds are included). Reported: us, effective GB/s
 (quantized bytes read / time), that as % of the bf16 GEMV's measured GB/s on
 the same shape (M = 1), speedup vs bf16 ``F.linear``, and the same for a whole
 layer (sum of the four shapes: what one decode step spends per layer).
@@ -75,8 +77,8 @@ def candidates(M: int, bits: int, smoke: bool) -> list[KernelConfig]:
     out: list[KernelConfig] = []
     if M <= 8:
         wide = M == 1
-        for bn in (64, 128, 256):
-            for kp in ((g // 2, g) if wide else (g,)):
+        for bn in (32, 64, 128):
+            for kp in ((g // 2, g, 2 * g) if wide else (g // 2, g)):
                 for warps in ((4, 8) if wide else (4,)):
                     for waves in ((0, 2, 4, 8) if wide else (0, 2, 4)):
                         out.append(KernelConfig("gemv", bm, bn, kp, float(waves), warps, 3))
@@ -202,7 +204,7 @@ def main() -> None:
         print("CONFIGS: dict[tuple[int, int], KernelConfig] = {")
         for (M, bits), c in sorted(table.items(), key=lambda kv: (kv[0][0], kv[0][1])):
             m = "2**31" if M == 2**31 else str(M)
-            print(f"    ({m}, {bits}): KernelConfig({c.kernel!r}, {c.block_m}, {c.block_n}, {c.block_kp}, "
+            print(f"    ({m}, {bits}): KernelConfig(\"{c.kernel}\", {c.block_m}, {c.block_n}, {c.block_kp}, "
                   f"{c.waves}, {c.num_warps}, {c.num_stages}),")
         print("}")
 

@@ -92,7 +92,9 @@ def test_fsdp2_losses_match_one_process(method, fsdp_run):
     # require nearly every element to agree to 1e-5.
     state = model.state_dict()
     for name, t in result[method]["state"].items():
-        diff = (t - state[name]).abs()
+        if t.dtype != state[name].dtype:  # a QLoRA base's codes travel as float bits under FSDP2
+            t = t.view(state[name].dtype)
+        diff = (t.float() - state[name].float()).abs()
         assert diff.max().item() <= 2 * LR * STEPS, (name, diff.max().item())
         assert (diff > 1e-5).float().mean().item() < 0.01, (name, (diff > 1e-5).float().mean().item())
 
@@ -115,8 +117,8 @@ def test_dcp_saved_by_two_loads_in_one(method, fsdp_run):
     load_sharded(out / f"{method}-dcp", model, opt)
     state = model.state_dict()
     assert set(full) <= set(state)
-    for name, t in full.items():
-        assert torch.equal(t, state[name]), name
+    for name, t in full.items():  # bitwise: a QLoRA base's codes are float bits, some of them NaN patterns
+        assert torch.equal(t.view(torch.uint8), state[name].view(torch.uint8)), name
     assert opt.state and all(s["step"].item() == STEPS for s in opt.state.values())
 
 

@@ -10,6 +10,7 @@ from onecard.kernels.wo_matmul import (
     CONFIGS,
     KernelConfig,
     _rowwise,
+    _split_counters,
     dequantize,
     dequantize_reference,
     pick_config,
@@ -64,9 +65,11 @@ MATMUL_CASES = [
     (8, 128, 256, 80, 40, None),
     (4, 128, 256, 48, 70, None),
     (4, 64, 256, 48, 2, KernelConfig(GEMV, 2, 64, 8, 0.0)),
+    (4, 128, 256, 80, 1, KernelConfig(GEMV, 1, 64, 16, 4.0)),
     (8, 32, 128, 80, 1, KernelConfig(GEMV, 1, 128, 16, 1.0)),
     (4, 32, 224, 48, 4, KernelConfig(GEMV, 4, 64, 16, 0.0)),
     (8, 128, 256, 80, 5, KernelConfig(DOT, 16, 64, 32, 0.0)),
+    (4, 128, 256, 80, 16, KernelConfig(DOT, 16, 64, 16, 4.0)),
     (4, 32, 224, 48, 16, KernelConfig(DOT, 16, 64, 16, 0.0)),
 ]
 
@@ -93,6 +96,9 @@ def test_matmul_kernel_matches_reference(bits, group_size, K, N, M, config):
     ref = wo_matmul_reference(x, packed, s, z, bits, gs)
     assert y.shape == (M, N) and y.dtype == x.dtype
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
+    if _case_paths(bits, group_size, K, N, M, config)[2]:  # split-K: the last split reset every tile's counter
+        assert not _split_counters(x.device, 1).any()
+        torch.testing.assert_close(wo_matmul(x, packed, s, z, bits, gs, config), y, rtol=0, atol=0)  # deterministic
 
 
 def test_config_table_and_split():

@@ -66,18 +66,26 @@ def int4_base_as_parameters_(model: nn.Module) -> int:
     Why: FSDP2 shards parameters only; buffers stay whole on every rank, so
     an int4 base held in buffers would be replicated, not sharded. As frozen
     parameters they are sharded along dim 0 (output rows: whole groups of
-    whole bytes) and all-gathered per layer like any weight; FSDP2 gathers
-    non-float parameters as bytes and never casts them to ``param_dtype``
-    (torch >= 2.6), so the codes reach the matmul unchanged. Names stay
-    ``qweight``/``scales``, so state dicts keep their keys.
+    whole bytes) and all-gathered per layer like any weight. FSDP2 makes every
+    sharded parameter a float ``nn.Parameter`` (torch 2.11 refuses uint8:
+    "only Tensors of floating point dtype can require gradients"), so the codes
+    travel as the *bits* of a ``compute_dtype`` tensor (what bitsandbytes'
+    ``quant_storage=bf16`` does): the mixed-precision ``param_dtype`` is the
+    compute dtype, so FSDP2 never casts them, and ``Int4Linear.codes`` views
+    them back as uint8. Names stay ``qweight``/``scales``, so state dicts keep their keys.
     """
     from onecard.train.qlora import Int4Linear
 
     layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
     for m in layers:
-        for name in ("qweight", "scales"):
-            if name in m._buffers:
-                m.register_parameter(name, nn.Parameter(m._buffers.pop(name), requires_grad=False))
+        if "qweight" in m._buffers:
+            codes = m._buffers.pop("qweight")
+            if codes.shape[-1] % m.compute_dtype.itemsize:
+                raise BadInputError(f"{m.in_features} input features do not pack into whole {m.compute_dtype} "
+                                    "words; FSDP2 QLoRA needs in_features divisible by 8")
+            m.register_parameter("qweight", nn.Parameter(codes.view(m.compute_dtype), requires_grad=False))
+        if "scales" in m._buffers:
+            m.register_parameter("scales", nn.Parameter(m._buffers.pop("scales"), requires_grad=False))
     return len(layers)
 
 
@@ -166,6 +174,7 @@ def save_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
         get_state_dict,
     )
 
+    int4_base_as_parameters_(model)  # a QLoRA base was saved as FSDP2 holds it: codes as float bits
     if optimizer is not None:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optimizer": optim_sd}
@@ -188,6 +197,7 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
     if not (Path(path) / ".metadata").exists():
         raise ModelFolderError(f"'{path}' is not a sharded (DCP) checkpoint: no .metadata file; "
                                "pass the folder save_sharded wrote")
+    int4_base_as_parameters_(model)  # a QLoRA base was saved as FSDP2 holds it: codes as float bits
     if optimizer is not None:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optimizer": optim_sd}

@@ -38,17 +38,23 @@ Two kernels, chosen per ``M`` from ``CONFIGS`` (tuned by ``benchmarks/quant_kern
 - ``gemv`` (decode, M <= a few rows): no tensor cores; a ``[BLOCK_M, BLOCK_KP, BLOCK_N]``
   fp32 accumulator of products, summed over K once at the end. Every tensor is
   3-D from its load on, so the whole loop stays in the words' coalesced layout
-  (checked on the sm_90 TTGIR: no ``convert_layout`` inside the loop, no spills);
-  about 5 instructions per code (extract, or, subtract, FMA).
+  (checked on the sm_90 TTGIR: no ``convert_layout`` inside the loop, no spills).
+  At M = 1 the kernel is bound by integer instructions, not bytes (the H200
+  sweep found it at ~1.3 TB/s with 8 SASS instructions per 4-bit code), so a
+  code costs one shift, one LOP3 and one FMA: shifted into the top mantissa
+  bits of 1.0 it *is* the float ``f = 1 + code / 2**bits``, and
+  ``sum_j x_j (c_j - z) = 2**bits * sum_j x_j f_j - (2**bits + z) * sum_j x_j``
+  takes the zero (and the 1) out per word row, not per code; the cancellation
+  costs a few of fp32's 24 bits (6 instructions per code in the sm_90 SASS).
 - ``dot``: ``P`` separate ``tl.dot`` of ``x_j [BLOCK_M, BLOCK_KP] @ (c_j - z) [BLOCK_KP, BLOCK_N]``
   (codes minus zero are exact in bf16 for 4- and 8-bit codes), scale after the dot
   (within the dot each ``c_j - z`` tile still passes through shared memory, as any
   Triton dequant-then-dot does).
 
 Both split K over groups when the output tiles alone would leave SMs idle
-(``KernelConfig.waves``): partial sums are added with ``tl.atomic_add`` into a
-zeroed fp32 output (one memset and one cast, both small next to the weight read;
-no partials tensor and no separate sum kernel). On CUDA, ``M >= DEQUANT_GEMM_MIN_M``
+(``KernelConfig.waves``): each split writes an fp32 partial and the last to
+finish sums them (``_store_out``), so a split-K matmul is one kernel, with no
+memset or cast around it. On CUDA, ``M >= DEQUANT_GEMM_MIN_M``
 (long prefill, compute-bound) dequantizes once into a scratch weight and calls
 cuBLAS, as exllamav2 does: the dequant is a small fraction of a 2k-token GEMM.
 """
@@ -93,19 +99,20 @@ class KernelConfig:
             raise BadInputError(f"bad kernel config {self}: tl.dot needs block_m, block_n, block_kp >= 16")
 
 
-# (largest M of the bucket, bits) -> config. Pre-sweep defaults; `benchmarks/quant_kernels.py --sweep`
+# (largest M of the bucket, bits) -> config. M <= 16: swept on an H200 (graph-timed, docs/results/quant_kernels.json);
+# M > 16: pre-sweep defaults. `benchmarks/quant_kernels.py --sweep`
 # prints this table measured on the card it runs on.
 CONFIGS: dict[tuple[int, int], KernelConfig] = {
-    (1, 4): KernelConfig("gemv", 1, 128, 16, 4.0, 4, 3),
-    (1, 8): KernelConfig("gemv", 1, 128, 32, 4.0, 4, 3),
-    (2, 4): KernelConfig("gemv", 2, 128, 16, 4.0, 4, 3),
-    (2, 8): KernelConfig("gemv", 2, 128, 32, 4.0, 4, 3),
-    (4, 4): KernelConfig("gemv", 4, 64, 16, 4.0, 4, 3),
-    (4, 8): KernelConfig("gemv", 4, 64, 32, 4.0, 4, 3),
-    (8, 4): KernelConfig("dot", 16, 64, 16, 2.0, 4, 3),
-    (8, 8): KernelConfig("dot", 16, 64, 32, 2.0, 4, 3),
-    (16, 4): KernelConfig("dot", 16, 64, 16, 2.0, 4, 3),
-    (16, 8): KernelConfig("dot", 16, 64, 32, 2.0, 4, 3),
+    (1, 4): KernelConfig("gemv", 1, 32, 32, 8.0, 4, 4),
+    (1, 8): KernelConfig("gemv", 1, 64, 16, 8.0, 4, 4),
+    (2, 4): KernelConfig("gemv", 2, 64, 16, 4.0, 4, 4),
+    (2, 8): KernelConfig("gemv", 2, 64, 32, 4.0, 4, 4),
+    (4, 4): KernelConfig("dot", 16, 64, 16, 4.0, 4, 2),
+    (4, 8): KernelConfig("dot", 16, 64, 32, 4.0, 4, 3),
+    (8, 4): KernelConfig("dot", 16, 128, 32, 2.0, 4, 2),
+    (8, 8): KernelConfig("dot", 16, 64, 32, 4.0, 4, 3),
+    (16, 4): KernelConfig("dot", 16, 128, 32, 2.0, 4, 2),
+    (16, 8): KernelConfig("dot", 16, 128, 16, 4.0, 4, 3),
     (64, 4): KernelConfig("dot", 32, 64, 16, 1.0, 4, 3),
     (64, 8): KernelConfig("dot", 32, 64, 32, 1.0, 4, 3),
     (2**31, 4): KernelConfig("dot", 64, 128, 16, 0.0, 4, 3),
@@ -148,7 +155,7 @@ def wo_matmul_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
 @triton.jit
 def _group_affine(s_ptr, z_ptr, kp0, rows, offs_n, n_mask, N, KPT, GROUP: tl.constexpr, PACK: tl.constexpr,
                   ROWWISE: tl.constexpr, PER_ROW: tl.constexpr):
-    """Scale and ``zero + 2**23`` (fp32) for a tile of word rows.
+    """Scale and zero (fp32) for a tile of word rows.
 
     ``rows`` and ``offs_n``/``n_mask`` come already expanded (``[BKP, 1]`` / ``[1, BN]``, or with a
     leading 1 for 3-D tiles). ``PER_ROW`` loads a one-group tile's scales once per word row (L1 hits),
@@ -166,25 +173,46 @@ def _group_affine(s_ptr, z_ptr, kp0, rows, offs_n, n_mask, N, KPT, GROUP: tl.con
         mask = n_mask & ((tl.zeros_like(offs_n) + kp0) < KPT)
     s = tl.load(s_ptr + off, mask=mask, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    return s, z + 8388608.0
+    return s, z
 
 
 @triton.jit
-def _store_out(out_ptr, y, offs_m, offs_n, M, N, stride_om, ATOMIC: tl.constexpr):
-    ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+def _store_out(out_ptr, part_ptr, count_ptr, y, offs_m, offs_n, M, N, stride_om, num_splits, SPLIT: tl.constexpr):
+    """Write a tile; under split-K, the last of its splits to finish sums every split's partial and writes it.
+
+    Why not ``atomic_add`` into a zeroed fp32 output: that needs a memset and a
+    cast kernel around every matmul, and in a captured decode step those two
+    launches cost about as much as the matmul's own time. Here each split
+    stores its fp32 partial, bumps the tile's counter (acquire-release), and
+    the split that sees ``num_splits - 1`` sums the partials in split order
+    (deterministic, unlike atomics), writes the output in its dtype and resets
+    the counter to zero for the next call.
+    """
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if ATOMIC:
-        tl.atomic_add(ptrs, y, mask=mask)
+    if SPLIT:
+        mn = offs_m[:, None] * N + offs_n[None, :]
+        tl.store(part_ptr + tl.program_id(2) * M * N + mn, y, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the counter moves
+        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == num_splits - 1:
+            total = tl.zeros_like(y)
+            for k in range(num_splits):
+                total += tl.load(part_ptr + k * M * N + mn, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], total.to(out_ptr.dtype.element_ty),
+                     mask=mask)
+            tl.atomic_xchg(count_ptr + tile, 0)
     else:
-        tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["tiles_per_split"])  # one compile per config, whatever the split
-def _wo_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_om, tiles_per_split,
-                    GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_KP: tl.constexpr, ROWWISE: tl.constexpr, ATOMIC: tl.constexpr):
+@triton.jit(do_not_specialize=["tiles_per_split", "num_splits"])  # one compile per config, whatever the split
+def _wo_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_om,
+                    tiles_per_split, num_splits, GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, ROWWISE: tl.constexpr, SPLIT: tl.constexpr):
     PACK: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
+    LEVELS: tl.constexpr = 1 << BITS
+    FIELD: tl.constexpr = 23 - BITS                      # a code's place in an fp32 mantissa: its top bits
+    FIELD_MASK: tl.constexpr = (LEVELS - 1) << FIELD
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -199,24 +227,32 @@ def _wo_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, st
         kp0 = (pid_k * tiles_per_split + t) * BLOCK_KP
         rows = kp0 + tl.arange(0, BLOCK_KP)[None, :, None]
         r_mask = rows < KPT
-        s, zm = _group_affine(s_ptr, z_ptr, kp0, rows, n3, n_mask, N, KPT, GROUP, PACK, ROWWISE, True)
+        s, z = _group_affine(s_ptr, z_ptr, kp0, rows, n3, n_mask, N, KPT, GROUP, PACK, ROWWISE, True)
         words = tl.load(qw_ptr + rows * N + n3, mask=r_mask & n_mask, other=0)             # [1, BKP, BN]
         x_rows = x_ptr + m3 * stride_xm + rows * PACK  # [BM, BKP, 1]; x[P*r + j] is x_rows + j
         x_mask = (m3 < M) & r_mask
         part = tl.zeros((BLOCK_M, BLOCK_KP, BLOCK_N), dtype=tl.float32)
+        x_sum = tl.zeros((BLOCK_M, BLOCK_KP, 1), dtype=tl.float32)
         for j in tl.static_range(PACK):
-            # code_j - zero, exact: (code | 0x4B000000) read as fp32 is 2**23 + code, and zm = zero + 2**23
-            w = (((words >> (j * BITS)) & MASK) | 0x4B000000).to(tl.float32, bitcast=True) - zm
+            # 1 + code_j / 2**BITS, exact: code_j moved into the top mantissa bits of 1.0 (a shift and one LOP3)
+            if FIELD >= j * BITS:
+                f = words << (FIELD - j * BITS)
+            else:
+                f = words >> (j * BITS - FIELD)
+            f = ((f & FIELD_MASK) | 0x3F800000).to(tl.float32, bitcast=True)
             xj = tl.load(x_rows + j, mask=x_mask, other=0.0).to(tl.float32)
-            part += xj * w
-        acc += part * s
-    _store_out(out_ptr, tl.sum(acc, axis=1), offs_m, offs_n, M, N, stride_om, ATOMIC)
+            part += xj * f
+            x_sum += xj
+        # sum_j x_j (code_j - zero) = 2**BITS * sum_j x_j f_j - (2**BITS + zero) * sum_j x_j
+        acc += (part * LEVELS - (z + LEVELS) * x_sum) * s
+    _store_out(out_ptr, part_ptr, count_ptr, tl.sum(acc, axis=1), offs_m, offs_n, M, N, stride_om, num_splits, SPLIT)
 
 
-@triton.jit(do_not_specialize=["tiles_per_split"])
-def _wo_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_om, tiles_per_split,
-                   GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_KP: tl.constexpr, ROWWISE: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr):
+@triton.jit(do_not_specialize=["tiles_per_split", "num_splits"])
+def _wo_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_om,
+                   tiles_per_split, num_splits, GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, ROWWISE: tl.constexpr, SPLIT: tl.constexpr,
+                   PRECISION: tl.constexpr):
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -230,8 +266,9 @@ def _wo_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, str
         rows = kp0 + tl.arange(0, BLOCK_KP)
         r_mask = rows < KPT
         words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0)
-        s, zm = _group_affine(s_ptr, z_ptr, kp0, rows[:, None], offs_n[None, :], n_mask[None, :], N, KPT, GROUP, PACK,
-                              ROWWISE, False)
+        s, z = _group_affine(s_ptr, z_ptr, kp0, rows[:, None], offs_n[None, :], n_mask[None, :], N, KPT, GROUP, PACK,
+                             ROWWISE, False)
+        zm = z + 8388608.0  # (code | 0x4B000000) read as fp32 is 2**23 + code: minus zm is code - zero, exact
         x_rows = x_ptr + offs_m[:, None] * stride_xm + rows[None, :] * PACK
         x_mask = m_mask[:, None] & r_mask[None, :]
         if ROWWISE:  # scales differ along the tile's K: apply them before the dot (what the reference rounds)
@@ -246,7 +283,7 @@ def _wo_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, str
                 xj = tl.load(x_rows + j, mask=x_mask, other=0.0)
                 part = tl.dot(xj, w.to(xj.dtype), part, input_precision=PRECISION)
             acc += part * s
-    _store_out(out_ptr, acc, offs_m, offs_n, M, N, stride_om, ATOMIC)
+    _store_out(out_ptr, part_ptr, count_ptr, acc, offs_m, offs_n, M, N, stride_om, num_splits, SPLIT)
 
 
 @triton.jit
@@ -261,8 +298,9 @@ def _dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, GROUP: tl.constexpr, BI
     n_mask = offs_n < N
     mask = (rows < KPT)[:, None] & n_mask[None, :]
     words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=mask, other=0)
-    s, zm = _group_affine(s_ptr, z_ptr, kp0, rows[:, None], offs_n[None, :], n_mask[None, :], N, KPT, GROUP, PACK,
-                          ROWWISE, True)
+    s, z = _group_affine(s_ptr, z_ptr, kp0, rows[:, None], offs_n[None, :], n_mask[None, :], N, KPT, GROUP, PACK,
+                         ROWWISE, True)
+    zm = z + 8388608.0
     for j in tl.static_range(PACK):
         w = ((((words >> (j * BITS)) & MASK) | 0x4B000000).to(tl.float32, bitcast=True) - zm) * s
         tl.store(out_ptr + (rows[:, None] * PACK + j) * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
@@ -307,6 +345,26 @@ def split_k(config: KernelConfig, grid_mn: int, k_tiles: int, device: torch.devi
     return triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))  # no empty splits
 
 
+SPLIT_COUNTERS = 1 << 16
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """The per-device zeroed int32 tile counters split-K launches share; each launch leaves them at zero again.
+
+    Allocated on first use, which must not be inside a CUDA-graph capture
+    (the engine and the benchmarks run every shape once before capturing).
+    """
+    if tiles > SPLIT_COUNTERS:
+        raise ValueError(f"{tiles} split-K output tiles exceed the {SPLIT_COUNTERS} counters")
+    if device not in _counters:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("wo_matmul's split-K counters are allocated on the first call, which cannot be inside "
+                               "a CUDA-graph capture: run the model once before capturing")
+        _counters[device] = torch.zeros(SPLIT_COUNTERS, dtype=torch.int32, device=device)
+    return _counters[device]
+
+
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Triton dequantization to ``[K, N]`` in ``dtype`` (bit-exact with ``dequantize_reference`` in fp32)."""
@@ -341,12 +399,10 @@ def wo_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     k_tiles = triton.cdiv(K // (32 // bits), c.block_kp)
     grid_m, grid_n = triton.cdiv(M, c.block_m), triton.cdiv(N, c.block_n)
     split = split_k(c, grid_m * grid_n, k_tiles, x.device)
-    if split > 1:
-        out = torch.zeros(M, N, dtype=torch.float32, device=x.device)
-    else:
-        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    part = torch.empty(split if split > 1 else 0, M, N, dtype=torch.float32, device=x.device)
     consts = {"GROUP": group_size, "BITS": bits, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_KP": c.block_kp,
-              "ROWWISE": _rowwise(group_size, K, bits, c.block_kp), "ATOMIC": split > 1}
+              "ROWWISE": _rowwise(group_size, K, bits, c.block_kp), "SPLIT": split > 1}
     if c.kernel == "dot":
         kernel = _wo_dot_kernel
         consts["PRECISION"] = "ieee" if x.dtype == torch.float32 else "tf32"
@@ -354,6 +410,6 @@ def wo_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         kernel = _wo_gemv_kernel
     if x.is_cuda:
         consts.update(num_warps=c.num_warps, num_stages=c.num_stages)
-    kernel[(grid_m, grid_n, split)](x2, qweight, scales, zeros, out, M, N, K, x2.stride(0), N,
-                                    triton.cdiv(k_tiles, split), **consts)
-    return out.to(x.dtype).reshape(*lead, N)
+    kernel[(grid_m, grid_n, split)](x2, qweight, scales, zeros, out, part, _split_counters(x.device, grid_m * grid_n),
+                                    M, N, K, x2.stride(0), N, triton.cdiv(k_tiles, split), split, **consts)
+    return out.reshape(*lead, N)

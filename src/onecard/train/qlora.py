@@ -88,6 +88,11 @@ class Int4Linear(nn.Linear):
     def weight(self) -> torch.Tensor:  # PEFT and HF read .weight for device/dtype/shape
         return self.qweight
 
+    @property
+    def codes(self) -> torch.Tensor:
+        """The packed uint8 codes, whether ``qweight`` holds them as uint8 or as float bits (for FSDP2)."""
+        return self.qweight if self.qweight.dtype == torch.uint8 else self.qweight.view(torch.uint8)
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 64,
                     compute_dtype: torch.dtype = torch.bfloat16) -> "Int4Linear":
@@ -99,10 +104,10 @@ class Int4Linear(nn.Linear):
         return mod
 
     def dequantized_weight(self) -> torch.Tensor:
-        return dequantize_int4(self.qweight, self.scales, self.compute_dtype)
+        return dequantize_int4(self.codes, self.scales, self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _Int4MatmulFn.apply(x, self.qweight, self.scales, self.compute_dtype)
+        y = _Int4MatmulFn.apply(x, self.codes, self.scales, self.compute_dtype)
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:

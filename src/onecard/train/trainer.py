@@ -243,7 +243,11 @@ def prepare_model(model, cfg: TrainConfig, precision: str = "bf16") -> tuple[obj
     summary = "fused kernels off"
     model.config.use_cache = False  # a KV cache in training also disables packed-document masking
     if cfg.fused:
-        summary = patch_model(model).summary()
+        # Under FSDP2 the head's weight is a sharded DTensor outside the head's own forward, which the fused
+        # linear+CE (it reads head.weight, skipping that forward) cannot use: those runs keep HF's loss.
+        on_gpu = (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        fsdp = on_gpu and DistEnv.from_env().is_distributed
+        summary = patch_model(model, fused_cross_entropy=not fsdp).summary()
     if precision == "fp8":  # before PEFT wraps the linears: LoRA's base layers are then float8
         from onecard.train.precision import use_fp8_linears_
 
@@ -287,7 +291,7 @@ def training_arguments(cfg: TrainConfig, precision: str, device: str, has_eval: 
         from onecard.dist.fsdp import trainer_fsdp_kwargs
 
         overrides = {**trainer_fsdp_kwargs(model, gradient_checkpointing=False), **overrides}
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=str(cfg.out), per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
         learning_rate=cfg.lr, lr_scheduler_type="cosine", warmup_steps=cfg.warmup_steps, weight_decay=0.0,
@@ -300,6 +304,12 @@ def training_arguments(cfg: TrainConfig, precision: str, device: str, has_eval: 
         disable_tqdm=True, report_to=[], use_cpu=not device.startswith("cuda"), dataloader_num_workers=0,
         **overrides,
     )  # gradient checkpointing is enabled by onecard (checkpointing.py) before PEFT wraps the model
+    if device.startswith("cuda") and not DistEnv.from_env().is_distributed:
+        # one process trains on one card: with several GPUs visible, HF would wrap the model in nn.DataParallel,
+        # which cannot replicate the int4 base (and is not how onecard scales: --gpus N runs FSDP2)
+        _ = args.device
+        args._n_gpu = 1
+    return args
 
 
 def make_trainer_class():
