@@ -65,7 +65,7 @@ def test_benchmark_files_are_read_by_their_keys():
         "a.json": {"gpu": "NVIDIA H200", "configs": [
             {"arch": "llama-2-7b", "layers": 8, "weight_format": "int4", "measured_decode_tok_s": 900.0},
             {"arch": "llama-2-7b", "layers": 8, "path": "train-lora", "measured_gib": 5.0}]},
-        "b.json": {"gpu": "NVIDIA H100 80GB HBM3", "model": "/c/random-llama-3-8b-full-bfloat16-s0-abc", "prompt_len": 128,
+        "b.json": {"gpu": "NVIDIA H100 80GB HBM3", "model": "/c/random-fast-llama-3-8b-full-bfloat16-s0-abc", "prompt_len": 128,
                    "decode_tokens": 64, "bf16_bs1_tok_s": 150.0, "int4-tinygemm_bs1_tok_s": 300.0},
         "c.json": {"gpu": "Some Unknown GPU", "bf16_bs1_tok_s": 1.0, "model": "random-llama-2-7b-full-bfloat16-s0-x"},
         "d.json": {"gpu": "NVIDIA H200", "device": "cpu", "configs": [

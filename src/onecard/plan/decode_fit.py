@@ -39,7 +39,8 @@ FITTED_FORMATS = ("bf16", "int8", "int4")
 # Physical bounds of the fit: no kernel streams faster than the card's bandwidth; latencies are not negative.
 MAX_EFFICIENCY = 1.0
 # Folder name of a benchmark model made by onecard.testing.make_random_checkpoint: random-<arch>-<size>-<dtype>-...
-_RANDOM_FOLDER = re.compile(r"random-(?P<arch>[a-z0-9.\-]+?)-(?P<size>full|small|tiny)-(?:bfloat16|float16|float32)-")
+# ``random-`` (random_checkpoint) or ``random-fast-`` (fast_random_checkpoint, drawn on the GPU) folders.
+_RANDOM_FOLDER = re.compile(r"random-(?:fast-)?(?P<arch>[a-z0-9.\-]+?)-(?P<size>full|small|tiny)-(?:bfloat16|float16|float32)-")
 
 
 @dataclass(frozen=True)
