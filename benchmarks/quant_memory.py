@@ -22,17 +22,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from onecard.bench.engine_bench import _sync
 from onecard.bench.results import gpu_name, memory_capped, save_figure, write_result
 from onecard.testing.random_llama import in_memory_llm, random_llama
 
 GiB = 1 << 30
 ROWS = (("13b_int4_8k", "llama-2-13b", 8192, 8000), ("34b_int4", "codellama-34b", 2048, 512))
 SMOKE_ROWS = (("13b_int4_8k", "llama-2-13b", 256, 200), ("34b_int4", "codellama-34b", 128, 64))
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _planned(cfg: dict, cap_gib: float, max_model_len: int, prompt: int) -> dict:

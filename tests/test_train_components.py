@@ -132,7 +132,7 @@ def test_fp8_linears_sit_under_the_lora_adapters(random_checkpoint, tmp_path):
     cfg = TrainConfig(model=random_checkpoint("llama-3.1-8b"), data=tmp_path, method="lora", precision="fp8",
                       device="cpu", fused=False, gradient_checkpointing=False)
     model, _ = load_model(cfg, "cpu", "fp8")
-    model, summary = prepare_model(model, cfg, "fp8")
+    model, summary = prepare_model(model, cfg, "fp8", "cpu")
     layer = model.base_model.model.model.layers[0]
     assert type(layer.self_attn.q_proj.base_layer).__name__ == "Float8Linear"
     assert type(model.base_model.model.lm_head).__name__ == "Linear" and "float8 linears (torchao)" in summary

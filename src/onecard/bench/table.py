@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from onecard.bench.engine_bench import (EngineBenchConfig, _engine_decode, _engine_offline, _hf_batched,
-                                        _hf_decode_ms, _peak_gib, _peak_reset, measure_copy_bandwidth, workload)
+                                        _hf_decode_ms, _peak_gib, _peak_reset, _sync, measure_copy_bandwidth,
+                                        workload)
 from onecard.bench.results import free_memory, memory_capped
 from onecard.errors import BadInputError, DoesNotFitError, NotBuiltYetError, OnecardError
 
@@ -150,11 +151,6 @@ def _hf_ttft_ms(model, n: int, vocab: int, seed: int) -> float:
         _sync(dev)
         times.append(time.perf_counter() - t0)
     return times[-1] * 1e3
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _hf_fits(model, n: int, vocab: int) -> bool:

@@ -174,7 +174,7 @@ def save_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
         get_state_dict,
     )
 
-    int4_base_as_parameters_(model)  # a QLoRA base was saved as FSDP2 holds it: codes as float bits
+    int4_base_as_parameters_(model)  # a QLoRA base is saved as FSDP2 holds it (codes as float bits), whoever saves
     if optimizer is not None:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optimizer": optim_sd}

@@ -400,7 +400,8 @@ def wo_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     grid_m, grid_n = triton.cdiv(M, c.block_m), triton.cdiv(N, c.block_n)
     split = split_k(c, grid_m * grid_n, k_tiles, x.device)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    part = torch.empty(split if split > 1 else 0, M, N, dtype=torch.float32, device=x.device)
+    # fp32 partials only under split-K; otherwise the kernel never touches part_ptr, so ``out`` stands in
+    part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else out
     consts = {"GROUP": group_size, "BITS": bits, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_KP": c.block_kp,
               "ROWWISE": _rowwise(group_size, K, bits, c.block_kp), "SPLIT": split > 1}
     if c.kernel == "dot":

@@ -233,7 +233,13 @@ def load_model(cfg: TrainConfig, device: str, precision: str):
     return model, folder
 
 
-def prepare_model(model, cfg: TrainConfig, precision: str = "bf16") -> tuple[object, str]:
+def fsdp_sharded(device: str) -> bool:
+    """Whether this process's model is sharded by FSDP2: one of several torchrun processes, on a GPU (on CPU the
+    processes run plain data parallel)."""
+    return device.startswith("cuda") and DistEnv.from_env().is_distributed
+
+
+def prepare_model(model, cfg: TrainConfig, precision: str, device: str) -> tuple[object, str]:
     """Patch kernels, float8 linears (``precision="fp8"``), enable checkpointing, add LoRA (for lora/qlora).
     Returns (model, patch summary)."""
     from onecard.train.checkpointing import check_no_dropout, enable_checkpointing
@@ -245,9 +251,7 @@ def prepare_model(model, cfg: TrainConfig, precision: str = "bf16") -> tuple[obj
     if cfg.fused:
         # Under FSDP2 the head's weight is a sharded DTensor outside the head's own forward, which the fused
         # linear+CE (it reads head.weight, skipping that forward) cannot use: those runs keep HF's loss.
-        on_gpu = (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-        fsdp = on_gpu and DistEnv.from_env().is_distributed
-        summary = patch_model(model, fused_cross_entropy=not fsdp).summary()
+        summary = patch_model(model, fused_cross_entropy=not fsdp_sharded(device)).summary()
     if precision == "fp8":  # before PEFT wraps the linears: LoRA's base layers are then float8
         from onecard.train.precision import use_fp8_linears_
 
@@ -285,7 +289,7 @@ def _optimizer(cfg: TrainConfig) -> str:
 def training_arguments(cfg: TrainConfig, precision: str, device: str, has_eval: bool, model=None, **overrides):
     from transformers import TrainingArguments
 
-    if DistEnv.from_env().is_distributed and device.startswith("cuda"):
+    if fsdp_sharded(device):
         # FSDP2 through accelerate's plugin: one unit per decoder layer, DCP checkpoint-N folders. Activation
         # checkpointing stays onecard's (already applied, non-reentrant: composes with FSDP2), not the plugin's.
         from onecard.dist.fsdp import trainer_fsdp_kwargs
@@ -304,7 +308,7 @@ def training_arguments(cfg: TrainConfig, precision: str, device: str, has_eval: 
         disable_tqdm=True, report_to=[], use_cpu=not device.startswith("cuda"), dataloader_num_workers=0,
         **overrides,
     )  # gradient checkpointing is enabled by onecard (checkpointing.py) before PEFT wraps the model
-    if device.startswith("cuda") and not DistEnv.from_env().is_distributed:
+    if device.startswith("cuda") and not fsdp_sharded(device):
         # one process trains on one card: with several GPUs visible, HF would wrap the model in nn.DataParallel,
         # which cannot replicate the int4 base (and is not how onecard scales: --gpus N runs FSDP2)
         _ = args.device
@@ -342,7 +346,7 @@ def onecard_trainer(cfg: TrainConfig, tokenizer, train_ds, val_ds, precision: st
     """Our path: load (int4 for QLoRA), patch fused kernels, checkpointing (offloaded if asked), LoRA, Trainer."""
     torch.manual_seed(cfg.seed)
     model, _folder = load_model(cfg, device, precision)
-    model, patch_summary = prepare_model(model, cfg, precision)
+    model, patch_summary = prepare_model(model, cfg, precision, device)
     return build_trainer(cfg, model, tokenizer, train_ds, val_ds, precision, device, callbacks), patch_summary
 
 
