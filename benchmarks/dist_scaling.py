@@ -78,7 +78,7 @@ def _engine_run(folder: str, tp: int, device: str, a) -> dict:
 
     llm = LLM(folder, tensor_parallel_size=tp, device=device, max_model_len=a.prompt + a.decode + 16,
               max_num_seqs=a.batch, enable_prefix_caching=False, quantization=a.quantization,
-              tp_all_reduce=a.all_reduce)  # every timed prompt computes its prefill
+              tp_all_reduce=a.all_reduce, decode_gemv=a.decode_gemv)  # every timed prompt computes its prefill
     vocab = llm.engine.vocab_size
     prompts = [torch.randint(3, vocab, (a.prompt,), generator=torch.Generator().manual_seed(i)).tolist()
                for i in range(a.batch)]
@@ -130,7 +130,7 @@ def part_tp(a, out_dir: Path, scratch: Path) -> dict:
         res[tp] = _engine_run(folder, tp, device, a)
         console.print(f"TP={tp} done in {time.perf_counter() - t0:.0f} s")
     data = {"arch": "llama-2-13b" + (" (tiny)" if a.smoke else ""), "dtype": "fp32" if a.smoke else "bf16",
-            "quantization": a.quantization, "tp_all_reduce": a.all_reduce,
+            "quantization": a.quantization, "tp_all_reduce": a.all_reduce, "decode_gemv": a.decode_gemv,
             "engine": "onecard LLM(tensor_parallel_size=N)", "prompt_tokens": a.prompt, "decode_tokens": a.decode,
             "offline_batch": a.batch, "cuda_graphs": bool(res[2]["cuda_graphs"])}
     for tp, r in res.items():
@@ -292,11 +292,13 @@ def _chart(out_dir: Path, name: str, title: str, groups: list[str], series: dict
 
 def _result_name(part: str, a) -> str:
     """dist_tp, dist_fsdp, dist_fit; a quantized TP run is dist_tp_<quantization> beside the bf16 one, and one
-    with ``--all-reduce nccl`` (every sum over NCCL: the comparison for symmetric memory) ends in _nccl."""
+    with ``--all-reduce nccl`` (every sum over NCCL: the comparison for symmetric memory) ends in _nccl, and one
+    with ``--no-decode-gemv`` (cuBLAS for every linear: the comparison for the GEMV) in _cublas."""
     name = f"dist_{part.replace('-', '_')}"
     if part != "tp":
         return name
-    return name + (f"_{a.quantization}" if a.quantization else "") + ("_nccl" if a.all_reduce == "nccl" else "")
+    return (name + (f"_{a.quantization}" if a.quantization else "") + ("_nccl" if a.all_reduce == "nccl" else "")
+            + ("" if a.decode_gemv else "_cublas"))
 
 
 def main() -> None:
@@ -312,6 +314,8 @@ def main() -> None:
                    help="TP: quantize on load (both TP=1 and TP=2; each rank quantizes, then keeps its shard)")
     p.add_argument("--all-reduce", choices=("auto", "nccl"), default="auto",
                    help="TP: the engine's tp_all_reduce (auto: small sums through symmetric memory where it runs)")
+    p.add_argument("--no-decode-gemv", dest="decode_gemv", action="store_false",
+                   help="TP: the engine's decode_gemv off (cuBLAS for every linear at bs=1)")
     p.add_argument("--seq", type=int, default=None, help="FSDP: tokens per row (default 2048; smoke 32)")
     p.add_argument("--rows", type=int, default=1, help="FSDP: rows per GPU per step")
     p.add_argument("--steps", type=int, default=None, help="FSDP: timed steps after 2 warm-up (default 6; smoke 2)")

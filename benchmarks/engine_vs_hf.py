@@ -3,6 +3,7 @@
     PYTHONPATH=src python benchmarks/engine_vs_hf.py            # H100: ~6-9 min, ~40 GB disk cache, writes docs/results/
     PYTHONPATH=src python benchmarks/engine_vs_hf.py --smoke    # CPU, tiny model, ~1 min, writes to a temp dir
     PYTHONPATH=src python benchmarks/engine_vs_hf.py --compare-async   # H100: ~5-6 min, engine only, sync vs async
+    PYTHONPATH=src python benchmarks/engine_vs_hf.py --compare-gemv    # H100: ~5-6 min, engine only, cuBLAS vs GEMV
 
 Measures (see onecard.bench.engine_bench): bs=1 decode tok/s and ms/token (ours,
 HF dynamic cache, HF static cache) and % of the bandwidth roofline (measured copy
@@ -15,7 +16,9 @@ once and cached (~13 GB under ~/.cache/onecard, or --model DIR to use your own).
 --compare-async runs only our engine, twice in one process: async scheduling off
 (the host reads each step's tokens before preparing the next) and on (the host
 prepares step t+1 while the GPU runs step t), same workload, same roofline;
-writes docs/results/engine_async.json + .png.
+writes docs/results/engine_async.json + .png. --compare-gemv does the same with
+the decode GEMV off (cuBLAS for every linear) and on (``decode_gemv``, the
+default): docs/results/engine_gemv.json + .png.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--out", default=None, help="result folder (default docs/results; --smoke: a temp dir)")
     p.add_argument("--compare-async", action="store_true",
                    help="only our engine, async scheduling off vs on (bs=1 decode + offline), in one process")
+    p.add_argument("--compare-gemv", action="store_true",
+                   help="only our engine, decode GEMV off (cuBLAS) vs on (bs=1 decode + offline), in one process")
     return p.parse_args()
 
 
@@ -73,10 +78,11 @@ def main() -> None:
                                 memory_cap_gib=a.cap_gib or None, cap_num_prompts=a.cap_num_prompts,
                                 decode_tokens=a.decode_tokens, run_hf_static=not a.no_hf_static)
         out_dir = a.out
-    if a.compare_async:
-        result = compare_async(cfg, console)
-        console.print(async_table(result))
-        name, fig = "engine_async", async_figure(result)
+    if a.compare_async or a.compare_gemv:
+        what = "async" if a.compare_async else "gemv"
+        result = compare(cfg, what, console)
+        console.print(compare_table(result, what))
+        name, fig = COMPARISONS[what][0], compare_figure(result, what)
     else:
         result = run_engine_bench(cfg, console)
         console.print(results_table(result))
@@ -86,17 +92,23 @@ def main() -> None:
     console.print(f"wrote {path} and {png}")
 
 
-MODES = (("sync", False), ("async", True))
+# what -> (result name, title, (baseline label, engine options), (new label, engine options))
+COMPARISONS = {
+    "async": ("engine_async", "async scheduling", ("sync", {"async_scheduling": False}), ("async", {"async_scheduling": True})),
+    "gemv": ("engine_gemv", "decode GEMV", ("cublas", {"decode_gemv": False}), ("gemv", {"decode_gemv": True})),
+}
 
 
-def compare_async(cfg: EngineBenchConfig, console) -> dict:
-    """Our engine with ``async_scheduling`` off, then on: same process, device, workload and roofline."""
+def compare(cfg: EngineBenchConfig, what: str, console) -> dict:
+    """Our engine with one option off, then on: same process, device, workload and roofline."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from onecard.bench.results import gpu_name
     from onecard.engine.llm import resolve_device
     from onecard.models import open_model_folder
 
+    _, _, *modes = COMPARISONS[what]
+    (base, _), (new, _) = modes
     device = resolve_device(cfg.device)
     args = open_model_folder(cfg.model).model_args()
     reqs = workload(cfg, args.vocab_size)
@@ -107,44 +119,47 @@ def compare_async(cfg: EngineBenchConfig, console) -> dict:
                     "decode_tokens": cfg.decode_tokens, "max_num_seqs": cfg.max_num_seqs}
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
-        for mode, on in MODES:
-            result.update(run_engine(cfg, reqs, device, progress, mode, async_scheduling=on))
-    step_bytes = result["sync_decode_step_weight_gib"] * GiB + (
-        cfg.decode_prompt_len + cfg.decode_tokens / 2) * result["sync_kv_bytes_per_token"]
+        for mode, options in modes:
+            result.update(run_engine(cfg, reqs, device, progress, mode, **options))
+    step_bytes = result[f"{base}_decode_step_weight_gib"] * GiB + (
+        cfg.decode_prompt_len + cfg.decode_tokens / 2) * result[f"{base}_kv_bytes_per_token"]
     roof = bw * 1e9 / step_bytes
-    result.update(bs1_bytes_per_token=step_bytes, bs1_roofline_tok_s=roof,
-                  **{f"{m}_bs1_roofline_fraction": result[f"{m}_bs1_tok_s"] / roof for m, _ in MODES},
-                  async_bs1_speedup=result["async_bs1_tok_s"] / result["sync_bs1_tok_s"],
-                  async_offline_speedup=result["async_offline_output_tok_s"] / result["sync_offline_output_tok_s"],
-                  host_ms_hidden_per_token=result["sync_bs1_ms_per_token"] - result["async_bs1_ms_per_token"])
+    result.update({"bs1_bytes_per_token": step_bytes, "bs1_roofline_tok_s": roof,
+                   **{f"{m}_bs1_roofline_fraction": result[f"{m}_bs1_tok_s"] / roof for m, _ in modes},
+                   f"{new}_bs1_speedup": result[f"{new}_bs1_tok_s"] / result[f"{base}_bs1_tok_s"],
+                   f"{new}_offline_speedup": result[f"{new}_offline_output_tok_s"] / result[f"{base}_offline_output_tok_s"],
+                   "bs1_ms_per_token_saved": result[f"{base}_bs1_ms_per_token"] - result[f"{new}_bs1_ms_per_token"]})
     return result
 
 
-def async_table(r: dict):
+def compare_table(r: dict, what: str):
     from rich.table import Table
 
+    _, title, (base, _), (new, _) = COMPARISONS[what]
+
     t = Table("engine", "bs=1 tok/s", "ms/token", "% roofline", "offline out tok/s", "offline steps", "peak GiB",
-              title=f"async scheduling: {r['architecture']} {r['dtype']} on {r['device_name']} "
+              title=f"{title}: {r['architecture']} {r['dtype']} on {r['device_name']} "
                     f"(copy bandwidth {r['measured_copy_bandwidth_gbs']:.0f} GB/s, roofline "
                     f"{r['bs1_roofline_tok_s']:.1f} tok/s)")
-    for m, _ in MODES:
+    for m in (base, new):
         peak = r.get(f"{m}_peak_gib")
         t.add_row(m, f"{r[f'{m}_bs1_tok_s']:.1f}", f"{r[f'{m}_bs1_ms_per_token']:.2f}",
                   f"{100 * r[f'{m}_bs1_roofline_fraction']:.1f}", f"{r[f'{m}_offline_output_tok_s']:.0f}",
                   str(r[f"{m}_offline_steps"]), "-" if peak is None else f"{peak:.2f}")
-    t.add_row("async / sync", f"{r['async_bs1_speedup']:.3f}x", f"{-r['host_ms_hidden_per_token']:+.2f}", "",
-              f"{r['async_offline_speedup']:.3f}x", "", "")
+    t.add_row(f"{new} / {base}", f"{r[f'{new}_bs1_speedup']:.3f}x", f"{-r['bs1_ms_per_token_saved']:+.2f}", "",
+              f"{r[f'{new}_offline_speedup']:.3f}x", "", "")
     return t
 
 
-def async_figure(r: dict):
+def compare_figure(r: dict, what: str):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 4))
-    names = [m for m, _ in MODES]
+    _, title, (base, _), (new, _) = COMPARISONS[what]
+    names = [base, new]
     a.bar(names, [r[f"{m}_bs1_tok_s"] for m in names], color="tab:blue")
     a.axhline(r["bs1_roofline_tok_s"], color="tab:red", ls="--", label="bandwidth roofline")
     a.set_ylabel("tok/s")
@@ -153,7 +168,7 @@ def async_figure(r: dict):
     b.bar(names, [r[f"{m}_offline_output_tok_s"] for m in names], color="tab:green")
     b.set_ylabel("output tok/s")
     b.set_title(f"offline: {r['num_prompts']} lognormal prompts")
-    fig.suptitle(f"async scheduling: {r['architecture']} {r['dtype']} on {r['device_name']}")
+    fig.suptitle(f"{title}: {r['architecture']} {r['dtype']} on {r['device_name']}")
     fig.tight_layout()
     return fig
 

@@ -229,8 +229,10 @@ def test_config_switch():
         EngineConfig("m", async_scheduling=True, num_speculative_tokens=2)
 
 
-def test_bench_compare_async_smoke(random_checkpoint):
-    """``benchmarks/engine_vs_hf.py --compare-async``: both modes run the same workload and fill the table."""
+@pytest.mark.parametrize("what,base,new", [("async", "sync", "async"), ("gemv", "cublas", "gemv")])
+def test_bench_compare_smoke(random_checkpoint, what, base, new):
+    """``benchmarks/engine_vs_hf.py --compare-async`` / ``--compare-gemv``: both modes run the same workload and fill
+    the table (on CPU the GEMV switch changes nothing: the run checks the benchmark's code, not the kernel)."""
     import importlib.util
     from pathlib import Path
 
@@ -245,11 +247,11 @@ def test_bench_compare_async_smoke(random_checkpoint):
     cfg = EngineBenchConfig(random_checkpoint("llama-2-7b"), dtype="float32", device="cpu", num_prompts=4,
                             mean_input=12, mean_output=6, max_model_len=64, decode_prompt_len=8, decode_tokens=6,
                             memory_cap_gib=None, max_num_seqs=4, run_hf=False)
-    r = bench.compare_async(cfg, Console(quiet=True))
-    assert r["sync_offline_output_tokens"] == r["async_offline_output_tokens"] > 0
-    assert r["async_bs1_tok_s"] > 0 and 0 < r["sync_bs1_roofline_fraction"]
-    Console(quiet=True).print(bench.async_table(r))
-    bench.async_figure(r)
+    r = bench.compare(cfg, what, Console(quiet=True))
+    assert r[f"{base}_offline_output_tokens"] == r[f"{new}_offline_output_tokens"] > 0
+    assert r[f"{new}_bs1_tok_s"] > 0 and 0 < r[f"{base}_bs1_roofline_fraction"] and r[f"{new}_bs1_speedup"] > 0
+    Console(quiet=True).print(bench.compare_table(r, what))
+    bench.compare_figure(r, what)
 
 
 @pytest.mark.gpu

@@ -77,3 +77,32 @@ def test_demo_stage_trains_and_hands_over_the_adapter(tiny_model, tmp_path):
     res = demo_stage(ctx)
     assert res.ok, res.summary
     assert (ctx.artifacts["lora_dir"] / "adapter_config.json").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(600)
+def test_fp8_lora_on_cuda_learns_like_bf16(tiny_model, tmp_path):
+    """``--precision fp8`` on a GPU (Ada/Hopper + torchao): the float8 linears train the adapter as bf16 does.
+
+    The task is memorizing one short document (on CPU in fp32 this recipe takes the loss from 4.96 to 2.28 in 30
+    steps), so "learns" is unmistakable; the loose corpus slice the other tests use barely moves a trained model.
+    """
+    pytest.importorskip("torchao")
+    from onecard.testing import local_corpus
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "doc.txt").write_text(local_corpus().train[3][:1500])
+    curves = {}
+    for precision in ("bf16", "fp8"):
+        out = tmp_path / precision
+        r = _invoke(tiny_model.path, "--data", data, "--out", out, "--seq-len", "64", "--batch-size", "4",
+                    "--max-steps", "30", "--lr", "5e-3", "--eval-steps", "0", "--val-fraction", "0",
+                    "--logging-steps", "5", "--save-steps", "1000", "--device", "cuda", "--precision", precision)
+        assert r.exit_code == 0, r.output + repr(r.exception)
+        if precision == "fp8":
+            assert "float8 linears (torchao)" in r.output
+        curves[precision] = [loss for _, loss in json.loads((out / "onecard_train.json").read_text())["result"]["train_loss"]]
+    bf16, fp8 = curves["bf16"], curves["fp8"]
+    assert bf16[-1] < bf16[0] - 1.0, f"the bf16 reference does not learn: {bf16}"
+    assert abs(fp8[-1] - bf16[-1]) < 0.1 * bf16[-1], f"fp8 {fp8} vs bf16 {bf16}"  # lands where bf16 does

@@ -46,7 +46,7 @@ def sliding_window_perplexity(logits_fn: Callable[[torch.Tensor], torch.Tensor],
         window = ids[begin:end].unsqueeze(0)
         logits = logits_fn(window).float()
         n_new = end - prev_end if begin else end
-        targets = window[0, 1:]
+        targets = window[0, 1:].to(logits.device)  # the model may live on the GPU, the ids on the CPU
         lp = torch.log_softmax(logits[0, :-1], dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         take = min(n_new, lp.numel())
         total_nll -= lp[-take:].sum().item()

@@ -45,6 +45,7 @@ class EngineConfig:
     speculative_model: str | Path | None = None  # a small model with the same tokenizer drafts instead of n-grams
     offload_layers: int | str = 0  # decoder layers kept in pinned CPU memory, streamed in per step ("auto": planner's)
     int4_kernel: str = "triton"  # CUDA int4 matmul: ours, or "tinygemm" (PyTorch's; faster bs=1, 15x slower prefill)
+    decode_gemv: bool = True  # CUDA bf16/fp16 linears at bs=1 decode: onecard's Triton GEMV (kernels/gemv.py), not cuBLAS
     # overlap the host's scheduling/sampling bookkeeping of step t+1 with the GPU's step t (decode steps only);
     # None: on for CUDA without speculation or tensor parallelism, off otherwise; True also runs it on CPU (tests)
     async_scheduling: bool | None = None

@@ -303,6 +303,10 @@ def load_shard(config: EngineConfig, dtype: torch.dtype, device: torch.device, r
 
         log.info("int4 kernel: PyTorch's _weight_int4pack_mm for %d layers", use_tinygemm_(model))
     if device.type == "cuda":
+        if config.decode_gemv:
+            from onecard.kernels.gemv import use_gemv_linears_
+
+            use_gemv_linears_(model)
         torch.cuda.empty_cache()
     return model
 

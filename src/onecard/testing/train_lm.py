@@ -16,6 +16,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,13 +25,14 @@ import torch
 def train_lm(model: torch.nn.Module, train_ids: torch.Tensor, steps: int, seq_len: int, batch_size: int, lr: float, *,
              generator: torch.Generator | None = None, autocast_dtype: torch.dtype | None = None,
              fused: bool | None = None, progress: bool = False, label: str = "training", console=None,
-             train_labels: torch.Tensor | None = None) -> float:
+             train_labels: torch.Tensor | None = None, on_step: Callable[[int], None] | None = None) -> float:
     """Train ``model`` (in place, left in train mode) for ``steps`` steps; returns the seconds the loop took.
 
     Windows are drawn on ``train_ids``' device from ``generator`` (the global RNG when None);
     ``autocast_dtype`` runs the forward under ``torch.autocast`` (bf16 on a GPU); ``fused`` is AdamW's.
     ``train_labels`` (aligned with ``train_ids``, -100 where no loss is taken) trains on part of the stream only,
-    e.g. a copy task's copies; by default every token is a label.
+    e.g. a copy task's copies; by default every token is a label. ``on_step(n)`` runs after optimizer step ``n``
+    (1-based), e.g. to evaluate and keep the best weights.
     """
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95), fused=fused)
     warmup = max(1, steps // 20)
@@ -47,7 +49,7 @@ def train_lm(model: torch.nn.Module, train_ids: torch.Tensor, steps: int, seq_le
         bar.start()
         task = bar.add_task(label, total=steps)
     try:
-        for _ in range(steps):
+        for step in range(1, steps + 1):
             starts = torch.randint(0, train_ids.numel() - seq_len - 1, (batch_size,), generator=generator,
                                    device=train_ids.device)
             offsets = starts.tolist()
@@ -62,6 +64,8 @@ def train_lm(model: torch.nn.Module, train_ids: torch.Tensor, steps: int, seq_le
             opt.zero_grad(set_to_none=True)
             if bar:
                 bar.update(task, advance=1, description=f"{label} (loss {loss.item():.2f})")
+            if on_step:
+                on_step(step)
     finally:
         if bar:
             bar.stop()

@@ -1,0 +1,207 @@
+"""Dense decode GEMV (``onecard.kernels.gemv``) vs cuBLAS ``F.linear``, per Llama linear and per layer, one process.
+
+    PYTHONPATH=src python benchmarks/kernel_gemv.py           # H100: ~1 min, the configs in gemv.CONFIGS
+    PYTHONPATH=src python benchmarks/kernel_gemv.py --sweep   # H100: ~4 min, tries the block grid per M and prints
+                                                              #   a CONFIGS table to paste into gemv.py
+    TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/kernel_gemv.py --smoke   # CPU interpreter, tiny shapes
+
+Shapes: the linears of a Llama-2-7B and a Llama-3-8B layer as the engine fuses
+them (qkv, o, gate_up, down) and each model's LM head; M = the rows in
+``CONFIGS`` (1, 2, 4 with --sweep), bf16. Two timings, both inside CUDA graphs as the engine replays them:
+
+- per linear, L2 flushed before each call (``graph_time_us``);
+- a chain of ``--chain-layers`` distinct layers' four linears back to back
+  (several GB of weights, so nothing stays in L2 and no flush is needed): the
+  time per layer a bs=1 decode step spends in matmuls, as % of the bandwidth
+  roofline (bytes / measured device-copy bandwidth).
+
+Every case is checked against ``F.linear`` first. Writes
+docs/results/kernel_gemv.json (+ PNG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+from onecard.bench.results import save_figure, write_result
+from onecard.bench.timing import kernel_timer
+from onecard.kernels.gemv import CONFIGS, GemvConfig, gemv, pick_config
+
+ARCHS = {  # N x K of nn.Linear weights (out, in)
+    "llama-2-7b": {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008),
+                   "lm_head": (32000, 4096)},
+    "llama-3-8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+                   "lm_head": (128256, 4096)},
+}
+LAYER = ("qkv", "o", "gate_up", "down")
+SWEEP_MS = (1, 2, 4)  # the sweep tries these; a plain run measures the M in CONFIGS
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes; output to a temp dir")
+    p.add_argument("--sweep", action="store_true", help="try the block grid per M; print the best as CONFIGS")
+    p.add_argument("--chain-layers", type=int, default=8, help="distinct layers in the back-to-back chain timing")
+    p.add_argument("--out", default=None, help="result folder (default docs/results; --smoke: a temp dir)")
+    return p.parse_args()
+
+
+def candidates(M: int, smoke: bool) -> list[GemvConfig]:
+    bm = 1 << (M - 1).bit_length()
+    if smoke:
+        return [GemvConfig(bm, 4, 64), GemvConfig(bm, 8, 32, 2)]
+    ns, ks, warps = ((1, 2, 4, 8, 16), (256, 512, 1024, 2048), (2, 4, 8)) if M == 1 else \
+        ((2, 4, 8), (256, 512, 1024), (4, 8))
+    return [GemvConfig(bm, n, k, w) for n in ns for k in ks for w in warps if n * k * bm <= 16384 * w]
+
+
+def short(c: GemvConfig | None) -> str:
+    return "cuBLAS" if c is None else f"m{c.block_m} n{c.block_n} k{c.block_k} warps{c.num_warps}"
+
+
+def main() -> None:
+    a = parse()
+    console = Console()
+    if a.smoke:
+        device, dtype, chain = "cpu", torch.float32, 2
+        archs = {"tiny": {"qkv": (96, 64), "o": (64, 64), "gate_up": (256, 64), "down": (64, 128), "lm_head": (512, 64)}}
+        out_dir = a.out or tempfile.mkdtemp(prefix="kernel_gemv_")
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA GPU: run with --smoke on CPU")
+        device, dtype, archs, chain, out_dir = "cuda", torch.bfloat16, ARCHS, a.chain_layers, a.out
+    bench = kernel_timer(device)
+    ms = SWEEP_MS if a.sweep else tuple(CONFIGS)
+    t_start = time.perf_counter()
+    gen = torch.Generator(device=device).manual_seed(0)
+    weights = {(arch, s): torch.randn(*nk, device=device, dtype=dtype, generator=gen) * 0.02
+               for arch, shapes in archs.items() for s, nk in shapes.items()}
+    xs = {(M, K): torch.randn(M, K, device=device, dtype=dtype, generator=gen)
+          for M in ms for K in {k for shapes in archs.values() for _, k in shapes.values()}}
+
+    def fn_for(arch: str, s: str, M: int, config: GemvConfig | None):
+        w = weights[arch, s]
+        x = xs[M, w.shape[1]]
+        if config is None:
+            return lambda: F.linear(x, w)
+        out = gemv(x, w, config=config)
+        ref = F.linear(x.float(), w.float())
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        if err > 1e-2:
+            raise SystemExit(f"gemv {arch} {s} M={M} {config}: relative error {err:.2e} vs F.linear")
+        return lambda: gemv(x, w, config=config)
+
+    best: dict[int, GemvConfig] = {}
+    if a.sweep:
+        for M in ms:
+            scored = []
+            for c in candidates(M, a.smoke):
+                scored.append((sum(bench(fn_for(arch, s, M, c)) for arch in archs for s in LAYER), c))
+            us, c = min(scored, key=lambda t: t[0])
+            best[M] = c
+            console.print(f"M={M}: {len(scored)} configs, best {short(c)} ({us:.1f} us for both archs' layers), "
+                          f"{time.perf_counter() - t_start:.0f} s so far")
+
+    from onecard.bench.engine_bench import measure_copy_bandwidth
+
+    bw = measure_copy_bandwidth(torch.device(device)) if device == "cuda" else None
+    result: dict = {"device": device, "dtype": str(dtype).removeprefix("torch."), "sweep": a.sweep,
+                    "measured_copy_bandwidth_gbs": bw, "chain_layers": chain,
+                    "shapes_n_x_k": {arch: {s: list(nk) for s, nk in sh.items()} for arch, sh in archs.items()}}
+    rows = []
+    for M in ms:
+        config = best.get(M) or pick_config(M)
+        result[f"gemv_m{M}_config"] = short(config)
+        for arch, shapes in archs.items():
+            for s, (N, K) in shapes.items():
+                ours, theirs = bench(fn_for(arch, s, M, config)), bench(fn_for(arch, s, M, None))
+                nbytes = N * K * weights[arch, s].element_size()
+                key = f"{arch}_{s}_m{M}"
+                result.update({f"{key}_gemv_us": ours, f"{key}_cublas_us": theirs, f"{key}_speedup_vs_cublas": theirs / ours,
+                               f"{key}_gemv_gbs": nbytes / ours / 1e3, f"{key}_cublas_gbs": nbytes / theirs / 1e3})
+                rows.append((arch, s, f"{N}x{K}", M, ours, theirs, nbytes / ours / 1e3, nbytes / theirs / 1e3))
+
+    def chain_us(arch: str, M: int, config: GemvConfig | None) -> float:
+        """Per layer, ``chain`` distinct layers back to back (no flush: they do not fit in L2)."""
+        layers = [{s: torch.randn(*archs[arch][s], device=device, dtype=dtype, generator=gen) * 0.02 for s in LAYER}
+                  for _ in range(chain)]
+        x = {k: xs[M, k] for k in {archs[arch][s][1] for s in LAYER}}
+
+        def run() -> None:
+            for layer in layers:
+                for s in LAYER:
+                    w = layer[s]
+                    if config:
+                        gemv(x[w.shape[1]], w, config=config)
+                    else:
+                        F.linear(x[w.shape[1]], w)
+        us = bench(run) / chain
+        del layers
+        return us
+
+    for arch, shapes in archs.items():
+        layer_bytes = sum(shapes[s][0] * shapes[s][1] for s in LAYER) * torch.tensor([], dtype=dtype).element_size()
+        for M in ms:
+            ours, theirs = chain_us(arch, M, best.get(M) or pick_config(M)), chain_us(arch, M, None)
+            key = f"{arch}_layer_m{M}"
+            result.update({f"{key}_gemv_us": ours, f"{key}_cublas_us": theirs, f"{key}_speedup_vs_cublas": theirs / ours})
+            if bw:
+                result.update({f"{key}_gemv_roofline_fraction": layer_bytes / ours / 1e3 / bw,
+                               f"{key}_cublas_roofline_fraction": layer_bytes / theirs / 1e3 / bw})
+    result["elapsed_s"] = time.perf_counter() - t_start
+
+    t = Table("arch", "linear", "NxK", "M", "gemv us", "cuBLAS us", "speedup", "gemv GB/s", "cuBLAS GB/s",
+              title=f"decode GEMV vs cuBLAS, L2 flushed ({device}{', swept' if a.sweep else ''})")
+    for arch, s, nk, M, ours, theirs, g1, g2 in rows:
+        t.add_row(arch, s, nk, str(M), f"{ours:.1f}", f"{theirs:.1f}", f"{theirs / ours:.2f}x", f"{g1:.0f}", f"{g2:.0f}")
+    console.print(t)
+    lt = Table("arch", "M", "config", "gemv us/layer", "cuBLAS us/layer", "speedup", "gemv % roofline",
+               "cuBLAS % roofline", title=f"{chain} layers back to back, per layer"
+               + (f" (copy bandwidth {bw:.0f} GB/s)" if bw else ""))
+    for arch in archs:
+        for M in ms:
+            k = f"{arch}_layer_m{M}"
+            pct = (lambda f: f"{100 * result[f]:.1f}" if f in result else "-")
+            lt.add_row(arch, str(M), result[f"gemv_m{M}_config"], f"{result[f'{k}_gemv_us']:.1f}",
+                       f"{result[f'{k}_cublas_us']:.1f}", f"{result[f'{k}_speedup_vs_cublas']:.2f}x",
+                       pct(f"{k}_gemv_roofline_fraction"), pct(f"{k}_cublas_roofline_fraction"))
+    console.print(lt)
+    if best:
+        console.print("[bold]paste into src/onecard/kernels/gemv.py:[/]")
+        print("CONFIGS: dict[int, GemvConfig] = {")
+        for M, c in sorted({**CONFIGS, **best}.items()):
+            print(f"    {M}: GemvConfig({c.block_m}, {c.block_n}, {c.block_k}, {c.num_warps}),")
+        print("}")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.38
+    for i, arch in enumerate(archs):
+        vals = [result[f"{arch}_layer_m{M}_speedup_vs_cublas"] for M in ms]
+        xs_ = [j + (i - 0.5) * width for j in range(len(ms))]
+        ax.bar(xs_, vals, width, label=arch)
+        for x_, v in zip(xs_, vals):
+            ax.text(x_, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+    ax.axhline(1.0, color="#888", lw=0.8)
+    ax.set_xticks(range(len(ms)), [f"M={M}" for M in ms])
+    ax.set_ylabel("speedup vs cuBLAS (one layer's linears)")
+    ax.set_title(f"onecard decode GEMV, {dtype} ({device})")
+    ax.legend()
+    path = write_result("kernel_gemv", result, out_dir)
+    png = save_figure(fig, "kernel_gemv", out_dir)
+    console.print(f"wrote {path} and {png} ({result['elapsed_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Dense GEMV for decode (Triton): ``x[M, K] @ W[N, K].T`` at a few rows, where cuBLAS leaves bandwidth unused.
+
+Why: a bs=1 decode step is the weights streamed once, so its speed is the
+matmuls' bandwidth. Graph-timed on an H200 with L2 flushed
+(``docs/results/quant_kernels.json``), cuBLAS's bf16 M=1 matmuls of a Llama-2-7B
+layer stream 2.0 (4096x4096) to 3.3 TB/s (4096x22016), against 4.2 TB/s that a
+device copy reaches: the layer's matmuls alone take ~140 µs where the bytes
+need ~97 µs.
+
+The kernel is the plain streaming form: each program owns ``BLOCK_N`` output
+features and walks all of K, loading ``[BLOCK_N, BLOCK_K]`` tiles of W along
+its contiguous K (16-byte vector loads), multiplying by the matching slice of
+x (a few KB, L1-resident) into an fp32 ``[BLOCK_M, BLOCK_N, BLOCK_K]``
+accumulator, and sums over K once at the end. The accumulator and both loads
+are 3-D from the start, so the loop never changes layout. No split-K: with
+``BLOCK_N`` of 2 rows even a 4096-wide output gives 2048 programs, many per
+SM, all bandwidth-bound.
+
+``CONFIGS`` (``benchmarks/kernel_gemv.py --sweep`` prints it for the card it
+runs on) sets the blocks per M; above the largest M (today 1: bs=1 decode) the
+layer calls cuBLAS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+from torch.nn import functional as F
+
+from onecard.errors import BadInputError
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+
+    def __post_init__(self) -> None:
+        if any(s < 1 or s & (s - 1) for s in (self.block_m, self.block_n, self.block_k)):
+            raise BadInputError(f"bad gemv config {self}: block sizes must be powers of two")
+
+
+# largest M of the bucket -> config; M above the last bucket goes to cuBLAS. From an H200 sweep
+# (docs/results/kernel_gemv.json): at M = 1 the best config streams a Llama-2-7B layer at 94% of the copy
+# bandwidth vs cuBLAS's 81% (1.16x); at M = 2 the best ties cuBLAS and at M = 4 loses (0.66x), so only M = 1 is here.
+CONFIGS: dict[int, GemvConfig] = {
+    1: GemvConfig(1, 2, 2048, 2),
+}
+GEMV_MAX_M = max(CONFIGS)
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def pick_config(M: int) -> GemvConfig:
+    if M > GEMV_MAX_M:
+        raise BadInputError(f"gemv has tuned configs for up to {GEMV_MAX_M} row(s), got {M}: pass config= or use "
+                            "F.linear (cuBLAS is as fast from there on)")
+    return CONFIGS[min(m for m in CONFIGS if m >= M)]
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om, HAS_BIAS: tl.constexpr,
+                 EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m3, n3, k3 = offs_m[:, None, None], offs_n[None, :, None], offs_k[None, None, :]
+    w_ptrs = w_ptr + n3 * stride_wn + k3          # [1, BN, BK]
+    x_ptrs = x_ptr + m3 * stride_xm + k3          # [BM, 1, BK]
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs, mask=n3 < N, other=0.0)
+            x = tl.load(x_ptrs, mask=m3 < M, other=0.0)
+        else:
+            k_in = k3 + k0 < K
+            w = tl.load(w_ptrs, mask=(n3 < N) & k_in, other=0.0)
+            x = tl.load(x_ptrs, mask=(m3 < M) & k_in, other=0.0)
+        acc += x.to(tl.float32) * w.to(tl.float32)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    y = tl.sum(acc, axis=2)                       # [BM, BN]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         config: GemvConfig | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for ``x[..., K]`` with few rows, through the Triton GEMV."""
+    N, K = weight.shape
+    if x.shape[-1] != K or weight.stride(-1) != 1 or x.dtype != weight.dtype or x.dtype not in DTYPES:
+        raise BadInputError(f"gemv: x {tuple(x.shape)} {x.dtype} does not match a contiguous-K weight "
+                            f"{tuple(weight.shape)} {weight.dtype} (bf16, fp16 or fp32)")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    c = config or pick_config(M)
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    launch = {"num_warps": c.num_warps} if x.is_cuda else {}
+    _gemv_kernel[(triton.cdiv(N, c.block_n), triton.cdiv(M, c.block_m))](
+        x2, weight, bias if bias is not None else weight, out, M, N, K, x2.stride(0), weight.stride(0), N,
+        HAS_BIAS=bias is not None, EVEN_K=K % c.block_k == 0, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+        BLOCK_K=c.block_k, **launch)
+    return out.reshape(*lead, N)
+
+
+class GemvLinear(nn.Linear):
+    """``nn.Linear`` that sends decode-sized CUDA inputs (at most ``GEMV_MAX_M`` rows) to ``gemv``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.numel() <= GEMV_MAX_M * self.in_features and x.dtype == self.weight.dtype:
+            return gemv(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def use_gemv_linears_(model: nn.Module) -> int:
+    """Turn every plain ``nn.Linear`` of a CUDA bf16/fp16 model into a ``GemvLinear`` (same parameters, no copy);
+    returns how many."""
+    n = 0
+    for module in model.modules():
+        if type(module) is nn.Linear and module.weight.dtype in (torch.bfloat16, torch.float16):
+            module.__class__ = GemvLinear  # same state, only forward changes: nothing to copy or re-register
+            n += 1
+    return n

@@ -1,0 +1,72 @@
+"""Dense decode GEMV (Triton) vs ``F.linear`` (TRITON_INTERPRET=1 on CPU; tiny shapes), and the layer swap."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from onecard.errors import BadInputError
+from onecard.kernels.gemv import CONFIGS, GEMV_MAX_M, GemvConfig, GemvLinear, gemv, pick_config, use_gemv_linears_
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("M,K,N,bias,config", [
+    (1, 256, 40, False, GemvConfig(1, 4, 64)),      # K a multiple of the block, N not
+    (1, 200, 33, True, GemvConfig(1, 8, 64)),       # ragged K (masked tail) and a bias
+    (3, 192, 24, False, GemvConfig(4, 4, 64)),      # M below the block: padded rows never stored
+    (5, 128, 16, True, GemvConfig(2, 8, 32, 2)),    # several M blocks
+    (1, 4096, 12, False, None),                     # the table's own config
+])
+def test_gemv_matches_linear(M, K, N, bias, config):
+    torch.manual_seed(0)
+    x, w = torch.randn(M, K, device=DEV), torch.randn(N, K, device=DEV)
+    b = torch.randn(N, device=DEV) if bias else None
+    torch.testing.assert_close(gemv(x, w, b, config), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+def test_gemv_takes_leading_dims_and_strided_rows():
+    torch.manual_seed(0)
+    w = torch.randn(24, 64, device=DEV)
+    x = torch.randn(1, 2, 128, device=DEV)[..., :64]  # rows 128 apart: the kernel reads the row stride
+    torch.testing.assert_close(gemv(x, w, config=GemvConfig(2, 8, 32)), F.linear(x, w), rtol=1e-5, atol=1e-4)
+    assert gemv(x, w, config=GemvConfig(2, 8, 32)).shape == (1, 2, 24)
+
+
+def test_gemv_bf16_accumulates_in_fp32():
+    torch.manual_seed(0)
+    x, w = torch.randn(1, 512, device=DEV).bfloat16(), torch.randn(64, 512, device=DEV).bfloat16()
+    exact = x.float() @ w.float().t()
+    out = gemv(x, w, config=GemvConfig(1, 4, 128)).float()
+    assert ((out - exact).abs() <= exact.abs() * 2**-7 + 1e-4).all()  # one bf16 step (the final cast) at most
+
+
+def test_gemv_refuses_mismatched_inputs_in_one_line():
+    with pytest.raises(BadInputError, match="does not match a contiguous-K weight"):
+        gemv(torch.randn(1, 32), torch.randn(8, 16))
+    with pytest.raises(BadInputError, match="does not match"):
+        gemv(torch.randn(1, 16).half(), torch.randn(8, 16))
+    with pytest.raises(BadInputError, match="powers of two"):
+        GemvConfig(1, 3, 64)
+
+
+def test_table_covers_every_decode_m_and_refuses_beyond():
+    assert all(pick_config(m).block_m >= m for m in range(1, GEMV_MAX_M + 1))
+    assert GEMV_MAX_M == max(CONFIGS)
+    with pytest.raises(BadInputError, match="pass config= or use F.linear"):
+        gemv(torch.randn(GEMV_MAX_M + 1, 64, device=DEV), torch.randn(8, 64, device=DEV))
+
+
+def test_use_gemv_linears_swaps_half_precision_linears_only_and_keeps_outputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8, bias=False)).bfloat16()
+    model.append(nn.Linear(8, 8))  # fp32: left alone
+    x = torch.randn(1, 16).bfloat16()
+    before = model[:3](x)
+    weight = model[0].weight
+    assert use_gemv_linears_(model) == 2
+    assert type(model[0]) is GemvLinear and type(model[2]) is GemvLinear and type(model[3]) is nn.Linear
+    assert model[0].weight is weight  # same parameter, nothing copied
+    assert torch.equal(model[:3](x), before)  # on CPU the swapped layer still calls F.linear
