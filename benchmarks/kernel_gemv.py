@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from onecard.bench.results import save_figure, write_result
+from onecard.bench.results import save_figure, speedup_bars, write_result
 from onecard.bench.timing import kernel_timer
 from onecard.kernels.gemv import CONFIGS, GemvConfig, gemv, pick_config
 
@@ -150,7 +150,7 @@ def main() -> None:
                     else:
                         F.linear(x[w.shape[1]], w)
         us = bench(run) / chain
-        del layers
+        layers.clear()  # free this chain before the next one
         return us
 
     for arch, shapes in archs.items():
@@ -187,24 +187,9 @@ def main() -> None:
             print(f"    {M}: GemvConfig({c.block_m}, {c.block_n}, {c.block_k}, {c.num_warps}),")
         print("}")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.8 / len(archs)
-    for i, arch in enumerate(archs):
-        vals = [result[f"{arch}_layer_m{M}_speedup_vs_cublas"] for M in ms]
-        xs_ = [j + (i - (len(archs) - 1) / 2) * width for j in range(len(ms))]
-        ax.bar(xs_, vals, width, label=arch)
-        for x_, v in zip(xs_, vals):
-            ax.text(x_, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
-    ax.axhline(1.0, color="#888", lw=0.8)
-    ax.set_xticks(range(len(ms)), [f"M={M}" for M in ms])
-    ax.set_ylabel("speedup vs cuBLAS (one layer's linears)")
-    ax.set_title(f"onecard decode GEMV, {dtype} ({device})")
-    ax.legend()
+    fig = speedup_bars({arch: [result[f"{arch}_layer_m{M}_speedup_vs_cublas"] for M in ms] for arch in archs},
+                       [f"M={M}" for M in ms], "speedup vs cuBLAS (one layer's linears)",
+                       f"onecard decode GEMV, {dtype} ({device})")
     path = write_result("kernel_gemv", result, out_dir)
     png = save_figure(fig, "kernel_gemv", out_dir)
     console.print(f"wrote {path} and {png} ({result['elapsed_s']:.0f} s)")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from onecard.bench.results import save_figure, write_result
+from onecard.bench.results import save_figure, speedup_bars, write_result
 from onecard.bench.timing import kernel_timer
 from onecard.kernels.wo_matmul import (
     CONFIGS,
@@ -208,24 +208,9 @@ def main() -> None:
                   f"{c.waves}, {c.num_warps}, {c.num_stages}),")
         print("}")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.38
-    for i, bits in enumerate((4, 8)):
-        vals = [result[f"int{bits}_m{M}_layer_speedup_vs_{fl}"] for M in ms]
-        xs_ = [j + (i - 0.5) * width for j in range(len(ms))]
-        ax.bar(xs_, vals, width, label=f"int{bits}")
-        for x_, v in zip(xs_, vals):
-            ax.text(x_, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
-    ax.axhline(1.0, color="#888", lw=0.8)
-    ax.set_xticks(range(len(ms)), [f"M={M}" for M in ms])
-    ax.set_ylabel(f"speedup vs {fl} (one layer's linears)")
-    ax.set_title(f"onecard weight-only matmul ({device})")
-    ax.legend()
+    fig = speedup_bars({f"int{bits}": [result[f"int{bits}_m{M}_layer_speedup_vs_{fl}"] for M in ms] for bits in (4, 8)},
+                       [f"M={M}" for M in ms], f"speedup vs {fl} (one layer's linears)",
+                       f"onecard weight-only matmul ({device})")
     path = write_result("quant_kernels", result, out_dir)
     png = save_figure(fig, "quant_kernels", out_dir)
     console.print(f"wrote {path} and {png} ({result['elapsed_s']:.0f} s)")

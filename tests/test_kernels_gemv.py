@@ -8,7 +8,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from onecard.errors import BadInputError
-from onecard.kernels.gemv import CONFIGS, GEMV_MAX_M, GemvConfig, GemvLinear, gemv, pick_config, use_gemv_linears_
+from onecard.kernels.gemv import (
+    CONFIGS,
+    GEMV_MAX_M,
+    GemvConfig,
+    GemvLinear,
+    gemv,
+    pick_config,
+    use_gemv_linears_,
+)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -53,6 +53,29 @@ def save_figure(fig, name: str, out_dir: str | Path | None = None) -> Path:
     return path
 
 
+def speedup_bars(series: dict[str, list[float]], groups: list[str], ylabel: str, title: str):
+    """Grouped bars of speedups (one bar per series in each group, value on top, a line at 1.0): the kernel
+    benchmarks' figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(series)
+    for i, (label, vals) in enumerate(series.items()):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(groups))]
+        ax.bar(xs, vals, width, label=label)
+        for x, v in zip(xs, vals):
+            ax.text(x, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+    ax.axhline(1.0, color="#888", lw=0.8)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    return fig
+
+
 def publish(name: str, data: dict, fig, out_dir: str | Path | None, console) -> None:
     """``write_result`` + ``save_figure`` and one line saying where they went (every benchmark's last step)."""
     console.print(f"wrote {write_result(name, data, out_dir)} and {save_figure(fig, name, out_dir)}")
