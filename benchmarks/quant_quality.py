@@ -45,6 +45,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--eval-tokens", type=int, default=200_000)
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=1024)
+    p.add_argument("--arms", default=None, help="comma-separated subset of the arms (int4_rtn always runs: the "
+                   "ratios need it); default all")
     p.add_argument("--out", default=None, help="result folder (default docs/results; --smoke: a temp dir)")
     return p.parse_args()
 
@@ -162,6 +164,11 @@ def main() -> None:
             "int4_gptq_actorder": QuantConfig("gptq", 4, a.group_size, sym=False, act_order=True,
                                               nsamples=a.nsamples, seqlen=a.seqlen),
             "int4_awq": QuantConfig("awq", 4, a.group_size, nsamples=a.nsamples, seqlen=a.seqlen)}
+    if a.arms:
+        wanted = set(a.arms.split(",")) | {"int4_rtn"}
+        if wanted - set(arms):
+            raise SystemExit(f"unknown arm(s) {', '.join(sorted(wanted - set(arms)))}; choose from {', '.join(arms)}")
+        arms = {n: c for n, c in arms.items() if n in wanted}
     for name, cfg in arms.items():
         t0 = time.perf_counter()
         if cfg is None:
@@ -178,10 +185,13 @@ def main() -> None:
         del model
     rtn = result["int4_rtn_increase_pct"]
     for name in ("int4_gptq", "int4_gptq_actorder", "int4_awq"):
-        result[f"{name}_increase_vs_rtn"] = result[f"{name}_increase_pct"] / rtn if rtn > 0 else None
-    result["target_int8_increase_le_0_5_pct"] = result["int8_rtn_increase_pct"] <= 0.5
-    result["target_gptq_le_0_6x_rtn"] = rtn > 0 and result["int4_gptq_increase_pct"] <= 0.6 * rtn
-    result["target_awq_le_0_6x_rtn"] = rtn > 0 and result["int4_awq_increase_pct"] <= 0.6 * rtn
+        if name in arms:
+            result[f"{name}_increase_vs_rtn"] = result[f"{name}_increase_pct"] / rtn if rtn > 0 else None
+    if "int8_rtn" in arms:
+        result["target_int8_increase_le_0_5_pct"] = result["int8_rtn_increase_pct"] <= 0.5
+    for name, key in (("int4_gptq", "gptq"), ("int4_awq", "awq")):
+        if name in arms:
+            result[f"target_{key}_le_0_6x_rtn"] = rtn > 0 and result[f"{name}_increase_pct"] <= 0.6 * rtn
 
     t = Table("arm", "ppl", "increase", "x RTN int4 increase", "seconds", title=f"quantization quality ({base.protocol()})")
     t.add_row("float", f"{base.perplexity:.3f}", "-", "-", "-")
@@ -199,7 +209,9 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     names = list(arms)
     vals = [result[f"{n}_increase_pct"] for n in names]
-    ax.bar(names, vals, color=["#4a90d9", "#888", "#2e7d32", "#66bb6a", "#ef6c00"])
+    colors = {"int8_rtn": "#4a90d9", "int4_rtn": "#888", "int4_gptq": "#2e7d32", "int4_gptq_actorder": "#66bb6a",
+              "int4_awq": "#ef6c00"}
+    ax.bar(names, vals, color=[colors[n] for n in names])
     ax.set_ylabel("perplexity increase over float (%)")
     ax.set_title(f"group {a.group_size}; {base.protocol()}", fontsize=8)
     plt.setp(ax.get_xticklabels(), rotation=20)

@@ -204,3 +204,30 @@ def test_awq_searches_handle_a_partial_last_group():
     shrink = search_clip(x, w, 4, 64)
     assert shrink.shape == (32, 11) and ((shrink >= 0.5) & (shrink <= 1)).all()
     assert rtn_quantize(w, 4, 64, sym=False, shrink=shrink).scales.shape == (11, 32)
+
+
+@pytest.mark.parametrize("arch", ["llama-2-7b", "llama-3.1-8b", "qwen2-7b"])  # MHA; GQA; GQA with q/k/v biases
+def test_awq_attention_score_is_the_hf_attention_output(random_checkpoint, arch):
+    """AWQ scores q/k/v candidates by the attention block's output: with the float weights it must be exactly
+    what transformers' ``self_attn`` computes (RoPE, causal softmax, GQA, biases, o_proj)."""
+    from onecard.models import open_model_folder
+    from onecard.quant.awq import AttentionShape, attention_outputs
+    from onecard.quant.layerwise import _HFLayers
+
+    folder = open_model_folder(random_checkpoint(arch))
+    hf = _HFLayers(folder, torch.device("cpu"), torch.float32)
+    layer = hf.layer(0)
+    attn = layer.self_attn
+    T = 12
+    pe = hf.position_embeddings(T)
+    torch.manual_seed(0)
+    x = torch.randn(2, T, attn.config.hidden_size)
+    with torch.no_grad():
+        ref, _ = attn(x, position_embeddings=pe, attention_mask=None)
+    shape = AttentionShape(attn.config.num_attention_heads, attn.config.num_key_value_heads, attn.head_dim,
+                           pe[0][0], pe[1][0], tuple(getattr(attn, n).bias for n in ("q_proj", "k_proj", "v_proj")),
+                           attn.o_proj.weight.data)
+    weights = [getattr(attn, n).weight.data for n in ("q_proj", "k_proj", "v_proj")]
+    with torch.no_grad():
+        ours = attention_outputs(shape)(x.reshape(-1, x.shape[-1]), weights)
+    torch.testing.assert_close(ours, ref.reshape(-1, ref.shape[-1]), rtol=1e-4, atol=1e-5)

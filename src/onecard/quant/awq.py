@@ -10,8 +10,10 @@ rounding error moves off the salient channels. Then a clipping search shrinks
 each group's range where that lowers the group's output error. Quantization
 itself is asymmetric group RTN. Learned from AutoAWQ (``quantizer.py``); our own code.
 
-Simplification, stated: the scale search scores the group's own linear
-outputs (the whole MLP for gate/up), not the attention block's output.
+What each group's scale search scores, as AutoAWQ's ``module2inspect``: q/k/v
+by the attention block's output (RoPE, causal softmax, o_proj; whole
+calibration sequences), gate/up by the whole MLP's, o and down by their own
+outputs.
 """
 
 from __future__ import annotations
@@ -51,6 +53,45 @@ class ScaleGroup:
 
 def linear_outputs(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([x @ w.t() for w in weights], dim=-1)
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """What scoring q/k/v by the attention output needs besides their weights (HF's ``self_attn`` facts)."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    cos: torch.Tensor                                 # [T, head_dim] RoPE tables of the calibration positions
+    sin: torch.Tensor
+    biases: tuple[torch.Tensor | None, ...]           # q, k, v (Qwen2 has them)
+    o_weight: torch.Tensor                            # [hidden, heads * head_dim], fp32
+
+
+def attention_outputs(shape: AttentionShape) -> Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]:
+    """Score for the q/k/v group: ``x[S * T, hidden]`` (S whole sequences) -> the attention block's output.
+
+    Why not the q/k/v outputs themselves: a rounding error in q or k matters as much as it moves the softmax,
+    which their own squared error does not measure; AutoAWQ scores this group by ``self_attn``'s output.
+    """
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    T = shape.cos.shape[0]
+    cos, sin = shape.cos.float()[None], shape.sin.float()[None]
+
+    def heads(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, n: int) -> torch.Tensor:
+        y = x @ w.t() + (0 if b is None else b.float())
+        return y.view(-1, T, n, shape.head_dim).transpose(1, 2)
+
+    def score(x: torch.Tensor, ws: list[torch.Tensor]) -> torch.Tensor:
+        q = heads(x, ws[0], shape.biases[0], shape.num_heads)
+        k = heads(x, ws[1], shape.biases[1], shape.num_kv_heads)
+        v = heads(x, ws[2], shape.biases[2], shape.num_kv_heads)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=shape.num_kv_heads != shape.num_heads)
+        return o.transpose(1, 2).reshape(x.shape[0], -1) @ shape.o_weight.t()
+
+    return score
 
 
 @torch.no_grad()

@@ -142,8 +142,13 @@ def _quantize_layer_awq(layer, xs, pe, cfg: QuantConfig, max_tokens: int = 8192)
     feats: dict[str, list[torch.Tensor]] = {}
     firsts = tuple(names[0] for names in SEQUENTIAL)
     stride = max(1, xs.shape[0] * xs.shape[1] // max_tokens)
+    whole = max(1, max_tokens // xs.shape[1])  # q/k/v are scored by attention: whole sequences, not every stride-th
 
     def keep(n: str, x: torch.Tensor) -> None:
+        if n == "self_attn.q_proj":
+            if len(feats.get(n, ())) < whole:
+                feats.setdefault(n, []).append(x.reshape(-1, x.shape[-1]).float())
+            return
         feats.setdefault(n, []).append(x.reshape(-1, x.shape[-1])[::stride].float())
 
     _capture_inputs(layer, firsts, xs, pe, keep)
@@ -154,8 +159,12 @@ def _quantize_layer_awq(layer, xs, pe, cfg: QuantConfig, max_tokens: int = 8192)
     def mlp_out(inp: torch.Tensor, ws: list[torch.Tensor]) -> torch.Tensor:
         return (F.silu(inp @ ws[0].t()) * (inp @ ws[1].t())) @ W["mlp.down_proj"].t()
 
+    attn = layer.self_attn
+    shape = awq_mod.AttentionShape(
+        attn.config.num_attention_heads, attn.config.num_key_value_heads, attn.head_dim, pe[0][0], pe[1][0],
+        tuple(getattr(attn, n).bias for n in ("q_proj", "k_proj", "v_proj")), W["self_attn.o_proj"])
     plan = [  # (linears, input key, op producing the input: norm weight or previous linear, score)
-        (SEQUENTIAL[0], "self_attn.q_proj", ("norm", attn_norm), awq_mod.linear_outputs),
+        (SEQUENTIAL[0], "self_attn.q_proj", ("norm", attn_norm), awq_mod.attention_outputs(shape)),
         (SEQUENTIAL[2], "mlp.gate_proj", ("norm", mlp_norm), mlp_out),
         (SEQUENTIAL[3], "mlp.down_proj", ("linear", "mlp.up_proj"), awq_mod.linear_outputs),
     ]
@@ -170,6 +179,9 @@ def _quantize_layer_awq(layer, xs, pe, cfg: QuantConfig, max_tokens: int = 8192)
             prev.div_(s.to(prev.dtype))
         else:
             W[prev].div_(s.unsqueeze(1))
+            bias = layer.get_submodule(prev).bias  # Qwen2's v_proj: its bias is part of the rows being divided
+            if bias is not None:
+                bias.data.div_(s.to(bias.dtype))
         x[key] = x[key] / s
     out: dict[str, QuantizedWeight] = {}
     for names, key in zip(SEQUENTIAL, firsts):
