@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from onecard.bench.results import save_figure, speedup_bars, write_result
+from onecard.bench.results import publish, speedup_bars
 from onecard.bench.timing import kernel_timer
 from onecard.kernels.gemv import CONFIGS, GemvConfig, gemv, pick_config
 
@@ -190,9 +190,7 @@ def main() -> None:
     fig = speedup_bars({arch: [result[f"{arch}_layer_m{M}_speedup_vs_cublas"] for M in ms] for arch in archs},
                        [f"M={M}" for M in ms], "speedup vs cuBLAS (one layer's linears)",
                        f"onecard decode GEMV, {dtype} ({device})")
-    path = write_result("kernel_gemv", result, out_dir)
-    png = save_figure(fig, "kernel_gemv", out_dir)
-    console.print(f"wrote {path} and {png} ({result['elapsed_s']:.0f} s)")
+    publish("kernel_gemv", result, fig, out_dir, console)
 
 
 if __name__ == "__main__":

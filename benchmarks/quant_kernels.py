@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from onecard.bench.results import save_figure, speedup_bars, write_result
+from onecard.bench.results import publish, speedup_bars
 from onecard.bench.timing import kernel_timer
 from onecard.kernels.wo_matmul import (
     CONFIGS,
@@ -211,9 +211,7 @@ def main() -> None:
     fig = speedup_bars({f"int{bits}": [result[f"int{bits}_m{M}_layer_speedup_vs_{fl}"] for M in ms] for bits in (4, 8)},
                        [f"M={M}" for M in ms], f"speedup vs {fl} (one layer's linears)",
                        f"onecard weight-only matmul ({device})")
-    path = write_result("quant_kernels", result, out_dir)
-    png = save_figure(fig, "quant_kernels", out_dir)
-    console.print(f"wrote {path} and {png} ({result['elapsed_s']:.0f} s)")
+    publish("quant_kernels", result, fig, out_dir, console)
 
 
 if __name__ == "__main__":
