@@ -118,7 +118,7 @@ class GemvLinear(nn.Linear):
     """``nn.Linear`` that sends decode-sized CUDA inputs (at most ``GEMV_MAX_M`` rows) to ``gemv``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.numel() <= GEMV_MAX_M * self.in_features and x.dtype == self.weight.dtype:
+        if x.is_cuda and 0 < x.numel() <= GEMV_MAX_M * self.in_features and x.dtype == self.weight.dtype:
             return gemv(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
