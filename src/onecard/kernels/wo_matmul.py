@@ -177,6 +177,13 @@ def _group_affine(s_ptr, z_ptr, kp0, rows, offs_n, n_mask, N, KPT, GROUP: tl.con
 
 
 @triton.jit
+def _code_minus_zero(words, j: tl.constexpr, zm, BITS: tl.constexpr):
+    """``code_j - zero`` in fp32, exact: ``(code | 0x4B000000)`` read as fp32 is ``2**23 + code``, and the caller
+    passes ``zm = zero + 2**23`` (once per tile, not per code)."""
+    return (((words >> (j * BITS)) & ((1 << BITS) - 1)) | 0x4B000000).to(tl.float32, bitcast=True) - zm
+
+
+@triton.jit
 def _store_out(out_ptr, part_ptr, count_ptr, y, offs_m, offs_n, M, N, stride_om, num_splits, SPLIT: tl.constexpr):
     """Write a tile; under split-K, the last of its splits to finish sums every split's partial and writes it.
 
@@ -254,7 +261,6 @@ def _wo_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M,
                    BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, ROWWISE: tl.constexpr, SPLIT: tl.constexpr,
                    PRECISION: tl.constexpr):
     PACK: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -268,18 +274,18 @@ def _wo_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M,
         words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0)
         s, z = _group_affine(s_ptr, z_ptr, kp0, rows[:, None], offs_n[None, :], n_mask[None, :], N, KPT, GROUP, PACK,
                              ROWWISE, False)
-        zm = z + 8388608.0  # (code | 0x4B000000) read as fp32 is 2**23 + code: minus zm is code - zero, exact
+        zm = z + 8388608.0  # zero + 2**23, for _code_minus_zero
         x_rows = x_ptr + offs_m[:, None] * stride_xm + rows[None, :] * PACK
         x_mask = m_mask[:, None] & r_mask[None, :]
         if ROWWISE:  # scales differ along the tile's K: apply them before the dot (what the reference rounds)
             for j in tl.static_range(PACK):
-                w = (((words >> (j * BITS)) & MASK) | 0x4B000000).to(tl.float32, bitcast=True) - zm
+                w = _code_minus_zero(words, j, zm, BITS)
                 xj = tl.load(x_rows + j, mask=x_mask, other=0.0)
                 acc = tl.dot(xj, (w * s).to(xj.dtype), acc, input_precision=PRECISION)
         else:        # one group: dot on exact (code - zero), scale once after
             part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for j in tl.static_range(PACK):
-                w = (((words >> (j * BITS)) & MASK) | 0x4B000000).to(tl.float32, bitcast=True) - zm
+                w = _code_minus_zero(words, j, zm, BITS)
                 xj = tl.load(x_rows + j, mask=x_mask, other=0.0)
                 part = tl.dot(xj, w.to(xj.dtype), part, input_precision=PRECISION)
             acc += part * s
@@ -290,7 +296,6 @@ def _wo_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M,
 def _dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, GROUP: tl.constexpr, BITS: tl.constexpr,
                     BLOCK_KP: tl.constexpr, BLOCK_N: tl.constexpr, ROWWISE: tl.constexpr):
     PACK: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
     kp0 = tl.program_id(0) * BLOCK_KP
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = kp0 + tl.arange(0, BLOCK_KP)
@@ -300,9 +305,9 @@ def _dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, GROUP: tl.constexpr, BI
     words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=mask, other=0)
     s, z = _group_affine(s_ptr, z_ptr, kp0, rows[:, None], offs_n[None, :], n_mask[None, :], N, KPT, GROUP, PACK,
                          ROWWISE, True)
-    zm = z + 8388608.0
+    zm = z + 8388608.0  # zero + 2**23, for _code_minus_zero
     for j in tl.static_range(PACK):
-        w = ((((words >> (j * BITS)) & MASK) | 0x4B000000).to(tl.float32, bitcast=True) - zm) * s
+        w = _code_minus_zero(words, j, zm, BITS) * s
         tl.store(out_ptr + (rows[:, None] * PACK + j) * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
