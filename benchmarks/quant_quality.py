@@ -23,7 +23,7 @@ from rich.table import Table
 
 from onecard.bench.results import save_figure, write_result
 
-MEDIUM = {  # ~110M parameters: Llama layout, GQA, vocab of the shared local BPE tokenizer
+MEDIUM = {  # 82M parameters: Llama layout, GQA, vocab of the shared local BPE tokenizer
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 768, "intermediate_size": 2048,
     "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 4, "vocab_size": 4096,
     "max_position_embeddings": 2048, "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "bos_token_id": 1,
@@ -85,7 +85,7 @@ def train_medium(steps: int, seq_len: int = 1024, batch: int = 32, lr: float = 1
         ids.extend(tok.encode(d, add_special_tokens=False) + [tok.eos_token_id])
     data = torch.tensor(ids, device="cuda")
     val = torch.tensor(tok.encode(corpus.validation_text(), add_special_tokens=False), device="cuda")
-    val = val[: val.numel() // seq_len * seq_len].view(-1, seq_len)
+    val_batches = val[: val.numel() // seq_len * seq_len].view(-1, seq_len).split(8)
     torch.manual_seed(0)
     model = build_random_model(MEDIUM, device="cuda").train()
     best = {"loss": float("inf"), "step": 0, "state": None}
@@ -96,7 +96,7 @@ def train_medium(steps: int, seq_len: int = 1024, batch: int = 32, lr: float = 1
             return
         model.eval()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = sum(model(input_ids=rows, labels=rows).loss.item() for rows in val.split(8)) / len(val.split(8))
+            loss = sum(model(input_ids=rows, labels=rows).loss.item() for rows in val_batches) / len(val_batches)
         model.train()
         if loss < best["loss"]:
             best.update(loss=loss, step=step, state={k: v.detach().clone() for k, v in model.state_dict().items()})
@@ -115,7 +115,8 @@ def train_medium(steps: int, seq_len: int = 1024, batch: int = 32, lr: float = 1
 
 
 def corpus_for_eval():
-    """The whole stdlib (files up to 200 kB): train split for the model and calibration, validation split for ppl."""
+    """The whole stdlib (files up to 200 kB): train split for the model, validation split for perplexity.
+    (GPTQ/AWQ calibrate on the default corpus's train split: a subset of this one's train files.)"""
     from onecard.testing import local_corpus
 
     return local_corpus(max_bytes=CORPUS_BYTES)
