@@ -78,3 +78,15 @@ def test_use_gemv_linears_swaps_half_precision_linears_only_and_keeps_outputs():
     assert type(model[0]) is GemvLinear and type(model[2]) is GemvLinear and type(model[3]) is nn.Linear
     assert model[0].weight is weight  # same parameter, nothing copied
     assert torch.equal(model[:3](x), before)  # on CPU the swapped layer still calls F.linear
+
+
+def test_engine_turns_the_gemv_off_with_speculation_and_refuses_both():
+    """A verify step's k+1 rows go through cuBLAS, which rounds unlike the GEMV: with both, greedy speculative output
+    would differ from plain decoding, so None resolves to off and an explicit True is a one-line error."""
+    from onecard.engine.config import EngineConfig
+
+    assert EngineConfig("m").uses_gemv(is_cuda=True) and not EngineConfig("m").uses_gemv(is_cuda=False)
+    assert not EngineConfig("m", num_speculative_tokens=3).uses_gemv(is_cuda=True)
+    assert not EngineConfig("m", decode_gemv=False).uses_gemv(is_cuda=True)
+    with pytest.raises(BadInputError, match="decode_gemv=True: speculative decoding.*leave decode_gemv=None"):
+        EngineConfig("m", decode_gemv=True, num_speculative_tokens=3)

@@ -48,7 +48,7 @@ ENGINE_FLAGS: tuple[EngineFlag, ...] = (
     EngineFlag("int4_kernel", ("--int4-kernel",), str, "int4 matmul on CUDA: triton (onecard's) or tinygemm "
                "(PyTorch's; faster at batch 1, slower prefill; bf16, no offload)."),
     EngineFlag("decode_gemv", ("--decode-gemv/--no-decode-gemv",), bool, "CUDA: bf16/fp16 linears at batch-1 "
-               "decode through onecard's Triton GEMV (off: cuBLAS)."),
+               "decode through onecard's Triton GEMV (off: cuBLAS; default: on, off with speculation)."),
     EngineFlag("max_model_len", ("--max-model-len",), int, "Context length: prompt + output (default: the model's, "
                "capped at 8192)."),
     EngineFlag("max_num_seqs", ("--max-num-seqs",), int, "Most sequences decoded together."),

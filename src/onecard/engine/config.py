@@ -45,7 +45,9 @@ class EngineConfig:
     speculative_model: str | Path | None = None  # a small model with the same tokenizer drafts instead of n-grams
     offload_layers: int | str = 0  # decoder layers kept in pinned CPU memory, streamed in per step ("auto": planner's)
     int4_kernel: str = "triton"  # CUDA int4 matmul: ours, or "tinygemm" (PyTorch's; faster bs=1, 15x slower prefill)
-    decode_gemv: bool = True  # CUDA bf16/fp16 linears at bs=1 decode: onecard's Triton GEMV (kernels/gemv.py), not cuBLAS
+    # CUDA bf16/fp16 linears at bs=1 decode: onecard's Triton GEMV (kernels/gemv.py), not cuBLAS. None: on for CUDA
+    # without speculation (a verify step's k+1 rows go to cuBLAS, which rounds unlike the GEMV: greedy would drift)
+    decode_gemv: bool | None = None
     # overlap the host's scheduling/sampling bookkeeping of step t+1 with the GPU's step t (decode steps only);
     # None: on for CUDA without speculation or tensor parallelism, off otherwise; True also runs it on CPU (tests)
     async_scheduling: bool | None = None
@@ -96,6 +98,12 @@ class EngineConfig:
         if self.async_scheduling and (self.num_speculative_tokens or self.tensor_parallel_size > 1):
             raise NotBuiltYetError("async_scheduling=True with speculative decoding or tensor_parallel_size > 1 is "
                                    "not built; leave async_scheduling=None (it turns itself off there) or drop one")
+        if self.decode_gemv not in (None, True, False):
+            raise bad("decode_gemv", "must be True, False or None (None: on for CUDA without speculation)")
+        if self.decode_gemv and self.num_speculative_tokens:
+            raise bad("decode_gemv", "speculative decoding verifies k+1 rows per step through cuBLAS, which rounds "
+                      "unlike the bs=1 GEMV, so greedy output would differ from plain decoding; leave decode_gemv=None "
+                      "(it turns itself off with speculation)")
         if self.offload_layers != "auto" and (not isinstance(self.offload_layers, int) or self.offload_layers < 0):
             raise bad("offload_layers", "must be a non-negative integer (decoder layers kept in CPU memory) or 'auto'")
         if self.device is not None and not str(self.device).startswith(("cpu", "cuda")):
@@ -106,6 +114,12 @@ class EngineConfig:
         if self.async_scheduling is not None:
             return self.async_scheduling
         return is_cuda and not self.num_speculative_tokens and self.tensor_parallel_size == 1
+
+    def uses_gemv(self, is_cuda: bool) -> bool:
+        """Whether bs=1 linears run through the Triton GEMV on this device (``decode_gemv=None`` resolved)."""
+        if self.decode_gemv is not None:
+            return self.decode_gemv and is_cuda
+        return is_cuda and not self.num_speculative_tokens
 
     def resolve(self, max_position_embeddings: int) -> None:
         """Fill defaults that depend on the model; check limits against it."""

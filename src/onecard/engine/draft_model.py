@@ -146,7 +146,9 @@ def load_draft(config: EngineConfig, target_folder, target_tokenizer, dtype: tor
                                     f"the draft must run on onecard's own forward ({', '.join(SUPPORTED_ARCHITECTURES)})")
     check_draft(folder, target_folder, folder.load_tokenizer(), target_tokenizer, config.max_model_len)
     quantization = config.quantization if folder.quantization_config is None else None
-    draft_config = dataclasses.replace(config, model=folder.path, quantization=quantization, offload_layers=0)
+    # the draft's own rounding never reaches the output (the target verifies every token): it keeps the bs=1 GEMV
+    draft_config = dataclasses.replace(config, model=folder.path, quantization=quantization, offload_layers=0,
+                                       speculative_model=None, num_speculative_tokens=0)
     return _load_model(folder, draft_config, dtype, device, progress)
 
 

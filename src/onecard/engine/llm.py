@@ -152,7 +152,7 @@ def check_quant_request(folder, config: EngineConfig, dtype: torch.dtype, device
 
 def _load_model(folder, config: EngineConfig, dtype: torch.dtype, device: torch.device, progress: bool):
     model = _build_model(folder, config, dtype, device, progress)
-    if config.decode_gemv and device.type == "cuda":
+    if config.uses_gemv(device.type == "cuda"):
         from onecard.kernels.gemv import use_gemv_linears_
 
         log.info("decode GEMV (Triton) for %d linears", use_gemv_linears_(model))

@@ -303,7 +303,7 @@ def load_shard(config: EngineConfig, dtype: torch.dtype, device: torch.device, r
 
         log.info("int4 kernel: PyTorch's _weight_int4pack_mm for %d layers", use_tinygemm_(model))
     if device.type == "cuda":
-        if config.decode_gemv:
+        if config.uses_gemv(is_cuda=True):
             from onecard.kernels.gemv import use_gemv_linears_
 
             use_gemv_linears_(model)

@@ -42,6 +42,17 @@ def _swiglu_bwd(DY, G, U, DG, DU, n, BLOCK: tl.constexpr):
     tl.store(DG + offs, (dy * u * sig * (1.0 + g * (1.0 - sig))).to(DG.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _silu_mul_fwd(GU, Y, n, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # rows on axis 0: a long prefill has more than 65535
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(GU + row * 2 * n + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(GU + row * 2 * n + n + offs, mask=mask, other=0.0).to(tl.float32)
+    silu = (g * tl.sigmoid(g)).to(GU.dtype.element_ty).to(tl.float32)
+    tl.store(Y + row * n + offs, (silu * u).to(Y.dtype.element_ty), mask=mask)
+
+
 _BLOCK = 1024
 
 
@@ -75,3 +86,26 @@ def swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """Triton on CUDA tensors, the PyTorch reference elsewhere."""
     return swiglu_triton(gate, up) if gate.is_cuda else swiglu_reference(gate, up)
+
+
+def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of a fused ``[..., 2 * I]`` gate/up output (gate first), as the engine's MLP defines it."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return swiglu_reference(gate, up)
+
+
+def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu_mul_reference`` in one kernel that reads both halves in place, inference only (no backward).
+
+    Why: ``chunk`` leaves strided halves, so eager PyTorch runs silu and the
+    product as two kernels (and ``swiglu_triton`` would first copy both halves);
+    at bs=1 decode those launches cost more than their bytes.
+    """
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"silu_mul: last dim {gate_up.shape[-1]} must be even (gate rows then up rows)")
+    n = gate_up.shape[-1] // 2
+    gu = gate_up.reshape(-1, 2 * n).contiguous()
+    y = torch.empty((gu.shape[0], n), dtype=gate_up.dtype, device=gate_up.device)
+    if gu.shape[0]:
+        _silu_mul_fwd[(gu.shape[0], triton.cdiv(n, _BLOCK))](gu, y, n, BLOCK=_BLOCK)
+    return y.view(*gate_up.shape[:-1], n)

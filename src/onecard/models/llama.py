@@ -31,10 +31,11 @@ from onecard.kernels.varlen_attention import (PREFIX_GATHER_BYTES, cumulative, f
                                              prefix_groups, varlen_causal)
 from onecard.models.config import ModelArgs
 
-try:  # fused RMSNorm (one kernel instead of seven) for CUDA tensors; same numerics as the PyTorch form below
-    from onecard.kernels.rmsnorm import rmsnorm_triton
+try:  # fused RMSNorm, add + RMSNorm and silu * up for CUDA tensors; same numerics as the PyTorch forms below
+    from onecard.kernels.rmsnorm import add_rmsnorm_triton, rmsnorm_triton
+    from onecard.kernels.swiglu import silu_mul_triton
 except ImportError:  # pragma: no cover - no triton
-    rmsnorm_triton = None
+    add_rmsnorm_triton = rmsnorm_triton = silu_mul_triton = None
 
 
 @dataclass
@@ -113,13 +114,24 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
+def _fused(x: torch.Tensor) -> bool:
+    """Whether the inference-only fused kernels (no backward) apply: CUDA, triton present, no autograd."""
+    return x.is_cuda and add_rmsnorm_triton is not None and not torch.is_grad_enabled()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """``norm(x)``, or with ``residual``: ``s = x + residual`` then ``(norm(s), s)`` (one kernel on CUDA)."""
+        if residual is not None:
+            if _fused(x):
+                return add_rmsnorm_triton(x, residual, self.weight, self.eps)
+            s = x + residual
+            return self(s), s
         if x.is_cuda and rmsnorm_triton is not None:
             return rmsnorm_triton(x, self.weight, self.eps)
         xf = x.float()
@@ -249,7 +261,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if _fused(gate_up):
+            return self.down_proj(silu_mul_triton(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -261,10 +276,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
-                meta: AttentionMetadata | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                rotary: RotaryEmbedding, meta: AttentionMetadata | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(mlp output, residual stream before it)``; the next layer's norm adds the two (one fused kernel
+        on CUDA instead of an add and a norm). ``residual`` is None at the first layer, whose ``x`` is the stream."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, rotary, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -290,9 +312,10 @@ class LlamaModel(nn.Module):
         """``inputs_embeds[T, hidden]``, when given, replaces ``embed_tokens(input_ids)``: how a vision model's
         image features enter as prefix embeddings (``onecard.vision``)."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        residual = None
         for layer in self.layers:
-            x = layer(x, positions, self.rotary, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, self.rotary, meta)
+        return self.norm(x) if residual is None else self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
