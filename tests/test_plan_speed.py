@@ -82,11 +82,13 @@ def _committed():
     return observations_from_results(load_results(str(RESULTS_DIR)))
 
 
-def test_committed_runs_cover_depths_formats_and_cards():
+def test_committed_runs_cover_depths_formats_and_architectures():
+    """Depths pin the per-layer latency apart from the per-step one, formats their efficiencies. (All runs are on
+    H200s since the H100 engine_vs_hf run of an older engine was replaced: docs/planner.md says so.)"""
     obs = _committed()
     assert {o.bytes.layers for o in obs} >= {8, 32}
     assert {o.fmt for o in obs} >= {"bf16", "int4"}
-    assert len({o.card for o in obs}) >= 2
+    assert len({o.group.split(":")[1] for o in obs if o.group.count(":") == 3}) >= 3
 
 
 def test_leave_one_run_out_predicts_every_committed_bs1_speed_within_target():
