@@ -4,6 +4,7 @@
     PYTHONPATH=src python benchmarks/engine_vs_hf.py --smoke    # CPU, tiny model, ~1 min, writes to a temp dir
     PYTHONPATH=src python benchmarks/engine_vs_hf.py --compare-async   # H100: ~5-6 min, engine only, sync vs async
     PYTHONPATH=src python benchmarks/engine_vs_hf.py --compare-gemv    # H100: ~5-6 min, engine only, cuBLAS vs GEMV
+    PYTHONPATH=src python benchmarks/engine_vs_hf.py --compare-admit   # engine only, admission one by one vs batched
 
 Measures (see onecard.bench.engine_bench): bs=1 decode tok/s and ms/token (ours,
 HF dynamic cache, HF static cache) and % of the bandwidth roofline (measured copy
@@ -18,7 +19,9 @@ once and cached (~13 GB under ~/.cache/onecard, or --model DIR to use your own).
 prepares step t+1 while the GPU runs step t), same workload, same roofline;
 writes docs/results/engine_async.json + .png. --compare-gemv does the same with
 the decode GEMV off (cuBLAS for every linear) and on (``decode_gemv``, the
-default): docs/results/engine_gemv.json + .png.
+default): docs/results/engine_gemv.json + .png. --compare-admit with waiting
+requests admitted as soon as one seat frees (``admit_batch_size=1``) and in
+batches (the default, ``max_num_seqs // 8`` seats): docs/results/engine_admit.json.
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ def parse() -> argparse.Namespace:
                    help="only our engine, async scheduling off vs on (bs=1 decode + offline), in one process")
     p.add_argument("--compare-gemv", action="store_true",
                    help="only our engine, decode GEMV off (cuBLAS) vs on (bs=1 decode + offline), in one process")
+    p.add_argument("--compare-admit", action="store_true",
+                   help="only our engine, waiting requests admitted one by one vs in batches, in one process")
     return p.parse_args()
 
 
@@ -78,8 +83,8 @@ def main() -> None:
                                 memory_cap_gib=a.cap_gib or None, cap_num_prompts=a.cap_num_prompts,
                                 decode_tokens=a.decode_tokens, run_hf_static=not a.no_hf_static)
         out_dir = a.out
-    if a.compare_async or a.compare_gemv:
-        what = "async" if a.compare_async else "gemv"
+    what = next((w for w in COMPARISONS if getattr(a, f"compare_{w}")), None)
+    if what is not None:
         result = compare(cfg, what, console)
         console.print(compare_table(result, what))
         name, fig = COMPARISONS[what][0], compare_figure(result, what)
@@ -96,6 +101,7 @@ def main() -> None:
 COMPARISONS = {
     "async": ("engine_async", "async scheduling", ("sync", {"async_scheduling": False}), ("async", {"async_scheduling": True})),
     "gemv": ("engine_gemv", "decode GEMV", ("cublas", {"decode_gemv": False}), ("gemv", {"decode_gemv": True})),
+    "admit": ("engine_admit", "batched admission", ("one_by_one", {"admit_batch_size": 1}), ("batched", {})),
 }
 
 

@@ -75,3 +75,69 @@ def test_max_num_seqs_limits_running():
         sched.add(Sequence(str(i), 0, [1, 2], SamplingParams(), None))
     seqs, _ = sched.schedule()
     assert len(seqs) == 3 and len(sched.waiting) == 2
+
+
+def _decoding(sched: Scheduler, n: int) -> list[Sequence]:
+    """``n`` sequences admitted and past their prefill (each holds its first sampled token)."""
+    seqs = [Sequence(f"d{i}", 0, [1, 2, 3], SamplingParams(), None) for i in range(n)]
+    for s in seqs:
+        sched.add(s)
+    admitted, prefill = sched.schedule()
+    assert prefill and admitted == seqs
+    for s in seqs:
+        s.token_ids.append(5)
+    return seqs
+
+
+def test_waiting_requests_join_decoding_ones_in_batches():
+    """A freed seat alone does not stop every decoding sequence for a one-prompt prefill: admission waits for
+    admit_batch free seats (or for the whole queue to fit), and does not wait when nothing decodes."""
+    bm = BlockManager(num_blocks=100, block_size=8)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=1000, admit_batch=4)
+    running = _decoding(sched, 8)
+    queue = [Sequence(f"w{i}", 0, [1, 2], SamplingParams(), None) for i in range(10)]
+    for s in queue:
+        sched.add(s)
+    for k in range(3):  # 1, 2, 3 seats free, 10 waiting: keep decoding
+        sched.finish(running[k])
+        seqs, prefill = sched.schedule()
+        assert not prefill and seqs == running[k + 1:]
+        for s in seqs:
+            s.token_ids.append(5)
+    sched.finish(running[3])
+    seqs, prefill = sched.schedule()  # 4 free: the four oldest join in one prefill step
+    assert prefill and seqs == queue[:4]
+    for s in seqs:
+        s.token_ids.append(5)
+    seqs, prefill = sched.schedule()
+    assert not prefill and len(seqs) == 8
+    sched2 = Scheduler(BlockManager(num_blocks=100, block_size=8), max_num_seqs=8, max_num_batched_tokens=1000,
+                       admit_batch=4)
+    first = _decoding(sched2, 8)
+    late = Sequence("late", 0, [1, 2], SamplingParams(), None)
+    sched2.add(late)
+    sched2.finish(first[0])
+    seqs, prefill = sched2.schedule()  # the whole queue (one request) fits the one free seat: no waiting
+    assert prefill and seqs == [late]
+    sched3 = Scheduler(BlockManager(num_blocks=100, block_size=8), max_num_seqs=8, max_num_batched_tokens=1000,
+                       admit_batch=8)
+    for s in [Sequence(f"x{i}", 0, [1, 2], SamplingParams(), None) for i in range(3)]:
+        sched3.add(s)
+    seqs, prefill = sched3.schedule()  # nothing decodes: admitted at once whatever admit_batch says
+    assert prefill and len(seqs) == 3
+
+
+def test_admit_batch_size_default_and_bounds():
+    import pytest
+
+    from onecard.engine.config import EngineConfig
+    from onecard.errors import BadInputError
+
+    cfg = EngineConfig("m", max_num_seqs=256)
+    cfg.resolve(4096)
+    assert cfg.admit_batch_size == 32
+    cfg = EngineConfig("m", max_num_seqs=4)
+    cfg.resolve(4096)
+    assert cfg.admit_batch_size == 1
+    with pytest.raises(BadInputError, match="admit_batch_size=9: must be an integer in 1..max_num_seqs"):
+        EngineConfig("m", max_num_seqs=8, admit_batch_size=9)

@@ -52,6 +52,8 @@ ENGINE_FLAGS: tuple[EngineFlag, ...] = (
     EngineFlag("max_model_len", ("--max-model-len",), int, "Context length: prompt + output (default: the model's, "
                "capped at 8192)."),
     EngineFlag("max_num_seqs", ("--max-num-seqs",), int, "Most sequences decoded together."),
+    EngineFlag("admit_batch_size", ("--admit-batch-size",), int, "While requests decode, waiting ones join when this "
+               "many seats are free (or all fit): fewer one-prompt prefill steps (default: max-num-seqs / 8)."),
     EngineFlag("max_num_batched_tokens", ("--max-num-batched-tokens",), int, "Most tokens one engine step computes "
                "(default: 8192 with chunked prefill)."),
     EngineFlag("gpu_memory_utilization", ("--gpu-memory-utilization",), float, "Share of GPU memory for weights + "

@@ -51,6 +51,9 @@ class EngineConfig:
     # overlap the host's scheduling/sampling bookkeeping of step t+1 with the GPU's step t (decode steps only);
     # None: on for CUDA without speculation or tensor parallelism, off otherwise; True also runs it on CPU (tests)
     async_scheduling: bool | None = None
+    # while sequences decode, waiting ones join only when this many seats are free (or the whole queue fits), so a
+    # prefill step admits a batch instead of one finisher's successor each time (None: max(1, max_num_seqs // 8))
+    admit_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> BadInputError:
@@ -64,6 +67,10 @@ class EngineConfig:
             raise bad("max_model_len", "must be a positive integer")
         if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
             raise bad("max_num_seqs", "must be a positive integer")
+        if self.admit_batch_size is not None and (
+                not isinstance(self.admit_batch_size, int) or not 1 <= self.admit_batch_size <= self.max_num_seqs):
+            raise bad("admit_batch_size", f"must be an integer in 1..max_num_seqs ({self.max_num_seqs}); 1 admits "
+                      "each waiting request as soon as a seat frees")
         if self.max_num_batched_tokens is not None and (
                 not isinstance(self.max_num_batched_tokens, int) or self.max_num_batched_tokens < 1):
             raise bad("max_num_batched_tokens", "must be a positive integer")
@@ -136,5 +143,7 @@ class EngineConfig:
             raise BadInputError(f"max_num_batched_tokens={self.max_num_batched_tokens} is below max_model_len="
                                 f"{self.max_model_len}: a full-length prompt could never be scheduled; raise it, lower "
                                 "max_model_len, or keep enable_chunked_prefill=True")
+        if self.admit_batch_size is None:
+            self.admit_batch_size = max(1, self.max_num_seqs // 8)
         if self.long_prefill_chunk is None and self.enable_chunked_prefill:
             self.long_prefill_chunk = self.max_num_batched_tokens

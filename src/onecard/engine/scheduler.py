@@ -3,7 +3,11 @@
 A prefill step first continues prompts part-way through chunked prefill, then
 admits waiting sequences in arrival order while they fit (``max_num_seqs``, the
 ``max_num_batched_tokens`` token budget, free blocks); a shared cached prefix
-(prefix caching) costs no budget. With chunked prefill a prompt longer than the
+(prefix caching) costs no budget. While others decode, admission waits until
+``admit_batch`` seats are free (or every waiting sequence fits): a prefill step
+pauses every running sequence and streams the weights once, so admitting each
+finisher's successor alone, a step at a time, turned about half the steps of a
+saturated offline run into one-prompt prefills. With chunked prefill a prompt longer than the
 budget (or than ``long_prefill_chunk``) is computed over several steps, and while
 one is in flight prefill and decode steps alternate, so running requests keep
 streaming a token every other step instead of stalling for the whole prompt.
@@ -35,12 +39,14 @@ class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  long_prefill_chunk: int | None = None, num_speculative_tokens: int = 0, ngram_size: int = 3,
                  max_model_len: int | None = None,
-                 propose: Callable[[list[Sequence], list[int]], list[list[int]]] | None = None) -> None:
+                 propose: Callable[[list[Sequence], list[int]], list[list[int]]] | None = None,
+                 admit_batch: int = 1) -> None:
         """``long_prefill_chunk=None``: no chunked prefill (each prompt is computed in one step, so it must fit the
         token budget); otherwise the most tokens one sequence's prefill takes per step. ``num_speculative_tokens``
         > 0: decode steps of batches without penalty/logprob requests carry drafts: n-gram ones (``speculative.py``), or ``propose``'s
         (a draft model, ``draft_model.py``: given the sequences and how many tokens each may draft, with their
-        cache slots already reserved)."""
+        cache slots already reserved). ``admit_batch``: seats that must be free (or hold the whole queue) before
+        waiting sequences join sequences that are decoding."""
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -53,6 +59,7 @@ class Scheduler:
         self.ngram_size = ngram_size
         self.max_model_len = max_model_len
         self.propose = propose
+        self.admit_batch = admit_batch
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -91,7 +98,8 @@ class Scheduler:
                     self._take_tokens(seq, n)
                     budget -= n
                     scheduled.append(seq)
-        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
+        admitting = self._admission_open()
+        while admitting and self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             seq = self.waiting[0]
             if not self.block_manager.can_allocate(seq):
                 break
@@ -109,6 +117,12 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append(seq)
         return scheduled
+
+    def _admission_open(self) -> bool:
+        """Whether this step admits waiting sequences at all (seats, blocks and budget are checked one by one)."""
+        if not any(not s.needs_prefill for s in self.running):
+            return True  # nothing is decoding: nobody waits for this prefill
+        return self.max_num_seqs - len(self.running) >= min(len(self.waiting), self.admit_batch)
 
     @staticmethod
     def _take_tokens(seq: Sequence, n: int) -> None:
