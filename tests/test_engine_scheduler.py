@@ -141,3 +141,25 @@ def test_admit_batch_size_default_and_bounds():
     assert cfg.admit_batch_size == 1
     with pytest.raises(BadInputError, match="admit_batch_size=9: must be an integer in 1..max_num_seqs"):
         EngineConfig("m", max_num_seqs=8, admit_batch_size=9)
+
+
+def test_a_free_seat_is_not_held_back_forever():
+    """When seats free up slowly (long outputs), the queue's head joins after admit_batch decode steps anyway."""
+    sched = Scheduler(BlockManager(num_blocks=100, block_size=8), max_num_seqs=8, max_num_batched_tokens=1000,
+                      admit_batch=4)
+    running = _decoding(sched, 8)
+    queue = [Sequence(f"w{i}", 0, [1, 2], SamplingParams(), None) for i in range(10)]
+    for s in queue:
+        sched.add(s)
+    sched.finish(running[0])
+    for _ in range(4):  # one seat free, ten waiting: held for admit_batch decode steps
+        seqs, prefill = sched.schedule()
+        assert not prefill
+        for s in seqs:
+            s.token_ids.append(5)
+    seqs, prefill = sched.schedule()
+    assert prefill and seqs == queue[:1]
+    for s in seqs:
+        s.token_ids.append(5)
+    seqs, prefill = sched.schedule()  # the count starts again after an admission
+    assert not prefill and len(seqs) == 8

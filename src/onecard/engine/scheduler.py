@@ -4,7 +4,8 @@ A prefill step first continues prompts part-way through chunked prefill, then
 admits waiting sequences in arrival order while they fit (``max_num_seqs``, the
 ``max_num_batched_tokens`` token budget, free blocks); a shared cached prefix
 (prefix caching) costs no budget. While others decode, admission waits until
-``admit_batch`` seats are free (or every waiting sequence fits): a prefill step
+``admit_batch`` seats are free (or every waiting sequence fits, or it has been
+held back ``admit_batch`` decode steps with a seat free): a prefill step
 pauses every running sequence and streams the weights once, so admitting each
 finisher's successor alone, a step at a time, turned about half the steps of a
 saturated offline run into one-prompt prefills. With chunked prefill a prompt longer than the
@@ -60,6 +61,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.propose = propose
         self.admit_batch = admit_batch
+        self._held_steps = 0  # decode steps run since a seat was free for the waiting queue but admission waited
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -79,6 +81,8 @@ class Scheduler:
                 self._last_was_prefill = True
                 return scheduled, True
         self._last_was_prefill = False
+        if self.waiting and len(self.running) < self.max_num_seqs:
+            self._held_steps += 1
         return self._schedule_decode(), False
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
@@ -116,12 +120,15 @@ class Scheduler:
             self.waiting.popleft()
             self.running.append(seq)
             scheduled.append(seq)
+            self._held_steps = 0
         return scheduled
 
     def _admission_open(self) -> bool:
         """Whether this step admits waiting sequences at all (seats, blocks and budget are checked one by one)."""
         if not any(not s.needs_prefill for s in self.running):
             return True  # nothing is decoding: nobody waits for this prefill
+        if self._held_steps >= self.admit_batch:  # seats rarely free up (long outputs): do not keep one idle forever
+            return True
         return self.max_num_seqs - len(self.running) >= min(len(self.waiting), self.admit_batch)
 
     @staticmethod
