@@ -292,6 +292,9 @@ def main() -> None:
                        "QLoRA on onecard.train.qlora's int4 base" if engine_ok else
                        "onecard.engine/quant not importable: inference measured through HF only"),
         "layers": args.layers,
+        # which LoRA forward the training rows ran: onecard's lean one since commit 905fb6d (files without this key
+        # predate it and ran PEFT's own forward; tests/test_plan_memory.py re-plans each row with its own)
+        "lora_forward": "lean",
     }
     if device == "cuda":
         summary["cuda_context_gib"] = context
