@@ -7,8 +7,9 @@ admits waiting sequences in arrival order while they fit (``max_num_seqs``, the
 ``admit_batch`` seats are free (or every waiting sequence fits, or it has been
 held back ``admit_batch`` decode steps with a seat free): a prefill step
 pauses every running sequence and streams the weights once, so admitting each
-finisher's successor alone, a step at a time, turned about half the steps of a
-saturated offline run into one-prompt prefills. With chunked prefill a prompt longer than the
+finished sequence's successor alone cost a saturated offline run a one-prompt
+prefill step per finish (1000 prompts on an H200: 2,096 steps one by one, 1,715
+batched; docs/engine.md). With chunked prefill a prompt longer than the
 budget (or than ``long_prefill_chunk``) is computed over several steps, and while
 one is in flight prefill and decode steps alternate, so running requests keep
 streaming a token every other step instead of stalling for the whole prompt.
