@@ -229,10 +229,12 @@ def test_config_switch():
         EngineConfig("m", async_scheduling=True, num_speculative_tokens=2)
 
 
-@pytest.mark.parametrize("what,base,new", [("async", "sync", "async"), ("gemv", "cublas", "gemv")])
+@pytest.mark.parametrize("what,base,new", [("async", "sync", "async"), ("gemv", "cublas", "gemv"),
+                                           ("admit", "one_by_one", "batched")])
 def test_bench_compare_smoke(random_checkpoint, what, base, new):
-    """``benchmarks/engine_vs_hf.py --compare-async`` / ``--compare-gemv``: both modes run the same workload and fill
-    the table (on CPU the GEMV switch changes nothing: the run checks the benchmark's code, not the kernel)."""
+    """``benchmarks/engine_vs_hf.py --compare-async`` / ``--compare-gemv`` / ``--compare-admit``: both modes run the
+    same workload and fill the table (on CPU the GEMV switch changes nothing, nor admission at 4 seats: the run checks
+    the benchmark's code, not the kernel or the scheduler)."""
     import importlib.util
     from pathlib import Path
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from onecard.engine.block_manager import BlockManager
+from onecard.engine.config import EngineConfig
 from onecard.engine.sampling_params import SamplingParams
 from onecard.engine.scheduler import Scheduler
 from onecard.engine.sequence import Sequence, SequenceStatus
+from onecard.errors import BadInputError
 
 
 def _check_invariants(bm: BlockManager, sched: Scheduler) -> None:
@@ -77,6 +81,12 @@ def test_max_num_seqs_limits_running():
     assert len(seqs) == 3 and len(sched.waiting) == 2
 
 
+def _admitting(admit_batch: int) -> Scheduler:
+    """Eight seats, room for every block and token: only admission decides who runs."""
+    return Scheduler(BlockManager(num_blocks=100, block_size=8), max_num_seqs=8, max_num_batched_tokens=1000,
+                     admit_batch=admit_batch)
+
+
 def _decoding(sched: Scheduler, n: int) -> list[Sequence]:
     """``n`` sequences admitted and past their prefill (each holds its first sampled token)."""
     seqs = [Sequence(f"d{i}", 0, [1, 2, 3], SamplingParams(), None) for i in range(n)]
@@ -92,8 +102,7 @@ def _decoding(sched: Scheduler, n: int) -> list[Sequence]:
 def test_waiting_requests_join_decoding_ones_in_batches():
     """A freed seat alone does not stop every decoding sequence for a one-prompt prefill: admission waits for
     admit_batch free seats (or for the whole queue to fit), and does not wait when nothing decodes."""
-    bm = BlockManager(num_blocks=100, block_size=8)
-    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=1000, admit_batch=4)
+    sched = _admitting(4)
     running = _decoding(sched, 8)
     queue = [Sequence(f"w{i}", 0, [1, 2], SamplingParams(), None) for i in range(10)]
     for s in queue:
@@ -111,16 +120,14 @@ def test_waiting_requests_join_decoding_ones_in_batches():
         s.token_ids.append(5)
     seqs, prefill = sched.schedule()
     assert not prefill and len(seqs) == 8
-    sched2 = Scheduler(BlockManager(num_blocks=100, block_size=8), max_num_seqs=8, max_num_batched_tokens=1000,
-                       admit_batch=4)
+    sched2 = _admitting(4)
     first = _decoding(sched2, 8)
     late = Sequence("late", 0, [1, 2], SamplingParams(), None)
     sched2.add(late)
     sched2.finish(first[0])
     seqs, prefill = sched2.schedule()  # the whole queue (one request) fits the one free seat: no waiting
     assert prefill and seqs == [late]
-    sched3 = Scheduler(BlockManager(num_blocks=100, block_size=8), max_num_seqs=8, max_num_batched_tokens=1000,
-                       admit_batch=8)
+    sched3 = _admitting(8)
     for s in [Sequence(f"x{i}", 0, [1, 2], SamplingParams(), None) for i in range(3)]:
         sched3.add(s)
     seqs, prefill = sched3.schedule()  # nothing decodes: admitted at once whatever admit_batch says
@@ -128,11 +135,6 @@ def test_waiting_requests_join_decoding_ones_in_batches():
 
 
 def test_admit_batch_size_default_and_bounds():
-    import pytest
-
-    from onecard.engine.config import EngineConfig
-    from onecard.errors import BadInputError
-
     cfg = EngineConfig("m", max_num_seqs=256)
     cfg.resolve(4096)
     assert cfg.admit_batch_size == 32
@@ -145,8 +147,7 @@ def test_admit_batch_size_default_and_bounds():
 
 def test_a_free_seat_is_not_held_back_forever():
     """When seats free up slowly (long outputs), the queue's head joins after admit_batch decode steps anyway."""
-    sched = Scheduler(BlockManager(num_blocks=100, block_size=8), max_num_seqs=8, max_num_batched_tokens=1000,
-                      admit_batch=4)
+    sched = _admitting(4)
     running = _decoding(sched, 8)
     queue = [Sequence(f"w{i}", 0, [1, 2], SamplingParams(), None) for i in range(10)]
     for s in queue:

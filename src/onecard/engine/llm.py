@@ -152,11 +152,16 @@ def check_quant_request(folder, config: EngineConfig, dtype: torch.dtype, device
 
 def _load_model(folder, config: EngineConfig, dtype: torch.dtype, device: torch.device, progress: bool):
     model = _build_model(folder, config, dtype, device, progress)
+    use_decode_gemv_(model, config, device)
+    return model
+
+
+def use_decode_gemv_(model, config: EngineConfig, device: torch.device) -> None:
+    """Send the model's bs=1 linears through the Triton GEMV where ``config.decode_gemv`` (resolved) says so."""
     if config.uses_gemv(device.type == "cuda"):
         from onecard.kernels.gemv import use_gemv_linears_
 
         log.info("decode GEMV (Triton) for %d linears", use_gemv_linears_(model))
-    return model
 
 
 def _build_model(folder, config: EngineConfig, dtype: torch.dtype, device: torch.device, progress: bool):
