@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+from rich.text import Text
+
 from onecard.demo import DemoContext, StageResult
 
 PROMPTS = ["def read_config(path):\n", "import os\n", "class Parser:\n    def __init__(self", "for line in f"]
@@ -21,7 +23,8 @@ def demo_stage(ctx: DemoContext) -> StageResult:
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
     seconds = time.perf_counter() - t0
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    ctx.console.print(f"[dim]engine:[/] {PROMPTS[0]}{outs[0].outputs[0].text}", markup=False, highlight=False)
+    # the label styled, the model's text printed as is (it may hold brackets that markup would eat)
+    ctx.console.print(Text.assemble(("engine: ", "dim"), PROMPTS[0] + outs[0].outputs[0].text), highlight=False)
     stats = llm.stats()
     ctx.artifacts["engine_tok_s"] = tokens / seconds
     del llm
