@@ -5,6 +5,7 @@
     PYTHONPATH=src python benchmarks/engine_vs_hf.py --compare-async   # H100: ~5-6 min, engine only, sync vs async
     PYTHONPATH=src python benchmarks/engine_vs_hf.py --compare-gemv    # H100: ~5-6 min, engine only, cuBLAS vs GEMV
     PYTHONPATH=src python benchmarks/engine_vs_hf.py --compare-admit   # engine only, admission one by one vs batched
+    PYTHONPATH=src python benchmarks/engine_vs_hf.py --compare-attention   # engine only, decode attention 3 launches vs 1
 
 Measures (see onecard.bench.engine_bench): bs=1 decode tok/s and ms/token (ours,
 HF dynamic cache, HF static cache) and % of the bandwidth roofline (measured copy
@@ -21,7 +22,9 @@ writes docs/results/engine_async.json + .png. --compare-gemv does the same with
 the decode GEMV off (cuBLAS for every linear) and on (``decode_gemv``, the
 default): docs/results/engine_gemv.json + .png. --compare-admit with waiting
 requests admitted as soon as one seat frees (``admit_batch_size=1``) and in
-batches (the default, ``max_num_seqs // 8`` seats): docs/results/engine_admit.json.
+batches (the default, ``max_num_seqs // 8`` seats): docs/results/engine_admit.json. --compare-attention with
+each layer's decode attention as three launches (RoPE + KV store, split, merge: ``fused_decode_attention=False``)
+and as one (the default): docs/results/engine_fused_attention.json.
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ def parse() -> argparse.Namespace:
                    help="only our engine, decode GEMV off (cuBLAS) vs on (bs=1 decode + offline), in one process")
     p.add_argument("--compare-admit", action="store_true",
                    help="only our engine, waiting requests admitted one by one vs in batches, in one process")
+    p.add_argument("--compare-attention", action="store_true",
+                   help="only our engine, decode attention as three launches per layer vs one, in one process")
     return p.parse_args()
 
 
@@ -102,6 +107,8 @@ COMPARISONS = {
     "async": ("engine_async", "async scheduling", ("sync", {"async_scheduling": False}), ("async", {"async_scheduling": True})),
     "gemv": ("engine_gemv", "decode GEMV", ("cublas", {"decode_gemv": False}), ("gemv", {"decode_gemv": True})),
     "admit": ("engine_admit", "batched admission", ("one_by_one", {"admit_batch_size": 1}), ("batched", {})),
+    "attention": ("engine_fused_attention", "one-launch decode attention",
+                  ("three_launches", {"fused_decode_attention": False}), ("one_launch", {"fused_decode_attention": True})),
 }
 
 

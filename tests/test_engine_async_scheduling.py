@@ -230,9 +230,10 @@ def test_config_switch():
 
 
 @pytest.mark.parametrize("what,base,new", [("async", "sync", "async"), ("gemv", "cublas", "gemv"),
-                                           ("admit", "one_by_one", "batched")])
+                                           ("admit", "one_by_one", "batched"),
+                                           ("attention", "three_launches", "one_launch")])
 def test_bench_compare_smoke(random_checkpoint, what, base, new):
-    """``benchmarks/engine_vs_hf.py --compare-async`` / ``--compare-gemv`` / ``--compare-admit``: both modes run the
+    """``benchmarks/engine_vs_hf.py --compare-async`` / ``-gemv`` / ``-admit`` / ``-attention``: both modes run the
     same workload and fill the table (on CPU the GEMV switch changes nothing, nor admission at 4 seats: the run checks
     the benchmark's code, not the kernel or the scheduler)."""
     import importlib.util

@@ -12,10 +12,12 @@ from test_engine_kv_quant import (
 )
 
 from onecard.errors import BadInputError
+from onecard.models import llama
 from onecard.kernels.paged_attention import (
     SPLIT_MAX_PARTITION,
     SPLIT_MAX_PROGRAMS,
     SPLIT_MIN_PARTITION,
+    paged_decode_attention_fused,
     paged_decode_attention_reference,
     paged_decode_attention_split,
     split_plan,
@@ -123,9 +125,10 @@ def test_split_kernel_llama_heads_on_gpu(fmt):
         assert (got - want).abs().max() < 2e-2
 
 
-def test_engine_decode_through_the_split_kernel(tiny_model):
-    # the engine's call site (llama.Attention -> paged_decode_attention with use_triton): on CPU the runner picks
-    # the reference; switched to the Triton path, greedy tokens and logprobs stay those of the reference
+def test_engine_decode_through_the_split_kernel(tiny_model, monkeypatch):
+    # the engine's call sites (llama.Attention -> paged_decode_attention with use_triton, and with the fused RoPE +
+    # store on, the one-launch paged_decode_attention_fused): on CPU the runner picks the reference; switched to
+    # the Triton paths, greedy tokens and logprobs stay those of the reference
     from onecard.engine import LLM, SamplingParams
 
     llm = LLM(tiny_model.path, max_model_len=256, max_num_seqs=2, block_size=8)
@@ -133,8 +136,14 @@ def test_engine_decode_through_the_split_kernel(tiny_model):
     prompts = ["def read_config(path):\n    ", "The os module provides the functions that"]
     want = [o.outputs[0] for o in llm.generate(prompts, sp, use_tqdm=False)]
     llm.engine.runner.decode_attention = "triton"
-    got = [o.outputs[0] for o in llm.generate(prompts, sp, use_tqdm=False)]
-    for a, b in zip(want, got):
+    split = [o.outputs[0] for o in llm.generate(prompts, sp, use_tqdm=False)]
+    llm.engine.runner.fused_rope_store = True
+    calls = []
+    monkeypatch.setattr(llama, "paged_decode_attention_fused",
+                        lambda *a, **k: calls.append(1) or paged_decode_attention_fused(*a, **k))
+    fused = [o.outputs[0] for o in llm.generate(prompts, sp, use_tqdm=False)]
+    for a, b in zip(want * 2, split + fused):
         assert a.token_ids == b.token_ids
         for t, la, lb in zip(a.token_ids, a.logprobs, b.logprobs):
             assert abs(la[t] - lb[t]) < 1e-4
+    assert calls  # the fused run went through the one-launch kernel

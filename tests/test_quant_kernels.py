@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from onecard.errors import BadInputError
+from onecard.kernels.counters import zeroed_counters
 from onecard.kernels.wo_matmul import (
     CONFIGS,
     KernelConfig,
     _rowwise,
-    _split_counters,
     dequantize,
     dequantize_reference,
     pick_config,
@@ -97,7 +97,7 @@ def test_matmul_kernel_matches_reference(bits, group_size, K, N, M, config):
     assert y.shape == (M, N) and y.dtype == x.dtype
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
     if _case_paths(bits, group_size, K, N, M, config)[2]:  # split-K: the last split reset every tile's counter
-        assert not _split_counters(x.device, 1).any()
+        assert not zeroed_counters(x.device, 1, "wo_matmul").any()
         torch.testing.assert_close(wo_matmul(x, packed, s, z, bits, gs, config), y, rtol=0, atol=0)  # deterministic
 
 

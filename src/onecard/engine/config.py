@@ -37,6 +37,8 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # override the measured cache size (tests force preemption with it)
     cuda_graph_max_batch: int = 256
     fused_rope_store: bool = True  # CUDA decode: one Triton kernel for RoPE + KV write (False: PyTorch ops)
+    # CUDA decode, with fused_rope_store: RoPE, KV write, flash-decoding and its merge in one launch (False: three)
+    fused_decode_attention: bool = True
     enable_prefix_caching: bool = True  # share the KV of identical prompt prefixes across requests
     enable_chunked_prefill: bool = True  # split long prompts into chunks interleaved with decode steps
     long_prefill_chunk: int | None = None  # most prompt tokens one sequence computes per step (None: the budget)

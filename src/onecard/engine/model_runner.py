@@ -163,6 +163,7 @@ class ModelRunner:
         self.dtype = next(model.parameters()).dtype
         self.is_cuda = device.type == "cuda"
         self.decode_attention = "triton" if self.is_cuda else "reference"
+        self.fused_rope_store = self.is_cuda and config.fused_rope_store
         cc = torch.cuda.get_device_capability(device) if self.is_cuda else None
         if cc is not None and cc < (8, 9) and config.kv_cache_dtype.startswith("fp8"):
             raise BadInputError(f"kv_cache_dtype={config.kv_cache_dtype!r} needs an fp8-capable GPU (compute "
@@ -330,7 +331,8 @@ class ModelRunner:
             bt = self._to_device([t + [0] * (width - len(t)) for t in tables], torch.int32)
             meta = AttentionMetadata(False, self._to_device(slots, torch.long), context_lens=self._to_device(ctx, torch.int32),
                                      block_tables=bt, decode_attention=self.decode_attention,
-                                     fused_rope_store=self.is_cuda and self.config.fused_rope_store)
+                                     fused_rope_store=self.fused_rope_store,
+                                     fused_attention=self.config.fused_decode_attention)
             tokens = self._to_device(ids, torch.long)
             if prev_rows is not None:
                 tokens = take_previous(tokens, self._to_device(prev_rows, torch.long), self._sampled)
@@ -421,7 +423,8 @@ class ModelRunner:
         g = self._gbuf
         meta = AttentionMetadata(False, g["meta"][2, :bs], context_lens=g["meta"][3, :bs],
                                  block_tables=g["block_tables"][:bs], decode_attention=self.decode_attention,
-                                 fused_rope_store=self.is_cuda and self.config.fused_rope_store,
+                                 fused_rope_store=self.fused_rope_store,
+                                 fused_attention=self.config.fused_decode_attention,
                                  split_rows=self.split_rows(bs))
         tokens = take_previous(g["meta"][0, :bs], g["meta"][4, :bs], self._sampled)
         return self.model.compute_logits(self.model(tokens, g["meta"][1, :bs], meta))

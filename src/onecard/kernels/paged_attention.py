@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from onecard.kernels.counters import zeroed_counters
 from onecard.kernels.kv_quant import MIN_SCALE, dequantize_kv, qmax_of, quantize_kv
 
 try:  # Triton is optional: without it (or without CUDA and TRITON_INTERPRET) the reference path runs.
@@ -152,98 +153,108 @@ def rope_store_kv_reference(qkv: torch.Tensor, positions: torch.Tensor, cos_sin:
 if triton is not None:
 
     @triton.jit
-    def _quantize_store(x1, x2, cache, scale_ptr, offs, m, HALF: tl.constexpr, QMAX: tl.constexpr,
-                        MIN_SCALE: tl.constexpr, IS_INT: tl.constexpr):
-        # kv_quant.quantize_kv's arithmetic on one head (two halves of head_dim), IEEE division like torch's.
-        amax = tl.maximum(tl.max(tl.where(m, tl.abs(x1), 0.0), axis=0), tl.max(tl.where(m, tl.abs(x2), 0.0), axis=0))
-        sc = tl.maximum(tl.math.div_rn(amax, QMAX), MIN_SCALE).to(tl.float16)
-        tl.store(scale_ptr, sc)
-        sc = sc.to(tl.float32)
-        q1 = tl.math.div_rn(x1, sc)
-        q2 = tl.math.div_rn(x2, sc)
-        if IS_INT:
-            q1 = tl.floor(q1 + 0.5)
-            q2 = tl.floor(q2 + 0.5)
-        q1 = tl.minimum(tl.maximum(q1, -QMAX), QMAX)
-        q2 = tl.minimum(tl.maximum(q2, -QMAX), QMAX)
-        tl.store(cache + offs, q1.to(cache.dtype.element_ty), mask=m)
-        tl.store(cache + HALF + offs, q2.to(cache.dtype.element_ty), mask=m)
+    def _rope(base, offs_d, mask, cs_row, HALF: tl.constexpr):
+        # HF's rotate-half RoPE of the head(s) at ``base`` (a pointer, or a [rows, 1] block of them) in fp32:
+        # channel d pairs with d +- HALF, so a whole head is one load plus one permuted load of the same bytes.
+        first = offs_d < HALF
+        c = tl.where(first, offs_d, offs_d - HALF)
+        cos = tl.load(cs_row + c, mask=offs_d < 2 * HALF, other=0.0)
+        sin = tl.load(cs_row + HALF + c, mask=offs_d < 2 * HALF, other=0.0)
+        x = tl.load(base + offs_d, mask=mask, other=0.0).to(tl.float32)
+        xr = tl.load(base + tl.where(first, offs_d + HALF, offs_d - HALF), mask=mask, other=0.0).to(tl.float32)
+        return tl.where(first, x * cos - xr * sin, x * cos + xr * sin)
+
+    @triton.jit
+    def _as_stored(x, dmask, cache_ty: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr,
+                   MIN_SCALE: tl.constexpr, IS_INT: tl.constexpr):
+        # one token's head (fp32 [BLOCK_D]) as the cache holds it: (codes in the cache dtype, fp16 scale); QUANT:
+        # kv_quant.quantize_kv's arithmetic (one scale per token and head, IEEE division like torch's), else scale 1
+        if QUANT:
+            amax = tl.max(tl.where(dmask, tl.abs(x), 0.0), axis=0)
+            sc = tl.maximum(tl.math.div_rn(amax, QMAX), MIN_SCALE).to(tl.float16)
+            x = tl.math.div_rn(x, sc.to(tl.float32))
+            if IS_INT:
+                x = tl.floor(x + 0.5)
+            x = tl.minimum(tl.maximum(x, -QMAX), QMAX)
+        else:
+            sc = tl.full([], 1.0, tl.float16)
+        return x.to(cache_ty), sc
+
+    @triton.jit
+    def _store_new_kv(row, k_ptr, v_ptr, ks_ptr, vs_ptr, cs_row, slot, kh, stride_slot, offs_d, dmask,
+                      NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+                      QUANT: tl.constexpr, QMAX: tl.constexpr, MIN_SCALE: tl.constexpr, IS_INT: tl.constexpr):
+        # KV head kh of the token whose fused q|k|v row is ``row``: k rotated, then rounded to the model dtype (as
+        # store_kv receives it on the PyTorch path), v as is, both to cache slot ``slot``; returns them as stored
+        # (codes, scale) for a kernel that attends to the new token from registers
+        k = _rope(row + (NUM_HEADS + kh) * HEAD_DIM, offs_d, dmask, cs_row, HALF)
+        k = k.to(row.dtype.element_ty).to(tl.float32)
+        v = tl.load(row + (NUM_HEADS + NUM_KV_HEADS + kh) * HEAD_DIM + offs_d, mask=dmask, other=0.0).to(tl.float32)
+        kq, ksc = _as_stored(k, dmask, k_ptr.dtype.element_ty, QUANT, QMAX, MIN_SCALE, IS_INT)
+        vq, vsc = _as_stored(v, dmask, v_ptr.dtype.element_ty, QUANT, QMAX, MIN_SCALE, IS_INT)
+        at = slot * stride_slot + kh * HEAD_DIM
+        tl.store(k_ptr + at + offs_d, kq, mask=dmask)
+        tl.store(v_ptr + at + offs_d, vq, mask=dmask)
+        if QUANT:
+            tl.store(ks_ptr + slot * NUM_KV_HEADS + kh, ksc)
+            tl.store(vs_ptr + slot * NUM_KV_HEADS + kh, vsc)
+        return kq, ksc, vq, vsc
 
     @triton.jit
     def _rope_store_kernel(qkv_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, ks_ptr, vs_ptr, cos_sin_ptr, pos_ptr, slot_ptr,
                            stride_qkv, stride_qo, stride_cs, stride_slot, NUM_HEADS: tl.constexpr,
                            NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
-                           BLOCK_HALF: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr,
+                           BLOCK_D: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr,
                            MIN_SCALE: tl.constexpr, IS_INT: tl.constexpr):
         # one program per (token, q-or-kv head): q heads are rotated into q_out, kv heads rotate k and copy v
         # straight into the paged cache. Replaces ~25 small kernels per layer at decode.
-        # QUANT: k and v are quantized with a per-(token, head) scale written to ks/vs at [slot, head].
         t = tl.program_id(0)
         h = tl.program_id(1)
-        offs = tl.arange(0, BLOCK_HALF)
-        m = offs < HALF
-        pos = tl.load(pos_ptr + t).to(tl.int64)
-        cos = tl.load(cos_sin_ptr + pos * stride_cs + offs, mask=m, other=0.0)
-        sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + offs, mask=m, other=0.0)
-        base = qkv_ptr + t.to(tl.int64) * stride_qkv + h * HEAD_DIM
-        x1 = tl.load(base + offs, mask=m, other=0.0).to(tl.float32)
-        x2 = tl.load(base + HALF + offs, mask=m, other=0.0).to(tl.float32)
-        o1 = x1 * cos - x2 * sin
-        o2 = x2 * cos + x1 * sin
+        offs_d = tl.arange(0, BLOCK_D)
+        dmask = offs_d < HEAD_DIM
+        cs_row = cos_sin_ptr + tl.load(pos_ptr + t).to(tl.int64) * stride_cs
+        row = qkv_ptr + t.to(tl.int64) * stride_qkv
         if h < NUM_HEADS:
-            out = q_out_ptr + t.to(tl.int64) * stride_qo + h * HEAD_DIM
-            tl.store(out + offs, o1.to(q_out_ptr.dtype.element_ty), mask=m)
-            tl.store(out + HALF + offs, o2.to(q_out_ptr.dtype.element_ty), mask=m)
-        elif QUANT:
-            kh = h - NUM_HEADS
-            slot = tl.load(slot_ptr + t).to(tl.int64)
-            # k is quantized from its model-dtype rounding, as store_kv receives it on the PyTorch path
-            o1 = o1.to(q_out_ptr.dtype.element_ty).to(tl.float32)
-            o2 = o2.to(q_out_ptr.dtype.element_ty).to(tl.float32)
-            _quantize_store(o1, o2, k_cache_ptr + slot * stride_slot + kh * HEAD_DIM, ks_ptr + slot * NUM_KV_HEADS + kh,
-                            offs, m, HALF, QMAX, MIN_SCALE, IS_INT)
-            vb = qkv_ptr + t.to(tl.int64) * stride_qkv + (NUM_HEADS + NUM_KV_HEADS + kh) * HEAD_DIM
-            v1 = tl.load(vb + offs, mask=m, other=0.0).to(tl.float32)
-            v2 = tl.load(vb + HALF + offs, mask=m, other=0.0).to(tl.float32)
-            _quantize_store(v1, v2, v_cache_ptr + slot * stride_slot + kh * HEAD_DIM, vs_ptr + slot * NUM_KV_HEADS + kh,
-                            offs, m, HALF, QMAX, MIN_SCALE, IS_INT)
+            q = _rope(row + h * HEAD_DIM, offs_d, dmask, cs_row, HALF)
+            tl.store(q_out_ptr + t.to(tl.int64) * stride_qo + h * HEAD_DIM + offs_d,
+                     q.to(q_out_ptr.dtype.element_ty), mask=dmask)
         else:
-            kh = h - NUM_HEADS
-            slot = tl.load(slot_ptr + t).to(tl.int64)
-            kc = k_cache_ptr + slot * stride_slot + kh * HEAD_DIM
-            tl.store(kc + offs, o1.to(k_cache_ptr.dtype.element_ty), mask=m)
-            tl.store(kc + HALF + offs, o2.to(k_cache_ptr.dtype.element_ty), mask=m)
-            vb = qkv_ptr + t.to(tl.int64) * stride_qkv + (NUM_HEADS + NUM_KV_HEADS + kh) * HEAD_DIM
-            vc = v_cache_ptr + slot * stride_slot + kh * HEAD_DIM
-            tl.store(vc + offs, tl.load(vb + offs, mask=m, other=0.0).to(v_cache_ptr.dtype.element_ty), mask=m)
-            tl.store(vc + HALF + offs, tl.load(vb + HALF + offs, mask=m, other=0.0).to(v_cache_ptr.dtype.element_ty),
-                     mask=m)
+            _store_new_kv(row, k_cache_ptr, v_cache_ptr, ks_ptr, vs_ptr, cs_row, tl.load(slot_ptr + t).to(tl.int64),
+                          h - NUM_HEADS, stride_slot, offs_d, dmask, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, HALF, QUANT,
+                          QMAX, MIN_SCALE, IS_INT)
 
 
-def rope_store_kv_triton(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, k_cache: torch.Tensor,
-                         v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int,
-                         head_dim: int, k_scale: torch.Tensor | None = None,
-                         v_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Fused RoPE + KV-cache write (Triton); same contract as ``rope_store_kv_reference``.
+def _store_consts(k_cache: torch.Tensor, quant: bool) -> dict:
+    """The cache-format constants of ``_store_head``."""
+    return {"QUANT": quant, "QMAX": qmax_of(k_cache.dtype) if quant else 1.0, "MIN_SCALE": MIN_SCALE,
+            "IS_INT": k_cache.dtype == torch.int8}
 
-    fp8 stores need CUDA: the CPU interpreter's numpy fp8 cast is wrong where rounding carries into the exponent
+
+def _refuse_fp8_off_cuda(qkv: torch.Tensor, k_cache: torch.Tensor) -> None:
+    """fp8 stores need CUDA: the CPU interpreter's numpy fp8 cast is wrong where rounding carries into the exponent
     (127.6 is stored as 64), so off CUDA fp8 caches are written by ``rope_store_kv_reference``."""
     if k_cache.dtype == torch.float8_e4m3fn and not qkv.is_cuda:
         from onecard.errors import BadInputError
 
         raise BadInputError("the fused RoPE + fp8 KV store runs on CUDA only; off CUDA use rope_store_kv_reference "
                             "(the engine does unless fused_rope_store=True on a GPU)")
+
+
+def rope_store_kv_triton(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int,
+                         head_dim: int, k_scale: torch.Tensor | None = None,
+                         v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Fused RoPE + KV-cache write (Triton); same contract as ``rope_store_kv_reference`` (fp8 caches: CUDA only)."""
+    _refuse_fp8_off_cuda(qkv, k_cache)
     T = qkv.shape[0]
     qkv = qkv.contiguous()
     q = torch.empty(T, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
-    half = head_dim // 2
     quant = k_scale is not None
     _rope_store_kernel[(T, num_heads + num_kv_heads)](
         qkv, q, k_cache, v_cache, k_scale if quant else k_cache, v_scale if quant else v_cache, cos_sin, positions,
         slot_mapping, qkv.stride(0), q.stride(0), cos_sin.stride(0), k_cache.stride(1),
-        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
-        BLOCK_HALF=triton.next_power_of_2(half), QUANT=quant, QMAX=qmax_of(k_cache.dtype) if quant else 1.0,
-        MIN_SCALE=MIN_SCALE, IS_INT=k_cache.dtype == torch.int8,
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=head_dim // 2,
+        BLOCK_D=triton.next_power_of_2(head_dim), **_store_consts(k_cache, quant),
     )
     return q
 
@@ -288,6 +299,9 @@ SPLIT_MIN_PARTITION = 128
 SPLIT_MAX_PARTITION = 512
 SPLIT_TILE = 64  # tokens per inner iteration (at least one cache block)
 DOT_ROWS = 16  # tl.dot needs >= 16 rows: the GROUP query heads of a KV head are padded to this
+# CUDA launch options of the one-launch decode kernel (paged_decode_attention_fused), from
+# benchmarks/kernel_decode_attention.py --sweep on an H200.
+FUSED_LAUNCH = {"num_warps": 4, "num_stages": 2}
 
 
 def split_plan(batch: int, num_kv_heads: int, max_context: int, tile: int) -> tuple[int, int]:
@@ -310,110 +324,264 @@ def split_plan(batch: int, num_kv_heads: int, max_context: int, tile: int) -> tu
 if triton is not None:
 
     @triton.jit
+    def _tile_blocks(bt_row, start, end, offs_t, BLOCK_SIZE: tl.constexpr):
+        # the cache block of each token of the tile at ``start`` (0 past ``end``)
+        pos = start + offs_t
+        return tl.load(bt_row + pos // BLOCK_SIZE, mask=pos < end, other=0).to(tl.int64)
+
+    @triton.jit
+    def _attend_partition(q, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_row, block, kv_head, lo, hi, scale, stride_kb,
+                          stride_ks, stride_kh, stride_sb, stride_ss, offs_d, dmask, BLOCK_G: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, QUANT: tl.constexpr,
+                          LOW_DOT: tl.constexpr):
+        # Online softmax of the GROUP query rows ``q`` [BLOCK_G, BLOCK_D] (already in the dot dtype) over cached
+        # tokens [lo, hi) of one KV head: each K/V tile is loaded once for all GROUP heads (scores GROUP x TILE by
+        # tl.dot, rows padded to BLOCK_G >= 16). Returns the unnormalized (max, sum, acc).
+        # A tile costs a chain of dependent loads (block ids, then K and V), so the walk is latency-bound at decode:
+        # ``block`` holds the first tile's ids (the caller loads them early), K and V are issued together, and the
+        # next tile's ids are requested before this tile's math.
+        # QUANT: fp8/int8 cache; each token's per-head scale multiplies its score column (K) and weight (V).
+        # LOW_DOT: both dots in the query's 16-bit dtype (fp32 accumulate); otherwise exact fp32 dots.
+        dt = q.dtype
+        offs_t = tl.arange(0, TILE)
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        for start in range(lo, hi, TILE):
+            pos = start + offs_t
+            tmask = pos < hi
+            off = block[:, None] * stride_kb + (pos % BLOCK_SIZE)[:, None] * stride_ks + kv_head * stride_kh \
+                + offs_d[None, :]
+            mask2 = tmask[:, None] & dmask[None, :]
+            k = tl.load(k_ptr + off, mask=mask2, other=0.0)
+            v = tl.load(v_ptr + off, mask=mask2, other=0.0)
+            if QUANT:
+                soff = block * stride_sb + (pos % BLOCK_SIZE) * stride_ss + kv_head
+                k_sc = tl.load(ks_ptr + soff, mask=tmask, other=0.0).to(tl.float32)
+                v_sc = tl.load(vs_ptr + soff, mask=tmask, other=0.0).to(tl.float32)
+            block = _tile_blocks(bt_row, start + TILE, hi, offs_t, BLOCK_SIZE)
+            k = k.to(tl.float32).to(dt)
+            if LOW_DOT:
+                s = tl.dot(q, tl.trans(k))
+            else:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            s = s * scale
+            if QUANT:
+                s = s * k_sc[None, :]
+            s = tl.where(tmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if QUANT:
+                p = p * v_sc[None, :]
+            v = v.to(tl.float32).to(dt)
+            if LOW_DOT:
+                pv = tl.dot(p.to(dt), v)
+            else:
+                pv = tl.dot(p, v, input_precision="ieee")
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        return m_i, l_i, acc
+
+    @triton.jit
+    def _store_partials(m_ptr, l_ptr, acc_ptr, m_i, l_i, acc, seq, heads, split, num_heads, splits, offs_d, gmask,
+                        qmask, HEAD_DIM: tl.constexpr):
+        # one partition's (max, sum, unnormalized acc) of its GROUP heads, at rows [B, Hq, splits] of the workspace
+        row = (seq * num_heads + heads) * splits + split
+        tl.store(m_ptr + row, m_i, mask=gmask)
+        tl.store(l_ptr + row, l_i, mask=gmask)
+        tl.store(acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=qmask)
+
+    @triton.jit
+    def _merge_heads(m_ptr, l_ptr, acc_ptr, rows, gmask, n, offs_d, dmask, CHUNK: tl.constexpr,
+                     HEAD_DIM: tl.constexpr):
+        # log-sum-exp merge of the first n partials of each query head (``rows`` [G]: its first partial's row;
+        # ``gmask``: which of the G are heads), CHUNK partials at a time, all heads at once (one dependent load per
+        # chunk, not per head), in partition order; .cg loads: other programs wrote them (the L1 may hold stale
+        # lines). Returns [G, BLOCK_D].
+        offs_c = tl.arange(0, CHUNK)
+        m_run = tl.full(rows.shape, float("-inf"), tl.float32)
+        total = tl.zeros(rows.shape, tl.float32)
+        acc = tl.zeros([rows.shape[0], offs_d.shape[0]], tl.float32)
+        for c in range(0, n, CHUNK):
+            s = c + offs_c
+            idx = rows[:, None] + s[None, :]                                    # [G, CHUNK]
+            smask = gmask[:, None] & (s < n)[None, :]
+            m = tl.load(m_ptr + idx, mask=smask, other=float("-inf"), cache_modifier=".cg")
+            m_new = tl.maximum(m_run, tl.max(m, axis=1))
+            alpha = tl.exp(m_run - m_new)
+            w = tl.where(smask, tl.exp(m - m_new[:, None]), 0.0)
+            total = total * alpha + tl.sum(w * tl.load(l_ptr + idx, mask=smask, other=0.0, cache_modifier=".cg"),
+                                           axis=1)
+            a = tl.load(acc_ptr + idx[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                        mask=smask[:, :, None] & dmask[None, None, :], other=0.0, cache_modifier=".cg")
+            acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * a, axis=1)
+            m_run = m_new
+        return acc / total[:, None]
+
+    @triton.jit
     def _paged_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, out_ptr, m_ptr, l_ptr, acc_ptr, block_tables_ptr,
                             context_lens_ptr, scale, partition, stride_qb, stride_qh, stride_kb, stride_ks, stride_kh,
                             stride_sb, stride_ss, stride_bt_b, stride_ob, stride_oh, SINGLE: tl.constexpr,
                             GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
                             BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
                             QUANT: tl.constexpr, LOW_DOT: tl.constexpr):
-        # One program per (sequence, KV head, partition): each K/V tile is loaded once for all GROUP query heads
-        # (scores GROUP x TILE by tl.dot, rows padded to BLOCK_G >= 16). SINGLE (one partition) normalizes and
-        # writes the output; otherwise the partial (max, sum, unnormalized acc) goes to the workspace for
-        # _paged_combine_kernel.
-        # QUANT: fp8/int8 cache; each token's per-head scale multiplies its score column (K) and weight (V).
-        # LOW_DOT: both dots in the query's 16-bit dtype (fp32 accumulate); otherwise exact fp32 dots.
+        # One program per (sequence, KV head, partition). SINGLE (one partition) normalizes and writes the output;
+        # otherwise the partial goes to the workspace for _paged_combine_kernel.
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
         ctx = tl.load(context_lens_ptr + seq).to(tl.int32)
         lo = split * partition
         if lo < ctx:
-            hi = tl.minimum(lo + partition, ctx)
             offs_g = tl.arange(0, BLOCK_G)
             offs_d = tl.arange(0, BLOCK_D)
-            offs_t = tl.arange(0, TILE)
             gmask = offs_g < GROUP
             dmask = offs_d < HEAD_DIM
             heads = kv_head * GROUP + offs_g
             qmask = gmask[:, None] & dmask[None, :]
             q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=qmask, other=0.0)
-            dt = q.dtype if LOW_DOT else tl.float32
-            q = q.to(dt)
-            m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-            l_i = tl.zeros([BLOCK_G], tl.float32)
-            acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-            for start in range(lo, hi, TILE):
-                pos = start + offs_t
-                tmask = pos < hi
-                block = tl.load(block_tables_ptr + seq * stride_bt_b + pos // BLOCK_SIZE, mask=tmask,
-                                other=0).to(tl.int64)
-                off = block[:, None] * stride_kb + (pos % BLOCK_SIZE)[:, None] * stride_ks + kv_head * stride_kh \
-                    + offs_d[None, :]
-                mask2 = tmask[:, None] & dmask[None, :]
-                k = tl.load(k_ptr + off, mask=mask2, other=0.0).to(tl.float32).to(dt)
-                if LOW_DOT:
-                    s = tl.dot(q, tl.trans(k))
-                else:
-                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
-                s = s * scale
-                if QUANT:
-                    soff = block * stride_sb + (pos % BLOCK_SIZE) * stride_ss + kv_head
-                    s = s * tl.load(ks_ptr + soff, mask=tmask, other=0.0).to(tl.float32)[None, :]
-                s = tl.where(tmask[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                alpha = tl.exp(m_i - m_new)
-                p = tl.exp(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                if QUANT:
-                    p = p * tl.load(vs_ptr + soff, mask=tmask, other=0.0).to(tl.float32)[None, :]
-                v = tl.load(v_ptr + off, mask=mask2, other=0.0).to(tl.float32).to(dt)
-                if LOW_DOT:
-                    pv = tl.dot(p.to(dt), v)
-                else:
-                    pv = tl.dot(p, v, input_precision="ieee")
-                acc = acc * alpha[:, None] + pv
-                m_i = m_new
+            q = q.to(q.dtype if LOW_DOT else tl.float32)
+            hi = tl.minimum(lo + partition, ctx)
+            bt_row = block_tables_ptr + seq * stride_bt_b
+            block = _tile_blocks(bt_row, lo, hi, tl.arange(0, TILE), BLOCK_SIZE)
+            m_i, l_i, acc = _attend_partition(q, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_row, block, kv_head, lo, hi, scale,
+                                              stride_kb, stride_ks, stride_kh, stride_sb, stride_ss, offs_d, dmask,
+                                              BLOCK_G, BLOCK_D, BLOCK_SIZE, TILE, QUANT, LOW_DOT)
             if SINGLE:
-                out = acc / l_i[:, None]
                 tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                         out.to(out_ptr.dtype.element_ty), mask=qmask)
+                         (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=qmask)
             else:
-                row = (seq * GROUP * tl.num_programs(1) + heads) * tl.num_programs(2) + split  # [B, Hq, splits]
-                tl.store(m_ptr + row, m_i, mask=gmask)
-                tl.store(l_ptr + row, l_i, mask=gmask)
-                tl.store(acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=qmask)
+                _store_partials(m_ptr, l_ptr, acc_ptr, m_i, l_i, acc, seq, heads, split, GROUP * tl.num_programs(1),
+                                tl.num_programs(2), offs_d, gmask, qmask, HEAD_DIM)
 
     @triton.jit
     def _paged_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, context_lens_ptr, partition, splits, stride_ob,
                               stride_oh, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-        # One program per (sequence, query head): log-sum-exp merge, CHUNK partials at a time, of the partitions
-        # the sequence reached; the ones past its end were never written, so they are not read. The partition
-        # count is a runtime value: eager steps (block tables as wide as the batch's longest) compile once.
+        # One program per (sequence, query head): merges the partitions the sequence reached; the ones past its end
+        # were never written, so they are not read. The partition count is a runtime value: eager steps (block
+        # tables as wide as the batch's longest) compile once.
         seq = tl.program_id(0)
         head = tl.program_id(1)
         ctx = tl.load(context_lens_ptr + seq).to(tl.int32)
-        n = tl.minimum(tl.cdiv(ctx, partition), splits)
-        row = (seq * tl.num_programs(1) + head) * splits
-        offs_c = tl.arange(0, CHUNK)
         offs_d = tl.arange(0, BLOCK_D)
         dmask = offs_d < HEAD_DIM
-        m_run = tl.full([1], float("-inf"), tl.float32)
-        total = tl.zeros([1], tl.float32)
-        acc = tl.zeros([BLOCK_D], tl.float32)
-        for c in range(0, n, CHUNK):
-            s = c + offs_c
-            smask = s < n
-            m = tl.load(m_ptr + row + s, mask=smask, other=float("-inf"))
-            m_new = tl.maximum(m_run, tl.max(m, axis=0))
-            alpha = tl.exp(m_run - m_new)
-            w = tl.where(smask, tl.exp(m - m_new), 0.0)
-            total = total * alpha + tl.sum(w * tl.load(l_ptr + row + s, mask=smask, other=0.0), axis=0)
-            a = tl.load(acc_ptr + (row + s)[:, None] * HEAD_DIM + offs_d[None, :], mask=smask[:, None] & dmask[None, :],
-                        other=0.0)
-            acc = acc * alpha + tl.sum(w[:, None] * a, axis=0)
-            m_run = m_new
-        tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d, (acc / total).to(out_ptr.dtype.element_ty),
-                 mask=dmask)
+        one = tl.arange(0, 1)
+        out = _merge_heads(m_ptr, l_ptr, acc_ptr, (seq * tl.num_programs(1) + head) * splits + one, one == 0,
+                           tl.minimum(tl.cdiv(ctx, partition), splits), offs_d, dmask, CHUNK, HEAD_DIM)
+        tl.store(out_ptr + seq * stride_ob + head * stride_oh + one[:, None] + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=dmask[None, :])
+
+    @triton.jit
+    def _decode_fused_kernel(qkv_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, out_ptr, m_ptr, l_ptr, acc_ptr, count_ptr,
+                             cos_sin_ptr, pos_ptr, slot_ptr, block_tables_ptr, context_lens_ptr, scale, partition,
+                             width, stride_qkv, stride_cs, stride_kb, stride_ks, stride_kh, stride_sb, stride_ss,
+                             stride_bt_b, stride_ob, stride_oh, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+                             GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+                             BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, QUANT: tl.constexpr,
+                             QMAX: tl.constexpr, MIN_SCALE: tl.constexpr, IS_INT: tl.constexpr,
+                             LOW_DOT: tl.constexpr, MERGE_G: tl.constexpr, CHUNK: tl.constexpr):
+        # _rope_store_kernel + _paged_split_kernel + _paged_combine_kernel as one launch, one program per
+        # (sequence, KV head, partition): each program rotates its GROUP query heads from the fused q|k|v row; the
+        # partition holding the new token writes that token's K/V to the cache and attends to it from registers, as
+        # stored (quantized, when the cache is), instead of reading it back; a sequence within one partition writes
+        # its output at once, otherwise the last of its partitions to finish (the counter) merges every partial and
+        # resets the counter. Latency first: what does not need the context length (the tile-0 block ids, masked by
+        # the table width) is requested at the start.
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+        lo = split * partition
+        ctx = tl.load(context_lens_ptr + seq).to(tl.int32)
+        token_pos = tl.load(pos_ptr + seq).to(tl.int64)
+        bt_row = block_tables_ptr + seq * stride_bt_b
+        block = _tile_blocks(bt_row, lo, width, tl.arange(0, TILE), BLOCK_SIZE)
+        if lo < ctx:
+            offs_g = tl.arange(0, BLOCK_G)
+            offs_d = tl.arange(0, BLOCK_D)
+            gmask = offs_g < GROUP
+            dmask = offs_d < HEAD_DIM
+            heads = kv_head * GROUP + offs_g
+            qmask = gmask[:, None] & dmask[None, :]
+            cs_row = cos_sin_ptr + token_pos * stride_cs
+            row = qkv_ptr + seq.to(tl.int64) * stride_qkv
+            q = _rope(row + heads[:, None] * HEAD_DIM, offs_d[None, :], qmask, cs_row, HALF)
+            q = q.to(qkv_ptr.dtype.element_ty)  # as rope_store_kv writes it
+            q = q.to(q.dtype if LOW_DOT else tl.float32)
+            hi = tl.minimum(lo + partition, ctx)
+            m_i, l_i, acc = _attend_partition(q, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_row, block, kv_head, lo,
+                                              tl.minimum(hi, ctx - 1), scale, stride_kb, stride_ks, stride_kh,
+                                              stride_sb, stride_ss, offs_d, dmask, BLOCK_G, BLOCK_D, BLOCK_SIZE, TILE,
+                                              QUANT, LOW_DOT)
+            if hi == ctx:  # this partition holds the new token: store it, and fold it in as stored
+                kq, k_sc, vq, v_sc = _store_new_kv(row, k_ptr, v_ptr, ks_ptr, vs_ptr, cs_row,
+                                                   tl.load(slot_ptr + seq).to(tl.int64), kv_head, stride_ks, offs_d,
+                                                   dmask, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, HALF, QUANT, QMAX,
+                                                   MIN_SCALE, IS_INT)
+                s_new = tl.sum(q.to(tl.float32) * kq.to(tl.float32)[None, :], axis=1) * scale
+                p_v = tl.full([BLOCK_G], 1.0, tl.float32)
+                if QUANT:
+                    s_new = s_new * k_sc.to(tl.float32)
+                    p_v = p_v * v_sc.to(tl.float32)
+                m_new = tl.maximum(m_i, s_new)
+                alpha = tl.exp(m_i - m_new)
+                p = tl.exp(s_new - m_new)
+                l_i = l_i * alpha + p
+                acc = acc * alpha[:, None] + (p * p_v)[:, None] * vq.to(tl.float32)[None, :]
+                m_i = m_new
+            n = tl.cdiv(ctx, partition)
+            if n == 1:
+                tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                         (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=qmask)
+            else:
+                splits = tl.num_programs(2)
+                _store_partials(m_ptr, l_ptr, acc_ptr, m_i, l_i, acc, seq, heads, split, NUM_HEADS, splits, offs_d,
+                                gmask, qmask, HEAD_DIM)
+                tl.debug_barrier()  # every thread's partial is written before the counter moves
+                unit = seq * NUM_KV_HEADS + kv_head
+                if tl.atomic_add(count_ptr + unit, 1, sem="acq_rel") == n - 1:
+                    offs_m = tl.arange(0, MERGE_G)
+                    mheads = kv_head * GROUP + offs_m
+                    o = _merge_heads(m_ptr, l_ptr, acc_ptr, (seq * NUM_HEADS + mheads) * splits, offs_m < GROUP, n,
+                                     offs_d, dmask, CHUNK, HEAD_DIM)
+                    tl.store(out_ptr + seq * stride_ob + mheads[:, None] * stride_oh + offs_d[None, :],
+                             o.to(out_ptr.dtype.element_ty), mask=(offs_m < GROUP)[:, None] & dmask[None, :])
+                    tl.atomic_xchg(count_ptr + unit, 0)
+
+
+
+def _split_launch(B: int, Hq: int, D: int, k_cache: torch.Tensor, block_tables: torch.Tensor, device: torch.device,
+                  partition: int | None, plan_rows: int | None) -> tuple[int, int, tuple[torch.Tensor, ...], dict]:
+    """(partition, splits, the (max, sum, acc) workspace, the launch constants both split kernels share)."""
+    if triton is None:
+        from onecard.errors import MissingExtraError
+
+        raise MissingExtraError("triton is not installed; install it with: pip install triton")
+    _, block_size, Hkv, _ = k_cache.shape
+    tile = max(SPLIT_TILE, block_size)
+    max_context = block_tables.shape[1] * block_size
+    if partition is None:
+        partition, splits = split_plan(plan_rows or B, Hkv, max_context, tile)
+    else:
+        if partition % tile:
+            from onecard.errors import BadInputError
+
+            raise BadInputError(f"partition={partition} must be a multiple of the {tile}-token tile; pass a multiple")
+        splits = max(1, -(-max_context // partition))
+    work = (B * Hq * splits) if splits > 1 else 1
+    workspace = (torch.empty(work, dtype=torch.float32, device=device),
+                 torch.empty(work, dtype=torch.float32, device=device),
+                 torch.empty(work * (D if splits > 1 else 1), dtype=torch.float32, device=device))
+    group = Hq // Hkv
+    consts = {"GROUP": group, "BLOCK_G": max(DOT_ROWS, triton.next_power_of_2(group)), "HEAD_DIM": D,
+              "BLOCK_D": triton.next_power_of_2(D), "BLOCK_SIZE": block_size, "TILE": tile}
+    return partition, splits, workspace, consts
+
+
+def _low_dot(x: torch.Tensor) -> bool:
+    """bf16/fp16 dots run on CUDA only: the CPU interpreter's bf16 ``tl.dot`` returns garbage, so there they are fp32."""
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
 
 
 def paged_decode_attention_split(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -426,47 +594,59 @@ def paged_decode_attention_split(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     fixed for a captured CUDA graph (the engine's static block table is max_model_len wide). ``partition``
     (tokens, a multiple of ``SPLIT_TILE``) overrides the plan, for tests and benchmarks; ``plan_rows`` plans it as
     for that many rows instead of ``B`` (a row's sums then run in the same order as in a ``plan_rows``-row launch,
-    whatever else is in the batch). bf16/fp16 dots run on CUDA
-    only: the CPU interpreter's bf16 ``tl.dot`` returns garbage, so there the dots are fp32."""
-    if triton is None:
-        from onecard.errors import MissingExtraError
-
-        raise MissingExtraError("triton is not installed; install it with: pip install triton")
+    whatever else is in the batch)."""
     B, Hq, D = q.shape
-    _, block_size, Hkv, _ = k_cache.shape
-    tile = max(SPLIT_TILE, block_size)
-    max_context = block_tables.shape[1] * block_size
-    if partition is None:
-        partition, splits = split_plan(plan_rows or B, Hkv, max_context, tile)
-    else:
-        if partition % tile:
-            from onecard.errors import BadInputError
-
-            raise BadInputError(f"partition={partition} must be a multiple of the {tile}-token tile; pass a multiple")
-        splits = max(1, -(-max_context // partition))
+    partition, splits, (m, lsum, acc), consts = _split_launch(B, Hq, D, k_cache, block_tables, q.device, partition,
+                                                              plan_rows)
     q = q.contiguous()
     out = torch.empty_like(q)
     quant = k_scale is not None
     ks, vs = (k_scale, v_scale) if quant else (k_cache, v_cache)  # unread placeholders when not quantized
-    group = Hq // Hkv
-    work = (B * Hq * splits) if splits > 1 else 1
-    m = torch.empty(work, dtype=torch.float32, device=q.device)
-    lsum = torch.empty(work, dtype=torch.float32, device=q.device)
-    acc = torch.empty(work * (D if splits > 1 else 1), dtype=torch.float32, device=q.device)
-    block_d = triton.next_power_of_2(D)
-    _paged_split_kernel[(B, Hkv, splits)](
+    _paged_split_kernel[(B, k_cache.shape[2], splits)](
         q, k_cache, v_cache, ks, vs, out, m, lsum, acc, block_tables, context_lens, scale, partition,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         ks.stride(0), ks.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
-        SINGLE=splits == 1, GROUP=group, BLOCK_G=max(DOT_ROWS, triton.next_power_of_2(group)), HEAD_DIM=D,
-        BLOCK_D=block_d, BLOCK_SIZE=block_size, TILE=tile, QUANT=quant,
-        LOW_DOT=q.is_cuda and q.dtype in (torch.bfloat16, torch.float16),
+        SINGLE=splits == 1, QUANT=quant, LOW_DOT=_low_dot(q), **consts,
     )
     if splits > 1:
         _paged_combine_kernel[(B, Hq)](
             m, lsum, acc, out, context_lens, partition, splits, out.stride(0), out.stride(1),
-            CHUNK=16, HEAD_DIM=D, BLOCK_D=block_d,
+            CHUNK=16, HEAD_DIM=D, BLOCK_D=consts["BLOCK_D"],
         )
+    return out
+
+
+def paged_decode_attention_fused(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+                                 k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                                 block_tables: torch.Tensor, context_lens: torch.Tensor, num_heads: int,
+                                 num_kv_heads: int, head_dim: int, scale: float, k_scale: torch.Tensor | None = None,
+                                 v_scale: torch.Tensor | None = None, partition: int | None = None,
+                                 plan_rows: int | None = None, launch: dict | None = None) -> torch.Tensor:
+    """A decode step's attention from the fused q|k|v rows ``[B, (Hq + 2 Hkv) D]`` in one launch: RoPE, the new
+    token's K/V into the cache, flash-decoding and the merge of its partitions; returns ``[B, Hq, D]``.
+
+    Same result as ``rope_store_kv_triton`` then ``paged_decode_attention_split`` (same partitions; the new token's
+    score and weight are summed in fp32 from registers, not through the tile dots): a bs=1 decode step is bound by
+    a few microseconds of latency per launch, and this is one launch where that path takes three. ``launch``: CUDA
+    launch options (default ``FUSED_LAUNCH``). fp8 caches: CUDA only."""
+    _refuse_fp8_off_cuda(qkv, k_cache)
+    B = qkv.shape[0]
+    partition, splits, (m, lsum, acc), consts = _split_launch(B, num_heads, head_dim, k_cache, block_tables,
+                                                              qkv.device, partition, plan_rows)
+    qkv = qkv.contiguous()
+    out = torch.empty(B, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    quant = k_scale is not None
+    ks, vs = (k_scale, v_scale) if quant else (k_cache, v_cache)  # unread placeholders when not quantized
+    counters = zeroed_counters(qkv.device, B * num_kv_heads, "paged_decode")
+    merge_g = triton.next_power_of_2(num_heads // num_kv_heads)  # the merge holds [merge_g, CHUNK, D] partials
+    _decode_fused_kernel[(B, num_kv_heads, splits)](
+        qkv, k_cache, v_cache, ks, vs, out, m, lsum, acc, counters, cos_sin, positions, slot_mapping, block_tables,
+        context_lens, scale, partition, block_tables.shape[1] * k_cache.shape[1], qkv.stride(0), cos_sin.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), ks.stride(0), ks.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=head_dim // 2, LOW_DOT=_low_dot(qkv),
+        MERGE_G=merge_g, CHUNK=max(1, 16 // merge_g),
+        **_store_consts(k_cache, quant), **consts, **((launch or FUSED_LAUNCH) if qkv.is_cuda else {}),
+    )
     return out
 
 

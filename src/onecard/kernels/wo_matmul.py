@@ -69,6 +69,7 @@ import triton
 import triton.language as tl
 
 from onecard.errors import BadInputError
+from onecard.kernels.counters import zeroed_counters
 
 DEQUANT_GEMM_MIN_M = 512
 
@@ -350,26 +351,6 @@ def split_k(config: KernelConfig, grid_mn: int, k_tiles: int, device: torch.devi
     return triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))  # no empty splits
 
 
-SPLIT_COUNTERS = 1 << 16
-_counters: dict[torch.device, torch.Tensor] = {}
-
-
-def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """The per-device zeroed int32 tile counters split-K launches share; each launch leaves them at zero again.
-
-    Allocated on first use, which must not be inside a CUDA-graph capture
-    (the engine and the benchmarks run every shape once before capturing).
-    """
-    if tiles > SPLIT_COUNTERS:
-        raise ValueError(f"{tiles} split-K output tiles exceed the {SPLIT_COUNTERS} counters")
-    if device not in _counters:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("wo_matmul's split-K counters are allocated on the first call, which cannot be inside "
-                               "a CUDA-graph capture: run the model once before capturing")
-        _counters[device] = torch.zeros(SPLIT_COUNTERS, dtype=torch.int32, device=device)
-    return _counters[device]
-
-
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Triton dequantization to ``[K, N]`` in ``dtype`` (bit-exact with ``dequantize_reference`` in fp32)."""
@@ -416,6 +397,7 @@ def wo_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         kernel = _wo_gemv_kernel
     if x.is_cuda:
         consts.update(num_warps=c.num_warps, num_stages=c.num_stages)
-    kernel[(grid_m, grid_n, split)](x2, qweight, scales, zeros, out, part, _split_counters(x.device, grid_m * grid_n),
-                                    M, N, K, x2.stride(0), N, triton.cdiv(k_tiles, split), split, **consts)
+    counters = zeroed_counters(x.device, grid_m * grid_n, "wo_matmul")
+    kernel[(grid_m, grid_n, split)](x2, qweight, scales, zeros, out, part, counters, M, N, K, x2.stride(0), N,
+                                    triton.cdiv(k_tiles, split), split, **consts)
     return out.reshape(*lead, N)

@@ -24,6 +24,7 @@ from torch import nn
 from onecard.kernels.paged_attention import (
     gather_kv,
     paged_decode_attention,
+    paged_decode_attention_fused,
     rope_store_kv_triton,
     store_kv,
 )
@@ -59,6 +60,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None
     decode_attention: str = "reference"  # "reference" (PyTorch) or "triton"
     fused_rope_store: bool = False  # decode: RoPE + cache write in one Triton kernel (CUDA)
+    fused_attention: bool = False  # decode, with fused_rope_store and triton: that and the attention in one launch
     # decode: plan the split-KV partitions as for this many rows, not the batch's own (see ModelRunner.static_step)
     split_rows: int | None = None
     prefix_lens: list[int] | None = None
@@ -159,6 +161,12 @@ class Attention(nn.Module):
         T = x.shape[0]
         qkv = self.qkv_proj(x)
         if meta is not None and meta.fused_rope_store and not meta.is_prefill:
+            if meta.fused_attention and meta.decode_attention == "triton":
+                out = paged_decode_attention_fused(qkv, positions, rotary.cos_sin, self.k_cache, self.v_cache,
+                                                   meta.slot_mapping, meta.block_tables, meta.context_lens,
+                                                   self.num_heads, self.num_kv_heads, self.head_dim, self.scale,
+                                                   self.k_scale, self.v_scale, plan_rows=meta.split_rows)
+                return self.o_proj(out.reshape(T, self.q_size))
             q = rope_store_kv_triton(qkv, positions, rotary.cos_sin, self.k_cache, self.v_cache, meta.slot_mapping,
                                      self.num_heads, self.num_kv_heads, self.head_dim, self.k_scale, self.v_scale)
             out = paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
