@@ -6,6 +6,7 @@
     PYTHONPATH=src python benchmarks/engine_vs_hf.py --compare-gemv    # H100: ~5-6 min, engine only, cuBLAS vs GEMV
     PYTHONPATH=src python benchmarks/engine_vs_hf.py --compare-admit   # engine only, admission one by one vs batched
     PYTHONPATH=src python benchmarks/engine_vs_hf.py --compare-attention   # engine only, decode attention 3 launches vs 1
+    PYTHONPATH=src python benchmarks/engine_vs_hf.py --compare-pdl   # engine only, programmatic dependent launch off/on
 
 Measures (see onecard.bench.engine_bench): bs=1 decode tok/s and ms/token (ours,
 HF dynamic cache, HF static cache) and % of the bandwidth roofline (measured copy
@@ -24,7 +25,8 @@ default): docs/results/engine_gemv.json + .png. --compare-admit with waiting
 requests admitted as soon as one seat frees (``admit_batch_size=1``) and in
 batches (the default, ``max_num_seqs // 8`` seats): docs/results/engine_admit.json. --compare-attention with
 each layer's decode attention as three launches (RoPE + KV store, split, merge: ``fused_decode_attention=False``)
-and as one (the default): docs/results/engine_fused_attention.json.
+and as one (the default): docs/results/engine_fused_attention.json. --compare-pdl with the decode kernels
+launched plainly and with programmatic dependent launch (``programmatic_launch``): docs/results/engine_pdl.json.
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ def parse() -> argparse.Namespace:
                    help="only our engine, waiting requests admitted one by one vs in batches, in one process")
     p.add_argument("--compare-attention", action="store_true",
                    help="only our engine, decode attention as three launches per layer vs one, in one process")
+    p.add_argument("--compare-pdl", action="store_true",
+                   help="only our engine, decode kernels launched plainly vs with PDL (Hopper+), in one process")
     return p.parse_args()
 
 
@@ -109,6 +113,8 @@ COMPARISONS = {
     "admit": ("engine_admit", "batched admission", ("one_by_one", {"admit_batch_size": 1}), ("batched", {})),
     "attention": ("engine_fused_attention", "one-launch decode attention",
                   ("three_launches", {"fused_decode_attention": False}), ("one_launch", {"fused_decode_attention": True})),
+    "pdl": ("engine_pdl", "programmatic dependent launch", ("no_pdl", {"programmatic_launch": False}),
+            ("pdl", {"programmatic_launch": True})),
 }
 
 

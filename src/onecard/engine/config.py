@@ -39,6 +39,9 @@ class EngineConfig:
     fused_rope_store: bool = True  # CUDA decode: one Triton kernel for RoPE + KV write (False: PyTorch ops)
     # CUDA decode, with fused_rope_store: RoPE, KV write, flash-decoding and its merge in one launch (False: three)
     fused_decode_attention: bool = True
+    # Hopper+: the decode kernels start while the previous one drains (programmatic dependent launch, kernels/launch.py);
+    # None: on where the GPU and Triton support it
+    programmatic_launch: bool | None = None
     enable_prefix_caching: bool = True  # share the KV of identical prompt prefixes across requests
     enable_chunked_prefill: bool = True  # split long prompts into chunks interleaved with decode steps
     long_prefill_chunk: int | None = None  # most prompt tokens one sequence computes per step (None: the budget)
@@ -107,6 +110,8 @@ class EngineConfig:
         if self.async_scheduling and (self.num_speculative_tokens or self.tensor_parallel_size > 1):
             raise NotBuiltYetError("async_scheduling=True with speculative decoding or tensor_parallel_size > 1 is "
                                    "not built; leave async_scheduling=None (it turns itself off there) or drop one")
+        if self.programmatic_launch not in (None, True, False):
+            raise bad("programmatic_launch", "must be True, False or None (None: on for Hopper-or-later GPUs)")
         if self.decode_gemv not in (None, True, False):
             raise bad("decode_gemv", "must be True, False or None (None: on for CUDA without speculation)")
         if self.decode_gemv and self.num_speculative_tokens:

@@ -152,12 +152,16 @@ def check_quant_request(folder, config: EngineConfig, dtype: torch.dtype, device
 
 def _load_model(folder, config: EngineConfig, dtype: torch.dtype, device: torch.device, progress: bool):
     model = _build_model(folder, config, dtype, device, progress)
-    use_decode_gemv_(model, config, device)
+    use_decode_kernels_(model, config, device)
     return model
 
 
-def use_decode_gemv_(model, config: EngineConfig, device: torch.device) -> None:
-    """Send the model's bs=1 linears through the Triton GEMV where ``config.decode_gemv`` (resolved) says so."""
+def use_decode_kernels_(model, config: EngineConfig, device: torch.device) -> None:
+    """Send the model's bs=1 linears through the Triton GEMV where ``config.decode_gemv`` (resolved) says so, and
+    launch the decode kernels with PDL as ``config.programmatic_launch`` says (before any graph is captured)."""
+    from onecard.kernels.launch import set_programmatic_launch
+
+    set_programmatic_launch(config.programmatic_launch)
     if config.uses_gemv(device.type == "cuda"):
         from onecard.kernels.gemv import use_gemv_linears_
 

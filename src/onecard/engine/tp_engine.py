@@ -303,9 +303,9 @@ def load_shard(config: EngineConfig, dtype: torch.dtype, device: torch.device, r
 
         log.info("int4 kernel: PyTorch's _weight_int4pack_mm for %d layers", use_tinygemm_(model))
     if device.type == "cuda":
-        from onecard.engine.llm import use_decode_gemv_
+        from onecard.engine.llm import use_decode_kernels_
 
-        use_decode_gemv_(model, config, device)
+        use_decode_kernels_(model, config, device)
         torch.cuda.empty_cache()
     return model
 

@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from onecard.errors import BadInputError
+from onecard.kernels.launch import pdl_launch, start_after_inputs
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,9 @@ def pick_config(M: int) -> GemvConfig:
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om, HAS_BIAS: tl.constexpr,
-                 EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PDL: tl.constexpr):
+    start_after_inputs(PDL)
     pid_n, pid_m = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -107,6 +110,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     c = config or pick_config(M)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     launch = {"num_warps": c.num_warps} if x.is_cuda else {}
+    launch.update(pdl_launch(x))
     _gemv_kernel[(triton.cdiv(N, c.block_n), triton.cdiv(M, c.block_m))](
         x2, weight, bias if bias is not None else weight, out, M, N, K, x2.stride(0), weight.stride(0), N,
         HAS_BIAS=bias is not None, EVEN_K=K % c.block_k == 0, BLOCK_M=c.block_m, BLOCK_N=c.block_n,

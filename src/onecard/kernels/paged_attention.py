@@ -29,6 +29,8 @@ from onecard.kernels.kv_quant import MIN_SCALE, dequantize_kv, qmax_of, quantize
 try:  # Triton is optional: without it (or without CUDA and TRITON_INTERPRET) the reference path runs.
     import triton
     import triton.language as tl
+
+    from onecard.kernels.launch import pdl_launch, start_after_inputs
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
 
@@ -481,7 +483,8 @@ if triton is not None:
                              GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
                              BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, QUANT: tl.constexpr,
                              QMAX: tl.constexpr, MIN_SCALE: tl.constexpr, IS_INT: tl.constexpr,
-                             LOW_DOT: tl.constexpr, MERGE_G: tl.constexpr, CHUNK: tl.constexpr):
+                             LOW_DOT: tl.constexpr, MERGE_G: tl.constexpr, CHUNK: tl.constexpr,
+                             PDL: tl.constexpr):
         # _rope_store_kernel + _paged_split_kernel + _paged_combine_kernel as one launch, one program per
         # (sequence, KV head, partition): each program rotates its GROUP query heads from the fused q|k|v row; the
         # partition holding the new token writes that token's K/V to the cache and attends to it from registers, as
@@ -489,6 +492,7 @@ if triton is not None:
         # its output at once, otherwise the last of its partitions to finish (the counter) merges every partial and
         # resets the counter. Latency first: what does not need the context length (the tile-0 block ids, masked by
         # the table width) is requested at the start.
+        start_after_inputs(PDL)
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -646,6 +650,7 @@ def paged_decode_attention_fused(qkv: torch.Tensor, positions: torch.Tensor, cos
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=head_dim // 2, LOW_DOT=_low_dot(qkv),
         MERGE_G=merge_g, CHUNK=max(1, 16 // merge_g),
         **_store_consts(k_cache, quant), **consts, **((launch or FUSED_LAUNCH) if qkv.is_cuda else {}),
+        **pdl_launch(qkv),
     )
     return out
 

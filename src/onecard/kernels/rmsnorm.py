@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from onecard.kernels.launch import pdl_launch, start_after_inputs
+
 
 def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """The PyTorch definition (identical to transformers' LlamaRMSNorm.forward)."""
@@ -60,7 +62,9 @@ def _rmsnorm_bwd(DY, X, W, RSTD, DX, DW_PART, stride_dy, stride_x, stride_dx, M,
 
 
 @triton.jit
-def _add_rmsnorm_fwd(X, R, W, Y, S, stride_x, stride_r, stride_y, stride_s, N, eps, BLOCK: tl.constexpr):
+def _add_rmsnorm_fwd(X, R, W, Y, S, stride_x, stride_r, stride_y, stride_s, N, eps, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):
+    start_after_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -155,5 +159,5 @@ def add_rmsnorm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     if M:
         block = triton.next_power_of_2(N)
         _add_rmsnorm_fwd[(M,)](x2, r2, weight, y, s, x2.stride(0), r2.stride(0), y.stride(0), s.stride(0), N, eps,
-                               BLOCK=block, num_warps=min(max(block // 256, 1), 16))
+                               BLOCK=block, num_warps=min(max(block // 256, 1), 16), **pdl_launch(x))
     return y.view(x.shape), s.view(x.shape)

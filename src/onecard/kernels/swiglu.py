@@ -13,6 +13,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from onecard.kernels.launch import pdl_launch, start_after_inputs
+
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """The PyTorch definition used by LlamaMLP: ``silu(gate) * up``."""
@@ -43,7 +45,8 @@ def _swiglu_bwd(DY, G, U, DG, DU, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _silu_mul_fwd(GU, Y, n, BLOCK: tl.constexpr):
+def _silu_mul_fwd(GU, Y, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    start_after_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)  # rows on axis 0: a long prefill has more than 65535
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -107,5 +110,5 @@ def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
     gu = gate_up.reshape(-1, 2 * n).contiguous()
     y = torch.empty((gu.shape[0], n), dtype=gate_up.dtype, device=gate_up.device)
     if gu.shape[0]:
-        _silu_mul_fwd[(gu.shape[0], triton.cdiv(n, _BLOCK))](gu, y, n, BLOCK=_BLOCK)
+        _silu_mul_fwd[(gu.shape[0], triton.cdiv(n, _BLOCK))](gu, y, n, BLOCK=_BLOCK, **pdl_launch(gu))
     return y.view(*gate_up.shape[:-1], n)

@@ -1,0 +1,69 @@
+"""Programmatic dependent launch (PDL, Hopper and later) for the decode step's Triton kernels.
+
+Why: a captured bs=1 decode step is some 260 small kernels back to back, and between two of them the GPU drains
+one grid before it starts the next, a microsecond or so each time. With PDL a kernel lets the GPU schedule its
+dependent grid early (``griddepcontrol.launch_dependents``) and the dependent waits for its prerequisite to
+complete (``griddepcontrol.wait``) before it reads anything, so the next launch overlaps the previous tail. Each
+kernel here does both at its very start, before any load: what it reads is never at stake, only when it starts.
+A kernel launched without the attribute (after a PyTorch op) passes the wait at once.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:
+    import triton.language as tl
+
+    HAS_GDC = hasattr(tl.extra.cuda, "gdc_wait") and hasattr(tl.extra.cuda, "gdc_launch_dependents")
+except (ImportError, AttributeError):  # pragma: no cover - triton absent or too old
+    tl = None
+    HAS_GDC = False
+
+_setting: bool | None = None  # None: on wherever the GPU and Triton support it
+
+
+def set_programmatic_launch(on: bool | None) -> None:
+    """Turn PDL on (True), off (False) or back to automatic (None) for kernels launched from now on; the engine
+    sets it from ``EngineConfig.programmatic_launch`` before it captures its graphs."""
+    global _setting
+    _setting = on
+
+
+@functools.lru_cache(maxsize=None)
+def _supported(device_index: int) -> bool:
+    return HAS_GDC and torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
+def use_pdl(x: torch.Tensor) -> bool:
+    """Whether a kernel working on ``x`` is launched with PDL."""
+    if not x.is_cuda or _setting is False:
+        return False
+    if not _supported(x.device.index if x.device.index is not None else torch.cuda.current_device()):
+        if _setting:
+            from onecard.errors import BadInputError
+
+            raise BadInputError("programmatic_launch=True needs a Hopper-or-later GPU (compute capability 9.0+) and "
+                                "a Triton with griddepcontrol (tl.extra.cuda.gdc_wait); leave it None")
+        return False
+    return True
+
+
+def pdl_launch(x: torch.Tensor) -> dict:
+    """The kernel arguments for ``x``'s device: ``PDL`` (the constexpr the kernel branches on) and, on CUDA with
+    PDL, ``launch_pdl``."""
+    on = use_pdl(x)
+    return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
+
+
+if tl is not None:
+    import triton
+
+    @triton.jit
+    def start_after_inputs(PDL: tl.constexpr):
+        """First statement of a PDL-aware kernel: let the next grid be scheduled, then wait for the previous one."""
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()

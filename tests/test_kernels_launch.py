@@ -1,0 +1,82 @@
+"""Programmatic dependent launch (``kernels/launch.py``): off the GPU it is never used; on a Hopper GPU the decode
+kernels give the same bits with and without it, also replayed from one CUDA graph, as the engine runs them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from onecard.engine.config import EngineConfig
+from onecard.errors import BadInputError
+from onecard.kernels import launch
+
+
+def test_cpu_tensors_never_use_pdl():
+    x = torch.zeros(4)
+    for setting in (None, True, False):
+        launch.set_programmatic_launch(setting)
+        assert not launch.use_pdl(x) and launch.pdl_launch(x) == {"PDL": False}
+    launch.set_programmatic_launch(None)
+
+
+def test_config_checks_the_setting():
+    with pytest.raises(BadInputError, match="programmatic_launch"):
+        EngineConfig("m", programmatic_launch="yes")
+
+
+@pytest.mark.gpu
+def test_decode_kernels_same_bits_with_pdl_on_gpu():
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("PDL needs a Hopper-or-later GPU")
+    from onecard.kernels.gemv import gemv
+    from onecard.kernels.paged_attention import paged_decode_attention_fused
+    from onecard.kernels.rmsnorm import add_rmsnorm_triton
+    from onecard.kernels.swiglu import silu_mul_triton
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    H, Hkv, D, block, ctx = 8, 2, 128, 16, 300
+    hidden = H * D
+    w_qkv = torch.randn((H + 2 * Hkv) * D, hidden, device="cuda", generator=g, dtype=torch.bfloat16) * 0.05
+    w_up = torch.randn(2 * 2048, hidden, device="cuda", generator=g, dtype=torch.bfloat16) * 0.05
+    w_down = torch.randn(hidden, 2048, device="cuda", generator=g, dtype=torch.bfloat16) * 0.05
+    norm = torch.ones(hidden, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, hidden, device="cuda", generator=g, dtype=torch.bfloat16)
+    res = torch.randn(1, hidden, device="cuda", generator=g, dtype=torch.bfloat16)
+    blocks = -(-ctx // block)
+    bt = torch.randperm(blocks, device="cuda", generator=g).int().view(1, -1)
+    lens = torch.tensor([ctx], device="cuda", dtype=torch.int32)
+    pos = lens.long() - 1
+    slots = bt[0, (ctx - 1) // block].long().view(1) * block + (ctx - 1) % block
+    freqs = torch.outer(torch.arange(ctx, device="cuda").float(),
+                        1.0 / 10000 ** (torch.arange(0, D, 2, device="cuda").float() / D))
+    cs = torch.cat([freqs.cos(), freqs.sin()], -1)
+    cache0 = [torch.randn(blocks, block, Hkv, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2)]
+
+    def step(caches):  # one decoder layer's kernels in the engine's order
+        h, r = add_rmsnorm_triton(x, res, norm, 1e-5)
+        att = paged_decode_attention_fused(gemv(h, w_qkv), pos, cs, *caches, slots, bt, lens, H, Hkv, D, D ** -0.5)
+        h2, r2 = add_rmsnorm_triton(att.view(1, hidden), r, norm, 1e-5)
+        return gemv(silu_mul_triton(gemv(h2, w_up)), w_down), r2
+
+    outs = []
+    for setting in (False, True):
+        launch.set_programmatic_launch(setting)
+        caches = [c.clone() for c in cache0]
+        eager = step(caches)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step(caches)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step(caches)
+        graph.replay()
+        torch.cuda.synchronize()
+        outs.append((eager, captured, caches))
+    launch.set_programmatic_launch(None)
+    (e0, c0, k0), (e1, c1, k1) = outs
+    for a, b in zip((*e0, *c0, *k0), (*e1, *c1, *k1)):
+        assert torch.equal(a, b)
+    for a, b in zip(e1, c1):
+        assert torch.equal(a, b)
