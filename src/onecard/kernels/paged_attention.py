@@ -5,13 +5,15 @@ Sequence b's token at position p lives in block ``block_tables[b, p // block_siz
 at offset ``p % block_size``. ``context_lens[b]`` counts the cached tokens
 (including the one being decoded, which ``store_kv`` wrote first).
 
-Two Triton decode-attention kernels. ``paged_decode_attention_triton`` runs one program per (sequence, query
+Three Triton decode-attention paths. ``paged_decode_attention_triton`` runs one program per (sequence, query
 head) and walks the whole context serially: fine at short contexts, but at bs=1 and 32k tokens only B x Hq
-programs stream gigabytes and each KV head is read GROUP times. ``paged_decode_attention_split`` (flash-decoding,
-what the engine uses) runs one program per (sequence, KV head, context partition) computing all GROUP query heads
-from one load of each K/V tile, then merges the partitions' (max, sum, acc) by log-sum-exp in a second small
-kernel. Shapes of every tensor they read are fixed per batch size (the partition count comes from the block-table
-width, not the lengths), and the context lengths are read on the device, so a CUDA graph can capture them.
+programs stream gigabytes and each KV head is read GROUP times. ``paged_decode_attention_split`` (flash-decoding)
+runs one program per (sequence, KV head, context partition) computing all GROUP query heads from one load of each
+K/V tile, then merges the partitions' (max, sum, acc) by log-sum-exp in a second small kernel.
+``paged_decode_attention_fused`` (what the engine uses on CUDA) is the same flash-decoding with RoPE and the new
+token's cache write in front and the merge at the end, in one launch (the last partition to finish merges).
+Shapes of every tensor they read are fixed per batch size (the partition count comes from the block-table width,
+not the lengths), and the context lengths are read on the device, so a CUDA graph can capture them.
 
 Quantized caches (``kv_cache_dtype`` fp8 / int8, ``onecard.kernels.kv_quant``)
 come with ``k_scale, v_scale: [num_blocks, block_size, num_kv_heads]``: every
@@ -332,6 +334,17 @@ if triton is not None:
         return tl.load(bt_row + pos // BLOCK_SIZE, mask=pos < end, other=0).to(tl.int64)
 
     @triton.jit
+    def _group_layout(kv_head, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+        # a KV head's GROUP query heads as rows (padded to BLOCK_G) by head_dim columns (padded to BLOCK_D):
+        # (column offsets, column mask, query-head ids, row mask, [BLOCK_G, BLOCK_D] mask)
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        gmask = offs_g < GROUP
+        dmask = offs_d < HEAD_DIM
+        return offs_d, dmask, kv_head * GROUP + offs_g, gmask, gmask[:, None] & dmask[None, :]
+
+    @triton.jit
     def _attend_partition(q, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_row, block, kv_head, lo, hi, scale, stride_kb,
                           stride_ks, stride_kh, stride_sb, stride_ss, offs_d, dmask, BLOCK_G: tl.constexpr,
                           BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, QUANT: tl.constexpr,
@@ -437,12 +450,7 @@ if triton is not None:
         ctx = tl.load(context_lens_ptr + seq).to(tl.int32)
         lo = split * partition
         if lo < ctx:
-            offs_g = tl.arange(0, BLOCK_G)
-            offs_d = tl.arange(0, BLOCK_D)
-            gmask = offs_g < GROUP
-            dmask = offs_d < HEAD_DIM
-            heads = kv_head * GROUP + offs_g
-            qmask = gmask[:, None] & dmask[None, :]
+            offs_d, dmask, heads, gmask, qmask = _group_layout(kv_head, GROUP, BLOCK_G, HEAD_DIM, BLOCK_D)
             q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=qmask, other=0.0)
             q = q.to(q.dtype if LOW_DOT else tl.float32)
             hi = tl.minimum(lo + partition, ctx)
@@ -502,12 +510,7 @@ if triton is not None:
         bt_row = block_tables_ptr + seq * stride_bt_b
         block = _tile_blocks(bt_row, lo, width, tl.arange(0, TILE), BLOCK_SIZE)
         if lo < ctx:
-            offs_g = tl.arange(0, BLOCK_G)
-            offs_d = tl.arange(0, BLOCK_D)
-            gmask = offs_g < GROUP
-            dmask = offs_d < HEAD_DIM
-            heads = kv_head * GROUP + offs_g
-            qmask = gmask[:, None] & dmask[None, :]
+            offs_d, dmask, heads, gmask, qmask = _group_layout(kv_head, GROUP, BLOCK_G, HEAD_DIM, BLOCK_D)
             cs_row = cos_sin_ptr + token_pos * stride_cs
             row = qkv_ptr + seq.to(tl.int64) * stride_qkv
             q = _rope(row + heads[:, None] * HEAD_DIM, offs_d[None, :], qmask, cs_row, HALF)
