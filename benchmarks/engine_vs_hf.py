@@ -7,6 +7,7 @@
     PYTHONPATH=src python benchmarks/engine_vs_hf.py --compare-admit   # engine only, admission one by one vs batched
     PYTHONPATH=src python benchmarks/engine_vs_hf.py --compare-attention   # engine only, decode attention 3 launches vs 1
     PYTHONPATH=src python benchmarks/engine_vs_hf.py --compare-pdl   # engine only, programmatic dependent launch off/on
+    PYTHONPATH=src python benchmarks/engine_vs_hf.py --compare-kv --num-prompts 1000   # engine only, bf16 vs fp8 KV
 
 Measures (see onecard.bench.engine_bench): bs=1 decode tok/s and ms/token (ours,
 HF dynamic cache, HF static cache) and % of the bandwidth roofline (measured copy
@@ -27,6 +28,9 @@ batches (the default, ``max_num_seqs // 8`` seats): docs/results/engine_admit.js
 each layer's decode attention as three launches (RoPE + KV store, split, merge: ``fused_decode_attention=False``)
 and as one (the default): docs/results/engine_fused_attention.json. --compare-pdl with the decode kernels
 launched plainly and with programmatic dependent launch (``programmatic_launch``): docs/results/engine_pdl.json.
+--compare-kv with the KV cache in bf16 and in fp8 (``kv_cache_dtype="fp8"``; its perplexity cost is in
+engine_kv_quant.json): at large batches decode reads more KV than weights, so this is the offline-throughput lever;
+docs/results/engine_kv_fp8.json.
 """
 
 from __future__ import annotations
@@ -72,6 +76,8 @@ def parse() -> argparse.Namespace:
                    help="only our engine, decode attention as three launches per layer vs one, in one process")
     p.add_argument("--compare-pdl", action="store_true",
                    help="only our engine, decode kernels launched plainly vs with PDL (Hopper+), in one process")
+    p.add_argument("--compare-kv", action="store_true",
+                   help="only our engine, KV cache in the model dtype vs fp8 (half the bytes decode attention reads)")
     return p.parse_args()
 
 
@@ -115,6 +121,8 @@ COMPARISONS = {
                   ("three_launches", {"fused_decode_attention": False}), ("one_launch", {"fused_decode_attention": True})),
     "pdl": ("engine_pdl", "programmatic dependent launch", ("no_pdl", {"programmatic_launch": False}),
             ("pdl", {"programmatic_launch": True})),
+    "kv": ("engine_kv_fp8", "fp8 KV cache", ("bf16_kv", {"kv_cache_dtype": "auto"}),
+           ("fp8_kv", {"kv_cache_dtype": "fp8"})),
 }
 
 

@@ -232,11 +232,11 @@ def test_config_switch():
 @pytest.mark.parametrize("what,base,new", [("async", "sync", "async"), ("gemv", "cublas", "gemv"),
                                            ("admit", "one_by_one", "batched"),
                                            ("attention", "three_launches", "one_launch"),
-                                           ("pdl", "no_pdl", "pdl")])
+                                           ("pdl", "no_pdl", "pdl"), ("kv", "bf16_kv", "fp8_kv")])
 def test_bench_compare_smoke(random_checkpoint, what, base, new):
-    """``benchmarks/engine_vs_hf.py --compare-async`` / ``-gemv`` / ``-admit`` / ``-attention`` / ``-pdl``: both modes
-    run the same workload and fill the table (on CPU the kernel switches change nothing, nor admission at 4 seats: the
-    run checks the benchmark's code, not the kernels or the scheduler)."""
+    """``benchmarks/engine_vs_hf.py --compare-async`` / ``-gemv`` / ``-admit`` / ``-attention`` / ``-pdl`` / ``-kv``:
+    both modes run the same workload and fill the table (on CPU the kernel switches change nothing, nor admission at
+    4 seats: the run checks the benchmark's code, not the kernels or the scheduler)."""
     import importlib.util
     from pathlib import Path
 
