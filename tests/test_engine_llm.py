@@ -155,8 +155,11 @@ def test_async_engine_streams_and_abort_frees_blocks(llama_path):
     async def main():
         seen = []
         async for out in engine.generate("def f():", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), "a"):
-            seen.append(len(out.outputs[0].token_ids))
-        assert seen == list(range(1, 7)) and out.finished
+            seen.append(list(out.outputs[0].token_ids))
+        # cumulative outputs: each one extends the last; a consumer slower than the engine (a loaded CPU) may skip
+        # intermediate ones (the documented contract), never the final one; "b" below checks an unfinished one comes
+        assert out.finished and len(seen[-1]) == 6
+        assert all(a == b[:len(a)] and len(a) < len(b) for a, b in zip(seen, seen[1:]))
 
         agen = engine.generate("import os", SamplingParams(max_tokens=100, ignore_eos=True), "b")
         first = await agen.__anext__()
