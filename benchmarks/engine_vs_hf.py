@@ -66,18 +66,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--decode-tokens", type=int, default=256)
     p.add_argument("--no-hf-static", action="store_true", help="skip HF's static-cache run")
     p.add_argument("--out", default=None, help="result folder (default docs/results; --smoke: a temp dir)")
-    p.add_argument("--compare-async", action="store_true",
-                   help="only our engine, async scheduling off vs on (bs=1 decode + offline), in one process")
-    p.add_argument("--compare-gemv", action="store_true",
-                   help="only our engine, decode GEMV off (cuBLAS) vs on (bs=1 decode + offline), in one process")
-    p.add_argument("--compare-admit", action="store_true",
-                   help="only our engine, waiting requests admitted one by one vs in batches, in one process")
-    p.add_argument("--compare-attention", action="store_true",
-                   help="only our engine, decode attention as three launches per layer vs one, in one process")
-    p.add_argument("--compare-pdl", action="store_true",
-                   help="only our engine, decode kernels launched plainly vs with PDL (Hopper+), in one process")
-    p.add_argument("--compare-kv", action="store_true",
-                   help="only our engine, KV cache in the model dtype vs fp8 (half the bytes decode attention reads)")
+    for what, (_, title, (base, _), (new, _)) in COMPARISONS.items():
+        p.add_argument(f"--compare-{what}", action="store_true",
+                       help=f"only our engine, {title}: {base} vs {new} (bs=1 decode + offline), in one process")
     return p.parse_args()
 
 
