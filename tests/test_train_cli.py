@@ -68,15 +68,17 @@ def test_resume_without_checkpoint_is_refused(tiny_model, data_dir, tmp_path):
 
 
 def test_demo_stage_trains_and_hands_over_the_adapter(tiny_model, tmp_path):
+    # twice in one work folder, as a second `onecard demo` runs (the first run's folder must not stop it)
     from rich.console import Console
 
     from onecard.demo import DemoContext
     from onecard.train.demo_stage import demo_stage
 
-    ctx = DemoContext(tmp_path, "cpu", Console(quiet=True), {"model_dir": tiny_model.path})
-    res = demo_stage(ctx)
-    assert res.ok, res.summary
-    assert (ctx.artifacts["lora_dir"] / "adapter_config.json").exists()
+    for _ in range(2):
+        ctx = DemoContext(tmp_path, "cpu", Console(quiet=True), {"model_dir": tiny_model.path})
+        res = demo_stage(ctx)
+        assert res.ok, res.summary
+        assert (ctx.artifacts["lora_dir"] / "adapter_config.json").exists()
 
 
 @pytest.mark.gpu

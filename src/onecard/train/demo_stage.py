@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 
 
@@ -20,6 +21,7 @@ def demo_stage(ctx):
     for i, text in enumerate(local_corpus().train[:4]):
         (data / f"doc{i:02d}.txt").write_text(text[:3000])
     out = ctx.workdir / "lora-run"
+    shutil.rmtree(out, ignore_errors=True)  # the demo's own scratch run: a repeated demo starts it afresh
     cfg = TrainConfig(model=ctx.artifacts["model_dir"], data=data, out=out, method="lora", seq_len=128,
                       batch_size=2, max_steps=20, lr=2e-3, lora_r=8, lora_alpha=16, logging_steps=5, eval_steps=20,
                       val_fraction=0.1, max_eval_rows=8, save_steps=1000, device=ctx.device, progress=False,
