@@ -44,7 +44,7 @@ ARCHS = {"llama-2-7b": (32, 32, 128), "llama-3-8b": (32, 8, 128)}
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes; output to a temp dir")
-    p.add_argument("--sweep", action="store_true", help="time solo thresholds and launch options (CUDA)")
+    p.add_argument("--sweep", action="store_true", help="time forced partitions and launch options (CUDA)")
     p.add_argument("--out", default=None, help="result folder (default docs/results; --smoke: a temp dir)")
     return p.parse_args()
 
@@ -112,7 +112,7 @@ def sweep(console, out_dir: str | None) -> None:
                         err = (fns["fused"](**options).float() - want).abs().max().item()
                         if err > 2e-2:
                             raise SystemExit(f"{arch} B={B} ctx={ctx} {options}: fused differs by {err}")
-                        row["fused"][f"p{part}_w{warps}_s{stages}"] = time_us(lambda o=options: fns["fused"](**o))
+                        row["fused"][f"p{part}_w{warps}_s{stages}"] = time_us(lambda o=options, f=fns["fused"]: f(**o))
                 best = min(row["fused"], key=row["fused"].get)
                 row.update(best=best, best_us=row["fused"][best], best_speedup=row["three_us"] / row["fused"][best])
                 rows.append(row)

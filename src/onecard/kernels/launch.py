@@ -32,7 +32,7 @@ def set_programmatic_launch(on: bool | None) -> None:
     _setting = on
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _supported(device_index: int) -> bool:
     return HAS_GDC and torch.cuda.get_device_capability(device_index) >= (9, 0)
 

@@ -166,12 +166,13 @@ class Attention(nn.Module):
                                                    meta.slot_mapping, meta.block_tables, meta.context_lens,
                                                    self.num_heads, self.num_kv_heads, self.head_dim, self.scale,
                                                    self.k_scale, self.v_scale, plan_rows=meta.split_rows)
-                return self.o_proj(out.reshape(T, self.q_size))
-            q = rope_store_kv_triton(qkv, positions, rotary.cos_sin, self.k_cache, self.v_cache, meta.slot_mapping,
-                                     self.num_heads, self.num_kv_heads, self.head_dim, self.k_scale, self.v_scale)
-            out = paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
-                                         self.scale, meta.decode_attention == "triton", self.k_scale, self.v_scale,
-                                         meta.split_rows)
+            else:
+                q = rope_store_kv_triton(qkv, positions, rotary.cos_sin, self.k_cache, self.v_cache,
+                                         meta.slot_mapping, self.num_heads, self.num_kv_heads, self.head_dim,
+                                         self.k_scale, self.v_scale)
+                out = paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
+                                             self.scale, meta.decode_attention == "triton", self.k_scale,
+                                             self.v_scale, meta.split_rows)
             return self.o_proj(out.reshape(T, self.q_size))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)
