@@ -64,6 +64,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--cap-gib", type=float, default=24.0, help="process memory cap for the second engine run (0 = skip)")
     p.add_argument("--cap-num-prompts", type=int, default=None, help="prompts for the capped run (default: all)")
     p.add_argument("--decode-tokens", type=int, default=256)
+    p.add_argument("--max-num-seqs", type=int, default=256, help="the engine's max_num_seqs (offline batch)")
     p.add_argument("--no-hf-static", action="store_true", help="skip HF's static-cache run")
     p.add_argument("--out", default=None, help="result folder (default docs/results; --smoke: a temp dir)")
     for what, (_, title, (base, _), (new, _)) in COMPARISONS.items():
@@ -87,7 +88,8 @@ def main() -> None:
         model = benchmark_model(a.model, "llama-2-7b", console)
         cfg = EngineBenchConfig(model, num_prompts=a.num_prompts, hf_prompts=a.hf_prompts, hf_batch=a.hf_batch,
                                 memory_cap_gib=a.cap_gib or None, cap_num_prompts=a.cap_num_prompts,
-                                decode_tokens=a.decode_tokens, run_hf_static=not a.no_hf_static)
+                                decode_tokens=a.decode_tokens, run_hf_static=not a.no_hf_static,
+                                max_num_seqs=a.max_num_seqs)
         out_dir = a.out
     what = next((w for w in COMPARISONS if getattr(a, f"compare_{w}")), None)
     if what is not None:

@@ -147,3 +147,16 @@ def test_engine_decode_through_the_split_kernel(tiny_model, monkeypatch):
         for t, la, lb in zip(a.token_ids, a.logprobs, b.logprobs):
             assert abs(la[t] - lb[t]) < 1e-4
     assert calls  # the fused run went through the one-launch kernel
+
+
+@pytest.mark.parametrize("fmt", [FP8, INT8])
+def test_mha_quantized_cuda_core_walk_matches_tile_dots(fmt):
+    # MHA over a quantized cache walks on CUDA cores by default (one query row: tile dots would be 1/16 useful);
+    # forcing the tile-dot walk gives the same answer, and forcing CUDA cores on grouped heads is refused
+    q, kc, vc, ks, vs, bt, ctx, *_ = _paged(CTX, fmt, Hq=4, Hkv=4, num_blocks=32)
+    rows = paged_decode_attention_split(q, kc, vc, bt, ctx, 0.25, ks, vs, partition=64)
+    tiles = paged_decode_attention_split(q, kc, vc, bt, ctx, 0.25, ks, vs, partition=64, cuda_cores=False)
+    torch.testing.assert_close(rows, tiles, atol=1e-5, rtol=1e-5)
+    q, kc, vc, ks, vs, bt, ctx, *_ = _paged(CTX, fmt, Hq=8, Hkv=2, num_blocks=32)
+    with pytest.raises(BadInputError, match="cuda_cores=True"):
+        paged_decode_attention_split(q, kc, vc, bt, ctx, 0.25, ks, vs, cuda_cores=True)

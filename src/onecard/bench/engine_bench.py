@@ -250,7 +250,7 @@ def run_engine(cfg: EngineBenchConfig, reqs, device: torch.device, progress, pre
     ms, _ = _engine_decode(llm, cfg, vocab)
     off = _engine_offline(llm, reqs[:num_prompts] if num_prompts else reqs, progress, prefix)
     st = llm.stats()
-    kvpt = kv_bytes_per_token(model, llm.engine.runner.dtype)
+    kvpt = kv_bytes_per_token(model, llm.engine.runner.dtype, llm.engine.config.kv_cache_dtype)
     params = {id(p): p for p in model.parameters()}
     weight_bytes = sum(p.numel() * p.element_size() for p in params.values())
     # a decode step reads every weight except the (untied) embedding table, of which it reads one row per token

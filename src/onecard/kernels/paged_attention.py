@@ -306,6 +306,10 @@ DOT_ROWS = 16  # tl.dot needs >= 16 rows: the GROUP query heads of a KV head are
 # CUDA launch options of the one-launch decode kernel (paged_decode_attention_fused), from
 # benchmarks/kernel_decode_attention.py --sweep on an H200.
 FUSED_LAUNCH = {"num_warps": 4, "num_stages": 2}
+# Launch options of both kernels on the CUDA-core path (MHA over an fp8/int8 cache, _attend_row): one warp per
+# (sequence, head) program walks 64-token tiles, from a sweep of warps, stages and tiles at batch 240 x 406 tokens and
+# 32 x 2000 on an H200 (1 warp: 3.5 TB/s; 2: 2.9; 4: 1.9).
+CUDA_CORE_LAUNCH = {"num_warps": 1, "num_stages": 2}
 
 
 def split_plan(batch: int, num_kv_heads: int, max_context: int, tile: int) -> tuple[int, int]:
@@ -345,23 +349,18 @@ if triton is not None:
         return offs_d, dmask, kv_head * GROUP + offs_g, gmask, gmask[:, None] & dmask[None, :]
 
     @triton.jit
-    def _attend_partition(q, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_row, block, kv_head, lo, hi, scale, stride_kb,
-                          stride_ks, stride_kh, stride_sb, stride_ss, offs_d, dmask, BLOCK_G: tl.constexpr,
-                          BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, QUANT: tl.constexpr,
-                          LOW_DOT: tl.constexpr):
-        # Online softmax of the GROUP query rows ``q`` [BLOCK_G, BLOCK_D] (already in the dot dtype) over cached
-        # tokens [lo, hi) of one KV head: each K/V tile is loaded once for all GROUP heads (scores GROUP x TILE by
-        # tl.dot, rows padded to BLOCK_G >= 16). Returns the unnormalized (max, sum, acc).
-        # A tile costs a chain of dependent loads (block ids, then K and V), so the walk is latency-bound at decode:
-        # ``block`` holds the first tile's ids (the caller loads them early), K and V are issued together, and the
-        # next tile's ids are requested before this tile's math.
-        # QUANT: fp8/int8 cache; each token's per-head scale multiplies its score column (K) and weight (V).
-        # LOW_DOT: both dots in the query's 16-bit dtype (fp32 accumulate); otherwise exact fp32 dots.
-        dt = q.dtype
+    def _attend_row(q, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_row, block, kv_head, lo, hi, stride_kb, stride_ks, stride_kh,
+                    stride_sb, stride_ss, offs_d, dmask, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                    TILE: tl.constexpr):
+        # _attend_partition for one query row (MHA) over a quantized cache, on CUDA cores: codes to fp32 in
+        # registers, scales applied in the reduction's own layout. Why: with a single row the tile dots are 1/16
+        # useful, and staging the dequantized tiles through shared memory for them capped occupancy, so the fp8
+        # kernel read 1.2-1.5 TB/s on an H200 where this reads ~3.5 (benchmarks/kernel_decode_attention.py).
+        # ``q`` [BLOCK_D] fp32, the softmax scale folded in. Returns (max, sum, acc [BLOCK_D]), unnormalized.
         offs_t = tl.arange(0, TILE)
-        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        m_i = float("-inf")
+        l_i = 0.0
+        acc = tl.zeros([BLOCK_D], tl.float32)
         for start in range(lo, hi, TILE):
             pos = start + offs_t
             tmask = pos < hi
@@ -370,33 +369,82 @@ if triton is not None:
             mask2 = tmask[:, None] & dmask[None, :]
             k = tl.load(k_ptr + off, mask=mask2, other=0.0)
             v = tl.load(v_ptr + off, mask=mask2, other=0.0)
-            if QUANT:
-                soff = block * stride_sb + (pos % BLOCK_SIZE) * stride_ss + kv_head
-                k_sc = tl.load(ks_ptr + soff, mask=tmask, other=0.0).to(tl.float32)
-                v_sc = tl.load(vs_ptr + soff, mask=tmask, other=0.0).to(tl.float32)
+            soff = block * stride_sb + (pos % BLOCK_SIZE) * stride_ss + kv_head
+            k_sc = tl.load(ks_ptr + soff, mask=tmask, other=0.0).to(tl.float32)
+            v_sc = tl.load(vs_ptr + soff, mask=tmask, other=0.0).to(tl.float32)
             block = _tile_blocks(bt_row, start + TILE, hi, offs_t, BLOCK_SIZE)
-            k = k.to(tl.float32).to(dt)
-            if LOW_DOT:
-                s = tl.dot(q, tl.trans(k))
-            else:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            s = s * scale
-            if QUANT:
-                s = s * k_sc[None, :]
-            s = tl.where(tmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            s = tl.sum(k.to(tl.float32) * q[None, :], axis=1) * k_sc
+            s = tl.where(tmask, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
             alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if QUANT:
-                p = p * v_sc[None, :]
-            v = v.to(tl.float32).to(dt)
-            if LOW_DOT:
-                pv = tl.dot(p.to(dt), v)
-            else:
-                pv = tl.dot(p, v, input_precision="ieee")
-            acc = acc * alpha[:, None] + pv
+            p = tl.exp(s - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha + tl.sum((p * v_sc)[:, None] * v.to(tl.float32), axis=0)
             m_i = m_new
+        return m_i, l_i, acc
+
+    @triton.jit
+    def _attend_partition(q, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_row, block, kv_head, lo, hi, scale, stride_kb,
+                          stride_ks, stride_kh, stride_sb, stride_ss, offs_d, dmask, BLOCK_G: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, QUANT: tl.constexpr,
+                          LOW_DOT: tl.constexpr, CUDA_CORES: tl.constexpr):
+        # Online softmax of the GROUP query rows ``q`` [BLOCK_G, BLOCK_D] (already in the dot dtype) over cached
+        # tokens [lo, hi) of one KV head: each K/V tile is loaded once for all GROUP heads (scores GROUP x TILE by
+        # tl.dot, rows padded to BLOCK_G >= 16). Returns the unnormalized (max, sum, acc).
+        # A tile costs a chain of dependent loads (block ids, then K and V), so the walk is latency-bound at decode:
+        # ``block`` holds the first tile's ids (the caller loads them early), K and V are issued together, and the
+        # next tile's ids are requested before this tile's math.
+        # QUANT: fp8/int8 cache; each token's per-head scale multiplies its score column (K) and weight (V).
+        # LOW_DOT: both dots in the query's 16-bit dtype (fp32 accumulate); otherwise exact fp32 dots.
+        # CUDA_CORES (MHA over a quantized cache; BLOCK_G == 1): _attend_row instead.
+        if CUDA_CORES:
+            m_r, l_r, acc_r = _attend_row(tl.sum(q.to(tl.float32), axis=0) * scale, k_ptr, v_ptr, ks_ptr, vs_ptr,
+                                          bt_row, block, kv_head, lo, hi, stride_kb, stride_ks, stride_kh, stride_sb,
+                                          stride_ss, offs_d, dmask, BLOCK_D, BLOCK_SIZE, TILE)
+            m_i = tl.zeros([BLOCK_G], tl.float32) + m_r
+            l_i = tl.zeros([BLOCK_G], tl.float32) + l_r
+            acc = acc_r[None, :]
+        else:
+            dt = q.dtype
+            offs_t = tl.arange(0, TILE)
+            m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_G], tl.float32)
+            acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+            for start in range(lo, hi, TILE):
+                pos = start + offs_t
+                tmask = pos < hi
+                off = block[:, None] * stride_kb + (pos % BLOCK_SIZE)[:, None] * stride_ks + kv_head * stride_kh \
+                    + offs_d[None, :]
+                mask2 = tmask[:, None] & dmask[None, :]
+                k = tl.load(k_ptr + off, mask=mask2, other=0.0)
+                v = tl.load(v_ptr + off, mask=mask2, other=0.0)
+                if QUANT:
+                    soff = block * stride_sb + (pos % BLOCK_SIZE) * stride_ss + kv_head
+                    k_sc = tl.load(ks_ptr + soff, mask=tmask, other=0.0).to(tl.float32)
+                    v_sc = tl.load(vs_ptr + soff, mask=tmask, other=0.0).to(tl.float32)
+                block = _tile_blocks(bt_row, start + TILE, hi, offs_t, BLOCK_SIZE)
+                k = k.to(tl.float32).to(dt)
+                if LOW_DOT:
+                    s = tl.dot(q, tl.trans(k))
+                else:
+                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
+                s = s * scale
+                if QUANT:
+                    s = s * k_sc[None, :]
+                s = tl.where(tmask[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                alpha = tl.exp(m_i - m_new)
+                p = tl.exp(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                if QUANT:
+                    p = p * v_sc[None, :]
+                v = v.to(tl.float32).to(dt)
+                if LOW_DOT:
+                    pv = tl.dot(p.to(dt), v)
+                else:
+                    pv = tl.dot(p, v, input_precision="ieee")
+                acc = acc * alpha[:, None] + pv
+                m_i = m_new
         return m_i, l_i, acc
 
     @triton.jit
@@ -441,7 +489,7 @@ if triton is not None:
                             stride_sb, stride_ss, stride_bt_b, stride_ob, stride_oh, SINGLE: tl.constexpr,
                             GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
                             BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
-                            QUANT: tl.constexpr, LOW_DOT: tl.constexpr):
+                            QUANT: tl.constexpr, LOW_DOT: tl.constexpr, CUDA_CORES: tl.constexpr):
         # One program per (sequence, KV head, partition). SINGLE (one partition) normalizes and writes the output;
         # otherwise the partial goes to the workspace for _paged_combine_kernel.
         seq = tl.program_id(0)
@@ -458,7 +506,7 @@ if triton is not None:
             block = _tile_blocks(bt_row, lo, hi, tl.arange(0, TILE), BLOCK_SIZE)
             m_i, l_i, acc = _attend_partition(q, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_row, block, kv_head, lo, hi, scale,
                                               stride_kb, stride_ks, stride_kh, stride_sb, stride_ss, offs_d, dmask,
-                                              BLOCK_G, BLOCK_D, BLOCK_SIZE, TILE, QUANT, LOW_DOT)
+                                              BLOCK_G, BLOCK_D, BLOCK_SIZE, TILE, QUANT, LOW_DOT, CUDA_CORES)
             if SINGLE:
                 tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                          (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=qmask)
@@ -492,7 +540,7 @@ if triton is not None:
                              BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, QUANT: tl.constexpr,
                              QMAX: tl.constexpr, MIN_SCALE: tl.constexpr, IS_INT: tl.constexpr,
                              LOW_DOT: tl.constexpr, MERGE_G: tl.constexpr, CHUNK: tl.constexpr,
-                             PDL: tl.constexpr):
+                             CUDA_CORES: tl.constexpr, PDL: tl.constexpr):
         # _rope_store_kernel + _paged_split_kernel + _paged_combine_kernel as one launch, one program per
         # (sequence, KV head, partition): each program rotates its GROUP query heads from the fused q|k|v row; the
         # partition holding the new token writes that token's K/V to the cache and attends to it from registers, as
@@ -520,7 +568,7 @@ if triton is not None:
             m_i, l_i, acc = _attend_partition(q, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_row, block, kv_head, lo,
                                               tl.minimum(hi, ctx - 1), scale, stride_kb, stride_ks, stride_kh,
                                               stride_sb, stride_ss, offs_d, dmask, BLOCK_G, BLOCK_D, BLOCK_SIZE, TILE,
-                                              QUANT, LOW_DOT)
+                                              QUANT, LOW_DOT, CUDA_CORES)
             if hi == ctx:  # this partition holds the new token: store it, and fold it in as stored
                 kq, k_sc, vq, v_sc = _store_new_kv(row, k_ptr, v_ptr, ks_ptr, vs_ptr, cs_row,
                                                    tl.load(slot_ptr + seq).to(tl.int64), kv_head, stride_ks, offs_d,
@@ -559,8 +607,10 @@ if triton is not None:
 
 
 def _split_launch(B: int, Hq: int, D: int, k_cache: torch.Tensor, block_tables: torch.Tensor, device: torch.device,
-                  partition: int | None, plan_rows: int | None) -> tuple[int, int, tuple[torch.Tensor, ...], dict]:
-    """(partition, splits, the (max, sum, acc) workspace, the launch constants both split kernels share)."""
+                  partition: int | None, plan_rows: int | None, quant: bool,
+                  cuda_cores: bool | None) -> tuple[int, int, tuple[torch.Tensor, ...], dict]:
+    """(partition, splits, the (max, sum, acc) workspace, the launch constants both split kernels share).
+    ``cuda_cores``: None picks _attend_row for MHA over a quantized cache; True/False force it (benchmarks, tests)."""
     if triton is None:
         from onecard.errors import MissingExtraError
 
@@ -581,8 +631,15 @@ def _split_launch(B: int, Hq: int, D: int, k_cache: torch.Tensor, block_tables: 
                  torch.empty(work, dtype=torch.float32, device=device),
                  torch.empty(work * (D if splits > 1 else 1), dtype=torch.float32, device=device))
     group = Hq // Hkv
-    consts = {"GROUP": group, "BLOCK_G": max(DOT_ROWS, triton.next_power_of_2(group)), "HEAD_DIM": D,
-              "BLOCK_D": triton.next_power_of_2(D), "BLOCK_SIZE": block_size, "TILE": tile}
+    if cuda_cores is None:
+        cuda_cores = quant and group == 1
+    elif cuda_cores and not (quant and group == 1):
+        from onecard.errors import BadInputError
+
+        raise BadInputError("cuda_cores=True needs one query head per KV head and an fp8/int8 cache; leave it None")
+    consts = {"GROUP": group, "BLOCK_G": 1 if cuda_cores else max(DOT_ROWS, triton.next_power_of_2(group)),
+              "HEAD_DIM": D, "BLOCK_D": triton.next_power_of_2(D), "BLOCK_SIZE": block_size, "TILE": tile,
+              "CUDA_CORES": cuda_cores}
     return partition, splits, workspace, consts
 
 
@@ -594,26 +651,30 @@ def _low_dot(x: torch.Tensor) -> bool:
 def paged_decode_attention_split(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                  block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                                  k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                                 partition: int | None = None, plan_rows: int | None = None) -> torch.Tensor:
+                                 partition: int | None = None, plan_rows: int | None = None,
+                                 cuda_cores: bool | None = None) -> torch.Tensor:
     """Flash-decoding over the paged cache (Triton): same contract as ``paged_decode_attention_reference``.
 
     The grid is (B, Hkv, partitions) with partitions from ``split_plan`` over the block-table width, so it is
     fixed for a captured CUDA graph (the engine's static block table is max_model_len wide). ``partition``
     (tokens, a multiple of ``SPLIT_TILE``) overrides the plan, for tests and benchmarks; ``plan_rows`` plans it as
     for that many rows instead of ``B`` (a row's sums then run in the same order as in a ``plan_rows``-row launch,
-    whatever else is in the batch)."""
+    whatever else is in the batch). ``cuda_cores``: None walks MHA over an fp8/int8 cache on CUDA cores
+    (``_attend_row``) and everything else through tile dots; True/False force the choice (True: MHA + quantized
+    cache only)."""
     B, Hq, D = q.shape
+    quant = k_scale is not None
     partition, splits, (m, lsum, acc), consts = _split_launch(B, Hq, D, k_cache, block_tables, q.device, partition,
-                                                              plan_rows)
+                                                              plan_rows, quant, cuda_cores)
     q = q.contiguous()
     out = torch.empty_like(q)
-    quant = k_scale is not None
     ks, vs = (k_scale, v_scale) if quant else (k_cache, v_cache)  # unread placeholders when not quantized
     _paged_split_kernel[(B, k_cache.shape[2], splits)](
         q, k_cache, v_cache, ks, vs, out, m, lsum, acc, block_tables, context_lens, scale, partition,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         ks.stride(0), ks.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
         SINGLE=splits == 1, QUANT=quant, LOW_DOT=_low_dot(q), **consts,
+        **(CUDA_CORE_LAUNCH if consts["CUDA_CORES"] and q.is_cuda else {}),
     )
     if splits > 1:
         _paged_combine_kernel[(B, Hq)](
@@ -628,21 +689,23 @@ def paged_decode_attention_fused(qkv: torch.Tensor, positions: torch.Tensor, cos
                                  block_tables: torch.Tensor, context_lens: torch.Tensor, num_heads: int,
                                  num_kv_heads: int, head_dim: int, scale: float, k_scale: torch.Tensor | None = None,
                                  v_scale: torch.Tensor | None = None, partition: int | None = None,
-                                 plan_rows: int | None = None, launch: dict | None = None) -> torch.Tensor:
+                                 plan_rows: int | None = None, launch: dict | None = None,
+                                 cuda_cores: bool | None = None) -> torch.Tensor:
     """A decode step's attention from the fused q|k|v rows ``[B, (Hq + 2 Hkv) D]`` in one launch: RoPE, the new
     token's K/V into the cache, flash-decoding and the merge of its partitions; returns ``[B, Hq, D]``.
 
     Same result as ``rope_store_kv_triton`` then ``paged_decode_attention_split`` (same partitions; the new token's
     score and weight are summed in fp32 from registers, not through the tile dots): a bs=1 decode step is bound by
     a few microseconds of latency per launch, and this is one launch where that path takes three. ``launch``: CUDA
-    launch options (default ``FUSED_LAUNCH``). fp8 caches: CUDA only."""
+    launch options (default ``FUSED_LAUNCH``, ``CUDA_CORE_LAUNCH`` on that path); ``cuda_cores``: as in
+    ``paged_decode_attention_split``. fp8 caches: CUDA only."""
     _refuse_fp8_off_cuda(qkv, k_cache)
     B = qkv.shape[0]
+    quant = k_scale is not None
     partition, splits, (m, lsum, acc), consts = _split_launch(B, num_heads, head_dim, k_cache, block_tables,
-                                                              qkv.device, partition, plan_rows)
+                                                              qkv.device, partition, plan_rows, quant, cuda_cores)
     qkv = qkv.contiguous()
     out = torch.empty(B, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
-    quant = k_scale is not None
     ks, vs = (k_scale, v_scale) if quant else (k_cache, v_cache)  # unread placeholders when not quantized
     counters = zeroed_counters(qkv.device, B * num_kv_heads, "paged_decode")
     merge_g = triton.next_power_of_2(num_heads // num_kv_heads)  # the merge holds [merge_g, CHUNK, D] partials
@@ -652,7 +715,7 @@ def paged_decode_attention_fused(qkv: torch.Tensor, positions: torch.Tensor, cos
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), ks.stride(0), ks.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=head_dim // 2, LOW_DOT=_low_dot(qkv),
         MERGE_G=merge_g, CHUNK=max(1, 16 // merge_g),
-        **_store_consts(k_cache, quant), **consts, **((launch or FUSED_LAUNCH) if qkv.is_cuda else {}),
+        **_store_consts(k_cache, quant), **consts, **((launch or (CUDA_CORE_LAUNCH if consts["CUDA_CORES"] else FUSED_LAUNCH)) if qkv.is_cuda else {}),
         **pdl_launch(qkv),
     )
     return out
