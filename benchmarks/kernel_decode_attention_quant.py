@@ -138,10 +138,12 @@ def main() -> None:
         pts = [r for r in rows if r["arch"] == arch]
         labels = [f"B={r['batch']}\n{r['context']}" for r in pts]
         x = range(len(pts))
-        for i, (key, label) in enumerate((("bf16_split_gbs", "bf16 cache"), ("fp8_split_tiles_gbs", "fp8, tile dots"),
-                                          ("fp8_split_gbs", "fp8, default walk"))):
+        series = (("bf16_split_gbs", "bf16 cache", "tab:blue"), ("fp8_split_tiles_gbs", "fp8, tile dots", "tab:orange"),
+                  ("fp8_split_gbs", "fp8, default walk", "tab:green"))
+        for i, (key, label, color) in enumerate(series):
             if any(key in r for r in pts):
-                ax.bar([xi + 0.27 * (i - 1) for xi in x], [r.get(key, 0) for r in pts], width=0.27, label=label)
+                ax.bar([xi + 0.27 * (i - 1) for xi in x], [r.get(key, 0) for r in pts], width=0.27, label=label,
+                       color=color)
         ax.axhline(bw, color="gray", lw=0.8, ls="--", label="copy bandwidth")
         ax.set_xticks(list(x), labels, fontsize=7)
         ax.set_ylabel("K/V GB/s read")
