@@ -66,6 +66,20 @@ def test_greedy_outputs_identical_with_speculation(arch, tiny_model, random_chec
         assert st["spec_accepted_tokens"] > 0 and 0 < st["spec_acceptance_rate"] <= 1
 
 
+@pytest.mark.gpu
+def test_greedy_outputs_identical_with_speculation_on_gpu(tiny_model):
+    # the CUDA decode path (Triton attention, CUDA graphs, bf16): verify rows must read the draft rows' keys and
+    # values after they are stored, and sum their attention in plain decoding's order
+    prompts = [CODE * 2, CODE.replace("a, b", "x, y") * 2]
+    sp = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    kw = {"max_model_len": 512, "max_num_seqs": 4, "device": "cuda", "dtype": "bfloat16"}
+    plain = LLM(tiny_model.path, decode_gemv=False, **kw)  # the verifier's matmuls (speculation turns the GEMV off)
+    ref = [o.outputs[0].token_ids for o in plain.generate(prompts, sp, use_tqdm=False)]
+    spec = LLM(tiny_model.path, num_speculative_tokens=4, **kw)
+    assert [o.outputs[0].token_ids for o in spec.generate(prompts, sp, use_tqdm=False)] == ref
+    assert spec.stats()["spec_accepted_tokens"] > 0
+
+
 def test_penalized_and_logprob_requests_do_not_speculate(random_checkpoint):
     path = random_checkpoint("llama-2-7b")
     spec = LLM(path, max_model_len=256, max_num_seqs=4, block_size=8, num_speculative_tokens=4)
@@ -148,3 +162,14 @@ def test_decode_graphs_hold_every_verify_row():
     assert graph_max_batch(cfg) == 15 and graph_batch_sizes(graph_max_batch(cfg))[-1] == 15
     assert graph_max_batch(SimpleNamespace(max_num_seqs=3, num_speculative_tokens=0, cuda_graph_max_batch=256)) == 3
     assert graph_max_batch(SimpleNamespace(max_num_seqs=256, num_speculative_tokens=4, cuda_graph_max_batch=256)) == 256
+
+
+def test_speculation_keeps_the_three_launch_decode_attention():
+    """A sequence's verify rows read one another's freshly stored keys/values: the one-launch decode attention
+    stores and reads them in no set order (a race that the in-order CPU interpreter never shows; on an H200 a
+    12-layer greedy run diverged from plain decoding), so speculation runs the store before the attention."""
+    from onecard.engine.config import EngineConfig
+
+    assert EngineConfig("m").fuses_decode_attention()
+    assert not EngineConfig("m", num_speculative_tokens=2).fuses_decode_attention()
+    assert not EngineConfig("m", fused_decode_attention=False).fuses_decode_attention()

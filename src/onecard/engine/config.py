@@ -129,6 +129,12 @@ class EngineConfig:
             return self.async_scheduling
         return is_cuda and not self.num_speculative_tokens and self.tensor_parallel_size == 1
 
+    def fuses_decode_attention(self) -> bool:
+        """Whether decode attention runs as one launch (``fused_decode_attention``), which speculation rules out:
+        a sequence's verify rows attend to one another's new keys/values, and one launch stores and reads them
+        in no set order (its programs race), where the three-launch path stores every row's before any reads."""
+        return self.fused_decode_attention and not self.num_speculative_tokens
+
     def uses_gemv(self, is_cuda: bool) -> bool:
         """Whether bs=1 linears run through the Triton GEMV on this device (``decode_gemv=None`` resolved)."""
         if self.decode_gemv is not None:

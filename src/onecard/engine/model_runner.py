@@ -332,7 +332,7 @@ class ModelRunner:
             meta = AttentionMetadata(False, self._to_device(slots, torch.long), context_lens=self._to_device(ctx, torch.int32),
                                      block_tables=bt, decode_attention=self.decode_attention,
                                      fused_rope_store=self.fused_rope_store,
-                                     fused_attention=self.config.fused_decode_attention)
+                                     fused_attention=self.config.fuses_decode_attention())
             tokens = self._to_device(ids, torch.long)
             if prev_rows is not None:
                 tokens = take_previous(tokens, self._to_device(prev_rows, torch.long), self._sampled)
@@ -424,7 +424,7 @@ class ModelRunner:
         meta = AttentionMetadata(False, g["meta"][2, :bs], context_lens=g["meta"][3, :bs],
                                  block_tables=g["block_tables"][:bs], decode_attention=self.decode_attention,
                                  fused_rope_store=self.fused_rope_store,
-                                 fused_attention=self.config.fused_decode_attention,
+                                 fused_attention=self.config.fuses_decode_attention(),
                                  split_rows=self.split_rows(bs))
         tokens = take_previous(g["meta"][0, :bs], g["meta"][4, :bs], self._sampled)
         return self.model.compute_logits(self.model(tokens, g["meta"][1, :bs], meta))

@@ -349,30 +349,44 @@ if triton is not None:
         return offs_d, dmask, kv_head * GROUP + offs_g, gmask, gmask[:, None] & dmask[None, :]
 
     @triton.jit
+    def _load_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, bt_row, block, kv_head, start, hi, stride_kb, stride_ks, stride_kh,
+                   stride_sb, stride_ss, offs_d, dmask, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+                   QUANT: tl.constexpr):
+        # One tile of a partition walk: (token mask, K, V as stored, K and V scales (ones unless QUANT), the next
+        # tile's block ids). K and V are issued together and the next ids are requested before the caller's math:
+        # each tile is a chain of dependent loads, so the walk is latency-bound at decode.
+        offs_t = tl.arange(0, TILE)
+        pos = start + offs_t
+        tmask = pos < hi
+        off = block[:, None] * stride_kb + (pos % BLOCK_SIZE)[:, None] * stride_ks + kv_head * stride_kh \
+            + offs_d[None, :]
+        mask2 = tmask[:, None] & dmask[None, :]
+        k = tl.load(k_ptr + off, mask=mask2, other=0.0)
+        v = tl.load(v_ptr + off, mask=mask2, other=0.0)
+        k_sc = tl.full([TILE], 1.0, tl.float32)
+        v_sc = tl.full([TILE], 1.0, tl.float32)
+        if QUANT:
+            soff = block * stride_sb + (pos % BLOCK_SIZE) * stride_ss + kv_head
+            k_sc = tl.load(ks_ptr + soff, mask=tmask, other=0.0).to(tl.float32)
+            v_sc = tl.load(vs_ptr + soff, mask=tmask, other=0.0).to(tl.float32)
+        return tmask, k, v, k_sc, v_sc, _tile_blocks(bt_row, start + TILE, hi, offs_t, BLOCK_SIZE)
+
+    @triton.jit
     def _attend_row(q, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_row, block, kv_head, lo, hi, stride_kb, stride_ks, stride_kh,
                     stride_sb, stride_ss, offs_d, dmask, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                     TILE: tl.constexpr):
         # _attend_partition for one query row (MHA) over a quantized cache, on CUDA cores: codes to fp32 in
         # registers, scales applied in the reduction's own layout. Why: with a single row the tile dots are 1/16
         # useful, and staging the dequantized tiles through shared memory for them capped occupancy, so the fp8
-        # kernel read 1.2-1.5 TB/s on an H200 where this reads ~3.5 (benchmarks/kernel_decode_attention.py).
+        # kernel read 1.2-1.5 TB/s on an H200 where this reads ~3.5 (benchmarks/kernel_decode_attention_quant.py).
         # ``q`` [BLOCK_D] fp32, the softmax scale folded in. Returns (max, sum, acc [BLOCK_D]), unnormalized.
-        offs_t = tl.arange(0, TILE)
         m_i = float("-inf")
         l_i = 0.0
         acc = tl.zeros([BLOCK_D], tl.float32)
         for start in range(lo, hi, TILE):
-            pos = start + offs_t
-            tmask = pos < hi
-            off = block[:, None] * stride_kb + (pos % BLOCK_SIZE)[:, None] * stride_ks + kv_head * stride_kh \
-                + offs_d[None, :]
-            mask2 = tmask[:, None] & dmask[None, :]
-            k = tl.load(k_ptr + off, mask=mask2, other=0.0)
-            v = tl.load(v_ptr + off, mask=mask2, other=0.0)
-            soff = block * stride_sb + (pos % BLOCK_SIZE) * stride_ss + kv_head
-            k_sc = tl.load(ks_ptr + soff, mask=tmask, other=0.0).to(tl.float32)
-            v_sc = tl.load(vs_ptr + soff, mask=tmask, other=0.0).to(tl.float32)
-            block = _tile_blocks(bt_row, start + TILE, hi, offs_t, BLOCK_SIZE)
+            tmask, k, v, k_sc, v_sc, block = _load_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, bt_row, block, kv_head, start,
+                                                        hi, stride_kb, stride_ks, stride_kh, stride_sb, stride_ss,
+                                                        offs_d, dmask, BLOCK_SIZE, TILE, True)
             s = tl.sum(k.to(tl.float32) * q[None, :], axis=1) * k_sc
             s = tl.where(tmask, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=0))
@@ -391,9 +405,7 @@ if triton is not None:
         # Online softmax of the GROUP query rows ``q`` [BLOCK_G, BLOCK_D] (already in the dot dtype) over cached
         # tokens [lo, hi) of one KV head: each K/V tile is loaded once for all GROUP heads (scores GROUP x TILE by
         # tl.dot, rows padded to BLOCK_G >= 16). Returns the unnormalized (max, sum, acc).
-        # A tile costs a chain of dependent loads (block ids, then K and V), so the walk is latency-bound at decode:
-        # ``block`` holds the first tile's ids (the caller loads them early), K and V are issued together, and the
-        # next tile's ids are requested before this tile's math.
+        # ``block`` holds the first tile's ids (the caller loads them early; _load_tile says why the order matters).
         # QUANT: fp8/int8 cache; each token's per-head scale multiplies its score column (K) and weight (V).
         # LOW_DOT: both dots in the query's 16-bit dtype (fp32 accumulate); otherwise exact fp32 dots.
         # CUDA_CORES (MHA over a quantized cache; BLOCK_G == 1): _attend_row instead.
@@ -406,23 +418,13 @@ if triton is not None:
             acc = acc_r[None, :]
         else:
             dt = q.dtype
-            offs_t = tl.arange(0, TILE)
             m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_G], tl.float32)
             acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
             for start in range(lo, hi, TILE):
-                pos = start + offs_t
-                tmask = pos < hi
-                off = block[:, None] * stride_kb + (pos % BLOCK_SIZE)[:, None] * stride_ks + kv_head * stride_kh \
-                    + offs_d[None, :]
-                mask2 = tmask[:, None] & dmask[None, :]
-                k = tl.load(k_ptr + off, mask=mask2, other=0.0)
-                v = tl.load(v_ptr + off, mask=mask2, other=0.0)
-                if QUANT:
-                    soff = block * stride_sb + (pos % BLOCK_SIZE) * stride_ss + kv_head
-                    k_sc = tl.load(ks_ptr + soff, mask=tmask, other=0.0).to(tl.float32)
-                    v_sc = tl.load(vs_ptr + soff, mask=tmask, other=0.0).to(tl.float32)
-                block = _tile_blocks(bt_row, start + TILE, hi, offs_t, BLOCK_SIZE)
+                tmask, k, v, k_sc, v_sc, block = _load_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, bt_row, block, kv_head,
+                                                            start, hi, stride_kb, stride_ks, stride_kh, stride_sb,
+                                                            stride_ss, offs_d, dmask, BLOCK_SIZE, TILE, QUANT)
                 k = k.to(tl.float32).to(dt)
                 if LOW_DOT:
                     s = tl.dot(q, tl.trans(k))
@@ -693,6 +695,8 @@ def paged_decode_attention_fused(qkv: torch.Tensor, positions: torch.Tensor, cos
                                  cuda_cores: bool | None = None) -> torch.Tensor:
     """A decode step's attention from the fused q|k|v rows ``[B, (Hq + 2 Hkv) D]`` in one launch: RoPE, the new
     token's K/V into the cache, flash-decoding and the merge of its partitions; returns ``[B, Hq, D]``.
+    No row may attend to another row's new token: the launch stores and reads them in no set order (speculative
+    verify rows would; ``EngineConfig.fuses_decode_attention`` keeps the three-launch path there).
 
     Same result as ``rope_store_kv_triton`` then ``paged_decode_attention_split`` (same partitions; the new token's
     score and weight are summed in fp32 from registers, not through the tile dots): a bs=1 decode step is bound by
