@@ -8,6 +8,7 @@
     PYTHONPATH=src python benchmarks/engine_vs_hf.py --compare-attention   # engine only, decode attention 3 launches vs 1
     PYTHONPATH=src python benchmarks/engine_vs_hf.py --compare-pdl   # engine only, programmatic dependent launch off/on
     PYTHONPATH=src python benchmarks/engine_vs_hf.py --compare-kv --num-prompts 1000   # engine only, bf16 vs fp8 KV
+    PYTHONPATH=src python benchmarks/engine_vs_hf.py --arch llama-3-8b --compare-kv   # another architecture (GQA)
 
 Measures (see onecard.bench.engine_bench): bs=1 decode tok/s and ms/token (ours,
 HF dynamic cache, HF static cache) and % of the bandwidth roofline (measured copy
@@ -57,7 +58,10 @@ from onecard.testing.checkpoints import benchmark_model
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny random Llama on CPU, small workload; output to a temp dir")
-    p.add_argument("--model", default=None, help="model folder (default: random llama-2-7b, full size, bf16, built on the GPU)")
+    p.add_argument("--model", default=None, help="model folder (default: random --arch, full size, bf16, built on the GPU)")
+    p.add_argument("--arch", default="llama-2-7b",
+                   help="built-in architecture of the random model (the issue's is llama-2-7b); another one's results "
+                        "are written as <name>_<arch>.json")
     p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--hf-prompts", type=int, default=64, help="prompts HF batched generate runs (extrapolated)")
     p.add_argument("--hf-batch", type=int, default=32)
@@ -79,13 +83,13 @@ def main() -> None:
     if a.smoke:
         from onecard.testing import make_random_checkpoint
 
-        model = a.model or make_random_checkpoint("llama-2-7b", "tiny")
+        model = a.model or make_random_checkpoint(a.arch, "tiny")
         cfg = EngineBenchConfig(model, dtype="float32", device="cpu", num_prompts=12, mean_input=24, mean_output=16,
                                 max_model_len=256, decode_prompt_len=16, decode_tokens=16, hf_prompts=4, hf_batch=4,
                                 memory_cap_gib=None, max_num_seqs=8, run_hf_static=not a.no_hf_static)
         out_dir = a.out or tempfile.mkdtemp(prefix="engine_vs_hf_")
     else:
-        model = benchmark_model(a.model, "llama-2-7b", console)
+        model = benchmark_model(a.model, a.arch, console)
         cfg = EngineBenchConfig(model, num_prompts=a.num_prompts, hf_prompts=a.hf_prompts, hf_batch=a.hf_batch,
                                 memory_cap_gib=a.cap_gib or None, cap_num_prompts=a.cap_num_prompts,
                                 decode_tokens=a.decode_tokens, run_hf_static=not a.no_hf_static,
@@ -100,6 +104,8 @@ def main() -> None:
         result = run_engine_bench(cfg, console)
         console.print(results_table(result))
         name, fig = "engine_vs_hf", results_figure(result)
+    if a.arch != "llama-2-7b":
+        name = f"{name}_{a.arch}"
     path = write_result(name, result, out_dir)
     png = save_figure(fig, name, out_dir)
     console.print(f"wrote {path} and {png}")
