@@ -633,9 +633,10 @@ def _split_launch(B: int, Hq: int, D: int, k_cache: torch.Tensor, block_tables: 
                  torch.empty(work, dtype=torch.float32, device=device),
                  torch.empty(work * (D if splits > 1 else 1), dtype=torch.float32, device=device))
     group = Hq // Hkv
+    one_row = quant and group == 1  # what the CUDA-core walk serves
     if cuda_cores is None:
-        cuda_cores = quant and group == 1
-    elif cuda_cores and not (quant and group == 1):
+        cuda_cores = one_row
+    elif cuda_cores and not one_row:
         from onecard.errors import BadInputError
 
         raise BadInputError("cuda_cores=True needs one query head per KV head and an fp8/int8 cache; leave it None")
@@ -712,6 +713,7 @@ def paged_decode_attention_fused(qkv: torch.Tensor, positions: torch.Tensor, cos
     out = torch.empty(B, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     ks, vs = (k_scale, v_scale) if quant else (k_cache, v_cache)  # unread placeholders when not quantized
     counters = zeroed_counters(qkv.device, B * num_kv_heads, "paged_decode")
+    launch = launch or (CUDA_CORE_LAUNCH if consts["CUDA_CORES"] else FUSED_LAUNCH)
     merge_g = triton.next_power_of_2(num_heads // num_kv_heads)  # the merge holds [merge_g, CHUNK, D] partials
     _decode_fused_kernel[(B, num_kv_heads, splits)](
         qkv, k_cache, v_cache, ks, vs, out, m, lsum, acc, counters, cos_sin, positions, slot_mapping, block_tables,
@@ -719,7 +721,7 @@ def paged_decode_attention_fused(qkv: torch.Tensor, positions: torch.Tensor, cos
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), ks.stride(0), ks.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=head_dim // 2, LOW_DOT=_low_dot(qkv),
         MERGE_G=merge_g, CHUNK=max(1, 16 // merge_g),
-        **_store_consts(k_cache, quant), **consts, **((launch or (CUDA_CORE_LAUNCH if consts["CUDA_CORES"] else FUSED_LAUNCH)) if qkv.is_cuda else {}),
+        **_store_consts(k_cache, quant), **consts, **(launch if qkv.is_cuda else {}),
         **pdl_launch(qkv),
     )
     return out
