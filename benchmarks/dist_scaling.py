@@ -78,7 +78,8 @@ def _engine_run(folder: str, tp: int, device: str, a) -> dict:
 
     llm = LLM(folder, tensor_parallel_size=tp, device=device, max_model_len=a.prompt + a.decode + 16,
               max_num_seqs=a.batch, enable_prefix_caching=False, quantization=a.quantization,
-              tp_all_reduce=a.all_reduce, decode_gemv=a.decode_gemv)  # every timed prompt computes its prefill
+              tp_all_reduce=a.all_reduce, decode_gemv=a.decode_gemv,
+              async_scheduling=a.async_scheduling)  # every timed prompt computes its prefill
     vocab = llm.engine.vocab_size
     prompts = [torch.randint(3, vocab, (a.prompt,), generator=torch.Generator().manual_seed(i)).tolist()
                for i in range(a.batch)]
@@ -131,7 +132,7 @@ def part_tp(a, out_dir: Path, scratch: Path) -> dict:
         console.print(f"TP={tp} done in {time.perf_counter() - t0:.0f} s")
     data = {"arch": "llama-2-13b" + (" (tiny)" if a.smoke else ""), "dtype": "fp32" if a.smoke else "bf16",
             "quantization": a.quantization, "tp_all_reduce": a.all_reduce, "decode_gemv": a.decode_gemv,
-            "engine": "onecard LLM(tensor_parallel_size=N)", "prompt_tokens": a.prompt, "decode_tokens": a.decode,
+            "async_scheduling": a.async_scheduling is not False, "engine": "onecard LLM(tensor_parallel_size=N)", "prompt_tokens": a.prompt, "decode_tokens": a.decode,
             "offline_batch": a.batch, "cuda_graphs": bool(res[2]["cuda_graphs"])}
     for tp, r in res.items():
         data.update({f"tp{tp}_{k}": v for k, v in r.items() if k != "cuda_graphs"})
@@ -293,12 +294,13 @@ def _chart(out_dir: Path, name: str, title: str, groups: list[str], series: dict
 def _result_name(part: str, a) -> str:
     """dist_tp, dist_fsdp, dist_fit; a quantized TP run is dist_tp_<quantization> beside the bf16 one, and one
     with ``--all-reduce nccl`` (every sum over NCCL: the comparison for symmetric memory) ends in _nccl, and one
-    with ``--no-decode-gemv`` (cuBLAS for every linear: the comparison for the GEMV) in _cublas."""
+    with ``--no-decode-gemv`` (cuBLAS for every linear: the comparison for the GEMV) in _cublas, and one with
+    ``--no-async`` (each decode step waits for the last one's tokens) in _sync."""
     name = f"dist_{part.replace('-', '_')}"
     if part != "tp":
         return name
     return (name + (f"_{a.quantization}" if a.quantization else "") + ("_nccl" if a.all_reduce == "nccl" else "")
-            + ("" if a.decode_gemv else "_cublas"))
+            + ("" if a.decode_gemv else "_cublas") + ("_sync" if a.async_scheduling is False else ""))
 
 
 def main() -> None:
@@ -316,6 +318,8 @@ def main() -> None:
                    help="TP: the engine's tp_all_reduce (auto: small sums through symmetric memory where it runs)")
     p.add_argument("--no-decode-gemv", dest="decode_gemv", action="store_false",
                    help="TP: the engine's decode_gemv off (cuBLAS for every linear at bs=1)")
+    p.add_argument("--no-async", dest="async_scheduling", action="store_const", const=False, default=None,
+                   help="TP: the engine's async_scheduling off (the host prepares each step after the last one's tokens)")
     p.add_argument("--seq", type=int, default=None, help="FSDP: tokens per row (default 2048; smoke 32)")
     p.add_argument("--rows", type=int, default=1, help="FSDP: rows per GPU per step")
     p.add_argument("--steps", type=int, default=None, help="FSDP: timed steps after 2 warm-up (default 6; smoke 2)")

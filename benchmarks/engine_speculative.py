@@ -29,12 +29,13 @@ Workload: held-out (validation-split) edit pairs, the prompt cut a few tokens
 after the first edited token of the edited block, each continued greedily at
 bs=1 for the rest of the block (capped at --output-tokens). Rows, each its own
 engine built one after the other in this process: plain (CUDA-graph decode,
-the bs=1 GEMV), plain-cublas (CUDA: the GEMV off), n-gram k for each --k, the
+the bs=1 GEMV, one-launch attention), plain-verifier-kernels (CUDA: both off), n-gram k for each --k, the
 trained draft at the largest k, and the target as its own draft (every guess
 accepted: what the machinery costs at best). Speed-ups are against plain.
-Speculation verifies k + 1 rows per step with cuBLAS, so the engine turns the
-bs=1 GEMV off with it (its rounding differs); every speculative row's tokens
-are compared with plain-cublas's, the plain decoding on the same kernels
+Speculation verifies k + 1 rows per step with cuBLAS and the three-launch
+attention, so the engine turns the bs=1 GEMV and one-launch attention off with
+it (their rounding differs); every speculative row's tokens are compared with
+plain-verifier-kernels', the plain decoding on the same kernels
 (on CPU, with plain's). Also reported:
 whether a bf16 matmul row computed at M = k + 1 equals the same row at M = 1
 bit for bit (verify runs k + 1 decode rows, plain decode one: where they
@@ -63,6 +64,7 @@ from rich.table import Table
 
 from onecard.bench.results import cap_process_memory, free_memory, publish
 from onecard.engine import LLM, SamplingParams
+from onecard.engine.speculative import VERIFIER_KERNELS
 
 ORIGINAL, EDITED = "### original\n", "### edited\n"
 IDENT = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]{2,}\b")
@@ -345,8 +347,8 @@ def main() -> None:
     if max(len(p) + n for p, n in prompts) + max(ks) + 1 > a.max_model_len:
         raise SystemExit("a prompt + its output do not fit --max-model-len; lower --block-chars / --output-tokens")
     rows: dict[str, dict] = {"plain": {}}
-    if device == "cuda":  # plain's bs=1 GEMV rounds unlike the verifier's k+1-row cuBLAS matmuls (speculation turns
-        rows["plain-cublas"] = {"decode_gemv": False}  # it off): identity is checked against plain on cuBLAS
+    if device == "cuda":  # plain's bs=1 GEMV and one-launch attention round unlike the verifier's kernels (speculation
+        rows["plain-verifier-kernels"] = VERIFIER_KERNELS  # turns them off): identity is checked against plain on those
     rows.update({f"n-gram k={k}": {"num_speculative_tokens": k, "ngram_size": a.ngram_size} for k in ks})
     if draft:
         rows[f"draft k={draft_k}"] = {"num_speculative_tokens": draft_k, "speculative_model": draft}
@@ -357,7 +359,7 @@ def main() -> None:
         console.print(f"[dim]{name}...[/]")
         res[name] = run(model, prompts, a, device, dtype, **spec)
     base = res["plain"]  # speed-ups are against the fastest plain decoding (the default)
-    ref = res.get("plain-cublas", base)  # greedy identity against plain decoding on the same matmul kernels
+    ref = res.get("plain-verifier-kernels", base)  # greedy identity against plain decoding on the same kernels
 
     hidden = json.loads((Path(model) / "config.json").read_text())["hidden_size"]
     r: dict = {"model": model, "draft": draft, "trained": trained, "k": ks, "draft_k": draft_k,
@@ -380,8 +382,9 @@ def main() -> None:
         t.add_row(name, f"{v['tok_s']:.1f}", f"{v['ms_per_token']:.2f}", f"{v['tok_s'] / base['tok_s']:.2f}x",
                   "" if name == "plain" else f"{v['acceptance_rate']:.2f}", f"{v['tokens_per_step']:.2f}",
                   "" if v is ref else str(same))
-    t.caption = ("* plain-cublas's tokens (the verifier's matmul kernels)" if ref is not base else "* plain's tokens")
-    r["identity_reference"] = "plain_cublas" if ref is not base else "plain"
+    t.caption = ("* plain-verifier-kernels' tokens (cuBLAS, three-launch attention)" if ref is not base
+                 else "* plain's tokens")
+    r["identity_reference"] = "plain_verifier_kernels" if ref is not base else "plain"
     r["plain_gemv_vs_cublas_identical"] = base["tokens"] == ref["tokens"]
     console.print(t)
     for who, info in trained.items():

@@ -64,6 +64,26 @@ def _gone(pids: list[int], within_s: float = 15) -> bool:
     return False
 
 
+def test_tp2_async_scheduling_generates_the_single_process_tokens():
+    """Async scheduling over 2 ranks: the driver launches step t+1 before reading step t, and the worker takes each
+    in-flight row's input token from the sample the driver broadcast. Requests of different lengths and a sampled
+    one (seeded) leave and join the decode batch at different steps, so rows move between steps."""
+    folder = make_random_checkpoint("llama-2-7b", "tiny")
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (9, 3, 6)]
+    params.append(SamplingParams(temperature=0.8, seed=3, max_tokens=7, ignore_eos=True))
+    prompts = [*PROMPTS, PROMPTS[1]]
+
+    def run(llm: LLM) -> list[list[int]]:
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    ref = run(LLM(folder, **ENGINE, async_scheduling=False))
+    llm = LLM(folder, tensor_parallel_size=2, async_scheduling=True, **ENGINE)
+    assert llm.engine.overlap
+    assert run(llm) == ref
+    assert [len(t) for t in ref] == [9, 3, 6, 7]
+    llm.engine.runner.close()
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_tp2_generates_the_single_process_tokens(case, tmp_path):
     folder, extra = _folder(*CASES[case], tmp_path)
@@ -127,6 +147,7 @@ torch.cuda.empty_cache()
 llm = LLM(folder, quantization=sys.argv[1], tensor_parallel_size=2, **gpu)
 model = llm.engine.runner.model
 print(json.dumps({"ref": ref, "tp": _generate(llm), "graphs": bool(llm.stats()["cuda_graphs"]),
+                  "async": llm.engine.overlap,
                   "base": type(model.layers[0].mlp.down_proj.linear).__name__,
                   "symm": model.layers[0].mlp.down_proj.fast is not None,
                   "symm_expected": symm_mem_unavailable(torch.device("cuda", 0), 2) is None}))
@@ -139,7 +160,7 @@ llm.engine.runner.close()
 @pytest.mark.parametrize("quantization", ["int8", "rtn-int4-g32"])
 def test_tp2_quantized_on_cuda_generates_the_single_gpu_tokens(quantization):
     """On GPUs the shards run our Triton int8/int4 kernels, with the all-reduces (symmetric memory where the GPUs
-    reach each other, else NCCL) inside each rank's CUDA graphs (fp32 activations, so a different summation order
+    reach each other, else NCCL) inside each rank's CUDA graphs, async scheduling on (fp32 activations, so a different summation order
     cannot flip a greedy token of the random model). Each case runs in its own process: a process whose NCCL
     all-reduces were graph-captured cannot leave its group cleanly (pytorch#115388), so cannot start a second."""
     import json
@@ -152,7 +173,7 @@ def test_tp2_quantized_on_cuda_generates_the_single_gpu_tokens(quantization):
                          text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     r = json.loads(run.stdout.strip().splitlines()[-1])
-    assert r["graphs"] and r["base"] == "QuantLinear" and r["symm"] == r["symm_expected"]
+    assert r["graphs"] and r["async"] and r["base"] == "QuantLinear" and r["symm"] == r["symm_expected"]
     assert r["tp"] == r["ref"]
 
 

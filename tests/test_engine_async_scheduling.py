@@ -224,7 +224,7 @@ def test_config_switch():
     assert EngineConfig("m", async_scheduling=True).overlaps(is_cuda=False)
     assert not EngineConfig("m", async_scheduling=False).overlaps(is_cuda=True)
     assert not EngineConfig("m", num_speculative_tokens=2).overlaps(is_cuda=True)
-    assert not EngineConfig("m", tensor_parallel_size=2).overlaps(is_cuda=True)
+    assert EngineConfig("m", tensor_parallel_size=2).overlaps(is_cuda=True)
     with pytest.raises(NotBuiltYetError, match="async_scheduling"):
         EngineConfig("m", async_scheduling=True, num_speculative_tokens=2)
 

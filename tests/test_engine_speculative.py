@@ -3,10 +3,13 @@ no block leaks, penalized/logprob requests untouched (sampling: test_engine_reje
 
 from __future__ import annotations
 
+import gc
+
 import pytest
+import torch
 
 from onecard.engine import LLM, SamplingParams
-from onecard.engine.speculative import accept_greedy, propose_ngram
+from onecard.engine.speculative import VERIFIER_KERNELS, accept_greedy, propose_ngram
 from onecard.errors import BadInputError
 
 CODE = ("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\ndef mul(a, b):\n"
@@ -70,12 +73,16 @@ def test_greedy_outputs_identical_with_speculation(arch, tiny_model, random_chec
 def test_greedy_outputs_identical_with_speculation_on_gpu(tiny_model):
     # the CUDA decode path (Triton attention, CUDA graphs, bf16): verify rows must read the draft rows' keys and
     # values after they are stored, and sum their attention in plain decoding's order; one sequence at a time, as
-    # the benchmark runs it (plain decoding's matmuls at M = 1, the verifier's at k + 1)
+    # the benchmark runs it (plain decoding's matmuls at M = 1, the verifier's at k + 1), against plain decoding on
+    # the verifier's kernels
     prompts = [CODE, CODE.replace("a, b", "x, y")]
     sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     kw = {"max_model_len": 256, "max_num_seqs": 1, "device": "cuda", "dtype": "bfloat16"}
-    plain = LLM(tiny_model.path, decode_gemv=False, **kw)  # the verifier's matmuls (speculation turns the GEMV off)
+    plain = LLM(tiny_model.path, **VERIFIER_KERNELS, **kw)  # the verifier's matmuls and attention kernels
     ref = [o.outputs[0].token_ids for o in plain.generate(prompts, sp, use_tqdm=False)]
+    del plain  # its KV cache holds most of the card: the second engine sizes its own from what is free
+    gc.collect()
+    torch.cuda.empty_cache()
     spec = LLM(tiny_model.path, num_speculative_tokens=4, **kw)
     assert [o.outputs[0].token_ids for o in spec.generate(prompts, sp, use_tqdm=False)] == ref
     assert spec.stats()["spec_accepted_tokens"] > 0

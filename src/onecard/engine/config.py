@@ -107,9 +107,9 @@ class EngineConfig:
                                    "built; drop one of them (n-gram speculation works with tensor parallelism)")
         if self.async_scheduling not in (None, True, False):
             raise bad("async_scheduling", "must be True, False or None (None: on for CUDA)")
-        if self.async_scheduling and (self.num_speculative_tokens or self.tensor_parallel_size > 1):
-            raise NotBuiltYetError("async_scheduling=True with speculative decoding or tensor_parallel_size > 1 is "
-                                   "not built; leave async_scheduling=None (it turns itself off there) or drop one")
+        if self.async_scheduling and self.num_speculative_tokens:
+            raise NotBuiltYetError("async_scheduling=True with speculative decoding is not built; leave "
+                                   "async_scheduling=None (it turns itself off there) or drop one")
         if self.programmatic_launch not in (None, True, False):
             raise bad("programmatic_launch", "must be True, False or None (None: on for Hopper-or-later GPUs)")
         if self.decode_gemv not in (None, True, False):
@@ -127,7 +127,7 @@ class EngineConfig:
         """Whether decode steps run with async scheduling on this device (``async_scheduling=None`` resolved)."""
         if self.async_scheduling is not None:
             return self.async_scheduling
-        return is_cuda and not self.num_speculative_tokens and self.tensor_parallel_size == 1
+        return is_cuda and not self.num_speculative_tokens
 
     def fuses_decode_attention(self) -> bool:
         """Whether decode attention runs as one launch (``fused_decode_attention``), which speculation rules out:

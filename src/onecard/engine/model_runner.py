@@ -317,8 +317,12 @@ class ModelRunner:
         (``PendingSample.result``). ``prev_rows[i] >= 0``: row i's input token is row ``prev_rows[i]`` of the
         previous ``launch_decode``'s sample (the host holds only a placeholder for it yet)."""
         ds = sample_on_device(self.decode_logits(seqs, prev_rows).float(), seqs)
-        self._sampled[:len(seqs)].copy_(ds.tokens)
+        self.keep_sample(ds.tokens)
         return PendingSample.start(ds)
+
+    def keep_sample(self, tokens: torch.Tensor) -> None:
+        """Keep a launched step's sampled tokens on the device, where the next step's ``prev_rows`` take them."""
+        self._sampled[:len(tokens)].copy_(tokens)
 
     def decode_logits(self, seqs: list[Sequence], prev_rows: list[int] | None = None) -> torch.Tensor:
         """Logits ``[B, vocab]`` of one decode token per sequence (its last token, at position ``len - 1``; for

@@ -16,6 +16,12 @@ from onecard.engine.sampler import host_to_device, sampling_probs
 from onecard.engine.sampling_params import SamplingParams
 from onecard.engine.sequence import Sequence
 
+# The engine options that put plain decoding on the kernels a speculative engine runs (it turns the bs=1 GEMV and
+# one-launch decode attention off: a verify step's k+1 rows go through cuBLAS, and through the three-launch
+# attention, since one launch would read a sibling row's keys/values before they are stored). Greedy speculation is
+# token-identical to plain decoding on these kernels; other kernels round differently, and a near-tie can flip.
+VERIFIER_KERNELS = {"decode_gemv": False, "fused_decode_attention": False}
+
 
 def propose_ngram(token_ids: list[int], ngram_size: int, num_tokens: int) -> list[int]:
     """Up to ``num_tokens`` tokens that followed the most recent earlier match of the longest suffix n-gram

@@ -17,6 +17,14 @@ between GPUs. ``lm_head`` is replicated, so the driver has the full logits
 and samples alone. On CUDA each rank captures its own decode graphs (the
 NCCL all-reduces are recorded in them) and all ranks replay in lockstep.
 
+Async scheduling works as on one GPU (``llm_engine.py``): the driver sends step
+t+1 (a ``LAUNCH`` message, with each row's ``prev_rows``) before it has read
+step t's tokens, and after sampling it broadcasts the sampled tokens from its
+``_sampled`` buffer into every worker's, on the GPUs' streams: a worker takes
+a row's input token from there exactly as the driver does, so no rank's host
+waits for the token, and the pipe, the scheduling and each rank's input
+preparation overlap the GPUs' previous step.
+
 Lifetime: workers are daemons that exit when the driver sends ``None``
 (``TPModelRunner.close``, also run when the runner is garbage-collected or
 the interpreter exits) or when they notice the driver is gone. A worker that
@@ -41,13 +49,13 @@ import torch.distributed as dist
 
 from onecard.engine.config import EngineConfig
 from onecard.engine.model_runner import ModelRunner
-from onecard.engine.sampler import SamplerOutput
+from onecard.engine.sampler import PendingSample, SamplerOutput
 from onecard.engine.sequence import Sequence
 from onecard.errors import BadInputError, NotBuiltYetError, OnecardError
 
 log = logging.getLogger(__name__)
 
-PREFILL, DECODE, VERIFY = 0, 1, 2
+PREFILL, DECODE, VERIFY, LAUNCH = 0, 1, 2, 3  # LAUNCH: an async decode step (prev_rows, then a broadcast)
 COLLECTIVE_TIMEOUT_S = 300  # longest any rank may wait in a collective (start-up skew included) before it fails
 READY_TIMEOUT_S = 1800  # loading a large checkpoint and capturing graphs on every rank
 LEAVE_TIMEOUT_S = 30  # tearing the NCCL group down at close
@@ -59,8 +67,9 @@ class WorkerError(OnecardError):
 
 
 # ---- step messages: what the scheduler decided, as one int64 array -----------------------------------------------
-def pack_step(kind: int, seqs: list[Sequence]) -> np.ndarray:
-    """The fields of ``seqs`` a worker's ``ModelRunner`` reads for a ``kind`` step (not the whole token history)."""
+def pack_step(kind: int, seqs: list[Sequence], prev_rows: list[int] | None = None) -> np.ndarray:
+    """The fields of ``seqs`` a worker's ``ModelRunner`` reads for a ``kind`` step (not the whole token history),
+    then, for a ``LAUNCH`` step, each row's ``prev_rows`` entry."""
     out: list[int] = [kind, len(seqs)]
     for s in seqs:
         if kind == PREFILL:  # the same window prepare_prefill computes
@@ -74,6 +83,8 @@ def pack_step(kind: int, seqs: list[Sequence]) -> np.ndarray:
         out += [start, len(s.block_table), len(toks)]
         out += s.block_table
         out += toks
+    if kind == LAUNCH:
+        out += prev_rows
     return np.asarray(out, dtype=np.int64)
 
 
@@ -99,7 +110,7 @@ class StepSequence:
         return self.length
 
 
-def unpack_step(msg: np.ndarray) -> tuple[int, list[StepSequence]]:
+def unpack_step(msg: np.ndarray) -> tuple[int, list[StepSequence], list[int] | None]:
     values = msg.tolist()
     kind, n = values[0], values[1]
     i, seqs = 2, []
@@ -115,7 +126,7 @@ def unpack_step(msg: np.ndarray) -> tuple[int, list[StepSequence]]:
         s.last_token = toks[0] if kind != PREFILL else toks[-1]
         s.draft_tokens = toks[1:] if kind == VERIFY else []
         seqs.append(s)
-    return kind, seqs
+    return kind, seqs, values[i:i + n] if kind == LAUNCH else None
 
 
 # ---- runner ------------------------------------------------------------------------------------------------------
@@ -134,9 +145,9 @@ class TPModelRunner(ModelRunner):
         self._workers = workers
         self._finalizer = weakref.finalize(self, _shutdown, workers)
 
-    def _send(self, kind: int, seqs: list[Sequence]) -> None:
+    def _send(self, kind: int, seqs: list[Sequence], prev_rows: list[int] | None = None) -> None:
         check_workers(self._workers)
-        msg = pack_step(kind, seqs)
+        msg = pack_step(kind, seqs, prev_rows)
         for _proc, conn in self._workers:
             conn.send(msg)
 
@@ -146,18 +157,32 @@ class TPModelRunner(ModelRunner):
         return super().run(seqs, is_prefill)
 
     @torch.no_grad()
+    def launch_decode(self, seqs: list[Sequence], prev_rows: list[int]) -> PendingSample:
+        self._send(LAUNCH, seqs, prev_rows)
+        return super().launch_decode(seqs, prev_rows)
+
+    def keep_sample(self, tokens: torch.Tensor) -> None:
+        """The driver's sample goes to every rank's ``_sampled``, where the next ``LAUNCH`` step's rows read it."""
+        super().keep_sample(tokens)
+        dist.broadcast(self._sampled[:len(tokens)], src=0)
+
+    @torch.no_grad()
     def verify(self, seqs: list[Sequence], draft_probs: dict[int, torch.Tensor] | None = None) -> list[list[int]]:
         self._send(VERIFY, seqs)
         return super().verify(seqs, draft_probs)
 
     @torch.no_grad()
-    def forward_step(self, kind: int, seqs: list[StepSequence]) -> None:
-        """A worker's half of a step: the same forward as the driver (same collectives), no sampling."""
+    def forward_step(self, kind: int, seqs: list[StepSequence], prev_rows: list[int] | None = None) -> None:
+        """A worker's half of a step: the same forward as the driver (same collectives), no sampling; after a
+        ``LAUNCH`` step it receives the driver's sample (``keep_sample``)."""
         if kind == PREFILL:
             ids, positions, meta, _last = self.prepare_prefill(seqs)
             self.model(ids, positions, meta)
         elif kind == DECODE:
             self.decode_logits(seqs)
+        elif kind == LAUNCH:
+            self.decode_logits(seqs, prev_rows)
+            dist.broadcast(self._sampled[:len(seqs)], src=0)
         else:
             self.verify_logits(seqs)
 
