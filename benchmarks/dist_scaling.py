@@ -105,7 +105,8 @@ def _engine_run(folder: str, tp: int, device: str, a) -> dict:
     result = {"bs1_decode_tokens_per_s": (a.decode - 1) / max(one - prefill, 1e-9), "prefill_s": prefill,
               "offline_tokens_per_s": a.batch * a.decode / offline, "weight_gib_rank0": weight_gib,
               "cuda_graphs": stats["cuda_graphs"], "kv_blocks": stats["kv_blocks_total"],
-              "symm_mem_all_reduce": any(getattr(m, "fast", None) is not None for m in model.modules())}
+              "symm_mem_all_reduce": any(getattr(m, "fast", None) is not None for m in model.modules()),
+              "sums_fused_into_norms": any(getattr(m, "defer", None) is not None for m in model.modules())}
     model = None
     console.print(f"TP={tp}: {result['bs1_decode_tokens_per_s']:.1f} tok/s at bs=1, "
                   f"{result['offline_tokens_per_s']:.1f} tok/s offline (bs={a.batch})")  # before a teardown can hang
@@ -293,14 +294,15 @@ def _chart(out_dir: Path, name: str, title: str, groups: list[str], series: dict
 
 def _result_name(part: str, a) -> str:
     """dist_tp, dist_fsdp, dist_fit; a quantized TP run is dist_tp_<quantization> beside the bf16 one, and one
-    with ``--all-reduce nccl`` (every sum over NCCL: the comparison for symmetric memory) ends in _nccl, and one
+    with ``--all-reduce nccl`` (every sum over NCCL: the comparison for symmetric memory) ends in _nccl, one with
+    ``--all-reduce one-shot`` (symmetric memory, no sum fused into a norm) in _oneshot, and one
     with ``--no-decode-gemv`` (cuBLAS for every linear: the comparison for the GEMV) in _cublas, and one with
     ``--no-async`` (each decode step waits for the last one's tokens) in _sync."""
     name = f"dist_{part.replace('-', '_')}"
     if part != "tp":
         return name
-    return (name + (f"_{a.quantization}" if a.quantization else "") + ("_nccl" if a.all_reduce == "nccl" else "")
-            + ("" if a.decode_gemv else "_cublas") + ("_sync" if a.async_scheduling is False else ""))
+    sums = {"auto": "", "nccl": "_nccl", "one-shot": "_oneshot"}[a.all_reduce]
+    return (name + (f"_{a.quantization}" if a.quantization else "") + sums + ("" if a.decode_gemv else "_cublas") + ("_sync" if a.async_scheduling is False else ""))
 
 
 def main() -> None:
@@ -314,8 +316,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=None, help="TP: offline batch besides 1 (default 32; smoke 4)")
     p.add_argument("--quantization", choices=("int8", "rtn-int4", "rtn-int4-g64", "rtn-int4-g32"), default=None,
                    help="TP: quantize on load (both TP=1 and TP=2; each rank quantizes, then keeps its shard)")
-    p.add_argument("--all-reduce", choices=("auto", "nccl"), default="auto",
-                   help="TP: the engine's tp_all_reduce (auto: small sums through symmetric memory where it runs)")
+    p.add_argument("--all-reduce", choices=("auto", "one-shot", "nccl"), default="auto",
+                   help="TP: the engine's tp_all_reduce (auto: small sums through symmetric memory where it runs, "
+                        "decode sums fused into the next norm; one-shot: without the fusion)")
     p.add_argument("--no-decode-gemv", dest="decode_gemv", action="store_false",
                    help="TP: the engine's decode_gemv off (cuBLAS for every linear at bs=1)")
     p.add_argument("--no-async", dest="async_scheduling", action="store_const", const=False, default=None,

@@ -80,7 +80,8 @@ ENGINE_FLAGS: tuple[EngineFlag, ...] = (
     EngineFlag("tensor_parallel_size", ("--tp", "--tensor-parallel-size"), int, "Tensor parallel: shard the model "
                "over this many GPUs (spawns workers)."),
     EngineFlag("tp_all_reduce", ("--tp-all-reduce",), str, "Tensor parallel sums: auto (small ones through PyTorch "
-               "symmetric memory where the GPUs reach each other) or nccl."),
+               "symmetric memory where the GPUs reach each other, decode sums fused into the next norm), one-shot "
+               "(the same without the fusion) or nccl."),
 )
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)}

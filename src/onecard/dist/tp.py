@@ -79,6 +79,57 @@ class SymmMemAllReduce:
         return out
 
 
+FUSED_MAX_ROWS = 128  # rows (decode sequences) a fused sum takes; every row's program must be resident at once
+
+
+class SumAddNorm:
+    """A row-parallel layer's sum finished inside the next norm: the partial sums, the residual add and the RMSNorm
+    in one kernel (``kernels.sum_norm``), for batches of up to ``max_rows`` rows.
+
+    ``RowParallelLinear`` returns its partial (``defer``) where ``takes`` says so, and the norm that reads it
+    (``RMSNorm.pending_sum``) calls this instead of its add+norm; both ask ``takes`` of the same tensor shape, so
+    they always agree. Where ``takes`` says no (long prefills) the sum runs as before, inside the linear."""
+
+    def __init__(self, group: dist.ProcessGroup, device: torch.device, dtype: torch.dtype, hidden: int,
+                 max_rows: int = FUSED_MAX_ROWS) -> None:
+        from torch.distributed import _symmetric_memory as symm_mem
+
+        self.dtype, self.hidden, self.max_rows = dtype, hidden, max_rows
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        self.buffer = symm_mem.empty(2 * max_rows * hidden, dtype=dtype, device=device)
+        self.flags = symm_mem.empty(2 * max_rows * self.world, dtype=torch.int32, device=device)
+        self.flags.zero_()
+        buffers = symm_mem.rendezvous(self.buffer, group.group_name)
+        flags = symm_mem.rendezvous(self.flags, group.group_name)
+        self.buffer_ptrs, self.flag_ptrs = buffers.buffer_ptrs_dev, flags.buffer_ptrs_dev
+        torch.cuda.synchronize(device)
+        dist.barrier(group)  # every rank's flags are zero before any rank raises one
+
+    def takes(self, x: torch.Tensor) -> bool:
+        return (x.dim() == 2 and x.shape[0] <= self.max_rows and x.shape[1] == self.hidden and x.dtype == self.dtype
+                and x.is_contiguous())
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                 slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from onecard.kernels.sum_norm import sum_add_rmsnorm
+
+        return sum_add_rmsnorm(x, residual.contiguous(), weight, eps, self.buffer_ptrs, self.flag_ptrs, slot,
+                               self.rank, self.world, self.max_rows)
+
+
+def fuse_sums_into_norms_(model: LlamaModel, fused) -> None:
+    """Defer every row-parallel sum to the norm that reads it: attention's to ``post_attention_layernorm`` (slot
+    0), the MLP's to the next layer's ``input_layernorm`` or the final ``norm`` (slot 1). ``fused``: a
+    ``SumAddNorm`` (tests pass a reference with the same ``takes``/call)."""
+    layers = list(model.layers)
+    for i, layer in enumerate(layers):
+        after_mlp = layers[i + 1].input_layernorm if i + 1 < len(layers) else model.norm
+        for linear, norm, slot in ((layer.self_attn.o_proj, layer.post_attention_layernorm, 0),
+                                   (layer.mlp.down_proj, after_mlp, 1)):
+            linear.defer = fused
+            norm.pending_sum = (fused, slot)
+
+
 def symm_mem_unavailable(device: torch.device, world: int) -> str | None:
     """Why the symmetric-memory all-reduce cannot run here (None: it can). Decided from facts every rank sees the
     same way, because the rendezvous is collective: one rank opting out alone would leave the others waiting."""
@@ -96,8 +147,9 @@ def symm_mem_unavailable(device: torch.device, world: int) -> str | None:
     return None
 
 
-def use_symm_mem_all_reduce_(model: LlamaModel, group: dist.ProcessGroup | None = None) -> bool:
-    """Route every row-parallel sum that fits the buffer through one ``SymmMemAllReduce``; NCCL keeps the rest.
+def use_symm_mem_all_reduce_(model: LlamaModel, group: dist.ProcessGroup | None = None, fuse_norms: bool = True) -> bool:
+    """Route every row-parallel sum that fits the buffer through one ``SymmMemAllReduce``, and with ``fuse_norms``
+    those of up to ``FUSED_MAX_ROWS`` rows into the next norm (``SumAddNorm``); NCCL keeps the rest.
     Returns False (NCCL for everything) where ``symm_mem_unavailable`` says why, logged once."""
     group = group or dist.group.WORLD
     device = next(model.parameters()).device
@@ -105,12 +157,15 @@ def use_symm_mem_all_reduce_(model: LlamaModel, group: dist.ProcessGroup | None 
     if why is not None:
         log.info("tensor parallel: all-reduce over NCCL only (%s)", why)
         return False
-    fast = SymmMemAllReduce(group, device, model.embed_tokens.weight.dtype)
+    dtype = model.embed_tokens.weight.dtype
+    fast = SymmMemAllReduce(group, device, dtype)
     for m in model.modules():
         if isinstance(m, RowParallelLinear):
             m.fast = fast
-    log.info("tensor parallel: sums up to %d KiB through symmetric memory (one-shot), larger ones over NCCL",
-             SYMM_MEM_MAX_BYTES >> 10)
+    if fuse_norms:
+        fuse_sums_into_norms_(model, SumAddNorm(group, device, dtype, model.args.hidden_size))
+    log.info("tensor parallel: sums up to %d KiB through symmetric memory (one-shot%s), larger ones over NCCL",
+             SYMM_MEM_MAX_BYTES >> 10, f"; up to {FUSED_MAX_ROWS} rows inside the next norm" if fuse_norms else "")
     return True
 
 
@@ -121,9 +176,12 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.linear, self.group = linear, group
         self.fast: SymmMemAllReduce | None = None  # set by use_symm_mem_all_reduce_
+        self.defer = None  # a SumAddNorm: the next norm finishes the sum (fuse_sums_into_norms_)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.linear(x)
+        if self.defer is not None and self.defer.takes(out):
+            return out  # this rank's partial: the norm that reads it sums it
         if self.fast is not None and self.fast.fits(out):
             return self.fast(out)
         dist.all_reduce(out, group=self.group)

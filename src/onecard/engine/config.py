@@ -87,8 +87,9 @@ class EngineConfig:
             raise bad("int4_kernel", "choose 'triton' (onecard's kernel) or 'tinygemm' (PyTorch's int4 kernel, CUDA bf16)")
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise bad("tensor_parallel_size", "must be a positive integer (GPUs to shard the model over)")
-        if self.tp_all_reduce not in ("auto", "nccl"):
-            raise bad("tp_all_reduce", "choose 'auto' (symmetric memory for small sums where it runs) or 'nccl'")
+        if self.tp_all_reduce not in ("auto", "one-shot", "nccl"):
+            raise bad("tp_all_reduce", "choose 'auto' (symmetric memory for small sums where it runs, decode sums "
+                      "fused into the next norm), 'one-shot' (the same without the fusion) or 'nccl'")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise bad("num_kv_blocks", "must be a positive integer")
         if self.long_prefill_chunk is not None and (

@@ -321,8 +321,8 @@ def load_shard(config: EngineConfig, dtype: torch.dtype, device: torch.device, r
         model = load_model(folder, dtype, load_on, progress=progress)
     shard_model_(model, rank, config.tensor_parallel_size)
     model = model.to(device)
-    if config.tp_all_reduce == "auto" and config.tensor_parallel_size > 1:
-        use_symm_mem_all_reduce_(model)
+    if config.tp_all_reduce != "nccl" and config.tensor_parallel_size > 1:
+        use_symm_mem_all_reduce_(model, fuse_norms=config.tp_all_reduce == "auto")
     if config.int4_kernel == "tinygemm":
         from onecard.quant import use_tinygemm_
 

@@ -69,6 +69,12 @@ def _add_rmsnorm_fwd(X, R, W, Y, S, stride_x, stride_r, stride_y, stride_s, N, e
     cols = tl.arange(0, BLOCK)
     mask = cols < N
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    add_rmsnorm_row(x, R, W, Y, S, row, cols, mask, stride_r, stride_y, stride_s, N, eps)
+
+
+@triton.jit
+def add_rmsnorm_row(x, R, W, Y, S, row, cols, mask, stride_r, stride_y, stride_s, N, eps):
+    """One row of ``add_rmsnorm``: ``x`` (fp32, already loaded or summed) plus the residual row, then the norm."""
     r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
     s = (x + r).to(S.dtype.element_ty)  # the residual stream is rounded to its dtype before the norm reads it
     tl.store(S + row * stride_s + cols, s, mask=mask)

@@ -126,9 +126,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.pending_sum = None  # tensor parallel: (sum, slot) when x is a rank's partial to sum first (dist.tp)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """``norm(x)``, or with ``residual``: ``s = x + residual`` then ``(norm(s), s)`` (one kernel on CUDA)."""
+        if residual is not None and self.pending_sum is not None and self.pending_sum[0].takes(x):
+            fused, slot = self.pending_sum
+            return fused(x, residual, self.weight, self.eps, slot)
         if residual is not None:
             if _fused(x):
                 return add_rmsnorm_triton(x, residual, self.weight, self.eps)
