@@ -72,7 +72,12 @@ def _tp_worker(cases: list[tuple[str, str | None, torch.Tensor]], out: str) -> N
     import torch.distributed as dist
 
     from onecard.dist.launch import init_distributed
-    from onecard.dist.tp import fuse_sums_into_norms_, local_kv_heads, shard_model_, use_symm_mem_all_reduce_
+    from onecard.dist.tp import (
+        fuse_sums_into_norms_,
+        local_kv_heads,
+        shard_model_,
+        use_symm_mem_all_reduce_,
+    )
 
     env, _ = init_distributed("cpu")
     results = []
@@ -174,7 +179,11 @@ def test_shard_on_meta_and_bad_sizes():
 
 
 def test_row_parallel_sends_sums_that_fit_to_symmetric_memory():
-    from onecard.dist.tp import RowParallelLinear, SymmMemAllReduce, symm_mem_unavailable
+    from onecard.dist.tp import (
+        RowParallelLinear,
+        SymmMemAllReduce,
+        symm_mem_unavailable,
+    )
 
     fast = object.__new__(SymmMemAllReduce)  # the buffer without its CUDA rendezvous: what fits() reads
     fast.buffer = torch.empty(64, dtype=torch.bfloat16)

@@ -147,7 +147,8 @@ def symm_mem_unavailable(device: torch.device, world: int) -> str | None:
     return None
 
 
-def use_symm_mem_all_reduce_(model: LlamaModel, group: dist.ProcessGroup | None = None, fuse_norms: bool = True) -> bool:
+def use_symm_mem_all_reduce_(model: LlamaModel, group: dist.ProcessGroup | None = None,
+                             fuse_norms: bool = True) -> bool:
     """Route every row-parallel sum that fits the buffer through one ``SymmMemAllReduce``, and with ``fuse_norms``
     those of up to ``FUSED_MAX_ROWS`` rows into the next norm (``SumAddNorm``); NCCL keeps the rest.
     Returns False (NCCL for everything) where ``symm_mem_unavailable`` says why, logged once."""
