@@ -133,7 +133,8 @@ def part_tp(a, out_dir: Path, scratch: Path) -> dict:
         console.print(f"TP={tp} done in {time.perf_counter() - t0:.0f} s")
     data = {"arch": "llama-2-13b" + (" (tiny)" if a.smoke else ""), "dtype": "fp32" if a.smoke else "bf16",
             "quantization": a.quantization, "tp_all_reduce": a.all_reduce, "decode_gemv": a.decode_gemv,
-            "async_scheduling": a.async_scheduling is not False, "engine": "onecard LLM(tensor_parallel_size=N)", "prompt_tokens": a.prompt, "decode_tokens": a.decode,
+            "async_scheduling": a.async_scheduling is not False, "engine": "onecard LLM(tensor_parallel_size=N)",
+            "prompt_tokens": a.prompt, "decode_tokens": a.decode,
             "offline_batch": a.batch, "cuda_graphs": bool(res[2]["cuda_graphs"])}
     for tp, r in res.items():
         data.update({f"tp{tp}_{k}": v for k, v in r.items() if k != "cuda_graphs"})
@@ -302,7 +303,8 @@ def _result_name(part: str, a) -> str:
     if part != "tp":
         return name
     sums = {"auto": "", "nccl": "_nccl", "one-shot": "_oneshot"}[a.all_reduce]
-    return (name + (f"_{a.quantization}" if a.quantization else "") + sums + ("" if a.decode_gemv else "_cublas") + ("_sync" if a.async_scheduling is False else ""))
+    return (name + (f"_{a.quantization}" if a.quantization else "") + sums + ("" if a.decode_gemv else "_cublas")
+            + ("_sync" if a.async_scheduling is False else ""))
 
 
 def main() -> None:
@@ -322,7 +324,8 @@ def main() -> None:
     p.add_argument("--no-decode-gemv", dest="decode_gemv", action="store_false",
                    help="TP: the engine's decode_gemv off (cuBLAS for every linear at bs=1)")
     p.add_argument("--no-async", dest="async_scheduling", action="store_const", const=False, default=None,
-                   help="TP: the engine's async_scheduling off (the host prepares each step after the last one's tokens)")
+                   help="TP: the engine's async_scheduling off (the host prepares each step after the last one's "
+                        "tokens)")
     p.add_argument("--seq", type=int, default=None, help="FSDP: tokens per row (default 2048; smoke 32)")
     p.add_argument("--rows", type=int, default=1, help="FSDP: rows per GPU per step")
     p.add_argument("--steps", type=int, default=None, help="FSDP: timed steps after 2 warm-up (default 6; smoke 2)")

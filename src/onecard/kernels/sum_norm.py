@@ -66,7 +66,8 @@ def _sum_add_rmsnorm_fwd(X, R, W, Y, S, BUF_PTRS, FLAG_PTRS, stride_x, stride_r,
 
 
 def sum_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, buffer_ptrs: int,
-                    flag_ptrs: int, slot: int, rank: int, world: int, max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    flag_ptrs: int, slot: int, rank: int, world: int,
+                    max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``add_rmsnorm(sum over ranks of x, residual)`` -> ``(normed, new residual)`` on every rank.
 
     ``x`` is ``[rows <= max_rows, N]``, this rank's partial; ``buffer_ptrs`` / ``flag_ptrs`` are the device
