@@ -224,7 +224,9 @@ def test_cli_qlora_gpus_2_matches_one_process_and_resumes_on_cpu(tiny_model, tmp
     assert proc.stdout.count("wrote ") == 1  # rank 0 reports and writes; rank 1 stays quiet
     w1, w2 = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (one, two))
     assert w1.keys() == w2.keys() and all("lora_" in k for k in w1)  # PEFT adapter only: no int4 base inside
-    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+    # Adam turns reduction-order noise in near-zero gradients into up to ~lr-sized steps on a few elements: seen
+    # 5e-5 on 0.003 % of them (weights up to 0.07, lr 1e-2); a wrong gradient average moves every element ~1e-2
+    assert all(torch.allclose(w1[k], w2[k], atol=2e-4) for k in w1)
     assert json.loads((two / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
     resumed = _cli([*base, "--max-steps", str(CLI_STEPS + 2), "--resume"])

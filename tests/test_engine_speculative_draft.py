@@ -183,8 +183,9 @@ def test_sampled_requests_speculate_reproducibly_and_sample_like_plain(tiny_mode
     assert spec.generate([CODE], one, use_tqdm=False)[0].outputs[0].token_ids == first  # same seed, same k
     assert len(first) == 30
     st = spec.stats()
-    assert st["spec_method"] == method and st["spec_draft_tokens"] > 0 and 0 < st["spec_acceptance_rate"] <= 1
+    assert st["spec_method"] == method and st["spec_draft_tokens"] > 0 and 0 <= st["spec_acceptance_rate"] <= 1
     got = _second_tokens(spec)
+    assert spec.stats()["spec_accepted_tokens"] > 0  # over the seeds, some drafts are accepted (one run may have none)
     tv = 0.5 * sum(abs(got[t] - plain_second_tokens[t]) for t in set(got) | set(plain_second_tokens)) / SEEDS
     # measured on CPU: 0.025 (n-gram), 0.07 (draft model); accepting every draft token instead gives 0.19 and 0.54
     assert tv < 0.16, tv

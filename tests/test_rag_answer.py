@@ -37,6 +37,9 @@ def test_ask_with_the_tiny_model_end_to_end(tiny_model, tmp_path):
     assert not ans.unknown and ans.best_similarity >= 0.35
     assert Path(ans.context[0].source).name == "pump.md" and ans.context[0].heading == "Pump"
     assert "[1] (pump.md, section: Pump)" in ans.prompt
-    assert isinstance(ans.text, str) and len(ans.text) > 0
+    from onecard.rag.answer import EngineWriter
+
+    # the answer is the model's own greedy continuation of that prompt (a 5M model may write only whitespace)
+    assert ans.text == EngineWriter(tiny_model.path)(ans.prompt, max_tokens=16)
     # whatever the weak model wrote, every citation we report maps to a retrieved passage
     assert all(1 <= c.n <= len(ans.chunks) for c in ans.citations)
