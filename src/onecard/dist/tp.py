@@ -163,6 +163,8 @@ def use_symm_mem_all_reduce_(model: LlamaModel, group: dist.ProcessGroup | None 
     for m in model.modules():
         if isinstance(m, RowParallelLinear):
             m.fast = fast
+    world = dist.get_world_size(group)
+    fuse_norms = fuse_norms and world & (world - 1) == 0  # the kernel spans the ranks with tl.arange: a power of 2
     if fuse_norms:
         fuse_sums_into_norms_(model, SumAddNorm(group, device, dtype, model.args.hidden_size))
     log.info("tensor parallel: sums up to %d KiB through symmetric memory (one-shot%s), larger ones over NCCL",
