@@ -85,6 +85,12 @@ def add_rmsnorm_row(x, R, W, Y, S, row, cols, mask, stride_r, stride_y, stride_s
     tl.store(Y + row * stride_y + cols, (w * sn).to(Y.dtype.element_ty), mask=mask)
 
 
+def row_launch(N: int) -> dict:
+    """``BLOCK`` and ``num_warps`` of a kernel that holds one ``N``-wide row per program (the norm kernels)."""
+    block = triton.next_power_of_2(N)
+    return {"BLOCK": block, "num_warps": min(max(block // 256, 1), 16)}
+
+
 def _num_progs(x: torch.Tensor, rows: int) -> int:
     if x.is_cuda:
         return min(rows, torch.cuda.get_device_properties(x.device).multi_processor_count * 4)
@@ -102,9 +108,7 @@ class _RMSNormFn(torch.autograd.Function):
         out_dtype = torch.promote_types(x.dtype, weight.dtype)
         y = torch.empty((M, N), dtype=out_dtype, device=x.device)
         rstd = torch.empty(M, dtype=torch.float32, device=x.device)
-        block = triton.next_power_of_2(N)
-        _rmsnorm_fwd[(M,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), N, eps, BLOCK=block,
-                           num_warps=min(max(block // 256, 1), 16))
+        _rmsnorm_fwd[(M,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), N, eps, **row_launch(N))
         ctx.save_for_backward(x2, weight, rstd)
         ctx.shape = shape
         return y.view(shape)
@@ -120,9 +124,8 @@ class _RMSNormFn(torch.autograd.Function):
         progs = _num_progs(x2, M)
         rows_per = triton.cdiv(M, progs)
         dw_part = torch.empty((progs, N), dtype=torch.float32, device=x2.device)
-        block = triton.next_power_of_2(N)
         _rmsnorm_bwd[(progs,)](dy2, x2, weight, rstd, dx, dw_part, dy2.stride(0), x2.stride(0), dx.stride(0),
-                               M, N, rows_per, BLOCK=block, num_warps=min(max(block // 256, 1), 16))
+                               M, N, rows_per, **row_launch(N))
         dw = dw_part.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
         return dx.view(ctx.shape), dw, None
 
@@ -163,7 +166,6 @@ def add_rmsnorm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     y = torch.empty((M, N), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     s = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M:
-        block = triton.next_power_of_2(N)
         _add_rmsnorm_fwd[(M,)](x2, r2, weight, y, s, x2.stride(0), r2.stride(0), y.stride(0), s.stride(0), N, eps,
-                               BLOCK=block, num_warps=min(max(block // 256, 1), 16), **pdl_launch(x))
+                               **row_launch(N), **pdl_launch(x))
     return y.view(x.shape), s.view(x.shape)

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from onecard.kernels.launch import pdl_launch, start_after_inputs
-from onecard.kernels.rmsnorm import add_rmsnorm_row
+from onecard.kernels.rmsnorm import add_rmsnorm_row, row_launch
 
 
 @triton.jit
@@ -76,8 +76,7 @@ def sum_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tenso
     M, N = x.shape
     y = torch.empty((M, N), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     s = torch.empty_like(residual)
-    block = triton.next_power_of_2(N)
     _sum_add_rmsnorm_fwd[(M,)](x, residual, weight, y, s, buffer_ptrs, flag_ptrs, x.stride(0), residual.stride(0),
                                y.stride(0), s.stride(0), N, eps, slot, RANK=rank, WORLD=world, MAX_ROWS=max_rows,
-                               BLOCK=block, num_warps=min(max(block // 256, 1), 16), **pdl_launch(x))
+                               **row_launch(N), **pdl_launch(x))
     return y, s
