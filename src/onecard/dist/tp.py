@@ -154,7 +154,8 @@ def use_symm_mem_all_reduce_(model: LlamaModel, group: dist.ProcessGroup | None 
     Returns False (NCCL for everything) where ``symm_mem_unavailable`` says why, logged once."""
     group = group or dist.group.WORLD
     device = next(model.parameters()).device
-    why = symm_mem_unavailable(device, dist.get_world_size(group))
+    world = dist.get_world_size(group)
+    why = symm_mem_unavailable(device, world)
     if why is not None:
         log.info("tensor parallel: all-reduce over NCCL only (%s)", why)
         return False
@@ -163,7 +164,6 @@ def use_symm_mem_all_reduce_(model: LlamaModel, group: dist.ProcessGroup | None 
     for m in model.modules():
         if isinstance(m, RowParallelLinear):
             m.fast = fast
-    world = dist.get_world_size(group)
     fuse_norms = fuse_norms and world & (world - 1) == 0  # the kernel spans the ranks with tl.arange: a power of 2
     if fuse_norms:
         fuse_sums_into_norms_(model, SumAddNorm(group, device, dtype, model.args.hidden_size))
