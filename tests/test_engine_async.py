@@ -74,9 +74,12 @@ def test_slow_consumer_gets_the_newest_output(engine):
         return first, rest
 
     first, rest = asyncio.run(main())
-    assert not first.finished and len(first.outputs[0].token_ids) == 1
+    # the first output holds whatever the engine thread had made when the loop woke this consumer: one token
+    # usually, two once under CI load (the engine steps on its own thread); never all of them
+    seen = first.outputs[0].token_ids
+    assert not first.finished and 1 <= len(seen) < 12
     assert len(rest) == 1 and rest[0].finished and len(rest[0].outputs[0].token_ids) == 12
-    assert rest[0].outputs[0].token_ids[:1] == first.outputs[0].token_ids
+    assert rest[0].outputs[0].token_ids[:len(seen)] == seen
 
 
 def test_outputs_before_a_shutdown_are_read_then_the_error(engine):
