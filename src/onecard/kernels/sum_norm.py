@@ -36,9 +36,6 @@ import triton.language as tl
 from onecard.kernels.launch import pdl_launch, start_after_inputs
 from onecard.kernels.rmsnorm import add_rmsnorm_row, row_launch
 
-LOW_BITS = 0xFFFFFFFF
-
-
 @triton.jit
 def _sum_add_rmsnorm_fwd(X, R, W, Y, S, BUF_PTRS, EPOCHS, stride_x, stride_r, stride_y, stride_s, N, eps, slot,
                          RANK: tl.constexpr, WORLD: tl.constexpr, MAX_ROWS: tl.constexpr, BLOCK: tl.constexpr,
@@ -51,7 +48,7 @@ def _sum_add_rmsnorm_fwd(X, R, W, Y, S, BUF_PTRS, EPOCHS, stride_x, stride_r, st
     epoch_at = EPOCHS + slot * MAX_ROWS + row
     epoch = tl.load(epoch_at) + 1
     tag = epoch.to(tl.int64) << 32
-    word = tag | (x.to(tl.float32).to(tl.int32, bitcast=True).to(tl.int64) & LOW_BITS)
+    word = tag | x.to(tl.float32).to(tl.uint32, bitcast=True).to(tl.int64)  # zero-extended bits
     bufs = BUF_PTRS.to(tl.pointer_type(tl.uint64))
     at = (slot * MAX_ROWS + row) * WORLD * N  # [slot, row, sender, N] words
     for r in tl.static_range(WORLD):
@@ -68,7 +65,7 @@ def _sum_add_rmsnorm_fwd(X, R, W, Y, S, BUF_PTRS, EPOCHS, stride_x, stride_r, st
             got = tl.load(words, mask=mask, other=tag, volatile=True)
             while tl.min(((got >> 32) == epoch).to(tl.int32), axis=0) == 0:
                 got = tl.load(words, mask=mask, other=tag, volatile=True)
-            acc += (got & LOW_BITS).to(tl.int32).to(tl.float32, bitcast=True)
+            acc += got.to(tl.int32).to(tl.float32, bitcast=True)  # the low 32 bits
     tl.store(epoch_at, epoch)
     h = acc.to(X.dtype.element_ty).to(tl.float32)  # the sum in the model's dtype, as an all-reduce returns it
     add_rmsnorm_row(h, R, W, Y, S, row, cols, mask, stride_r, stride_y, stride_s, N, eps)
