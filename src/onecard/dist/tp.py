@@ -94,16 +94,16 @@ class SumAddNorm:
                  max_rows: int = FUSED_MAX_ROWS) -> None:
         from torch.distributed import _symmetric_memory as symm_mem
 
-        from onecard.kernels.sum_norm import buffer_words
-
         self.dtype, self.hidden, self.max_rows = dtype, hidden, max_rows
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
-        self.buffer = symm_mem.empty(buffer_words(max_rows, self.world, hidden), dtype=torch.int64, device=device)
-        self.buffer.zero_()
-        self.buffer_ptrs = symm_mem.rendezvous(self.buffer, group.group_name).buffer_ptrs_dev
-        self.epochs = torch.zeros(2 * max_rows, dtype=torch.int32, device=device)
+        self.buffer = symm_mem.empty(2 * max_rows * hidden, dtype=dtype, device=device)
+        self.flags = symm_mem.empty(2 * max_rows * self.world, dtype=torch.int32, device=device)
+        self.flags.zero_()
+        buffers = symm_mem.rendezvous(self.buffer, group.group_name)
+        flags = symm_mem.rendezvous(self.flags, group.group_name)
+        self.buffer_ptrs, self.flag_ptrs = buffers.buffer_ptrs_dev, flags.buffer_ptrs_dev
         torch.cuda.synchronize(device)
-        dist.barrier(group)  # every rank's words are zero (epoch 0) before any rank sends
+        dist.barrier(group)  # every rank's flags are zero before any rank raises one
 
     def takes(self, x: torch.Tensor) -> bool:
         return (x.dim() == 2 and x.shape[0] <= self.max_rows and x.shape[1] == self.hidden and x.dtype == self.dtype
@@ -113,7 +113,7 @@ class SumAddNorm:
                  slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         from onecard.kernels.sum_norm import sum_add_rmsnorm
 
-        return sum_add_rmsnorm(x, residual.contiguous(), weight, eps, self.buffer_ptrs, self.epochs, slot,
+        return sum_add_rmsnorm(x, residual.contiguous(), weight, eps, self.buffer_ptrs, self.flag_ptrs, slot,
                                self.rank, self.world, self.max_rows)
 
 
