@@ -32,8 +32,15 @@ from rich.console import Console
 from rich.table import Table
 
 from onecard.bench.results import publish, speedup_bars
-from onecard.bench.timing import kernel_timer
-from onecard.kernels.gemv import CONFIGS, GemvConfig, gemv, pick_config
+from onecard.bench.timing import graph_time_us, kernel_timer
+from onecard.kernels.gemv import (
+    CONFIGS,
+    K_MULTIPLE,
+    UNEVEN_K_CONFIGS,
+    GemvConfig,
+    gemv,
+    pick_config,
+)
 
 ARCHS = {  # N x K of nn.Linear weights (out, in)
     "llama-2-7b": {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008),
@@ -54,6 +61,7 @@ def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes; output to a temp dir")
     p.add_argument("--sweep", action="store_true", help="try the block grid per M; print the best as CONFIGS")
+    p.add_argument("--sweep-m", default=",".join(map(str, SWEEP_MS)), help="the M the sweep tries (comma list)")
     p.add_argument("--chain-layers", type=int, default=8, help="distinct layers in the back-to-back chain timing")
     p.add_argument("--out", default=None, help="result folder (default docs/results; --smoke: a temp dir)")
     return p.parse_args()
@@ -84,7 +92,7 @@ def main() -> None:
             raise SystemExit("no CUDA GPU: run with --smoke on CPU")
         device, dtype, archs, chain, out_dir = "cuda", torch.bfloat16, ARCHS, a.chain_layers, a.out
     bench = kernel_timer(device)
-    ms = SWEEP_MS if a.sweep else tuple(CONFIGS)
+    ms = tuple(int(m) for m in a.sweep_m.split(",")) if a.sweep else tuple(CONFIGS)
     t_start = time.perf_counter()
     gen = torch.Generator(device=device).manual_seed(0)
     weights = {(arch, s): torch.randn(*nk, device=device, dtype=dtype, generator=gen) * 0.02
@@ -104,43 +112,57 @@ def main() -> None:
             raise SystemExit(f"gemv {arch} {s} M={M} {config}: relative error {err:.2e} vs F.linear")
         return lambda: gemv(x, w, config=config)
 
-    best: dict[int, GemvConfig] = {}
+    best: dict[int, GemvConfig] = {}  # swept: K a multiple of K_MULTIPLE
+    best_uneven: dict[int, GemvConfig] = {}  # swept: other K
+    sweep_scores: dict = {}
     if a.sweep:
         # scored as decode streams them: distinct weights back to back (a flushed single call adds a ramp-up the
-        # engine's chain of PDL launches hides), summed over every arch's layer, the TP shard included
+        # engine's chain of PDL launches hides), summed over every arch's layer, the TP shard included; shapes
+        # whose K is a multiple of K_MULTIPLE and the others are scored apart (CONFIGS and UNEVEN_K_CONFIGS)
         copies = {(arch, s): [w] + [torch.randn_like(w) for _ in range(SWEEP_CHAIN - 1)]
                   for (arch, s), w in weights.items() if s in LAYER}
+        chain_bench = (lambda fn: graph_time_us(fn, calls=4, flush_mib=1)) if device == "cuda" else bench
         for M in ms:
             scored = []
             for c in candidates(M, a.smoke):
-                scored.append((sum(bench(lambda ws=ws: [gemv(xs[M, w.shape[1]], w, config=c) for w in ws])
-                                   for ws in copies.values()) / SWEEP_CHAIN, c))
-            us, c = min(scored, key=lambda t: t[0])
-            best[M] = c
-            console.print(f"M={M}: {len(scored)} configs, best {short(c)} ({us:.1f} us for one layer of each arch), "
+                us = {key: chain_bench(lambda ws=ws, M=M, c=c: [gemv(xs[M, w.shape[1]], w, config=c) for w in ws])
+                      / SWEEP_CHAIN for key, ws in copies.items()}
+                even = sum(v for (arch, s), v in us.items() if archs[arch][s][1] % K_MULTIPLE == 0)
+                scored.append((even, sum(us.values()) - even, c))
+                sweep_scores[f"sweep_m{M}_{short(c).replace(' ', '_')}_even_k_us"] = even
+                sweep_scores[f"sweep_m{M}_{short(c).replace(' ', '_')}_uneven_k_us"] = sum(us.values()) - even
+            even_us, _, best[M] = min(scored, key=lambda t: t[0])
+            uneven_us, best_uneven[M] = min((t[1], t[2]) for t in scored)
+            console.print(f"M={M}: {len(scored)} configs, best {short(best[M])} ({even_us:.1f} us, the linears with "
+                          f"K a multiple of {K_MULTIPLE}), {short(best_uneven[M])} ({uneven_us:.1f} us, the others), "
                           f"{time.perf_counter() - t_start:.0f} s so far")
         copies.clear()
+
+    def pick(M: int, K: int) -> GemvConfig:
+        if M in best:
+            return best_uneven[M] if K % K_MULTIPLE else best[M]
+        return pick_config(M, K)
 
     from onecard.bench.engine_bench import measure_copy_bandwidth
 
     bw = measure_copy_bandwidth(torch.device(device)) if device == "cuda" else None
-    result: dict = {"device": device, "dtype": str(dtype).removeprefix("torch."), "sweep": a.sweep,
+    result: dict = {"device": device, "dtype": str(dtype).removeprefix("torch."), "sweep": a.sweep, **sweep_scores,
                     "measured_copy_bandwidth_gbs": bw, "chain_layers": chain,
                     "shapes_n_x_k": {arch: {s: list(nk) for s, nk in sh.items()} for arch, sh in archs.items()}}
     rows = []
     for M in ms:
-        config = best.get(M) or pick_config(M)
-        result[f"gemv_m{M}_config"] = short(config)
+        result[f"gemv_m{M}_config"] = short(pick(M, K_MULTIPLE))
+        result[f"gemv_m{M}_uneven_k_config"] = short(pick(M, K_MULTIPLE + 1))
         for arch, shapes in archs.items():
             for s, (N, K) in shapes.items():
-                ours, theirs = bench(fn_for(arch, s, M, config)), bench(fn_for(arch, s, M, None))
+                ours, theirs = bench(fn_for(arch, s, M, pick(M, K))), bench(fn_for(arch, s, M, None))
                 nbytes = N * K * weights[arch, s].element_size()
                 key = f"{arch}_{s}_m{M}"
                 result.update({f"{key}_gemv_us": ours, f"{key}_cublas_us": theirs, f"{key}_speedup_vs_cublas": theirs / ours,
                                f"{key}_gemv_gbs": nbytes / ours / 1e3, f"{key}_cublas_gbs": nbytes / theirs / 1e3})
                 rows.append((arch, s, f"{N}x{K}", M, ours, theirs, nbytes / ours / 1e3, nbytes / theirs / 1e3))
 
-    def chain_us(arch: str, M: int, config: GemvConfig | None) -> float:
+    def chain_us(arch: str, M: int, ours: bool) -> float:
         """Per layer, ``chain`` distinct layers back to back (no flush: they do not fit in L2)."""
         layers = [{s: torch.randn(*archs[arch][s], device=device, dtype=dtype, generator=gen) * 0.02 for s in LAYER}
                   for _ in range(chain)]
@@ -150,8 +172,8 @@ def main() -> None:
             for layer in layers:
                 for s in LAYER:
                     w = layer[s]
-                    if config:
-                        gemv(x[w.shape[1]], w, config=config)
+                    if ours:
+                        gemv(x[w.shape[1]], w, config=pick(M, w.shape[1]))
                     else:
                         F.linear(x[w.shape[1]], w)
         us = bench(run) / chain
@@ -161,7 +183,7 @@ def main() -> None:
     for arch, shapes in archs.items():
         layer_bytes = sum(shapes[s][0] * shapes[s][1] for s in LAYER) * torch.tensor([], dtype=dtype).element_size()
         for M in ms:
-            ours, theirs = chain_us(arch, M, best.get(M) or pick_config(M)), chain_us(arch, M, None)
+            ours, theirs = chain_us(arch, M, True), chain_us(arch, M, False)
             key = f"{arch}_layer_m{M}"
             result.update({f"{key}_gemv_us": ours, f"{key}_cublas_us": theirs, f"{key}_speedup_vs_cublas": theirs / ours})
             if bw:
@@ -181,16 +203,17 @@ def main() -> None:
         for M in ms:
             k = f"{arch}_layer_m{M}"
             pct = (lambda f: f"{100 * result[f]:.1f}" if f in result else "-")
-            lt.add_row(arch, str(M), result[f"gemv_m{M}_config"], f"{result[f'{k}_gemv_us']:.1f}",
+            lt.add_row(arch, str(M), f"{result[f'gemv_m{M}_config']} / {result[f'gemv_m{M}_uneven_k_config']}", f"{result[f'{k}_gemv_us']:.1f}",
                        f"{result[f'{k}_cublas_us']:.1f}", f"{result[f'{k}_speedup_vs_cublas']:.2f}x",
                        pct(f"{k}_gemv_roofline_fraction"), pct(f"{k}_cublas_roofline_fraction"))
     console.print(lt)
     if best:
         console.print("[bold]paste into src/onecard/kernels/gemv.py:[/]")
-        print("CONFIGS: dict[int, GemvConfig] = {")
-        for M, c in sorted({**CONFIGS, **best}.items()):
-            print(f"    {M}: GemvConfig({c.block_m}, {c.block_n}, {c.block_k}, {c.num_warps}),")
-        print("}")
+        for name, table in (("CONFIGS", {**CONFIGS, **best}), ("UNEVEN_K_CONFIGS", {**UNEVEN_K_CONFIGS, **best_uneven})):
+            print(f"{name}: dict[int, GemvConfig] = {{")
+            for M, c in sorted(table.items()):
+                print(f"    {M}: GemvConfig({c.block_m}, {c.block_n}, {c.block_k}, {c.num_warps}),")
+            print("}")
 
     fig = speedup_bars({arch: [result[f"{arch}_layer_m{M}_speedup_vs_cublas"] for M in ms] for arch in archs},
                        [f"M={M}" for M in ms], "speedup vs cuBLAS (one layer's linears)",

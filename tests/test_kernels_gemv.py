@@ -11,6 +11,8 @@ from onecard.errors import BadInputError
 from onecard.kernels.gemv import (
     CONFIGS,
     GEMV_MAX_M,
+    K_MULTIPLE,
+    UNEVEN_K_CONFIGS,
     GemvConfig,
     GemvLinear,
     gemv,
@@ -62,6 +64,7 @@ def test_gemv_refuses_mismatched_inputs_in_one_line():
 
 def test_table_covers_every_decode_m_and_refuses_beyond():
     assert all(pick_config(m).block_m >= m for m in range(1, GEMV_MAX_M + 1))
+    assert pick_config(1, 4 * K_MULTIPLE) == CONFIGS[1] and pick_config(1, 5120) == UNEVEN_K_CONFIGS[1]
     assert GEMV_MAX_M == max(CONFIGS)
     with pytest.raises(BadInputError, match="pass config= or use F.linear"):
         gemv(torch.randn(GEMV_MAX_M + 1, 64, device=DEV), torch.randn(8, 64, device=DEV))

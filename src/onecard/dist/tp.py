@@ -79,7 +79,10 @@ class SymmMemAllReduce:
         return out
 
 
-FUSED_MAX_ROWS = 128  # rows (decode sequences) a fused sum takes; every row's program must be resident at once
+# rows (decode sequences) a fused sum takes. One program per row, each waiting on NVLink: per sum on 2x H200
+# (docs/results/kernel_sum_norm.json) the fused kernel beats the one-shot all-reduce + add+norm at 1 and 8 rows
+# (1.35x, 1.10x) and loses at 32 (0.82x); larger batches keep the one-shot path
+FUSED_MAX_ROWS = 16
 
 
 class SumAddNorm:

@@ -16,9 +16,9 @@ are 3-D from the start, so the loop never changes layout. No split-K: with
 ``BLOCK_N`` of 2 rows even a 4096-wide output gives 2048 programs, many per
 SM, all bandwidth-bound.
 
-``CONFIGS`` (``benchmarks/kernel_gemv.py --sweep`` prints it for the card it
-runs on) sets the blocks per M; above the largest M (today 1: bs=1 decode) the
-layer calls cuBLAS.
+``CONFIGS`` and ``UNEVEN_K_CONFIGS`` (``benchmarks/kernel_gemv.py --sweep``
+prints them for the card it runs on) set the blocks per M and K; above the
+largest M (today 1: bs=1 decode) the layer calls cuBLAS.
 """
 
 from __future__ import annotations
@@ -53,15 +53,26 @@ class GemvConfig:
 CONFIGS: dict[int, GemvConfig] = {
     1: GemvConfig(1, 2, 2048, 2),
 }
+# for K that is not a multiple of K_MULTIPLE: a 2048-wide tile that overhangs K idles its masked lanes for a whole
+# iteration. Chains of distinct weights on an H200 (kernel_gemv.py --sweep): Llama-2-13B's layer 150.8 vs 159.3 us
+# with CONFIGS' tile, its TP=2 shard's 81.0 vs 88.0 us; 7B/8B (K = 4096, 14336) keep CONFIGS' (98.5 vs 101.7 us).
+UNEVEN_K_CONFIGS: dict[int, GemvConfig] = {
+    1: GemvConfig(1, 2, 1024, 4),
+}
+K_MULTIPLE = 2048
 GEMV_MAX_M = max(CONFIGS)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def pick_config(M: int) -> GemvConfig:
+def pick_config(M: int, K: int | None = None) -> GemvConfig:
+    """The tuned config for ``M`` rows (and, given ``K``, for that K: see ``UNEVEN_K_CONFIGS``)."""
     if M > GEMV_MAX_M:
         raise BadInputError(f"gemv has tuned configs for up to {GEMV_MAX_M} row(s), got {M}: pass config= or use "
                             "F.linear (cuBLAS is as fast from there on)")
-    return CONFIGS[min(m for m in CONFIGS if m >= M)]
+    bucket = min(m for m in CONFIGS if m >= M)
+    if K is not None and K % K_MULTIPLE and bucket in UNEVEN_K_CONFIGS:
+        return UNEVEN_K_CONFIGS[bucket]
+    return CONFIGS[bucket]
 
 
 @triton.jit
@@ -107,7 +118,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
-    c = config or pick_config(M)
+    c = config or pick_config(M, K)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     launch = {"num_warps": c.num_warps} if x.is_cuda else {}
     launch.update(pdl_launch(x))
