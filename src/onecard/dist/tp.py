@@ -81,8 +81,8 @@ class SymmMemAllReduce:
 
 # rows (decode sequences) a fused sum takes. One program per row, each waiting on NVLink: per sum on 2x H200
 # (docs/results/kernel_sum_norm.json) the fused kernel beats the one-shot all-reduce + add+norm at 1 and 8 rows
-# (1.35x, 1.10x) and loses at 32 (0.82x); larger batches keep the one-shot path
-FUSED_MAX_ROWS = 16
+# (1.43x, 1.05x) and loses from 16 (0.94x; 0.83x at 32), where batches keep the one-shot path
+FUSED_MAX_ROWS = 8
 
 
 class SumAddNorm:

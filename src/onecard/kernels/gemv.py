@@ -47,15 +47,17 @@ class GemvConfig:
             raise BadInputError(f"bad gemv config {self}: block sizes must be powers of two")
 
 
-# largest M of the bucket -> config; M above the last bucket goes to cuBLAS. From an H200 sweep
-# (docs/results/kernel_gemv.json): at M = 1 the best config streams a Llama-2-7B layer at 94% of the copy
-# bandwidth vs cuBLAS's 81% (1.16x); at M = 2 the best ties cuBLAS and at M = 4 loses (0.66x), so only M = 1 is here.
+# largest M of the bucket -> config; M above the last bucket goes to cuBLAS. From H200 runs
+# (docs/results/kernel_gemv.json): at M = 1 a Llama-2-7B layer streams at 96% of the copy bandwidth vs cuBLAS's
+# 80% (1.20x), a 13B layer at 99% (1.12x); at M = 2 the best config ties cuBLAS and at M = 4 loses (0.66x), so
+# only M = 1 is here.
 CONFIGS: dict[int, GemvConfig] = {
     1: GemvConfig(1, 2, 2048, 2),
 }
-# for K that is not a multiple of K_MULTIPLE: a 2048-wide tile that overhangs K idles its masked lanes for a whole
-# iteration. Chains of distinct weights on an H200 (kernel_gemv.py --sweep): Llama-2-13B's layer 150.8 vs 159.3 us
-# with CONFIGS' tile, its TP=2 shard's 81.0 vs 88.0 us; 7B/8B (K = 4096, 14336) keep CONFIGS' (98.5 vs 101.7 us).
+# for K that is not a multiple of K_MULTIPLE, where a 2048-wide tile would overhang K and idle its masked lanes for
+# a whole iteration (docs/results/kernel_gemv_sweep.json, chains of distinct weights: the uneven-K linears of the
+# swept layers take 254.6 us with this tile vs 269.7 with CONFIGS'; K a multiple of 2048 prefers CONFIGS', 180.6 vs
+# 186.2 us)
 UNEVEN_K_CONFIGS: dict[int, GemvConfig] = {
     1: GemvConfig(1, 2, 1024, 4),
 }
