@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from onecard.errors import BadInputError
-from onecard.kernels.launch import pdl_launch, start_after_inputs
+from onecard.kernels.launch import let_next_start, pdl_launch, wait_for_inputs
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,6 @@ def pick_config(M: int, K: int | None = None) -> GemvConfig:
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om, HAS_BIAS: tl.constexpr,
                  EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  PDL: tl.constexpr):
-    start_after_inputs(PDL)
     pid_n, pid_m = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -89,8 +88,17 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, st
     m3, n3, k3 = offs_m[:, None, None], offs_n[None, :, None], offs_k[None, None, :]
     w_ptrs = w_ptr + n3 * stride_wn + k3          # [1, BN, BK]
     x_ptrs = x_ptr + m3 * stride_xm + k3          # [BM, 1, BK]
-    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    # the first weight tile before waiting for the previous kernel (PDL): no decode kernel writes weights, so a
+    # wait on a norm or a TP sum overlaps the start of the weight stream; x is read only after the wait
+    let_next_start(PDL)
+    first_k = k3 < K
+    w = tl.load(w_ptrs, mask=(n3 < N) & first_k, other=0.0)
+    wait_for_inputs(PDL)
+    x = tl.load(x_ptrs, mask=(m3 < M) & first_k, other=0.0)
+    acc = x.to(tl.float32) * w.to(tl.float32)
+    w_ptrs += BLOCK_K
+    x_ptrs += BLOCK_K
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs, mask=n3 < N, other=0.0)
             x = tl.load(x_ptrs, mask=m3 < M, other=0.0)

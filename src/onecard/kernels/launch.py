@@ -5,6 +5,8 @@ one grid before it starts the next, a microsecond or so each time. With PDL a ke
 dependent grid early (``griddepcontrol.launch_dependents``) and the dependent waits for its prerequisite to
 complete (``griddepcontrol.wait``) before it reads anything, so the next launch overlaps the previous tail. Each
 kernel here does both at its very start, before any load: what it reads is never at stake, only when it starts.
+The one exception is the decode GEMV, which loads its first weight tile between the two: weights are never
+written by a decode kernel, and so a wait on the previous kernel (a norm, a TP sum) overlaps the weight stream.
 A kernel launched without the attribute (after a PyTorch op) passes the wait at once.
 """
 
@@ -62,8 +64,19 @@ if tl is not None:
     import triton
 
     @triton.jit
-    def start_after_inputs(PDL: tl.constexpr):
-        """First statement of a PDL-aware kernel: let the next grid be scheduled, then wait for the previous one."""
+    def let_next_start(PDL: tl.constexpr):
+        """Let the next grid be scheduled (it still waits for this one to finish before it reads)."""
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
+    def wait_for_inputs(PDL: tl.constexpr):
+        """Wait until the previous grid finished and its writes are visible; nothing it writes is read before."""
+        if PDL:
             tl.extra.cuda.gdc_wait()
+
+    @triton.jit
+    def start_after_inputs(PDL: tl.constexpr):
+        """First statement of a PDL-aware kernel: ``let_next_start`` then ``wait_for_inputs``."""
+        let_next_start(PDL)
+        wait_for_inputs(PDL)
