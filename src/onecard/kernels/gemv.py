@@ -91,10 +91,14 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, st
     # the first weight tile before waiting for the previous kernel (PDL): no decode kernel writes weights, so a
     # wait on a norm or a TP sum overlaps the start of the weight stream; x is read only after the wait
     let_next_start(PDL)
-    first_k = k3 < K
-    w = tl.load(w_ptrs, mask=(n3 < N) & first_k, other=0.0)
-    wait_for_inputs(PDL)
-    x = tl.load(x_ptrs, mask=(m3 < M) & first_k, other=0.0)
+    if EVEN_K:  # no K mask, or the loads lose their 16-byte vectors
+        w = tl.load(w_ptrs, mask=n3 < N, other=0.0)
+        wait_for_inputs(PDL)
+        x = tl.load(x_ptrs, mask=m3 < M, other=0.0)
+    else:
+        w = tl.load(w_ptrs, mask=(n3 < N) & (k3 < K), other=0.0)
+        wait_for_inputs(PDL)
+        x = tl.load(x_ptrs, mask=(m3 < M) & (k3 < K), other=0.0)
     acc = x.to(tl.float32) * w.to(tl.float32)
     w_ptrs += BLOCK_K
     x_ptrs += BLOCK_K
