@@ -93,3 +93,14 @@ def test_engine_turns_the_gemv_off_with_speculation_and_refuses_both():
     assert not EngineConfig("m", decode_gemv=False).uses_gemv(is_cuda=True)
     with pytest.raises(BadInputError, match="decode_gemv=True: speculative decoding.*leave decode_gemv=None"):
         EngineConfig("m", decode_gemv=True, num_speculative_tokens=3)
+
+
+@pytest.mark.parametrize("K", [16, 64, 80])  # under one tile, two whole tiles, a ragged last tile
+def test_prefetching_the_first_tile_gives_the_same_bits(K):
+    """``prefetch`` only moves the first weight tile's load before the PDL wait; the sum must not change."""
+    torch.manual_seed(0)
+    x, w = torch.randn(1, K, device=DEV), torch.randn(24, K, device=DEV)
+    plain = gemv(x, w, config=GemvConfig(1, 2, 32, 2))
+    early = gemv(x, w, config=GemvConfig(1, 2, 32, 2, prefetch=True))
+    assert torch.equal(plain, early)
+    torch.testing.assert_close(early, F.linear(x, w), rtol=1e-4, atol=1e-4)

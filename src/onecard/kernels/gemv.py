@@ -32,7 +32,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from onecard.errors import BadInputError
-from onecard.kernels.launch import let_next_start, pdl_launch, wait_for_inputs
+from onecard.kernels.launch import (
+    let_next_start,
+    pdl_launch,
+    start_after_inputs,
+    wait_for_inputs,
+)
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,7 @@ class GemvConfig:
     block_n: int
     block_k: int
     num_warps: int = 4
+    prefetch: bool = False  # load the first weight tile before the PDL wait (see _gemv_kernel)
 
     def __post_init__(self) -> None:
         if any(s < 1 or s & (s - 1) for s in (self.block_m, self.block_n, self.block_k)):
@@ -59,7 +65,7 @@ CONFIGS: dict[int, GemvConfig] = {
 # swept layers take 254.6 us with this tile vs 269.7 with CONFIGS'; K a multiple of 2048 prefers CONFIGS', 180.6 vs
 # 186.2 us)
 UNEVEN_K_CONFIGS: dict[int, GemvConfig] = {
-    1: GemvConfig(1, 2, 1024, 4),
+    1: GemvConfig(1, 2, 1024, 4, prefetch=True),
 }
 K_MULTIPLE = 2048
 GEMV_MAX_M = max(CONFIGS)
@@ -80,7 +86,7 @@ def pick_config(M: int, K: int | None = None) -> GemvConfig:
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om, HAS_BIAS: tl.constexpr,
                  EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PDL: tl.constexpr):
+                 PREFETCH: tl.constexpr, PDL: tl.constexpr):
     pid_n, pid_m = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -88,21 +94,30 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, st
     m3, n3, k3 = offs_m[:, None, None], offs_n[None, :, None], offs_k[None, None, :]
     w_ptrs = w_ptr + n3 * stride_wn + k3          # [1, BN, BK]
     x_ptrs = x_ptr + m3 * stride_xm + k3          # [BM, 1, BK]
-    # the first weight tile before waiting for the previous kernel (PDL): no decode kernel writes weights, so a
-    # wait on a norm or a TP sum overlaps the start of the weight stream; x is read only after the wait
-    let_next_start(PDL)
-    if EVEN_K:  # no K mask, or the loads lose their 16-byte vectors
-        w = tl.load(w_ptrs, mask=n3 < N, other=0.0)
-        wait_for_inputs(PDL)
-        x = tl.load(x_ptrs, mask=m3 < M, other=0.0)
+    if PREFETCH:
+        # the first weight tile before waiting for the previous kernel (PDL): no decode kernel writes weights, so
+        # a wait on a norm or a TP sum overlaps the start of the weight stream; x is read only after the wait.
+        # On 2x H200 (dist_tp.json) it took Llama-2-13B TP=2 bs=1 from 222.5 to 228.8 and 231.6 tok/s (two runs)
+        # with TP=1 unchanged; with the 2048-wide tile of CONFIGS it cost Llama-2-7B/Llama-3-8B bs=1 decode 9 %
+        # and 13 % (a dev A/B on one H200), so only UNEVEN_K_CONFIGS turn it on
+        let_next_start(PDL)
+        if EVEN_K:  # no K mask, or the loads lose their 16-byte vectors
+            w = tl.load(w_ptrs, mask=n3 < N, other=0.0)
+            wait_for_inputs(PDL)
+            x = tl.load(x_ptrs, mask=m3 < M, other=0.0)
+        else:
+            w = tl.load(w_ptrs, mask=(n3 < N) & (k3 < K), other=0.0)
+            wait_for_inputs(PDL)
+            x = tl.load(x_ptrs, mask=(m3 < M) & (k3 < K), other=0.0)
+        acc = x.to(tl.float32) * w.to(tl.float32)
+        k_start = BLOCK_K
     else:
-        w = tl.load(w_ptrs, mask=(n3 < N) & (k3 < K), other=0.0)
-        wait_for_inputs(PDL)
-        x = tl.load(x_ptrs, mask=(m3 < M) & (k3 < K), other=0.0)
-    acc = x.to(tl.float32) * w.to(tl.float32)
-    w_ptrs += BLOCK_K
-    x_ptrs += BLOCK_K
-    for k0 in range(BLOCK_K, K, BLOCK_K):
+        start_after_inputs(PDL)
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+        k_start = 0
+    w_ptrs += k_start
+    x_ptrs += k_start
+    for k0 in range(k_start, K, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs, mask=n3 < N, other=0.0)
             x = tl.load(x_ptrs, mask=m3 < M, other=0.0)
@@ -139,7 +154,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _gemv_kernel[(triton.cdiv(N, c.block_n), triton.cdiv(M, c.block_m))](
         x2, weight, bias if bias is not None else weight, out, M, N, K, x2.stride(0), weight.stride(0), N,
         HAS_BIAS=bias is not None, EVEN_K=K % c.block_k == 0, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-        BLOCK_K=c.block_k, **launch)
+        BLOCK_K=c.block_k, PREFETCH=c.prefetch, **launch)
     return out.reshape(*lead, N)
 
 

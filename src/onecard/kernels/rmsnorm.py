@@ -47,7 +47,7 @@ def _rmsnorm_bwd(DY, X, W, RSTD, DX, DW_PART, stride_dy, stride_x, stride_dx, M,
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK], dtype=tl.float32)
     start = pid * rows_per_prog
-    for i in range(0, rows_per_prog):
+    for i in range(rows_per_prog):
         row = (start + i).to(tl.int64)
         if row < M:
             x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
