@@ -4,7 +4,7 @@ Parts (pick with --part; each fits a 10-minute call on a 2-GPU host):
   tp    Llama-2-13B architecture (random bf16 checkpoint, written once and cached), through the engine:
         LLM(tensor_parallel_size=1) then LLM(tensor_parallel_size=2) (this process is rank 0, the engine spawns
         rank 1; CUDA-graph decode on every rank). bs=1 decode tok/s = (--decode - 1) tokens over (time of a
-        --decode-token request - time of a 1-token request), and offline throughput = --batch prompts of
+        --decode-token request - time of a 1-token request), the median of --repeats requests, and offline throughput = --batch prompts of
         --prompt tokens x --decode tokens / wall time. Target (issue 13): TP=2 bs=1 decode >= 1.6x TP=1.
   fsdp  Llama-3-8B architecture (random init; fp32 master weights, bf16 compute via MixedPrecisionPolicy,
         non-reentrant activation checkpointing, AdamW), HF model + PEFT, sharded with onecard.dist.fsdp
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -94,7 +95,7 @@ def _engine_run(folder: str, tp: int, device: str, a) -> dict:
 
     timed(prompts[:1], 4)  # warm-up: compiles, first graph replays
     prefill = min(timed(prompts[:1], 1) for _ in range(2))
-    one = timed(prompts[:1], a.decode)
+    runs = [(a.decode - 1) / max(timed(prompts[:1], a.decode) - prefill, 1e-9) for _ in range(a.repeats)]
     offline = timed(prompts, a.decode)
     stats = llm.stats()
     from onecard.quant.linear import QuantLinear
@@ -102,7 +103,8 @@ def _engine_run(folder: str, tp: int, device: str, a) -> dict:
     model = llm.engine.runner.model
     weight_gib = (sum(p.numel() * p.element_size() for p in model.parameters())
                   + sum(m.weight_bytes() for m in model.modules() if isinstance(m, QuantLinear))) / 2**30
-    result = {"bs1_decode_tokens_per_s": (a.decode - 1) / max(one - prefill, 1e-9), "prefill_s": prefill,
+    result = {"bs1_decode_tokens_per_s": statistics.median(runs), "bs1_decode_tokens_per_s_runs": runs,
+              "prefill_s": prefill,
               "offline_tokens_per_s": a.batch * a.decode / offline, "weight_gib_rank0": weight_gib,
               "cuda_graphs": stats["cuda_graphs"], "kv_blocks": stats["kv_blocks_total"],
               "symm_mem_all_reduce": any(getattr(m, "fast", None) is not None for m in model.modules()),
@@ -121,7 +123,10 @@ def _engine_run(folder: str, tp: int, device: str, a) -> dict:
 
 def part_tp(a, out_dir: Path, scratch: Path) -> dict:
     """LLM(tensor_parallel_size=1) then =2 in this process (rank 0 here, rank 1 spawned by the engine)."""
-    from onecard.testing.checkpoints import gpu_benchmark_checkpoint, make_random_checkpoint
+    from onecard.testing.checkpoints import (
+        gpu_benchmark_checkpoint,
+        make_random_checkpoint,
+    )
 
     device = "cpu" if a.smoke else "cuda"
     folder = str(make_random_checkpoint("llama-2-13b", "tiny") if a.smoke else
@@ -316,6 +321,8 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=None, help="TP: prompt tokens (default 512; smoke 16)")
     p.add_argument("--decode", type=int, default=None, help="TP: tokens generated per request (default 128; smoke 8)")
     p.add_argument("--batch", type=int, default=None, help="TP: offline batch besides 1 (default 32; smoke 4)")
+    p.add_argument("--repeats", type=int, default=3, help="TP: timed bs=1 requests per engine; their median is "
+                                                          "reported (each run's figure too)")
     p.add_argument("--quantization", choices=("int8", "rtn-int4", "rtn-int4-g64", "rtn-int4-g32"), default=None,
                    help="TP: quantize on load (both TP=1 and TP=2; each rank quantizes, then keeps its shard)")
     p.add_argument("--all-reduce", choices=("auto", "one-shot", "nccl"), default="auto",
