@@ -129,9 +129,10 @@ def main() -> None:
                 us = {key: chain_bench(lambda ws=ws, M=M, c=c: [gemv(xs[M, w.shape[1]], w, config=c) for w in ws])
                       / SWEEP_CHAIN for key, ws in copies.items()}
                 even = sum(v for (arch, s), v in us.items() if archs[arch][s][1] % K_MULTIPLE == 0)
-                scored.append((even, sum(us.values()) - even, c))
+                uneven = sum(us.values()) - even
+                scored.append((even, uneven, c))
                 sweep_scores[f"sweep_m{M}_{short(c).replace(' ', '_')}_even_k_us"] = even
-                sweep_scores[f"sweep_m{M}_{short(c).replace(' ', '_')}_uneven_k_us"] = sum(us.values()) - even
+                sweep_scores[f"sweep_m{M}_{short(c).replace(' ', '_')}_uneven_k_us"] = uneven
             even_us, _, best[M] = min(scored, key=lambda t: t[0])
             uneven_us, best_uneven[M] = min((t[1], t[2]) for t in scored)
             console.print(f"M={M}: {len(scored)} configs, best {short(best[M])} ({even_us:.1f} us, the linears with "
@@ -140,9 +141,7 @@ def main() -> None:
         copies.clear()
 
     def pick(M: int, K: int) -> GemvConfig:
-        if M in best:
-            return best_uneven[M] if K % K_MULTIPLE else best[M]
-        return pick_config(M, K)
+        return pick_config(M, K, {**CONFIGS, **best}, {**UNEVEN_K_CONFIGS, **best_uneven})
 
     from onecard.bench.engine_bench import measure_copy_bandwidth
 

@@ -72,15 +72,28 @@ GEMV_MAX_M = max(CONFIGS)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def pick_config(M: int, K: int | None = None) -> GemvConfig:
-    """The tuned config for ``M`` rows (and, given ``K``, for that K: see ``UNEVEN_K_CONFIGS``)."""
-    if M > GEMV_MAX_M:
-        raise BadInputError(f"gemv has tuned configs for up to {GEMV_MAX_M} row(s), got {M}: pass config= or use "
+def pick_config(M: int, K: int | None = None, configs: dict[int, GemvConfig] = CONFIGS,
+                uneven_k_configs: dict[int, GemvConfig] = UNEVEN_K_CONFIGS) -> GemvConfig:
+    """The tuned config for ``M`` rows (and, given ``K``, for that K: see ``UNEVEN_K_CONFIGS``); the tables are
+    the module's, or a sweep's candidates (``benchmarks/kernel_gemv.py``)."""
+    if M > max(configs):
+        raise BadInputError(f"gemv has tuned configs for up to {max(configs)} row(s), got {M}: pass config= or use "
                             "F.linear (cuBLAS is as fast from there on)")
-    bucket = min(m for m in CONFIGS if m >= M)
-    if K is not None and K % K_MULTIPLE and bucket in UNEVEN_K_CONFIGS:
-        return UNEVEN_K_CONFIGS[bucket]
-    return CONFIGS[bucket]
+    bucket = min(m for m in configs if m >= M)
+    if K is not None and K % K_MULTIPLE and bucket in uneven_k_configs:
+        return uneven_k_configs[bucket]
+    return configs[bucket]
+
+
+@triton.jit
+def _tile_mask(idx, limit, k3, k0, K, EVEN_K: tl.constexpr):
+    """Where a ``[.., BK]`` tile at ``k0`` is in bounds. No K term where K is a multiple of the tile: a K mask
+    costs the loads their 16-byte vectors."""
+    if EVEN_K:
+        mask = idx < limit
+    else:
+        mask = (idx < limit) & (k3 + k0 < K)
+    return mask
 
 
 @triton.jit
@@ -101,14 +114,9 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, st
         # with TP=1 unchanged; with the 2048-wide tile of CONFIGS it cost Llama-2-7B/Llama-3-8B bs=1 decode 9 %
         # and 13 % (a dev A/B on one H200), so only UNEVEN_K_CONFIGS turn it on
         let_next_start(PDL)
-        if EVEN_K:  # no K mask, or the loads lose their 16-byte vectors
-            w = tl.load(w_ptrs, mask=n3 < N, other=0.0)
-            wait_for_inputs(PDL)
-            x = tl.load(x_ptrs, mask=m3 < M, other=0.0)
-        else:
-            w = tl.load(w_ptrs, mask=(n3 < N) & (k3 < K), other=0.0)
-            wait_for_inputs(PDL)
-            x = tl.load(x_ptrs, mask=(m3 < M) & (k3 < K), other=0.0)
+        w = tl.load(w_ptrs, mask=_tile_mask(n3, N, k3, 0, K, EVEN_K), other=0.0)
+        wait_for_inputs(PDL)
+        x = tl.load(x_ptrs, mask=_tile_mask(m3, M, k3, 0, K, EVEN_K), other=0.0)
         acc = x.to(tl.float32) * w.to(tl.float32)
         k_start = BLOCK_K
     else:
@@ -118,13 +126,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, st
     w_ptrs += k_start
     x_ptrs += k_start
     for k0 in range(k_start, K, BLOCK_K):
-        if EVEN_K:
-            w = tl.load(w_ptrs, mask=n3 < N, other=0.0)
-            x = tl.load(x_ptrs, mask=m3 < M, other=0.0)
-        else:
-            k_in = k3 + k0 < K
-            w = tl.load(w_ptrs, mask=(n3 < N) & k_in, other=0.0)
-            x = tl.load(x_ptrs, mask=(m3 < M) & k_in, other=0.0)
+        w = tl.load(w_ptrs, mask=_tile_mask(n3, N, k3, k0, K, EVEN_K), other=0.0)
+        x = tl.load(x_ptrs, mask=_tile_mask(m3, M, k3, k0, K, EVEN_K), other=0.0)
         acc += x.to(tl.float32) * w.to(tl.float32)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
