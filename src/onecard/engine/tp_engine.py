@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from onecard.dist.launch import backend_for, exit_worker, free_port
 from onecard.engine.config import EngineConfig
 from onecard.engine.model_runner import ModelRunner
 from onecard.engine.sampler import PendingSample, SamplerOutput
@@ -336,8 +337,6 @@ def load_shard(config: EngineConfig, dtype: torch.dtype, device: torch.device, r
 
 
 def _join_group(rank: int, world: int, port: int, device: torch.device) -> None:
-    from onecard.dist.launch import backend_for
-
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend_for(device.type), init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -351,6 +350,7 @@ def _worker_main(rank: int, port: int, config: EngineConfig, dtype: torch.dtype,
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
     parent = mp.parent_process()
+    code = 0
     try:
         _join_group(rank, config.tensor_parallel_size, port, device)
         if config.seed is not None:
@@ -360,27 +360,26 @@ def _worker_main(rank: int, port: int, config: EngineConfig, dtype: torch.dtype,
         while True:
             if not conn.poll(1.0):
                 if parent is not None and not parent.is_alive():
-                    return  # the driver is gone: nobody will send a step or a stop
+                    break  # the driver is gone: nobody will send a step or a stop
                 continue
             msg = conn.recv()
             if msg is None:
-                return
+                break
             runner.forward_step(*unpack_step(msg))
     except BaseException as e:  # report one line to the driver, then exit non-zero
+        code = 1
         try:
             conn.send(("error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
         except (OSError, ValueError):
             pass
-        raise SystemExit(1) from None
     finally:
         leave_group()
+    exit_worker(code)
 
 
 def start_tp_runner(config: EngineConfig, folder, dtype: torch.dtype, device: torch.device,
                     progress: bool = False) -> TPModelRunner:
     """Start ranks 1..N-1, load rank 0's shard here, and return the driver's runner once every rank is ready."""
-    from onecard.dist.launch import free_port
-
     check_tp_request(config, folder, dtype, device)
     tp = config.tensor_parallel_size
     ctx = mp.get_context("spawn")
