@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from onecard.engine import LLM, SamplingParams
-from onecard.engine.speculative import VERIFIER_KERNELS, accept_greedy, propose_ngram
+from onecard.engine.speculative import VERIFIER_KERNELS, NgramIndex, accept_greedy
 from onecard.errors import BadInputError
 
 CODE = ("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\ndef mul(a, b):\n"
@@ -19,6 +19,10 @@ CODE = ("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def propose_ngram(ids: list[int], ngram_size: int, num_tokens: int) -> list[int]:
+    return NgramIndex(ngram_size).propose(ids, num_tokens)
+
+
 def test_propose_ngram_takes_the_most_recent_longest_match():
     assert propose_ngram([1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3], 3, 2) == [7, 5]  # most recent earlier "1 2 3"
     assert propose_ngram([4, 5, 6, 5], 3, 3) == [6, 5]                          # falls back to the 1-gram "5"
@@ -26,22 +30,44 @@ def test_propose_ngram_takes_the_most_recent_longest_match():
     assert propose_ngram([1, 1, 1], 2, 0) == []
 
 
-def test_propose_ngram_equals_the_plain_scan():
-    """The indexed search returns what testing every earlier position (longest n first, most recent first) does."""
-    import random
+def _scan(ids: list[int], ngram_size: int, num_tokens: int) -> list[int]:
+    """Every earlier position tested, longest n first, most recent first: what the index must return."""
+    for n in range(min(ngram_size, len(ids) - 1), 0, -1):
+        for start in range(len(ids) - n - 1, -1, -1):
+            if ids[start:start + n] == ids[len(ids) - n:]:
+                return ids[start + n:start + n + num_tokens] if num_tokens > 0 else []
+    return []
 
-    def scan(ids: list[int], ngram_size: int, num_tokens: int) -> list[int]:
-        for n in range(min(ngram_size, len(ids) - 1), 0, -1):
-            for start in range(len(ids) - n - 1, -1, -1):
-                if ids[start:start + n] == ids[len(ids) - n:]:
-                    return ids[start + n:start + n + num_tokens] if num_tokens > 0 else []
-        return []
+
+def test_ngram_index_equals_the_plain_scan():
+    import random
 
     rng = random.Random(0)
     for _ in range(2000):
         ids = [rng.randrange(4) for _ in range(rng.randrange(0, 40))]
         n, k = rng.randrange(1, 6), rng.randrange(0, 6)
-        assert propose_ngram(ids, n, k) == scan(ids, n, k), (ids, n, k)
+        assert propose_ngram(ids, n, k) == _scan(ids, n, k), (ids, n, k)
+
+
+def test_ngram_index_follows_a_growing_sequence():
+    """One index per sequence, asked every step while tokens arrive one or several at a time (accepted drafts),
+    with the last token sometimes a placeholder that is replaced before the next step (async scheduling)."""
+    import random
+
+    from onecard.engine.sequence import PLACEHOLDER
+
+    rng = random.Random(1)
+    for _ in range(200):
+        n = rng.randrange(1, 5)
+        ids, index = [rng.randrange(5) for _ in range(rng.randrange(1, 6))], NgramIndex(n)
+        for _step in range(30):
+            k = rng.randrange(0, 6)
+            assert index.propose(ids, k) == _scan(ids, n, k), (ids, n, k)
+            if rng.random() < 0.3:  # a step in flight: its token is a placeholder until the next step
+                ids.append(PLACEHOLDER)
+                assert index.propose(ids, k) == _scan(ids, n, k), (ids, n, k)
+                ids[-1] = rng.randrange(5)
+            ids.extend(rng.randrange(5) for _ in range(rng.randrange(1, 4)))
 
 
 def test_accept_greedy_keeps_the_matching_prefix_plus_one():

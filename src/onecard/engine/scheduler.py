@@ -34,7 +34,7 @@ from collections.abc import Callable
 
 from onecard.engine.block_manager import BlockManager
 from onecard.engine.sequence import Sequence, SequenceStatus
-from onecard.engine.speculative import can_speculate, propose_ngram
+from onecard.engine.speculative import NgramIndex, can_speculate
 
 
 class Scheduler:
@@ -63,6 +63,7 @@ class Scheduler:
         self.propose = propose
         self.admit_batch = admit_batch
         self._held_steps = 0  # decode steps run since a seat was free for the waiting queue but admission waited
+        self._ngrams: dict[int, NgramIndex] = {}  # n-gram drafting: each unfinished sequence's index, by seq_id
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -156,7 +157,10 @@ class Scheduler:
         if self.num_speculative_tokens and scheduled and all(can_speculate(s) for s in scheduled):
             if self.propose is None:
                 for seq in scheduled:
-                    draft = propose_ngram(seq.token_ids, self.ngram_size, self._draft_room(seq))
+                    index = self._ngrams.get(seq.seq_id)
+                    if index is None:
+                        index = self._ngrams[seq.seq_id] = NgramIndex(self.ngram_size)
+                    draft = index.propose(seq.token_ids, self._draft_room(seq))
                     if draft and self.block_manager.reserve(seq, len(seq) + len(draft)):  # never preempts anyone
                         self._attach(seq, draft)
             else:
@@ -204,6 +208,7 @@ class Scheduler:
     def finish(self, seq: Sequence) -> None:
         """Free a finished (or aborted) sequence's blocks and drop it from the queues."""
         seq.status = SequenceStatus.FINISHED
+        self._ngrams.pop(seq.seq_id, None)
         self.block_manager.register_computed(seq, seq.num_cached_tokens)
         self.block_manager.deallocate(seq)
         if seq in self.running:
