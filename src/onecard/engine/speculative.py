@@ -29,7 +29,7 @@ class NgramIndex:
     since the last call, not a pass over the whole context.
 
     Why: it runs on the host inside every speculative step, where nothing overlaps it. Scanning the context
-    instead took 38 us a step at 1k tokens and 0.97 ms at 32k, against 8.4 us and 60 us with the index (its
+    instead took 37 us a step at 1k tokens and 1.1 ms at 32k, against 8.2 us and 70 us with the index (its
     one-off build over the prompt included; ``docs/results/engine_ngram_draft.json``); a verify step of the ~1B
     copy model takes ~0.8 ms (``benchmarks/engine_speculative.py``).
     """
