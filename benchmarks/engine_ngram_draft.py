@@ -72,11 +72,11 @@ def stdlib_token_ids(n: int) -> list[int]:
 
 
 def decode(prompt: list[int], continuation: list[int], steps: int, draft) -> tuple[list[float], list[list[int]]]:
-    """Per-step seconds and drafts of ``draft(token_ids)`` over a decode that appends TOKENS_PER_STEP a step."""
+    """Per-step seconds and drafts of ``draft(token_ids, K)`` over a decode that appends TOKENS_PER_STEP a step."""
     ids, times, drafts = list(prompt), [], []
     for s in range(steps):
         t0 = time.perf_counter()
-        drafts.append(draft(ids))
+        drafts.append(draft(ids, K))
         times.append(time.perf_counter() - t0)
         ids += continuation[s * TOKENS_PER_STEP:(s + 1) * TOKENS_PER_STEP]
     return times, drafts
@@ -87,9 +87,8 @@ def measure(length: int, steps: int, repeats: int) -> dict:
     prompt, cont = ids[:length], ids[length:]
     scan, index, build = [], [], []
     for _ in range(repeats):
-        t_scan, d_scan = decode(prompt, cont, steps, lambda x: propose_by_scan(x, NGRAM, K))
-        drafter = NgramIndex(NGRAM)
-        t_index, d_index = decode(prompt, cont, steps, lambda x: drafter.propose(x, K))
+        t_scan, d_scan = decode(prompt, cont, steps, lambda x, k: propose_by_scan(x, NGRAM, k))
+        t_index, d_index = decode(prompt, cont, steps, NgramIndex(NGRAM).propose)
         if d_scan != d_index:
             raise SystemExit(f"drafts differ at context {length}: the index is wrong")
         scan.append(sum(t_scan) / steps)

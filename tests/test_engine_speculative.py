@@ -1,5 +1,6 @@
 """n-gram (prompt-lookup) speculative decoding: greedy outputs identical to plain decoding, acceptance counted,
-no block leaks, penalized/logprob requests untouched (sampling: test_engine_rejection_sampling.py); the drafting and acceptance rules themselves."""
+no block leaks, logprobs as plain decoding reports them, penalized requests untouched (sampling:
+test_engine_rejection_sampling.py); the drafting and acceptance rules themselves."""
 
 from __future__ import annotations
 
@@ -114,15 +115,54 @@ def test_greedy_outputs_identical_with_speculation_on_gpu(tiny_model):
     assert spec.stats()["spec_accepted_tokens"] > 0
 
 
-def test_penalized_and_logprob_requests_do_not_speculate(random_checkpoint):
+def test_penalized_requests_do_not_speculate(random_checkpoint):
     path = random_checkpoint("llama-2-7b")
     spec = LLM(path, max_model_len=256, max_num_seqs=4, block_size=8, num_speculative_tokens=4)
     plain = LLM(path, max_model_len=256, max_num_seqs=4, block_size=8)
-    for sp in (SamplingParams(temperature=0.8, seed=3, max_tokens=16, repetition_penalty=1.3),
-               SamplingParams(temperature=0.8, seed=3, max_tokens=16, logprobs=2)):
-        assert spec.generate([CODE], sp, use_tqdm=False)[0].outputs[0].token_ids == \
-            plain.generate([CODE], sp, use_tqdm=False)[0].outputs[0].token_ids
+    sp = SamplingParams(temperature=0.8, seed=3, max_tokens=16, repetition_penalty=1.3)
+    assert spec.generate([CODE], sp, use_tqdm=False)[0].outputs[0].token_ids == \
+        plain.generate([CODE], sp, use_tqdm=False)[0].outputs[0].token_ids
     assert spec.stats()["spec_draft_tokens"] == 0
+
+
+def _teacher_forced_logprobs(path, prompt_ids: list[int], out_ids: list[int]) -> torch.Tensor:
+    """HF transformers' log-softmax at each generated position: [len(out_ids), V]."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + out_ids])).logits[0].float()
+    return logits[len(prompt_ids) - 1:-1].log_softmax(-1)
+
+
+def test_logprobs_with_speculation(tiny_model):
+    """Requests with logprobs speculate: greedy ones give plain decoding's tokens and logprobs, and every kept
+    token of a sampled one (accepted draft or not) carries the model's logprobs at its position (top-k and
+    its own), checked against HF transformers over the whole output."""
+    kw = {"max_model_len": 256, "max_num_seqs": 4, "block_size": 8}
+    spec = LLM(tiny_model.path, num_speculative_tokens=4, **kw)
+    plain = LLM(tiny_model.path, **kw)
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=3)
+    got = spec.generate([CODE], greedy, use_tqdm=False)[0].outputs[0]
+    ref = plain.generate([CODE], greedy, use_tqdm=False)[0].outputs[0]
+    assert got.token_ids == ref.token_ids and len(got.logprobs) == 40
+    for g, r in zip(got.logprobs, ref.logprobs):
+        assert g.keys() == r.keys() and max(abs(g[t] - r[t]) for t in g) < 1e-4
+    assert abs(got.cumulative_logprob - ref.cumulative_logprob) < 1e-3
+    assert spec.stats()["spec_accepted_tokens"] > 0
+
+    before = spec.stats()["spec_accepted_tokens"]
+    sampled = SamplingParams(temperature=0.4, seed=5, max_tokens=40, ignore_eos=True, logprobs=2)
+    out = spec.generate([CODE], sampled, use_tqdm=False)[0]
+    assert spec.stats()["spec_accepted_tokens"] > before  # some kept tokens were accepted drafts
+    toks, lps = out.outputs[0].token_ids, out.outputs[0].logprobs
+    hf = _teacher_forced_logprobs(tiny_model.path, out.prompt_token_ids, toks)
+    assert len(lps) == len(toks) == hf.shape[0]
+    for i, (tok, lp) in enumerate(zip(toks, lps)):
+        top_v, top_i = hf[i].topk(2)
+        assert set(top_i.tolist()) | {tok} == lp.keys()
+        assert max(abs(lp[t] - hf[i, t].item()) for t in lp) < 1e-4
+    assert abs(out.outputs[0].cumulative_logprob - sum(hf[i, t].item() for i, t in enumerate(toks))) < 1e-3
 
 
 def test_speculative_options_are_validated(random_checkpoint):

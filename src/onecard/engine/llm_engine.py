@@ -96,8 +96,8 @@ class LLMEngine:
         blocker = why_not_speculative(params) if self.drafter is not None else None
         if blocker is not None:
             raise NotBuiltYetError(f"{blocker} with speculative_model: the draft model serves requests without "
-                                   "penalties or logprobs only (verification does not apply them); drop them or use "
-                                   "an engine without speculative_model")
+                                   "penalties only (verification does not apply them); drop them or use an engine "
+                                   "without speculative_model")
         text, ids = self.encode(prompt)
         if len(ids) >= self.config.max_model_len:
             raise BadInputError(f"prompt is {len(ids)} tokens but max_model_len={self.config.max_model_len} leaves no "
@@ -214,15 +214,18 @@ class LLMEngine:
     def _speculative_step(self, seqs: list[Sequence], stream: bool) -> list[RequestOutput]:
         """Verify every sequence's draft in one forward and append what plain decoding would have produced
         (greedy: the same tokens; sampled: tokens of the same distribution, by rejection sampling)."""
-        kept = self.runner.verify(seqs, self.drafter.draft_probs if self.drafter is not None else None)
+        verified = self.runner.verify(seqs, self.drafter.draft_probs if self.drafter is not None else None)
         now = time.time()
         touched: dict[str, Request] = {}
-        for seq, tokens in zip(seqs, kept):
+        for seq, out in zip(seqs, verified):
             self.num_draft_tokens += len(seq.draft_tokens)
-            self.num_accepted_tokens += len(tokens) - 1
+            self.num_accepted_tokens += len(out.token_ids) - 1
             seq.draft_tokens = []
-            for token in tokens:
+            for token, lp, slp in zip(out.token_ids, out.logprobs, out.sampled_logprobs):
                 seq.token_ids.append(token)
+                if seq.logprobs is not None:
+                    seq.logprobs.append(lp)
+                    seq.cumulative_logprob += slp
                 self.num_generated_tokens += 1
                 self._check_finish(seq, token)
                 if seq.finish_reason is not None:

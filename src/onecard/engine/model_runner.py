@@ -30,7 +30,7 @@ from onecard.engine.sampler import (
     sample_on_device,
 )
 from onecard.engine.sequence import Sequence
-from onecard.engine.speculative import accept_drafts
+from onecard.engine.speculative import accept_drafts, verified_outputs
 from onecard.errors import BadInputError, DoesNotFitError
 from onecard.kernels.kv_quant import SCALE_DTYPE, kv_storage
 from onecard.models.llama import AttentionMetadata, LlamaModel
@@ -347,11 +347,12 @@ class ModelRunner:
         return self._graph_logits[graph_bs][:B]
 
     @torch.no_grad()
-    def verify(self, seqs: list[Sequence], draft_probs: dict[int, torch.Tensor] | None = None) -> list[list[int]]:
+    def verify(self, seqs: list[Sequence], draft_probs: dict[int, torch.Tensor] | None = None) -> list[SamplerOutput]:
         """Speculative decode step: ``[last token, *draft]`` of each sequence run as decode rows, row i at
-        position ``len - 1 + i`` attending to ``len + i`` cached tokens; returns the tokens each sequence keeps
-        (accepted draft prefix + one model token: greedy match, or rejection sampling for sampled requests with
-        the draft model's q from ``draft_probs`` by ``seq_id``, see ``speculative.accept_drafts``).
+        position ``len - 1 + i`` attending to ``len + i`` cached tokens; returns, per sequence, the tokens it
+        keeps (accepted draft prefix + one model token: greedy match, or rejection sampling for sampled requests
+        with the draft model's q from ``draft_probs`` by ``seq_id``, see ``speculative.accept_drafts``) and their
+        logprobs when its request asks.
 
         Every row goes through the decode path (paged decode attention, the decode CUDA graph of the smallest
         captured size that holds all rows), not the prefill/prefix path: each row's attention is computed exactly
@@ -359,7 +360,8 @@ class ModelRunner:
         attends and a row sees only the ``len + i`` tokens up to itself. What may still differ from plain
         decoding is the matmuls' rounding at M = rows instead of M = 1 (cuBLAS may pick another kernel).
         """
-        return accept_drafts(seqs, self.verify_logits(seqs), draft_probs or {})
+        logits = self.verify_logits(seqs)
+        return verified_outputs(seqs, logits, accept_drafts(seqs, logits, draft_probs or {}))
 
     def verify_logits(self, seqs: list[Sequence]) -> torch.Tensor:
         """The target's float32 logits of every verify row (``verify``'s forward alone)."""

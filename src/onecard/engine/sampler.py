@@ -136,11 +136,16 @@ def sample_on_device(logits: torch.Tensor, seqs: list[Sequence]) -> DeviceSample
         sampled = (probs / q).argmax(-1)
         tokens = torch.where(greedy, logits.argmax(-1), sampled)
     out = DeviceSample(tokens, want_lp)
-    if raw_logprobs is not None:
-        kmax = max(k for k in want_lp if k is not None)
-        out.chosen_logprobs = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
-        out.top_logprobs, out.top_ids = raw_logprobs.topk(max(kmax, 1), dim=-1)
-    return out
+    return with_logprobs(out, raw_logprobs) if raw_logprobs is not None else out
+
+
+def with_logprobs(ds: DeviceSample, raw_logprobs: torch.Tensor) -> DeviceSample:
+    """``ds`` with the chosen tokens' logprobs and the top-``max k`` of ``raw_logprobs`` [B, V] (the model's
+    log-softmax, before penalties and temperature, as vLLM reports them)."""
+    kmax = max(k for k in ds.want_logprobs if k is not None)
+    ds.chosen_logprobs = raw_logprobs.gather(1, ds.tokens.unsqueeze(1)).squeeze(1)
+    ds.top_logprobs, ds.top_ids = raw_logprobs.topk(max(kmax, 1), dim=-1)
+    return ds
 
 
 def to_host(ds: DeviceSample) -> SamplerOutput:

@@ -12,7 +12,14 @@ from __future__ import annotations
 import torch
 
 from onecard.engine.rejection_sampler import rejection_sample
-from onecard.engine.sampler import host_to_device, sampling_probs
+from onecard.engine.sampler import (
+    DeviceSample,
+    SamplerOutput,
+    host_to_device,
+    sampling_probs,
+    to_host,
+    with_logprobs,
+)
 from onecard.engine.sampling_params import SamplingParams
 from onecard.engine.sequence import Sequence
 
@@ -62,12 +69,11 @@ class NgramIndex:
 def why_not_speculative(params: SamplingParams) -> str | None:
     """What keeps a request off speculative decoding (None: nothing). Greedy requests accept the draft prefix
     that equals the argmax at each position, sampled ones rejection-sample (``rejection_sampler.py``); both give
-    exactly what non-speculative decoding gives (in distribution, for sampling). Penalties and logprobs are not
-    built into verification (penalties would change with every accepted token), so those requests decode plainly."""
+    exactly what non-speculative decoding gives (in distribution, for sampling), logprobs included
+    (``verified_outputs``). Penalties are not built into verification (they would change with every accepted
+    token), so those requests decode plainly."""
     if params.uses_penalties:
         return "repetition/presence/frequency penalties"
-    if params.logprobs is not None:
-        return f"logprobs={params.logprobs}"
     return None
 
 
@@ -107,3 +113,30 @@ def accept_drafts(seqs: list[Sequence], logits: torch.Tensor, draft_probs: dict[
             out.append(seq.draft_tokens[:num_accepted] + [token])
         start += n
     return out
+
+
+def verified_outputs(seqs: list[Sequence], logits: torch.Tensor, kept: list[list[int]]) -> list[SamplerOutput]:
+    """Each sequence's kept tokens as a ``SamplerOutput``, with the logprobs its request asks for: a kept
+    token's logprobs are its verify row's, which is the row plain decoding computes for that position (the
+    rows of ``logits`` as in ``accept_drafts``). One host transfer for the batch, none without logprobs."""
+    rows, tokens, want = [], [], []
+    start = 0
+    for seq, toks in zip(seqs, kept):
+        if seq.params.logprobs is not None:
+            rows += range(start, start + len(toks))
+            tokens += toks
+            want += [seq.params.logprobs] * len(toks)
+        start += 1 + len(seq.draft_tokens)
+    flat = None
+    if rows:
+        picked = logits[host_to_device(rows, torch.long, logits.device)]
+        ds = DeviceSample(host_to_device(tokens, torch.long, logits.device), want)
+        flat = to_host(with_logprobs(ds, picked.log_softmax(-1)))
+    outs, at = [], 0
+    for seq, toks in zip(seqs, kept):
+        if seq.params.logprobs is None:
+            outs.append(SamplerOutput(toks, [None] * len(toks), [0.0] * len(toks)))
+        else:
+            outs.append(SamplerOutput(toks, flat.logprobs[at:at + len(toks)], flat.sampled_logprobs[at:at + len(toks)]))
+            at += len(toks)
+    return outs

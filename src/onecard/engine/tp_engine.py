@@ -168,7 +168,7 @@ class TPModelRunner(ModelRunner):
         dist.broadcast(self._sampled[:len(tokens)], src=0)
 
     @torch.no_grad()
-    def verify(self, seqs: list[Sequence], draft_probs: dict[int, torch.Tensor] | None = None) -> list[list[int]]:
+    def verify(self, seqs: list[Sequence], draft_probs: dict[int, torch.Tensor] | None = None) -> list[SamplerOutput]:
         self._send(VERIFY, seqs)
         return super().verify(seqs, draft_probs)
 
