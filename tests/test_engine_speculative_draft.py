@@ -128,14 +128,14 @@ def test_preemption_and_prefix_sharing_with_a_draft(tiny_model, layer_skip_draft
     _assert_all_free(small)
 
 
-def test_penalized_requests_are_refused_with_a_draft_model(tiny_model, layer_skip_draft):
-    spec = LLM(tiny_model.path, max_model_len=256, max_num_seqs=4, block_size=8, num_speculative_tokens=3,
-               speculative_model=layer_skip_draft)
-    with pytest.raises(NotBuiltYetError, match="penalties.*without penalties only"):
-        spec.generate([CODE], SamplingParams(temperature=0.8, repetition_penalty=1.3), use_tqdm=False)
-    assert not spec.engine.has_unfinished_requests()
-    out = spec.generate([CODE], SamplingParams(temperature=0, max_tokens=8, logprobs=1), use_tqdm=False)[0].outputs[0]
-    assert len(out.logprobs) == len(out.token_ids) == 8 and spec.stats()["spec_draft_tokens"] > 0  # logprobs: served
+def test_penalties_and_logprobs_with_a_draft_model(tiny_model, layer_skip_draft):
+    kw = {"max_model_len": 256, "max_num_seqs": 4, "block_size": 8}
+    spec = LLM(tiny_model.path, num_speculative_tokens=3, speculative_model=layer_skip_draft, **kw)
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, repetition_penalty=1.15, logprobs=1)
+    out = spec.generate([CODE], sp, use_tqdm=False)[0].outputs[0]
+    ref = LLM(tiny_model.path, **kw).generate([CODE], sp, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == ref.token_ids and len(out.logprobs) == 24 and spec.stats()["spec_accepted_tokens"] > 0
+    _assert_all_free(spec)
 
 
 def test_draft_with_another_vocabulary_is_refused(tiny_model, random_checkpoint):

@@ -33,8 +33,7 @@ from onecard.engine.sampler import PendingSample, SamplerOutput
 from onecard.engine.sampling_params import SamplingParams
 from onecard.engine.scheduler import Scheduler
 from onecard.engine.sequence import PLACEHOLDER, Request, Sequence
-from onecard.engine.speculative import why_not_speculative
-from onecard.errors import BadInputError, NotBuiltYetError
+from onecard.errors import BadInputError
 
 
 @dataclass
@@ -93,11 +92,6 @@ class LLMEngine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise BadInputError(f"sampling_params must be a SamplingParams, not {type(params).__name__}")
-        blocker = why_not_speculative(params) if self.drafter is not None else None
-        if blocker is not None:
-            raise NotBuiltYetError(f"{blocker} with speculative_model: the draft model serves requests without "
-                                   "penalties only (verification does not apply them); drop them or use an engine "
-                                   "without speculative_model")
         text, ids = self.encode(prompt)
         if len(ids) >= self.config.max_model_len:
             raise BadInputError(f"prompt is {len(ids)} tokens but max_model_len={self.config.max_model_len} leaves no "

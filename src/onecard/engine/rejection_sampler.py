@@ -2,7 +2,7 @@
 al. 2023; vLLM's ``RejectionSampler``).
 
 With the target's distribution ``p`` and the draft's ``q`` at each draft position (both after the request's
-temperature / top-k / top-p / min-p, ``sampler.sampling_probs``), draft token ``x`` is accepted with probability
+temperature / top-k / top-p / min-p, ``sampler.sampling_probs``; ``p`` after its penalties too), draft token ``x`` is accepted with probability
 ``min(1, p(x) / q(x))``; at the first rejection the token is drawn from ``normalize(max(0, p - q))``, and when
 all k are accepted a bonus token is drawn from ``p`` at position k + 1. Every emitted token is then distributed
 exactly as plain sampling from ``p`` would give. An n-gram draft is a point mass (``q = one_hot(x)``): accept with

@@ -47,14 +47,17 @@ def host_to_device(values: list, dtype: torch.dtype, dev: torch.device) -> torch
     return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
 
 
-def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Repetition (prompt + output, HF/vLLM rule), presence and frequency (output only) penalties."""
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], drafted: list[list[int]] | None = None) -> torch.Tensor:
+    """Repetition (prompt + output, HF/vLLM rule), presence and frequency (output only) penalties, row i for
+    ``seqs[i]``; ``drafted[i]``: tokens row i counts as output beyond its sequence's own (a speculative verify
+    row: the draft tokens before it, as plain decoding would have generated them by then)."""
     V = logits.shape[1]
     dev = logits.device
     rep = host_to_device([s.params.repetition_penalty for s in seqs], torch.float32, dev).unsqueeze(1)
     pres = host_to_device([s.params.presence_penalty for s in seqs], torch.float32, dev).unsqueeze(1)
     freq = host_to_device([s.params.frequency_penalty for s in seqs], torch.float32, dev).unsqueeze(1)
-    out_counts = _counts([s.completion_token_ids for s in seqs], V, dev)
+    outputs = [s.completion_token_ids + (drafted[i] if drafted else []) for i, s in enumerate(seqs)]
+    out_counts = _counts(outputs, V, dev)
     prompt_seen = _counts([s.token_ids[:s.num_prompt_tokens] for s in seqs], V, dev) > 0
     seen = prompt_seen | (out_counts > 0)
     logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)

@@ -34,7 +34,7 @@ from collections.abc import Callable
 
 from onecard.engine.block_manager import BlockManager
 from onecard.engine.sequence import Sequence, SequenceStatus
-from onecard.engine.speculative import NgramIndex, can_speculate
+from onecard.engine.speculative import NgramIndex
 
 
 class Scheduler:
@@ -45,7 +45,7 @@ class Scheduler:
                  admit_batch: int = 1) -> None:
         """``long_prefill_chunk=None``: no chunked prefill (each prompt is computed in one step, so it must fit the
         token budget); otherwise the most tokens one sequence's prefill takes per step. ``num_speculative_tokens``
-        > 0: decode steps of batches without penalty/logprob requests carry drafts: n-gram ones (``speculative.py``), or ``propose``'s
+        > 0: decode steps carry drafts: n-gram ones (``speculative.py``), or ``propose``'s
         (a draft model, ``draft_model.py``: given the sequences and how many tokens each may draft, with their
         cache slots already reserved). ``admit_batch``: seats that must be free (or hold the whole queue) before
         waiting sequences join sequences that are decoding."""
@@ -154,7 +154,7 @@ class Scheduler:
                 self.block_manager.may_append(seq)
                 self._take_tokens(seq, len(seq) - seq.num_cached_tokens)
                 scheduled.append(seq)
-        if self.num_speculative_tokens and scheduled and all(can_speculate(s) for s in scheduled):
+        if self.num_speculative_tokens and scheduled:
             if self.propose is None:
                 for seq in scheduled:
                     index = self._ngrams.get(seq.seq_id)

@@ -15,12 +15,12 @@ from onecard.engine.rejection_sampler import rejection_sample
 from onecard.engine.sampler import (
     DeviceSample,
     SamplerOutput,
+    apply_penalties,
     host_to_device,
     sampling_probs,
     to_host,
     with_logprobs,
 )
-from onecard.engine.sampling_params import SamplingParams
 from onecard.engine.sequence import Sequence
 
 # The engine options that put plain decoding on the kernels a speculative engine runs (it turns the bs=1 GEMV and
@@ -66,21 +66,6 @@ class NgramIndex:
         return []
 
 
-def why_not_speculative(params: SamplingParams) -> str | None:
-    """What keeps a request off speculative decoding (None: nothing). Greedy requests accept the draft prefix
-    that equals the argmax at each position, sampled ones rejection-sample (``rejection_sampler.py``); both give
-    exactly what non-speculative decoding gives (in distribution, for sampling), logprobs included
-    (``verified_outputs``). Penalties are not built into verification (they would change with every accepted
-    token), so those requests decode plainly."""
-    if params.uses_penalties:
-        return "repetition/presence/frequency penalties"
-    return None
-
-
-def can_speculate(seq: Sequence) -> bool:
-    return why_not_speculative(seq.params) is None
-
-
 def accept_greedy(draft: list[int], targets: list[int]) -> list[int]:
     """The tokens to append: the draft's prefix that matches the model's argmax, then the model's next token."""
     n = 0
@@ -92,8 +77,14 @@ def accept_greedy(draft: list[int], targets: list[int]) -> list[int]:
 def accept_drafts(seqs: list[Sequence], logits: torch.Tensor, draft_probs: dict[int, torch.Tensor]) -> list[list[int]]:
     """The tokens each sequence keeps from a verify step: ``logits`` [sum(k_i + 1), V] (float32) are the target's
     rows ``[last token, *draft]`` of each sequence in order; ``draft_probs`` holds the draft model's q [k, V] by
-    ``seq_id`` for sampled sequences (absent: an n-gram draft, a point mass). One host transfer for the batch."""
+    ``seq_id`` for sampled sequences (absent: an n-gram draft, a point mass). One host transfer for the batch.
+
+    Penalties apply per row as plain decoding would apply them at that position: with the draft tokens before
+    the row counted as output (a rejected draft's later rows are never used, so counting them is exact)."""
     sizes = [1 + len(s.draft_tokens) for s in seqs]
+    if any(s.params.uses_penalties for s in seqs):
+        logits = apply_penalties(logits, [s for s, n in zip(seqs, sizes) for _ in range(n)],
+                                 [s.draft_tokens[:i] for s, n in zip(seqs, sizes) for i in range(n)])
     greedy = [s.params.greedy for s in seqs]
     targets = logits.argmax(-1).tolist() if any(greedy) else []  # as the sampler picks greedy tokens
     per_seq = logits.split(sizes)
