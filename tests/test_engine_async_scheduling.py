@@ -97,13 +97,33 @@ def test_bs1_and_eos_identical(pair):
 
 
 def test_seeded_sampling_and_penalties_identical(pair):
-    """Seeded draws use per-request generators (same draws either way); penalties fall back to the sync path."""
+    """Seeded draws use per-request generators (same draws either way); penalized requests overlap too, their
+    in-flight token counted on the device, and decode exactly as without async scheduling."""
     off, on = pair
     params = [SamplingParams(temperature=0.8, top_p=0.9, top_k=20, seed=7, max_tokens=15, ignore_eos=True),
               SamplingParams(temperature=1.0, min_p=0.05, seed=3, max_tokens=11, ignore_eos=True, n=2),
               SamplingParams(temperature=0, repetition_penalty=1.3, frequency_penalty=0.5, max_tokens=13, ignore_eos=True)]
     prompts = PROMPTS[:3]
     assert _view(on.generate(prompts, params, use_tqdm=False)) == _view(off.generate(prompts, params, use_tqdm=False))
+    penalized = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, frequency_penalty=0.6),
+                 SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, repetition_penalty=1.4, logprobs=2),
+                 SamplingParams(temperature=0.9, seed=11, max_tokens=24, ignore_eos=True, presence_penalty=0.8)]
+    carried = []
+    launch = on.engine.runner.launch_decode
+
+    def spy(seqs, prev_rows):
+        carried.append(sum(r >= 0 for r in prev_rows))
+        return launch(seqs, prev_rows)
+
+    on.engine.runner.launch_decode = spy
+    try:
+        got = on.generate(PROMPTS[3:6], penalized, use_tqdm=False)
+    finally:
+        del on.engine.runner.launch_decode
+    assert sum(c > 0 for c in carried) >= 20  # the penalized batch decoded with steps in flight
+    assert _view(got) == _view(off.generate(PROMPTS[3:6], penalized, use_tqdm=False))
+    plain = off.generate(PROMPTS[3:5], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in plain] != [o.outputs[0].token_ids for o in got[:2]]  # penalties bite
     _assert_clean(on)
 
 
@@ -283,6 +303,8 @@ def test_gpu_async_identical_and_decode_steps_never_sync(enforce_eager):
         eng.add_request(f"g{i}", p, sp)
     eng.add_request("s", PROMPTS[3], SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=1, max_tokens=64,
                                                     ignore_eos=True, logprobs=2))
+    eng.add_request("p", PROMPTS[4], SamplingParams(temperature=0, max_tokens=64, ignore_eos=True,
+                                                    repetition_penalty=1.2, frequency_penalty=0.5))  # counts on GPU
     for _ in range(4):  # the prefill, then decode steps until one is in flight
         eng.step()
     assert eng.in_flight is not None

@@ -10,8 +10,9 @@ the host holds a placeholder meanwhile (``sequence.PLACEHOLDER``), then reads st
 t's tokens from pinned memory, and does the stop checks, detokenization and
 outputs for them while the GPU computes step t+1. So outputs lag one step, and a
 sequence that stops at step t has already been computed once more in step t+1:
-that token is discarded, never shown. Only decode steps overlap (no penalties,
-which need every token on the host); any other step runs as before, after the
+that token is discarded, never shown. Penalties count a row's in-flight token
+on the device (``sampler.apply_penalties(pending=...)``). Only decode steps
+overlap; any other step runs as before, after the
 step in flight has been read back (a prefill step is queued first, as its
 sequences are never in flight, but it still waits for its own sample).
 """
@@ -141,7 +142,7 @@ class LLMEngine:
         seqs, is_prefill = self.scheduler.schedule()
         in_flight, self.in_flight = self.in_flight, None
         touched: dict[str, Request] = {}
-        if not is_prefill and seqs and self.overlap and not any(s.params.uses_penalties for s in seqs):
+        if not is_prefill and seqs and self.overlap:
             rows = in_flight.rows() if in_flight is not None else {}
             launched = self.runner.launch_decode(seqs, [rows.get(s.seq_id, -1) for s in seqs])
             if in_flight is not None:  # the GPU runs the step just launched while the host reads the one before

@@ -316,7 +316,12 @@ class ModelRunner:
         """Queue a decode step and its sampling without waiting for the device; the host reads the tokens later
         (``PendingSample.result``). ``prev_rows[i] >= 0``: row i's input token is row ``prev_rows[i]`` of the
         previous ``launch_decode``'s sample (the host holds only a placeholder for it yet)."""
-        ds = sample_on_device(self.decode_logits(seqs, prev_rows).float(), seqs)
+        logits = self.decode_logits(seqs, prev_rows).float()
+        pending = None
+        if any(s.params.uses_penalties for s in seqs):  # the in-flight tokens count for penalties (vocab: none)
+            rows = self._to_device(prev_rows, torch.long)
+            pending = take_previous(torch.full_like(rows, logits.shape[1]), rows, self._sampled)
+        ds = sample_on_device(logits, seqs, pending)
         self.keep_sample(ds.tokens)
         return PendingSample.start(ds)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from onecard.engine.sampling_params import SamplingParams
-from onecard.engine.sequence import Sequence
+from onecard.engine.sequence import PLACEHOLDER, Sequence
 
 
 @dataclass
@@ -47,31 +47,37 @@ def host_to_device(values: list, dtype: torch.dtype, dev: torch.device) -> torch
     return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
 
 
-def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], drafted: list[list[int]] | None = None) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], drafted: list[list[int]] | None = None,
+                    pending: torch.Tensor | None = None) -> torch.Tensor:
     """Repetition (prompt + output, HF/vLLM rule), presence and frequency (output only) penalties, row i for
-    ``seqs[i]``; ``drafted[i]``: tokens row i counts as output beyond its sequence's own (a speculative verify
-    row: the draft tokens before it, as plain decoding would have generated them by then)."""
+    ``seqs[i]``, without waiting for the device. ``drafted[i]``: tokens row i counts as output beyond its
+    sequence's own (a speculative verify row: the draft tokens before it, as plain decoding would have generated
+    them by then). ``pending`` [B] (on the device): each row's token still in flight under async scheduling,
+    which the host holds as a placeholder (the vocabulary size where none), counted as output too."""
     V = logits.shape[1]
     dev = logits.device
     rep = host_to_device([s.params.repetition_penalty for s in seqs], torch.float32, dev).unsqueeze(1)
     pres = host_to_device([s.params.presence_penalty for s in seqs], torch.float32, dev).unsqueeze(1)
     freq = host_to_device([s.params.frequency_penalty for s in seqs], torch.float32, dev).unsqueeze(1)
-    outputs = [s.completion_token_ids + (drafted[i] if drafted else []) for i, s in enumerate(seqs)]
-    out_counts = _counts(outputs, V, dev)
+    outputs = [[t for t in s.completion_token_ids if t != PLACEHOLDER] + (drafted[i] if drafted else [])
+               for i, s in enumerate(seqs)]
+    out_counts = _counts(outputs, V, dev, pending)
     prompt_seen = _counts([s.token_ids[:s.num_prompt_tokens] for s in seqs], V, dev) > 0
     seen = prompt_seen | (out_counts > 0)
     logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
     return logits - freq * out_counts - pres * (out_counts > 0).float()
 
 
-def _counts(rows: list[list[int]], V: int, dev: torch.device) -> torch.Tensor:
+def _counts(rows: list[list[int]], V: int, dev: torch.device, pending: torch.Tensor | None = None) -> torch.Tensor:
+    """[len(rows), V] token counts of each row (plus its ``pending`` token: id V counts nowhere)."""
     width = max((len(r) for r in rows), default=0)
-    ids = torch.full((len(rows), max(width, 1)), V, dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, :len(r)] = torch.tensor(r)
+    ids = [r + [V] * (width - len(r)) for r in rows]
     counts = torch.zeros(len(rows), V + 1, device=dev)
-    counts.scatter_add_(1, ids.to(dev), torch.ones(ids.shape, device=dev))
+    if width:
+        index = host_to_device(ids, torch.long, dev)
+        counts.scatter_add_(1, index, torch.ones(index.shape, device=dev))
+    if pending is not None:
+        counts.scatter_add_(1, pending.unsqueeze(1), torch.ones(len(rows), 1, device=dev))
     return counts[:, :V]
 
 
@@ -118,15 +124,15 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
 
 
 @torch.no_grad()
-def sample_on_device(logits: torch.Tensor, seqs: list[Sequence]) -> DeviceSample:
+def sample_on_device(logits: torch.Tensor, seqs: list[Sequence], pending: torch.Tensor | None = None) -> DeviceSample:
     """Choose one token per row of ``logits`` [B, V] (float32) for ``seqs``, leaving the result on the device:
-    nothing here waits for the GPU (penalties excepted: they read each sequence's tokens on the host)."""
+    nothing here waits for the GPU. ``pending``: the rows' in-flight tokens, for penalties (``apply_penalties``)."""
     dev = logits.device
     params = [s.params for s in seqs]
     want_lp = [p.logprobs for p in params]
     raw_logprobs = logits.log_softmax(-1) if any(k is not None for k in want_lp) else None
     if any(p.uses_penalties for p in params):
-        logits = apply_penalties(logits, seqs)
+        logits = apply_penalties(logits, seqs, pending=pending)
     if all(p.greedy for p in params):
         tokens = logits.argmax(-1)
     else:
