@@ -69,6 +69,31 @@ def test_sampling_fields_reach_the_engine(oai, engine):
     assert (p.top_k, p.min_p, p.repetition_penalty) == (7, 0.05, 1.1)
 
 
+def test_structured_output_fields_reach_the_engine(oai, engine):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    msgs = [{"role": "user", "content": "a"}]
+    oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=3, response_format={"type": "json_object"})
+    assert engine.seen_params[-1].structured == ("json_object", True)
+    oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=3, response_format={
+        "type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+    assert engine.seen_params[-1].structured == ("json_schema", schema)
+    oai.completions.create(model=MODEL, prompt="x", max_tokens=3, extra_body={"guided_regex": r"\d+"})
+    assert engine.seen_params[-1].structured == ("regex", r"\d+")
+    oai.completions.create(model=MODEL, prompt="x", max_tokens=3, extra_body={"guided_choice": ["yes", "no"]})
+    assert engine.seen_params[-1].structured == ("choice", ["yes", "no"])
+
+
+@pytest.mark.parametrize("body,words", [
+    ({"response_format": {"type": "yaml"}}, "use text, json_object or json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "needs"),
+    ({"response_format": {"type": "json_object"}, "guided_regex": "a+"}, "one structured output constraint"),
+])
+def test_bad_structured_output_requests_are_400(client, body, words):
+    r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "a"}],
+                                                   "max_tokens": 3, **body})
+    assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+
+
 def test_batch_prompts_and_n(oai):
     r = oai.completions.create(model=MODEL, prompt=["a", "b b"], max_tokens=2, n=3, seed=0)
     assert sorted(c.index for c in r.choices) == list(range(6))

@@ -68,6 +68,9 @@ class HFFallbackEngine:
                                     "set it to 0")
         if params.logprobs is not None:
             raise BadInputError("logprobs is not supported on the HF fallback path; set logprobs=None")
+        if params.structured is not None:
+            raise BadInputError(f"{params.structured[0]} (structured outputs) is not supported on the HF fallback "
+                                "path; drop it")
         text, ids = self.encode(prompt)
         if len(ids) >= self.config.max_model_len:
             raise BadInputError(f"prompt is {len(ids)} tokens but max_model_len={self.config.max_model_len} leaves no "

@@ -34,6 +34,7 @@ from onecard.engine.sampler import PendingSample, SamplerOutput
 from onecard.engine.sampling_params import SamplingParams
 from onecard.engine.scheduler import Scheduler
 from onecard.engine.sequence import PLACEHOLDER, Request, Sequence
+from onecard.engine.structured import Grammars, accept
 from onecard.errors import BadInputError
 
 
@@ -71,6 +72,7 @@ class LLMEngine:
         # which saves two tokenizer calls per sequence per step (unless a request has stop strings).
         self.incremental_text = False
         self.overlap = config.overlaps(runner.is_cuda)  # async scheduling of decode steps
+        self.grammars = Grammars(tokenizer, self.vocab_size, eos_token_ids)
         self.in_flight: InFlight | None = None
 
     # ---- requests ----------------------------------------------------------------------------------------------
@@ -94,6 +96,8 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise BadInputError(f"sampling_params must be a SamplingParams, not {type(params).__name__}")
         text, ids = self.encode(prompt)
+        if params.structured is not None:
+            self.grammars.compile(params)  # a schema or regex xgrammar rejects fails here, before queueing
         if len(ids) >= self.config.max_model_len:
             raise BadInputError(f"prompt is {len(ids)} tokens but max_model_len={self.config.max_model_len} leaves no "
                                 "room to generate; shorten the prompt or raise max_model_len")
@@ -111,6 +115,8 @@ class LLMEngine:
             if params.seed is not None:
                 gen = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
             seqs.append(Sequence(request_id, i, ids, params, gen))
+            if params.structured is not None:
+                seqs[-1].matcher = self.grammars.matcher(params)
         req = Request(request_id, text, ids, params, seqs, arrival_time or time.time())
         self.requests[request_id] = req
         for s in seqs:
@@ -142,7 +148,7 @@ class LLMEngine:
         seqs, is_prefill = self.scheduler.schedule()
         in_flight, self.in_flight = self.in_flight, None
         touched: dict[str, Request] = {}
-        if not is_prefill and seqs and self.overlap:
+        if not is_prefill and seqs and self.overlap and all(s.matcher is None for s in seqs):
             rows = in_flight.rows() if in_flight is not None else {}
             launched = self.runner.launch_decode(seqs, [rows.get(s.seq_id, -1) for s in seqs])
             if in_flight is not None:  # the GPU runs the step just launched while the host reads the one before
@@ -237,7 +243,9 @@ class LLMEngine:
 
     def _check_finish(self, seq: Sequence, token: int) -> None:
         p = seq.params
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+        if seq.matcher is not None and accept(seq, token):  # the grammar ended (on an end-of-sequence token)
+            seq.finish_reason = "stop"
+        elif token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
             seq.finish_reason = "stop"  # the stop token stays in token_ids, not in the text
         elif self.incremental_text or p.stop:
             new = append_text(self.tokenizer, seq)

@@ -17,6 +17,7 @@ import torch
 
 from onecard.engine.sampling_params import SamplingParams
 from onecard.engine.sequence import PLACEHOLDER, Sequence
+from onecard.engine.structured import mask_logits_
 
 
 @dataclass
@@ -133,6 +134,7 @@ def sample_on_device(logits: torch.Tensor, seqs: list[Sequence], pending: torch.
     raw_logprobs = logits.log_softmax(-1) if any(k is not None for k in want_lp) else None
     if any(p.uses_penalties for p in params):
         logits = apply_penalties(logits, seqs, pending=pending)
+    mask_logits_(logits, seqs)  # structured outputs' grammars (in place; no-op without them)
     if all(p.greedy for p in params):
         tokens = logits.argmax(-1)
     else:

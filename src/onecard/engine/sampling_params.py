@@ -17,6 +17,11 @@ class SamplingParams:
     ``stop_token_ids`` and the model's EOS (unless ``ignore_eos``) end it on a token.
     ``logprobs=k`` returns the top-k log-probabilities (plus the sampled token's)
     of the model's distribution at every generated position.
+
+    Structured outputs (at most one; ``structured.py``, needs xgrammar): ``json_object=True`` (any JSON
+    object), ``json_schema`` (a JSON Schema, as a dict or a JSON string), ``regex``, or ``choice`` (exactly one
+    of these strings). Only tokens that keep the output inside the grammar can be sampled, and the request
+    stops when the grammar is complete.
     """
 
     n: int = 1
@@ -34,6 +39,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    json_object: bool = False
+    json_schema: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> BadInputError:
@@ -79,6 +88,29 @@ class SamplingParams:
             self.stop_token_ids = list(self.stop_token_ids)
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0 or self.logprobs > 20):
             raise bad("logprobs", "must be an integer in [0, 20] or None")
+        self._check_structured(bad)
+
+    def _check_structured(self, bad) -> None:
+        if not isinstance(self.json_object, bool):
+            raise bad("json_object", "must be True or False")
+        if self.json_schema is not None and not isinstance(self.json_schema, (dict, str)):
+            raise bad("json_schema", "must be a JSON Schema: a dict or a JSON string")
+        if self.regex is not None and (not isinstance(self.regex, str) or not self.regex):
+            raise bad("regex", "must be a non-empty string")
+        if self.choice is not None and (not isinstance(self.choice, (list, tuple)) or not self.choice
+                                        or not all(isinstance(c, str) and c for c in self.choice)):
+            raise bad("choice", "must be a non-empty list of non-empty strings")
+        given = [f for f in ("json_object", "json_schema", "regex", "choice") if getattr(self, f) not in (None, False)]
+        if len(given) > 1:
+            raise bad(given[1], f"give one structured output constraint, not {' and '.join(given)}")
+
+    @property
+    def structured(self) -> tuple[str, object] | None:
+        """(kind, value) of the structured output constraint, or None."""
+        for kind in ("json_schema", "regex", "choice"):
+            if getattr(self, kind) is not None:
+                return kind, getattr(self, kind)
+        return ("json_object", True) if self.json_object else None
 
     @property
     def greedy(self) -> bool:

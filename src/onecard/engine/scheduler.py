@@ -154,7 +154,7 @@ class Scheduler:
                 self.block_manager.may_append(seq)
                 self._take_tokens(seq, len(seq) - seq.num_cached_tokens)
                 scheduled.append(seq)
-        if self.num_speculative_tokens and scheduled:
+        if self.num_speculative_tokens and scheduled and all(s.matcher is None for s in scheduled):  # grammars: 1 token
             if self.propose is None:
                 for seq in scheduled:
                     index = self._ngrams.get(seq.seq_id)

@@ -53,7 +53,7 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: 
     try:
         return SamplingParams(n=req.n, max_tokens=max_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids,
                               seed=req.seed, ignore_eos=req.ignore_eos, logprobs=logprobs,
-                              skip_special_tokens=req.skip_special_tokens, **kw)
+                              skip_special_tokens=req.skip_special_tokens, **kw, **req.structured_output())
     except ValueError as err:
         raise bad_request(f"Invalid sampling parameters: {err}") from None
 

@@ -47,6 +47,9 @@ class _SamplingFields(_Strict):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    guided_json: dict[str, Any] | str | None = None  # structured outputs (vLLM's names): a JSON Schema,
+    guided_regex: str | None = None                  # a regex,
+    guided_choice: list[str] | None = None           # or one of these strings
     # OpenAI fields onecard refuses by name (see _refuse_unsupported)
     logit_bias: dict[str, float] | None = None
 
@@ -61,6 +64,18 @@ class _SamplingFields(_Strict):
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must be non-empty")
         return stops or None
+
+    def structured_output(self) -> dict[str, Any]:
+        """The request's structured output constraint as ``SamplingParams`` fields (SamplingParams checks that
+        there is at most one)."""
+        out: dict[str, Any] = {}
+        if self.guided_json is not None:
+            out["json_schema"] = self.guided_json
+        if self.guided_regex is not None:
+            out["regex"] = self.guided_regex
+        if self.guided_choice is not None:
+            out["choice"] = self.guided_choice
+        return out
 
     @model_validator(mode="after")
     def _refuse_unsupported(self):
@@ -151,14 +166,29 @@ class ChatCompletionRequest(_SamplingFields):
     def _refuse_unsupported_chat(self):
         if self.tools or self.tool_choice not in (None, "none"):
             raise ValueError("tools / tool_choice are not supported by onecard serve; remove them")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError("response_format other than text is not supported by onecard serve")
+        kind = (self.response_format or {}).get("type", "text")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise ValueError(f"response_format type {kind!r}: use text, json_object or json_schema")
+        if kind == "json_schema" and not isinstance((self.response_format.get("json_schema") or {}).get("schema"), dict):
+            raise ValueError('response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}')
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self
 
     def has_images(self) -> bool:
         return any(m.has_image() for m in self.messages)
+
+    def structured_output(self) -> dict[str, Any]:
+        """``response_format`` (json_object, json_schema) besides the guided_* fields."""
+        out = super().structured_output()
+        kind = (self.response_format or {}).get("type", "text")
+        if kind == "json_object":
+            out["json_object"] = True
+        elif kind == "json_schema":
+            if "json_schema" in out:
+                raise ValueError("give response_format json_schema or guided_json, not both")
+            out["json_schema"] = self.response_format["json_schema"]["schema"]
+        return out
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
