@@ -168,7 +168,7 @@ def test_logprobs_with_speculation(tiny_model):
     hf = _teacher_forced_logprobs(tiny_model.path, out.prompt_token_ids, toks)
     assert len(lps) == len(toks) == hf.shape[0]
     for i, (tok, lp) in enumerate(zip(toks, lps)):
-        top_v, top_i = hf[i].topk(2)
+        top_i = hf[i].topk(2).indices
         assert set(top_i.tolist()) | {tok} == lp.keys()
         assert max(abs(lp[t] - hf[i, t].item()) for t in lp) < 1e-4
     assert abs(out.outputs[0].cumulative_logprob - sum(hf[i, t].item() for i, t in enumerate(toks))) < 1e-3
@@ -257,3 +257,40 @@ def test_speculation_keeps_the_three_launch_decode_attention():
     assert EngineConfig("m").fuses_decode_attention()
     assert not EngineConfig("m", num_speculative_tokens=2).fuses_decode_attention()
     assert not EngineConfig("m", fused_decode_attention=False).fuses_decode_attention()
+
+
+def test_logit_bias_with_and_without_speculation(tiny_model):
+    """A +100 bias makes its token the greedy choice at every step; a -100 bias bans the model's favourite; the
+    same biased requests speculate (each verify row biased alike) and decode asynchronously with plain outputs."""
+    kw = {"max_model_len": 256, "max_num_seqs": 4, "block_size": 8}
+    plain = LLM(tiny_model.path, **kw)
+    free = plain.generate([CODE], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), use_tqdm=False)
+    favourite = max(set(free[0].outputs[0].token_ids), key=free[0].outputs[0].token_ids.count)
+    forced = plain.generate([CODE], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                                                   logit_bias={favourite: 100.0}), use_tqdm=False)
+    assert forced[0].outputs[0].token_ids == [favourite] * 6
+    banned = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logit_bias={favourite: -100.0})
+    ref = plain.generate([CODE], banned, use_tqdm=False)[0].outputs[0].token_ids
+    assert favourite not in ref
+    spec = LLM(tiny_model.path, num_speculative_tokens=4, **kw)
+    assert spec.generate([CODE], banned, use_tqdm=False)[0].outputs[0].token_ids == ref
+    overlapped = LLM(tiny_model.path, async_scheduling=True, **kw)
+    assert overlapped.generate([CODE], banned, use_tqdm=False)[0].outputs[0].token_ids == ref
+    with pytest.raises(BadInputError, match="logit_bias token id 99999 is outside the vocabulary"):
+        plain.generate([CODE], SamplingParams(logit_bias={99999: 1.0}), use_tqdm=False)
+    with pytest.raises(BadInputError, match="logit_bias"):
+        SamplingParams(logit_bias={1: 500.0})
+
+
+def test_accept_drafts_biases_every_verify_row():
+    """Row 0 of a verify step is biased like every other: the banned token is neither accepted nor emitted."""
+    from onecard.engine.sequence import Sequence
+    from onecard.engine.speculative import accept_drafts
+
+    seq = Sequence("r", 0, [1, 2, 3], SamplingParams(temperature=0, logit_bias={4: -100.0}), None)
+    seq.draft_tokens = [4, 5]
+    logits = torch.zeros(3, 8)
+    logits[:, 4], logits[:, 5] = 2.0, 1.0  # unbiased, every row's argmax is 4: the draft's first token
+    assert accept_drafts([seq], logits, {}) == [[5]]
+    seq.params = SamplingParams(temperature=0)
+    assert accept_drafts([seq], logits, {}) == [[4, 4]]

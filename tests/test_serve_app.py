@@ -67,6 +67,8 @@ def test_sampling_fields_reach_the_engine(oai, engine):
     assert (p.temperature, p.top_p, p.seed, p.n, p.max_tokens) == (0.7, 0.9, 5, 2, 3)
     assert (p.presence_penalty, p.frequency_penalty, p.stop) == (0.5, -0.5, ["\n\n"])
     assert (p.top_k, p.min_p, p.repetition_penalty) == (7, 0.05, 1.1)
+    oai.completions.create(model=MODEL, prompt="x", max_tokens=3, logit_bias={"5": -100, "7": 2.5})
+    assert engine.seen_params[-1].logit_bias == {5: -100, 7: 2.5}
 
 
 def test_structured_output_fields_reach_the_engine(oai, engine):
@@ -141,7 +143,8 @@ def test_logprobs_shapes(oai):
     ({"prompt": "a", "max_tokens": 0}, "max_tokens", None),
     ({"prompt": "a", "temperature": 3}, "temperature", None),
     ({"prompt": "a", "bogus_field": 1}, "bogus_field", "extra_forbidden"),
-    ({"prompt": "a", "logit_bias": {"5": 1.0}}, None, None),
+    ({"prompt": "a", "logit_bias": {"x": 1.0}}, None, None),
+    ({"prompt": "a", "logit_bias": {"5": 101}}, None, None),
     ({"prompt": "a " * 200, "max_tokens": 4}, "prompt", "context_length_exceeded"),
     ({"prompt": "a", "max_tokens": 500}, "prompt", "context_length_exceeded"),
     ({"prompt": [10**9]}, "prompt", None),

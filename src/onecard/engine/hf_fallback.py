@@ -68,6 +68,8 @@ class HFFallbackEngine:
                                     "set it to 0")
         if params.logprobs is not None:
             raise BadInputError("logprobs is not supported on the HF fallback path; set logprobs=None")
+        if params.logit_bias:
+            raise BadInputError("logit_bias is not supported on the HF fallback path; drop it")
         if params.structured is not None:
             raise BadInputError(f"{params.structured[0]} (structured outputs) is not supported on the HF fallback "
                                 "path; drop it")

@@ -96,6 +96,9 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise BadInputError(f"sampling_params must be a SamplingParams, not {type(params).__name__}")
         text, ids = self.encode(prompt)
+        out_of_vocab = [t for t in params.logit_bias or {} if t >= self.vocab_size]
+        if out_of_vocab:
+            raise BadInputError(f"logit_bias token id {out_of_vocab[0]} is outside the vocabulary [0, {self.vocab_size})")
         if params.structured is not None:
             self.grammars.compile(params)  # a schema or regex xgrammar rejects fails here, before queueing
         if len(ids) >= self.config.max_model_len:

@@ -48,6 +48,30 @@ def host_to_device(values: list, dtype: torch.dtype, dev: torch.device) -> torch
     return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
 
 
+def adjust_logits(logits: torch.Tensor, seqs: list[Sequence], drafted: list[list[int]] | None = None,
+                  pending: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row's ``logit_bias`` added, then its penalties (``apply_penalties``, whose arguments these are); the
+    same tensor when no row has either."""
+    if any(s.params.logit_bias for s in seqs):
+        logits = apply_logit_bias(logits, seqs)
+    if any(s.params.uses_penalties for s in seqs):
+        logits = apply_penalties(logits, seqs, drafted, pending)
+    return logits
+
+
+def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """OpenAI's ``logit_bias``: row i's biases added to its tokens' logits (a new tensor)."""
+    rows, ids, values = [], [], []
+    for i, s in enumerate(seqs):
+        for token, bias in (s.params.logit_bias or {}).items():
+            rows.append(i)
+            ids.append(token)
+            values.append(bias)
+    dev = logits.device
+    index = (host_to_device(rows, torch.long, dev), host_to_device(ids, torch.long, dev))
+    return logits.index_put(index, host_to_device(values, torch.float32, dev), accumulate=True)
+
+
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], drafted: list[list[int]] | None = None,
                     pending: torch.Tensor | None = None) -> torch.Tensor:
     """Repetition (prompt + output, HF/vLLM rule), presence and frequency (output only) penalties, row i for
@@ -132,8 +156,7 @@ def sample_on_device(logits: torch.Tensor, seqs: list[Sequence], pending: torch.
     params = [s.params for s in seqs]
     want_lp = [p.logprobs for p in params]
     raw_logprobs = logits.log_softmax(-1) if any(k is not None for k in want_lp) else None
-    if any(p.uses_penalties for p in params):
-        logits = apply_penalties(logits, seqs, pending=pending)
+    logits = adjust_logits(logits, seqs, pending=pending)
     mask_logits_(logits, seqs)  # structured outputs' grammars (in place; no-op without them)
     if all(p.greedy for p in params):
         tokens = logits.argmax(-1)

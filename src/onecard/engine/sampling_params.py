@@ -39,6 +39,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # OpenAI's: token id -> bias in [-100, 100] added to its logit
     json_object: bool = False
     json_schema: dict | str | None = None
     regex: str | None = None
@@ -88,6 +89,10 @@ class SamplingParams:
             self.stop_token_ids = list(self.stop_token_ids)
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0 or self.logprobs > 20):
             raise bad("logprobs", "must be an integer in [0, 20] or None")
+        if self.logit_bias is not None and (not isinstance(self.logit_bias, dict) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 and _is_number(b) and -100 <= b <= 100
+                for t, b in self.logit_bias.items())):
+            raise bad("logit_bias", "must map token ids (integers >= 0) to biases in [-100, 100]")
         self._check_structured(bad)
 
     def _check_structured(self, bad) -> None:

@@ -15,7 +15,7 @@ from onecard.engine.rejection_sampler import rejection_sample
 from onecard.engine.sampler import (
     DeviceSample,
     SamplerOutput,
-    apply_penalties,
+    adjust_logits,
     host_to_device,
     sampling_probs,
     to_host,
@@ -79,12 +79,12 @@ def accept_drafts(seqs: list[Sequence], logits: torch.Tensor, draft_probs: dict[
     rows ``[last token, *draft]`` of each sequence in order; ``draft_probs`` holds the draft model's q [k, V] by
     ``seq_id`` for sampled sequences (absent: an n-gram draft, a point mass). One host transfer for the batch.
 
-    Penalties apply per row as plain decoding would apply them at that position: with the draft tokens before
-    the row counted as output (a rejected draft's later rows are never used, so counting them is exact)."""
+    Logit biases and penalties apply per row as plain decoding would apply them at that position: with the
+    draft tokens before the row counted as output (a rejected draft's later rows are never used, so counting them
+    is exact)."""
     sizes = [1 + len(s.draft_tokens) for s in seqs]
-    if any(s.params.uses_penalties for s in seqs):
-        logits = apply_penalties(logits, [s for s, n in zip(seqs, sizes) for _ in range(n)],
-                                 [s.draft_tokens[:i] for s, n in zip(seqs, sizes) for i in range(n)])
+    logits = adjust_logits(logits, [s for s, n in zip(seqs, sizes) for _ in range(n)],
+                           [s.draft_tokens[:i] for s, n in zip(seqs, sizes) for i in range(n)])
     greedy = [s.params.greedy for s in seqs]
     targets = logits.argmax(-1).tolist() if any(greedy) else []  # as the sampler picks greedy tokens
     per_seq = logits.split(sizes)

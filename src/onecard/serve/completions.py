@@ -51,6 +51,10 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: 
 
     kw = {name: getattr(req, name) for name in _SAMPLING_FIELDS if getattr(req, name) is not None}
     try:
+        if req.logit_bias:
+            if not all(token.isdigit() for token in req.logit_bias):
+                raise ValueError("logit_bias keys must be token ids (strings of digits)")
+            kw["logit_bias"] = {int(token): bias for token, bias in req.logit_bias.items()}
         return SamplingParams(n=req.n, max_tokens=max_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids,
                               seed=req.seed, ignore_eos=req.ignore_eos, logprobs=logprobs,
                               skip_special_tokens=req.skip_special_tokens, **kw, **req.structured_output())

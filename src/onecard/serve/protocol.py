@@ -6,7 +6,7 @@ vLLM-style sampling extensions (``top_k``, ``min_p``, ``repetition_penalty``,
 ``ignore_eos``, ``stop_token_ids``, ``skip_special_tokens``) are accepted
 because users of local servers expect them. Unknown fields are rejected with a
 400 naming the field rather than silently ignored, and OpenAI fields that
-onecard does not implement (tools, logit_bias, ...) are refused by name.
+onecard does not implement (tools, suffix, ...) are refused by name.
 """
 
 from __future__ import annotations
@@ -50,8 +50,7 @@ class _SamplingFields(_Strict):
     guided_json: dict[str, Any] | str | None = None  # structured outputs (vLLM's names): a JSON Schema,
     guided_regex: str | None = None                  # a regex,
     guided_choice: list[str] | None = None           # or one of these strings
-    # OpenAI fields onecard refuses by name (see _refuse_unsupported)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's shape) -> bias
 
     @field_validator("stop")
     @classmethod
@@ -79,8 +78,6 @@ class _SamplingFields(_Strict):
 
     @model_validator(mode="after")
     def _refuse_unsupported(self):
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported by onecard serve; remove it")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream: true")
         return self
