@@ -67,11 +67,15 @@ def _gone(pids: list[int], within_s: float = 15) -> bool:
 def test_tp2_async_scheduling_generates_the_single_process_tokens():
     """Async scheduling over 2 ranks: the driver launches step t+1 before reading step t, and the worker takes each
     in-flight row's input token from the sample the driver broadcast. Requests of different lengths and a sampled
-    one (seeded) leave and join the decode batch at different steps, so rows move between steps."""
+    one (seeded) leave and join the decode batch at different steps, so rows move between steps; a penalized one
+    decodes with its steps in flight too."""
     folder = make_random_checkpoint("llama-2-7b", "tiny")
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (9, 3, 6)]
     params.append(SamplingParams(temperature=0.8, seed=3, max_tokens=7, ignore_eos=True))
-    prompts = [*PROMPTS, PROMPTS[1]]
+    # penalties count the in-flight token on the device; a logit bias rides along
+    params.append(SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, frequency_penalty=0.7,
+                                 repetition_penalty=1.3, logit_bias={5: 3.0}))
+    prompts = [*PROMPTS, PROMPTS[1], PROMPTS[0]]
 
     def run(llm: LLM) -> list[list[int]]:
         return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
@@ -80,7 +84,7 @@ def test_tp2_async_scheduling_generates_the_single_process_tokens():
     llm = LLM(folder, tensor_parallel_size=2, async_scheduling=True, **ENGINE)
     assert llm.engine.overlap
     assert run(llm) == ref
-    assert [len(t) for t in ref] == [9, 3, 6, 7]
+    assert [len(t) for t in ref] == [9, 3, 6, 7, 8]
     llm.engine.runner.close()
 
 
