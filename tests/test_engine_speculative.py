@@ -294,3 +294,36 @@ def test_accept_drafts_biases_every_verify_row():
     assert accept_drafts([seq], logits, {}) == [[5]]
     seq.params = SamplingParams(temperature=0)
     assert accept_drafts([seq], logits, {}) == [[4, 4]]
+
+
+def test_min_tokens_holds_back_stops_with_and_without_speculation(tiny_model):
+    """The model's favourite token made a stop token: plain decoding stops on it at once; with min_tokens=12 it
+    cannot stop before 12 tokens, and speculation and async scheduling give the same tokens."""
+    kw = {"max_model_len": 256, "max_num_seqs": 4, "block_size": 8}
+    plain = LLM(tiny_model.path, **kw)
+    first = plain.generate([CODE], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)[0].outputs[0]
+    stop = first.token_ids[0]
+    quick = plain.generate([CODE], SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[stop]),
+                           use_tqdm=False)[0].outputs[0]
+    assert quick.token_ids == [stop] and quick.finish_reason == "stop"
+    held = SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[stop], min_tokens=12)
+    ref = plain.generate([CODE], held, use_tqdm=False)[0].outputs[0]
+    assert len(ref.token_ids) > 12 and stop not in ref.token_ids[:12]
+    for other in (LLM(tiny_model.path, num_speculative_tokens=4, **kw), LLM(tiny_model.path, async_scheduling=True, **kw)):
+        assert other.generate([CODE], held, use_tqdm=False)[0].outputs[0].token_ids == ref.token_ids
+    with pytest.raises(BadInputError, match="min_tokens"):
+        SamplingParams(max_tokens=4, min_tokens=5)
+
+
+def test_accept_drafts_counts_drafts_toward_min_tokens():
+    """Verify row i's token comes after i draft tokens: the stop ban lifts on the row that reaches min_tokens."""
+    from onecard.engine.sequence import Sequence
+    from onecard.engine.speculative import accept_drafts
+
+    seq = Sequence("r", 0, [1, 2, 3], SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[4]), None)
+    seq.token_ids.append(9)  # one token generated: rows 0 and 1 make tokens 2 and 3 (banned), row 2 token 4
+    seq.stop_ids, seq.draft_tokens = [4], [5, 6]
+    logits = torch.zeros(3, 8)
+    logits[:, 4] = 3.0  # the stop token is every row's favourite
+    logits[0, 5] = logits[1, 6] = logits[2, 7] = 2.0  # then the draft's tokens, then 7
+    assert accept_drafts([seq], logits, {}) == [[5, 6, 4]]

@@ -62,11 +62,11 @@ def test_completion_shape_and_usage(oai, engine):
 def test_sampling_fields_reach_the_engine(oai, engine):
     oai.completions.create(model=MODEL, prompt="x", max_tokens=3, temperature=0.7, top_p=0.9, seed=5, n=2,
                            presence_penalty=0.5, frequency_penalty=-0.5, stop=["\n\n"],
-                           extra_body={"top_k": 7, "min_p": 0.05, "repetition_penalty": 1.1})
+                           extra_body={"top_k": 7, "min_p": 0.05, "repetition_penalty": 1.1, "min_tokens": 2})
     p = engine.seen_params[-1]
     assert (p.temperature, p.top_p, p.seed, p.n, p.max_tokens) == (0.7, 0.9, 5, 2, 3)
     assert (p.presence_penalty, p.frequency_penalty, p.stop) == (0.5, -0.5, ["\n\n"])
-    assert (p.top_k, p.min_p, p.repetition_penalty) == (7, 0.05, 1.1)
+    assert (p.top_k, p.min_p, p.repetition_penalty, p.min_tokens) == (7, 0.05, 1.1, 2)
     oai.completions.create(model=MODEL, prompt="x", max_tokens=3, logit_bias={"5": -100, "7": 2.5})
     assert engine.seen_params[-1].logit_bias == {5: -100, 7: 2.5}
 

@@ -120,6 +120,9 @@ class LLMEngine:
             seqs.append(Sequence(request_id, i, ids, params, gen))
             if params.structured is not None:
                 seqs[-1].matcher = self.grammars.matcher(params)
+            if params.min_tokens:
+                seqs[-1].stop_ids = sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else
+                                                                         self.eos_token_ids))
         req = Request(request_id, text, ids, params, seqs, arrival_time or time.time())
         self.requests[request_id] = req
         for s in seqs:
@@ -252,7 +255,7 @@ class LLMEngine:
             seq.finish_reason = "stop"  # the stop token stays in token_ids, not in the text
         elif self.incremental_text or p.stop:
             new = append_text(self.tokenizer, seq)
-            cut = find_stop(seq, len(new))
+            cut = find_stop(seq, len(new)) if seq.num_completion_tokens >= p.min_tokens else -1
             if cut >= 0:
                 seq.text = seq.text[:cut]
                 seq.finish_reason = "stop"

@@ -50,10 +50,12 @@ def host_to_device(values: list, dtype: torch.dtype, dev: torch.device) -> torch
 
 def adjust_logits(logits: torch.Tensor, seqs: list[Sequence], drafted: list[list[int]] | None = None,
                   pending: torch.Tensor | None = None) -> torch.Tensor:
-    """Each row's ``logit_bias`` added, then its penalties (``apply_penalties``, whose arguments these are); the
-    same tensor when no row has either."""
+    """Each row's ``logit_bias`` added, its stop tokens banned while it is under ``min_tokens``, then its
+    penalties (``apply_penalties``, whose arguments these are); the same tensor when no row has any."""
     if any(s.params.logit_bias for s in seqs):
         logits = apply_logit_bias(logits, seqs)
+    if any(s.stop_ids for s in seqs):
+        logits = ban_early_stops(logits, seqs, drafted)
     if any(s.params.uses_penalties for s in seqs):
         logits = apply_penalties(logits, seqs, drafted, pending)
     return logits
@@ -70,6 +72,21 @@ def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor
     dev = logits.device
     index = (host_to_device(rows, torch.long, dev), host_to_device(ids, torch.long, dev))
     return logits.index_put(index, host_to_device(values, torch.float32, dev), accumulate=True)
+
+
+def ban_early_stops(logits: torch.Tensor, seqs: list[Sequence], drafted: list[list[int]] | None) -> torch.Tensor:
+    """``min_tokens``: -inf for the stop tokens of each row whose token would come before its ``min_tokens``-th
+    (the row's token is number len(completion) + 1, an in-flight placeholder and the row's drafts counted)."""
+    rows, ids = [], []
+    for i, s in enumerate(seqs):
+        if s.stop_ids and s.num_completion_tokens + (len(drafted[i]) if drafted else 0) < s.params.min_tokens:
+            rows += [i] * len(s.stop_ids)
+            ids += s.stop_ids
+    if not rows:
+        return logits
+    dev = logits.device
+    return logits.index_put((host_to_device(rows, torch.long, dev), host_to_device(ids, torch.long, dev)),
+                            torch.tensor(float("-inf"), device=dev))
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], drafted: list[list[int]] | None = None,

@@ -34,6 +34,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     seed: int | None = None
     max_tokens: int | None = 16
+    min_tokens: int = 0  # vLLM's: no end-of-sequence, stop token or stop string before this many tokens
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
@@ -70,6 +71,9 @@ class SamplingParams:
             raise bad("seed", "must be an integer or None")
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens <= 0):
             raise bad("max_tokens", "must be a positive integer (or None: up to max_model_len)")
+        if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) or self.min_tokens < 0 or (
+                self.max_tokens is not None and self.min_tokens > self.max_tokens):
+            raise bad("min_tokens", "must be an integer in [0, max_tokens]")
         if self.stop is None:
             self.stop = []
         elif isinstance(self.stop, str):
@@ -108,6 +112,8 @@ class SamplingParams:
         given = [f for f in ("json_object", "json_schema", "regex", "choice") if getattr(self, f) not in (None, False)]
         if len(given) > 1:
             raise bad(given[1], f"give one structured output constraint, not {' and '.join(given)}")
+        if given and self.min_tokens:
+            raise bad("min_tokens", f"cannot be combined with {given[0]}: the grammar decides where the output ends")
 
     @property
     def structured(self) -> tuple[str, object] | None:

@@ -50,6 +50,7 @@ class Sequence:
         self.draft_tokens: list[int] = []  # speculative decoding: guesses checked by this step
         self.num_draft_cached_tokens = 0  # draft-model speculation: leading tokens with valid draft KV
         self.matcher = None  # structured outputs: its xgrammar GrammarMatcher (structured.py)
+        self.stop_ids: list[int] = []  # min_tokens: the tokens that would end it (EOS, stop_token_ids), set by the engine
         self.finish_reason: str | None = None
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.cumulative_logprob = 0.0

@@ -42,7 +42,7 @@ from onecard.serve.protocol import (
 log = logging.getLogger(__name__)
 
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                    "frequency_penalty")
+                    "frequency_penalty", "min_tokens")
 
 
 def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs: int | None):
