@@ -32,6 +32,7 @@ class FakeRequestOutput:
     outputs: list[FakeCompletion]
     finished: bool
     metrics: dict = field(default_factory=dict)
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 class FakeEngine:
@@ -63,6 +64,7 @@ class FakeEngine:
         rng = random.Random(params.seed if params.seed is not None else hash(request_id))
         outs = [FakeCompletion(i, logprobs=[] if params.logprobs is not None else None) for i in range(params.n)]
         vocab = len(self.tokenizer)
+        prompt_lp = None if params.prompt_logprobs is None else [None] + [{t: -1.0} for t in ids[1:]]
         try:
             while any(o.finish_reason is None for o in outs):
                 await asyncio.sleep(self.step_s)
@@ -85,6 +87,7 @@ class FakeEngine:
                 done = all(o.finish_reason is not None for o in outs)
                 yield FakeRequestOutput(request_id, prompt if isinstance(prompt, str) else None, ids,
                                         [FakeCompletion(o.index, o.text, list(o.token_ids), o.finish_reason,
-                                                        None if o.logprobs is None else list(o.logprobs)) for o in outs], done)
+                                                        None if o.logprobs is None else list(o.logprobs)) for o in outs], done,
+                                        prompt_logprobs=prompt_lp)
         finally:
             self.blocks.pop(request_id, None)

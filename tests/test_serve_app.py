@@ -71,6 +71,22 @@ def test_sampling_fields_reach_the_engine(oai, engine):
     assert engine.seen_params[-1].logit_bias == {5: -100, 7: 2.5}
 
 
+def test_echo_with_logprobs_scores_the_prompt(oai, engine):
+    """Echo + logprobs (how evaluation harnesses score a text): the prompt's tokens come first, the first without
+    a logprob, then the output's; stream: true is refused."""
+    prompt = "def f(x): return x"
+    n_prompt = len(engine.tokenizer.encode(prompt))
+    r = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=2, echo=True, logprobs=1)
+    assert engine.seen_params[-1].prompt_logprobs == 1
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == n_prompt + 2
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:n_prompt] == [-1.0] * (n_prompt - 1) and lp.token_logprobs[n_prompt:] == [-0.5] * 2
+    assert r.choices[0].text.startswith(prompt)
+    with pytest.raises(openai.BadRequestError, match="stream: false"):
+        oai.completions.create(model=MODEL, prompt=prompt, max_tokens=2, echo=True, logprobs=1, stream=True)
+
+
 def test_structured_output_fields_reach_the_engine(oai, engine):
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
     msgs = [{"role": "user", "content": "a"}]

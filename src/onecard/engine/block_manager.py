@@ -87,8 +87,10 @@ class BlockManager:
 
     def _match_prefix(self, seq: Sequence) -> tuple[list[int], list[int]]:
         """Cached blocks (ids, hashes) holding the sequence's leading full blocks. The block with the last token
-        is never matched: its logits must be computed to sample the next token."""
-        if not self.enable_prefix_caching:
+        is never matched: its logits must be computed to sample the next token. Nor is any block of a prompt
+        whose logprobs are still to be computed (``prompt_logprobs``): every position's logits are needed."""
+        scoring = seq.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.num_prompt_tokens
+        if not self.enable_prefix_caching or scoring:
             return [], []
         ids, hashes, parent, bs = [], [], ROOT_HASH, self.block_size
         for i in range((len(seq) - 1) // bs):

@@ -68,8 +68,9 @@ class HFFallbackEngine:
                                     "set it to 0")
         if params.logprobs is not None:
             raise BadInputError("logprobs is not supported on the HF fallback path; set logprobs=None")
-        if params.logit_bias or params.min_tokens:
-            raise BadInputError("logit_bias and min_tokens are not supported on the HF fallback path; drop them")
+        if params.logit_bias or params.min_tokens or params.prompt_logprobs is not None:
+            raise BadInputError("logit_bias, min_tokens and prompt_logprobs are not supported on the HF fallback path; "
+                                "drop them")
         if params.structured is not None:
             raise BadInputError(f"{params.structured[0]} (structured outputs) is not supported on the HF fallback "
                                 "path; drop it")

@@ -273,7 +273,8 @@ class LLMEngine:
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, comps, req.finished, {
             "arrival_time": req.arrival_time, "first_token_time": req.first_token_time,
             "finished_time": req.finished_time, "num_prompt_tokens": len(req.prompt_token_ids),
-            "num_generated_tokens": sum(s.num_completion_tokens for s in req.seqs)})
+            "num_generated_tokens": sum(s.num_completion_tokens for s in req.seqs)},
+            list(req.seqs[0].prompt_logprobs) if req.seqs[0].prompt_logprobs is not None else None)
 
     def stats(self) -> dict:
         bm = self.block_manager

@@ -24,10 +24,13 @@ import torch
 from onecard.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from onecard.engine.kv_cache import allocate_kv_cache, attach_kv_cache
 from onecard.engine.sampler import (
+    DeviceSample,
     PendingSample,
     SamplerOutput,
     sample,
     sample_on_device,
+    to_host,
+    with_logprobs,
 )
 from onecard.engine.sequence import Sequence
 from onecard.engine.speculative import accept_drafts, verified_outputs
@@ -146,6 +149,18 @@ def plan_kv_cache(card_bytes: int, cap_fraction: float, reserved_bytes: int, act
                        available, max(available // block_bytes, 0))
 
 
+def prefill_chunk(seq: Sequence) -> tuple[int, int]:
+    """(end, n): the prefill step computes positions ``end - n .. end - 1`` of the sequence (``num_scheduled_tokens``
+    ending at ``num_cached_tokens``, as the scheduler sets them; a sequence never scheduled, e.g. the vision path's,
+    prefills all its uncached tokens)."""
+    if seq.num_scheduled_tokens:
+        return seq.num_cached_tokens, seq.num_scheduled_tokens
+    return len(seq), len(seq) - seq.num_cached_tokens
+
+
+PROMPT_LOGPROB_ROWS = 256  # logits rows per pass when scoring a prompt: 256 x a 128k vocabulary is 128 MiB in fp32
+
+
 def take_previous(tokens: torch.Tensor, prev_rows: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
     """``tokens`` with row i replaced by ``sampled[prev_rows[i]]`` where ``prev_rows[i] >= 0``: a decode step's
     input tokens taken on the device from the step before, which the host has not seen yet."""
@@ -248,9 +263,8 @@ class ModelRunner:
         return t.to(self.device, non_blocking=True)
 
     def prepare_prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        """Pack each sequence's scheduled tokens (``num_scheduled_tokens`` ending at ``num_cached_tokens``, as the
-        scheduler sets them; a sequence never scheduled, e.g. the vision path's, prefills all its uncached tokens);
-        the last index tensor holds the rows of the sequences whose prompt completes now (the ones that sample)."""
+        """Pack each sequence's prefill chunk (``prefill_chunk``); the last index tensor holds the rows of the
+        sequences whose prompt completes now (the ones that sample)."""
         ids: list[int] = []
         positions: list[torch.Tensor] = []
         slots: list[torch.Tensor] = []
@@ -259,10 +273,7 @@ class ModelRunner:
         last: list[int] = []
         bs = self.block_size
         for seq in seqs:
-            if seq.num_scheduled_tokens:
-                end, n = seq.num_cached_tokens, seq.num_scheduled_tokens
-            else:
-                end, n = len(seq), len(seq) - seq.num_cached_tokens
+            end, n = prefill_chunk(seq)
             ids.extend(seq.token_ids[end - n:end])
             pos = torch.arange(end - n, end)
             positions.append(pos)
@@ -303,6 +314,8 @@ class ModelRunner:
         if is_prefill:
             ids, positions, meta, last = self.prepare_prefill(seqs)
             hidden = self.model(ids, positions, meta)
+            if any(s.prompt_logprobs is not None for s in seqs):
+                self.score_prompts(seqs, hidden)
             seqs = [s for s in seqs if s.num_cached_tokens >= len(s)]
             if not seqs:
                 return None
@@ -310,6 +323,26 @@ class ModelRunner:
         else:
             logits = self.decode_logits(seqs)
         return sample(logits.float(), seqs)
+
+    def score_prompts(self, seqs: list[Sequence], hidden: torch.Tensor) -> None:
+        """Append to each scoring sequence's ``prompt_logprobs`` the entries its prefill chunk computed: position p
+        scores prompt token p + 1 (top-k and its own, raw logprobs as for generated tokens). Entries already
+        there (a recompute after preemption) are not added again."""
+        start = 0
+        for seq in seqs:
+            end, n = prefill_chunk(seq)
+            done = seq.prompt_logprobs
+            if done is not None:
+                first, stop = max(end - n, len(done) - 1), min(end, seq.num_prompt_tokens - 1)
+                for a in range(first, stop, PROMPT_LOGPROB_ROWS):
+                    b = min(a + PROMPT_LOGPROB_ROWS, stop)
+                    rows = hidden[start + a - (end - n):start + b - (end - n)]
+                    logprobs = self.model.compute_logits(rows).float().log_softmax(-1)
+                    targets = self._to_device(seq.token_ids[a + 1:b + 1], torch.long)
+                    out = to_host(with_logprobs(DeviceSample(targets, [seq.params.prompt_logprobs] * (b - a)),
+                                                logprobs))
+                    done.extend(out.logprobs)
+            start += n
 
     @torch.no_grad()
     def launch_decode(self, seqs: list[Sequence], prev_rows: list[int]) -> PendingSample:

@@ -16,7 +16,9 @@ class SamplingParams:
     end generation when they appear in the text (the text is cut before them);
     ``stop_token_ids`` and the model's EOS (unless ``ignore_eos``) end it on a token.
     ``logprobs=k`` returns the top-k log-probabilities (plus the sampled token's)
-    of the model's distribution at every generated position.
+    of the model's distribution at every generated position; ``prompt_logprobs=k``
+    the same for every prompt token after the first (scoring a text: its prompt
+    is computed in full, not taken from the prefix cache).
 
     Structured outputs (at most one; ``structured.py``, needs xgrammar): ``json_object=True`` (any JSON
     object), ``json_schema`` (a JSON Schema, as a dict or a JSON string), ``regex``, or ``choice`` (exactly one
@@ -39,6 +41,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # vLLM's: top-k logprobs of every prompt token after the first
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # OpenAI's: token id -> bias in [-100, 100] added to its logit
     json_object: bool = False
@@ -93,6 +96,9 @@ class SamplingParams:
             self.stop_token_ids = list(self.stop_token_ids)
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0 or self.logprobs > 20):
             raise bad("logprobs", "must be an integer in [0, 20] or None")
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
+                                                 or not 0 <= self.prompt_logprobs <= 20):
+            raise bad("prompt_logprobs", "must be an integer in [0, 20] or None")
         if self.logit_bias is not None and (not isinstance(self.logit_bias, dict) or not all(
                 isinstance(t, int) and not isinstance(t, bool) and t >= 0 and _is_number(b) and -100 <= b <= 100
                 for t, b in self.logit_bias.items())):

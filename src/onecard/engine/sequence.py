@@ -53,6 +53,9 @@ class Sequence:
         self.stop_ids: list[int] = []  # min_tokens: the tokens that would end it (EOS, stop_token_ids), set by the engine
         self.finish_reason: str | None = None
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        # prompt_logprobs: entry p for prompt token p, None for the first (nothing predicts it); filled by prefill
+        self.prompt_logprobs: list[dict[int, float] | None] | None = (
+            [None] if params.prompt_logprobs is not None else None)
         self.cumulative_logprob = 0.0
         # incremental detokenization state (see detokenizer.py)
         self.text = ""

@@ -199,7 +199,7 @@ def build_app(engine=None, model_name: str = "model", api_key: str | None = None
         tok = eng.tokenizer
         prompts = [tokenize_prompt(tok, p) for p in req.prompts()]
         max_tokens = min(resolve_max_tokens(len(p), req.max_tokens, max_model_len(eng), "prompt") for p in prompts)
-        params = sampling_params(req, max_tokens, req.logprobs)
+        params = sampling_params(req, max_tokens, req.logprobs, req.logprobs if req.echo else None)
         texts = [p if isinstance(p, str) else tok.decode(p) for p in req.prompts()] if (req.echo or req.logprobs is
                                                                                          not None) else [""] * len(prompts)
         gen = Generation(eng, metrics, prompts, params, new_id("cmpl"), req.n)

@@ -45,7 +45,8 @@ _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalt
                     "frequency_penalty", "min_tokens")
 
 
-def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs: int | None):
+def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs: int | None,
+                    prompt_logprobs: int | None = None):
     """Map an OpenAI request onto the engine's SamplingParams; the engine's ValueError becomes a 400."""
     from onecard.engine import SamplingParams
 
@@ -57,6 +58,7 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: 
             kw["logit_bias"] = {int(token): bias for token, bias in req.logit_bias.items()}
         return SamplingParams(n=req.n, max_tokens=max_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids,
                               seed=req.seed, ignore_eos=req.ignore_eos, logprobs=logprobs,
+                              prompt_logprobs=prompt_logprobs,
                               skip_special_tokens=req.skip_special_tokens, **kw, **req.structured_output())
     except ValueError as err:
         raise bad_request(f"Invalid sampling parameters: {err}") from None
@@ -305,6 +307,19 @@ def _completion_logprobs(tokenizer, token_ids: list[int], logprobs: list[dict[in
     return lp
 
 
+def _with_prompt(tokenizer, final, top: int, output: CompletionLogprobs) -> CompletionLogprobs:
+    """OpenAI's echo + logprobs shape: the prompt tokens' entries (None for the first), then the output's."""
+    ids, dists = final.prompt_token_ids, final.prompt_logprobs
+    lp = _completion_logprobs(tokenizer, ids[1:], dists[1:], top, len(_token_text(tokenizer, ids[0])))
+    lp.tokens.insert(0, _token_text(tokenizer, ids[0]))
+    lp.token_logprobs.insert(0, None)
+    lp.top_logprobs.insert(0, None)
+    lp.text_offset.insert(0, 0)
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        getattr(lp, key).extend(getattr(output, key))
+    return lp
+
+
 def _chat_logprobs(tokenizer, token_ids: list[int], logprobs: list[dict[int, float]] | None,
                    top: int) -> ChoiceLogprobs:
     content = []
@@ -333,6 +348,8 @@ async def completion_response(gen: Generation, req: CompletionRequest, tokenizer
             text = (prompt_texts[i] + c.text) if req.echo else c.text
             lp = (_completion_logprobs(tokenizer, c.token_ids, c.logprobs, req.logprobs, len(prompt_texts[i]))
                   if req.logprobs is not None else None)
+            if lp is not None and req.echo:  # the prompt's tokens first (the first has no logprob), then the output's
+                lp = _with_prompt(tokenizer, gen.finals[i], req.logprobs, lp)
             choices.append(CompletionChoice(index=i * gen.n + c.index, text=text, logprobs=lp,
                                             finish_reason=finish_reason(c.finish_reason)))
     return CompletionResponse(id=gen.request_id, created=now(), model=model, choices=choices, usage=gen.usage())

@@ -108,7 +108,8 @@ class VisionEngine:
         unsupported = [("n", params.n != 1), ("logprobs", params.logprobs is not None), ("stop", bool(params.stop)),
                        ("stop_token_ids", bool(params.stop_token_ids)),
                        ("structured outputs (response_format, guided_*)", params.structured is not None),
-                       ("logit_bias", bool(params.logit_bias)), ("min_tokens", params.min_tokens > 0)]
+                       ("logit_bias", bool(params.logit_bias)), ("min_tokens", params.min_tokens > 0),
+                       ("prompt logprobs (echo with logprobs)", params.prompt_logprobs is not None)]
         if self.model.backend == "hf":  # HF generate gets temperature, top_p, seed only
             unsupported += [("top_k", params.top_k not in (0, -1)), ("min_p", params.min_p != 0.0),
                             ("repetition_penalty", params.repetition_penalty != 1.0),
