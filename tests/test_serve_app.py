@@ -105,6 +105,12 @@ def test_structured_output_fields_reach_the_engine(oai, engine):
     ({"response_format": {"type": "yaml"}}, "use text, json_object or json_schema"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "needs"),
     ({"response_format": {"type": "json_object"}, "guided_regex": "a+"}, "one structured output constraint"),
+    ({"tool_choice": "required"}, "tool_choice needs tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool-call parser"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, "names no tool"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required",
+      "response_format": {"type": "json_object"}}, "cannot be combined"),
 ])
 def test_bad_structured_output_requests_are_400(client, body, words):
     r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "a"}],

@@ -130,6 +130,39 @@ def test_logprobs(oai):
     assert all(t.logprob <= 0 and len(t.top_logprobs) <= 2 for t in c.choices[0].logprobs.content)
 
 
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"unit": {"enum": ["c", "f"]}}, "required": ["unit"], "additionalProperties": False}}}
+NEWS = {"type": "function", "function": {"name": "get_news", "parameters": {
+    "type": "object", "properties": {"top": {"type": "integer", "minimum": 1, "maximum": 5}}, "required": ["top"],
+    "additionalProperties": False}}}
+
+
+def test_tool_calls_required_and_named(oai):
+    """tool_choice 'required' / a named function: the answer is a tool call whose arguments fit the tool's schema
+    (the output is constrained to it), whole in one stream delta too; 'auto' is a 400 that says what to send."""
+    msgs = [{"role": "user", "content": "weather in Paris?"}]
+    r = oai.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER, NEWS], tool_choice="required",
+                                    max_tokens=120, temperature=0)
+    call = r.choices[0].message.tool_calls[0]
+    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+    args = json.loads(call.function.arguments)
+    assert (call.function.name, set(args)) in (("get_weather", {"unit"}), ("get_news", {"top"})) and call.id
+    named = {"type": "function", "function": {"name": "get_news"}}
+    r = oai.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER, NEWS], tool_choice=named,
+                                    max_tokens=120, temperature=0.9, seed=1)
+    call = r.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_news" and json.loads(call.function.arguments)["top"] in range(1, 6)
+    stream = oai.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER], tool_choice="required",
+                                         max_tokens=120, stream=True)
+    calls = [tc for ch in stream for c in ch.choices for tc in (c.delta.tool_calls or [])]
+    assert len(calls) == 1 and json.loads(calls[0].function.arguments)["unit"] in ("c", "f")
+    with pytest.raises(openai.BadRequestError, match="tool-call parser"):
+        oai.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER], max_tokens=8)
+    follow_up = [*msgs, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                 {"role": "tool", "tool_call_id": call.id, "content": "3 headlines"}]
+    assert oai.chat.completions.create(model=MODEL, messages=follow_up, max_tokens=4).choices[0].message.content
+
+
 def test_errors_have_openai_shape_and_status(server, oai):
     with pytest.raises(openai.BadRequestError) as e:
         oai.completions.create(model="gpt-4", prompt="a")

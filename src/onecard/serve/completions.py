@@ -34,8 +34,10 @@ from onecard.serve.protocol import (
     CompletionResponse,
     ResponseMessage,
     TokenLogprob,
+    ToolCall,
     TopLogprob,
     Usage,
+    new_id,
     now,
 )
 
@@ -83,8 +85,9 @@ def tokenize_chat(tokenizer, req: ChatCompletionRequest) -> list[int]:
         raise bad_request("This model has no chat template (tokenizer_config.json 'chat_template'); use "
                           "/v1/completions with a plain prompt instead", "messages")
     messages = [{**m.model_dump(exclude={"content"}), "content": m.text()} for m in req.messages]
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
     except Exception as err:  # jinja errors from the model's template (e.g. roles it does not allow)
         raise bad_request(f"The model's chat template rejected these messages: {err}".splitlines()[0],
                           "messages") from None
@@ -320,6 +323,14 @@ def _with_prompt(tokenizer, final, top: int, output: CompletionLogprobs) -> Comp
     return lp
 
 
+def tool_call(text: str) -> dict:
+    """OpenAI's tool call from a constrained output ``{"name": ..., "arguments": {...}}`` (the grammar guarantees
+    the shape)."""
+    obj = json.loads(text)
+    return {"id": new_id("call"), "type": "function",
+            "function": {"name": obj["name"], "arguments": json.dumps(obj["arguments"])}}
+
+
 def _chat_logprobs(tokenizer, token_ids: list[int], logprobs: list[dict[int, float]] | None,
                    top: int) -> ChoiceLogprobs:
     content = []
@@ -463,10 +474,15 @@ async def chat_response(gen: Generation, req: ChatCompletionRequest, tokenizer, 
             pass
     gen.check_not_aborted()
     top = req.top_logprobs or 0
-    choices = [ChatChoice(index=c.index, message=ResponseMessage(content=c.text),
-                          logprobs=_chat_logprobs(tokenizer, c.token_ids, c.logprobs, top) if req.logprobs else None,
-                          finish_reason=finish_reason(c.finish_reason))
-               for c in gen.finals[0].outputs]
+    choices = []
+    for c in gen.finals[0].outputs:
+        call = tool_call(c.text) if req.called_tools() and c.finish_reason == "stop" else None
+        message = (ResponseMessage(content=None, tool_calls=[ToolCall(**call)]) if call
+                   else ResponseMessage(content=c.text))
+        choices.append(ChatChoice(index=c.index, message=message,
+                                  logprobs=_chat_logprobs(tokenizer, c.token_ids, c.logprobs, top) if req.logprobs
+                                  else None,
+                                  finish_reason="tool_calls" if call else finish_reason(c.finish_reason)))
     return ChatCompletionResponse(id=gen.request_id, created=now(), model=model, choices=choices, usage=gen.usage())
 
 
@@ -480,9 +496,23 @@ def chat_stream(gen: Generation, req: ChatCompletionRequest, tokenizer, model: s
     async def events() -> AsyncIterator[str]:
         yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for j in range(gen.n)])
+        calls = {j: "" for j in range(gen.n)} if req.called_tools() else None  # tool calls: sent whole, at the end
         async for deltas in _deltas(gen):
-            yield chunk([{"index": d.index, "delta": {"content": d.text} if d.text else {}, "logprobs": logprobs(d),
-                          "finish_reason": d.finish_reason} for d in deltas])
+            if calls is None:
+                yield chunk([{"index": d.index, "delta": {"content": d.text} if d.text else {},
+                              "logprobs": logprobs(d), "finish_reason": d.finish_reason} for d in deltas])
+                continue
+            out = []
+            for d in deltas:
+                calls[d.index] += d.text
+                if d.finish_reason is None:
+                    continue
+                call = tool_call(calls[d.index]) if d.finish_reason == "stop" else None
+                delta = ({"tool_calls": [{"index": 0, **call}]} if call else {"content": calls[d.index]})
+                out.append({"index": d.index, "delta": delta, "logprobs": None,
+                            "finish_reason": "tool_calls" if call else d.finish_reason})
+            if out:
+                yield chunk(out)
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return _sse_body(events(), (lambda: chunk([], gen.usage())) if include_usage else None)

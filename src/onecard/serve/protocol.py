@@ -137,16 +137,29 @@ class ImageURLPart(_Strict):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # e.g. "name"; passed through to the chat template
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[Annotated[TextPart | ImageURLPart, Field(discriminator="type")]]
+    model_config = ConfigDict(extra="allow")  # e.g. "name", "tool_calls", "tool_call_id": passed to the template
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[Annotated[TextPart | ImageURLPart, Field(discriminator="type")]] | None = None
 
     def text(self) -> str:
+        if self.content is None:  # an assistant turn that only called tools
+            return ""
         return self.content if isinstance(self.content, str) else "".join(
             p.text for p in self.content if isinstance(p, TextPart))
 
     def has_image(self) -> bool:
-        return not isinstance(self.content, str) and any(isinstance(p, ImageURLPart) for p in self.content)
+        return isinstance(self.content, list) and any(isinstance(p, ImageURLPart) for p in self.content)
+
+
+class FunctionSpec(BaseModel):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema; None: no arguments constraint beyond an object
+
+
+class ToolSpec(_Strict):
+    type: Literal["function"]
+    function: FunctionSpec
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -155,14 +168,24 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: list[ToolSpec] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _refuse_unsupported_chat(self):
-        if self.tools or self.tool_choice not in (None, "none"):
-            raise ValueError("tools / tool_choice are not supported by onecard serve; remove them")
+        choice = self.tool_choice
+        if choice not in (None, "none") and not self.tools:
+            raise ValueError("tool_choice needs tools")
+        if self.tools and choice in (None, "auto"):
+            raise ValueError("tool_choice 'auto' (the model decides whether to call) needs a model-specific tool-call "
+                             "parser, which onecard serve does not have; send tool_choice 'required' or "
+                             '{"type": "function", "function": {"name": ...}} (the output is then constrained to the '
+                             "tools' JSON schemas), or 'none'")
+        if isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name")
+            if choice.get("type") != "function" or name not in {t.function.name for t in self.tools}:
+                raise ValueError(f"tool_choice names no tool of this request: {choice}")
         kind = (self.response_format or {}).get("type", "text")
         if kind not in ("text", "json_object", "json_schema"):
             raise ValueError(f"response_format type {kind!r}: use text, json_object or json_schema")
@@ -175,9 +198,26 @@ class ChatCompletionRequest(_SamplingFields):
     def has_images(self) -> bool:
         return any(m.has_image() for m in self.messages)
 
+    def called_tools(self) -> list[ToolSpec]:
+        """The tools the answer must call one of (tool_choice 'required' or a named function); [] otherwise."""
+        if not self.tools or self.tool_choice in (None, "none"):
+            return []
+        if self.tool_choice == "required":
+            return list(self.tools)
+        return [t for t in self.tools if t.function.name == self.tool_choice["function"]["name"]]
+
     def structured_output(self) -> dict[str, Any]:
-        """``response_format`` (json_object, json_schema) besides the guided_* fields."""
+        """``response_format`` (json_object, json_schema) besides the guided_* fields; a tool call is a JSON
+        object ``{"name": ..., "arguments": {...}}`` constrained to the called tools' schemas."""
         out = super().structured_output()
+        tools = self.called_tools()
+        if tools:
+            if out or (self.response_format or {}).get("type", "text") != "text":
+                raise ValueError("a tool call (tool_choice) cannot be combined with response_format or guided_*")
+            calls = [{"type": "object", "properties": {"name": {"const": t.function.name},
+                                                       "arguments": t.function.parameters or {"type": "object"}},
+                      "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
+            return {"json_schema": calls[0] if len(calls) == 1 else {"anyOf": calls}}
         kind = (self.response_format or {}).get("type", "text")
         if kind == "json_object":
             out["json_object"] = True
@@ -248,9 +288,21 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob] | None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -273,6 +325,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # {"index", "id", "type", "function": {"name", "arguments"}}
 
 
 class ChatChunkChoice(BaseModel):
