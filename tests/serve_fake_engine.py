@@ -44,6 +44,7 @@ class FakeEngine:
         self.aborted: set[str] = set()
         self.seen_params: list[object] = []
         self.shutdown_called = False
+        self.reply: str | None = None  # set: every answer is this text's tokens, then a stop
 
     def stats(self) -> dict:
         used = sum(self.blocks.values())
@@ -73,7 +74,8 @@ class FakeEngine:
                 for o in outs:
                     if o.finish_reason is not None:
                         continue
-                    tid = rng.randrange(3, vocab)
+                    script = self.tokenizer.encode(self.reply, add_special_tokens=False) if self.reply else None
+                    tid = script[len(o.token_ids)] if script else rng.randrange(3, vocab)
                     o.token_ids.append(tid)
                     if o.logprobs is not None:
                         others = {rng.randrange(3, vocab): -2.0 - k for k in range(params.logprobs)}
@@ -82,6 +84,8 @@ class FakeEngine:
                     for s in params.stop or []:
                         if s in o.text:
                             o.text, o.finish_reason = o.text[:o.text.index(s)], "stop"
+                    if script and len(o.token_ids) == len(script):
+                        o.finish_reason = "stop"
                     if o.finish_reason is None and len(o.token_ids) >= params.max_tokens:
                         o.finish_reason = "length"
                 done = all(o.finish_reason is not None for o in outs)

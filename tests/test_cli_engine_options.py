@@ -114,6 +114,8 @@ def test_serve_config_names_unknown_engine_options():
     with pytest.raises(BadInputError, match="'kv_cache_dtyp'.*not EngineConfig options"):
         ServeConfig("m", engine={"kv_cache_dtyp": "int8"})
     assert ServeConfig("m", engine={"kv_cache_dtype": "int8"}).engine == {"kv_cache_dtype": "int8"}
+    with pytest.raises(BadInputError, match="--tool-call-parser mistral: choose one of hermes, llama3_json"):
+        ServeConfig("m", tool_call_parser="mistral")
 
 
 def test_llava_folder_refuses_options_it_would_ignore(monkeypatch, capsys):

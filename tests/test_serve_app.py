@@ -87,6 +87,31 @@ def test_echo_with_logprobs_scores_the_prompt(oai, engine):
         oai.completions.create(model=MODEL, prompt=prompt, max_tokens=2, echo=True, logprobs=1, stream=True)
 
 
+def test_tool_choice_auto_reads_calls_back_with_a_parser(engine):
+    """--tool-call-parser hermes: an answer holding a call comes back as tool_calls (streamed whole at the end),
+    one without stays content."""
+    tools = [{"type": "function", "function": {"name": "get_weather",
+                                               "parameters": {"type": "object", "properties": {"city": {}}}}}]
+    msgs = [{"role": "user", "content": "weather?"}]
+    with make_client(engine, tool_call_parser="hermes") as c:
+        oai = openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=c, max_retries=0)
+        engine.reply = 'Sure.<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+        r = oai.chat.completions.create(model=MODEL, messages=msgs, tools=tools, max_tokens=100)
+        call = r.choices[0].message.tool_calls[0]
+        assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content == "Sure."
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Oslo"}
+        assert engine.seen_params[-1].structured is None  # auto: the model's own text, not constrained
+        chunks = list(oai.chat.completions.create(model=MODEL, messages=msgs, tools=tools, max_tokens=100,
+                                                  stream=True))
+        streamed = [tc for ch in chunks for ch_c in ch.choices for tc in (ch_c.delta.tool_calls or [])]
+        assert [tc.function.name for tc in streamed] == ["get_weather"]
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        engine.reply = "It is sunny."
+        r = oai.chat.completions.create(model=MODEL, messages=msgs, tools=tools, max_tokens=100)
+        assert r.choices[0].message.content == "It is sunny." and r.choices[0].message.tool_calls is None
+        assert r.choices[0].finish_reason == "stop"
+
+
 def test_structured_output_fields_reach_the_engine(oai, engine):
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
     msgs = [{"role": "user", "content": "a"}]
@@ -106,7 +131,7 @@ def test_structured_output_fields_reach_the_engine(oai, engine):
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "needs"),
     ({"response_format": {"type": "json_object"}, "guided_regex": "a+"}, "one structured output constraint"),
     ({"tool_choice": "required"}, "tool_choice needs tools"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool-call parser"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "--tool-call-parser"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}],
       "tool_choice": {"type": "function", "function": {"name": "g"}}}, "names no tool"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required",

@@ -156,7 +156,7 @@ def test_tool_calls_required_and_named(oai):
                                          max_tokens=120, stream=True)
     calls = [tc for ch in stream for c in ch.choices for tc in (c.delta.tool_calls or [])]
     assert len(calls) == 1 and json.loads(calls[0].function.arguments)["unit"] in ("c", "f")
-    with pytest.raises(openai.BadRequestError, match="tool-call parser"):
+    with pytest.raises(openai.BadRequestError, match="--tool-call-parser"):
         oai.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER], max_tokens=8)
     follow_up = [*msgs, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
                  {"role": "tool", "tool_call_id": call.id, "content": "3 headlines"}]

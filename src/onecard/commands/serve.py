@@ -24,6 +24,8 @@ def register(app: typer.Typer) -> None:
         shutdown_timeout: float = typer.Option(30.0, help="Seconds in-flight requests get to finish on SIGTERM."),
         log_level: str = typer.Option("warning", help="uvicorn log level: debug|info|warning|error."),
         rag_db: str | None = typer.Option(None, help="A 'onecard rag index' database: enables POST /v1/rag/ask."),
+        tool_call_parser: str | None = typer.Option(None, help="How the model writes tool calls (hermes | "
+                                                    "llama3_json): enables tool_choice 'auto'."),
         *,
         engine: dict,
     ) -> None:
@@ -32,7 +34,8 @@ def register(app: typer.Typer) -> None:
 
         from onecard.serve.server import ServeConfig, serve
 
-        cfg = ServeConfig(model, host, port, api_key, served_model_name, shutdown_timeout, log_level, rag_db, engine)
+        cfg = ServeConfig(model, host, port, api_key, served_model_name, shutdown_timeout, log_level, rag_db, engine,
+                          tool_call_parser)
         console = Console(stderr=True)
         status = serve(cfg, on_listening=lambda url: console.print(
             f"onecard serve: [bold]{url}/v1[/] model [bold]{cfg.model_name}[/] (loading; GET {url}/health says 200 "

@@ -85,10 +85,12 @@ class _CountRequests:
 
 def build_app(engine=None, model_name: str = "model", api_key: str | None = None, *,
               engine_factory: Callable[[], object] | None = None, shutdown_timeout: float = 30.0,
-              gpu_metrics: bool = True, rag_db: str | Path | None = None) -> FastAPI:
+              gpu_metrics: bool = True, rag_db: str | Path | None = None,
+              tool_call_parser: str | None = None) -> FastAPI:
     """The server app over ``engine`` (an AsyncEngine), or over the one ``engine_factory`` builds at startup.
 
-    ``rag_db``: a ``onecard rag index`` database; enables ``POST /v1/rag/ask``.
+    ``rag_db``: a ``onecard rag index`` database; enables ``POST /v1/rag/ask``. ``tool_call_parser``: how the
+    model writes tool calls (``tool_parsers.PARSERS``); enables ``tool_choice`` ``auto``.
     """
     if (engine is None) == (engine_factory is None):
         raise BadInputError("build_app needs exactly one of engine= (a ready AsyncEngine) or engine_factory=")
@@ -214,6 +216,11 @@ def build_app(engine=None, model_name: str = "model", api_key: str | None = None
         t_arrival = time.perf_counter()
         eng = ready_engine(request)
         check_model(req.model)
+        if req.parses_tool_calls() and tool_call_parser is None:
+            raise bad_request("tool_choice 'auto' (the default with tools: the model decides whether to call) needs "
+                              "the server started with --tool-call-parser hermes|llama3_json; or send tool_choice "
+                              "'required' or a named function (the output is then constrained to the tools' "
+                              "schemas), or 'none'", "tool_choice")
         tok = eng.tokenizer
         llava = req.has_images() or getattr(eng, "accepts_images", False)
         if llava:  # a LLaVA model: image questions and text chats through onecard.vision's model (vision_engine.py)
@@ -230,9 +237,10 @@ def build_app(engine=None, model_name: str = "model", api_key: str | None = None
         gen = Generation(eng, metrics, [prompt], params, new_id("chatcmpl"), req.n, t_arrival)
         if req.stream:
             await gen.start()
-            return StreamingResponse(chat_stream(gen, req, tok, model_name), media_type="text/event-stream",
-                                     headers=SSE_HEADERS)
-        return await _until_disconnect(request, gen, lambda: chat_response(gen, req, tok, model_name))
+            return StreamingResponse(chat_stream(gen, req, tok, model_name, tool_call_parser),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
+        return await _until_disconnect(request, gen,
+                                       lambda: chat_response(gen, req, tok, model_name, tool_call_parser))
 
     @app.post("/v1/rag/ask", dependencies=[Depends(check_key)])
     async def rag_ask(req: RagAskRequest, request: Request):

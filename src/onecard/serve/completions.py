@@ -32,6 +32,7 @@ from onecard.serve.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    FunctionCall,
     ResponseMessage,
     TokenLogprob,
     ToolCall,
@@ -40,6 +41,7 @@ from onecard.serve.protocol import (
     new_id,
     now,
 )
+from onecard.serve.tool_parsers import parse_tool_calls
 
 log = logging.getLogger(__name__)
 
@@ -323,14 +325,6 @@ def _with_prompt(tokenizer, final, top: int, output: CompletionLogprobs) -> Comp
     return lp
 
 
-def tool_call(text: str) -> dict:
-    """OpenAI's tool call from a constrained output ``{"name": ..., "arguments": {...}}`` (the grammar guarantees
-    the shape)."""
-    obj = json.loads(text)
-    return {"id": new_id("call"), "type": "function",
-            "function": {"name": obj["name"], "arguments": json.dumps(obj["arguments"])}}
-
-
 def _chat_logprobs(tokenizer, token_ids: list[int], logprobs: list[dict[int, float]] | None,
                    top: int) -> ChoiceLogprobs:
     content = []
@@ -468,7 +462,8 @@ def completion_stream(gen: Generation, req: CompletionRequest, tokenizer, model:
     return _sse_body(events(), (lambda: chunk([], gen.usage())) if include_usage else None)
 
 
-async def chat_response(gen: Generation, req: ChatCompletionRequest, tokenizer, model: str) -> ChatCompletionResponse:
+async def chat_response(gen: Generation, req: ChatCompletionRequest, tokenizer, model: str,
+                        tool_call_parser: str | None = None) -> ChatCompletionResponse:
     async with aclosing(gen.updates()) as updates:
         async for _ in updates:
             pass
@@ -476,17 +471,32 @@ async def chat_response(gen: Generation, req: ChatCompletionRequest, tokenizer, 
     top = req.top_logprobs or 0
     choices = []
     for c in gen.finals[0].outputs:
-        call = tool_call(c.text) if req.called_tools() and c.finish_reason == "stop" else None
-        message = (ResponseMessage(content=None, tool_calls=[ToolCall(**call)]) if call
-                   else ResponseMessage(content=c.text))
-        choices.append(ChatChoice(index=c.index, message=message,
+        message, reason = final_message(req, c.text, finish_reason(c.finish_reason), tool_call_parser)
+        choices.append(ChatChoice(index=c.index, message=ResponseMessage(**message),
                                   logprobs=_chat_logprobs(tokenizer, c.token_ids, c.logprobs, top) if req.logprobs
-                                  else None,
-                                  finish_reason="tool_calls" if call else finish_reason(c.finish_reason)))
+                                  else None, finish_reason=reason))
     return ChatCompletionResponse(id=gen.request_id, created=now(), model=model, choices=choices, usage=gen.usage())
 
 
-def chat_stream(gen: Generation, req: ChatCompletionRequest, tokenizer, model: str) -> AsyncIterator[str]:
+def final_message(req: ChatCompletionRequest, text: str, reason: str | None,
+                  tool_call_parser: str | None) -> tuple[dict, str | None]:
+    """A finished answer as the message's fields and its finish reason: tool calls (a constrained call, or calls
+    the parser reads back under tool_choice 'auto'; finish_reason 'tool_calls'), else the text as content."""
+    calls: list[tuple[str, dict]] = []
+    content: str | None = text
+    if reason == "stop" and req.called_tools():  # the grammar guarantees {"name", "arguments"}
+        obj = json.loads(text)
+        content, calls = None, [(obj["name"], obj["arguments"])]
+    elif reason == "stop" and req.parses_tool_calls():
+        content, calls = parse_tool_calls(tool_call_parser, text, {t.function.name for t in req.tools})
+    if not calls:
+        return {"content": text}, reason
+    return {"content": content, "tool_calls": [ToolCall(id=new_id("call"), function=FunctionCall(
+        name=name, arguments=json.dumps(args))) for name, args in calls]}, "tool_calls"
+
+
+def chat_stream(gen: Generation, req: ChatCompletionRequest, tokenizer, model: str,
+                tool_call_parser: str | None = None) -> AsyncIterator[str]:
     chunk = ChunkWriter(gen.request_id, "chat.completion.chunk", model)
     top = req.top_logprobs or 0
 
@@ -496,21 +506,22 @@ def chat_stream(gen: Generation, req: ChatCompletionRequest, tokenizer, model: s
     async def events() -> AsyncIterator[str]:
         yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for j in range(gen.n)])
-        calls = {j: "" for j in range(gen.n)} if req.called_tools() else None  # tool calls: sent whole, at the end
+        # with tools the answer may be a call: sent whole, at the end
+        held = {j: "" for j in range(gen.n)} if req.called_tools() or req.parses_tool_calls() else None
         async for deltas in _deltas(gen):
-            if calls is None:
+            if held is None:
                 yield chunk([{"index": d.index, "delta": {"content": d.text} if d.text else {},
                               "logprobs": logprobs(d), "finish_reason": d.finish_reason} for d in deltas])
                 continue
             out = []
             for d in deltas:
-                calls[d.index] += d.text
-                if d.finish_reason is None:
-                    continue
-                call = tool_call(calls[d.index]) if d.finish_reason == "stop" else None
-                delta = ({"tool_calls": [{"index": 0, **call}]} if call else {"content": calls[d.index]})
-                out.append({"index": d.index, "delta": delta, "logprobs": None,
-                            "finish_reason": "tool_calls" if call else d.finish_reason})
+                held[d.index] += d.text
+                if d.finish_reason is not None:
+                    message, reason = final_message(req, held[d.index], d.finish_reason, tool_call_parser)
+                    if "tool_calls" in message:
+                        message["tool_calls"] = [{"index": k, **call.model_dump()}
+                                                 for k, call in enumerate(message["tool_calls"])]
+                    out.append({"index": d.index, "delta": message, "logprobs": None, "finish_reason": reason})
             if out:
                 yield chunk(out)
 

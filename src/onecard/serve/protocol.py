@@ -177,11 +177,6 @@ class ChatCompletionRequest(_SamplingFields):
         choice = self.tool_choice
         if choice not in (None, "none") and not self.tools:
             raise ValueError("tool_choice needs tools")
-        if self.tools and choice in (None, "auto"):
-            raise ValueError("tool_choice 'auto' (the model decides whether to call) needs a model-specific tool-call "
-                             "parser, which onecard serve does not have; send tool_choice 'required' or "
-                             '{"type": "function", "function": {"name": ...}} (the output is then constrained to the '
-                             "tools' JSON schemas), or 'none'")
         if isinstance(choice, dict):
             name = (choice.get("function") or {}).get("name")
             if choice.get("type") != "function" or name not in {t.function.name for t in self.tools}:
@@ -198,9 +193,13 @@ class ChatCompletionRequest(_SamplingFields):
     def has_images(self) -> bool:
         return any(m.has_image() for m in self.messages)
 
+    def parses_tool_calls(self) -> bool:
+        """tool_choice 'auto' (the default with tools): the model decides, a parser reads its calls back."""
+        return bool(self.tools) and self.tool_choice in (None, "auto")
+
     def called_tools(self) -> list[ToolSpec]:
         """The tools the answer must call one of (tool_choice 'required' or a named function); [] otherwise."""
-        if not self.tools or self.tool_choice in (None, "none"):
+        if not self.tools or self.tool_choice in (None, "none", "auto"):
             return []
         if self.tool_choice == "required":
             return list(self.tools)

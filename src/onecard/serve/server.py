@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from onecard.errors import BadInputError, OnecardError, require_extra
+from onecard.serve.tool_parsers import PARSERS
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class ServeConfig:
     log_level: str = "warning"
     rag_db: str | None = None
     engine: dict = field(default_factory=dict)
+    tool_call_parser: str | None = None
 
     def __post_init__(self) -> None:
         from onecard.engine.config import EngineConfig
@@ -64,6 +66,8 @@ class ServeConfig:
         if self.rag_db is not None and "://" not in self.rag_db and not Path(self.rag_db).is_file():
             raise BadInputError(f"--rag-db {self.rag_db}: no such index file; build one with 'onecard rag index DOCS "
                                 "--db FILE'")
+        if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
+            raise BadInputError(f"--tool-call-parser {self.tool_call_parser}: choose one of {', '.join(PARSERS)}")
         if self.served_model_name is not None and not self.served_model_name.strip():
             raise BadInputError("--served-model-name is empty; pass a name or leave the option out")
         unknown = sorted(set(self.engine) - ({f.name for f in fields(EngineConfig)} - {"model"}))
@@ -190,7 +194,7 @@ def serve(cfg: ServeConfig, factory: Callable[[], object] | None = None,
         log.warning("listening on %s without --api-key: anyone who can reach this address can use the model", cfg.host)
     sock = bind(cfg.host, cfg.port)
     app = build_app(model_name=cfg.model_name, api_key=cfg.api_key, engine_factory=factory,
-                    shutdown_timeout=cfg.shutdown_timeout, rag_db=cfg.rag_db)
+                    shutdown_timeout=cfg.shutdown_timeout, rag_db=cfg.rag_db, tool_call_parser=cfg.tool_call_parser)
     server = _uvicorn_server_class()(uvicorn.Config(
         app, log_level=cfg.log_level, timeout_graceful_shutdown=cfg.shutdown_timeout, lifespan="on",
         access_log=cfg.log_level in ("debug", "info")))
