@@ -73,7 +73,7 @@ def test_sampling_fields_reach_the_engine(oai, engine):
 
 def test_echo_with_logprobs_scores_the_prompt(oai, engine):
     """Echo + logprobs (how evaluation harnesses score a text): the prompt's tokens come first, the first without
-    a logprob, then the output's; stream: true is refused."""
+    a logprob, then the output's; streamed, the prompt's come in the echo chunk."""
     prompt = "def f(x): return x"
     n_prompt = len(engine.tokenizer.encode(prompt))
     r = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=2, echo=True, logprobs=1)
@@ -83,8 +83,11 @@ def test_echo_with_logprobs_scores_the_prompt(oai, engine):
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     assert lp.token_logprobs[1:n_prompt] == [-1.0] * (n_prompt - 1) and lp.token_logprobs[n_prompt:] == [-0.5] * 2
     assert r.choices[0].text.startswith(prompt)
-    with pytest.raises(openai.BadRequestError, match="stream: false"):
-        oai.completions.create(model=MODEL, prompt=prompt, max_tokens=2, echo=True, logprobs=1, stream=True)
+    chunks = list(oai.completions.create(model=MODEL, prompt=prompt, max_tokens=2, echo=True, logprobs=1,
+                                         stream=True))
+    first, rest = chunks[0].choices[0].logprobs, [c.choices[0].logprobs for c in chunks[1:] if c.choices]
+    assert first.token_logprobs == [None] + [-1.0] * (n_prompt - 1) and chunks[0].choices[0].text == prompt
+    assert [v for lp in rest if lp for v in lp.token_logprobs] == [-0.5] * 2
 
 
 def test_tool_choice_auto_reads_calls_back_with_a_parser(engine):

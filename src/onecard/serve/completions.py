@@ -186,6 +186,10 @@ class Generation:
             self._observe(i, out)
         self._first = list(firsts)
 
+    def first_output(self, i: int):
+        """Prompt i's first output (``start()`` waited for it): its prefill's results, e.g. prompt logprobs."""
+        return self._first[i]
+
     async def updates(self) -> AsyncIterator[tuple[int, object]]:
         """(prompt index, cumulative RequestOutput) from the first to the finished one of every prompt."""
         finished_ok = False
@@ -312,14 +316,20 @@ def _completion_logprobs(tokenizer, token_ids: list[int], logprobs: list[dict[in
     return lp
 
 
-def _with_prompt(tokenizer, final, top: int, output: CompletionLogprobs) -> CompletionLogprobs:
-    """OpenAI's echo + logprobs shape: the prompt tokens' entries (None for the first), then the output's."""
-    ids, dists = final.prompt_token_ids, final.prompt_logprobs
+def _prompt_logprobs(tokenizer, out, top: int) -> CompletionLogprobs:
+    """The prompt tokens' entries of OpenAI's echo + logprobs shape (None for the first: nothing predicts it)."""
+    ids, dists = out.prompt_token_ids, out.prompt_logprobs
     lp = _completion_logprobs(tokenizer, ids[1:], dists[1:], top, len(_token_text(tokenizer, ids[0])))
     lp.tokens.insert(0, _token_text(tokenizer, ids[0]))
     lp.token_logprobs.insert(0, None)
     lp.top_logprobs.insert(0, None)
     lp.text_offset.insert(0, 0)
+    return lp
+
+
+def _with_prompt(tokenizer, out, top: int, output: CompletionLogprobs) -> CompletionLogprobs:
+    """Echo + logprobs: the prompt's entries, then the output's."""
+    lp = _prompt_logprobs(tokenizer, out, top)
     for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
         getattr(lp, key).extend(getattr(output, key))
     return lp
@@ -450,10 +460,14 @@ def completion_stream(gen: Generation, req: CompletionRequest, tokenizer, model:
         offset = len(prompt_texts[d.prompt_index]) + d.text_offset
         return _completion_logprobs(tokenizer, d.token_ids, d.logprobs, req.logprobs, offset).model_dump()
 
+    def prompt_logprobs(i: int) -> dict | None:  # echo + logprobs: scored by the prefill, before any output
+        return _prompt_logprobs(tokenizer, gen.first_output(i), req.logprobs).model_dump() if req.logprobs is not None \
+            else None
+
     async def events() -> AsyncIterator[str]:
         if req.echo:
-            yield chunk([{"index": i * gen.n + j, "text": prompt_texts[i], "logprobs": None, "finish_reason": None}
-                         for i in range(len(gen.prompts)) for j in range(gen.n)])
+            yield chunk([{"index": i * gen.n + j, "text": prompt_texts[i], "logprobs": prompt_logprobs(i),
+                          "finish_reason": None} for i in range(len(gen.prompts)) for j in range(gen.n)])
         async for deltas in _deltas(gen):
             yield chunk([{"index": d.prompt_index * gen.n + d.index, "text": d.text, "logprobs": logprobs(d),
                           "finish_reason": d.finish_reason} for d in deltas])

@@ -105,8 +105,6 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("best_of different from n is not supported by onecard serve; drop best_of")
         if self.suffix:
             raise ValueError("suffix (fill-in-the-middle) is not supported by onecard serve; remove it")
-        if self.echo and self.logprobs is not None and self.stream:
-            raise ValueError("echo with logprobs (prompt logprobs) is not streamed; send stream: false")
         return self
 
     def prompts(self) -> list[str | list[int]]:
