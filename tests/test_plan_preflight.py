@@ -202,3 +202,27 @@ def test_speculation_widens_the_graph_workspace_the_preflight_counts():
         cuda_graph_workspace_bytes(graph_batch_sizes(80), a.vocab_size, a.hidden_size, 2)
         - cuda_graph_workspace_bytes(graph_batch_sizes(16), a.vocab_size, a.hidden_size, 2)) > 0
     assert spec4.kv_blocks < plain.kv_blocks
+
+
+def test_a_draft_model_is_counted_as_the_engine_holds_it():
+    """speculative_model: its weights, a KV block of its own beside each of the target's, and its decode graphs;
+    a context that fits the target alone can stop fitting with the draft, and the refusal says so before loading."""
+    from onecard.engine.model_runner import cuda_graph_workspace_bytes, graph_batch_sizes, graph_rows
+
+    target, draft = resolve_model("qwen2-7b"), resolve_model("qwen2-0.5b")
+    card = CardMemory(total_bytes=24 * GIB, free_bytes=23 * GIB, name="fake 4090")
+    alone, both = (engine_memory(target, "bf16", card, 0.9, 16, 8192, num_speculative_tokens=4, draft=d)
+                   for d in (None, draft))
+    assert both.weights_bytes - alone.weights_bytes == M.reserved_bytes(M.weight_tensors(draft, "bf16"))
+    assert both.block_bytes - alone.block_bytes == M.kv_bytes_per_token(draft, "auto") * 16
+    d = draft.args
+    assert both.workspace_bytes - alone.workspace_bytes == cuda_graph_workspace_bytes(
+        graph_batch_sizes(graph_rows(16, 4, 256)), d.vocab_size, d.hidden_size, 2)
+    assert both.kv_tokens < alone.kv_tokens
+    kw = {"max_num_seqs": 16, "max_num_batched_tokens": 8192, "gpu_memory_utilization": 0.9,
+          "num_speculative_tokens": 4}
+    fits_alone = alone.kv_tokens - alone.kv_tokens % 16
+    assert engine_preflight("qwen2-7b", card, max_model_len=fits_alone, default_max_model_len=8192, **kw)
+    with pytest.raises(DoesNotFitError, match=f"max_model_len={fits_alone} does not fit"):
+        engine_preflight("qwen2-7b", card, max_model_len=fits_alone, default_max_model_len=8192,
+                         draft_model="qwen2-0.5b", **kw)

@@ -128,7 +128,9 @@ def _preflight(folder, config: EngineConfig, user_max_model_len: int | None, dty
                              quantization=config.quantization, block_size=config.block_size,
                              enforce_eager=config.enforce_eager, cuda_graph_max_batch=config.cuda_graph_max_batch,
                              kv_cache_dtype=config.kv_cache_dtype,
-                             num_speculative_tokens=config.num_speculative_tokens)
+                             num_speculative_tokens=config.num_speculative_tokens,
+                             draft_model=open_model_folder(config.speculative_model).config
+                             if config.speculative_model else None)
     config.max_model_len = check.max_model_len
 
 

@@ -71,8 +71,12 @@ class EngineMemory:
 def engine_memory(spec: ModelSpec, fmt: str, memory: CardMemory, utilization: float, max_num_seqs: int,
                   max_num_batched_tokens: int, block_size: int = 16, kv_cache_dtype: str = "auto",
                   enforce_eager: bool = False, cuda_graph_max_batch: int = CUDA_GRAPH_MAX_BATCH,
-                  num_speculative_tokens: int = 0) -> EngineMemory:
+                  num_speculative_tokens: int = 0, draft: ModelSpec | None = None) -> EngineMemory:
     """Predict the engine's start-up split of ``memory`` for ``spec`` with weights in ``fmt``.
+
+    ``draft``: a speculative draft model (``speculative_model``), held as the engine holds it: its weights in
+    the same format, its KV cache mirroring the target's block for block (so a block costs both), and its
+    decode graphs beside the target's.
 
     Weights are allocator-rounded (``M.weight_tensors``); the activation peak is
     the profile run's (``M.inference_activation_bytes`` over
@@ -83,14 +87,14 @@ def engine_memory(spec: ModelSpec, fmt: str, memory: CardMemory, utilization: fl
     from onecard.engine.model_runner import (FIXED_HEADROOM_BYTES, cuda_graph_workspace_bytes, graph_batch_sizes,
                                              graph_rows, plan_kv_cache)
 
-    a = spec.args
-    weights = M.reserved_bytes(M.weight_tensors(spec, fmt))
+    models = [spec] if draft is None else [spec, draft]
+    weights = sum(M.reserved_bytes(M.weight_tensors(m, fmt)) for m in models)
     act = M.inference_activation_bytes(spec, max_num_batched_tokens, max_num_seqs, 0)
     elem = 4 if fmt == "fp32" else 2
-    workspace = 0 if enforce_eager else cuda_graph_workspace_bytes(
-        graph_batch_sizes(graph_rows(max_num_seqs, num_speculative_tokens, cuda_graph_max_batch)), a.vocab_size,
-        a.hidden_size, elem)
-    block = M.kv_bytes_per_token(spec, kv_cache_dtype) * block_size
+    sizes = graph_batch_sizes(graph_rows(max_num_seqs, num_speculative_tokens, cuda_graph_max_batch))
+    workspace = 0 if enforce_eager else sum(cuda_graph_workspace_bytes(sizes, m.args.vocab_size, m.args.hidden_size,
+                                                                       elem) for m in models)
+    block = sum(M.kv_bytes_per_token(m, kv_cache_dtype) for m in models) * block_size
     free_after_load = memory.free_bytes - weights
     kv = plan_kv_cache(card_bytes=memory.total_bytes, cap_fraction=memory.cap_fraction,
                        reserved_bytes=memory.reserved_bytes + weights, activation_peak_bytes=act, block_bytes=block,

@@ -52,22 +52,25 @@ def engine_preflight(model, memory: CardMemory, *, max_model_len: int | None, de
                      max_num_seqs: int, max_num_batched_tokens: int, gpu_memory_utilization: float,
                      dtype_bytes: int = 2, quantization: str | None = None, block_size: int = 16,
                      enforce_eager: bool = False, cuda_graph_max_batch: int = 256,
-                     kv_cache_dtype: str = "auto", num_speculative_tokens: int = 0) -> EnginePreflight:
+                     kv_cache_dtype: str = "auto", num_speculative_tokens: int = 0,
+                     draft_model=None) -> EnginePreflight:
     """Check that the engine's KV pool on ``memory`` holds one ``max_model_len`` sequence, before loading.
 
     ``max_model_len`` None means the user did not set one: ``default_max_model_len``
     is used when it fits, else the longest context the pool holds (at least
     ``MIN_DEFAULT_MAX_MODEL_LEN``). Otherwise raises ``DoesNotFitError`` naming
     the need, the budget and the options that fit: a lower max_model_len,
-    ``quantization='rtn-int4'``, fewer ``max_num_seqs``.
+    ``quantization='rtn-int4'``, fewer ``max_num_seqs``. ``draft_model``: the ``speculative_model``'s config,
+    counted as the engine holds it (``engine_memory``'s ``draft``).
     """
     spec = resolve_model(model)
+    draft = resolve_model(draft_model) if draft_model is not None else None
     fmt = engine_weight_format(spec, quantization, dtype_bytes)
     kv_dtype = "fp32" if dtype_bytes == 4 and kv_cache_dtype == "auto" else kv_cache_dtype
 
     def split(weight_format: str = fmt, seqs: int = max_num_seqs) -> EngineMemory:
         return engine_memory(spec, weight_format, memory, gpu_memory_utilization, seqs, max_num_batched_tokens,
-                             block_size, kv_dtype, enforce_eager, cuda_graph_max_batch, num_speculative_tokens)
+                             block_size, kv_dtype, enforce_eager, cuda_graph_max_batch, num_speculative_tokens, draft)
 
     eng = split()
     want = default_max_model_len if max_model_len is None else max_model_len
