@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 
@@ -29,11 +32,37 @@ def test_logits_match_hf(arch, random_checkpoint):
 
 
 def test_llama3_rope_scaling_is_applied(random_checkpoint):
-    from onecard.models.llama import rope_inv_freq
+    from onecard.models.llama import rope_parameters
 
     args = open_model_folder(random_checkpoint("llama-3.1-8b")).model_args()
-    plain = rope_inv_freq(type(args)(**{**args.__dict__, "rope_scaling": None}))
-    assert not torch.allclose(rope_inv_freq(args), plain)  # low frequencies are divided by the factor
+    plain = rope_parameters(type(args)(**{**args.__dict__, "rope_scaling": None}))[0]
+    assert not torch.allclose(rope_parameters(args)[0], plain)  # low frequencies are divided by the factor
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},  # Qwen2.5's long-context form
+    {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 48, "beta_fast": 16, "mscale": 0.7,
+     "mscale_all_dim": 0.5},
+])
+def test_yarn_logits_match_hf_past_the_original_context(scaling, random_checkpoint, tmp_path):
+    """YaRN changes both the frequencies and the size of cos/sin: logits equal HF's at positions beyond the
+    original context, where the scaling matters."""
+    from transformers import AutoModelForCausalLM
+
+    path = random_checkpoint("qwen2-0.5b")
+    shutil.copytree(path, tmp_path, dirs_exist_ok=True)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(rope_scaling=scaling, max_position_embeddings=256)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    folder = open_model_folder(tmp_path)
+    ours = load_model(folder, torch.float32, "cpu")
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    ids = torch.randint(3, folder.model_args().vocab_size, (1, 120), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = hf(ids).logits[0]
+    assert (ours.logits(ids[0]) - ref).abs().max().item() < 1e-4
+    plain = load_model(open_model_folder(path), torch.float32, "cpu")
+    assert (plain.logits(ids[0]) - ref).abs().max().item() > 1e-3  # without the scaling they differ
 
 
 def test_tied_embeddings_share_storage(random_checkpoint):

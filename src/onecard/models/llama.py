@@ -67,8 +67,9 @@ class AttentionMetadata:
     per_step: dict = field(default_factory=dict, repr=False)  # what every layer of one step reuses (varlen plans)
 
 
-def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
-    """Inverse frequencies with the checkpoint's rope scaling (llama3 or linear) applied."""
+def rope_parameters(args: ModelArgs) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies, the factor cos and sin are multiplied by) of the checkpoint's RoPE: the scaling
+    ``transformers`` applies for the same config (``modeling_rope_utils``), which the tests compare against."""
     dim = args.head_dim
     inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     scaling = args.rope_scaling or {}
@@ -86,7 +87,37 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         inv_freq = torch.where(medium, smoothed, scaled)
-    return inv_freq
+    elif kind == "yarn":
+        return _yarn(args, scaling)
+    return inv_freq, 1.0
+
+
+def _yarn(args: ModelArgs, scaling: dict) -> tuple[torch.Tensor, float]:
+    """YaRN (Peng et al. 2023; Qwen2.5's long-context setting): high frequencies kept, low ones interpolated by
+    ``factor``, a linear ramp between, and cos/sin scaled by ``0.1 ln(factor) + 1`` (unless given)."""
+    dim, base = args.head_dim, args.rope_theta
+    original = scaling.get("original_max_position_embeddings") or args.max_position_embeddings
+    factor = scaling.get("factor") or args.max_position_embeddings / original
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 0.1 * m * math.log(scale) + 1.0 if scale > 1 else 1.0
+
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+
+    def correction_dim(rotations: float) -> float:  # the dimension that turns ``rotations`` times over ``original``
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(scaling.get("beta_fast") or 32), correction_dim(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / ((high - low) or 0.001)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    keep = 1 - ramp  # 1: extrapolate (high frequencies), 0: interpolate by factor
+    return (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep, float(attention)
 
 
 class RotaryEmbedding(nn.Module):
@@ -100,10 +131,11 @@ class RotaryEmbedding(nn.Module):
     @torch.no_grad()
     def init_table(self) -> None:
         """Fill the table on its (already materialized) device; called by the loader after ``to_empty``."""
-        inv_freq = rope_inv_freq(self.args).to(self.cos_sin.device)
+        inv_freq, attention = rope_parameters(self.args)
+        inv_freq = inv_freq.to(self.cos_sin.device)
         t = torch.arange(self.max_positions, device=inv_freq.device, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)
-        self.cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+        self.cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1) * attention
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, D/2]
