@@ -91,3 +91,18 @@ def test_missing_weights_are_an_error(tmp_path, random_checkpoint):
     save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ModelFolderError, match="missing"):
         load_model(open_model_folder(dst), torch.float32, "cpu")
+
+
+def test_yarn_extends_the_usable_context():
+    """Qwen2.5's documented YaRN setting (32k trained, factor 4) serves 128k tokens, as vLLM derives it; a config
+    that already states the extended length keeps it."""
+    from onecard.models import ModelArgs, arch_config
+
+    cfg = arch_config("qwen2-7b")
+    qwen = ModelArgs.from_hf_config({**cfg, "max_position_embeddings": 32768,
+                                     "rope_scaling": {"type": "yarn", "factor": 4.0}})
+    assert qwen.max_position_embeddings == 131072
+    assert qwen.rope_scaling["original_max_position_embeddings"] == 32768
+    stated = ModelArgs.from_hf_config({**cfg, "max_position_embeddings": 163840, "rope_scaling": {
+        "rope_type": "yarn", "original_max_position_embeddings": 4096}})
+    assert stated.max_position_embeddings == 163840 and stated.rope_scaling["factor"] == 40.0

@@ -106,6 +106,9 @@ class ModelArgs:
             sliding = cfg.get("sliding_window")
         elif arch == "Qwen2ForCausalLM" and cfg.get("use_sliding_window"):
             raise UnsupportedModelError("Qwen2 with use_sliding_window=true is not supported; set it to false")
+        max_positions = cfg.get("max_position_embeddings", 2048)
+        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) == "yarn":
+            rope_scaling, max_positions = _yarn_context(dict(rope_scaling), max_positions)
         return cls(
             architecture=arch,
             vocab_size=cfg["vocab_size"],
@@ -115,7 +118,7 @@ class ModelArgs:
             num_heads=heads,
             num_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            max_position_embeddings=max_positions,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(cfg.get("rope_theta", 10000.0)),
             rope_scaling=dict(rope_scaling) if rope_scaling else None,
@@ -127,3 +130,16 @@ class ModelArgs:
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
             raw=cfg,
         )
+
+
+def _yarn_context(scaling: dict, max_positions: int) -> tuple[dict, int]:
+    """YaRN's (scaling with its original context and factor written out, the context it extends to).
+
+    Qwen2.5's documented setting keeps ``max_position_embeddings`` at the trained 32k and adds ``factor`` 4:
+    the usable context is 128k (as vLLM derives it). Configs that already state the extended length
+    (DeepSeek's form: ``original_max_position_embeddings`` beside it, ``factor`` optional) keep it.
+    """
+    original = scaling.get("original_max_position_embeddings") or max_positions
+    factor = scaling.get("factor") or max_positions / original
+    scaling.update(original_max_position_embeddings=original, factor=factor)
+    return scaling, max(max_positions, int(original * factor))
