@@ -115,7 +115,10 @@ def test_unsupported_language_model_falls_back_to_hf(llava_dir, tmp_path):
     folder = tmp_path / "llava"
     shutil.copytree(llava_dir, folder)
     cfg = json.loads((folder / "config.json").read_text())
-    cfg["text_config"]["rope_scaling"] = {"rope_type": "dynamic", "factor": 2.0}  # our forward has no dynamic NTK
+    text = cfg["text_config"]
+    half = text.get("head_dim", text["hidden_size"] // text["num_attention_heads"]) // 2
+    text["rope_scaling"] = {"rope_type": "longrope", "factor": 2.0, "short_factor": [1.0] * half,  # our forward
+                            "long_factor": [2.0] * half, "original_max_position_embeddings": 64}  # has no LongRoPE
     (folder / "config.json").write_text(json.dumps(cfg))
     vm = VisionModel.from_pretrained(folder, device="cpu", int4=False)
     assert vm.backend == "hf" and "does not run this language model" in vm.why

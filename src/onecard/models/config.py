@@ -88,9 +88,9 @@ class ModelArgs:
         rope_scaling = cfg.get("rope_scaling")
         if rope_scaling:
             kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
-            if kind not in ("llama3", "linear", "yarn", "default"):
+            if kind not in ("llama3", "linear", "yarn", "dynamic", "default"):
                 raise UnsupportedModelError(
-                    f"rope_scaling type '{kind}' is not supported; supported: llama3, linear, yarn"
+                    f"rope_scaling type '{kind}' is not supported; supported: llama3, linear, yarn, dynamic"
                 )
         missing = [k for k in _REQUIRED if not isinstance(cfg.get(k), int) or cfg[k] <= 0]
         if missing:

@@ -69,7 +69,10 @@ class AttentionMetadata:
 
 def rope_parameters(args: ModelArgs) -> tuple[torch.Tensor, float]:
     """(inverse frequencies, the factor cos and sin are multiplied by) of the checkpoint's RoPE: the scaling
-    ``transformers`` applies for the same config (``modeling_rope_utils``), which the tests compare against."""
+    ``transformers`` applies for the same config (``modeling_rope_utils``), which the tests compare against.
+
+    Dynamic NTK changes the base only for sequences longer than ``max_position_embeddings``, which the engine
+    never runs (``max_model_len`` is capped there): within it, it is plain RoPE."""
     dim = args.head_dim
     inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     scaling = args.rope_scaling or {}
