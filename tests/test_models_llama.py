@@ -15,18 +15,21 @@ from onecard.models.loader import hf_to_ours, load_model
 ARCHS = ["llama-2-7b", "llama-3.1-8b", "mistral-7b", "qwen2-7b", "qwen2-0.5b"]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_logits_match_hf(arch, random_checkpoint):
+def _logits(path, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ours, HF transformers', the token ids) for ``tokens`` random ids through the folder at ``path``, fp32."""
     from transformers import AutoModelForCausalLM
 
-    path = random_checkpoint(arch)
     folder = open_model_folder(path)
     ours = load_model(folder, torch.float32, "cpu")
     hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    ids = torch.randint(3, folder.model_args().vocab_size, (1, 40), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, folder.model_args().vocab_size, (tokens,), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        ref = hf(ids).logits[0]
-    got = ours.logits(ids[0])
+        return ours.logits(ids), hf(ids[None]).logits[0], ids
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_match_hf(arch, random_checkpoint):
+    got, ref, _ = _logits(random_checkpoint(arch), 40, 1)
     assert got.shape == ref.shape
     assert (got - ref).abs().max().item() < 1e-4
 
@@ -48,23 +51,16 @@ def test_llama3_rope_scaling_is_applied(random_checkpoint):
 def test_scaled_rope_logits_match_hf(scaling, random_checkpoint, tmp_path):
     """YaRN changes both the frequencies and the size of cos/sin: logits equal HF's at positions beyond the
     original context, where the scaling matters; dynamic NTK equals plain RoPE up to max_position_embeddings."""
-    from transformers import AutoModelForCausalLM
-
     path = random_checkpoint("qwen2-0.5b")
     shutil.copytree(path, tmp_path, dirs_exist_ok=True)
     cfg = json.loads((path / "config.json").read_text())
     cfg.update(rope_scaling=scaling, max_position_embeddings=256)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    folder = open_model_folder(tmp_path)
-    ours = load_model(folder, torch.float32, "cpu")
-    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
-    ids = torch.randint(3, folder.model_args().vocab_size, (1, 120), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        ref = hf(ids).logits[0]
-    assert (ours.logits(ids[0]) - ref).abs().max().item() < 1e-4
-    if scaling["rope_type" if "rope_type" in scaling else "type"] == "yarn":
+    got, ref, ids = _logits(tmp_path, 120, 2)
+    assert (got - ref).abs().max().item() < 1e-4
+    if scaling.get("rope_type", scaling.get("type")) == "yarn":
         plain = load_model(open_model_folder(path), torch.float32, "cpu")
-        assert (plain.logits(ids[0]) - ref).abs().max().item() > 1e-3  # without the scaling they differ
+        assert (plain.logits(ids) - ref).abs().max().item() > 1e-3  # without the scaling they differ
 
 
 def test_tied_embeddings_share_storage(random_checkpoint):
