@@ -25,6 +25,24 @@ def test_generate_json_and_file(random_checkpoint, tmp_path):
     assert all(r["completion_tokens"] <= 5 and r["finish_reason"] in ("stop", "length") for r in rows)
 
 
+def test_generate_with_a_json_schema_or_regex(random_checkpoint, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("xgrammar")
+    path = random_checkpoint("llama-2-7b")
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                                  "additionalProperties": False}))
+    res = CliRunner().invoke(app, ["generate", str(path), "x", "--json-schema", str(schema), "--max-tokens", "40",
+                                   "--max-model-len", "64", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(json.loads(res.output)["text"]) in ({"ok": True}, {"ok": False})
+    res = CliRunner().invoke(app, ["generate", str(path), "x", "--regex", "[0-9]{4}", "--max-tokens", "10",
+                                   "--max-model-len", "64", "--json"])
+    assert res.exit_code == 0 and len(json.loads(res.output)["text"]) == 4 and json.loads(res.output)["text"].isdigit()
+    schema.write_text("{not json")
+    code, _, err = _run_main(monkeypatch, capsys, ["generate", str(path), "x", "--json-schema", str(schema)])
+    assert code == 2 and "is not JSON" in err and len(err.strip().splitlines()) == 1
+
+
 def _run_main(monkeypatch, capsys, argv):
     import sys
 

@@ -23,6 +23,19 @@ def read_prompts(prompt: str | None, file: Path | None) -> list[str]:
     return prompts
 
 
+def read_schema(path: Path) -> dict:
+    """A JSON Schema file's contents; a missing or non-JSON file is a one-line error."""
+    if not path.is_file():
+        raise BadInputError(f"--json-schema '{path}' does not exist; pass a JSON Schema file")
+    try:
+        schema = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise BadInputError(f"--json-schema '{path}' is not JSON ({e}); pass a JSON Schema file") from None
+    if not isinstance(schema, dict):
+        raise BadInputError(f"--json-schema '{path}' holds a {type(schema).__name__}, not a JSON Schema object")
+    return schema
+
+
 def register(app: typer.Typer) -> None:
     @app.command("generate")
     @with_engine_options
@@ -35,6 +48,9 @@ def register(app: typer.Typer) -> None:
         top_p: float = typer.Option(1.0, "--top-p"),
         top_k: int = typer.Option(0, "--top-k", help="0 = off."),
         seed: int = typer.Option(None, "--seed", help="Per-request sampling seed (reproducible output)."),
+        json_schema: Path = typer.Option(None, "--json-schema", help="A JSON Schema file: every output is JSON "
+                                         "that matches it (structured outputs, needs xgrammar)."),
+        regex: str = typer.Option(None, "--regex", help="Every output matches this regular expression."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object per prompt."),
         *,
         engine: dict,
@@ -47,7 +63,9 @@ def register(app: typer.Typer) -> None:
         from onecard.engine import LLM, SamplingParams
 
         prompts = read_prompts(prompt, file)
-        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens)
+        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens,
+                                json_schema=read_schema(json_schema) if json_schema is not None else None,
+                                regex=regex)
         llm = LLM(model, **engine)
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=not as_json)
