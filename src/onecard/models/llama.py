@@ -97,10 +97,10 @@ def rope_parameters(args: ModelArgs) -> tuple[torch.Tensor, float]:
 
 def _yarn(args: ModelArgs, scaling: dict) -> tuple[torch.Tensor, float]:
     """YaRN (Peng et al. 2023; Qwen2.5's long-context setting): high frequencies kept, low ones interpolated by
-    ``factor``, a linear ramp between, and cos/sin scaled by ``0.1 ln(factor) + 1`` (unless given)."""
+    ``factor``, a linear ramp between, and cos/sin scaled by ``0.1 ln(factor) + 1`` (unless given). The config
+    reader wrote the original context and factor out (``config._yarn_context``)."""
     dim, base = args.head_dim, args.rope_theta
-    original = scaling.get("original_max_position_embeddings") or args.max_position_embeddings
-    factor = scaling.get("factor") or args.max_position_embeddings / original
+    original, factor = scaling["original_max_position_embeddings"], scaling["factor"]
 
     def mscale(scale: float, m: float = 1.0) -> float:
         return 0.1 * m * math.log(scale) + 1.0 if scale > 1 else 1.0
