@@ -34,7 +34,7 @@ from onecard.engine.sampler import PendingSample, SamplerOutput
 from onecard.engine.sampling_params import SamplingParams
 from onecard.engine.scheduler import Scheduler
 from onecard.engine.sequence import PLACEHOLDER, Request, Sequence
-from onecard.engine.structured import Grammars, accept
+from onecard.engine.structured import Grammars, accept, matcher
 from onecard.errors import BadInputError
 
 
@@ -112,14 +112,15 @@ class LLMEngine:
         if request_id in self.requests:
             raise BadInputError(f"request_id '{request_id}' is already in use; pass a unique id")
         text, ids, params = self.validate(prompt, params)
+        grammar = self.grammars.compile(params) if params.structured is not None else None  # xgrammar's cache hit
         seqs = []
         for i in range(params.n):
             gen = None
             if params.seed is not None:
                 gen = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
             seqs.append(Sequence(request_id, i, ids, params, gen))
-            if params.structured is not None:
-                seqs[-1].matcher = self.grammars.matcher(params)
+            if grammar is not None:
+                seqs[-1].matcher = matcher(grammar)
             if params.min_tokens:
                 seqs[-1].stop_ids = sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else
                                                                          self.eos_token_ids))

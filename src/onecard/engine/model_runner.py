@@ -24,13 +24,11 @@ import torch
 from onecard.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from onecard.engine.kv_cache import allocate_kv_cache, attach_kv_cache
 from onecard.engine.sampler import (
-    DeviceSample,
     PendingSample,
     SamplerOutput,
+    logprobs_of,
     sample,
     sample_on_device,
-    to_host,
-    with_logprobs,
 )
 from onecard.engine.sequence import Sequence
 from onecard.engine.speculative import accept_drafts, verified_outputs
@@ -338,10 +336,8 @@ class ModelRunner:
                     b = min(a + PROMPT_LOGPROB_ROWS, stop)
                     rows = hidden[start + a - (end - n):start + b - (end - n)]
                     logprobs = self.model.compute_logits(rows).float().log_softmax(-1)
-                    targets = self._to_device(seq.token_ids[a + 1:b + 1], torch.long)
-                    out = to_host(with_logprobs(DeviceSample(targets, [seq.params.prompt_logprobs] * (b - a)),
-                                                logprobs))
-                    done.extend(out.logprobs)
+                    done.extend(logprobs_of(logprobs, seq.token_ids[a + 1:b + 1],
+                                            [seq.params.prompt_logprobs] * (b - a)).logprobs)
             start += n
 
     @torch.no_grad()

@@ -199,6 +199,13 @@ def with_logprobs(ds: DeviceSample, raw_logprobs: torch.Tensor) -> DeviceSample:
     return ds
 
 
+def logprobs_of(raw_logprobs: torch.Tensor, tokens: list[int], want: list[int]) -> SamplerOutput:
+    """The host logprobs (top-``want[i]`` and its own) of given ``tokens[i]`` under row i of ``raw_logprobs``:
+    scoring tokens that were not sampled here (prompt tokens, verified drafts). One host transfer."""
+    ds = DeviceSample(host_to_device(tokens, torch.long, raw_logprobs.device), want)
+    return to_host(with_logprobs(ds, raw_logprobs))
+
+
 def to_host(ds: DeviceSample) -> SamplerOutput:
     """The host lists of a ``DeviceSample`` (a sync unless its tensors were already copied to the host)."""
     token_list = ds.tokens.tolist()

@@ -13,13 +13,11 @@ import torch
 
 from onecard.engine.rejection_sampler import rejection_sample
 from onecard.engine.sampler import (
-    DeviceSample,
     SamplerOutput,
     adjust_logits,
     host_to_device,
+    logprobs_of,
     sampling_probs,
-    to_host,
-    with_logprobs,
 )
 from onecard.engine.sequence import Sequence
 
@@ -120,9 +118,7 @@ def verified_outputs(seqs: list[Sequence], logits: torch.Tensor, kept: list[list
         start += 1 + len(seq.draft_tokens)
     flat = None
     if rows:
-        picked = logits[host_to_device(rows, torch.long, logits.device)]
-        ds = DeviceSample(host_to_device(tokens, torch.long, logits.device), want)
-        flat = to_host(with_logprobs(ds, picked.log_softmax(-1)))
+        flat = logprobs_of(logits[host_to_device(rows, torch.long, logits.device)].log_softmax(-1), tokens, want)
     outs, at = [], 0
     for seq, toks in zip(seqs, kept):
         if seq.params.logprobs is None:

@@ -68,9 +68,10 @@ class Grammars:
             raise BadInputError(f"SamplingParams.{kind}: xgrammar cannot compile it ({first}); fix the "
                                 f"{kind.replace('_', ' ')}") from None
 
-    def matcher(self, params: SamplingParams):
-        """A fresh matcher (one per sequence: each walks the grammar with its own tokens)."""
-        return _xgrammar().GrammarMatcher(self.compile(params))
+
+def matcher(compiled):
+    """A fresh matcher of a compiled grammar (one per sequence: each walks the grammar with its own tokens)."""
+    return _xgrammar().GrammarMatcher(compiled)
 
 
 def mask_logits_(logits: torch.Tensor, seqs: list[Sequence]) -> None:
