@@ -105,10 +105,12 @@ def test_tool_choice_auto_reads_calls_back_with_a_parser(engine):
         assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Oslo"}
         assert engine.seen_params[-1].structured is None  # auto: the model's own text, not constrained
         chunks = list(oai.chat.completions.create(model=MODEL, messages=msgs, tools=tools, max_tokens=100,
-                                                  stream=True))
+                                                  stream=True, logprobs=True))
         streamed = [tc for ch in chunks for ch_c in ch.choices for tc in (ch_c.delta.tool_calls or [])]
         assert [tc.function.name for tc in streamed] == ["get_weather"]
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        n_reply = len(engine.tokenizer.encode(engine.reply, add_special_tokens=False))
+        assert len(chunks[-1].choices[0].logprobs.content) == n_reply  # the held answer's logprobs, not dropped
         engine.reply = "It is sunny."
         r = oai.chat.completions.create(model=MODEL, messages=msgs, tools=tools, max_tokens=100)
         assert r.choices[0].message.content == "It is sunny." and r.choices[0].message.tool_calls is None

@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import anyio
 
@@ -520,8 +520,8 @@ def chat_stream(gen: Generation, req: ChatCompletionRequest, tokenizer, model: s
     async def events() -> AsyncIterator[str]:
         yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for j in range(gen.n)])
-        # with tools the answer may be a call: sent whole, at the end
-        held = {j: "" for j in range(gen.n)} if req.called_tools() or req.parses_tool_calls() else None
+        # with tools the answer may be a call: sent whole (text, tokens and logprobs) at the end
+        held = {j: [] for j in range(gen.n)} if req.called_tools() or req.parses_tool_calls() else None
         async for deltas in _deltas(gen):
             if held is None:
                 yield chunk([{"index": d.index, "delta": {"content": d.text} if d.text else {},
@@ -529,13 +529,18 @@ def chat_stream(gen: Generation, req: ChatCompletionRequest, tokenizer, model: s
                 continue
             out = []
             for d in deltas:
-                held[d.index] += d.text
+                held[d.index].append(d)
                 if d.finish_reason is not None:
-                    message, reason = final_message(req, held[d.index], d.finish_reason, tool_call_parser)
+                    parts = held[d.index]
+                    whole = replace(d, text="".join(p.text for p in parts),
+                                    token_ids=[t for p in parts for t in p.token_ids],
+                                    logprobs=None if d.logprobs is None else [x for p in parts for x in p.logprobs])
+                    message, reason = final_message(req, whole.text, d.finish_reason, tool_call_parser)
                     if "tool_calls" in message:
                         message["tool_calls"] = [{"index": k, **call.model_dump()}
                                                  for k, call in enumerate(message["tool_calls"])]
-                    out.append({"index": d.index, "delta": message, "logprobs": None, "finish_reason": reason})
+                    out.append({"index": d.index, "delta": message, "logprobs": logprobs(whole),
+                                "finish_reason": reason})
             if out:
                 yield chunk(out)
 

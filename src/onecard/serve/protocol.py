@@ -6,7 +6,7 @@ vLLM-style sampling extensions (``top_k``, ``min_p``, ``repetition_penalty``,
 ``ignore_eos``, ``stop_token_ids``, ``skip_special_tokens``) are accepted
 because users of local servers expect them. Unknown fields are rejected with a
 400 naming the field rather than silently ignored, and OpenAI fields that
-onecard does not implement (tools, suffix, ...) are refused by name.
+onecard does not implement (suffix, best_of other than n, ...) are refused by name.
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ class ChatCompletionRequest(_SamplingFields):
             name = (choice.get("function") or {}).get("name")
             if choice.get("type") != "function" or name not in {t.function.name for t in self.tools}:
                 raise ValueError(f"tool_choice names no tool of this request: {choice}")
-        kind = (self.response_format or {}).get("type", "text")
+        kind = self.response_kind
         if kind not in ("text", "json_object", "json_schema"):
             raise ValueError(f"response_format type {kind!r}: use text, json_object or json_schema")
         if kind == "json_schema" and not isinstance((self.response_format.get("json_schema") or {}).get("schema"), dict):
@@ -190,6 +190,11 @@ class ChatCompletionRequest(_SamplingFields):
 
     def has_images(self) -> bool:
         return any(m.has_image() for m in self.messages)
+
+    @property
+    def response_kind(self) -> str:
+        """``response_format``'s type (text when absent)."""
+        return (self.response_format or {}).get("type", "text")
 
     def parses_tool_calls(self) -> bool:
         """tool_choice 'auto' (the default with tools): the model decides, a parser reads its calls back."""
@@ -209,16 +214,15 @@ class ChatCompletionRequest(_SamplingFields):
         out = super().structured_output()
         tools = self.called_tools()
         if tools:
-            if out or (self.response_format or {}).get("type", "text") != "text":
+            if out or self.response_kind != "text":
                 raise ValueError("a tool call (tool_choice) cannot be combined with response_format or guided_*")
             calls = [{"type": "object", "properties": {"name": {"const": t.function.name},
                                                        "arguments": t.function.parameters or {"type": "object"}},
                       "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
             return {"json_schema": calls[0] if len(calls) == 1 else {"anyOf": calls}}
-        kind = (self.response_format or {}).get("type", "text")
-        if kind == "json_object":
+        if self.response_kind == "json_object":
             out["json_object"] = True
-        elif kind == "json_schema":
+        elif self.response_kind == "json_schema":
             if "json_schema" in out:
                 raise ValueError("give response_format json_schema or guided_json, not both")
             out["json_schema"] = self.response_format["json_schema"]["schema"]
