@@ -150,9 +150,17 @@ def part_speed(args, out_dir) -> dict:
             ids = torch.randint(0, vocab, (bs, seq), generator=torch.Generator().manual_seed(bs)).to(_device())
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
             steps, warmup = _steps_for(bs, args.steps, args.warmup)
-            dt, loss = _time_steps(_step_fn(model, ids, opt), warmup, steps)
-            r = {"tokens_per_s": bs * seq / dt, "ms_per_step": dt * 1e3, "peak_gib": _peak_gib(), "loss": loss,
-                 "steps_timed": steps, "warmup_steps": warmup}
+            try:
+                dt, loss = _time_steps(_step_fn(model, ids, opt), warmup, steps)
+            except torch.cuda.OutOfMemoryError:  # a result too: the other path may train at this size
+                rows[name][bs] = {"oom": True, "tokens_per_s": None, "ms_per_step": None, "peak_gib": None,
+                                  "loss": None, "steps_timed": 0, "warmup_steps": warmup}
+                console.print(f"{name} bs {bs}: out of memory on this card")
+                model.zero_grad(set_to_none=True)
+                del opt, ids
+                continue
+            r = {"oom": False, "tokens_per_s": bs * seq / dt, "ms_per_step": dt * 1e3, "peak_gib": _peak_gib(),
+                 "loss": loss, "steps_timed": steps, "warmup_steps": warmup}
             rows[name][bs] = r
             console.print(f"{name} bs {bs}: {r['tokens_per_s']:,.0f} tok/s, {r['ms_per_step']:.0f} ms/step, "
                           f"peak {r['peak_gib']} GiB")
@@ -163,13 +171,14 @@ def part_speed(args, out_dir) -> dict:
     results = []
     for bs in sizes:
         h, o = rows["hf_peft"][bs], rows["onecard"][bs]
-        ratio = (o["peak_gib"] / h["peak_gib"]) if h["peak_gib"] else None
-        results.append({"batch_size": bs, "tokens_per_step": bs * seq,
+        ratio = (o["peak_gib"] / h["peak_gib"]) if h["peak_gib"] and o["peak_gib"] else None
+        speedup = (o["tokens_per_s"] / h["tokens_per_s"]) if h["tokens_per_s"] and o["tokens_per_s"] else None
+        results.append({"batch_size": bs, "tokens_per_step": bs * seq, "hf_oom": h["oom"], "onecard_oom": o["oom"],
                         "hf_tokens_per_s": h["tokens_per_s"], "onecard_tokens_per_s": o["tokens_per_s"],
                         "hf_ms_per_step": h["ms_per_step"], "onecard_ms_per_step": o["ms_per_step"],
-                        "speedup_vs_hf": o["tokens_per_s"] / h["tokens_per_s"],
+                        "speedup_vs_hf": speedup,
                         "hf_peak_gib": h["peak_gib"], "onecard_peak_gib": o["peak_gib"], "memory_ratio_vs_hf": ratio,
-                        "meets_speed_target": o["tokens_per_s"] / h["tokens_per_s"] >= 2.0,
+                        "meets_speed_target": None if speedup is None else speedup >= 2.0,
                         "meets_memory_target": None if ratio is None else ratio <= 0.5,
                         "weights_share_of_hf_peak": (weights_gib / h["peak_gib"]) if h["peak_gib"] else None,
                         "steps_timed": o["steps_timed"], "warmup_steps": o["warmup_steps"],
@@ -189,8 +198,8 @@ def part_speed(args, out_dir) -> dict:
               "targets met", title=f"LoRA training, seq {seq} ({gpu_name()})")
     for r in results:
         met = [k for k, ok in (("2x speed", r["meets_speed_target"]), ("0.5x mem", r["meets_memory_target"])) if ok]
-        t.add_row(str(r["batch_size"]), f"{r['hf_tokens_per_s']:,.0f}", f"{r['onecard_tokens_per_s']:,.0f}",
-                  f"{r['speedup_vs_hf']:.2f}x", _fmt(r["hf_peak_gib"]), _fmt(r["onecard_peak_gib"]),
+        t.add_row(str(r["batch_size"]), _tok_s(r["hf_tokens_per_s"]), _tok_s(r["onecard_tokens_per_s"]),
+                  _fmt(r["speedup_vs_hf"]), _fmt(r["hf_peak_gib"]), _fmt(r["onecard_peak_gib"]),
                   _fmt(r["memory_ratio_vs_hf"]), _fmt(r["weights_share_of_hf_peak"]), ", ".join(met) or "none")
     console.print(t)
     console.print(note)
@@ -216,6 +225,10 @@ def part_speed(args, out_dir) -> dict:
 
 def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
+
+
+def _tok_s(v: float | None) -> str:
+    return "OOM" if v is None else f"{v:,.0f}"
 
 
 def _try_len(model, opt, seq: int, vocab: int) -> tuple[bool, float | None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 import torch
@@ -217,7 +218,27 @@ def test_bf16_gpu_greedy_follows_hf_on_random_weights(arch, random_checkpoint):
     """
     from onecard.testing import make_random_checkpoint
 
-    path = make_random_checkpoint(arch, "tiny", dtype="bfloat16")
+    _greedy_follows_hf(make_random_checkpoint(arch, "tiny", dtype="bfloat16"))
+
+
+@pytest.mark.gpu
+def test_bf16_gpu_yarn_follows_hf(tmp_path):
+    """YaRN through the CUDA path (graphs, Triton RoPE and decode): past the original 64-token context, where the
+    scaling changes every position, the greedy tokens still follow HF's."""
+    import shutil
+
+    from onecard.testing import make_random_checkpoint
+
+    src = make_random_checkpoint("qwen2-0.5b", "tiny", dtype="bfloat16")
+    shutil.copytree(src, tmp_path, dirs_exist_ok=True)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.update(rope_scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64},
+               max_position_embeddings=512)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    _greedy_follows_hf(tmp_path)
+
+
+def _greedy_follows_hf(path) -> None:
     llm = LLM(path, dtype="bfloat16", max_model_len=512, max_num_seqs=4, gpu_memory_utilization=0.5)
     ours = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=256, ignore_eos=True),
                         use_tqdm=False)[0].outputs[0].token_ids

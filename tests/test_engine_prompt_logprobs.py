@@ -62,3 +62,21 @@ def test_prompt_logprobs_survive_preemption(tiny_model):
 def test_bad_prompt_logprobs():
     with pytest.raises(BadInputError, match="prompt_logprobs"):
         SamplingParams(prompt_logprobs=21)
+
+
+@pytest.mark.gpu
+def test_prompt_logprobs_on_the_gpu_path(tiny_model):
+    """CUDA, bf16, chunked prefill through the varlen kernels: the scored prompt follows HF's fp32 logprobs within
+    bf16's error, with HF's top-1 token kept wherever HF's margin is clear."""
+    llm = LLM(tiny_model.path, dtype="bfloat16", max_model_len=256, max_num_seqs=4, gpu_memory_utilization=0.3,
+              enable_chunked_prefill=True, long_prefill_chunk=16)
+    ids = llm.engine.tokenizer.encode(TEXT)
+    hf = _hf_logprobs(tiny_model.path, ids)
+    out = llm.generate([TEXT], SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=1), use_tqdm=False)[0]
+    lps = out.prompt_logprobs
+    assert len(lps) == len(ids) and lps[0] is None
+    for p in range(1, len(ids)):
+        top2 = hf[p - 1].topk(2)
+        assert abs(lps[p][ids[p]] - hf[p - 1, ids[p]].item()) < 0.15, p
+        if top2.values[0] - top2.values[1] > 0.3:
+            assert top2.indices[0].item() in lps[p], p

@@ -87,3 +87,18 @@ def test_bad_constraints_are_refused_at_submission(llm):
     with pytest.raises(BadInputError, match="choice"):
         SamplingParams(choice=[])
     assert not llm.engine.has_unfinished_requests()
+
+
+@pytest.mark.gpu
+def test_constraints_on_the_gpu_path(tiny_model):
+    """On CUDA (graphs, async scheduling on, bf16) the mask reaches the device logits: constrained rows keep their
+    grammar and a plain row in the same batch decodes as it does alone."""
+    llm = LLM(tiny_model.path, dtype="bfloat16", max_model_len=256, max_num_seqs=4, gpu_memory_utilization=0.3,
+              async_scheduling=True)
+    plain = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    out = llm.generate([PROMPT] * 3, [SamplingParams(temperature=1.0, seed=3, max_tokens=80, json_schema=SCHEMA),
+                                      SamplingParams(temperature=0, max_tokens=30, regex=r"\d{3}-\d{4}"), plain],
+                       use_tqdm=False)
+    _check_schema(out[0].outputs[0].text)
+    assert re.fullmatch(r"\d{3}-\d{4}", out[1].outputs[0].text)
+    assert out[2].outputs[0].token_ids == llm.generate([PROMPT], plain, use_tqdm=False)[0].outputs[0].token_ids

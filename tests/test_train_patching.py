@@ -144,3 +144,44 @@ def test_long_inputs_run_the_mlp_in_checkpointed_chunks(random_checkpoint, monke
         calls.clear()
         mlp(x)
         assert calls == [18]  # no gradients: nothing to save, one piece
+
+
+@pytest.mark.parametrize("offload,chunk,int4", [(False, None, False), (True, None, False), (False, 12, False),
+                                                (True, None, True)])
+def test_recomputation_skips_the_last_matmul_and_keeps_every_gradient(random_checkpoint, monkeypatch, offload,
+                                                                        chunk, int4):
+    """Patched + LoRA + checkpointing (plain, offloaded, the MLP in chunks, and a QLoRA int4 base): the down
+    projection's output is not computed on recomputation, and the loss and every adapter gradient equal PEFT's
+    without checkpointing."""
+    import onecard.train.lora as lora
+    import onecard.train.patching as patching
+    from onecard.train.checkpointing import enable_checkpointing
+    from onecard.train.qlora import quantize_model_int4
+
+    base = _load(random_checkpoint("llama-3.1-8b")).train()
+    if int4:
+        quantize_model_int4(base, 64, torch.float32)
+    ref = lora.add_lora(copy.deepcopy(base), r=4, alpha=8, seed=0)
+    patch_model(base)
+    ours = lora.add_lora(base, r=4, alpha=8, seed=0)
+    enable_checkpointing(ours, offload=offload)
+    for a, b in zip(ref.parameters(), ours.parameters()):  # B starts at zero: give it values so A's gradient counts
+        if a.requires_grad:
+            torch.nn.init.normal_(a, std=0.05, generator=torch.Generator().manual_seed(a.numel()))
+            b.data.copy_(a.data)
+    if chunk:
+        monkeypatch.setattr(patching, "MLP_CHUNK_TOKENS", chunk)
+    skips = []
+    forward = lora._LastLoRALinear.forward
+    monkeypatch.setattr(lora._LastLoRALinear, "forward",
+                        staticmethod(lambda ctx, *a: skips.append(a[-1]) or forward(ctx, *a)))
+    ids = torch.randint(3, base.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    l_ref, g_ref = _lora_grads(ref, ids)
+    l_ours, g_ours = _lora_grads(ours, ids)
+    layers = base.config.num_hidden_layers * (4 if chunk else 1)  # 40 tokens in chunks of 12: 4 pieces a layer
+    # offloaded: the first forward runs without autograd (plain layer call); every recomputation skips
+    assert skips.count(False) == (0 if offload else layers) and skips.count(True) >= layers
+    torch.testing.assert_close(l_ours, l_ref, rtol=1e-5, atol=1e-6)
+    assert g_ours.keys() == g_ref.keys() and len(g_ref) == 14 * base.config.num_hidden_layers
+    for name in g_ref:
+        torch.testing.assert_close(g_ours[name], g_ref[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -10,12 +10,35 @@ backward, so GPU activation memory is one layer's worth regardless of depth.
 autocast state so the recomputation runs in the same precision, and it does not
 replay RNG state, so it refuses to run modules in training mode with dropout
 (``check_no_dropout``); LoRA dropout 0 is onecard's default.
+
+Both kinds run the recomputation with ``recomputing()`` true. A recomputed
+layer's *output* is never read (backward needs only the tensors saved inside
+the layer), so the layer's last matmul can skip producing it
+(``lora.last_linear``): one of the seven matmuls of a Llama layer, a quarter of
+its recomputation's FLOPs.
 """
 
 from __future__ import annotations
 
+import contextvars
+
 import torch
 from torch import nn
+
+_RECOMPUTING = contextvars.ContextVar("onecard_recomputing", default=False)
+
+
+def recomputing() -> bool:
+    """Whether the code running is a checkpointed layer's recomputation, whose outputs backward never reads."""
+    return _RECOMPUTING.get()
+
+
+def _as_recomputation(function, *args):
+    token = _RECOMPUTING.set(True)
+    try:
+        return function(*args)
+    finally:
+        _RECOMPUTING.reset(token)
 
 from onecard.errors import BadInputError
 
@@ -39,7 +62,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         hidden = ctx.saved_hidden.to(ctx.device, non_blocking=True).requires_grad_(True)
         ctx.saved_hidden = None
         with torch.enable_grad(), _autocast_as(ctx.autocast):
-            out = ctx.run_function(hidden, *ctx.args)
+            out = _as_recomputation(ctx.run_function, hidden, *ctx.args)
         torch.autograd.backward(out, grad_out)
         return (None, hidden.grad) + (None,) * len(ctx.args)
 
@@ -57,6 +80,20 @@ class _autocast_as:
     def __exit__(self, *exc):
         for c in reversed(self.ctxs):
             c.__exit__(*exc)
+
+
+def marked_checkpoint(function, *args, **kwargs):
+    """torch's non-reentrant checkpoint (as HF calls it) whose recomputation runs with ``recomputing()`` true."""
+    if kwargs:
+        function = _bind(function, kwargs)
+    calls = 0
+
+    def run(*a):
+        nonlocal calls
+        calls += 1
+        return function(*a) if calls == 1 else _as_recomputation(function, *a)
+
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
 
 
 def offloaded_checkpoint(function, hidden: torch.Tensor, *args, **kwargs):
@@ -88,10 +125,11 @@ def enable_checkpointing(model: nn.Module, offload: bool = False) -> None:
     if offload:
         # reentrant-style: a layer's LoRA grads flow only if its input requires grad, even with a frozen embedding
         model.enable_input_require_grads()
-        n = 0
-        for m in model.modules():
-            if hasattr(m, "_gradient_checkpointing_func") and getattr(m, "gradient_checkpointing", False):
-                m._gradient_checkpointing_func = offloaded_checkpoint
-                n += 1
-        if n == 0:
-            raise BadInputError(f"{type(model).__name__} has no checkpointable layers; drop --offload-checkpoints")
+    n = 0
+    for m in model.modules():
+        if hasattr(m, "_gradient_checkpointing_func") and getattr(m, "gradient_checkpointing", False):
+            m._gradient_checkpointing_func = offloaded_checkpoint if offload else marked_checkpoint
+            n += 1
+    if n == 0:
+        raise BadInputError(f"{type(model).__name__} has no checkpointable layers; "
+                            + ("drop --offload-checkpoints" if offload else "train without gradient checkpointing"))

@@ -12,7 +12,7 @@ recomputation alike (a quarter of the GPU time of a Llama-3-8B LoRA step at
 seq 2048 was such copies and elementwise kernels, seen in a dev-only
 torch.profiler run on an H200). The lean forward casts the small fp32 *weights*
 to the activation dtype instead (gradients still reach the fp32 masters) and
-folds scale and add into one ``addmm``. Same maths; the adapter files, merging
+folds scale and add into one in-place ``addmm_`` on the base's output. Same maths; the adapter files, merging
 and PEFT's API are untouched.
 """
 
@@ -72,22 +72,92 @@ def add_lora(model: nn.Module, r: int = 16, alpha: int = 32, dropout: float = 0.
     return peft_model
 
 
+def _plain_adapter(layer: nn.Module, args: tuple = (), kwargs: dict | None = None) -> str | None:
+    """The one active vanilla, unmerged adapter of a PEFT ``lora.Linear`` called without extra arguments, or None
+    (then PEFT's own forward handles whatever else it is)."""
+    adapters = layer.active_adapters
+    name = adapters[0] if len(adapters) == 1 else None
+    if (args or kwargs or layer.disable_adapters or layer.merged or name not in layer.lora_A
+            or name in getattr(layer, "lora_variant", {})):
+        return None
+    return name
+
+
 def lean_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """A PEFT ``lora.Linear`` forward for the plain case (one active vanilla adapter, not merged); anything else
     goes to PEFT's own forward."""
-    adapters = self.active_adapters
-    name = adapters[0] if len(adapters) == 1 else None
-    if (args or kwargs or self.disable_adapters or self.merged or name not in self.lora_A
-            or name in getattr(self, "lora_variant", {})):
+    name = _plain_adapter(self, args, kwargs)
+    if name is None:
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
     dtype = result.dtype
     a = self.lora_A[name].weight.to(dtype)
     b = self.lora_B[name].weight.to(dtype)
     h = F.linear(self.lora_dropout[name](x).to(dtype), a)
-    out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(),
-                      alpha=self.scaling[name])
-    return out.view(result.shape)
+    # in place: an out-of-place addmm first copies ``result`` into its output (a full-activation memcpy on CUDA)
+    return result.view(-1, result.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.t(),
+                                                    alpha=self.scaling[name]).view(result.shape)
+
+
+def last_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` for the last linear of a checkpointed decoder layer (the MLP's down projection).
+
+    A LoRA layer over a frozen ``Linear`` (bf16 or QLoRA's int4) goes through ``_LastLoRALinear``, with its own
+    backward; inside a checkpoint's recomputation (``recomputing()``) it does not compute its output, which
+    backward never reads. Anything else is ``layer(x)``."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from onecard.train.checkpointing import recomputing
+    from onecard.train.qlora import Int4Linear
+
+    name = _plain_adapter(layer) if type(layer) is LoraLinear and torch.is_grad_enabled() else None
+    base = layer.base_layer if name is not None else None
+    if (type(base) not in (nn.Linear, Int4Linear) or base.weight.requires_grad
+            or not isinstance(layer.lora_dropout[name], nn.Identity)):
+        return layer(x)
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    return _LastLoRALinear.apply(x.to(dtype), base, layer.lora_A[name].weight, layer.lora_B[name].weight,
+                                 layer.scaling[name], recomputing())
+
+
+def _dense_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """A frozen base's weight as a dense ``dtype`` matrix (an int4 base dequantizes, transiently)."""
+    from onecard.train.qlora import Int4Linear
+
+    return base.dequantized_weight().to(dtype) if isinstance(base, Int4Linear) else base.weight.to(dtype)
+
+
+class _LastLoRALinear(torch.autograd.Function):
+    """``base(x) + s (x A^T) B^T`` with the base frozen; saves x and x A^T (the base is read again in backward).
+    Its backward adds the adapter's input gradient into the base's in place (autograd would add the two in a
+    separate kernel)."""
+
+    @staticmethod
+    def forward(ctx, x, base, a, b, scaling: float, skip_output: bool):
+        dtype = x.dtype
+        x2 = x.reshape(-1, x.shape[-1])
+        h = x2 @ a.to(dtype).t()
+        ctx.save_for_backward(x2, h, a, b)
+        ctx.base, ctx.scaling, ctx.x_shape = base, scaling, x.shape
+        if skip_output:  # a recomputation: nothing reads the output
+            return x.new_empty(*x.shape[:-1], base.out_features)
+        bias = None if base.bias is None else base.bias.to(dtype)
+        out = F.linear(x2, _dense_weight(base, dtype), bias).addmm_(h, b.to(dtype).t(), alpha=scaling)
+        return out.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, h, a, b = ctx.saved_tensors
+        s, dtype = ctx.scaling, x2.dtype
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+        gb = g @ b.to(dtype)  # (tokens, r)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ _dense_weight(ctx.base, dtype)).addmm_(gb, a.to(dtype), alpha=s).view(ctx.x_shape)
+        grad_a = (gb.t() @ x2).mul_(s).to(a.dtype) if ctx.needs_input_grad[2] else None
+        grad_b = (g.t() @ h).mul_(s).to(b.dtype) if ctx.needs_input_grad[3] else None
+        return grad_x, None, grad_a, grad_b, None, None
 
 
 def use_lean_lora_forward_(model: nn.Module) -> int:

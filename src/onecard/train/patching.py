@@ -35,6 +35,8 @@ from onecard.kernels.rmsnorm import rmsnorm
 from onecard.kernels.rope import rope
 from onecard.kernels.swiglu import swiglu
 from onecard.plan.memory import MLP_CHUNK_TOKENS
+from onecard.train.checkpointing import marked_checkpoint
+from onecard.train.lora import last_linear
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +74,14 @@ class FusedSwiGLUMLP(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return last_linear(self.down_proj, swiglu(self.gate_proj(x), self.up_proj(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.numel() // x.shape[-1]
         if not torch.is_grad_enabled() or tokens <= MLP_CHUNK_TOKENS:
             return self._mlp(x)
-        from torch.utils.checkpoint import checkpoint
-
         flat = x.reshape(tokens, x.shape[-1])
-        parts = [checkpoint(self._mlp, piece, use_reentrant=False) for piece in flat.split(MLP_CHUNK_TOKENS)]
+        parts = [marked_checkpoint(self._mlp, piece) for piece in flat.split(MLP_CHUNK_TOKENS)]
         return torch.cat(parts).view(*x.shape[:-1], parts[0].shape[-1])
 
 
