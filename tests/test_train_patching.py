@@ -185,3 +185,17 @@ def test_recomputation_skips_the_last_matmul_and_keeps_every_gradient(random_che
     assert g_ours.keys() == g_ref.keys() and len(g_ref) == 14 * base.config.num_hidden_layers
     for name in g_ref:
         torch.testing.assert_close(g_ours[name], g_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_lean_lora_output_adds_in_place_without_view_replay(random_checkpoint):
+    """The adapter's product is added into the base's 2-D output by addmm_ (no full-activation copy in forward),
+    not into a view of it (autograd would replay the view with CopySlices: a full clone in backward)."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from onecard.train.lora import add_lora
+
+    model = add_lora(_load(random_checkpoint("llama-3.1-8b")), r=4, alpha=8, seed=0)
+    layer = next(m for m in model.modules() if type(m) is LoraLinear)
+    out = layer(torch.randn(2, 5, layer.in_features, requires_grad=True))
+    assert out.grad_fn.name() == "ViewBackward0"
+    assert out.grad_fn.next_functions[0][0].name() == "AddmmBackward0"

@@ -53,14 +53,18 @@ def train_tok_s(spec: ModelSpec, card: GPUSpec, method: str, seq_len: int, token
                 mfu: float, base_fmt: str = "bf16") -> float:
     """Training tokens/s from FLOPs: forward 2N, backward 4N (full) or 2N (frozen base: input grads only).
 
-    Checkpointing adds one more forward. Attention costs 4 x layers x seq/2 x
-    q_size per token forward (causal), times the same multiple. A 4-bit base
-    is dequantized to bf16 once per forward and backward pass: that memory
-    traffic is added per optimizer step.
+    Checkpointing adds one more forward; with a frozen base, that recomputation
+    skips each layer's down projection (its output is never read:
+    ``train.lora.last_linear``). Attention costs 4 x layers x seq/2 x q_size per
+    token forward (causal), times the same multiple. A 4-bit base is
+    dequantized to bf16 once per forward and backward pass: that memory traffic
+    is added per optimizer step.
     """
     a = spec.args
     passes = (3.0 if method == "full" else 2.0) + (1.0 if checkpointing else 0.0)
     flops_per_token = passes * forward_flops_per_token(spec, seq_len // 2)
+    if checkpointing and method != "full":
+        flops_per_token -= 2.0 * a.num_layers * a.hidden_size * a.intermediate_size
     t_step = tokens_per_step * flops_per_token / (card.bf16_dense_tflops * 1e12 * mfu)
     if base_fmt != "bf16":
         linear_bf16 = 2 * a.num_layers * sum(o * i for _, o, i in spec.linear_shapes())

@@ -89,14 +89,14 @@ def lean_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     name = _plain_adapter(self, args, kwargs)
     if name is None:
         return type(self).forward(self, x, *args, **kwargs)
-    result = self.base_layer(x)
-    dtype = result.dtype
+    x2 = x.reshape(-1, x.shape[-1])
+    result = self.base_layer(x2)  # 2-D, so the in-place addmm_ below is on a tensor, not a view (autograd would
+    dtype = result.dtype          # route a view's in-place op through CopySlices: a full clone in backward)
     a = self.lora_A[name].weight.to(dtype)
     b = self.lora_B[name].weight.to(dtype)
-    h = F.linear(self.lora_dropout[name](x).to(dtype), a)
+    h = F.linear(self.lora_dropout[name](x2).to(dtype), a)
     # in place: an out-of-place addmm first copies ``result`` into its output (a full-activation memcpy on CUDA)
-    return result.view(-1, result.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.t(),
-                                                    alpha=self.scaling[name]).view(result.shape)
+    return result.addmm_(h, b.t(), alpha=self.scaling[name]).view(*x.shape[:-1], result.shape[-1])
 
 
 def last_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
