@@ -64,6 +64,7 @@ from rich.table import Table
 
 from onecard.bench.results import cap_process_memory, free_memory, publish
 from onecard.engine import LLM, SamplingParams
+from onecard.engine.config import EngineConfig
 from onecard.engine.speculative import VERIFIER_KERNELS
 
 ORIGINAL, EDITED = "### original\n", "### edited\n"
@@ -101,7 +102,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--block-chars", type=int, default=1200, help="characters of source per edit block (~350 tokens)")
     p.add_argument("--k", default="2,4,8", help="n-gram rows' num_speculative_tokens (comma list); the draft rows "
                                                "use the largest value that is <= 4")
-    p.add_argument("--ngram-size", type=int, default=3, help="n-gram rows' ngram_size (longest suffix looked up)")
+    p.add_argument("--ngram-size", type=int, default=EngineConfig.ngram_size,
+                   help="n-gram rows' ngram_size (longest suffix looked up; default: the engine's)")
+    p.add_argument("--ngram-min-size", type=int, default=None,
+                   help="n-gram rows' ngram_min_size (shortest suffix that drafts; default: the engine's)")
+    p.add_argument("--compare-ngram", default="1,3", help="MIN,MAX: one more n-gram row at the largest k with these "
+                   "sizes (default 1,3: the engine's sizes before they became 2,5); empty for none")
     p.add_argument("--prompts", type=int, default=4, help="held-out edit prompts, each decoded at bs=1")
     p.add_argument("--output-tokens", type=int, default=320, help="cap on tokens generated per prompt")
     p.add_argument("--max-model-len", type=int, default=2048)
@@ -349,7 +355,12 @@ def main() -> None:
     rows: dict[str, dict] = {"plain": {}}
     if device == "cuda":  # plain's bs=1 GEMV and one-launch attention round unlike the verifier's kernels (speculation
         rows["plain-verifier-kernels"] = VERIFIER_KERNELS  # turns them off): identity is checked against plain on those
-    rows.update({f"n-gram k={k}": {"num_speculative_tokens": k, "ngram_size": a.ngram_size} for k in ks})
+    sizes = {"ngram_size": a.ngram_size, "ngram_min_size": a.ngram_min_size}
+    rows.update({f"n-gram k={k}": {"num_speculative_tokens": k, **sizes} for k in ks})
+    if a.compare_ngram:
+        lo, hi = (int(v) for v in a.compare_ngram.split(","))
+        rows[f"n-gram k={max(ks)} {lo}..{hi}-grams"] = {"num_speculative_tokens": max(ks), "ngram_size": hi,
+                                                        "ngram_min_size": lo}
     if draft:
         rows[f"draft k={draft_k}"] = {"num_speculative_tokens": draft_k, "speculative_model": draft}
     if not a.no_self_draft:
@@ -363,7 +374,9 @@ def main() -> None:
 
     hidden = json.loads((Path(model) / "config.json").read_text())["hidden_size"]
     r: dict = {"model": model, "draft": draft, "trained": trained, "k": ks, "draft_k": draft_k,
-               "ngram_size": a.ngram_size, "tokens_per_step": "generated tokens / engine steps (prefill included)",
+               "ngram_size": a.ngram_size, "ngram_min_size": a.ngram_min_size or min(2, a.ngram_size),
+               "compare_ngram_min_max": a.compare_ngram or None,
+               "tokens_per_step": "generated tokens / engine steps (prefill included)",
                "prompts": len(prompts), "prompt_tokens": [len(p) for p, _ in prompts],
                "output_tokens": [n for _, n in prompts], "cap_gib": a.cap_gib or None,
                "matmul_row_bitwise_equal_m1_vs": {str(k + 1): matmul_rows_bitwise_equal(
@@ -372,7 +385,7 @@ def main() -> None:
     for col in ("engine", "tok/s", "ms/token", "speed-up", "acceptance", "tokens/step", "identical to plain*"):
         t.add_column(col, justify="left" if col == "engine" else "right")
     for name, v in res.items():
-        key = name.replace("-", "_").replace(" k=", "_k")
+        key = re.sub(r"\W+", "_", name.replace(" k=", "_k")).strip("_")  # n-gram k=8 1..3-grams: n_gram_k8_1_3_grams
         same = v["tokens"] == ref["tokens"]
         first_diff = next((i for i, (x, y) in enumerate(zip(v["tokens"], ref["tokens"])) if x != y), None)
         r[key] = {"tok_s": v["tok_s"], "ms_per_token": v["ms_per_token"], "speedup": v["tok_s"] / base["tok_s"],

@@ -20,8 +20,8 @@ CODE = ("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def propose_ngram(ids: list[int], ngram_size: int, num_tokens: int) -> list[int]:
-    return NgramIndex(ngram_size).propose(ids, num_tokens)
+def propose_ngram(ids: list[int], ngram_size: int, num_tokens: int, min_size: int = 1) -> list[int]:
+    return NgramIndex(ngram_size, min_size).propose(ids, num_tokens)
 
 
 def test_propose_ngram_takes_the_most_recent_longest_match():
@@ -29,11 +29,13 @@ def test_propose_ngram_takes_the_most_recent_longest_match():
     assert propose_ngram([4, 5, 6, 5], 3, 3) == [6, 5]                          # falls back to the 1-gram "5"
     assert propose_ngram([1, 2, 3], 3, 4) == []
     assert propose_ngram([1, 1, 1], 2, 0) == []
+    assert propose_ngram([4, 5, 6, 5], 3, 3, min_size=2) == []                  # a 1-gram is too weak to draft on
+    assert propose_ngram([4, 5, 6, 4, 5], 3, 3, min_size=2) == [6, 4, 5]
 
 
-def _scan(ids: list[int], ngram_size: int, num_tokens: int) -> list[int]:
+def _scan(ids: list[int], ngram_size: int, num_tokens: int, min_size: int = 1) -> list[int]:
     """Every earlier position tested, longest n first, most recent first: what the index must return."""
-    for n in range(min(ngram_size, len(ids) - 1), 0, -1):
+    for n in range(min(ngram_size, len(ids) - 1), min_size - 1, -1):
         for start in range(len(ids) - n - 1, -1, -1):
             if ids[start:start + n] == ids[len(ids) - n:]:
                 return ids[start + n:start + n + num_tokens] if num_tokens > 0 else []
@@ -47,7 +49,8 @@ def test_ngram_index_equals_the_plain_scan():
     for _ in range(2000):
         ids = [rng.randrange(4) for _ in range(rng.randrange(0, 40))]
         n, k = rng.randrange(1, 6), rng.randrange(0, 6)
-        assert propose_ngram(ids, n, k) == _scan(ids, n, k), (ids, n, k)
+        m = rng.randrange(1, n + 1)
+        assert propose_ngram(ids, n, k, m) == _scan(ids, n, k, m), (ids, n, k, m)
 
 
 def test_ngram_index_follows_a_growing_sequence():
@@ -60,13 +63,14 @@ def test_ngram_index_follows_a_growing_sequence():
     rng = random.Random(1)
     for _ in range(200):
         n = rng.randrange(1, 5)
-        ids, index = [rng.randrange(5) for _ in range(rng.randrange(1, 6))], NgramIndex(n)
+        m = rng.randrange(1, n + 1)
+        ids, index = [rng.randrange(5) for _ in range(rng.randrange(1, 6))], NgramIndex(n, m)
         for _step in range(30):
             k = rng.randrange(0, 6)
-            assert index.propose(ids, k) == _scan(ids, n, k), (ids, n, k)
+            assert index.propose(ids, k) == _scan(ids, n, k, m), (ids, n, k, m)
             if rng.random() < 0.3:  # a step in flight: its token is a placeholder until the next step
                 ids.append(PLACEHOLDER)
-                assert index.propose(ids, k) == _scan(ids, n, k), (ids, n, k)
+                assert index.propose(ids, k) == _scan(ids, n, k, m), (ids, n, k, m)
                 ids[-1] = rng.randrange(5)
             ids.extend(rng.randrange(5) for _ in range(rng.randrange(1, 4)))
 
@@ -180,6 +184,8 @@ def test_speculative_options_are_validated(random_checkpoint):
         LLM(path, num_speculative_tokens=-1)
     with pytest.raises(BadInputError, match="ngram_size"):
         LLM(path, num_speculative_tokens=2, ngram_size=0)
+    with pytest.raises(BadInputError, match=r"ngram_min_size=4: must be an integer in 1..ngram_size \(3\)"):
+        LLM(path, num_speculative_tokens=2, ngram_size=3, ngram_min_size=4)
 
 
 def test_hf_fallback_refuses_speculation(tmp_path):

@@ -73,6 +73,7 @@ ENGINE_FLAGS: tuple[EngineFlag, ...] = (
     EngineFlag("num_speculative_tokens", ("--num-speculative-tokens",), int, "Speculative decoding: draft tokens "
                "per step (0 = off); n-gram prompt lookup unless --speculative-model is given."),
     EngineFlag("ngram_size", ("--ngram-size",), int, "n-gram speculation: longest context suffix looked up."),
+    EngineFlag("ngram_min_size", ("--ngram-min-size",), int, "n-gram speculation: shortest suffix that may draft."),
     EngineFlag("speculative_model", ("--speculative-model",), str, "A small model folder with the same tokenizer "
                "that drafts instead of n-grams (needs --num-speculative-tokens)."),
     EngineFlag("offload_layers", ("--offload-layers",), str, "Decoder layers kept in pinned CPU memory and streamed "

@@ -39,26 +39,26 @@ class NgramIndex:
     copy model takes ~0.8 ms (``benchmarks/engine_speculative.py``).
     """
 
-    def __init__(self, ngram_size: int) -> None:
-        self.ngram_size = ngram_size
-        self.latest: list[dict[tuple[int, ...], int]] = [{} for _ in range(ngram_size)]  # [n - 1]: n-grams
+    def __init__(self, ngram_size: int, min_size: int = 1) -> None:
+        self.ngram_size, self.min_size = ngram_size, min_size
+        self.latest: list[dict[tuple[int, ...], int]] = [{} for _ in range(min_size, ngram_size + 1)]  # [n - min]
         self.indexed = 0  # n-grams ending before this position are in ``latest``
 
     def propose(self, token_ids: list[int], num_tokens: int) -> list[int]:
         """Up to ``num_tokens`` tokens that followed the most recent earlier match of the longest suffix n-gram
-        (``ngram_size`` down to 1); [] when nothing matches. Earlier: ending before the last token, so the
-        suffix never matches itself. Only the last token may change between calls (async scheduling's
+        (``ngram_size`` down to ``min_size``); [] when nothing matches. Earlier: ending before the last token, so
+        the suffix never matches itself. Only the last token may change between calls (async scheduling's
         placeholder), and it is never indexed."""
         L = len(token_ids)
-        for n, latest in enumerate(self.latest, start=1):  # the n-grams ending at indexed .. L - 2, in C loops
+        for n, latest in enumerate(self.latest, start=self.min_size):  # n-grams ending at indexed .. L - 2, C loops
             lo = max(self.indexed, n - 1)
             grams = zip(*(token_ids[lo - n + 1 + i:L - n + i] for i in range(n)))
             latest.update(zip(grams, range(lo, L - 1)))  # later ends overwrite earlier ones: the latest stays
         self.indexed = max(self.indexed, L - 1)
         if num_tokens <= 0:
             return []
-        for n in range(min(self.ngram_size, L - 1), 0, -1):
-            end = self.latest[n - 1].get(tuple(token_ids[L - n:]))
+        for n in range(min(self.ngram_size, L - 1), self.min_size - 1, -1):
+            end = self.latest[n - self.min_size].get(tuple(token_ids[L - n:]))
             if end is not None:
                 return token_ids[end + 1:end + 1 + num_tokens]
         return []
