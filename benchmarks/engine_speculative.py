@@ -104,10 +104,10 @@ def parse() -> argparse.Namespace:
                                                "use the largest value that is <= 4")
     p.add_argument("--ngram-size", type=int, default=EngineConfig.ngram_size,
                    help="n-gram rows' ngram_size (longest suffix looked up; default: the engine's)")
-    p.add_argument("--ngram-min-size", type=int, default=None,
+    p.add_argument("--ngram-min-size", type=int, default=EngineConfig.ngram_min_size,
                    help="n-gram rows' ngram_min_size (shortest suffix that drafts; default: the engine's)")
-    p.add_argument("--compare-ngram", default="1,3", help="MIN,MAX: one more n-gram row at the largest k with these "
-                   "sizes (default 1,3: the engine's sizes before they became 2,5); empty for none")
+    p.add_argument("--compare-ngram", default="", help="MIN,MAX: one more n-gram row at the largest k with these "
+                   "sizes, in the same process (e.g. 2,5)")
     p.add_argument("--prompts", type=int, default=4, help="held-out edit prompts, each decoded at bs=1")
     p.add_argument("--output-tokens", type=int, default=320, help="cap on tokens generated per prompt")
     p.add_argument("--max-model-len", type=int, default=2048)
@@ -374,7 +374,7 @@ def main() -> None:
 
     hidden = json.loads((Path(model) / "config.json").read_text())["hidden_size"]
     r: dict = {"model": model, "draft": draft, "trained": trained, "k": ks, "draft_k": draft_k,
-               "ngram_size": a.ngram_size, "ngram_min_size": a.ngram_min_size or min(2, a.ngram_size),
+               "ngram_size": a.ngram_size, "ngram_min_size": a.ngram_min_size,
                "compare_ngram_min_max": a.compare_ngram or None,
                "tokens_per_step": "generated tokens / engine steps (prefill included)",
                "prompts": len(prompts), "prompt_tokens": [len(p) for p, _ in prompts],

@@ -23,7 +23,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 ENGINE = {"device": "cpu", "max_model_len": 64, "max_num_seqs": 4, "block_size": 8, "long_prefill_chunk": 8}
 CASES = {
     "llama-2-mha": ("llama-2-7b", None, {}),
-    "llama-3-gqa": ("llama-3.1-8b", {"num_key_value_heads": 2}, {"num_speculative_tokens": 2, "ngram_min_size": 1}),
+    "llama-3-gqa": ("llama-3.1-8b", {"num_key_value_heads": 2}, {"num_speculative_tokens": 2}),
     "llama-2-int8": ("llama-2-7b", None, {"quantization": "int8"}),
     "llama-3-gqa-rtn-int4": ("llama-3.1-8b", {"num_key_value_heads": 2}, {"quantization": "rtn-int4-g32"}),
     "qwen2-gptq-folder": ("qwen2-7b", None, {"quantized_folder": 32}),  # GPTQ layout, 4-bit groups of 32

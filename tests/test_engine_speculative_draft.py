@@ -175,8 +175,7 @@ def plain_second_tokens(tiny_model) -> collections.Counter:
 @pytest.mark.parametrize("method", ["ngram", "draft_model"])
 def test_sampled_requests_speculate_reproducibly_and_sample_like_plain(tiny_model, layer_skip_draft,
                                                                        plain_second_tokens, method):
-    # n-gram: 1-grams draft too, so the sampled text (no long repeats at temperature 0.8) gets drafts to judge
-    extra = {"speculative_model": layer_skip_draft} if method == "draft_model" else {"ngram_min_size": 1}
+    extra = {"speculative_model": layer_skip_draft} if method == "draft_model" else {}
     spec = LLM(tiny_model.path, max_model_len=256, max_num_seqs=64, block_size=8, num_speculative_tokens=3, **extra)
     one = SamplingParams(temperature=0.8, seed=11, max_tokens=30, ignore_eos=True)
     first = spec.generate([CODE], one, use_tqdm=False)[0].outputs[0].token_ids

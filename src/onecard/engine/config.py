@@ -46,9 +46,8 @@ class EngineConfig:
     enable_chunked_prefill: bool = True  # split long prompts into chunks interleaved with decode steps
     long_prefill_chunk: int | None = None  # most prompt tokens one sequence computes per step (None: the budget)
     num_speculative_tokens: int = 0  # n-gram (prompt-lookup) speculative decoding: draft tokens per step (0 = off)
-    ngram_size: int = 5  # longest suffix n-gram looked up in the context to draft from
-    ngram_min_size: int | None = None  # shortest one (None: 2, or 1 when ngram_size is 1); a step whose context
-    #                                   suffix matches only shorter ones drafts nothing
+    ngram_size: int = 3  # longest suffix n-gram looked up in the context to draft from
+    ngram_min_size: int = 1  # shortest one: a step whose context suffix matches only shorter ones drafts nothing
     speculative_model: str | Path | None = None  # a small model with the same tokenizer drafts instead of n-grams
     offload_layers: int | str = 0  # decoder layers kept in pinned CPU memory, streamed in per step ("auto": planner's)
     int4_kernel: str = "triton"  # CUDA int4 matmul: ours, or "tinygemm" (PyTorch's; faster bs=1, 15x slower prefill)
@@ -103,9 +102,7 @@ class EngineConfig:
             raise bad("num_speculative_tokens", "must be an integer in 0..16 (0 turns speculative decoding off)")
         if not isinstance(self.ngram_size, int) or not 1 <= self.ngram_size <= 16:
             raise bad("ngram_size", "must be an integer in 1..16")
-        if self.ngram_min_size is None:
-            self.ngram_min_size = min(2, self.ngram_size)
-        elif not isinstance(self.ngram_min_size, int) or not 1 <= self.ngram_min_size <= self.ngram_size:
+        if not isinstance(self.ngram_min_size, int) or not 1 <= self.ngram_min_size <= self.ngram_size:
             raise bad("ngram_min_size", f"must be an integer in 1..ngram_size ({self.ngram_size})")
         if self.speculative_model is not None and not self.num_speculative_tokens:
             raise bad("speculative_model", "needs num_speculative_tokens=k > 0 (draft tokens proposed per step)")

@@ -40,7 +40,7 @@ from onecard.engine.speculative import NgramIndex
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  long_prefill_chunk: int | None = None, num_speculative_tokens: int = 0,
-                 ngram_sizes: tuple[int, int] = (2, 5),
+                 ngram_sizes: tuple[int, int] = (1, 3),
                  max_model_len: int | None = None,
                  propose: Callable[[list[Sequence], list[int]], list[list[int]]] | None = None,
                  admit_batch: int = 1) -> None:
