@@ -25,6 +25,8 @@ import contextvars
 import torch
 from torch import nn
 
+from onecard.errors import BadInputError
+
 _RECOMPUTING = contextvars.ContextVar("onecard_recomputing", default=False)
 
 
@@ -39,8 +41,6 @@ def _as_recomputation(function, *args):
         return function(*args)
     finally:
         _RECOMPUTING.reset(token)
-
-from onecard.errors import BadInputError
 
 
 class _OffloadedCheckpoint(torch.autograd.Function):
