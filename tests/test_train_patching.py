@@ -171,16 +171,21 @@ def test_recomputation_skips_the_last_matmul_and_keeps_every_gradient(random_che
             b.data.copy_(a.data)
     if chunk:
         monkeypatch.setattr(patching, "MLP_CHUNK_TOKENS", chunk)
-    skips = []
+    skips, mlp_runs = [], []
     forward = lora._LastLoRALinear.forward
     monkeypatch.setattr(lora._LastLoRALinear, "forward",
                         staticmethod(lambda ctx, *a: skips.append(a[-1]) or forward(ctx, *a)))
+    run_mlp = patching.FusedSwiGLUMLP._mlp
+    monkeypatch.setattr(patching.FusedSwiGLUMLP, "_mlp", lambda self, t: mlp_runs.append(1) or run_mlp(self, t))
     ids = torch.randint(3, base.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
     l_ref, g_ref = _lora_grads(ref, ids)
+    mlp_runs.clear()
     l_ours, g_ours = _lora_grads(ours, ids)
     layers = base.config.num_hidden_layers * (4 if chunk else 1)  # 40 tokens in chunks of 12: 4 pieces a layer
-    # offloaded: the first forward runs without autograd (plain layer call); every recomputation skips
-    assert skips.count(False) == (0 if offload else layers) and skips.count(True) >= layers
+    # offloaded, or chunked: the first forward runs without autograd (a plain layer call); every rerun skips
+    assert skips.count(False) == (0 if offload or chunk else layers) and skips.count(True) >= layers
+    # twice per piece, as an unchunked checkpointed MLP: forward, then in backward (none in the layer's recompute)
+    assert len(mlp_runs) == 2 * layers
     torch.testing.assert_close(l_ours, l_ref, rtol=1e-5, atol=1e-6)
     assert g_ours.keys() == g_ref.keys() and len(g_ref) == 14 * base.config.num_hidden_layers
     for name in g_ref:

@@ -232,7 +232,7 @@ def layer_activation_bytes(spec: ModelSpec, method: str, targets: tuple[str, ...
 
 
 MLP_TARGETS = frozenset({"gate_proj", "up_proj", "down_proj"})
-# onecard.train.patching runs a fused MLP in checkpointed pieces of this many tokens above it (defined here, where
+# onecard.train.patching runs a fused MLP in pieces of this many tokens above it (defined here, where
 # the planner counts it, so planning does not import the training kernels)
 MLP_CHUNK_TOKENS = 16384
 
@@ -253,7 +253,7 @@ def layer_saved_bytes(spec: ModelSpec, tokens: int, method: str, targets: tuple[
                       lora_rank: int = 16, adapter_bytes: int = 2, base_format: str = "int4-g64",
                       fused: bool = False) -> int:
     """One layer's saved set over ``tokens`` tokens, as its recomputation holds it. Fused LoRA/QLoRA runs the MLP
-    in checkpointed chunks of ``MLP_CHUNK_TOKENS`` above that length: its MLP part then holds one chunk's worth."""
+    in chunks of ``MLP_CHUNK_TOKENS`` above that length: its MLP part then holds one chunk's worth."""
     per_token = layer_activation_bytes(spec, method, targets, mixed=mixed, lora_rank=lora_rank,
                                        adapter_bytes=adapter_bytes, base_format=base_format, fused=fused)
     if method == "full" or mixed or not fused or tokens <= MLP_CHUNK_TOKENS:

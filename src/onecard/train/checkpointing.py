@@ -35,7 +35,8 @@ def recomputing() -> bool:
     return _RECOMPUTING.get()
 
 
-def _as_recomputation(function, *args):
+def as_recomputation(function, *args):
+    """``function(*args)`` with ``recomputing()`` true: its caller reads no output of it, only the gradients."""
     token = _RECOMPUTING.set(True)
     try:
         return function(*args)
@@ -49,8 +50,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.run_function = run_function
         ctx.args = args
         ctx.device = hidden.device
-        ctx.autocast = [(dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-                        for dev in ("cuda", "cpu")]
+        ctx.autocast = autocast_states()
         pinned = hidden.is_cuda
         ctx.saved_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device="cpu", pin_memory=pinned)
         ctx.saved_hidden.copy_(hidden.detach(), non_blocking=pinned)
@@ -61,13 +61,18 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         hidden = ctx.saved_hidden.to(ctx.device, non_blocking=True).requires_grad_(True)
         ctx.saved_hidden = None
-        with torch.enable_grad(), _autocast_as(ctx.autocast):
-            out = _as_recomputation(ctx.run_function, hidden, *ctx.args)
+        with torch.enable_grad(), autocast_as(ctx.autocast):
+            out = as_recomputation(ctx.run_function, hidden, *ctx.args)
         torch.autograd.backward(out, grad_out)
         return (None, hidden.grad) + (None,) * len(ctx.args)
 
 
-class _autocast_as:
+def autocast_states() -> list[tuple[str, bool, torch.dtype]]:
+    """The autocast state of every device type, for a backward that reruns forward code (``autocast_as``)."""
+    return [(dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)) for dev in ("cuda", "cpu")]
+
+
+class autocast_as:
     """Re-enter the forward pass's autocast state for every device type."""
 
     def __init__(self, states) -> None:
@@ -91,7 +96,7 @@ def marked_checkpoint(function, *args, **kwargs):
     def run(*a):
         nonlocal calls
         calls += 1
-        return function(*a) if calls == 1 else _as_recomputation(function, *a)
+        return function(*a) if calls == 1 else as_recomputation(function, *a)
 
     return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
 

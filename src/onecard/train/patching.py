@@ -26,6 +26,7 @@ import types
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -35,7 +36,13 @@ from onecard.kernels.rmsnorm import rmsnorm
 from onecard.kernels.rope import rope
 from onecard.kernels.swiglu import swiglu
 from onecard.plan.memory import MLP_CHUNK_TOKENS
-from onecard.train.checkpointing import marked_checkpoint
+from onecard.train.checkpointing import (
+    as_recomputation,
+    autocast_as,
+    autocast_states,
+    marked_checkpoint,
+    recomputing,
+)
 from onecard.train.lora import last_linear
 
 log = logging.getLogger(__name__)
@@ -62,11 +69,13 @@ class FusedRMSNorm(nn.Module):
 class FusedSwiGLUMLP(nn.Module):
     """Drop-in for ``LlamaMLP``: the same gate/up/down Linear children, ``silu(gate)*up`` fused.
 
-    With gradients on and more than ``MLP_CHUNK_TOKENS`` tokens, the MLP runs over token chunks, each under its
-    own (non-reentrant) checkpoint. Why: the MLP is per token, and at long context its intermediates dominate a
-    layer's memory (Llama-3-8B at 96k tokens: gate, up and their product are 2.6 GiB each, plus what backward
-    keeps); chunked, a layer holds one chunk's. The price is one more MLP forward per chunk in backward, paid
-    only at lengths where the alternative is not fitting at all.
+    With gradients on and more than ``MLP_CHUNK_TOKENS`` tokens, the MLP runs over token chunks. Why: the MLP is
+    per token, and at long context its intermediates dominate a layer's memory (Llama-3-8B at 96k tokens: gate,
+    up and their product are 2.6 GiB each, plus what backward keeps); chunked, a layer holds one chunk's.
+    ``_ChunkedMLP`` keeps only the MLP's input and reruns one chunk at a time in backward, so the chunking costs
+    no extra forward (a checkpoint per chunk would run gate and up a third time: in the layer's recomputation,
+    then in the chunk's); under ``torch.distributed`` (FSDP2's hooks want one autograd graph) each chunk runs
+    under its own non-reentrant checkpoint instead.
     """
 
     def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module) -> None:
@@ -80,9 +89,41 @@ class FusedSwiGLUMLP(nn.Module):
         tokens = x.numel() // x.shape[-1]
         if not torch.is_grad_enabled() or tokens <= MLP_CHUNK_TOKENS:
             return self._mlp(x)
+        if x.requires_grad and not (dist.is_available() and dist.is_initialized()):
+            dev = x.device.type
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+            return _ChunkedMLP.apply(x, self, MLP_CHUNK_TOKENS, dtype)
         flat = x.reshape(tokens, x.shape[-1])
         parts = [marked_checkpoint(self._mlp, piece) for piece in flat.split(MLP_CHUNK_TOKENS)]
         return torch.cat(parts).view(*x.shape[:-1], parts[0].shape[-1])
+
+
+class _ChunkedMLP(torch.autograd.Function):
+    """A ``FusedSwiGLUMLP`` over token chunks that keeps only its input. Forward runs the chunks without autograd,
+    and nothing at all inside a checkpoint's recomputation (nobody reads that output); backward reruns one chunk
+    at a time with autograd (as a recomputation: the down projection skips its output) and backpropagates it,
+    the chunk's parameter gradients accumulating as in a reentrant checkpoint."""
+
+    @staticmethod
+    def forward(ctx, x, mlp: FusedSwiGLUMLP, chunk: int, out_dtype: torch.dtype):
+        ctx.save_for_backward(x)
+        ctx.mlp, ctx.chunk, ctx.autocast = mlp, chunk, autocast_states()
+        if recomputing():
+            return x.new_empty(*x.shape[:-1], mlp.down_proj.out_features, dtype=out_dtype)
+        parts = [mlp._mlp(piece) for piece in x.reshape(-1, x.shape[-1]).split(chunk)]
+        return torch.cat(parts).view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        flat, g = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = torch.empty_like(flat)
+        with torch.enable_grad(), autocast_as(ctx.autocast):
+            for start in range(0, flat.shape[0], ctx.chunk):
+                piece = flat[start:start + ctx.chunk].detach().requires_grad_(True)
+                torch.autograd.backward(as_recomputation(ctx.mlp._mlp, piece), g[start:start + ctx.chunk])
+                grad_x[start:start + ctx.chunk] = piece.grad
+        return grad_x.view_as(x), None, None, None
 
 
 @dataclass
