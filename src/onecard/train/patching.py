@@ -71,7 +71,8 @@ class FusedSwiGLUMLP(nn.Module):
 
     With gradients on and more than ``MLP_CHUNK_TOKENS`` tokens, the MLP runs over token chunks. Why: the MLP is
     per token, and at long context its intermediates dominate a layer's memory (Llama-3-8B at 96k tokens: gate,
-    up and their product are 2.6 GiB each, plus what backward keeps); chunked, a layer holds one chunk's.
+    up and their product are 2.6 GiB each, plus what backward keeps); chunked, a layer holds one chunk's. Without
+    gradients (the offloaded checkpoints' forward, evaluation) the pieces simply run one after the other.
     ``_ChunkedMLP`` keeps only the MLP's input and reruns one chunk at a time in backward, so the chunking costs
     no extra forward (a checkpoint per chunk would run gate and up a third time: in the layer's recomputation,
     then in the chunk's); under ``torch.distributed`` (FSDP2's hooks want one autograd graph) each chunk runs
@@ -85,17 +86,22 @@ class FusedSwiGLUMLP(nn.Module):
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         return last_linear(self.down_proj, swiglu(self.gate_proj(x), self.up_proj(x)))
 
+    def _in_pieces(self, x: torch.Tensor, run=None) -> torch.Tensor:
+        """The MLP over ``MLP_CHUNK_TOKENS``-token pieces, concatenated; ``run(fn, piece)`` wraps each call."""
+        pieces = x.reshape(-1, x.shape[-1]).split(MLP_CHUNK_TOKENS)
+        parts = [run(self._mlp, p) if run else self._mlp(p) for p in pieces]
+        return torch.cat(parts).view(*x.shape[:-1], parts[0].shape[-1])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = x.numel() // x.shape[-1]
-        if not torch.is_grad_enabled() or tokens <= MLP_CHUNK_TOKENS:
+        if x.numel() // x.shape[-1] <= MLP_CHUNK_TOKENS:
             return self._mlp(x)
+        if not torch.is_grad_enabled():  # e.g. offloaded checkpoints' forward: one piece's intermediates at a time
+            return self._in_pieces(x)
         if x.requires_grad and not (dist.is_available() and dist.is_initialized()):
             dev = x.device.type
             dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-            return _ChunkedMLP.apply(x, self, MLP_CHUNK_TOKENS, dtype)
-        flat = x.reshape(tokens, x.shape[-1])
-        parts = [marked_checkpoint(self._mlp, piece) for piece in flat.split(MLP_CHUNK_TOKENS)]
-        return torch.cat(parts).view(*x.shape[:-1], parts[0].shape[-1])
+            return _ChunkedMLP.apply(x, self, dtype)
+        return self._in_pieces(x, marked_checkpoint)
 
 
 class _ChunkedMLP(torch.autograd.Function):
@@ -105,13 +111,12 @@ class _ChunkedMLP(torch.autograd.Function):
     the chunk's parameter gradients accumulating as in a reentrant checkpoint."""
 
     @staticmethod
-    def forward(ctx, x, mlp: FusedSwiGLUMLP, chunk: int, out_dtype: torch.dtype):
+    def forward(ctx, x, mlp: FusedSwiGLUMLP, out_dtype: torch.dtype):
         ctx.save_for_backward(x)
-        ctx.mlp, ctx.chunk, ctx.autocast = mlp, chunk, autocast_states()
+        ctx.mlp, ctx.chunk, ctx.autocast = mlp, MLP_CHUNK_TOKENS, autocast_states()
         if recomputing():
             return x.new_empty(*x.shape[:-1], mlp.down_proj.out_features, dtype=out_dtype)
-        parts = [mlp._mlp(piece) for piece in x.reshape(-1, x.shape[-1]).split(chunk)]
-        return torch.cat(parts).view(*x.shape[:-1], -1)
+        return mlp._in_pieces(x)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -123,7 +128,7 @@ class _ChunkedMLP(torch.autograd.Function):
                 piece = flat[start:start + ctx.chunk].detach().requires_grad_(True)
                 torch.autograd.backward(as_recomputation(ctx.mlp._mlp, piece), g[start:start + ctx.chunk])
                 grad_x[start:start + ctx.chunk] = piece.grad
-        return grad_x.view_as(x), None, None, None
+        return grad_x.view_as(x), None, None
 
 
 @dataclass
