@@ -61,9 +61,9 @@ class LLMEngine:
         self.block_manager = BlockManager(runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.long_prefill_chunk if config.enable_chunked_prefill else None,
-                                   config.num_speculative_tokens, (config.ngram_min_size, config.ngram_size),
-                                   config.max_model_len,
-                                   drafter.propose if drafter is not None else None, config.admit_batch_size)
+                                   config.num_speculative_tokens, config.ngram_size, config.max_model_len,
+                                   drafter.propose if drafter is not None else None, config.admit_batch_size,
+                                   config.ngram_min_size)
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
         self.requests: dict[str, Request] = {}

@@ -39,15 +39,14 @@ from onecard.engine.speculative import NgramIndex
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 long_prefill_chunk: int | None = None, num_speculative_tokens: int = 0,
-                 ngram_sizes: tuple[int, int] = (1, 3),
+                 long_prefill_chunk: int | None = None, num_speculative_tokens: int = 0, ngram_size: int = 3,
                  max_model_len: int | None = None,
                  propose: Callable[[list[Sequence], list[int]], list[list[int]]] | None = None,
-                 admit_batch: int = 1) -> None:
+                 admit_batch: int = 1, ngram_min_size: int = 1) -> None:
         """``long_prefill_chunk=None``: no chunked prefill (each prompt is computed in one step, so it must fit the
         token budget); otherwise the most tokens one sequence's prefill takes per step. ``num_speculative_tokens``
-        > 0: decode steps carry drafts: n-gram ones (``speculative.py``; ``ngram_sizes``: the shortest and longest
-        suffix n-gram looked up), or ``propose``'s
+        > 0: decode steps carry drafts: n-gram ones (``speculative.py``: suffixes of ``ngram_size`` down to
+        ``ngram_min_size`` tokens looked up), or ``propose``'s
         (a draft model, ``draft_model.py``: given the sequences and how many tokens each may draft, with their
         cache slots already reserved). ``admit_batch``: seats that must be free (or hold the whole queue) before
         waiting sequences join sequences that are decoding."""
@@ -60,7 +59,7 @@ class Scheduler:
         self.num_preemptions = 0
         self._last_was_prefill = False
         self.num_speculative_tokens = num_speculative_tokens
-        self.ngram_sizes = ngram_sizes
+        self.ngram_size, self.ngram_min_size = ngram_size, ngram_min_size
         self.max_model_len = max_model_len
         self.propose = propose
         self.admit_batch = admit_batch
@@ -161,7 +160,7 @@ class Scheduler:
                 for seq in scheduled:
                     index = self._ngrams.get(seq.seq_id)
                     if index is None:
-                        index = self._ngrams[seq.seq_id] = NgramIndex(self.ngram_sizes[1], self.ngram_sizes[0])
+                        index = self._ngrams[seq.seq_id] = NgramIndex(self.ngram_size, self.ngram_min_size)
                     draft = index.propose(seq.token_ids, self._draft_room(seq))
                     if draft and self.block_manager.reserve(seq, len(seq) + len(draft)):  # never preempts anyone
                         self._attach(seq, draft)

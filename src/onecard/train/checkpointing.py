@@ -72,6 +72,12 @@ def autocast_states() -> list[tuple[str, bool, torch.dtype]]:
     return [(dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)) for dev in ("cuda", "cpu")]
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer computes ``x`` in here: autocast's where it is on for x's device, else x's own."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 class autocast_as:
     """Re-enter the forward pass's autocast state for every device type."""
 

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from onecard.errors import BadInputError
+from onecard.train.checkpointing import compute_dtype, recomputing
+from onecard.train.qlora import Int4Linear
 
 
 def linear_names(model: nn.Module) -> list[str]:
@@ -107,24 +109,17 @@ def last_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     backward never reads. Anything else is ``layer(x)``."""
     from peft.tuners.lora import Linear as LoraLinear
 
-    from onecard.train.checkpointing import recomputing
-    from onecard.train.qlora import Int4Linear
-
     name = _plain_adapter(layer) if type(layer) is LoraLinear and torch.is_grad_enabled() else None
     base = layer.base_layer if name is not None else None
     if (type(base) not in (nn.Linear, Int4Linear) or base.weight.requires_grad
             or not isinstance(layer.lora_dropout[name], nn.Identity)):
         return layer(x)
-    dev = x.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-    return _LastLoRALinear.apply(x.to(dtype), base, layer.lora_A[name].weight, layer.lora_B[name].weight,
+    return _LastLoRALinear.apply(x.to(compute_dtype(x)), base, layer.lora_A[name].weight, layer.lora_B[name].weight,
                                  layer.scaling[name], recomputing())
 
 
 def _dense_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """A frozen base's weight as a dense ``dtype`` matrix (an int4 base dequantizes, transiently)."""
-    from onecard.train.qlora import Int4Linear
-
     return base.dequantized_weight().to(dtype) if isinstance(base, Int4Linear) else base.weight.to(dtype)
 
 
@@ -177,7 +172,5 @@ def trainable_summary(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; int4 bases count their logical weights."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    from onecard.train.qlora import Int4Linear
-
     total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Int4Linear))
     return trainable, total

@@ -40,6 +40,7 @@ from onecard.train.checkpointing import (
     as_recomputation,
     autocast_as,
     autocast_states,
+    compute_dtype,
     marked_checkpoint,
     recomputing,
 )
@@ -98,9 +99,7 @@ class FusedSwiGLUMLP(nn.Module):
         if not torch.is_grad_enabled():  # e.g. offloaded checkpoints' forward: one piece's intermediates at a time
             return self._in_pieces(x)
         if x.requires_grad and not (dist.is_available() and dist.is_initialized()):
-            dev = x.device.type
-            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-            return _ChunkedMLP.apply(x, self, dtype)
+            return _ChunkedMLP.apply(x, self, compute_dtype(x))
         return self._in_pieces(x, marked_checkpoint)
 
 
