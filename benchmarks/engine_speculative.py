@@ -41,6 +41,15 @@ whether a bf16 matmul row computed at M = k + 1 equals the same row at M = 1
 bit for bit (verify runs k + 1 decode rows, plain decode one: where they
 differ, greedy outputs may differ at near-ties).
 
+--arch NAME (e.g. llama-3-8b) trains the --layers target at that built-in
+architecture's widths (GQA, MLP, rope) instead, then grows it to the
+architecture's full depth and vocabulary (``onecard.testing.grown``: added
+layers run attention and MLP on random values and add exactly zero to the
+residual stream, new vocabulary rows tie token 0), so every row pays the real
+architecture's bytes and FLOPs per step while the model copies as the trained
+one does; the draft's vocabulary grows to match. Results go to
+``engine_speculative_<arch>.json``.
+
 --model / --draft skip the training and use the given folders instead.
 """
 
@@ -92,6 +101,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--model", default=None, help="target folder (default: train the copy model, see above)")
     p.add_argument("--draft", default=None, help="draft folder (default: train the small copy model)")
     p.add_argument("--layers", type=int, default=4, help="decoder layers of the trained target")
+    p.add_argument("--arch", default=None, help="train at this built-in architecture's widths and grow the trained "
+                   "target to its depth and vocabulary (see above); default: Llama-2-7B widths, --layers deep")
     p.add_argument("--train-steps", type=int, default=800)
     p.add_argument("--train-seq-len", type=int, default=1024)
     p.add_argument("--train-batch", type=int, default=8)
@@ -112,7 +123,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--output-tokens", type=int, default=320, help="cap on tokens generated per prompt")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--no-self-draft", action="store_true", help="skip the target-as-its-own-draft row")
-    p.add_argument("--cap-gib", type=float, default=0.0, help="per-process memory cap, 0 = none")
+    p.add_argument("--cap-gib", type=float, default=0.0, help="per-process memory cap for the rows (training runs "
+                   "before it), 0 = none")
     p.add_argument("--out", default=None, help="result folder (default docs/results; --smoke: a temp dir)")
     return p.parse_args()
 
@@ -256,6 +268,33 @@ def train_copy_model(config: dict, lr: float, a: argparse.Namespace, device: str
     return out, info
 
 
+def arch_target(arch: str, base: dict, layers: int) -> dict:
+    """The trainable target for ``--arch``: the architecture's widths, rope and ties at ``layers`` layers, with
+    ``base``'s vocabulary and special tokens (the copy tokenizer's)."""
+    from onecard.models.arch import arch_config
+
+    cfg = {k: v for k, v in arch_config(arch).items() if not k.startswith("_")}
+    keep = ("vocab_size", "bos_token_id", "eos_token_id")
+    return {**cfg, **{k: base[k] for k in keep}, "num_hidden_layers": layers}
+
+
+def grown(folder: Path, arch: str, layers: int | None, device: str, console: Console) -> Path:
+    """``folder`` grown to ``arch``'s vocabulary (and ``layers`` layers, or as deep as it is), cached beside it."""
+    from onecard.models.arch import arch_config
+    from onecard.testing.checkpoints import publish_dir
+    from onecard.testing.grown import grow_checkpoint
+
+    full = arch_config(arch)
+    depth = layers or json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    out = folder.with_name(f"{folder.name}-grown-{arch}-{depth}")
+    if not (out / "config.json").exists():
+        console.print(f"[dim]growing {folder.name} to {depth} layers, vocabulary {full['vocab_size']}...[/]")
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        publish_dir(grow_checkpoint(folder, tmp, depth, full["vocab_size"], device=device), out)
+    return out
+
+
 # ---- the workload and the rows --------------------------------------------------------------------------------
 def edit_prompts(tokenizer, n: int, block_chars: int, output_tokens: int) -> list[tuple[list[int], int]]:
     """(prompt ids, tokens to generate) from held-out pairs: the prompt stops 4 tokens after the edited block's
@@ -332,9 +371,12 @@ def main() -> None:
     else:
         device, dtype = "cuda", "bfloat16"
         target_cfg, draft_cfg = {**TARGET, "num_hidden_layers": a.layers}, DRAFT
-        if a.cap_gib:
-            cap_process_memory(a.cap_gib)
         out_dir = a.out
+    if a.arch:
+        target_cfg = arch_target(a.arch, target_cfg, 2 if a.smoke else a.layers)
+        if a.smoke:  # the pipeline at tiny widths: the architecture's depth and vocabulary, 128-wide layers
+            target_cfg.update({k: SMOKE_TARGET[k] for k in ("hidden_size", "intermediate_size")},
+                              num_attention_heads=4, num_key_value_heads=2)
     draft_k = max([k for k in ks if k <= 4] or ks[:1])
     trained: dict[str, dict] = {}
     if a.model is None:
@@ -345,7 +387,14 @@ def main() -> None:
         draft, trained["draft"] = train_copy_model(draft_cfg, a.draft_lr, a, device, dtype, "draft", console)
     else:
         draft = a.draft
+    if a.arch:
+        from onecard.models.arch import arch_config
+
+        model = grown(Path(model), a.arch, arch_config(a.arch)["num_hidden_layers"], device, console)
+        draft = draft and grown(Path(draft), a.arch, None, device, console)
     model, draft = str(model), draft and str(draft)
+    if a.cap_gib and device == "cuda":  # the rows run under the cap; the copy models' training did not
+        cap_process_memory(a.cap_gib)
 
     from transformers import AutoTokenizer
 
@@ -373,7 +422,8 @@ def main() -> None:
     ref = res.get("plain-verifier-kernels", base)  # greedy identity against plain decoding on the same kernels
 
     hidden = json.loads((Path(model) / "config.json").read_text())["hidden_size"]
-    r: dict = {"model": model, "draft": draft, "trained": trained, "k": ks, "draft_k": draft_k,
+    r: dict = {"model": model, "draft": draft, "trained": trained, "k": ks, "draft_k": draft_k, "arch": a.arch,
+               "grown": json.loads((Path(model) / "onecard_grown.json").read_text()) if a.arch else None,
                "ngram_size": a.ngram_size, "ngram_min_size": a.ngram_min_size,
                "compare_ngram_min_max": a.compare_ngram or None,
                "tokens_per_step": "generated tokens / engine steps (prefill included)",
@@ -418,7 +468,8 @@ def main() -> None:
                     (i, res[n]["tok_s"]), ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("bs=1 decode tok/s")
     ax.set_title(f"speculative decoding on code edits, {'CPU smoke' if a.smoke else torch.cuda.get_device_name(0)}")
-    publish("engine_speculative", r, fig, out_dir, console)
+    name = "engine_speculative" + ("_" + re.sub(r"\W+", "_", a.arch) if a.arch else "")
+    publish(name, r, fig, out_dir, console)
 
 
 if __name__ == "__main__":

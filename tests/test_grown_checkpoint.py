@@ -1,0 +1,53 @@
+"""grow_checkpoint: a trained model grown to more layers and a larger vocabulary computes exactly what it did."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from onecard.engine import LLM, SamplingParams
+from onecard.errors import BadInputError
+from onecard.testing.grown import grow_checkpoint
+
+
+def _hf_logits(folder, ids):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def test_grown_model_computes_the_trained_models_logits_and_tokens(tiny_model, tmp_path):
+    src = tiny_model.path
+    cfg = json.loads((src / "config.json").read_text())
+    layers, vocab = cfg["num_hidden_layers"], cfg["vocab_size"]
+    out = grow_checkpoint(src, tmp_path / "grown", layers + 3, vocab + 100, shard_bytes=256 * 1024)
+    grown = json.loads((out / "config.json").read_text())
+    assert (grown["num_hidden_layers"], grown["vocab_size"]) == (layers + 3, vocab + 100)
+    assert (out / "model.safetensors.index.json").exists()  # sharded: the index path of the loaders is exercised
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    new = f"model.layers.{layers + 2}."
+    with safe_open(str(out / index[new + "self_attn.q_proj.weight"]), "pt") as f:
+        q = f.get_tensor(new + "self_attn.q_proj.weight")
+    with safe_open(str(out / index[new + "mlp.down_proj.weight"]), "pt") as f:
+        down = f.get_tensor(new + "mlp.down_proj.weight")
+    assert 0.015 < q.std().item() < 0.025 and not down.any()  # the added layer works on real values, adds zero
+
+    ids = list(range(5, 69))
+    before, after = _hf_logits(src, ids), _hf_logits(out, ids)
+    assert torch.equal(after[:, :vocab], before)  # an added layer adds exactly 0.0 to the residual stream
+    assert torch.equal(after[:, vocab:], before[:, :1].expand(-1, 100))  # new rows tie token 0: argmax never picks
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    runs = [LLM(str(f), dtype="float32", device="cpu", max_model_len=128, max_num_seqs=1).generate(
+        [ids], params, use_tqdm=False)[0].outputs[0].token_ids for f in (src, out)]
+    assert runs[0] == runs[1]
+
+
+def test_grow_refuses_to_shrink(tiny_model, tmp_path):
+    layers = json.loads((tiny_model.path / "config.json").read_text())["num_hidden_layers"]
+    with pytest.raises(BadInputError, match="only adds"):
+        grow_checkpoint(tiny_model.path, tmp_path / "g", layers - 1)
