@@ -8,6 +8,7 @@
     PYTHONPATH=src python benchmarks/engine_vs_hf.py --compare-attention   # engine only, decode attention 3 launches vs 1
     PYTHONPATH=src python benchmarks/engine_vs_hf.py --compare-pdl   # engine only, programmatic dependent launch off/on
     PYTHONPATH=src python benchmarks/engine_vs_hf.py --compare-kv --num-prompts 1000   # engine only, bf16 vs fp8 KV
+    PYTHONPATH=src python benchmarks/engine_vs_hf.py --compare-prefill-rope --kv-cache-dtype fp8   # prefill RoPE+store
     PYTHONPATH=src python benchmarks/engine_vs_hf.py --arch llama-3-8b --compare-kv   # another architecture (GQA)
 
 Measures (see onecard.bench.engine_bench): bs=1 decode tok/s and ms/token (ours,
@@ -31,7 +32,10 @@ and as one (the default): docs/results/engine_fused_attention.json. --compare-pd
 launched plainly and with programmatic dependent launch (``programmatic_launch``): docs/results/engine_pdl.json.
 --compare-kv with the KV cache in bf16 and in fp8 (``kv_cache_dtype="fp8"``; its perplexity cost is in
 engine_kv_quant.json): at large batches decode reads more KV than weights, so this is the offline-throughput lever;
-docs/results/engine_kv_fp8.json.
+docs/results/engine_kv_fp8.json. --compare-prefill-rope with prefill's RoPE and KV-cache write as PyTorch ops
+(``fused_prefill_rope=False``) and as the decode's one Triton kernel (the default):
+docs/results/engine_prefill_rope.json. ``--kv-cache-dtype`` sets the cache of both runs of a comparison that does
+not choose it (the result name gets ``_<dtype>``).
 """
 
 from __future__ import annotations
@@ -70,9 +74,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--decode-tokens", type=int, default=256)
     p.add_argument("--max-num-seqs", type=int, default=256, help="the engine's max_num_seqs (offline batch)")
     p.add_argument("--no-hf-static", action="store_true", help="skip HF's static-cache run")
+    p.add_argument("--kv-cache-dtype", default="auto", help="a comparison's KV cache (both runs), unless it sets it")
     p.add_argument("--out", default=None, help="result folder (default docs/results; --smoke: a temp dir)")
     for what, (_, title, (base, _), (new, _)) in COMPARISONS.items():
-        p.add_argument(f"--compare-{what}", action="store_true",
+        p.add_argument(f"--compare-{what}", dest=f"compare_{what.replace('-', '_')}", action="store_true",
                        help=f"only our engine, {title}: {base} vs {new} (bs=1 decode + offline), in one process")
     return p.parse_args()
 
@@ -95,11 +100,13 @@ def main() -> None:
                                 decode_tokens=a.decode_tokens, run_hf_static=not a.no_hf_static,
                                 max_num_seqs=a.max_num_seqs)
         out_dir = a.out
-    what = next((w for w in COMPARISONS if getattr(a, f"compare_{w}")), None)
+    what = next((w for w in COMPARISONS if getattr(a, f"compare_{w.replace('-', '_')}")), None)
     if what is not None:
-        result = compare(cfg, what, console)
+        result = compare(cfg, what, console, a.kv_cache_dtype)
         console.print(compare_table(result, what))
         name, fig = COMPARISONS[what][0], compare_figure(result, what)
+        if a.kv_cache_dtype != "auto" and what != "kv":
+            name = f"{name}_{a.kv_cache_dtype}"
     else:
         result = run_engine_bench(cfg, console)
         console.print(results_table(result))
@@ -122,11 +129,14 @@ COMPARISONS = {
             ("pdl", {"programmatic_launch": True})),
     "kv": ("engine_kv_fp8", "fp8 KV cache", ("bf16_kv", {"kv_cache_dtype": "auto"}),
            ("fp8_kv", {"kv_cache_dtype": "fp8"})),
+    "prefill-rope": ("engine_prefill_rope", "prefill RoPE + KV write in one kernel",
+                     ("pytorch_rope", {"fused_prefill_rope": False}), ("fused", {"fused_prefill_rope": True})),
 }
 
 
-def compare(cfg: EngineBenchConfig, what: str, console) -> dict:
-    """Our engine with one option off, then on: same process, device, workload and roofline."""
+def compare(cfg: EngineBenchConfig, what: str, console, kv_cache_dtype: str = "auto") -> dict:
+    """Our engine with one option off, then on: same process, device, workload and roofline; ``kv_cache_dtype`` for
+    both runs unless the comparison sets it."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from onecard.bench.results import gpu_name
@@ -142,11 +152,12 @@ def compare(cfg: EngineBenchConfig, what: str, console) -> dict:
     result: dict = {"model": str(cfg.model), "architecture": args.architecture, "dtype": cfg.dtype,
                     "device": str(device), "device_name": gpu_name(), "measured_copy_bandwidth_gbs": bw,
                     "num_prompts": len(reqs), "decode_prompt_len": cfg.decode_prompt_len,
-                    "decode_tokens": cfg.decode_tokens, "max_num_seqs": cfg.max_num_seqs}
+                    "decode_tokens": cfg.decode_tokens, "max_num_seqs": cfg.max_num_seqs,
+                    "kv_cache_dtype": kv_cache_dtype if what != "kv" else "compared"}
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
         for mode, options in modes:
-            result.update(run_engine(cfg, reqs, device, progress, mode, **options))
+            result.update(run_engine(cfg, reqs, device, progress, mode, **{"kv_cache_dtype": kv_cache_dtype, **options}))
     step_bytes = result[f"{base}_decode_step_weight_gib"] * GiB + (
         cfg.decode_prompt_len + cfg.decode_tokens / 2) * result[f"{base}_kv_bytes_per_token"]
     roof = bw * 1e9 / step_bytes

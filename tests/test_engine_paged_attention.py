@@ -85,6 +85,41 @@ def test_fused_rope_store_matches_reference_and_the_model_rotary():
     assert torch.allclose(kc1, kc2, atol=1e-6) and torch.equal(vc1, vc2)
     v = qkv[:, (H + Hkv) * D:].reshape(-1, Hkv, D)
     assert torch.equal(vc1.view(-1, Hkv, D)[slots], v)  # v copied to its slots untouched
+    kc3, vc3 = torch.zeros_like(kc1), torch.zeros_like(vc1)
+    q_k, k_k = rope_store_kv_triton(qkv, pos, cs, kc3, vc3, slots, H, Hkv, D, return_k=True)  # prefill's form
+    q_r, k_r = rope_store_kv_reference(qkv, pos, cs, kc1.clone(), vc1.clone(), slots, H, Hkv, D, return_k=True)
+    assert torch.equal(q_k, q_tri) and torch.equal(kc3, kc2) and torch.equal(vc3, vc2)
+    assert torch.allclose(k_k, k_r, atol=1e-6) and torch.equal(q_r, q_ref)
+    assert torch.equal(kc3.view(-1, Hkv, D)[slots], k_k)  # the k it returns is the k it stored
+
+
+def test_prefill_with_fused_rope_store_gives_the_pytorch_paths_logits_and_cache():
+    """The model's prefill branch with ``fused_rope_store`` (CUDA in the engine; here the kernel under the
+    interpreter): same logits and cache as RoPE + store_kv in PyTorch, and the decode after it agrees too."""
+    pytest.importorskip("triton")
+    from onecard.models import open_model_folder
+    from onecard.models.llama import AttentionMetadata
+    from onecard.models.loader import load_model
+    from onecard.testing import make_random_checkpoint
+
+    model = load_model(open_model_folder(make_random_checkpoint("llama-3-8b", "tiny")), torch.float32, "cpu")
+    a, T, bs = model.args, 11, 8
+    ids = torch.randint(3, a.vocab_size, (T,), generator=torch.Generator().manual_seed(0))
+    runs = []
+    for fused in (False, True):
+        for layer in model.layers:
+            layer.self_attn.k_cache = torch.zeros(2, bs, a.num_kv_heads, a.head_dim)
+            layer.self_attn.v_cache = torch.zeros(2, bs, a.num_kv_heads, a.head_dim)
+        with torch.no_grad():
+            meta = AttentionMetadata(True, torch.arange(T), seq_lens=[T], fused_rope_store=fused)
+            logits = model.compute_logits(model(ids, torch.arange(T), meta))
+            pos = torch.tensor([T])
+            meta = AttentionMetadata(False, pos, context_lens=pos + 1, block_tables=torch.arange(2)[None].int())
+            logits = torch.cat([logits, model.compute_logits(model(logits[-1:].argmax(-1), pos, meta))])
+        runs.append((logits, model.layers[-1].self_attn.k_cache.clone()))
+    (ref, k_ref), (got, k_got) = runs
+    assert torch.allclose(ref, got, atol=1e-5) and torch.allclose(k_ref, k_got, atol=1e-6)
+    assert k_got[:, :, 0].abs().sum() > 0  # the cache was written
 
 
 @pytest.mark.gpu

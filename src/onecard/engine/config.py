@@ -37,6 +37,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # override the measured cache size (tests force preemption with it)
     cuda_graph_max_batch: int = 256
     fused_rope_store: bool = True  # CUDA decode: one Triton kernel for RoPE + KV write (False: PyTorch ops)
+    fused_prefill_rope: bool = True  # CUDA prefill, with fused_rope_store: the same kernel, rotated k returned too
     # CUDA decode, with fused_rope_store: RoPE, KV write, flash-decoding and its merge in one launch (False: three)
     fused_decode_attention: bool = True
     # Hopper+: the decode kernels start while the previous one drains (programmatic dependent launch, kernels/launch.py);

@@ -177,6 +177,7 @@ class ModelRunner:
         self.is_cuda = device.type == "cuda"
         self.decode_attention = "triton" if self.is_cuda else "reference"
         self.fused_rope_store = self.is_cuda and config.fused_rope_store
+        self.fused_prefill_rope = self.fused_rope_store and config.fused_prefill_rope
         cc = torch.cuda.get_device_capability(device) if self.is_cuda else None
         if cc is not None and cc < (8, 9) and config.kv_cache_dtype.startswith("fp8"):
             raise BadInputError(f"kv_cache_dtype={config.kv_cache_dtype!r} needs an fp8-capable GPU (compute "
@@ -282,7 +283,7 @@ class ModelRunner:
                 last.append(sum(seq_lens) - 1)
         dev = self.device
         meta = AttentionMetadata(True, torch.cat(slots).to(dev, non_blocking=True), seq_lens=seq_lens,
-                                 decode_attention=self.decode_attention)
+                                 decode_attention=self.decode_attention, fused_rope_store=self.fused_prefill_rope)
         if any(prefix_lens):  # some context is already cached: attend over the paged cache
             width = max(len(s.block_table) for s in seqs)
             meta.prefix_lens = prefix_lens

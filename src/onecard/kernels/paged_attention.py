@@ -137,9 +137,10 @@ if triton is not None:
 def rope_store_kv_reference(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, k_cache: torch.Tensor,
                             v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int,
                             head_dim: int, k_scale: torch.Tensor | None = None,
-                            v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                            v_scale: torch.Tensor | None = None,
+                            return_k: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Rotate q and k (HF rotate-half convention, fp32 math), write k and v to their cache slots (quantized when
-    scales are given), return q [T, H, D]."""
+    scales are given), return q [T, H, D] (``return_k``: and the rotated k [T, Hkv, D], in qkv's dtype)."""
     T = qkv.shape[0]
     q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
     cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
@@ -148,10 +149,9 @@ def rope_store_kv_reference(qkv: torch.Tensor, positions: torch.Tensor, cos_sin:
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
-    q = rot(q.reshape(T, num_heads, head_dim))
-    store_kv(rot(k.reshape(T, num_kv_heads, head_dim)), v.reshape(T, num_kv_heads, head_dim), k_cache, v_cache,
-             slot_mapping, k_scale, v_scale)
-    return q
+    q, k = rot(q.reshape(T, num_heads, head_dim)), rot(k.reshape(T, num_kv_heads, head_dim))
+    store_kv(k, v.reshape(T, num_kv_heads, head_dim), k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    return (q, k) if return_k else q
 
 
 if triton is not None:
@@ -190,7 +190,7 @@ if triton is not None:
                       QUANT: tl.constexpr, QMAX: tl.constexpr, MIN_SCALE: tl.constexpr, IS_INT: tl.constexpr):
         # KV head kh of the token whose fused q|k|v row is ``row``: k rotated, then rounded to the model dtype (as
         # store_kv receives it on the PyTorch path), v as is, both to cache slot ``slot``; returns them as stored
-        # (codes, scale) for a kernel that attends to the new token from registers
+        # (codes, scale) for a kernel that attends to the new token from registers, and the rounded rotated k
         k = _rope(row + (NUM_HEADS + kh) * HEAD_DIM, offs_d, dmask, cs_row, HALF)
         k = k.to(row.dtype.element_ty).to(tl.float32)
         v = tl.load(row + (NUM_HEADS + NUM_KV_HEADS + kh) * HEAD_DIM + offs_d, mask=dmask, other=0.0).to(tl.float32)
@@ -202,16 +202,17 @@ if triton is not None:
         if QUANT:
             tl.store(ks_ptr + slot * NUM_KV_HEADS + kh, ksc)
             tl.store(vs_ptr + slot * NUM_KV_HEADS + kh, vsc)
-        return kq, ksc, vq, vsc
+        return kq, ksc, vq, vsc, k
 
     @triton.jit
-    def _rope_store_kernel(qkv_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, ks_ptr, vs_ptr, cos_sin_ptr, pos_ptr, slot_ptr,
-                           stride_qkv, stride_qo, stride_cs, stride_slot, NUM_HEADS: tl.constexpr,
-                           NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
-                           BLOCK_D: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr,
-                           MIN_SCALE: tl.constexpr, IS_INT: tl.constexpr):
+    def _rope_store_kernel(qkv_ptr, q_out_ptr, k_out_ptr, k_cache_ptr, v_cache_ptr, ks_ptr, vs_ptr, cos_sin_ptr,
+                           pos_ptr, slot_ptr, stride_qkv, stride_qo, stride_ko, stride_cs, stride_slot,
+                           NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           HALF: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr,
+                           MIN_SCALE: tl.constexpr, IS_INT: tl.constexpr, K_OUT: tl.constexpr):
         # one program per (token, q-or-kv head): q heads are rotated into q_out, kv heads rotate k and copy v
-        # straight into the paged cache. Replaces ~25 small kernels per layer at decode.
+        # straight into the paged cache (K_OUT: the rotated k also into k_out, for prefill's attention over the
+        # new tokens). Replaces ~25 small kernels per layer at decode, more at prefill with a quantized cache.
         t = tl.program_id(0)
         h = tl.program_id(1)
         offs_d = tl.arange(0, BLOCK_D)
@@ -223,9 +224,13 @@ if triton is not None:
             tl.store(q_out_ptr + t.to(tl.int64) * stride_qo + h * HEAD_DIM + offs_d,
                      q.to(q_out_ptr.dtype.element_ty), mask=dmask)
         else:
-            _store_new_kv(row, k_cache_ptr, v_cache_ptr, ks_ptr, vs_ptr, cs_row, tl.load(slot_ptr + t).to(tl.int64),
-                          h - NUM_HEADS, stride_slot, offs_d, dmask, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, HALF, QUANT,
-                          QMAX, MIN_SCALE, IS_INT)
+            kq, ksc, vq, vsc, k = _store_new_kv(row, k_cache_ptr, v_cache_ptr, ks_ptr, vs_ptr, cs_row,
+                                                tl.load(slot_ptr + t).to(tl.int64), h - NUM_HEADS, stride_slot, offs_d,
+                                                dmask, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, HALF, QUANT, QMAX,
+                                                MIN_SCALE, IS_INT)
+            if K_OUT:
+                tl.store(k_out_ptr + t.to(tl.int64) * stride_ko + (h - NUM_HEADS) * HEAD_DIM + offs_d,
+                         k.to(k_out_ptr.dtype.element_ty), mask=dmask)
 
 
 def _store_consts(k_cache: torch.Tensor, quant: bool) -> dict:
@@ -247,20 +252,22 @@ def _refuse_fp8_off_cuda(qkv: torch.Tensor, k_cache: torch.Tensor) -> None:
 def rope_store_kv_triton(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, k_cache: torch.Tensor,
                          v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int,
                          head_dim: int, k_scale: torch.Tensor | None = None,
-                         v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                         v_scale: torch.Tensor | None = None,
+                         return_k: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Fused RoPE + KV-cache write (Triton); same contract as ``rope_store_kv_reference`` (fp8 caches: CUDA only)."""
     _refuse_fp8_off_cuda(qkv, k_cache)
     T = qkv.shape[0]
     qkv = qkv.contiguous()
     q = torch.empty(T, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty(T, num_kv_heads, head_dim, dtype=qkv.dtype, device=qkv.device) if return_k else q
     quant = k_scale is not None
     _rope_store_kernel[(T, num_heads + num_kv_heads)](
-        qkv, q, k_cache, v_cache, k_scale if quant else k_cache, v_scale if quant else v_cache, cos_sin, positions,
-        slot_mapping, qkv.stride(0), q.stride(0), cos_sin.stride(0), k_cache.stride(1),
+        qkv, q, k, k_cache, v_cache, k_scale if quant else k_cache, v_scale if quant else v_cache, cos_sin,
+        positions, slot_mapping, qkv.stride(0), q.stride(0), k.stride(0), cos_sin.stride(0), k_cache.stride(1),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=head_dim // 2,
-        BLOCK_D=triton.next_power_of_2(head_dim), **_store_consts(k_cache, quant),
+        BLOCK_D=triton.next_power_of_2(head_dim), **_store_consts(k_cache, quant), K_OUT=return_k,
     )
-    return q
+    return (q, k) if return_k else q
 
 
 def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -572,7 +579,7 @@ if triton is not None:
                                               stride_sb, stride_ss, offs_d, dmask, BLOCK_G, BLOCK_D, BLOCK_SIZE, TILE,
                                               QUANT, LOW_DOT, CUDA_CORES)
             if hi == ctx:  # this partition holds the new token: store it, and fold it in as stored
-                kq, k_sc, vq, v_sc = _store_new_kv(row, k_ptr, v_ptr, ks_ptr, vs_ptr, cs_row,
+                kq, k_sc, vq, v_sc, _ = _store_new_kv(row, k_ptr, v_ptr, ks_ptr, vs_ptr, cs_row,
                                                    tl.load(slot_ptr + seq).to(tl.int64), kv_head, stride_ks, offs_d,
                                                    dmask, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, HALF, QUANT, QMAX,
                                                    MIN_SCALE, IS_INT)

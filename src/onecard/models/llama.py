@@ -59,7 +59,7 @@ class AttentionMetadata:
     context_lens: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
     decode_attention: str = "reference"  # "reference" (PyTorch) or "triton"
-    fused_rope_store: bool = False  # decode: RoPE + cache write in one Triton kernel (CUDA)
+    fused_rope_store: bool = False  # RoPE + cache write in one Triton kernel (CUDA; prefill and decode)
     fused_attention: bool = False  # decode, with fused_rope_store and triton: that and the attention in one launch
     # decode: plan the split-KV partitions as for this many rows, not the batch's own (see ModelRunner.static_step)
     split_rows: int | None = None
@@ -213,13 +213,20 @@ class Attention(nn.Module):
                                              self.scale, meta.decode_attention == "triton", self.k_scale,
                                              self.v_scale, meta.split_rows)
             return self.o_proj(out.reshape(T, self.q_size))
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
-        if meta is not None and self.k_cache is not None:
-            store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
+        if meta is not None and meta.fused_rope_store and self.k_cache is not None:  # prefill: RoPE + cache write in
+            # one kernel (PyTorch's fp32 RoPE and a quantized store are ~20 elementwise kernels over every new token)
+            q, k = rope_store_kv_triton(qkv, positions, rotary.cos_sin, self.k_cache, self.v_cache, meta.slot_mapping,
+                                        self.num_heads, self.num_kv_heads, self.head_dim, self.k_scale, self.v_scale,
+                                        return_k=True)
+            v = qkv[:, self.q_size + self.kv_size:].view(T, self.num_kv_heads, self.head_dim)
+        else:
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = q.view(T, self.num_heads, self.head_dim)
+            k = k.view(T, self.num_kv_heads, self.head_dim)
+            v = v.view(T, self.num_kv_heads, self.head_dim)
+            q, k = rotary(positions, q, k)
+            if meta is not None and self.k_cache is not None:
+                store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         if meta is not None and meta.is_prefill and meta.prefix_lens is not None:
             if flash_varlen_usable(q):
                 if "prefix" not in meta.per_step:
