@@ -22,8 +22,8 @@ from onecard.engine.config import EngineConfig
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # EngineConfig fields deliberately without a flag (engine_options.py says why).
-INTERNAL = {"model", "seed", "num_kv_blocks", "cuda_graph_max_batch", "fused_rope_store", "fused_decode_attention",
-            "programmatic_launch"}
+INTERNAL = {"model", "seed", "num_kv_blocks", "cuda_graph_max_batch", "fused_rope_store", "fused_prefill_rope",
+            "fused_decode_attention", "programmatic_launch"}
 ARGS = ["--device", "cpu", "--max-model-len", "64", "--max-tokens", "12", "--json"]
 
 

@@ -6,7 +6,8 @@ from the engine. ``with_engine_options`` adds the table's options to a typer
 command and hands the command one ``engine`` dict (only the options the user
 changed), ready for ``LLM(model, **engine)`` / ``AsyncEngine(model, **engine)``.
 Left out on purpose: test and tuning internals (``num_kv_blocks``,
-``cuda_graph_max_batch``, ``fused_rope_store``, ``fused_prefill_rope``) and the engine ``seed``
+``cuda_graph_max_batch``, ``fused_rope_store``, ``fused_prefill_rope``, ``fused_decode_attention``,
+``programmatic_launch``) and the engine ``seed``
 (``generate --seed`` and the request's ``seed`` are per-request sampling seeds).
 """
 
