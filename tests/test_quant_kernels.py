@@ -71,11 +71,6 @@ MATMUL_CASES = [
     (8, 128, 256, 80, 5, KernelConfig(DOT, 16, 64, 32, 0.0)),
     (4, 128, 256, 80, 16, KernelConfig(DOT, 16, 64, 16, 4.0)),
     (4, 32, 224, 48, 16, KernelConfig(DOT, 16, 64, 16, 0.0)),
-    # gemv accumulating several tiles of one group before its scale and zero (KernelConfig.inner)
-    (4, 128, 512, 64, 1, KernelConfig(GEMV, 1, 64, 4, 1.0, inner=4)),    # 4 tiles a group, split-K by groups
-    (4, 128, 384, 64, 2, KernelConfig(GEMV, 2, 64, 4, 1.0, inner=4)),    # 3 groups over 3 splits
-    (8, -1, 256, 40, 1, KernelConfig(GEMV, 1, 64, 8, 0.0, inner=4)),     # per-channel int8: one group
-    (4, -1, 200, 48, 1, KernelConfig(GEMV, 1, 64, 4, 0.0, inner=4)),     # 25 word rows: the last block part-masked
 ]
 
 
@@ -104,17 +99,6 @@ def test_matmul_kernel_matches_reference(bits, group_size, K, N, M, config):
     if _case_paths(bits, group_size, K, N, M, config)[2]:  # split-K: the last split reset every tile's counter
         assert not zeroed_counters(x.device, 1, "wo_matmul").any()
         torch.testing.assert_close(wo_matmul(x, packed, s, z, bits, gs, config), y, rtol=0, atol=0)  # deterministic
-
-
-def test_group_tiles_divides_a_groups_tiles():
-    from onecard.kernels.wo_matmul import group_tiles
-
-    assert group_tiles(128, 4096, 4, 4, 4) == 4      # 16 word rows a group, 4 a tile
-    assert group_tiles(128, 4096, 4, 8, 4) == 2
-    assert group_tiles(128, 4096, 4, 16, 4) == 1
-    assert group_tiles(128, 4096, 4, 4, 2) == 2      # capped by the config
-    assert group_tiles(200, 200, 4, 4, 4) == 2       # 25 rows: 6 whole tiles, so 2
-    assert group_tiles(4096, 4096, 8, 16, 4) == 4    # per-channel int8
 
 
 def test_config_table_and_split():

@@ -91,12 +91,10 @@ class KernelConfig:
     waves: float
     num_warps: int = 4
     num_stages: int = 3
-    inner: int = 1  # gemv: up to this many tiles of one group accumulate before its scale and zero (group_tiles)
 
     def __post_init__(self) -> None:
         sizes = (self.block_m, self.block_n, self.block_kp)
-        if self.kernel not in ("gemv", "dot") or any(s < 1 or s & (s - 1) for s in (*sizes, self.inner)) \
-                or self.waves < 0:
+        if self.kernel not in ("gemv", "dot") or any(s < 1 or s & (s - 1) for s in sizes) or self.waves < 0:
             raise BadInputError(f"bad kernel config {self}: kernel gemv|dot, power-of-two blocks, waves >= 0")
         if self.kernel == "dot" and min(sizes) < 16:
             raise BadInputError(f"bad kernel config {self}: tl.dot needs block_m, block_n, block_kp >= 16")
@@ -218,8 +216,7 @@ def _store_out(out_ptr, part_ptr, count_ptr, y, offs_m, offs_n, M, N, stride_om,
 @triton.jit(do_not_specialize=["tiles_per_split", "num_splits"])  # one compile per config, whatever the split
 def _wo_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_om,
                     tiles_per_split, num_splits, GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, ROWWISE: tl.constexpr, SPLIT: tl.constexpr,
-                    INNER: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, ROWWISE: tl.constexpr, SPLIT: tl.constexpr):
     PACK: tl.constexpr = 32 // BITS
     LEVELS: tl.constexpr = 1 << BITS
     FIELD: tl.constexpr = 23 - BITS                      # a code's place in an fp32 mantissa: its top bits
@@ -234,28 +231,26 @@ def _wo_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M
     n_mask = n3 < N
     KPT = K // PACK
     acc = tl.zeros((BLOCK_M, BLOCK_KP, BLOCK_N), dtype=tl.float32)
-    for t in range(0, tiles_per_split, INNER):  # INNER consecutive tiles of one group share the scale and zero
+    for t in range(tiles_per_split):
         kp0 = (pid_k * tiles_per_split + t) * BLOCK_KP
+        rows = kp0 + tl.arange(0, BLOCK_KP)[None, :, None]
+        r_mask = rows < KPT
+        s, z = _group_affine(s_ptr, z_ptr, kp0, rows, n3, n_mask, N, KPT, GROUP, PACK, ROWWISE, True)
+        words = tl.load(qw_ptr + rows * N + n3, mask=r_mask & n_mask, other=0)             # [1, BKP, BN]
+        x_rows = x_ptr + m3 * stride_xm + rows * PACK  # [BM, BKP, 1]; x[P*r + j] is x_rows + j
+        x_mask = (m3 < M) & r_mask
         part = tl.zeros((BLOCK_M, BLOCK_KP, BLOCK_N), dtype=tl.float32)
         x_sum = tl.zeros((BLOCK_M, BLOCK_KP, 1), dtype=tl.float32)
-        for i in tl.static_range(INNER):
-            rows = kp0 + i * BLOCK_KP + tl.arange(0, BLOCK_KP)[None, :, None]
-            r_mask = rows < KPT
-            words = tl.load(qw_ptr + rows * N + n3, mask=r_mask & n_mask, other=0)             # [1, BKP, BN]
-            x_rows = x_ptr + m3 * stride_xm + rows * PACK  # [BM, BKP, 1]; x[P*r + j] is x_rows + j
-            x_mask = (m3 < M) & r_mask
-            for j in tl.static_range(PACK):
-                # 1 + code_j / 2**BITS, exact: code_j moved into the top mantissa bits of 1.0 (a shift and one LOP3)
-                if FIELD >= j * BITS:
-                    f = words << (FIELD - j * BITS)
-                else:
-                    f = words >> (j * BITS - FIELD)
-                f = ((f & FIELD_MASK) | 0x3F800000).to(tl.float32, bitcast=True)
-                xj = tl.load(x_rows + j, mask=x_mask, other=0.0).to(tl.float32)
-                part += xj * f
-                x_sum += xj
-        rows = kp0 + tl.arange(0, BLOCK_KP)[None, :, None]
-        s, z = _group_affine(s_ptr, z_ptr, kp0, rows, n3, n_mask, N, KPT, GROUP, PACK, ROWWISE, True)
+        for j in tl.static_range(PACK):
+            # 1 + code_j / 2**BITS, exact: code_j moved into the top mantissa bits of 1.0 (a shift and one LOP3)
+            if FIELD >= j * BITS:
+                f = words << (FIELD - j * BITS)
+            else:
+                f = words >> (j * BITS - FIELD)
+            f = ((f & FIELD_MASK) | 0x3F800000).to(tl.float32, bitcast=True)
+            xj = tl.load(x_rows + j, mask=x_mask, other=0.0).to(tl.float32)
+            part += xj * f
+            x_sum += xj
         # sum_j x_j (code_j - zero) = 2**BITS * sum_j x_j f_j - (2**BITS + zero) * sum_j x_j
         acc += (part * LEVELS - (z + LEVELS) * x_sum) * s
     _store_out(out_ptr, part_ptr, count_ptr, tl.sum(acc, axis=1), offs_m, offs_n, M, N, stride_om, num_splits, SPLIT)
@@ -341,19 +336,6 @@ def _rowwise(group_size: int, K: int, bits: int, block_kp: int) -> bool:
     return True
 
 
-def group_tiles(group_size: int, K: int, bits: int, block_kp: int, most: int) -> int:
-    """How many consecutive gemv tiles accumulate before the scale and zero are applied: the largest power of two
-    up to ``most`` (``KernelConfig.inner``) that divides the tiles of one group (a tile inside one group,
-    ``_rowwise`` False). Why: the
-    per-tile epilogue (zero, scale, their fp16 conversions) is ~0.9 SASS instructions per 4-bit code at one tile
-    per group; a thread holds one word row of a tile, so only further tiles of the same group amortize it."""
-    per_group = min(group_size, K) // (32 // bits) // block_kp
-    inner = 1
-    while inner * 2 <= most and per_group % (inner * 2) == 0:
-        inner *= 2
-    return inner
-
-
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
@@ -402,23 +384,20 @@ def wo_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     c = config
     k_tiles = triton.cdiv(K // (32 // bits), c.block_kp)
     grid_m, grid_n = triton.cdiv(M, c.block_m), triton.cdiv(N, c.block_n)
-    rowwise = _rowwise(group_size, K, bits, c.block_kp)
-    inner = 1 if c.kernel == "dot" or rowwise else group_tiles(group_size, K, bits, c.block_kp, c.inner)
-    split = split_k(c, grid_m * grid_n, triton.cdiv(k_tiles, inner), x.device)
+    split = split_k(c, grid_m * grid_n, k_tiles, x.device)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     # fp32 partials only under split-K; otherwise the kernel never touches part_ptr, so ``out`` stands in
     part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else out
     consts = {"GROUP": group_size, "BITS": bits, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_KP": c.block_kp,
-              "ROWWISE": rowwise, "SPLIT": split > 1}
+              "ROWWISE": _rowwise(group_size, K, bits, c.block_kp), "SPLIT": split > 1}
     if c.kernel == "dot":
         kernel = _wo_dot_kernel
         consts["PRECISION"] = "ieee" if x.dtype == torch.float32 else "tf32"
     else:
         kernel = _wo_gemv_kernel
-        consts["INNER"] = inner
     if x.is_cuda:
         consts.update(num_warps=c.num_warps, num_stages=c.num_stages)
     counters = zeroed_counters(x.device, grid_m * grid_n, "wo_matmul")
     kernel[(grid_m, grid_n, split)](x2, qweight, scales, zeros, out, part, counters, M, N, K, x2.stride(0), N,
-                                    inner * triton.cdiv(triton.cdiv(k_tiles, inner), split), split, **consts)
+                                    triton.cdiv(k_tiles, split), split, **consts)
     return out.reshape(*lead, N)
