@@ -278,14 +278,14 @@ def arch_target(arch: str, base: dict, layers: int) -> dict:
     return {**cfg, **{k: base[k] for k in keep}, "num_hidden_layers": layers}
 
 
-def grown(folder: Path, arch: str, layers: int | None, device: str, console: Console) -> Path:
-    """``folder`` grown to ``arch``'s vocabulary (and ``layers`` layers, or as deep as it is), cached beside it."""
+def grown(folder: Path, arch: str, device: str, console: Console, deepen: bool = True) -> Path:
+    """``folder`` grown to ``arch``'s vocabulary and (``deepen``) depth, cached beside it."""
     from onecard.models.arch import arch_config
     from onecard.testing.checkpoints import publish_dir
     from onecard.testing.grown import grow_checkpoint
 
     full = arch_config(arch)
-    depth = layers or json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    depth = (full if deepen else json.loads((folder / "config.json").read_text()))["num_hidden_layers"]
     out = folder.with_name(f"{folder.name}-grown-{arch}-{depth}")
     if not (out / "config.json").exists():
         console.print(f"[dim]growing {folder.name} to {depth} layers, vocabulary {full['vocab_size']}...[/]")
@@ -388,10 +388,8 @@ def main() -> None:
     else:
         draft = a.draft
     if a.arch:
-        from onecard.models.arch import arch_config
-
-        model = grown(Path(model), a.arch, arch_config(a.arch)["num_hidden_layers"], device, console)
-        draft = draft and grown(Path(draft), a.arch, None, device, console)
+        model = grown(Path(model), a.arch, device, console)
+        draft = draft and grown(Path(draft), a.arch, device, console, deepen=False)
     model, draft = str(model), draft and str(draft)
     if a.cap_gib and device == "cuda":  # the rows run under the cap; the copy models' training did not
         cap_process_memory(a.cap_gib)

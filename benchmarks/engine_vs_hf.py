@@ -77,7 +77,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--kv-cache-dtype", default="auto", help="a comparison's KV cache (both runs), unless it sets it")
     p.add_argument("--out", default=None, help="result folder (default docs/results; --smoke: a temp dir)")
     for what, (_, title, (base, _), (new, _)) in COMPARISONS.items():
-        p.add_argument(f"--compare-{what}", dest=f"compare_{what.replace('-', '_')}", action="store_true",
+        p.add_argument(f"--compare-{what}", action="store_true",
                        help=f"only our engine, {title}: {base} vs {new} (bs=1 decode + offline), in one process")
     return p.parse_args()
 

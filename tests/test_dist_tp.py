@@ -16,8 +16,9 @@ from onecard.testing import make_random_checkpoint
 BLOCK, N_DECODE = 8, 4
 
 
-def prefill_then_decode(model, ids: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """Logits of a prefill over ``ids`` then N_DECODE greedy steps through a paged cache: [T + N_DECODE, vocab]."""
+def prefill_then_decode(model, ids: torch.Tensor, kv_heads: int, fused_prefill: bool = False) -> torch.Tensor:
+    """Logits of a prefill over ``ids`` then N_DECODE greedy steps through a paged cache: [T + N_DECODE, vocab].
+    ``fused_prefill``: the prefill's RoPE + cache write through the Triton kernel (the engine's CUDA path)."""
     a = model.args
     T = ids.numel()
     blocks = (T + N_DECODE + BLOCK - 1) // BLOCK
@@ -26,7 +27,8 @@ def prefill_then_decode(model, ids: torch.Tensor, kv_heads: int) -> torch.Tensor
         layer.self_attn.v_cache = torch.zeros(blocks, BLOCK, kv_heads, a.head_dim)
     table = torch.arange(blocks, dtype=torch.int32)[None]
     with torch.no_grad():
-        meta = AttentionMetadata(is_prefill=True, slot_mapping=torch.arange(T), seq_lens=[T])
+        meta = AttentionMetadata(is_prefill=True, slot_mapping=torch.arange(T), seq_lens=[T],
+                                 fused_rope_store=fused_prefill)
         logits = [model.compute_logits(model(ids, torch.arange(T), meta))]
         for i in range(N_DECODE):
             pos = torch.tensor([T + i])

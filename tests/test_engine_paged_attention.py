@@ -97,25 +97,17 @@ def test_prefill_with_fused_rope_store_gives_the_pytorch_paths_logits_and_cache(
     """The model's prefill branch with ``fused_rope_store`` (CUDA in the engine; here the kernel under the
     interpreter): same logits and cache as RoPE + store_kv in PyTorch, and the decode after it agrees too."""
     pytest.importorskip("triton")
+    from test_dist_tp import prefill_then_decode
+
     from onecard.models import open_model_folder
-    from onecard.models.llama import AttentionMetadata
     from onecard.models.loader import load_model
     from onecard.testing import make_random_checkpoint
 
     model = load_model(open_model_folder(make_random_checkpoint("llama-3-8b", "tiny")), torch.float32, "cpu")
-    a, T, bs = model.args, 11, 8
-    ids = torch.randint(3, a.vocab_size, (T,), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, model.args.vocab_size, (11,), generator=torch.Generator().manual_seed(0))
     runs = []
     for fused in (False, True):
-        for layer in model.layers:
-            layer.self_attn.k_cache = torch.zeros(2, bs, a.num_kv_heads, a.head_dim)
-            layer.self_attn.v_cache = torch.zeros(2, bs, a.num_kv_heads, a.head_dim)
-        with torch.no_grad():
-            meta = AttentionMetadata(True, torch.arange(T), seq_lens=[T], fused_rope_store=fused)
-            logits = model.compute_logits(model(ids, torch.arange(T), meta))
-            pos = torch.tensor([T])
-            meta = AttentionMetadata(False, pos, context_lens=pos + 1, block_tables=torch.arange(2)[None].int())
-            logits = torch.cat([logits, model.compute_logits(model(logits[-1:].argmax(-1), pos, meta))])
+        logits = prefill_then_decode(model, ids, model.args.num_kv_heads, fused_prefill=fused)
         runs.append((logits, model.layers[-1].self_attn.k_cache.clone()))
     (ref, k_ref), (got, k_got) = runs
     assert torch.allclose(ref, got, atol=1e-5) and torch.allclose(k_ref, k_got, atol=1e-6)
