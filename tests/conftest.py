@@ -22,6 +22,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _release_gpu_memory(request):
+    """An engine sizes its KV cache from the card's free memory: an engine a previous test left to the garbage
+    collector (reference cycles) must not shrink the next test's card."""
+    yield
+    if torch.cuda.is_available() and "gpu" in request.keywords:
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     """The project's own trained ~5M-param Llama (trained once, cached on disk)."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from onecard.bench.table import COLUMNS, ROWS, TableConfig, max_fitting
+from onecard.bench.table import COLUMNS, ROWS, TableConfig, max_fitting, merge_tables
 from onecard.errors import BadInputError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -89,3 +89,25 @@ def test_hf_offline_halves_the_batch_until_it_fits():
     with Progress(disable=True) as progress:
         batch, tok_s = _hf_offline_fitting(model, reqs, 32, progress)
     assert batch == 8 and tok_s > 0 and model.batches[:3] == [20, 16, 8]
+
+
+def test_merge_tables_joins_disjoint_rows_of_one_card_in_table_order():
+    """A table too long for one device call runs as --rows parts on the same card; the merge refuses parts that
+    were measured differently, or that measured a row twice."""
+    def part(rows, **kw):
+        return {"gpu": "H100", "torch": "2.11", "model": "m", "device_name": "H100", "bandwidth_gbs": 3350.0,
+                "memory_cap_gib": 24.0, "config_num_prompts": 1000, "config_rows": rows, "date": f"d{len(rows)}",
+                "command": f"run {','.join(rows)}", "rows": [{"row": r} for r in rows], **kw}
+
+    a, b = part(["onecard-int4", "hf-bf16"]), part(["onecard-bf16"])
+    m = merge_tables([a, b])
+    assert [e["row"] for e in m["rows"]] == m["config_rows"] == ["hf-bf16", "onecard-bf16", "onecard-int4"]
+    assert m["command"] == "run onecard-int4,hf-bf16 && run onecard-bf16" and m["date"] == "d2"
+    with pytest.raises(BadInputError, match="config_num_prompts"):
+        merge_tables([a, part(["onecard-bf16"], config_num_prompts=200)])
+    with pytest.raises(BadInputError, match="gpu"):
+        merge_tables([a, part(["onecard-bf16"], gpu="H200")])
+    with pytest.raises(BadInputError, match="twice.*onecard-int4"):
+        merge_tables([a, part(["onecard-int4"])])
+    with pytest.raises(BadInputError, match="two or more"):
+        merge_tables([a])

@@ -226,3 +226,32 @@ def test_a_draft_model_is_counted_as_the_engine_holds_it():
     with pytest.raises(DoesNotFitError, match=f"max_model_len={fits_alone} does not fit"):
         engine_preflight("qwen2-7b", card, max_model_len=fits_alone, default_max_model_len=8192,
                          draft_model="qwen2-0.5b", **kw)
+
+
+def test_a_quantized_engine_sets_aside_its_dequantized_scratch_weight(monkeypatch):
+    """At ``DEQUANT_GEMM_MIN_M`` rows and up, ``wo_matmul`` dequantizes the weight into a scratch buffer: the
+    prefill profile needs the largest one (gate/up, fused), and so does the pool of every decode graph captured at
+    that many rows. The planner counts both with the shapes the engine's quantized model really has."""
+    import torch
+
+    from onecard.engine.model_runner import cuda_graph_workspace_bytes, dequantized_shapes, graph_batch_sizes
+    from onecard.kernels import wo_matmul
+    from onecard.plan.engine_memory import _dequantized_shapes
+    from onecard.plan.spec import ModelSpec
+    from onecard.testing.random_llama import random_llama
+
+    model, _ = random_llama("llama-2-7b", "tiny", 4, torch.float32, 64)
+    assert set(dequantized_shapes(model)) == set(_dequantized_shapes(ModelSpec("tiny", model.args), "int4"))
+    assert dequantized_shapes(random_llama("llama-2-7b", "tiny", None, torch.float32, 64)[0]) == []
+
+    monkeypatch.setattr(wo_matmul, "DEQUANT_GEMM_MIN_M", 32)
+    spec = resolve_model("llama-2-7b")
+    a = spec.args
+    gate_up = a.hidden_size * 2 * a.intermediate_size * 2
+    card = CardMemory(total_bytes=24 * GIB, free_bytes=23 * GIB, name="fake 4090")
+    bf16, int4, small = (engine_memory(spec, fmt, card, 0.9, seqs, 8192) for fmt, seqs in
+                         (("bf16", 64), ("int4", 64), ("int4", 16)))
+    graphs = cuda_graph_workspace_bytes(graph_batch_sizes(64), a.vocab_size, a.hidden_size, 2)
+    assert bf16.workspace_bytes == graphs and int4.workspace_bytes == graphs + gate_up
+    assert small.workspace_bytes == cuda_graph_workspace_bytes(graph_batch_sizes(16), a.vocab_size, a.hidden_size, 2)
+    assert int4.activation_bytes - bf16.activation_bytes == gate_up  # the 8192-token prefill profile

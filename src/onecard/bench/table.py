@@ -327,6 +327,28 @@ def run_table(cfg: TableConfig, console=None) -> dict:
     return result
 
 
+def merge_tables(parts: list[dict]) -> dict:
+    """One table from runs of disjoint row sets (``--rows``) on the same card, model and settings: a table whose
+    rows together outlast one device call. Rows come back in ``ROWS`` order; ``command`` lists every part's."""
+    if len(parts) < 2:
+        raise BadInputError("merge needs two or more bench_table JSON files")
+    same = ("gpu", "torch", "model", "device_name", "bandwidth_gbs", "memory_cap_gib",
+            *(k for k in parts[0] if k.startswith("config_") and k != "config_rows"))
+    for part in parts[1:]:
+        diff = [k for k in same if part.get(k) != parts[0].get(k)]
+        if diff:
+            raise BadInputError(f"cannot merge tables that differ in {', '.join(diff)}: rerun the rows with the same "
+                                "settings on the same card")
+    rows = [e for part in parts for e in part["rows"]]
+    names = [e["row"] for e in rows]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise BadInputError(f"rows measured twice across the merged tables: {twice}; merge disjoint --rows runs")
+    rows.sort(key=lambda e: ROWS.index(e["row"]))
+    return {**parts[0], "date": max(p["date"] for p in parts), "command": " && ".join(p["command"] for p in parts),
+            "config_rows": [e["row"] for e in rows], "rows": rows}
+
+
 def _cell(entry: dict, col: str) -> str:
     v = entry.get(col)
     if v is None:

@@ -34,7 +34,9 @@ from onecard.engine.sequence import Sequence
 from onecard.engine.speculative import accept_drafts, verified_outputs
 from onecard.errors import BadInputError, DoesNotFitError
 from onecard.kernels.kv_quant import SCALE_DTYPE, kv_storage
+from onecard.kernels.wo_matmul import dequant_scratch_bytes
 from onecard.models.llama import AttentionMetadata, LlamaModel
+from onecard.quant.linear import QuantLinear
 
 log = logging.getLogger(__name__)
 GiB = 1 << 30
@@ -69,6 +71,13 @@ def cuda_graph_workspace_bytes(batch_sizes: list[int], vocab_size: int, hidden_s
     pool = max_bs * hidden_size * 16 * elem_bytes
     sampler = max_bs * vocab_size * 4 * 3  # float logits + sorted values + indices (int64 counted as two floats)
     return outputs + pool + sampler
+
+
+def dequantized_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
+    """``(K, N)`` of the quantized linears that run ``wo_matmul`` (not PyTorch's int4 kernel): those whose weight
+    is dequantized into a scratch buffer at large batch."""
+    return [(m.in_features, m.out_features) for m in model.modules()
+            if isinstance(m, QuantLinear) and m.tg_weight is None]
 
 
 def graph_rows(max_num_seqs: int, num_speculative_tokens: int, cuda_graph_max_batch: int) -> int:
@@ -233,6 +242,7 @@ class ModelRunner:
             activation_peak_bytes=peak - current, block_bytes=per_block, utilization=cfg.gpu_memory_utilization,
             workspace_bytes=0 if cfg.enforce_eager else sum(cuda_graph_workspace_bytes(
                 graph_batch_sizes(max_bs), m.args.vocab_size, m.args.hidden_size, self.dtype.itemsize)
+                + dequant_scratch_bytes(dequantized_shapes(m), max_bs, self.dtype.itemsize)
                 for m in (self.model, self.draft_model) if m is not None))
         weights = sum(p.numel() * p.element_size() for m in (self.model, self.draft_model) if m is not None
                       for p in m.parameters())

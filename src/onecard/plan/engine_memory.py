@@ -30,7 +30,7 @@ class EngineMemory:
 
     weights_bytes: int
     activation_bytes: int  # the profiled prefill + sampling peak (freed again, kept as headroom)
-    workspace_bytes: int  # CUDA-graph outputs/pool and the sampler at the largest captured batch (0 when eager)
+    workspace_bytes: int  # graph outputs/pool, sampler, dequant scratch at the largest captured batch (0 if eager)
     headroom_bytes: int  # the engine's fixed headroom for what start-up cannot profile
     outside_bytes: int  # CUDA context and other processes
     held_bytes: int  # what this process's allocator already held before the engine started
@@ -68,6 +68,16 @@ class EngineMemory:
         return self.fixed_bytes + math.ceil(tokens / self.block_size) * self.block_bytes
 
 
+def _dequantized_shapes(spec: ModelSpec, fmt: str) -> list[tuple[int, int]]:
+    """``(K, N)`` of the engine's fused linears (qkv, o, gate/up, down) when ``fmt`` runs ``wo_matmul``, which
+    dequantizes the weight into a scratch buffer at large batch (``model_runner.dequantized_shapes``)."""
+    if fmt not in ("int4", "int8"):
+        return []
+    a = spec.args
+    return [(a.hidden_size, a.q_size + 2 * a.kv_size), (a.q_size, a.hidden_size),
+            (a.hidden_size, 2 * a.intermediate_size), (a.intermediate_size, a.hidden_size)]
+
+
 def engine_memory(spec: ModelSpec, fmt: str, memory: CardMemory, utilization: float, max_num_seqs: int,
                   max_num_batched_tokens: int, block_size: int = 16, kv_cache_dtype: str = "auto",
                   enforce_eager: bool = False, cuda_graph_max_batch: int = CUDA_GRAPH_MAX_BATCH,
@@ -82,18 +92,25 @@ def engine_memory(spec: ModelSpec, fmt: str, memory: CardMemory, utilization: fl
     the profile run's (``M.inference_activation_bytes`` over
     ``max_num_batched_tokens`` tokens and ``max_num_seqs`` sampled rows); the
     graph workspace and the KV blocks come from the engine's own
-    ``cuda_graph_workspace_bytes`` and ``plan_kv_cache``.
+    ``cuda_graph_workspace_bytes`` and ``plan_kv_cache``. A quantized format adds
+    its dequantized scratch weight to both where the batch reaches
+    ``wo_matmul``'s dequantize + GEMM path.
     """
     from onecard.engine.model_runner import (FIXED_HEADROOM_BYTES, cuda_graph_workspace_bytes, graph_batch_sizes,
                                              graph_rows, plan_kv_cache)
 
+    from onecard.kernels.wo_matmul import dequant_scratch_bytes
+
     models = [spec] if draft is None else [spec, draft]
     weights = sum(M.reserved_bytes(M.weight_tensors(m, fmt)) for m in models)
-    act = M.inference_activation_bytes(spec, max_num_batched_tokens, max_num_seqs, 0)
     elem = 4 if fmt == "fp32" else 2
+    act = (M.inference_activation_bytes(spec, max_num_batched_tokens, max_num_seqs, 0)
+           + dequant_scratch_bytes(_dequantized_shapes(spec, fmt), max_num_batched_tokens, elem))
     sizes = graph_batch_sizes(graph_rows(max_num_seqs, num_speculative_tokens, cuda_graph_max_batch))
     workspace = 0 if enforce_eager else sum(cuda_graph_workspace_bytes(sizes, m.args.vocab_size, m.args.hidden_size,
-                                                                       elem) for m in models)
+                                                                       elem)
+                                            + dequant_scratch_bytes(_dequantized_shapes(m, fmt), max(sizes), elem)
+                                            for m in models)
     block = sum(M.kv_bytes_per_token(m, kv_cache_dtype) for m in models) * block_size
     free_after_load = memory.free_bytes - weights
     kv = plan_kv_cache(card_bytes=memory.total_bytes, cap_fraction=memory.cap_fraction,
