@@ -10,6 +10,7 @@
     PYTHONPATH=src python benchmarks/engine_vs_hf.py --compare-kv --num-prompts 1000   # engine only, bf16 vs fp8 KV
     PYTHONPATH=src python benchmarks/engine_vs_hf.py --compare-prefill-rope --kv-cache-dtype fp8   # prefill RoPE+store
     PYTHONPATH=src python benchmarks/engine_vs_hf.py --arch llama-3-8b --compare-kv   # another architecture (GQA)
+    PYTHONPATH=src python benchmarks/engine_vs_hf.py --compare-fp8-weights --kv-cache-dtype fp8   # bf16 vs fp8 weights
 
 Measures (see onecard.bench.engine_bench): bs=1 decode tok/s and ms/token (ours,
 HF dynamic cache, HF static cache) and % of the bandwidth roofline (measured copy
@@ -34,7 +35,9 @@ launched plainly and with programmatic dependent launch (``programmatic_launch``
 engine_kv_quant.json): at large batches decode reads more KV than weights, so this is the offline-throughput lever;
 docs/results/engine_kv_fp8.json. --compare-prefill-rope with prefill's RoPE and KV-cache write as PyTorch ops
 (``fused_prefill_rope=False``) and as the decode's one Triton kernel (the default):
-docs/results/engine_prefill_rope.json. ``--kv-cache-dtype`` sets the cache of both runs of a comparison that does
+docs/results/engine_prefill_rope.json. --compare-fp8-weights with bf16 weights and with ``quantization="fp8"``
+(e4m3 weights and activations, ``_scaled_mm``; its roofline column counts bf16's bytes for both):
+docs/results/engine_fp8_weights.json. ``--kv-cache-dtype`` sets the cache of both runs of a comparison that does
 not choose it (the result name gets ``_<dtype>``).
 """
 
@@ -131,6 +134,8 @@ COMPARISONS = {
            ("fp8_kv", {"kv_cache_dtype": "fp8"})),
     "prefill-rope": ("engine_prefill_rope", "prefill RoPE + KV write in one kernel",
                      ("pytorch_rope", {"fused_prefill_rope": False}), ("fused", {"fused_prefill_rope": True})),
+    "fp8-weights": ("engine_fp8_weights", "fp8 weights and activations (W8A8)",
+                    ("bf16_weights", {"quantization": None}), ("fp8_weights", {"quantization": "fp8"})),
 }
 
 

@@ -6,7 +6,8 @@
 Arms: bf16 engine; ``quantization="int8"`` (per-channel RTN) and ``"rtn-int4"``
 (group 128, the GPTQ-g128 layout — speed does not depend on how the codes were
 chosen) with onecard's Triton kernel (the default) and, on CUDA, with PyTorch's
-tinygemm kernel (``int4_kernel="tinygemm"``). Each arm: bs=1 and bs=16 decode (ms per step, tok/s),
+tinygemm kernel (``int4_kernel="tinygemm"``); and ``"fp8"`` (e4m3 weights and activations, not weight-only:
+``Fp8Linear``). Each arm: bs=1 and bs=16 decode (ms per step, tok/s),
 2k-token prefill (ms), peak GiB, and % of the bandwidth roofline: the bytes one
 decode step must read (quantized linears' codes + scales + zeros, plus norms and
 the LM head; the embedding reads one row) over the measured copy bandwidth.
@@ -50,11 +51,11 @@ def _sync(device: str) -> None:
 
 def step_bytes(model) -> int:
     """Bytes one decode step reads: every parameter and quantized buffer, minus all but one embedding row."""
-    from onecard.quant.linear import QuantLinear
+    from onecard.quant import Fp8Linear, QuantLinear
 
     params = {id(p): p for p in model.parameters()}
     total = sum(p.numel() * p.element_size() for p in params.values())
-    total += sum(m.weight_bytes() for m in model.modules() if isinstance(m, QuantLinear))
+    total += sum(m.weight_bytes() for m in model.modules() if isinstance(m, (QuantLinear, Fp8Linear)))
     if not model.args.tie_word_embeddings:
         emb = model.embed_tokens.weight
         total -= emb.numel() * emb.element_size()
@@ -172,6 +173,7 @@ def main() -> None:
     arms = ((fl, None, {}), ("int8", "int8", {}), ("int4", "rtn-int4", {}))
     if device == "cuda":
         arms += (("int4-tinygemm", "rtn-int4", {"int4_kernel": "tinygemm"}),)
+    arms += (("fp8", "fp8", {}),)
     result: dict = {"model": str(model_dir), "dtype": dtype, "copy_bandwidth_gbs": bw, "decode_tokens": a.decode_tokens,
                     "prompt_len": a.prompt_len, "batch": a.batch, "prefill_len": a.prefill_len}
     for name, quant, kw in arms:

@@ -279,11 +279,12 @@ def test_sliding_window_models_default_to_the_window(tmp_path):
         LLM(path, max_model_len=128)
 
 
-def test_on_the_fly_quantization_swaps_linears(llama_path):
-    llm = LLM(llama_path, max_model_len=64, max_num_seqs=2, quantization="rtn-int4")
+@pytest.mark.parametrize("quantization,module", [("rtn-int4", "QuantLinear"), ("fp8", "Fp8Linear")])
+def test_on_the_fly_quantization_swaps_linears(llama_path, quantization, module):
+    llm = LLM(llama_path, max_model_len=64, max_num_seqs=2, quantization=quantization)
     layer = llm.engine.runner.model.layers[0]
-    assert type(layer.self_attn.qkv_proj).__name__ == "QuantLinear"
-    assert type(layer.mlp.down_proj).__name__ == "QuantLinear"
+    assert type(layer.self_attn.qkv_proj).__name__ == module
+    assert type(layer.mlp.down_proj).__name__ == module
     out = llm.generate("def f():", SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 4
 
@@ -319,5 +320,8 @@ def test_int4_kernel_choice_is_validated(random_checkpoint):
         LLM(path, device="cpu", int4_kernel="tinygemm")
     with pytest.raises(BadInputError, match="needs CUDA and bfloat16"):
         LLM(path, device="cpu", quantization="rtn-int4", int4_kernel="tinygemm")
+    for other in ("int8", "fp8"):
+        with pytest.raises(BadInputError, match=f"applies to int4 weights, not quantization='{other}'"):
+            LLM(path, device="cpu", quantization=other, int4_kernel="tinygemm")
     with pytest.raises(BadInputError, match="tp_all_reduce='mpi': choose 'auto'"):
         LLM(path, device="cpu", tp_all_reduce="mpi")

@@ -9,7 +9,7 @@ import torch
 from onecard.engine import LLM, SamplingParams
 from onecard.engine.config import EngineConfig
 from onecard.engine.offload import expected_tok_s, offloaded_indices, resident_step_bytes
-from onecard.errors import BadInputError
+from onecard.errors import BadInputError, NotBuiltYetError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = ["def add(a, b):\n    return", "import os\nimport sys\n", "class Point:\n    def __init__(self"]
@@ -93,3 +93,8 @@ def test_expected_tok_s_is_host_link_plus_card_time():
     # 1 GB over a 25 GB/s link (40 ms) + 10 GB at 1 TB/s (10 ms) = 50 ms per token
     assert expected_tok_s(10**9, 10**10, 25.0, 1000.0) == pytest.approx(20.0)
     assert expected_tok_s(10**9, 10**10, 25.0, None) == pytest.approx(25.0)  # card unknown: host link only
+
+
+def test_fp8_offload_is_refused_as_not_built(random_checkpoint):
+    with pytest.raises(NotBuiltYetError, match="quantization='fp8' with offload_layers"):
+        _llm(random_checkpoint("llama-2-7b"), quantization="fp8", offload_layers=2)

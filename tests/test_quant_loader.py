@@ -8,7 +8,7 @@ from torch import nn
 
 from onecard.models.folder import open_model_folder
 from onecard.models.loader import load_model
-from onecard.quant import load_rtn_model, quantize_model_
+from onecard.quant import Fp8Linear, load_rtn_model, quantize_model_
 from onecard.quant.linear import QuantLinear
 
 
@@ -33,7 +33,8 @@ def tied_bias_folder(random_checkpoint, tmp_path_factory):
     return open_model_folder(path)
 
 
-@pytest.mark.parametrize("which,spec", [("folder", "rtn-int4"), ("folder", "int8"), ("tied_bias_folder", "rtn-int4")])
+@pytest.mark.parametrize("which,spec", [("folder", "rtn-int4"), ("folder", "int8"), ("tied_bias_folder", "rtn-int4"),
+                                        ("folder", "fp8"), ("tied_bias_folder", "fp8")])
 def test_streamed_rtn_equals_load_then_quantize(which, spec, request, monkeypatch):
     folder = request.getfixturevalue(which)
     import onecard.models.loader as loader_mod
@@ -52,7 +53,7 @@ def test_streamed_rtn_equals_load_then_quantize(which, spec, request, monkeypatc
     n_layers = folder.model_args().num_layers
     assert seen == [0] + [1] * n_layers  # the outer weights, then each layer alone
     assert _dense_layers(streamed) == 0
-    assert sum(isinstance(m, QuantLinear) for m in streamed.modules()) == 4 * n_layers
+    assert sum(isinstance(m, (QuantLinear, Fp8Linear)) for m in streamed.modules()) == 4 * n_layers
 
     reference = quantize_model_(load_model(folder, torch.float32, "cpu"), spec)
     ref_state, got_state = reference.state_dict(), streamed.state_dict()

@@ -44,8 +44,8 @@ class EngineFlag:
 ENGINE_FLAGS: tuple[EngineFlag, ...] = (
     EngineFlag("dtype", ("--dtype",), str, f"Weights and activations: {', '.join(DTYPES)}."),
     EngineFlag("device", ("--device",), str, "cpu, cuda or cuda:N (default: cuda if present)."),
-    EngineFlag("quantization", ("--quantization",), str, "On-the-fly weight quantization: rtn-int4 or int8 "
-               "(a GPTQ/AWQ folder is read as stored)."),
+    EngineFlag("quantization", ("--quantization",), str, "On-the-fly weight quantization: rtn-int4, int8 or fp8 "
+               "(weights and activations; RTX 40xx/H100) (a GPTQ/AWQ folder is read as stored)."),
     EngineFlag("int4_kernel", ("--int4-kernel",), str, "int4 matmul on CUDA: triton (onecard's) or tinygemm "
                "(PyTorch's; faster at batch 1, slower prefill; bf16, no offload)."),
     EngineFlag("decode_gemv", ("--decode-gemv/--no-decode-gemv",), bool, "CUDA: bf16/fp16 linears at batch-1 "

@@ -140,10 +140,25 @@ def check_quant_request(folder, config: EngineConfig, dtype: torch.dtype, device
     if folder.quantization_config is not None and config.quantization is not None:
         raise BadInputError(f"quantization={config.quantization!r} but '{folder.path}' is already quantized "
                             f"({folder.quantization_config.get('quant_method', '?')}); drop quantization=")
+    spec = None
+    if config.quantization is not None:
+        from onecard.quant.config import QuantSpec
+
+        spec = QuantSpec.parse(config.quantization)
+    if spec is not None and spec.float8:
+        from onecard.quant.fp8 import check_fp8_device
+
+        check_fp8_device(device)
+        if offload:
+            raise NotBuiltYetError("quantization='fp8' with offload_layers is not built yet: the layer streamer "
+                                   "packs int4/int8 layers only; use quantization='rtn-int4' to offload")
     if config.int4_kernel == "tinygemm":
         if folder.quantization_config is None and config.quantization is None:
             raise BadInputError(f"int4_kernel={config.int4_kernel!r} applies to int4 weights but "
                                 f"'{folder.path}' is not quantized; add quantization='rtn-int4' or drop int4_kernel")
+        if spec is not None and (spec.bits != 4 or spec.float8):
+            raise BadInputError(f"int4_kernel='tinygemm' applies to int4 weights, not quantization="
+                                f"{config.quantization!r}; use quantization='rtn-int4' or drop int4_kernel")
         if device.type != "cuda" or dtype != torch.bfloat16:
             raise BadInputError(f"int4_kernel='tinygemm' needs CUDA and bfloat16 (got {device.type}, {dtype}); "
                                 "use int4_kernel='triton'")

@@ -20,6 +20,7 @@ WEIGHT_FORMATS = {
     "fp32": "32-bit weights (float32)",
     "bf16": "16-bit weights (bf16/fp16)",
     "int8": "int8, per-channel fp16 scale + zero (onecard QuantLinear)",
+    "fp8": "float8 e4m3, per-channel fp32 scale (onecard Fp8Linear)",
     "int4": "int4 g128, fp16 scales + zeros (onecard QuantLinear, GPTQ/AWQ/RTN)",
     "int4-g64": "int4 g64, bf16 scales (onecard QLoRA base)",
     "nf4": "NF4 block 64, double-quantized absmax (bitsandbytes QLoRA base)",
@@ -60,6 +61,8 @@ def linear_tensor_bytes(out_features: int, in_features: int, fmt: str) -> list[i
         return [2 * n]
     if fmt == "int8":  # QuantLinear: int32-packed codes [in/4, out], fp16 scales and zeros [1, out]
         return [n, 2 * out_features, 2 * out_features]
+    if fmt == "fp8":  # Fp8Linear: e4m3 codes [out, in], fp32 scales [1, out]
+        return [n, 4 * out_features]
     if fmt == "int4":  # QuantLinear: int32-packed codes [in/8, out], fp16 scales and zeros [groups, out]
         groups = math.ceil(in_features / GROUP_SIZE)
         return [n // 2, 2 * groups * out_features, 2 * groups * out_features]

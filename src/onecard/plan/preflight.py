@@ -42,6 +42,8 @@ def engine_weight_format(spec: ModelSpec, quantization: str | None, dtype_bytes:
     """The in-memory weight format the engine will hold: the checkpoint's own bits, on-the-fly RTN, or the dtype."""
     bits = spec.stored_bits
     if bits is None and quantization is not None:
+        if quantization.lower().startswith("fp8"):
+            return "fp8"
         bits = 8 if "int8" in quantization.lower() else 4
     if bits is not None:
         return M.BITS_TO_FORMAT.get(bits, "int4")
@@ -83,7 +85,7 @@ def engine_preflight(model, memory: CardMemory, *, max_model_len: int | None, de
     options: list[str] = []
     if eng.kv_tokens >= MIN_DEFAULT_MAX_MODEL_LEN:
         options.append(f"max_model_len={eng.kv_tokens}")
-    if fmt in ("fp32", "bf16", "int8") and spec.stored_bits is None:
+    if fmt in ("fp32", "bf16", "int8", "fp8") and spec.stored_bits is None:
         e4 = split("int4")
         if e4.kv_tokens >= want:
             options.append(f"quantization='rtn-int4' (needs {e4.need_bytes(want) / GIB:.1f} GiB)")

@@ -61,7 +61,8 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """On-the-fly RTN for the engine: ``"rtn-int4"`` (4-bit, group 128, asymmetric) or ``"int8"`` (per-channel, symmetric).
+    """On-the-fly RTN for the engine: ``"rtn-int4"`` (4-bit, group 128, asymmetric), ``"int8"`` (per-channel,
+    symmetric, weight-only) or ``"fp8"`` (e4m3 weights per channel and activations per token: ``Fp8Linear``).
 
     Also accepts ``"rtn-int4-g64"`` / ``"rtn-int4-g32"``; ``"rtn-int8"`` is ``"int8"``.
     """
@@ -69,6 +70,7 @@ class QuantSpec:
     bits: int
     group_size: int
     sym: bool
+    float8: bool = False
 
     @classmethod
     def parse(cls, spec: "str | QuantSpec") -> "QuantSpec":
@@ -77,11 +79,13 @@ class QuantSpec:
         s = spec.strip().lower()
         if s in ("int8", "rtn-int8"):
             return cls(8, -1, True)
+        if s in ("fp8", "fp8-e4m3"):
+            return cls(8, -1, True, float8=True)
         if s in ("rtn-int4", "int4"):
             return cls(4, 128, False)
         if s.startswith("rtn-int4-g") and s[10:].isdigit():
             g = int(s[10:])
             check_bits_group(4, g)
             return cls(4, g, False)
-        raise BadInputError(f"quantization {spec!r} is not supported; use 'rtn-int4', 'rtn-int4-g64' or 'int8', "
+        raise BadInputError(f"quantization {spec!r} is not supported; use 'rtn-int4', 'rtn-int4-g64', 'int8' or 'fp8', "
                             "or pass a folder made by `onecard quantize`")

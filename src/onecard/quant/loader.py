@@ -19,6 +19,7 @@ from onecard.errors import ModelFolderError
 from onecard.models.folder import ModelFolder, open_model_folder
 from onecard.quant.checkpoint import QUANT_SUFFIXES, QuantFormat, quantized_modules, read_quantized
 from onecard.quant.config import QuantSpec
+from onecard.quant.fp8 import Fp8Linear
 from onecard.quant.linear import ConcatLinear, QuantLinear, concat_quantized
 from onecard.quant.rtn import QuantizedWeight
 
@@ -118,6 +119,9 @@ def _decoder_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]
 
 def _quantize_linears_(linears: list[tuple[nn.Module, str, nn.Linear]], s: QuantSpec) -> None:
     for parent, attr, lin in linears:
+        if s.float8:
+            setattr(parent, attr, Fp8Linear.from_linear(lin))
+            continue
         q = QuantLinear.from_linear(lin, s.bits, s.group_size, s.sym)
         if q.bias is not None:
             q.bias.data = q.bias.data.to(lin.weight.dtype)
@@ -126,11 +130,11 @@ def _quantize_linears_(linears: list[tuple[nn.Module, str, nn.Linear]], s: Quant
 
 @torch.no_grad()
 def quantize_model_(model: nn.Module, spec: str | QuantSpec) -> nn.Module:
-    """On-the-fly RTN, in place: every decoder-layer ``nn.Linear`` becomes a ``QuantLinear``.
+    """On-the-fly RTN, in place: every decoder-layer ``nn.Linear`` becomes a ``QuantLinear`` (``Fp8Linear``).
 
     Works on onecard's model (fused qkv/gate_up: one group grid across the
     fused rows is the same as quantizing each part, since RTN is per output row)
-    and on HF models. ``spec``: ``"rtn-int4"`` (g128, asymmetric) or ``"int8"``.
+    and on HF models. ``spec``: ``"rtn-int4"`` (g128, asymmetric), ``"int8"`` or ``"fp8"``.
     """
     _quantize_linears_(_decoder_linears(model), QuantSpec.parse(spec))
     return model
@@ -167,7 +171,7 @@ def load_rtn_model(folder: str | Path | ModelFolder, spec: str | QuantSpec, dtyp
     if progress:
         from rich.progress import track
 
-        layers = track(layers, description=f"loading + RTN int{s.bits}", transient=True)
+        layers = track(layers, description=f"loading + {'fp8' if s.float8 else f'RTN int{s.bits}'}", transient=True)
     for i in layers:
         prefix = f"model.layers.{i}."
         model.layers[i].to(dtype).to_empty(device=device)

@@ -1,0 +1,113 @@
+"""``Fp8Linear`` (quantization='fp8'): e4m3 weights per output channel, activations per token, ``_scaled_mm``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from onecard.errors import BadInputError
+from onecard.kernels.fp8_quant import (FP8, FP8_MAX, MIN_SCALE, quantize_rows, quantize_rows_reference,
+                                       quantize_rows_triton)
+from onecard.quant.fp8 import Fp8Linear
+
+
+def test_quantize_rows_keeps_each_rows_amax_and_e4m3_precision():
+    x = torch.randn(6, 64) * torch.logspace(-3, 3, 6)[:, None]  # rows six decades apart: one scale each
+    x[2] = 0.0
+    codes, scale = quantize_rows(x)
+    assert codes.dtype == torch.float8_e4m3fn and scale.shape == (6, 1)
+    back = codes.float() * scale
+    assert torch.equal(back[2], torch.zeros(64)) and torch.isfinite(scale).all()
+    big = x.abs() > x.abs().amax(-1, keepdim=True) / 64  # e4m3 normals: 3 mantissa bits, <= 1/16 relative error
+    assert ((back - x).abs() <= x.abs() / 16 + 1e-12)[big].all()
+    assert torch.equal(codes.float().abs().amax(-1)[[0, 1, 3, 4, 5]], torch.full((5,), FP8_MAX))
+
+
+def test_quantize_rows_kernel_in_the_interpreter():
+    """Rows of e4m3 grid values times a power of two: the scale comes out exact and the codes need no rounding (the
+    interpreter's fp8 rounding is wrong where it carries into the exponent; exact codes are compared on CUDA).
+    K = 1100 crosses the kernel's 1024-wide block; the rows are strided; one row is zeros."""
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 256, (5, 1100), generator=g, dtype=torch.uint8).view(FP8).float()
+    codes = torch.where(codes.isnan(), torch.zeros_like(codes), codes)
+    codes[:, 7] = FP8_MAX
+    codes[3] = 0.0
+    scales = 2.0 ** torch.tensor([-12.0, -3.0, 0.0, 0.0, 5.0])
+    wide = torch.zeros(5, 1200, dtype=torch.bfloat16)
+    wide[:, :1100] = (codes * scales[:, None]).to(torch.bfloat16)
+    x = wide[:, :1100]
+    q, s = quantize_rows_triton(x)
+    ref_q, ref_s = quantize_rows_reference(x)
+    assert torch.equal(s, ref_s) and torch.equal(s[[0, 1, 2, 4], 0], scales[[0, 1, 2, 4]]) and s[3, 0] == MIN_SCALE
+    assert torch.equal(q.float(), codes) and torch.equal(q.float(), ref_q.float())
+
+
+def test_fp8_linear_matches_its_dequantized_weights():
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 96, bias=True)
+    q = Fp8Linear.from_linear(lin)
+    assert q.weight.dtype == torch.float8_e4m3fn and q.weight_scale.shape == (1, 96)
+    x = torch.randn(3, 5, 128)
+    codes, scale = quantize_rows(x.reshape(-1, 128))
+    want = (codes.float() * scale) @ q.dequantized_weight().t() + lin.bias.data
+    got = q(x)
+    assert got.shape == (3, 5, 96) and got.dtype == x.dtype
+    torch.testing.assert_close(got.reshape(-1, 96), want, rtol=1e-2, atol=1e-2)  # bf16 output of _scaled_mm
+    rel = (got - lin(x)).norm() / lin(x).norm()
+    assert 1e-4 < rel < 0.08, rel  # fp8 is lossy, but close to the float layer
+
+
+def test_fp8_linear_refuses_shapes_off_the_tensor_core_tiles():
+    with pytest.raises(BadInputError, match="multiples of 16.*quantization='int8'"):
+        Fp8Linear.from_linear(nn.Linear(100, 96))
+
+
+@pytest.mark.gpu
+def test_quantize_rows_kernel_on_gpu_equals_the_reference():
+    x = torch.randn(300, 11008, device="cuda", dtype=torch.bfloat16) * torch.logspace(-4, 4, 300, device="cuda")[:, None]
+    q, s = quantize_rows_triton(x[:, :4096])  # strided rows
+    ref_q, ref_s = quantize_rows_reference(x[:, :4096])
+    assert torch.equal(s, ref_s) and torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 5, 64, 2048])
+def test_fp8_linear_on_gpu_computes_its_codes_and_scales(M):
+    """The CUDA ``_scaled_mm`` (row-wise scales, fp8 tensor cores) against the same codes and scales in fp32."""
+    torch.manual_seed(0)
+    q = Fp8Linear.from_linear(nn.Linear(4096, 1024, bias=False)).cuda()
+    x = torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16)
+    codes, scale = quantize_rows(x)
+    a, w = codes.float() * scale, q.dequantized_weight().float()
+    bound = 2 ** -7 * (a.abs() @ w.abs().t()) + 1e-3  # bf16 output rounding of terms up to |a| @ |w|
+    assert ((q(x).float() - a @ w.t()).abs() <= bound).all()
+
+
+@pytest.mark.gpu
+def test_fp8_engine_on_gpu_matches_its_fp32_products():
+    """quantization='fp8' on the GPU (fast-accumulating _scaled_mm, the activation kernel, CUDA graphs for decode):
+    the model's logits against the same model whose fp8 linears compute their products in fp32."""
+    from onecard.engine import LLM, SamplingParams
+    from onecard.testing import make_random_checkpoint
+
+    path = make_random_checkpoint("llama-3-8b", "tiny")
+    llm = LLM(path, dtype="bfloat16", quantization="fp8", max_model_len=256, max_num_seqs=8,
+              gpu_memory_utilization=0.3)
+    model = llm.engine.runner.model
+    fp8 = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+    assert len(fp8) == 4 * model.args.num_layers
+    ids = torch.arange(3, 67, device="cuda")
+    fast = model.logits(ids).float()
+    for m in fp8:
+        m.forward = lambda x, m=m: m.reference_matmul(*quantize_rows(x.reshape(-1, m.in_features))).to(
+            x.dtype).reshape(*x.shape[:-1], m.out_features)
+    slow = model.logits(ids).float()
+    for m in fp8:
+        del m.forward
+    rel = ((fast - slow).norm() / slow.norm()).item()
+    print(f"fp8 engine logits vs fp32 products: {rel:.4f}")
+    assert rel < 2e-2
+    outs = llm.generate(["def f(x):", "import os", "class A:", "x = 1"],
+                        SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [32] * 4
