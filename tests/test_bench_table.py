@@ -54,10 +54,11 @@ def test_bench_table_smoke_cli(random_checkpoint, tmp_path):
     by = {e["row"]: e for e in r["rows"]}
     # fp8 KV is built by another change: until then the row must say "not built", never crash or fake numbers
     assert by["onecard-int4-fp8kv"]["status"] in ("ok", "not built")
-    assert all(by[k]["status"] == "ok" for k in ROWS[:5])
+    assert all(by[k]["status"] == "ok" for k in ROWS[:5]) and by["onecard-fp8-fp8kv"]["status"] == "ok"
     assert "QuantLinear" in by["hf-int8"]["note"]  # no bitsandbytes on CPU: the row says which int8 it is
     # same workload, same search budget: int4 weights read fewer bytes per step than bf16
     assert by["onecard-int4"]["bytes_per_step"] < by["onecard-int8"]["bytes_per_step"] < by["onecard-bf16"]["bytes_per_step"]
+    assert by["onecard-fp8-fp8kv"]["bytes_per_step"] < by["onecard-bf16"]["bytes_per_step"]
     # the CPU search runs against the fake KV budget: it must land on the budget's token count (fp32 K and V)
     cfg = json.loads((path / "config.json").read_text())
     kv_per_token = 2 * cfg["num_hidden_layers"] * cfg["hidden_size"] * 4

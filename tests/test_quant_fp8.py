@@ -85,29 +85,31 @@ def test_fp8_linear_on_gpu_computes_its_codes_and_scales(M):
 
 
 @pytest.mark.gpu
-def test_fp8_engine_on_gpu_matches_its_fp32_products():
-    """quantization='fp8' on the GPU (fast-accumulating _scaled_mm, the activation kernel, CUDA graphs for decode):
-    the model's logits against the same model whose fp8 linears compute their products in fp32."""
+def test_fp8_engine_on_gpu_costs_little_perplexity(tiny_model):
+    """quantization='fp8' on the GPU (fast-accumulating _scaled_mm, the activation kernel; decode in CUDA graphs):
+    the engine's model scores held-out text within 0.5 % of the bf16 engine's perplexity, and generates. (Logits
+    are not compared with fp32 products: a bf16 difference upstream flips some activation codes by one e4m3 step,
+    and on a random model those flips compound through the layers.)"""
+    from onecard.bench.perplexity import sliding_window_perplexity
     from onecard.engine import LLM, SamplingParams
-    from onecard.testing import make_random_checkpoint
+    from onecard.models import open_model_folder
+    from onecard.quant.evaluate import text_ids
+    from onecard.testing import local_corpus
 
-    path = make_random_checkpoint("llama-3-8b", "tiny")
-    llm = LLM(path, dtype="bfloat16", quantization="fp8", max_model_len=256, max_num_seqs=8,
-              gpu_memory_utilization=0.3)
-    model = llm.engine.runner.model
-    fp8 = [m for m in model.modules() if isinstance(m, Fp8Linear)]
-    assert len(fp8) == 4 * model.args.num_layers
-    ids = torch.arange(3, 67, device="cuda")
-    fast = model.logits(ids).float()
-    for m in fp8:
-        m.forward = lambda x, m=m: m.reference_matmul(*quantize_rows(x.reshape(-1, m.in_features))).to(
-            x.dtype).reshape(*x.shape[:-1], m.out_features)
-    slow = model.logits(ids).float()
-    for m in fp8:
-        del m.forward
-    rel = ((fast - slow).norm() / slow.norm()).item()
-    print(f"fp8 engine logits vs fp32 products: {rel:.4f}")
-    assert rel < 2e-2
-    outs = llm.generate(["def f(x):", "import os", "class A:", "x = 1"],
-                        SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
-    assert [len(o.outputs[0].token_ids) for o in outs] == [32] * 4
+    ids = text_ids(open_model_folder(tiny_model.path).load_tokenizer(), local_corpus().validation_text())
+    ppl = {}
+    for quantization in (None, "fp8"):
+        llm = LLM(tiny_model.path, dtype="bfloat16", quantization=quantization, max_model_len=256, max_num_seqs=8,
+                  gpu_memory_utilization=0.3)
+        model = llm.engine.runner.model
+        fn = lambda w: model.logits(w[0].cuda())[None]  # noqa: E731
+        ppl[quantization] = sliding_window_perplexity(fn, ids, 256, 128, 2048).perplexity
+        if quantization:
+            assert sum(isinstance(m, Fp8Linear) for m in model.modules()) == 4 * model.args.num_layers
+            outs = llm.generate(["def f(x):", "import os", "class A:", "x = 1"],
+                                SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
+            assert [len(o.outputs[0].token_ids) for o in outs] == [32] * 4
+        del llm, model
+    increase = ppl["fp8"] / ppl[None] - 1
+    print(f"fp8 engine ppl increase on the GPU: {increase:+.4%} ({ppl})")
+    assert abs(increase) <= 0.005, ppl

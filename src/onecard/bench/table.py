@@ -36,7 +36,7 @@ from onecard.bench.engine_bench import (EngineBenchConfig, _engine_decode, _engi
 from onecard.bench.results import free_memory, memory_capped
 from onecard.errors import BadInputError, DoesNotFitError, NotBuiltYetError, OnecardError
 
-ROWS = ("hf-bf16", "hf-int8", "onecard-bf16", "onecard-int8", "onecard-int4", "onecard-int4-fp8kv")
+ROWS = ("hf-bf16", "hf-int8", "onecard-bf16", "onecard-int8", "onecard-int4", "onecard-int4-fp8kv", "onecard-fp8-fp8kv")
 COLUMNS = ("bs1_tok_s", "ms_per_token", "ttft_ms", "offline_tok_s", "peak_gib", "max_context_tokens", "roofline_pct")
 COLUMN_TITLES = ("bs=1 tok/s", "ms/token", "TTFT ms", "offline tok/s", "peak GiB", "max context", "% roofline")
 
@@ -114,6 +114,8 @@ def _row_spec(row: str, cfg: TableConfig) -> dict:
         "onecard-int8": dict(label="onecard int8", fmt="int8", kv="auto", note="RTN per-channel on the fly"),
         "onecard-int4": dict(label="onecard int4", fmt="int4", kv="auto", note=quant_int4),
         "onecard-int4-fp8kv": dict(label="onecard int4 + fp8 KV", fmt="int4", kv="fp8", note=quant_int4),
+        "onecard-fp8-fp8kv": dict(label="onecard fp8 + fp8 KV", fmt="fp8", kv="fp8",
+                                  note="fp8 weights and activations on the fly (W8A8)"),
     }[row]
 
 
@@ -237,7 +239,8 @@ def run_engine_row(row: str, cfg: TableConfig, reqs, device: torch.device, progr
     spec = _row_spec(row, cfg)
     out: dict = {"reasons": {}, "note": spec.get("note", "")}
     quantized = row in ("onecard-int4", "onecard-int4-fp8kv") and cfg.quantized is not None
-    quantization = {"onecard-int8": "int8", "onecard-int4": "rtn-int4", "onecard-int4-fp8kv": "rtn-int4"}.get(row)
+    quantization = {"onecard-int8": "int8", "onecard-int4": "rtn-int4", "onecard-int4-fp8kv": "rtn-int4",
+                    "onecard-fp8-fp8kv": "fp8"}.get(row)
     llm = LLM(cfg.quantized if quantized else cfg.model, dtype=cfg.dtype, device=str(device),
               max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs, kv_cache_dtype=spec["kv"],
               quantization=None if quantized else quantization)
