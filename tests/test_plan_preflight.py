@@ -13,7 +13,7 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from onecard.errors import DoesNotFitError
+from onecard.errors import BadInputError, DoesNotFitError
 from onecard.plan import CardMemory, plan_inference, resolve_model
 from onecard.plan import memory as M
 from onecard.plan.engine_memory import engine_memory
@@ -255,3 +255,19 @@ def test_a_quantized_engine_sets_aside_its_dequantized_scratch_weight(monkeypatc
     assert bf16.workspace_bytes == graphs and int4.workspace_bytes == graphs + gate_up
     assert small.workspace_bytes == cuda_graph_workspace_bytes(graph_batch_sizes(16), a.vocab_size, a.hidden_size, 2)
     assert int4.activation_bytes - bf16.activation_bytes == gate_up  # the 8192-token prefill profile
+
+
+def test_fp8_quantization_is_planned_as_one_byte_weights():
+    """quantization='fp8' holds e4m3 codes (1 byte a weight) plus an fp32 scale per output channel, and no
+    dequantized scratch: the preflight plans exactly that, and refuses an unknown name with the choices."""
+    from onecard.plan.preflight import engine_weight_format
+
+    spec = resolve_model("llama-3-8b")
+    assert engine_weight_format(spec, "fp8", 2) == "fp8" and engine_weight_format(spec, "int8", 2) == "int8"
+    with pytest.raises(BadInputError, match="'fp8'"):
+        engine_weight_format(spec, "fp4", 2)
+    card = CardMemory(total_bytes=24 * GIB, free_bytes=23 * GIB, name="fake 4090")
+    bf16, fp8 = (engine_memory(spec, fmt, card, 0.9, 64, 8192) for fmt in ("bf16", "fp8"))
+    linears = sum(o * i for _, o, i in spec.linear_shapes()) * spec.args.num_layers
+    assert bf16.weights_bytes - fp8.weights_bytes == pytest.approx(linears, rel=0.01)
+    assert fp8.workspace_bytes == bf16.workspace_bytes and fp8.kv_blocks > bf16.kv_blocks

@@ -98,7 +98,6 @@ def engine_memory(spec: ModelSpec, fmt: str, memory: CardMemory, utilization: fl
     """
     from onecard.engine.model_runner import (FIXED_HEADROOM_BYTES, cuda_graph_workspace_bytes, graph_batch_sizes,
                                              graph_rows, plan_kv_cache)
-
     from onecard.kernels.wo_matmul import dequant_scratch_bytes
 
     models = [spec] if draft is None else [spec, draft]

@@ -42,9 +42,12 @@ def engine_weight_format(spec: ModelSpec, quantization: str | None, dtype_bytes:
     """The in-memory weight format the engine will hold: the checkpoint's own bits, on-the-fly RTN, or the dtype."""
     bits = spec.stored_bits
     if bits is None and quantization is not None:
-        if quantization.lower().startswith("fp8"):
+        from onecard.quant.config import QuantSpec
+
+        q = QuantSpec.parse(quantization)
+        if q.float8:
             return "fp8"
-        bits = 8 if "int8" in quantization.lower() else 4
+        bits = q.bits
     if bits is not None:
         return M.BITS_TO_FORMAT.get(bits, "int4")
     return "fp32" if dtype_bytes == 4 else "bf16"

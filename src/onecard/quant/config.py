@@ -87,5 +87,5 @@ class QuantSpec:
             g = int(s[10:])
             check_bits_group(4, g)
             return cls(4, g, False)
-        raise BadInputError(f"quantization {spec!r} is not supported; use 'rtn-int4', 'rtn-int4-g64', 'int8' or 'fp8', "
-                            "or pass a folder made by `onecard quantize`")
+        raise BadInputError(f"quantization {spec!r} is not supported; use 'rtn-int4', 'rtn-int4-g64', 'int8' or "
+                            "'fp8', or pass a folder made by `onecard quantize`")
