@@ -9,7 +9,7 @@ import torch
 from onecard.engine import LLM, SamplingParams
 from onecard.engine.config import EngineConfig
 from onecard.engine.offload import expected_tok_s, offloaded_indices, resident_step_bytes
-from onecard.errors import BadInputError, NotBuiltYetError
+from onecard.errors import BadInputError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = ["def add(a, b):\n    return", "import os\nimport sys\n", "class Point:\n    def __init__(self"]
@@ -52,7 +52,7 @@ def test_logits_identical_with_offload(tiny_model, n):
         assert torch.equal(_logits(llm, ids), ref)
 
 
-@pytest.mark.parametrize("quantization", [None, "rtn-int4"])
+@pytest.mark.parametrize("quantization", [None, "rtn-int4", "fp8"])
 def test_greedy_generation_identical_with_offload(random_checkpoint, tiny_model, quantization):
     path = tiny_model.path if quantization is None else random_checkpoint("llama-2-7b")
     sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -63,9 +63,10 @@ def test_greedy_generation_identical_with_offload(random_checkpoint, tiny_model,
     ref = [o.outputs[0].token_ids for o in plain.generate(PROMPTS, sp, use_tqdm=False)]
     assert [o.outputs[0].token_ids for o in off.generate(PROMPTS, sp, use_tqdm=False)] == ref
     if quantization:
-        from onecard.quant import QuantLinear
+        from onecard.quant import Fp8Linear, QuantLinear
 
-        assert isinstance(off.engine.runner.model.offload.layers[0].mlp.down_proj, QuantLinear)
+        want = Fp8Linear if quantization == "fp8" else QuantLinear
+        assert isinstance(off.engine.runner.model.offload.layers[0].mlp.down_proj, want)
 
 
 def test_interrupted_forward_recovers(tiny_model):
@@ -94,7 +95,3 @@ def test_expected_tok_s_is_host_link_plus_card_time():
     assert expected_tok_s(10**9, 10**10, 25.0, 1000.0) == pytest.approx(20.0)
     assert expected_tok_s(10**9, 10**10, 25.0, None) == pytest.approx(25.0)  # card unknown: host link only
 
-
-def test_fp8_offload_is_refused_as_not_built(random_checkpoint):
-    with pytest.raises(NotBuiltYetError, match="quantization='fp8' with offload_layers"):
-        _llm(random_checkpoint("llama-2-7b"), quantization="fp8", offload_layers=2)

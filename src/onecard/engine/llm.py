@@ -149,9 +149,6 @@ def check_quant_request(folder, config: EngineConfig, dtype: torch.dtype, device
         from onecard.quant.fp8 import check_fp8_device
 
         check_fp8_device(device)
-        if offload:
-            raise NotBuiltYetError("quantization='fp8' with offload_layers is not built yet: the layer streamer "
-                                   "packs int4/int8 layers only; use quantization='rtn-int4' to offload")
     if config.int4_kernel == "tinygemm":
         if folder.quantization_config is None and config.quantization is None:
             raise BadInputError(f"int4_kernel={config.int4_kernel!r} applies to int4 weights but "
