@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from onecard.engine import LLM, SamplingParams
-from onecard.errors import BadInputError, NotBuiltYetError, OnecardError
+from onecard.errors import BadInputError, OnecardError
 from onecard.testing import make_random_checkpoint
 
 PROMPTS = [[5, 9, 13, 17, 21, 25, 29, 33, 37, 41, 45, 49, 53, 57, 61, 65, 69, 73, 77], [7, 3, 11], [100] * 12]
@@ -115,12 +115,6 @@ def test_quantized_split_that_cuts_a_group_is_refused_before_starting():
     folder = make_random_checkpoint("llama-2-7b", "tiny")  # MLP 704 wide: 352 per rank, not whole groups of 128
     with pytest.raises(BadInputError, match="not a multiple of the group size 128"):
         LLM(folder, tensor_parallel_size=2, quantization="rtn-int4", **ENGINE)
-    assert not torch.distributed.is_initialized()
-
-
-def test_fp8_with_tensor_parallel_is_refused_as_not_built():
-    with pytest.raises(NotBuiltYetError, match="quantization='fp8' with tensor_parallel_size>1"):
-        LLM(make_random_checkpoint("llama-2-7b", "tiny"), tensor_parallel_size=2, quantization="fp8", **ENGINE)
     assert not torch.distributed.is_initialized()
 
 

@@ -21,6 +21,9 @@ after quantization, so every rank holds exactly the codes, scales and zeros
 of the single-GPU model: a column-parallel slice keeps whole output columns
 of the packed tensors; a row-parallel slice keeps whole quantization groups
 (``check_tp_groups`` refuses a group size that would straddle two ranks).
+fp8 models (``Fp8Linear``) slice the same way; a row-parallel rank quantizes its
+part of each token with that part's own scale, so their sum is close to the
+one-GPU layer's, not equal to it.
 """
 
 from __future__ import annotations
@@ -234,9 +237,10 @@ def _kv_head_range(args: ModelArgs, tp_rank: int, tp_size: int) -> tuple[int, in
 
 def keep_out_features_(lin: nn.Module, rows: torch.Tensor) -> None:
     """Column-parallel: keep output features ``rows`` of a dense, quantized or concatenated linear, in place."""
+    from onecard.quant import Fp8Linear
     from onecard.quant.linear import ConcatLinear, QuantLinear
 
-    if isinstance(lin, QuantLinear):
+    if isinstance(lin, (QuantLinear, Fp8Linear)):
         lin.keep_out_features_(rows)
     elif isinstance(lin, ConcatLinear):  # q/k/v (gate/up) kept as separate quantized parts: split rows among them
         first = 0
@@ -253,21 +257,22 @@ def keep_out_features_(lin: nn.Module, rows: torch.Tensor) -> None:
         bias = lin.bias.index_select(0, rows) if lin.bias is not None else None
         _replace_(lin, lin.weight.index_select(0, rows), bias)
     else:
-        raise NotBuiltYetError(f"tensor parallelism of a {type(lin).__name__} layer is not built; shard the bf16 "
-                               "or the int4/int8 model")
+        raise NotBuiltYetError(f"tensor parallelism of a {type(lin).__name__} layer is not built; shard the bf16, "
+                               "int4/int8 or fp8 model")
 
 
 def keep_in_features_(lin: nn.Module, start: int, length: int) -> None:
     """Row-parallel: keep input features ``[start, start + length)`` of a dense or quantized linear, in place."""
+    from onecard.quant import Fp8Linear
     from onecard.quant.linear import QuantLinear
 
-    if isinstance(lin, QuantLinear):
+    if isinstance(lin, (QuantLinear, Fp8Linear)):
         lin.keep_in_features_(start, length)
     elif type(lin) is nn.Linear:
         _replace_(lin, lin.weight.narrow(1, start, length), None)
     else:
-        raise NotBuiltYetError(f"tensor parallelism of a {type(lin).__name__} layer is not built; shard the bf16 "
-                               "or the int4/int8 model")
+        raise NotBuiltYetError(f"tensor parallelism of a {type(lin).__name__} layer is not built; shard the bf16, "
+                               "int4/int8 or fp8 model")
 
 
 def _replace_(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:

@@ -276,11 +276,7 @@ def check_tp_request(config: EngineConfig, folder, dtype: torch.dtype, device: t
     if config.quantization is not None:
         from onecard.quant.config import QuantSpec
 
-        spec = QuantSpec.parse(config.quantization)
-        if spec.float8:
-            raise NotBuiltYetError("quantization='fp8' with tensor_parallel_size>1 is not built yet (the shards "
-                                   "slice int4/int8 layers only); use quantization='int8' or one GPU")
-        check_tp_groups(args, tp, spec.group_size)
+        check_tp_groups(args, tp, QuantSpec.parse(config.quantization).group_size)
     elif folder.quantization_config is not None:
         from onecard.quant.checkpoint import QuantFormat
 

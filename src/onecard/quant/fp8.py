@@ -34,6 +34,12 @@ def check_fp8_device(device: torch.device) -> None:
                             f"{torch.cuda.get_device_capability(device)}; use quantization='int8'")
 
 
+def _check_tiles(in_features: int, out_features: int) -> None:
+    if in_features % 16 or out_features % 16:
+        raise BadInputError(f"an fp8 linear needs in and out features that are multiples of 16 (fp8 tensor-core "
+                            f"tiles), this one is {in_features} -> {out_features}; use quantization='int8'")
+
+
 class Fp8Linear(nn.Module):
     """``y = x @ W.T + b`` with ``W = weight * weight_scale`` stored as e4m3 codes ``[out, in]`` and fp32 scales
     ``[1, out]`` (buffers, not parameters: inference only)."""
@@ -41,9 +47,7 @@ class Fp8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
-        if in_features % 16 or out_features % 16:
-            raise BadInputError(f"an fp8 linear needs in and out features that are multiples of 16 (fp8 tensor-core "
-                                f"tiles), this one is {in_features} -> {out_features}; use quantization='int8'")
+        _check_tiles(in_features, out_features)
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=FP8, device=device))
         self.register_buffer("weight_scale", torch.ones(1, out_features, dtype=torch.float32, device=device))
@@ -60,6 +64,27 @@ class Fp8Linear(nn.Module):
         if linear.bias is not None:
             mod.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
         return mod
+
+    def keep_out_features_(self, rows: torch.Tensor) -> None:
+        """Column-parallel shard, in place: keep output features ``rows`` (a weight row and its scale each: exact)."""
+        rows = rows.to(self.weight.device, torch.long)
+        _check_tiles(self.in_features, rows.numel())
+        self.weight = self.weight.index_select(0, rows).contiguous()
+        self.weight_scale = self.weight_scale.index_select(1, rows).contiguous()
+        if self.bias is not None:
+            self.bias = nn.Parameter(self.bias.index_select(0, rows).contiguous(), requires_grad=False)
+        self.out_features = rows.numel()
+
+    def keep_in_features_(self, start: int, length: int) -> None:
+        """Row-parallel shard, in place: keep input features ``[start, start + length)``; the caller sums the
+        partial outputs over ranks. Each rank then quantizes its part of a token with that part's own scale (as
+        vLLM's fp8 does), so the sum is close to, not equal to, the one-GPU layer's."""
+        if self.bias is not None:
+            raise BadInputError("a row-parallel fp8 linear with a bias would add it once per rank; onecard's models "
+                                "have none there")
+        _check_tiles(length, self.out_features)
+        self.weight = self.weight.narrow(1, start, length).contiguous()
+        self.in_features = length
 
     def weight_bytes(self) -> int:
         """Bytes a matmul reads for the weight (codes + scales), as ``QuantLinear.weight_bytes``."""
