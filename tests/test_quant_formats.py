@@ -163,3 +163,5 @@ def test_rejects_unsupported_quant_configs():
         QuantFormat.from_config({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"})
     with pytest.raises(UnsupportedModelError, match="bitsandbytes"):
         QuantFormat.from_config({"quant_method": "bitsandbytes"})
+    with pytest.raises(UnsupportedModelError, match="16-bit model with quantization='fp8'"):
+        QuantFormat.from_config({"quant_method": "compressed-tensors", "format": "float-quantized"})

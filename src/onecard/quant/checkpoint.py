@@ -51,7 +51,8 @@ class QuantFormat:
             if str(qc.get("version", "gemm")).lower() != "gemm":
                 raise UnsupportedModelError(f"AWQ version '{qc.get('version')}' is not supported; onecard reads 'gemm'")
         else:
-            raise UnsupportedModelError(f"quant_method '{method}' is not supported; onecard reads gptq and awq checkpoints")
+            raise UnsupportedModelError(f"quant_method '{method}' is not supported; onecard reads gptq and awq "
+                                        "checkpoints (for fp8, load the 16-bit model with quantization='fp8')")
         if bits not in (4, 8) or (method == "awq" and bits != 4):
             raise UnsupportedModelError(f"{method} {bits}-bit checkpoints are not supported; onecard runs 4-bit (and 8-bit GPTQ)")
         if gs not in (32, 64, 128, -1):
