@@ -140,14 +140,15 @@ def check_quant_request(folder, config: EngineConfig, dtype: torch.dtype, device
     if folder.quantization_config is not None and config.quantization is not None:
         raise BadInputError(f"quantization={config.quantization!r} but '{folder.path}' is already quantized "
                             f"({folder.quantization_config.get('quant_method', '?')}); drop quantization=")
+    from onecard.quant.fp8 import check_fp8_device
+    from onecard.quant.fp8_checkpoint import fp8_checkpoint_format
+
     spec = None
     if config.quantization is not None:
         from onecard.quant.config import QuantSpec
 
         spec = QuantSpec.parse(config.quantization)
-    if spec is not None and spec.float8:
-        from onecard.quant.fp8 import check_fp8_device
-
+    if (spec is not None and spec.float8) or fp8_checkpoint_format(folder.quantization_config):
         check_fp8_device(device)
     if config.int4_kernel == "tinygemm":
         if folder.quantization_config is None and config.quantization is None:

@@ -279,8 +279,10 @@ def check_tp_request(config: EngineConfig, folder, dtype: torch.dtype, device: t
         check_tp_groups(args, tp, QuantSpec.parse(config.quantization).group_size)
     elif folder.quantization_config is not None:
         from onecard.quant.checkpoint import QuantFormat
+        from onecard.quant.fp8_checkpoint import fp8_checkpoint_format
 
-        check_tp_groups(args, tp, QuantFormat.from_config(folder.quantization_config).group_size)
+        if not fp8_checkpoint_format(folder.quantization_config):  # fp8 scales are per channel: any split works
+            check_tp_groups(args, tp, QuantFormat.from_config(folder.quantization_config).group_size)
     if dist.is_initialized():
         raise BadInputError("this process already belongs to a torch.distributed process group; LLM("
                             "tensor_parallel_size>1) starts its own: create it outside torchrun, or close the other")

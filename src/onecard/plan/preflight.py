@@ -40,6 +40,8 @@ class EnginePreflight:
 
 def engine_weight_format(spec: ModelSpec, quantization: str | None, dtype_bytes: int) -> str:
     """The in-memory weight format the engine will hold: the checkpoint's own bits, on-the-fly RTN, or the dtype."""
+    if spec.stored_fp8:
+        return "fp8"
     bits = spec.stored_bits
     if bits is None and quantization is not None:
         from onecard.quant.config import QuantSpec

@@ -66,11 +66,18 @@ class ModelSpec:
                 ("down_proj", a.hidden_size, a.intermediate_size)]
 
     @property
+    def stored_fp8(self) -> bool:
+        """An fp8 checkpoint (AutoFP8's ``fp8`` or compressed-tensors): its linears load as ``Fp8Linear``."""
+        return str((self.quantization or {}).get("quant_method", "")).lower() in ("fp8", "compressed-tensors")
+
+    @property
     def stored_bits(self) -> int | None:
         """Bits of a quantized checkpoint (from its quantization_config), None for a 16-bit one."""
         q = self.quantization
         if not q:
             return None
+        if self.stored_fp8:
+            return 8
         if q.get("load_in_4bit") or q.get("bnb_4bit_quant_type"):
             return 4
         if q.get("load_in_8bit"):

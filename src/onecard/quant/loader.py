@@ -20,6 +20,8 @@ from onecard.models.folder import ModelFolder, open_model_folder
 from onecard.quant.checkpoint import QUANT_SUFFIXES, QuantFormat, quantized_modules, read_quantized
 from onecard.quant.config import QuantSpec
 from onecard.quant.fp8 import Fp8Linear
+from onecard.quant.fp8_checkpoint import (SCALE_SUFFIXES, fp8_checkpoint_format, fp8_modules, fused_fp8_linear,
+                                          load_fp8_model)
 from onecard.quant.linear import ConcatLinear, QuantLinear, concat_quantized
 from onecard.quant.rtn import QuantizedWeight
 
@@ -51,32 +53,43 @@ def _fused_module(parts: list[QuantizedWeight], device) -> nn.Module:
     return ConcatLinear([QuantLinear.from_quantized(p) for p in parts])
 
 
-@torch.no_grad()
-def load_quantized_model(folder: str | Path | ModelFolder, dtype: torch.dtype = torch.bfloat16,
-                         device: str | torch.device = "cuda", max_positions: int | None = None,
-                         progress: bool = False):
-    """onecard's ``LlamaModel`` with ``QuantLinear`` in place of every quantized linear (GPTQ or AWQ folder)."""
-    from onecard.models.llama import LlamaModel
-    from onecard.models.loader import load_weights
-
-    f, fmt = _folder(folder)
-    args = f.model_args()
-    present = set(quantized_modules(f))
-    with torch.device("meta"):
-        model = LlamaModel(args, max_positions)
-    # Which fused linears are quantized in the file (all of q/k/v, or none: never half).
+def fused_groups(model: nn.Module, folder: ModelFolder, present: set[str]) -> dict[tuple[int, str], tuple[str, ...]]:
+    """``(layer, our fused linear) -> its HF modules`` for every fused linear whose modules are all in ``present``
+    (quantized in the file), each replaced by a placeholder so the dense weight is never allocated; a layer that
+    quantizes only some of q/k/v (gate/up) is refused: they are fused."""
     swap: dict[tuple[int, str], tuple[str, ...]] = {}
-    for i in range(args.num_layers):
+    for i in range(model.args.num_layers):
         for ours, hf_parts in FUSED_FROM_HF.items():
             names = [f"model.layers.{i}.{p}" for p in hf_parts]
             have = [n in present for n in names]
             if all(have):
                 swap[(i, ours)] = tuple(names)
                 parent, attr = ours.split(".")
-                setattr(getattr(model.layers[i], parent), attr, nn.Identity())  # placeholder: no dense allocation
+                setattr(getattr(model.layers[i], parent), attr, nn.Identity())
             elif any(have):
-                raise ModelFolderError(f"'{f.path}' quantizes only some of {hf_parts} in layer {i}; "
+                raise ModelFolderError(f"'{folder.path}' quantizes only some of {hf_parts} in layer {i}; "
                                        "onecard fuses them and needs all or none")
+    return swap
+
+
+@torch.no_grad()
+def load_quantized_model(folder: str | Path | ModelFolder, dtype: torch.dtype = torch.bfloat16,
+                         device: str | torch.device = "cuda", max_positions: int | None = None,
+                         progress: bool = False):
+    """onecard's ``LlamaModel`` with ``QuantLinear`` in place of every quantized linear (GPTQ or AWQ folder), or
+    ``Fp8Linear`` for an fp8 folder (``fp8_checkpoint``)."""
+    from onecard.models.llama import LlamaModel
+    from onecard.models.loader import load_weights
+
+    f = folder if isinstance(folder, ModelFolder) else open_model_folder(folder)
+    fp8 = fp8_checkpoint_format(f.quantization_config)
+    if fp8:
+        return load_fp8_model(f, fp8, dtype, device, max_positions, progress)
+    f, fmt = _folder(f)
+    args = f.model_args()
+    with torch.device("meta"):
+        model = LlamaModel(args, max_positions)
+    swap = fused_groups(model, f, set(quantized_modules(f)))
     model = model.to_empty(device=device).to(dtype)
     if args.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
@@ -182,25 +195,34 @@ def load_rtn_model(folder: str | Path | ModelFolder, spec: str | QuantSpec, dtyp
 
 @torch.no_grad()
 def load_quantized_hf(folder: str | Path | ModelFolder, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """A transformers model with our ``QuantLinear`` modules: the reference path for quality checks.
+    """A transformers model with our ``QuantLinear`` (``Fp8Linear``) modules: the reference path for quality checks.
 
     Independent of onecard's engine, so perplexity of a quantized folder can be
     compared with the float HF model through the same code.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    f, fmt = _folder(folder)
+    f = folder if isinstance(folder, ModelFolder) else open_model_folder(folder)
+    fp8 = fp8_checkpoint_format(f.quantization_config)
     cfg = AutoConfig.for_model(**{k: v for k, v in f.config.items() if k != "quantization_config"})
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device)
-    mods = quantized_modules(f)
+    if fp8:
+        mods, stored = sorted(fp8_modules(f)), lambda n: n.endswith(SCALE_SUFFIXES) or n[: -len(".weight")] in mods
+    else:
+        f, fmt = _folder(f)
+        mods, stored = quantized_modules(f), lambda n: n.endswith(QUANT_SUFFIXES)
     for name in mods:
         parent_name, attr = name.rsplit(".", 1)
         old = model.get_submodule(name)
-        qw = read_quantized(f, fmt, name, device=device)
-        setattr(model.get_submodule(parent_name), attr, QuantLinear.from_quantized(qw, old.bias))
-    state = {n: t for n, t in f.iter_tensors({n for n in f.tensors if not n.endswith(QUANT_SUFFIXES)})}
+        if fp8:
+            new = fused_fp8_linear(f, (name,), device)
+            new.bias = old.bias
+        else:
+            new = QuantLinear.from_quantized(read_quantized(f, fmt, name, device=device), old.bias)
+        setattr(model.get_submodule(parent_name), attr, new)
+    state = {n: t for n, t in f.iter_tensors({n for n in f.tensors if not stored(n)})}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    quant_buffers = {f"{m}.{b}" for m in mods for b in ("qweight", "scales", "zeros", "perm")}
+    quant_buffers = {f"{m}.{b}" for m in mods for b in ("qweight", "scales", "zeros", "perm", "weight", "weight_scale")}
     missing = [m for m in missing if m not in quant_buffers and not (cfg.tie_word_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
         raise ModelFolderError(f"'{f.path}' does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
