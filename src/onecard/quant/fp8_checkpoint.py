@@ -1,4 +1,4 @@
-"""Read fp8 checkpoints into ``Fp8Linear``: compressed-tensors ``float-quantized`` (what llm-compressor writes, the
+"""fp8 checkpoints for ``Fp8Linear``: compressed-tensors ``float-quantized`` (what llm-compressor writes, the
 "FP8-dynamic" models) and AutoFP8's ``quant_method: fp8`` (what vLLM reads as "fp8").
 
 Both store a quantized linear as ``<module>.weight`` (float8 e4m3, ``[out, in]``) and ``<module>.weight_scale``:
@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 
 import torch
-from torch import nn
 
 from onecard.errors import ModelFolderError, NotBuiltYetError, UnsupportedModelError
 from onecard.models.folder import ModelFolder
@@ -60,7 +59,8 @@ def fp8_modules(folder: ModelFolder) -> set[str]:
     return mods
 
 
-def _note_activation_scheme(folder: ModelFolder, fmt: str) -> None:
+def note_activation_scheme(folder: ModelFolder, fmt: str) -> None:
+    """Say once when the checkpoint asks for activations onecard does not compute (it always scales per token)."""
     qc = folder.quantization_config
     if fmt == "fp8":
         static = qc.get("activation_scheme", "dynamic") != "dynamic"
@@ -92,37 +92,3 @@ def fused_fp8_linear(folder: ModelFolder, names: tuple[str, ...], device: torch.
     mod.weight = w.to(device)
     mod.weight_scale = torch.cat(scales)[None].contiguous().to(device)
     return mod
-
-
-@torch.no_grad()
-def load_fp8_model(folder: ModelFolder, fmt: str, dtype: torch.dtype, device: str | torch.device,
-                   max_positions: int | None = None, progress: bool = False):
-    """onecard's ``LlamaModel`` from an fp8 folder, the fp8 linears never dequantized (see the module docstring)."""
-    from onecard.models.llama import LlamaModel
-    from onecard.models.loader import load_weights
-    from onecard.quant.loader import fused_groups
-
-    _note_activation_scheme(folder, fmt)
-    args = folder.model_args()
-    with torch.device("meta"):
-        model = LlamaModel(args, max_positions)
-    swap = fused_groups(model, folder, fp8_modules(folder))
-    model = model.to_empty(device=device).to(dtype)
-    if args.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.rotary.init_table()
-    items = swap.items()
-    if progress:
-        from rich.progress import track
-
-        items = track(list(items), description="loading fp8 linears", transient=True)
-    for (i, ours), names in items:
-        mod = fused_fp8_linear(folder, names, device)
-        if any(f"{n}.bias" in folder.tensors for n in names):
-            mod.bias = nn.Parameter(torch.zeros(mod.out_features, device=device, dtype=dtype),
-                                    requires_grad=False)  # filled by load_weights below (fused rows)
-        parent, attr = ours.split(".")
-        setattr(getattr(model.layers[i], parent), attr, mod)
-    fp8 = {f"{n}.weight" for names in swap.values() for n in names}
-    load_weights(model, folder, skip=lambda n: n.endswith(SCALE_SUFFIXES) or n in fp8, progress=progress)
-    return model.eval().requires_grad_(False)

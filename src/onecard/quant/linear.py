@@ -226,6 +226,10 @@ class ConcatLinear(nn.Module):
         self.parts = nn.ModuleList(parts)
         self.bias: nn.Parameter | None = None  # a fused bias (loaded into our fused rows) is added here
 
+    @property
+    def out_features(self) -> int:
+        return sum(p.out_features for p in self.parts)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.cat([p(x) for p in self.parts], dim=-1)
         return y + self.bias.to(y.dtype) if self.bias is not None else y

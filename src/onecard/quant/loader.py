@@ -21,7 +21,7 @@ from onecard.quant.checkpoint import QUANT_SUFFIXES, QuantFormat, quantized_modu
 from onecard.quant.config import QuantSpec
 from onecard.quant.fp8 import Fp8Linear
 from onecard.quant.fp8_checkpoint import (SCALE_SUFFIXES, fp8_checkpoint_format, fp8_modules, fused_fp8_linear,
-                                          load_fp8_model)
+                                          note_activation_scheme)
 from onecard.quant.linear import ConcatLinear, QuantLinear, concat_quantized
 from onecard.quant.rtn import QuantizedWeight
 
@@ -78,18 +78,32 @@ def load_quantized_model(folder: str | Path | ModelFolder, dtype: torch.dtype = 
                          progress: bool = False):
     """onecard's ``LlamaModel`` with ``QuantLinear`` in place of every quantized linear (GPTQ or AWQ folder), or
     ``Fp8Linear`` for an fp8 folder (``fp8_checkpoint``)."""
-    from onecard.models.llama import LlamaModel
-    from onecard.models.loader import load_weights
-
     f = folder if isinstance(folder, ModelFolder) else open_model_folder(folder)
     fp8 = fp8_checkpoint_format(f.quantization_config)
     if fp8:
-        return load_fp8_model(f, fp8, dtype, device, max_positions, progress)
+        note_activation_scheme(f, fp8)
+        stored = {f"{m}.weight" for m in fp8_modules(f)}
+        return _load_swapped(f, dtype, device, max_positions, progress, fp8_modules(f),
+                             lambda names: fused_fp8_linear(f, names, device),
+                             lambda n: n.endswith(SCALE_SUFFIXES) or n in stored)
     f, fmt = _folder(f)
+    return _load_swapped(f, dtype, device, max_positions, progress, set(quantized_modules(f)),
+                         lambda names: _fused_module([read_quantized(f, fmt, n) for n in names], device),
+                         lambda n: n.endswith(QUANT_SUFFIXES))
+
+
+def _load_swapped(f: ModelFolder, dtype: torch.dtype, device, max_positions: int | None, progress: bool,
+                  present: set[str], build, stored) -> nn.Module:
+    """Our model with every fused linear whose HF modules are all in ``present`` made by ``build(names)``, its
+    dense weight never allocated (built on the meta device, swapped, then the rest materialized); every other
+    tensor loads as usual (``stored(name)``: the quantized tensors ``build`` read)."""
+    from onecard.models.llama import LlamaModel
+    from onecard.models.loader import load_weights
+
     args = f.model_args()
     with torch.device("meta"):
         model = LlamaModel(args, max_positions)
-    swap = fused_groups(model, f, set(quantized_modules(f)))
+    swap = fused_groups(model, f, present)
     model = model.to_empty(device=device).to(dtype)
     if args.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
@@ -100,15 +114,13 @@ def load_quantized_model(folder: str | Path | ModelFolder, dtype: torch.dtype = 
 
         items = track(list(items), description="loading quantized linears", transient=True)
     for (i, ours), names in items:
-        parts = [read_quantized(f, fmt, n) for n in names]
-        parent, attr = ours.split(".")
-        mod = _fused_module(parts, device)
-        bias_rows = [f.tensors.get(f"{n}.bias") for n in names]
-        if any(b is not None for b in bias_rows):
-            mod.bias = nn.Parameter(torch.zeros(sum(p.out_features for p in parts), device=device, dtype=dtype),
+        mod = build(names)
+        if any(f"{n}.bias" in f.tensors for n in names):
+            mod.bias = nn.Parameter(torch.zeros(mod.out_features, device=device, dtype=dtype),
                                     requires_grad=False)  # filled by load_weights below (fused rows)
+        parent, attr = ours.split(".")
         setattr(getattr(model.layers[i], parent), attr, mod)
-    load_weights(model, f, skip=lambda n: n.endswith(QUANT_SUFFIXES), progress=progress)
+    load_weights(model, f, skip=stored, progress=progress)
     return model.eval().requires_grad_(False)
 
 
