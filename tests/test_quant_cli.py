@@ -50,6 +50,7 @@ def _invoke(*args: str):
     (["--bits", "3"], "--bits 3 is not supported"),
     (["--group-size", "100"], "--group-size 100 is not supported"),
     (["--method", "awq", "--bits", "8"], "AWQ"),
+    (["--method", "fp8", "--bits", "4"], "fp8 stores e4m3 weights"),
 ])
 def test_cli_bad_input(random_checkpoint, tmp_path, args, message):
     from onecard.errors import BadInputError
@@ -79,3 +80,22 @@ def test_cli_eval_rejects_missing_data_and_long_context(rtn_dir, tmp_path):
     data.write_text("x = 1\n" * 10)
     res = _invoke("eval", "ppl", str(rtn_dir), "--data", str(data), "--context", "100000")
     assert "max_position_embeddings" in str(res.exception)
+
+
+def test_cli_quantize_fp8_writes_compressed_tensors_that_load_as_on_the_fly_fp8(random_checkpoint, tmp_path):
+    """--method fp8 (bits and group size default to 8 and -1): the folder loads into exactly the model that
+    quantization='fp8' builds from the source on the fly (fp32 source: scales stored in fp32)."""
+    import torch
+
+    from onecard.quant import load_quantized_model, load_rtn_model
+
+    src = random_checkpoint("llama-2-7b")
+    res = _invoke("quantize", str(src), "--method", "fp8", "--out", str(tmp_path / "f8"))
+    assert res.exit_code == 0, res.output
+    assert "compressed-tensors fp8" in res.output
+    qc = json.loads((tmp_path / "f8" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "float-quantized"
+    ours, fly = load_quantized_model(tmp_path / "f8", torch.float32, "cpu"), load_rtn_model(src, "fp8", torch.float32,
+                                                                                           "cpu")
+    ids = torch.arange(3, 30)
+    assert torch.equal(ours.logits(ids), fly.logits(ids))

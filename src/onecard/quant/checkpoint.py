@@ -62,6 +62,14 @@ class QuantFormat:
 
 def quantization_config(method: str, bits: int, group_size: int, sym: bool, act_order: bool,
                         damp_percent: float) -> dict:
+    if method == "fp8":  # compressed-tensors, as llm-compressor writes "FP8-dynamic" (vLLM reads it too)
+        return {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+                "config_groups": {"group_0": {
+                    "targets": ["Linear"],
+                    "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True,
+                                "dynamic": False},
+                    "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True,
+                                          "dynamic": True}}}}
     if method == "awq":
         return {"quant_method": "awq", "bits": bits, "group_size": group_size, "zero_point": True, "version": "gemm",
                 "modules_to_not_convert": None}

@@ -8,7 +8,7 @@ from pathlib import Path
 from onecard.errors import BadInputError
 from onecard.quant.rtn import check_bits_group
 
-METHODS = ("gptq", "awq", "rtn")
+METHODS = ("gptq", "awq", "rtn", "fp8")
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,11 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise BadInputError(f"--method {self.method!r} is not supported; use one of {', '.join(METHODS)}")
-        check_bits_group(self.bits, self.group_size)
+        if self.method != "fp8":
+            check_bits_group(self.bits, self.group_size)
+        if self.method == "fp8" and (self.bits != 8 or self.group_size != -1 or self.act_order):
+            raise BadInputError("fp8 stores e4m3 weights with one scale per output channel: use --bits 8 "
+                                "--group-size -1 (the defaults for --method fp8), no --act-order")
         if self.method == "awq" and self.bits != 4:
             raise BadInputError("AWQ writes the 4-bit AWQ GEMM layout; use --bits 4 (or --method gptq/rtn for 8-bit)")
         if self.method == "awq" and self.group_size == -1:
@@ -52,7 +56,7 @@ class QuantConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method != "rtn"
+        return self.method not in ("rtn", "fp8")
 
     @property
     def effective_sym(self) -> bool:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from onecard.errors import BadInputError
+from onecard.kernels.fp8_quant import quantize_rows_reference
 from onecard.models.folder import ModelFolder, open_model_folder
 from onecard.quant import awq as awq_mod
 from onecard.quant.calibration import calibration_tokens
@@ -194,6 +195,20 @@ def _quantize_layer_awq(layer, xs, pe, cfg: QuantConfig, max_tokens: int = 8192)
     return out
 
 
+def _write_fp8_layer(layer, prefix: str, tensors: dict[str, torch.Tensor], save_dtype: torch.dtype) -> None:
+    """A decoder layer in compressed-tensors fp8: each linear's e4m3 codes and ``[out, 1]`` channel scales (the
+    arithmetic of ``quantization="fp8"``), everything else as stored."""
+    linears = {n for names in SEQUENTIAL for n in names}
+    for n, t in layer.state_dict().items():
+        module = n.rsplit(".", 1)[0]
+        if module in linears and n.endswith(".weight"):
+            codes, scale = quantize_rows_reference(t.float())
+            tensors[prefix + n] = codes.cpu()
+            tensors[f"{prefix}{module}.weight_scale"] = scale.to("cpu", save_dtype)
+        else:
+            tensors[prefix + n] = t.to("cpu", save_dtype)
+
+
 def _work_dtype(folder: ModelFolder, device: torch.device) -> torch.dtype:
     if device.type != "cuda":
         return torch.float32
@@ -203,7 +218,8 @@ def _work_dtype(folder: ModelFolder, device: torch.device) -> torch.dtype:
 
 def quantize_model_folder(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig, overwrite: bool = False,
                           device: str | None = None, progress: bool = True) -> QuantReport:
-    """Quantize ``model_dir`` into ``out_dir`` (GPTQ layout for gptq/rtn, AWQ layout for awq)."""
+    """Quantize ``model_dir`` into ``out_dir`` (GPTQ layout for gptq/rtn, AWQ layout for awq, compressed-tensors
+    fp8 for fp8)."""
     t0 = time.perf_counter()
     folder = open_model_folder(model_dir)
     if folder.quantization_config:
@@ -238,20 +254,23 @@ def quantize_model_folder(model_dir: str | Path, out_dir: str | Path, cfg: Quant
         with torch.no_grad():
             for i in range(args.num_layers):
                 layer = hf.layer(i)
-                if cfg.method == "awq":
-                    qws = _quantize_layer_awq(layer, xs, pe, cfg)
-                else:
-                    qws, loss = _quantize_layer_gptq_rtn(layer, xs, pe, cfg)
-                    total_loss += loss
-                if xs is not None:
-                    xs = _run_layer(layer, xs, pe)
                 prefix = f"model.layers.{i}."
-                for n, qw in qws.items():
-                    for suffix, t in pack(qw).items():
-                        tensors[f"{prefix}{n}.{suffix}"] = t.cpu()
-                for n, t in layer.state_dict().items():  # norms (AWQ-rescaled), biases
-                    if not (n.endswith(".weight") and n.rsplit(".", 1)[0] in qws):
-                        tensors[prefix + n] = t.to("cpu", save_dtype)
+                if cfg.method == "fp8":
+                    _write_fp8_layer(layer, prefix, tensors, save_dtype)
+                else:
+                    if cfg.method == "awq":
+                        qws = _quantize_layer_awq(layer, xs, pe, cfg)
+                    else:
+                        qws, loss = _quantize_layer_gptq_rtn(layer, xs, pe, cfg)
+                        total_loss += loss
+                    if xs is not None:
+                        xs = _run_layer(layer, xs, pe)
+                    for n, qw in qws.items():
+                        for suffix, t in pack(qw).items():
+                            tensors[f"{prefix}{n}.{suffix}"] = t.cpu()
+                    for n, t in layer.state_dict().items():  # norms (AWQ-rescaled), biases
+                        if not (n.endswith(".weight") and n.rsplit(".", 1)[0] in qws):
+                            tensors[prefix + n] = t.to("cpu", save_dtype)
                 hf.release(i)
                 del layer
                 if bar:
