@@ -62,6 +62,11 @@ class ModelArgs:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    def fused_linear_shapes(self) -> list[tuple[int, int]]:
+        """``(in, out)`` of one decoder layer's linears as onecard's model fuses them: qkv, o, gate/up, down."""
+        return [(self.hidden_size, self.q_size + 2 * self.kv_size), (self.q_size, self.hidden_size),
+                (self.hidden_size, 2 * self.intermediate_size), (self.intermediate_size, self.hidden_size)]
+
     @property
     def family(self) -> str:
         return SUPPORTED_ARCHITECTURES[self.architecture]

@@ -71,11 +71,7 @@ class EngineMemory:
 def _dequantized_shapes(spec: ModelSpec, fmt: str) -> list[tuple[int, int]]:
     """``(K, N)`` of the engine's fused linears (qkv, o, gate/up, down) when ``fmt`` runs ``wo_matmul``, which
     dequantizes the weight into a scratch buffer at large batch (``model_runner.dequantized_shapes``)."""
-    if fmt not in ("int4", "int8"):
-        return []
-    a = spec.args
-    return [(a.hidden_size, a.q_size + 2 * a.kv_size), (a.q_size, a.hidden_size),
-            (a.hidden_size, 2 * a.intermediate_size), (a.intermediate_size, a.hidden_size)]
+    return spec.args.fused_linear_shapes() if fmt in ("int4", "int8") else []
 
 
 def engine_memory(spec: ModelSpec, fmt: str, memory: CardMemory, utilization: float, max_num_seqs: int,

@@ -31,9 +31,7 @@ def random_llama(arch: str, size: str, bits: int | None, dtype: torch.dtype, max
     cfg = arch_config(arch) if size == "full" else scale_config(arch_config(arch), size)
     cfg.update(overrides or {})
     args = ModelArgs.from_hf_config(cfg)
-    shapes = dict(zip(_LINEARS, ((args.hidden_size, args.q_size + 2 * args.kv_size), (args.q_size, args.hidden_size),
-                                 (args.hidden_size, 2 * args.intermediate_size),
-                                 (args.intermediate_size, args.hidden_size))))
+    shapes = dict(zip(_LINEARS, args.fused_linear_shapes()))
     with torch.device("meta"):
         model = LlamaModel(args, max_positions)
     if bits:
