@@ -10,6 +10,7 @@ dim, which is exact because projections of one input share ``g_idx``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -53,23 +54,20 @@ def _fused_module(parts: list[QuantizedWeight], device) -> nn.Module:
     return ConcatLinear([QuantLinear.from_quantized(p) for p in parts])
 
 
-def fused_groups(model: nn.Module, folder: ModelFolder, present: set[str]) -> dict[tuple[int, str], tuple[str, ...]]:
-    """``(layer, our fused linear) -> its HF modules`` for every fused linear whose modules are all in ``present``
-    (quantized in the file), each replaced by a placeholder so the dense weight is never allocated; a layer that
-    quantizes only some of q/k/v (gate/up) is refused: they are fused."""
-    swap: dict[tuple[int, str], tuple[str, ...]] = {}
-    for i in range(model.args.num_layers):
-        for ours, hf_parts in FUSED_FROM_HF.items():
-            names = [f"model.layers.{i}.{p}" for p in hf_parts]
-            have = [n in present for n in names]
-            if all(have):
-                swap[(i, ours)] = tuple(names)
-                parent, attr = ours.split(".")
-                setattr(getattr(model.layers[i], parent), attr, nn.Identity())
-            elif any(have):
-                raise ModelFolderError(f"'{folder.path}' quantizes only some of {hf_parts} in layer {i}; "
-                                       "onecard fuses them and needs all or none")
-    return swap
+def _quantized_reader(f: ModelFolder, device) -> tuple[set[str], Callable, Callable[[str], bool]]:
+    """What a quantized folder (GPTQ, AWQ or fp8) holds, for both loaders: the HF modules stored quantized,
+    ``build(names)`` making one module of them (stacked along the output), and ``stored(name)``: the tensors
+    ``build`` reads (every other tensor loads as usual)."""
+    fp8 = fp8_checkpoint_format(f.quantization_config)
+    if fp8:
+        note_activation_scheme(f, fp8)
+        present = fp8_modules(f)
+        weights = {f"{m}.weight" for m in present}
+        return (present, lambda names: fused_fp8_linear(f, names, device),
+                lambda n: n.endswith(SCALE_SUFFIXES) or n in weights)
+    f, fmt = _folder(f)
+    return (set(quantized_modules(f)), lambda names: _fused_module([read_quantized(f, fmt, n) for n in names], device),
+            lambda n: n.endswith(QUANT_SUFFIXES))
 
 
 @torch.no_grad()
@@ -78,32 +76,27 @@ def load_quantized_model(folder: str | Path | ModelFolder, dtype: torch.dtype = 
                          progress: bool = False):
     """onecard's ``LlamaModel`` with ``QuantLinear`` in place of every quantized linear (GPTQ or AWQ folder), or
     ``Fp8Linear`` for an fp8 folder (``fp8_checkpoint``)."""
-    f = folder if isinstance(folder, ModelFolder) else open_model_folder(folder)
-    fp8 = fp8_checkpoint_format(f.quantization_config)
-    if fp8:
-        note_activation_scheme(f, fp8)
-        stored = {f"{m}.weight" for m in fp8_modules(f)}
-        return _load_swapped(f, dtype, device, max_positions, progress, fp8_modules(f),
-                             lambda names: fused_fp8_linear(f, names, device),
-                             lambda n: n.endswith(SCALE_SUFFIXES) or n in stored)
-    f, fmt = _folder(f)
-    return _load_swapped(f, dtype, device, max_positions, progress, set(quantized_modules(f)),
-                         lambda names: _fused_module([read_quantized(f, fmt, n) for n in names], device),
-                         lambda n: n.endswith(QUANT_SUFFIXES))
-
-
-def _load_swapped(f: ModelFolder, dtype: torch.dtype, device, max_positions: int | None, progress: bool,
-                  present: set[str], build, stored) -> nn.Module:
-    """Our model with every fused linear whose HF modules are all in ``present`` made by ``build(names)``, its
-    dense weight never allocated (built on the meta device, swapped, then the rest materialized); every other
-    tensor loads as usual (``stored(name)``: the quantized tensors ``build`` read)."""
     from onecard.models.llama import LlamaModel
     from onecard.models.loader import load_weights
 
+    f = folder if isinstance(folder, ModelFolder) else open_model_folder(folder)
+    present, build, stored = _quantized_reader(f, device)
     args = f.model_args()
     with torch.device("meta"):
         model = LlamaModel(args, max_positions)
-    swap = fused_groups(model, f, present)
+    # Which fused linears are quantized in the file (all of q/k/v, or none: never half).
+    swap: dict[tuple[int, str], tuple[str, ...]] = {}
+    for i in range(args.num_layers):
+        for ours, hf_parts in FUSED_FROM_HF.items():
+            names = [f"model.layers.{i}.{p}" for p in hf_parts]
+            have = [n in present for n in names]
+            if all(have):
+                swap[(i, ours)] = tuple(names)
+                parent, attr = ours.split(".")
+                setattr(getattr(model.layers[i], parent), attr, nn.Identity())  # placeholder: no dense allocation
+            elif any(have):
+                raise ModelFolderError(f"'{f.path}' quantizes only some of {hf_parts} in layer {i}; "
+                                       "onecard fuses them and needs all or none")
     model = model.to_empty(device=device).to(dtype)
     if args.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
@@ -215,26 +208,19 @@ def load_quantized_hf(folder: str | Path | ModelFolder, dtype: torch.dtype = tor
     from transformers import AutoConfig, AutoModelForCausalLM
 
     f = folder if isinstance(folder, ModelFolder) else open_model_folder(folder)
-    fp8 = fp8_checkpoint_format(f.quantization_config)
+    present, build, stored = _quantized_reader(f, device)
     cfg = AutoConfig.for_model(**{k: v for k, v in f.config.items() if k != "quantization_config"})
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device)
-    if fp8:
-        mods, stored = sorted(fp8_modules(f)), lambda n: n.endswith(SCALE_SUFFIXES) or n[: -len(".weight")] in mods
-    else:
-        f, fmt = _folder(f)
-        mods, stored = quantized_modules(f), lambda n: n.endswith(QUANT_SUFFIXES)
-    for name in mods:
+    for name in sorted(present):
         parent_name, attr = name.rsplit(".", 1)
-        old = model.get_submodule(name)
-        if fp8:
-            new = fused_fp8_linear(f, (name,), device)
-            new.bias = old.bias
-        else:
-            new = QuantLinear.from_quantized(read_quantized(f, fmt, name, device=device), old.bias)
+        old, new = model.get_submodule(name), build((name,))
+        if old.bias is not None:
+            new.bias = nn.Parameter(old.bias.detach().clone(), requires_grad=False)  # loaded below with the rest
         setattr(model.get_submodule(parent_name), attr, new)
     state = {n: t for n, t in f.iter_tensors({n for n in f.tensors if not stored(n)})}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    quant_buffers = {f"{m}.{b}" for m in mods for b in ("qweight", "scales", "zeros", "perm", "weight", "weight_scale")}
+    quant_buffers = {f"{m}.{b}" for m in present for b in ("qweight", "scales", "zeros", "perm", "weight",
+                                                          "weight_scale")}
     missing = [m for m in missing if m not in quant_buffers and not (cfg.tie_word_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
         raise ModelFolderError(f"'{f.path}' does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
