@@ -11,6 +11,7 @@
     PYTHONPATH=src python benchmarks/engine_vs_hf.py --compare-prefill-rope --kv-cache-dtype fp8   # prefill RoPE+store
     PYTHONPATH=src python benchmarks/engine_vs_hf.py --arch llama-3-8b --compare-kv   # another architecture (GQA)
     PYTHONPATH=src python benchmarks/engine_vs_hf.py --compare-fp8-weights --kv-cache-dtype fp8   # bf16 vs fp8 weights
+    PYTHONPATH=src python benchmarks/engine_vs_hf.py --compare-order --kv-cache-dtype fp8 --quantization fp8  # queue order
 
 Measures (see onecard.bench.engine_bench): bs=1 decode tok/s and ms/token (ours,
 HF dynamic cache, HF static cache) and % of the bandwidth roofline (measured copy
@@ -37,14 +38,17 @@ docs/results/engine_kv_fp8.json. --compare-prefill-rope with prefill's RoPE and 
 (``fused_prefill_rope=False``) and as the decode's one Triton kernel (the default):
 docs/results/engine_prefill_rope.json. --compare-fp8-weights with bf16 weights and with ``quantization="fp8"``
 (e4m3 weights and activations, ``_scaled_mm``; its roofline column counts bf16's bytes for both):
-docs/results/engine_fp8_weights.json. ``--kv-cache-dtype`` sets the cache of both runs of a comparison that does
-not choose it (the result name gets ``_<dtype>``).
+docs/results/engine_fp8_weights.json. --compare-order with the offline requests queued as drawn and longest output
+first (``LLM.generate``'s default ``order``; HF's batches are queued the same way in the full run):
+docs/results/engine_offline_order.json. ``--kv-cache-dtype`` sets the cache of both runs of a comparison that does
+not choose it (the result name gets ``_<dtype>``), ``--quantization`` their weights (``_<method>`` too).
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
+from dataclasses import replace
 
 from rich.console import Console
 
@@ -78,6 +82,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=256, help="the engine's max_num_seqs (offline batch)")
     p.add_argument("--no-hf-static", action="store_true", help="skip HF's static-cache run")
     p.add_argument("--kv-cache-dtype", default="auto", help="a comparison's KV cache (both runs), unless it sets it")
+    p.add_argument("--quantization", default=None, help="a comparison's weights (both runs, e.g. fp8), unless it sets them")
     p.add_argument("--out", default=None, help="result folder (default docs/results; --smoke: a temp dir)")
     for what, (_, title, (base, _), (new, _)) in COMPARISONS.items():
         p.add_argument(f"--compare-{what}", action="store_true",
@@ -105,11 +110,15 @@ def main() -> None:
         out_dir = a.out
     what = next((w for w in COMPARISONS if getattr(a, f"compare_{w.replace('-', '_')}")), None)
     if what is not None:
-        result = compare(cfg, what, console, a.kv_cache_dtype)
+        result = compare(cfg, what, console, a.kv_cache_dtype, a.quantization)
         console.print(compare_table(result, what))
         name, fig = COMPARISONS[what][0], compare_figure(result, what)
         if a.kv_cache_dtype != "auto" and what != "kv":
             name = f"{name}_{a.kv_cache_dtype}"
+        if a.quantization and what != "fp8-weights":
+            name = f"{name}_{a.quantization}"
+    elif a.quantization:
+        raise SystemExit("--quantization sets the weights of a --compare-* run; the full run compares bf16 with HF")
     else:
         result = run_engine_bench(cfg, console)
         console.print(results_table(result))
@@ -136,12 +145,15 @@ COMPARISONS = {
                      ("pytorch_rope", {"fused_prefill_rope": False}), ("fused", {"fused_prefill_rope": True})),
     "fp8-weights": ("engine_fp8_weights", "fp8 weights and activations (W8A8)",
                     ("bf16_weights", {"quantization": None}), ("fp8_weights", {"quantization": "fp8"})),
+    "order": ("engine_offline_order", "offline queue order", ("submitted", {"offline_order": "submitted"}),
+              ("longest_first", {"offline_order": "longest_first"})),
 }
 
 
-def compare(cfg: EngineBenchConfig, what: str, console, kv_cache_dtype: str = "auto") -> dict:
-    """Our engine with one option off, then on: same process, device, workload and roofline; ``kv_cache_dtype`` for
-    both runs unless the comparison sets it."""
+def compare(cfg: EngineBenchConfig, what: str, console, kv_cache_dtype: str = "auto",
+            quantization: str | None = None) -> dict:
+    """Our engine with one option off, then on: same process, device, workload and roofline; ``kv_cache_dtype`` and
+    ``quantization`` for both runs unless the comparison sets them."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from onecard.bench.results import gpu_name
@@ -158,11 +170,15 @@ def compare(cfg: EngineBenchConfig, what: str, console, kv_cache_dtype: str = "a
                     "device": str(device), "device_name": gpu_name(), "measured_copy_bandwidth_gbs": bw,
                     "num_prompts": len(reqs), "decode_prompt_len": cfg.decode_prompt_len,
                     "decode_tokens": cfg.decode_tokens, "max_num_seqs": cfg.max_num_seqs,
-                    "kv_cache_dtype": kv_cache_dtype if what != "kv" else "compared"}
+                    "kv_cache_dtype": kv_cache_dtype if what != "kv" else "compared",
+                    "quantization": quantization if what != "fp8-weights" else "compared"}
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
         for mode, options in modes:
-            result.update(run_engine(cfg, reqs, device, progress, mode, **{"kv_cache_dtype": kv_cache_dtype, **options}))
+            options = dict(options)  # offline_order is the benchmark's setting, every other key an engine option
+            run_cfg = replace(cfg, offline_order=options.pop("offline_order", cfg.offline_order))
+            result.update(run_engine(run_cfg, reqs, device, progress, mode,
+                                     **{"kv_cache_dtype": kv_cache_dtype, "quantization": quantization, **options}))
     step_bytes = result[f"{base}_decode_step_weight_gib"] * GiB + (
         cfg.decode_prompt_len + cfg.decode_tokens / 2) * result[f"{base}_kv_bytes_per_token"]
     roof = bw * 1e9 / step_bytes

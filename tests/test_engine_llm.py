@@ -58,6 +58,30 @@ def test_greedy_batch_equals_hf_and_keeps_input_order(llm, llama_path):
     assert llm.stats()["kv_blocks_used"] == 0
 
 
+def test_longest_output_first_queues_the_largest_budgets_first_and_keeps_ties_in_order():
+    from onecard.engine.llm import longest_output_first
+
+    assert longest_output_first([5, 40, 5, 12, 40]) == [1, 4, 3, 0, 2]
+    assert longest_output_first([7, 7, 7]) == [0, 1, 2]  # one shared SamplingParams: submission order
+
+
+def test_generate_queues_longest_output_first_but_returns_input_order(llm, monkeypatch):
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (3, 9, None, 6)]
+    queued = []
+    add = llm.engine.add_request
+    monkeypatch.setattr(llm.engine, "add_request", lambda rid, p, sp: (queued.append(p), add(rid, p, sp))[1])
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    # None: what max_model_len (128) leaves after the prompt, the largest budget here
+    assert queued == [PROMPTS[2], PROMPTS[1], PROMPTS[3], PROMPTS[0]]
+    assert [o.prompt for o in outs] == PROMPTS
+    queued.clear()
+    submitted = llm.generate(PROMPTS, params, use_tqdm=False, order="submitted")
+    assert queued == PROMPTS
+    assert [o.outputs[0].token_ids for o in submitted] == [o.outputs[0].token_ids for o in outs]
+    with pytest.raises(BadInputError, match="order='shortest'"):
+        llm.generate(PROMPTS, params, use_tqdm=False, order="shortest")
+
+
 def test_preemption_does_not_change_greedy_outputs(llm, llama_path):
     sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     ref = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp, use_tqdm=False)]

@@ -14,9 +14,11 @@ from test_engine_kv_quant import (
 from onecard.errors import BadInputError
 from onecard.models import llama
 from onecard.kernels.paged_attention import (
+    SPLIT_BIG_BATCH_SPLITS,
     SPLIT_MAX_PARTITION,
     SPLIT_MAX_PROGRAMS,
     SPLIT_MIN_PARTITION,
+    SPLIT_TARGET_PROGRAMS,
     paged_decode_attention_fused,
     paged_decode_attention_reference,
     paged_decode_attention_split,
@@ -68,11 +70,17 @@ def test_split_plan_covers_the_context_within_the_bounds():
         partition, splits = split_plan(batch, hkv, ctx, tile)
         assert partition % tile == 0 and partition * splits >= ctx > partition * (splits - 1)
         assert partition >= min(SPLIT_MIN_PARTITION, splits * partition)
-        assert batch * hkv * splits <= SPLIT_MAX_PROGRAMS or splits == 1
+        if batch * hkv >= SPLIT_TARGET_PROGRAMS:
+            assert splits <= SPLIT_BIG_BATCH_SPLITS and partition >= min(SPLIT_MAX_PARTITION, ctx)
+        else:
+            assert batch * hkv * splits <= SPLIT_MAX_PROGRAMS or splits == 1
     assert split_plan(1, 8, 32768, 64) == (256, 128)  # bs=1 long context: 1024 programs, not 32
     assert split_plan(1, 8, 131072, 64) == (SPLIT_MAX_PARTITION, 131072 // SPLIT_MAX_PARTITION)
     assert split_plan(64, 8, 32768, 64) == (4096, 8)  # the program cap bounds the workspace
-    assert split_plan(256, 8, 32768, 64) == (32768, 1)  # the batch alone fills the GPU: no split
+    # the batch alone fills the GPU: only its long sequences split, into a few partitions
+    assert split_plan(256, 8, 32768, 64) == (8192, SPLIT_BIG_BATCH_SPLITS)
+    assert split_plan(256, 32, 2048, 64) == (SPLIT_MAX_PARTITION, 2048 // SPLIT_MAX_PARTITION)
+    assert split_plan(256, 32, 256, 64) == (256, 1)
     assert split_plan(1, 8, 64, 64) == (64, 1)  # one partition: the kernel writes the output itself
 
 

@@ -57,8 +57,13 @@ class EngineBenchConfig:
     run_hf: bool = True
     run_hf_static: bool = True
     max_num_seqs: int = 256
+    # how the offline requests are queued, for HF's batches and our engine alike: "longest_first" (``LLM.generate``'s
+    # default, ``longest_output_first``) or "submitted" (as drawn)
+    offline_order: str = "longest_first"
 
     def __post_init__(self) -> None:
+        if self.offline_order not in ("longest_first", "submitted"):
+            raise BadInputError(f"offline_order={self.offline_order!r}: choose 'longest_first' or 'submitted'")
         for f in ("num_prompts", "mean_input", "mean_output", "max_model_len", "decode_prompt_len", "decode_tokens",
                   "hf_prompts", "hf_batch", "max_num_seqs"):
             if getattr(self, f) < 1:
@@ -80,12 +85,20 @@ def lognormal_lengths(n: int, mean: float, sigma: float, seed: int, lo: int, hi:
 
 
 def workload(cfg: EngineBenchConfig, vocab_size: int) -> list[tuple[list[int], int]]:
-    """(prompt token ids, output length) per request; seeded; in + out fits max_model_len."""
+    """(prompt token ids, output length) per request, as drawn; seeded; in + out fits max_model_len."""
     half = cfg.max_model_len // 2
     ins = lognormal_lengths(cfg.num_prompts, cfg.mean_input, cfg.length_sigma, cfg.seed, 4, half - 1)
     outs = lognormal_lengths(cfg.num_prompts, cfg.mean_output, cfg.length_sigma, cfg.seed + 1, 2, half)
     g = torch.Generator().manual_seed(cfg.seed + 2)
     return [(torch.randint(3, vocab_size, (i,), generator=g).tolist(), o) for i, o in zip(ins, outs)]
+
+
+def queued(reqs: list[tuple[list[int], int]], order: str) -> list[tuple[list[int], int]]:
+    """The requests in the order a run queues them (``EngineBenchConfig.offline_order``). Callers take a subset of
+    the drawn workload first and order it after, so a subset stays a sample of the workload."""
+    from onecard.engine.llm import longest_output_first
+
+    return [reqs[i] for i in longest_output_first([o for _, o in reqs])] if order == "longest_first" else reqs
 
 
 def measure_copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 10) -> float:
@@ -176,7 +189,7 @@ def run_hf(cfg: EngineBenchConfig, reqs, device: torch.device, progress) -> dict
                 out.update(hf_static_bs1_ms_per_token=ms, hf_static_bs1_tok_s=1e3 / ms)
             except Exception as exc:  # recorded, not hidden: "where it works"
                 out["hf_static_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-        sub = reqs[:cfg.hf_prompts]
+        sub = queued(reqs[:cfg.hf_prompts], cfg.offline_order)
         seconds, useful, generated = _hf_batched(model, sub, cfg.hf_batch, progress)
     out.update(hf_batched_prompts=len(sub), hf_batched_batch_size=cfg.hf_batch, hf_batched_seconds=seconds,
                hf_batched_useful_tokens=useful, hf_batched_generated_tokens=generated,
@@ -248,16 +261,18 @@ def run_engine(cfg: EngineBenchConfig, reqs, device: torch.device, progress, pre
     model = llm.engine.runner.model
     vocab = model.args.vocab_size
     ms, _ = _engine_decode(llm, cfg, vocab)
-    off = _engine_offline(llm, reqs[:num_prompts] if num_prompts else reqs, progress, prefix)
+    off = _engine_offline(llm, queued(reqs[:num_prompts] if num_prompts else reqs, cfg.offline_order), progress,
+                          prefix)
     st = llm.stats()
     kvpt = kv_bytes_per_token(model, llm.engine.runner.dtype, llm.engine.config.kv_cache_dtype)
-    params = {id(p): p for p in model.parameters()}
-    weight_bytes = sum(p.numel() * p.element_size() for p in params.values())
+    # the state dict holds the quantized formats' weights too (buffers: codes, scales); tied tensors count once
+    tensors = {t.data_ptr(): t for t in model.state_dict().values()}
+    weight_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     # a decode step reads every weight except the (untied) embedding table, of which it reads one row per token
     step_weight_bytes = weight_bytes - (0 if model.args.tie_word_embeddings else
                                         model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size())
     res = {"startup_s": startup, "bs1_ms_per_token": ms, "bs1_tok_s": 1e3 / ms,
-           "offline_prompts": len(reqs[:num_prompts] if num_prompts else reqs),
+           "offline_prompts": len(reqs[:num_prompts] if num_prompts else reqs), "offline_order": cfg.offline_order,
            **{f"offline_{k}": v for k, v in off.items()},
            "kv_cache_gib": st["kv_blocks_total"] * st["block_size"] * kvpt / GiB, "kv_blocks": st["kv_blocks_total"],
            "cuda_graph_batch_sizes": len(st["cuda_graphs"]), "peak_gib": _peak_gib(device),

@@ -32,7 +32,7 @@ import torch
 
 from onecard.bench.engine_bench import (EngineBenchConfig, _engine_decode, _engine_offline, _hf_batched,
                                         _hf_decode_ms, _peak_gib, _peak_reset, _sync, measure_copy_bandwidth,
-                                        workload)
+                                        queued, workload)
 from onecard.bench.results import free_memory, memory_capped
 from onecard.errors import BadInputError, DoesNotFitError, NotBuiltYetError, OnecardError
 
@@ -193,7 +193,8 @@ def run_hf_row(row: str, cfg: TableConfig, reqs, device: torch.device, progress,
         ms = _hf_decode_ms(model, prompt, cfg.decode_tokens)
         out.update(bs1_tok_s=1e3 / ms, ms_per_token=ms, ttft_ms=_hf_ttft_ms(model, cfg.ttft_prompt_len, vocab, cfg.seed + 5))
         first = min(cfg.hf_batch, cfg.hf_prompts)
-        batch, offline = _hf_offline_fitting(model, reqs[:cfg.hf_prompts], first, progress)
+        batch, offline = _hf_offline_fitting(model, queued(reqs[:cfg.hf_prompts], cfg.bench_config().offline_order),
+                                             first, progress)
     out["offline_tok_s"] = offline
     out["reasons"]["offline_tok_s"] = (f"HF batched generate on {min(cfg.hf_prompts, len(reqs))} of {len(reqs)} prompts "
                                        f"(batches of {batch}" + (f"; {first} ran out of memory under the cap"
@@ -252,7 +253,7 @@ def run_engine_row(row: str, cfg: TableConfig, reqs, device: torch.device, progr
     for _ in range(2):  # the first is the warm-up; fresh random tokens each time, so no prefix-cache hit
         r = llm.generate([torch.randint(3, vocab, (cfg.ttft_prompt_len,), generator=g).tolist()], sp, use_tqdm=False)[0]
     out["ttft_ms"] = (r.metrics["first_token_time"] - r.metrics["arrival_time"]) * 1e3
-    out["offline_tok_s"] = _engine_offline(llm, reqs, progress, row)["output_tok_s"]
+    out["offline_tok_s"] = _engine_offline(llm, queued(reqs, ecfg.offline_order), progress, row)["output_tok_s"]
     out["peak_gib"] = _peak_gib(device)
     if device.type == "cpu":
         out["reasons"]["peak_gib"] = "CPU: no CUDA allocator peak"

@@ -34,6 +34,7 @@ from onecard.engine.sequence import Sequence
 from onecard.engine.speculative import accept_drafts, verified_outputs
 from onecard.errors import BadInputError, DoesNotFitError
 from onecard.kernels.kv_quant import SCALE_DTYPE, kv_storage
+from onecard.kernels.paged_attention import SPLIT_BIG_BATCH_SPLITS
 from onecard.kernels.wo_matmul import dequant_scratch_bytes
 from onecard.models.llama import AttentionMetadata, LlamaModel
 from onecard.quant.linear import QuantLinear
@@ -65,10 +66,11 @@ def cuda_graph_workspace_bytes(batch_sizes: list[int], vocab_size: int, hidden_s
     """Memory the captured decode graphs keep alive after start-up: each graph's logits output stays allocated
     (``sum(batch sizes) x vocab``), plus the shared pool that holds the largest batch's activations (generous:
     ~16 hidden-sized rows per token for qkv, gate/up, attention and residual temporaries), plus fp32 logits and
-    the sampler's sort for the largest batch."""
+    the sampler's sort for the largest batch. The pool also holds the decode attention's split partials: up to
+    ``SPLIT_BIG_BATCH_SPLITS`` fp32 rows of head_dim per query head (~hidden) for each sequence."""
     max_bs = max(batch_sizes, default=0)
     outputs = sum(batch_sizes) * vocab_size * elem_bytes
-    pool = max_bs * hidden_size * 16 * elem_bytes
+    pool = max_bs * hidden_size * (16 * elem_bytes + 4 * SPLIT_BIG_BATCH_SPLITS)
     sampler = max_bs * vocab_size * 4 * 3  # float logits + sorted values + indices (int64 counted as two floats)
     return outputs + pool + sampler
 
