@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from onecard.engine import LLM, SamplingParams
 from onecard.errors import BadInputError
-from onecard.testing.grown import grow_checkpoint
+from onecard.testing.grown import grow_checkpoint, widen_checkpoint
 
 
 def _hf_logits(folder, ids):
@@ -51,3 +51,37 @@ def test_grow_refuses_to_shrink(tiny_model, tmp_path):
     layers = json.loads((tiny_model.path / "config.json").read_text())["num_hidden_layers"]
     with pytest.raises(BadInputError, match="only adds"):
         grow_checkpoint(tiny_model.path, tmp_path / "g", layers - 1)
+
+
+@pytest.mark.parametrize("arch, kv_heads", [("llama-2-7b", None), ("llama-3-8b", 2)], ids=["mha", "gqa"])
+def test_widened_model_computes_the_narrow_models_logits(arch, kv_heads, tmp_path):
+    # MHA (the benchmark's copy draft: one query head per KV head, widened into groups of 4) and GQA (2 KV heads:
+    # each trained query head must keep its own)
+    from onecard.testing import make_random_checkpoint
+
+    src = make_random_checkpoint(arch, "tiny", overrides={"num_key_value_heads": kv_heads} if kv_heads else None)
+    cfg = json.loads((src / "config.json").read_text())
+    h, H, Hk = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    D = h // H
+    out = widen_checkpoint(src, tmp_path / "wide", 4 * h, 2 * cfg["intermediate_size"] + 8, 4 * H, Hk,
+                           shard_bytes=256 * 1024)
+    wide = json.loads((out / "config.json").read_text())
+    assert (wide["hidden_size"], wide["num_attention_heads"], wide["num_key_value_heads"], wide["head_dim"]) == \
+        (4 * h, 4 * H, Hk, D)
+    ids = list(range(5, 40))
+    before, after = _hf_logits(src, ids), _hf_logits(out, ids)
+    torch.testing.assert_close(after, before, atol=2e-5, rtol=1e-4)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    runs = [LLM(str(f), dtype="float32", device="cpu", max_model_len=128, max_num_seqs=1).generate(
+        [ids], params, use_tqdm=False)[0].outputs[0].token_ids for f in (src, out)]
+    assert runs[0] == runs[1]
+
+
+def test_widen_refuses_a_narrower_or_regrouped_model(random_checkpoint, tmp_path):
+    src = random_checkpoint("llama-3-8b")
+    cfg = json.loads((src / "config.json").read_text())
+    h, i, H, Hk = (cfg[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"))
+    with pytest.raises(BadInputError, match="only adds"):
+        widen_checkpoint(src, tmp_path / "w", h // 2, i, H // 2, Hk)
+    with pytest.raises(BadInputError, match="only adds"):
+        widen_checkpoint(src, tmp_path / "w", 2 * h, i, 2 * H, 2 * Hk * 2)  # fewer query heads per KV head

@@ -25,14 +25,16 @@ import torch
 def train_lm(model: torch.nn.Module, train_ids: torch.Tensor, steps: int, seq_len: int, batch_size: int, lr: float, *,
              generator: torch.Generator | None = None, autocast_dtype: torch.dtype | None = None,
              fused: bool | None = None, progress: bool = False, label: str = "training", console=None,
-             train_labels: torch.Tensor | None = None, on_step: Callable[[int], None] | None = None) -> float:
+             train_labels: torch.Tensor | None = None, on_step: Callable[[int], None] | None = None,
+             window_starts: torch.Tensor | None = None) -> float:
     """Train ``model`` (in place, left in train mode) for ``steps`` steps; returns the seconds the loop took.
 
     Windows are drawn on ``train_ids``' device from ``generator`` (the global RNG when None);
     ``autocast_dtype`` runs the forward under ``torch.autocast`` (bf16 on a GPU); ``fused`` is AdamW's.
     ``train_labels`` (aligned with ``train_ids``, -100 where no loss is taken) trains on part of the stream only,
     e.g. a copy task's copies; by default every token is a label. ``on_step(n)`` runs after optimizer step ``n``
-    (1-based), e.g. to evaluate and keep the best weights.
+    (1-based), e.g. to evaluate and keep the best weights. ``window_starts`` (offsets into ``train_ids``): windows
+    begin only there, e.g. at a copy task's pair starts so that every copy's source is inside its window.
     """
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95), fused=fused)
     warmup = max(1, steps // 20)
@@ -50,8 +52,12 @@ def train_lm(model: torch.nn.Module, train_ids: torch.Tensor, steps: int, seq_le
         task = bar.add_task(label, total=steps)
     try:
         for step in range(1, steps + 1):
-            starts = torch.randint(0, train_ids.numel() - seq_len - 1, (batch_size,), generator=generator,
-                                   device=train_ids.device)
+            if window_starts is None:
+                starts = torch.randint(0, train_ids.numel() - seq_len - 1, (batch_size,), generator=generator,
+                                       device=train_ids.device)
+            else:
+                starts = window_starts[torch.randint(0, window_starts.numel(), (batch_size,), generator=generator,
+                                                     device=window_starts.device)]
             offsets = starts.tolist()
             batch = torch.stack([train_ids[s : s + seq_len] for s in offsets])
             labels = batch if train_labels is None else torch.stack([train_labels[s : s + seq_len] for s in offsets])
