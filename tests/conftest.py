@@ -50,6 +50,21 @@ def random_checkpoint():
     return lambda arch, size="tiny", dtype="float32": make_random_checkpoint(arch, size, dtype=dtype)
 
 
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """Factory: a script of ``benchmarks/`` (by file stem) loaded as a module, to test its pure helpers."""
+    import importlib.util
+    from pathlib import Path
+
+    def load(stem: str):
+        spec = importlib.util.spec_from_file_location(stem, Path(__file__).parents[1] / "benchmarks" / f"{stem}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for the test: tiny decode-sized matmuls are slower with 2 threads on a busy 2-core CPU."""

@@ -3,9 +3,6 @@ draws its windows only from the offsets it is given."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -16,12 +13,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "engine_speculative.py"
-    spec = importlib.util.spec_from_file_location("engine_speculative", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def bench(benchmark_script):
+    return benchmark_script("engine_speculative")
 
 
 def test_pair_starts_are_the_pairs_with_a_whole_window_after_them(bench):

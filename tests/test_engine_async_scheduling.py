@@ -252,22 +252,18 @@ def test_config_switch():
 @pytest.mark.parametrize("what,base,new", [("async", "sync", "async"), ("gemv", "cublas", "gemv"),
                                            ("admit", "one_by_one", "batched"),
                                            ("attention", "three_launches", "one_launch"),
-                                           ("pdl", "no_pdl", "pdl"), ("kv", "bf16_kv", "fp8_kv")])
-def test_bench_compare_smoke(random_checkpoint, what, base, new):
-    """``benchmarks/engine_vs_hf.py --compare-async`` / ``-gemv`` / ``-admit`` / ``-attention`` / ``-pdl`` / ``-kv``:
+                                           ("pdl", "no_pdl", "pdl"), ("kv", "bf16_kv", "fp8_kv"),
+                                           ("order", "submitted", "longest_first")])
+def test_bench_compare_smoke(random_checkpoint, benchmark_script, what, base, new):
+    """``benchmarks/engine_vs_hf.py --compare-async`` / ``-gemv`` / ``-admit`` / ``-attention`` / ``-pdl`` / ``-kv`` /
+    ``-order``:
     both modes run the same workload and fill the table (on CPU the kernel switches change nothing, nor admission at
     4 seats: the run checks the benchmark's code, not the kernels or the scheduler)."""
-    import importlib.util
-    from pathlib import Path
-
     from rich.console import Console
 
     from onecard.bench.engine_bench import EngineBenchConfig
 
-    path = Path(__file__).parents[1] / "benchmarks" / "engine_vs_hf.py"
-    spec = importlib.util.spec_from_file_location("engine_vs_hf", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark_script("engine_vs_hf")
     cfg = EngineBenchConfig(random_checkpoint("llama-2-7b"), dtype="float32", device="cpu", num_prompts=4,
                             mean_input=12, mean_output=6, max_model_len=64, decode_prompt_len=8, decode_tokens=6,
                             memory_cap_gib=None, max_num_seqs=4, run_hf=False)

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 
 @pytest.fixture(scope="module")
-def bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_vs_hf.py"
-    spec = importlib.util.spec_from_file_location("train_vs_hf", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def bench(benchmark_script):
+    return benchmark_script("train_vs_hf")
 
 
 @pytest.mark.parametrize("true", [100_000, 28_000, 5_000, 262_144, 1_000])
