@@ -268,8 +268,9 @@ class LLM:
         budget (``max_tokens``, else what ``max_model_len`` leaves) first; equal budgets keep their order, so one
         shared ``SamplingParams`` changes nothing. Why: the caller gets every output at once, so only the batch's
         end counts, and requests that would start late and decode for long leave a tail of steps at a few
-        sequences each (1000 prompts, H100: 1,706 -> 1,106 steps, see ``longest_output_first``). "submitted"
-        queues them as given (the server always does: first come, first served).
+        sequences each (1000 prompts, H100: 1,706 -> 1,116 steps, 1.11x output tok/s; results/
+        engine_offline_order_fp8_fp8.json). "submitted" queues them as given (the server always does: first come,
+        first served).
         A bad prompt or parameter raises ``BadInputError`` before anything runs.
         """
         if order not in ("longest_first", "submitted"):
