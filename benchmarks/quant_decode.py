@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from onecard.bench.results import save_figure, write_result
+from onecard.engine.offload import resident_step_bytes
 from onecard.testing.checkpoints import benchmark_model
 
 GiB = 2**30
@@ -47,19 +48,6 @@ def parse() -> argparse.Namespace:
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def step_bytes(model) -> int:
-    """Bytes one decode step reads: every parameter and quantized buffer, minus all but one embedding row."""
-    from onecard.quant import Fp8Linear, QuantLinear
-
-    params = {id(p): p for p in model.parameters()}
-    total = sum(p.numel() * p.element_size() for p in params.values())
-    total += sum(m.weight_bytes() for m in model.modules() if isinstance(m, (QuantLinear, Fp8Linear)))
-    if not model.args.tie_word_embeddings:
-        emb = model.embed_tokens.weight
-        total -= emb.numel() * emb.element_size()
-    return total
 
 
 def decode_ms(llm, batch: int, prompt_len: int, n: int, vocab: int) -> float:
@@ -101,7 +89,7 @@ def run_arm(model_dir, quantization, dtype: str, device: str, a, bandwidth_gbs: 
               **engine_kwargs)
     model = llm.engine.runner.model
     vocab = model.args.vocab_size
-    nbytes = step_bytes(model)
+    nbytes = resident_step_bytes(model)  # every weight and quantized buffer, one embedding row
     r = {"bs1_ms_per_token": decode_ms(llm, 1, a.prompt_len, a.decode_tokens, vocab)}
     r[f"bs{a.batch}_ms_per_step"] = decode_ms(llm, a.batch, a.prompt_len, a.decode_tokens, vocab)
     r[f"bs{a.batch}_tok_s"] = a.batch * 1e3 / r[f"bs{a.batch}_ms_per_step"]

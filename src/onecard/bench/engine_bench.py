@@ -252,6 +252,7 @@ def run_engine(cfg: EngineBenchConfig, reqs, device: torch.device, progress, pre
     """``engine_kwargs``: extra ``LLM`` options for this run (e.g. ``async_scheduling=False``)."""
     from onecard.engine import LLM
     from onecard.engine.model_runner import kv_bytes_per_token
+    from onecard.engine.offload import resident_step_bytes
 
     _peak_reset(device)
     t0 = time.perf_counter()
@@ -265,12 +266,11 @@ def run_engine(cfg: EngineBenchConfig, reqs, device: torch.device, progress, pre
                           prefix)
     st = llm.stats()
     kvpt = kv_bytes_per_token(model, llm.engine.runner.dtype, llm.engine.config.kv_cache_dtype)
-    # the state dict holds the quantized formats' weights too (buffers: codes, scales); tied tensors count once
-    tensors = {t.data_ptr(): t for t in model.state_dict().values()}
-    weight_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    # a decode step reads every weight except the (untied) embedding table, of which it reads one row per token
-    step_weight_bytes = weight_bytes - (0 if model.args.tie_word_embeddings else
-                                        model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size())
+    # a decode step reads every weight (quantized codes and scales included) except the (untied) embedding table,
+    # of which it reads one row per token
+    step_weight_bytes = resident_step_bytes(model)
+    emb = model.embed_tokens.weight
+    weight_bytes = step_weight_bytes + (0 if model.args.tie_word_embeddings else emb.numel() * emb.element_size())
     res = {"startup_s": startup, "bs1_ms_per_token": ms, "bs1_tok_s": 1e3 / ms,
            "offline_prompts": len(reqs[:num_prompts] if num_prompts else reqs), "offline_order": cfg.offline_order,
            **{f"offline_{k}": v for k, v in off.items()},
