@@ -13,10 +13,12 @@ from onecard.kernels.wo_matmul import (
     _rowwise,
     dequantize,
     dequantize_reference,
+    kernel_for,
     pick_config,
     split_k,
     unpack_reference,
     wo_matmul,
+    wo_matmul_bf16x2_reference,
     wo_matmul_reference,
 )
 from onecard.quant.linear import QuantLinear
@@ -53,7 +55,7 @@ def test_dequant_kernel_bit_exact(bits, group_size, K, N):
 # (bits, group_size, K, N, M, config): every kernel (gemv / dot) with and without split-K, tiles inside one group
 # and tiles spanning several (ROWWISE), K tails (K / P not a multiple of the tile), N not a multiple of the block.
 # config None = the table's choice for that M (M = 40 and 70 land in the two largest buckets).
-GEMV, DOT = "gemv", "dot"
+GEMV, DOT, BF16X2 = "gemv", "dot", "gemv_bf16x2"
 MATMUL_CASES = [
     (4, 128, 256, 80, 1, None),
     (8, 128, 256, 80, 1, None),
@@ -80,12 +82,40 @@ def _case_paths(bits, group_size, K, N, M, config) -> tuple[str, bool, bool]:
     gs = K if group_size == -1 else group_size
     k_tiles = -(-(K * bits // 32) // c.block_kp)
     grid = -(-M // c.block_m) * -(-N // c.block_n)
-    return c.kernel, _rowwise(gs, K, bits, c.block_kp), split_k(c, grid, k_tiles, torch.device(DEV)) > 1
+    return kernel_for(c, bits, torch.empty(0, device=DEV)), _rowwise(gs, K, bits, c.block_kp), split_k(c, grid, k_tiles, torch.device(DEV)) > 1
 
 
 def test_matmul_cases_cover_every_path():
+    """Every kernel x (one group per tile, several) x (split-K, not); on CPU ``gemv_bf16x2`` runs as the ``gemv``
+    (its PTX has no interpreter), so its tile walk is covered there and its arithmetic by the emulation below."""
     assert {_case_paths(*case) for case in MATMUL_CASES} == {(k, r, s) for k in (GEMV, DOT) for r in (False, True)
                                                             for s in (False, True)}
+
+
+@pytest.mark.parametrize("group_size,K,M", [(128, 256, 1), (32, 224, 3)])
+def test_bf16x2_emulation_within_bf16_rounding_of_reference(group_size, K, M):
+    """The packed kernel's arithmetic (``wo_matmul_bf16x2_reference``) stays within bf16 rounding of the exact
+    product: each four-term chain rounds to bf16 (2**-9 relative), so the bound scales with |x| @ |w|."""
+    _, packed, s, z, gs = _packed(K, 48, 4, group_size, seed=M)
+    x = torch.randn(M, K, device=DEV).bfloat16()
+    exact = wo_matmul_reference(x.float(), packed, s, z, 4, gs)
+    emulated = wo_matmul_bf16x2_reference(x, packed, s, z, gs)
+    bound = 2 ** -7 * (x.float().abs() @ dequantize_reference(packed, s, z, 4, gs).abs())
+    assert ((emulated - exact).abs() <= bound).all()
+    assert (emulated - exact).abs().max() > 0  # it does round: the emulation is not the fp32 reference again
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group_size,M", [(128, 1), (32, 1), (64, 2)])
+def test_bf16x2_kernel_matches_its_emulation_on_gpu(group_size, M):
+    K, N = 4096, 4096
+    _, packed, s, z, gs = _packed(K, N, 4, group_size)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    config = KernelConfig(BF16X2, M, 32, 32, 8.0)
+    assert kernel_for(config, 4, x) == BF16X2
+    y = wo_matmul(x, packed, s, z, 4, gs, config)
+    # the same roundings, summed in another order (fp32) and rounded once to bf16 at the end
+    torch.testing.assert_close(y.float(), wo_matmul_bf16x2_reference(x, packed, s, z, gs), rtol=2 ** -7, atol=1e-3)
 
 
 @pytest.mark.parametrize("bits,group_size,K,N,M,config", MATMUL_CASES)
@@ -102,7 +132,8 @@ def test_matmul_kernel_matches_reference(bits, group_size, K, N, M, config):
 
 
 def test_config_table_and_split():
-    assert pick_config(1, 4).kernel == GEMV and pick_config(3, 8) == CONFIGS[(4, 8)]
+    assert pick_config(1, 4).kernel == BF16X2 and pick_config(1, 8).kernel == GEMV
+    assert pick_config(3, 8) == CONFIGS[(4, 8)]
     assert pick_config(10**6, 4) == CONFIGS[(max(m for m, _ in CONFIGS), 4)]
     cfg = KernelConfig(GEMV, 1, 64, 16, 1.0)
     assert split_k(cfg, grid_mn=1, k_tiles=10, device=torch.device("cpu")) == 4      # 4 SMs x 1 wave, 3+3+3+1 tiles
