@@ -113,13 +113,14 @@ class KernelConfig:
 
 
 # (largest M of the bucket, bits) -> config. M <= 16: swept on an H200 (graph-timed, docs/results/quant_kernels.json),
-# (1, 4) re-swept on an H100 for gemv_bf16x2 (54 configs, one Llama-2-7B layer: this one 63.0 us, the next 63.3);
+# (1, 4) re-swept on an H100 for gemv_bf16x2 (54 configs, one Llama-2-7B layer: this one 63.0 us, the next 63.3),
+# (2, 4) from four of them (75.4 us against the gemv row's 92.9);
 # M > 16: pre-sweep defaults. `benchmarks/quant_kernels.py --sweep`
 # prints this table measured on the card it runs on.
 CONFIGS: dict[tuple[int, int], KernelConfig] = {
     (1, 4): KernelConfig("gemv_bf16x2", 1, 32, 32, 8.0, 4, 4),
     (1, 8): KernelConfig("gemv", 1, 64, 16, 8.0, 4, 4),
-    (2, 4): KernelConfig("gemv", 2, 64, 16, 4.0, 4, 4),
+    (2, 4): KernelConfig("gemv_bf16x2", 2, 32, 32, 4.0, 4, 4),
     (2, 8): KernelConfig("gemv", 2, 64, 32, 4.0, 4, 4),
     (4, 4): KernelConfig("dot", 16, 64, 16, 4.0, 4, 2),
     (4, 8): KernelConfig("dot", 16, 64, 32, 4.0, 4, 3),
