@@ -47,7 +47,7 @@ Three kernels, chosen per ``M`` from ``CONFIGS`` (tuned by ``benchmarks/quant_ke
   takes the zero (and the 1) out per word row, not per code; the cancellation
   costs a few of fp32's 24 bits (6 instructions per code in the sm_90 SASS).
 - ``gemv_bf16x2`` (4-bit codes, bf16 ``x``, CUDA; elsewhere the ``gemv`` runs the same tiles): the same walk
-  with the per-word math in packed bf16x2 PTX (``_BF16X2_DOT8_ASM``): one LOP3 turns two codes into two
+  with the per-word math in packed bf16x2 PTX (``_BF16X2_DEQUANT8``, ``_BF16X2_DOT8``): one LOP3 turns two codes into two
   bf16 ``128 + code``, one FMA subtracts ``128 + zero`` exactly, and one FMA multiplies and adds two codes
   at once. The sm_90 SASS of the M = 1 config counts 3.9 instructions per code (the ``gemv``: 5.5), and a
   Llama-2-7B layer's four M = 1 GEMVs take 63.0 µs instead of 73.3 (graph-timed, H100; the bf16 GEMV: 138).
@@ -296,31 +296,36 @@ def _wo_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M
     _store_out(out_ptr, part_ptr, count_ptr, tl.sum(acc, axis=1), offs_m, offs_n, M, N, stride_om, num_splits, SPLIT)
 
 
-# One int32 word of eight 4-bit codes against eight bf16 activations, in packed bf16x2 arithmetic (sm_80+).
-# A code ORed into the mantissa of bf16 128.0 is 128 + code exactly (one LOP3 makes two: the word's nibbles i
-# and i + 4 land in the two halves, so x pairs up as (x_i, x_{i+4})), one FMA with -(128 + zero) leaves code - zero exactly, and four packed FMAs
-# take the dot product two codes per instruction (about 2.5 instructions per code against ~5.5 for fp32 math).
-# $1 the word, $2..$5 the activation pairs (x_i, x_{i+4}) as bf16x2, $6 -(128 + zero) in both halves; out: fp32.
-_BF16X2_DOT8_ASM = tl.constexpr("""{
-.reg .b32 t0, t1, t2, w0, w1, w2, w3, one, nzero, a, lo, hi;
-.reg .f32 f0, f1;
+# One int32 word of eight 4-bit codes against eight bf16 activations, in packed bf16x2 arithmetic (sm_80+),
+# split in two so that rows of x share one dequantization. _BF16X2_DEQUANT8: a code ORed into the mantissa of
+# bf16 128.0 is 128 + code exactly, so one LOP3 makes two (the word's nibbles i and i + 4 land in the two halves,
+# hence x pairs up as (x_i, x_{i+4})), and one FMA with -(128 + zero) leaves code - zero exactly.
+# $0..$3 out: (c_i - z, c_{i+4} - z) as bf16x2 for i = 0..3; $4 the word; $5 -(128 + zero) in both halves.
+_BF16X2_DEQUANT8 = tl.constexpr("""{
+.reg .b32 t0, t1, t2, one;
 mov.b32 one, 0x3F803F80;
+shr.u32 t0, $4, 4;
+shr.u32 t1, $4, 8;
+shr.u32 t2, $4, 12;
+lop3.b32 $0, $4, 0x000F000F, 0x43004300, 0xEA;
+lop3.b32 $1, t0, 0x000F000F, 0x43004300, 0xEA;
+lop3.b32 $2, t1, 0x000F000F, 0x43004300, 0xEA;
+lop3.b32 $3, t2, 0x000F000F, 0x43004300, 0xEA;
+fma.rn.bf16x2 $0, $0, one, $5;
+fma.rn.bf16x2 $1, $1, one, $5;
+fma.rn.bf16x2 $2, $2, one, $5;
+fma.rn.bf16x2 $3, $3, one, $5;
+}""")
+# _BF16X2_DOT8: four packed FMAs take the word's dot product with one row of x, two codes per instruction, and
+# the two halves meet in fp32. $0 out (fp32); $1..$4 the dequantized pairs; $5..$8 the x pairs as bf16x2.
+_BF16X2_DOT8 = tl.constexpr("""{
+.reg .b32 nzero, a, lo, hi;
+.reg .f32 f0, f1;
 mov.b32 nzero, 0x80008000;
-shr.u32 t0, $1, 4;
-shr.u32 t1, $1, 8;
-shr.u32 t2, $1, 12;
-lop3.b32 w0, $1, 0x000F000F, 0x43004300, 0xEA;
-lop3.b32 w1, t0, 0x000F000F, 0x43004300, 0xEA;
-lop3.b32 w2, t1, 0x000F000F, 0x43004300, 0xEA;
-lop3.b32 w3, t2, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 w0, w0, one, $6;
-fma.rn.bf16x2 w1, w1, one, $6;
-fma.rn.bf16x2 w2, w2, one, $6;
-fma.rn.bf16x2 w3, w3, one, $6;
-fma.rn.bf16x2 a, w0, $2, nzero;
-fma.rn.bf16x2 a, w1, $3, a;
-fma.rn.bf16x2 a, w2, $4, a;
-fma.rn.bf16x2 a, w3, $5, a;
+fma.rn.bf16x2 a, $1, $5, nzero;
+fma.rn.bf16x2 a, $2, $6, a;
+fma.rn.bf16x2 a, $3, $7, a;
+fma.rn.bf16x2 a, $4, $8, a;
 shl.b32 lo, a, 16;
 and.b32 hi, a, 0xFFFF0000;
 mov.b32 f0, lo;
@@ -363,8 +368,11 @@ def _wo_gemv_bf16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count
         x23 = _bf16_pair(tl.load(x_rows + 1, mask=x_mask, other=0), tl.load(x_rows + 5, mask=x_mask, other=0))
         x45 = _bf16_pair(tl.load(x_rows + 2, mask=x_mask, other=0), tl.load(x_rows + 6, mask=x_mask, other=0))
         x67 = _bf16_pair(tl.load(x_rows + 3, mask=x_mask, other=0), tl.load(x_rows + 7, mask=x_mask, other=0))
-        part = tl.inline_asm_elementwise(_BF16X2_DOT8_ASM, "=f,r,r,r,r,r,r", [words, x01, x23, x45, x67, nz],
-                                         dtype=tl.float32, is_pure=True, pack=1)
+        w0, w1, w2, w3 = tl.inline_asm_elementwise(_BF16X2_DEQUANT8, "=r,=r,=r,=r,r,r", [words, nz],
+                                                   dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True,
+                                                   pack=1)                                  # [1, BKP, BN]
+        part = tl.inline_asm_elementwise(_BF16X2_DOT8, "=f,r,r,r,r,r,r,r,r", [w0, w1, w2, w3, x01, x23, x45, x67],
+                                         dtype=tl.float32, is_pure=True, pack=1)            # [BM, BKP, BN]
         acc += part * s
     _store_out(out_ptr, part_ptr, count_ptr, tl.sum(acc, axis=1), offs_m, offs_n, M, N, stride_om, num_splits, SPLIT)
 
