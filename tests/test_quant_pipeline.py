@@ -195,15 +195,38 @@ def test_gpu_quantized_engine_matches_reference_path(src, gptq_dir):
 
 def test_awq_searches_handle_a_partial_last_group():
     """in_features 688 (the tiny model's intermediate size) = 10 groups of 64 + 48."""
-    from onecard.quant.awq import ScaleGroup, linear_outputs, search_clip, search_scales
+    from onecard.quant.awq import ScaleGroup, clip_groups, linear_outputs, search_clip, search_scales
 
     torch.manual_seed(0)
     x, w = torch.randn(64, 688), torch.randn(32, 688)
     s = search_scales(x, ScaleGroup("down", [w], linear_outputs), 4, 64)
     assert s.shape == (688,) and torch.isfinite(s).all() and (s > 0).all()
-    shrink = search_clip(x, w, 4, 64)
-    assert shrink.shape == (32, 11) and ((shrink >= 0.5) & (shrink <= 1)).all()
-    assert rtn_quantize(w, 4, 64, sym=False, shrink=shrink).scales.shape == (11, 32)
+    bound = search_clip(x, w, 4, 64)
+    absmax = torch.nn.functional.pad(w.abs(), (0, 16)).reshape(32, 11, 64).amax(-1)
+    assert bound.shape == (32, 11) and ((bound >= 0.5 * absmax - 1e-6) & (bound <= absmax)).all()
+    clipped = clip_groups(w, bound, 64)
+    assert clipped.shape == w.shape and rtn_quantize(clipped, 4, 64, sym=False).scales.shape == (11, 32)
+
+
+def test_awq_clip_never_raises_a_groups_output_error():
+    """The search scores the bound it returns against no clipping (bound = max|w| is on its grid), so per
+    (row, group) the chosen clamp's rounded output error is at most plain RTN's; on heavy-tailed weights it
+    clips some groups (the search is not a no-op), and the clamp moves only the side past the bound."""
+    from onecard.quant.awq import clip_groups, fake_quantize_groups, search_clip
+
+    torch.manual_seed(0)
+    x = torch.randn(256, 256)
+    w = torch.distributions.StudentT(2.0).sample((48, 256))
+    bound = search_clip(x, w, 4, 64)
+    clipped = clip_groups(w, bound, 64)
+
+    def group_err(wq):
+        return ((x.view(256, 1, 4, 64) * (wq - w).view(1, 48, 4, 64)).sum(-1)).pow(2).mean(0)   # [out, G]
+
+    assert (group_err(fake_quantize_groups(clipped, 4, 64)) <= group_err(fake_quantize_groups(w, 4, 64)) + 1e-6).all()
+    assert (clipped != w).any()
+    inside = w.abs() <= bound.repeat_interleave(64, dim=1)
+    assert torch.equal(clipped[inside], w[inside])
 
 
 @pytest.mark.parametrize("arch", ["llama-2-7b", "llama-3.1-8b", "qwen2-7b"])  # MHA; GQA; GQA with q/k/v biases

@@ -343,7 +343,8 @@ def _bf16_pair(lo, hi):
 @triton.jit(do_not_specialize=["tiles_per_split", "num_splits"])
 def _wo_gemv_bf16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_om,
                            tiles_per_split, num_splits, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, ROWWISE: tl.constexpr, SPLIT: tl.constexpr):
+                           BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, ROWWISE: tl.constexpr, SPLIT: tl.constexpr,
+                           PREFETCH: tl.constexpr):
     """The 4-bit ``gemv`` for bf16 activations (``x_ptr`` is x viewed as int16), in packed bf16x2 math."""
     PACK: tl.constexpr = 8
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -354,14 +355,22 @@ def _wo_gemv_bf16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count
     n_mask = n3 < N
     KPT = K // PACK
     acc = tl.zeros((BLOCK_M, BLOCK_KP, BLOCK_N), dtype=tl.float32)
+    if PREFETCH:
+        rows0 = pid_k * tiles_per_split * BLOCK_KP + tl.arange(0, BLOCK_KP)[None, :, None]
+        nxt = tl.load(qw_ptr + rows0 * N + n3, mask=(rows0 < KPT) & n_mask, other=0)
     for t in range(tiles_per_split):
         kp0 = (pid_k * tiles_per_split + t) * BLOCK_KP
         rows = kp0 + tl.arange(0, BLOCK_KP)[None, :, None]
         r_mask = rows < KPT
+        if PREFETCH:
+            words = nxt
+            rows1 = rows + BLOCK_KP
+            nxt = tl.load(qw_ptr + rows1 * N + n3, mask=(rows1 < KPT) & n_mask & (t + 1 < tiles_per_split), other=0)
+        else:
+            words = tl.load(qw_ptr + rows * N + n3, mask=r_mask & n_mask, other=0)             # [1, BKP, BN]
         s, z = _group_affine(s_ptr, z_ptr, kp0, rows, n3, n_mask, N, KPT, GROUP, PACK, ROWWISE, True)
         zb = (-128.0 - z).to(tl.int32, bitcast=True)  # -(128 + zero) is exact in bf16: its fp32's top half
         nz = (zb & -65536) | ((zb >> 16) & 0xFFFF)
-        words = tl.load(qw_ptr + rows * N + n3, mask=r_mask & n_mask, other=0)             # [1, BKP, BN]
         x_rows = x_ptr + m3 * stride_xm + rows * PACK
         x_mask = (m3 < M) & r_mask
         x01 = _bf16_pair(tl.load(x_rows, mask=x_mask, other=0), tl.load(x_rows + 4, mask=x_mask, other=0))
@@ -537,6 +546,7 @@ def wo_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         kernel = _wo_gemv_bf16x2_kernel
         x2 = x2.view(torch.int16)
         del consts["BITS"]
+        consts["PREFETCH"] = c.num_stages > 4  # DEV
     else:
         kernel = _wo_gemv_kernel
     if x.is_cuda:

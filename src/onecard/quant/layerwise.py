@@ -187,10 +187,10 @@ def _quantize_layer_awq(layer, xs, pe, cfg: QuantConfig, max_tokens: int = 8192)
     out: dict[str, QuantizedWeight] = {}
     for names, key in zip(SEQUENTIAL, firsts):
         for n in names:
-            shrink = None
             if n not in ("self_attn.q_proj", "self_attn.k_proj"):  # AutoAWQ skips q/k: attention scores amplify clipping
-                shrink = awq_mod.search_clip(x[key], W[n], cfg.bits, cfg.group_size)
-            out[n] = rtn_quantize(W[n], cfg.bits, cfg.group_size, sym=False, shrink=shrink)
+                W[n] = awq_mod.clip_groups(W[n], awq_mod.search_clip(x[key], W[n], cfg.bits, cfg.group_size),
+                                           cfg.group_size)
+            out[n] = rtn_quantize(W[n], cfg.bits, cfg.group_size, sym=False)
             _set_weight(layer, n, W[n])  # the rescaled float layer propagates (as AutoAWQ does)
     return out
 

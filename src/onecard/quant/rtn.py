@@ -69,17 +69,16 @@ def default_g_idx(in_features: int, group_size: int, device=None) -> torch.Tenso
     return (torch.arange(in_features, device=device) // gs).to(torch.int32)
 
 
-def qparams(w: torch.Tensor, bits: int, sym: bool, shrink: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def qparams(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale (fp16-rounded, as fp32) and integer zero point for each row of ``w[rows, n]``.
 
-    ``shrink`` < 1 narrows the range (AWQ's clipping search). Ranges always
-    include 0 (GPTQ's convention) so a zero weight stays exactly zero. Symmetric
+    Ranges always include 0 (GPTQ's convention) so a zero weight stays exactly zero. Symmetric
     zero is ``2**(bits-1)`` (GPTQ's, stored as 7 / 127 in v1 files).
     """
     maxq = 2**bits - 1
     w = w.float()
-    xmin = torch.clamp(w.min(dim=1).values, max=0) * shrink
-    xmax = torch.clamp(w.max(dim=1).values, min=0) * shrink
+    xmin = torch.clamp(w.min(dim=1).values, max=0)
+    xmax = torch.clamp(w.max(dim=1).values, min=0)
     if sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = -xmax
@@ -109,12 +108,8 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
     return (quantize_codes(w, scale, zero, bits) - z) * s
 
 
-def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool = True,
-                 shrink: torch.Tensor | None = None) -> QuantizedWeight:
-    """Round-to-nearest: each group of ``group_size`` input channels gets its own scale/zero per output row.
-
-    ``shrink[out, G]`` (AWQ's clipping) narrows each group's range before rounding.
-    """
+def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool = True) -> QuantizedWeight:
+    """Round-to-nearest: each group of ``group_size`` input channels gets its own scale/zero per output row."""
     check_bits_group(bits, group_size)
     out_f, in_f = weight.shape
     gs = in_f if group_size == -1 else group_size
@@ -127,7 +122,7 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool = T
     zeros = torch.empty(n_groups, out_f, dtype=torch.int32, device=w.device)
     for g in range(n_groups):
         cols = slice(g * gs, min((g + 1) * gs, in_f))
-        s, z = qparams(w[:, cols], bits, sym, 1.0 if shrink is None else shrink[:, g])
+        s, z = qparams(w[:, cols], bits, sym)
         q[:, cols] = quantize_codes(w[:, cols], s, z, bits).to(torch.uint8)
         scales[g], zeros[g] = s.half(), z.to(torch.int32)
     return QuantizedWeight(q, scales, zeros, default_g_idx(in_f, group_size, w.device), bits, group_size)
