@@ -106,12 +106,14 @@ def test_bf16x2_emulation_within_bf16_rounding_of_reference(group_size, K, M):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("group_size,M", [(128, 1), (32, 1), (64, 2)])
-def test_bf16x2_kernel_matches_its_emulation_on_gpu(group_size, M):
+@pytest.mark.parametrize("group_size,M,prefetch,waves", [(128, 1, False, 8.0), (32, 1, True, 4.0), (64, 2, False, 4.0),
+                                                         (128, 1, True, 0.0), (128, 4, True, 1.0)])
+def test_bf16x2_kernel_matches_its_emulation_on_gpu(group_size, M, prefetch, waves):
+    """waves 0: one program walks all of K (the prefetch crosses every tile); 1-8: split-K, a few tiles each."""
     K, N = 4096, 4096
     _, packed, s, z, gs = _packed(K, N, 4, group_size)
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-    config = KernelConfig(BF16X2, M, 32, 32, 8.0)
+    config = KernelConfig(BF16X2, M, 32, 32, waves, prefetch=prefetch)
     assert kernel_for(config, 4, x) == BF16X2
     y = wo_matmul(x, packed, s, z, 4, gs, config)
     # the same roundings, summed in another order (fp32) and rounded once to bf16 at the end

@@ -103,6 +103,7 @@ class KernelConfig:
     waves: float
     num_warps: int = 4
     num_stages: int = 3
+    prefetch: bool = False  # gemv_bf16x2: load the next tile's words before this tile's math
 
     def __post_init__(self) -> None:
         sizes = (self.block_m, self.block_n, self.block_kp)
@@ -113,12 +114,13 @@ class KernelConfig:
 
 
 # (largest M of the bucket, bits) -> config. M <= 16: swept on an H200 (graph-timed, docs/results/quant_kernels.json),
-# (1, 4) re-swept on an H100 for gemv_bf16x2 (54 configs, one Llama-2-7B layer: this one 63.0 us, the next 63.3),
+# (1, 4) re-swept on an H100 for gemv_bf16x2 (36 configs with and without prefetch, one Llama-2-7B layer: this one
+# 59.4 us, the best without prefetch 62.4; prefetch lost at M = 2),
 # (2, 4) from four of them (75.4 us against the gemv row's 92.9);
 # M > 16: pre-sweep defaults. `benchmarks/quant_kernels.py --sweep`
 # prints this table measured on the card it runs on.
 CONFIGS: dict[tuple[int, int], KernelConfig] = {
-    (1, 4): KernelConfig("gemv_bf16x2", 1, 32, 32, 8.0, 4, 4),
+    (1, 4): KernelConfig("gemv_bf16x2", 1, 32, 32, 4.0, 4, 4, prefetch=True),
     (1, 8): KernelConfig("gemv", 1, 64, 16, 8.0, 4, 4),
     (2, 4): KernelConfig("gemv_bf16x2", 2, 32, 32, 4.0, 4, 4),
     (2, 8): KernelConfig("gemv", 2, 64, 32, 4.0, 4, 4),
@@ -345,7 +347,13 @@ def _wo_gemv_bf16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count
                            tiles_per_split, num_splits, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, ROWWISE: tl.constexpr, SPLIT: tl.constexpr,
                            PREFETCH: tl.constexpr):
-    """The 4-bit ``gemv`` for bf16 activations (``x_ptr`` is x viewed as int16), in packed bf16x2 math."""
+    """The 4-bit ``gemv`` for bf16 activations (``x_ptr`` is x viewed as int16), in packed bf16x2 math.
+
+    ``PREFETCH`` loads the next tile's words into registers before this tile's math, so a program keeps a tile
+    in flight while it computes (``ptxas`` still places the load mid-loop, not at its top). Through shared
+    memory instead (``tl.range(..., num_stages=3)``, ``cp.async``) it was slower: 68.3 µs per Llama-2-7B layer
+    at best against 62.4 without and 59.4 with this (H100 dev sweeps).
+    """
     PACK: tl.constexpr = 8
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -546,7 +554,7 @@ def wo_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         kernel = _wo_gemv_bf16x2_kernel
         x2 = x2.view(torch.int16)
         del consts["BITS"]
-        consts["PREFETCH"] = c.num_stages > 4  # DEV
+        consts["PREFETCH"] = c.prefetch
     else:
         kernel = _wo_gemv_kernel
     if x.is_cuda:
