@@ -73,6 +73,11 @@ MATMUL_CASES = [
     (8, 128, 256, 80, 5, KernelConfig(DOT, 16, 64, 32, 0.0)),
     (4, 128, 256, 80, 16, KernelConfig(DOT, 16, 64, 16, 4.0)),
     (4, 32, 224, 48, 16, KernelConfig(DOT, 16, 64, 16, 0.0)),
+    # prefetch: across a whole unsplit K, and with one tile per split (the next split's rows masked off); the
+    # int8 per-channel case also takes the one-group path (scale and zero after the loop)
+    (4, 64, 256, 48, 1, KernelConfig(GEMV, 1, 32, 8, 0.0, prefetch=True)),
+    (8, -1, 256, 80, 1, KernelConfig(GEMV, 1, 64, 8, 4.0, prefetch=True)),
+    (8, -1, 256, 80, 2, KernelConfig(GEMV, 2, 64, 16, 0.0)),
 ]
 
 

@@ -53,7 +53,9 @@ Three kernels, chosen per ``M`` from ``CONFIGS`` (tuned by ``benchmarks/quant_ke
   Llama-2-7B layer's four M = 1 GEMVs take 63.0 µs instead of 73.3 (graph-timed, H100; the bf16 GEMV: 138).
   The cost is rounding: each four-term chain rounds to bf16 (``wo_matmul_bf16x2_reference`` models it
   step by step), ~3e-3 relative error against the fp32 ``gemv``'s ~1.7e-3 (which is the bf16 output's).
-- ``dot``: ``P`` separate ``tl.dot`` of ``x_j [BLOCK_M, BLOCK_KP] @ (c_j - z) [BLOCK_KP, BLOCK_N]``
+- ``dot`` (4-bit codes with bf16 ``x`` on CUDA, one group per tile: the codes come from ``_BF16X2_DEQUANT8``,
+  two per instruction, split into the eight tiles by register moves; a Llama-2-7B layer at M=8 took 105.0 µs
+  against 136.7 for the fp32 conversion with its best tile; otherwise as follows): ``P`` separate ``tl.dot`` of ``x_j [BLOCK_M, BLOCK_KP] @ (c_j - z) [BLOCK_KP, BLOCK_N]``
   (codes minus zero are exact in bf16 for 4- and 8-bit codes), scale after the dot
   (within the dot each ``c_j - z`` tile still passes through shared memory, as any
   Triton dequant-then-dot does).
@@ -103,7 +105,7 @@ class KernelConfig:
     waves: float
     num_warps: int = 4
     num_stages: int = 3
-    prefetch: bool = False  # gemv_bf16x2: load the next tile's words before this tile's math
+    prefetch: bool = False  # the gemv kernels: load the next tile's words before this tile's math
 
     def __post_init__(self) -> None:
         sizes = (self.block_m, self.block_n, self.block_kp)
@@ -116,7 +118,9 @@ class KernelConfig:
 # (largest M of the bucket, bits) -> config. M <= 16: swept on an H200 (graph-timed, docs/results/quant_kernels.json),
 # (1, 4) re-swept on an H100 for gemv_bf16x2 (36 configs with and without prefetch, one Llama-2-7B layer: this one
 # 59.4 us, the best without prefetch 62.4; prefetch lost at M = 2),
-# (2, 4) from four of them (75.4 us against the gemv row's 92.9);
+# (2, 4) from four of them (75.4 us against the gemv row's 92.9); (4..16, 4) re-swept on an H100 for the dot kernel's
+# bf16x2 dequantization, which needs one group per tile (kp16 at g128): 24 configs, the best at every M (one
+# Llama-2-7B layer: M=4 96.7 us, M=8 105.0, M=16 134.5, against the kp32 rows' 119.2, 136.7 and 151.4);
 # M > 16: pre-sweep defaults. `benchmarks/quant_kernels.py --sweep`
 # prints this table measured on the card it runs on.
 CONFIGS: dict[tuple[int, int], KernelConfig] = {
@@ -124,11 +128,11 @@ CONFIGS: dict[tuple[int, int], KernelConfig] = {
     (1, 8): KernelConfig("gemv", 1, 64, 16, 8.0, 4, 4),
     (2, 4): KernelConfig("gemv_bf16x2", 2, 32, 32, 4.0, 4, 4),
     (2, 8): KernelConfig("gemv", 2, 64, 32, 4.0, 4, 4),
-    (4, 4): KernelConfig("dot", 16, 64, 16, 4.0, 4, 2),
+    (4, 4): KernelConfig("dot", 16, 128, 16, 2.0, 8, 3),
     (4, 8): KernelConfig("dot", 16, 64, 32, 4.0, 4, 3),
-    (8, 4): KernelConfig("dot", 16, 128, 32, 2.0, 4, 2),
+    (8, 4): KernelConfig("dot", 16, 128, 16, 2.0, 8, 3),
     (8, 8): KernelConfig("dot", 16, 64, 32, 4.0, 4, 3),
-    (16, 4): KernelConfig("dot", 16, 128, 32, 2.0, 4, 2),
+    (16, 4): KernelConfig("dot", 16, 128, 16, 2.0, 8, 3),
     (16, 8): KernelConfig("dot", 16, 128, 16, 4.0, 4, 3),
     (64, 4): KernelConfig("dot", 32, 64, 16, 1.0, 4, 3),
     (64, 8): KernelConfig("dot", 32, 64, 32, 1.0, 4, 3),
@@ -258,7 +262,11 @@ def _store_out(out_ptr, part_ptr, count_ptr, y, offs_m, offs_n, M, N, stride_om,
 @triton.jit(do_not_specialize=["tiles_per_split", "num_splits"])  # one compile per config, whatever the split
 def _wo_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_om,
                     tiles_per_split, num_splits, GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, ROWWISE: tl.constexpr, SPLIT: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, ROWWISE: tl.constexpr, SPLIT: tl.constexpr,
+                    PREFETCH: tl.constexpr, ONE_GROUP: tl.constexpr):
+    """``ONE_GROUP`` (one group spans K: per-channel int8): the scale and zero are applied once, after the loop,
+    to the whole sums instead of once per word row (their loads, conversions and FMAs were ~1.7 of the ~4.7
+    instructions per 8-bit code). ``PREFETCH`` as in ``_wo_gemv_bf16x2_kernel``."""
     PACK: tl.constexpr = 32 // BITS
     LEVELS: tl.constexpr = 1 << BITS
     FIELD: tl.constexpr = 23 - BITS                      # a code's place in an fp32 mantissa: its top bits
@@ -273,16 +281,29 @@ def _wo_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M
     n_mask = n3 < N
     KPT = K // PACK
     acc = tl.zeros((BLOCK_M, BLOCK_KP, BLOCK_N), dtype=tl.float32)
+    x_acc = tl.zeros((BLOCK_M, BLOCK_KP, 1), dtype=tl.float32)
+    if PREFETCH:
+        rows0 = pid_k * tiles_per_split * BLOCK_KP + tl.arange(0, BLOCK_KP)[None, :, None]
+        split_end = (pid_k + 1) * tiles_per_split * BLOCK_KP  # the next split's first row: not this one's to load
+        nxt = tl.load(qw_ptr + rows0 * N + n3, mask=(rows0 < KPT) & n_mask, other=0)
     for t in range(tiles_per_split):
         kp0 = (pid_k * tiles_per_split + t) * BLOCK_KP
         rows = kp0 + tl.arange(0, BLOCK_KP)[None, :, None]
         r_mask = rows < KPT
-        s, z = _group_affine(s_ptr, z_ptr, kp0, rows, n3, n_mask, N, KPT, GROUP, PACK, ROWWISE, True)
-        words = tl.load(qw_ptr + rows * N + n3, mask=r_mask & n_mask, other=0)             # [1, BKP, BN]
+        if PREFETCH:
+            words = nxt
+            rows1 = rows + BLOCK_KP
+            nxt = tl.load(qw_ptr + rows1 * N + n3, mask=(rows1 < KPT) & (rows1 < split_end) & n_mask, other=0)
+        else:
+            words = tl.load(qw_ptr + rows * N + n3, mask=r_mask & n_mask, other=0)         # [1, BKP, BN]
         x_rows = x_ptr + m3 * stride_xm + rows * PACK  # [BM, BKP, 1]; x[P*r + j] is x_rows + j
         x_mask = (m3 < M) & r_mask
-        part = tl.zeros((BLOCK_M, BLOCK_KP, BLOCK_N), dtype=tl.float32)
-        x_sum = tl.zeros((BLOCK_M, BLOCK_KP, 1), dtype=tl.float32)
+        if ONE_GROUP:  # straight into the running sums
+            part = acc
+            x_sum = x_acc
+        else:
+            part = tl.zeros((BLOCK_M, BLOCK_KP, BLOCK_N), dtype=tl.float32)
+            x_sum = tl.zeros((BLOCK_M, BLOCK_KP, 1), dtype=tl.float32)
         for j in tl.static_range(PACK):
             # 1 + code_j / 2**BITS, exact: code_j moved into the top mantissa bits of 1.0 (a shift and one LOP3)
             if FIELD >= j * BITS:
@@ -294,8 +315,18 @@ def _wo_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M
             part += xj * f
             x_sum += xj
         # sum_j x_j (code_j - zero) = 2**BITS * sum_j x_j f_j - (2**BITS + zero) * sum_j x_j
-        acc += (part * LEVELS - (z + LEVELS) * x_sum) * s
-    _store_out(out_ptr, part_ptr, count_ptr, tl.sum(acc, axis=1), offs_m, offs_n, M, N, stride_om, num_splits, SPLIT)
+        if ONE_GROUP:
+            acc = part
+            x_acc = x_sum
+        else:
+            s, z = _group_affine(s_ptr, z_ptr, kp0, rows, n3, n_mask, N, KPT, GROUP, PACK, ROWWISE, True)
+            acc += (part * LEVELS - (z + LEVELS) * x_sum) * s
+    y = tl.sum(acc, axis=1)                                                                  # [BM, BN]
+    if ONE_GROUP:
+        s = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        z = tl.load(z_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        y = (y * LEVELS - (z + LEVELS) * tl.sum(x_acc, axis=1)) * s
+    _store_out(out_ptr, part_ptr, count_ptr, y, offs_m, offs_n, M, N, stride_om, num_splits, SPLIT)
 
 
 # One int32 word of eight 4-bit codes against eight bf16 activations, in packed bf16x2 arithmetic (sm_80+),
@@ -365,6 +396,7 @@ def _wo_gemv_bf16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count
     acc = tl.zeros((BLOCK_M, BLOCK_KP, BLOCK_N), dtype=tl.float32)
     if PREFETCH:
         rows0 = pid_k * tiles_per_split * BLOCK_KP + tl.arange(0, BLOCK_KP)[None, :, None]
+        split_end = (pid_k + 1) * tiles_per_split * BLOCK_KP  # the next split's first row: not this one's to load
         nxt = tl.load(qw_ptr + rows0 * N + n3, mask=(rows0 < KPT) & n_mask, other=0)
     for t in range(tiles_per_split):
         kp0 = (pid_k * tiles_per_split + t) * BLOCK_KP
@@ -373,7 +405,7 @@ def _wo_gemv_bf16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count
         if PREFETCH:
             words = nxt
             rows1 = rows + BLOCK_KP
-            nxt = tl.load(qw_ptr + rows1 * N + n3, mask=(rows1 < KPT) & n_mask & (t + 1 < tiles_per_split), other=0)
+            nxt = tl.load(qw_ptr + rows1 * N + n3, mask=(rows1 < KPT) & (rows1 < split_end) & n_mask, other=0)
         else:
             words = tl.load(qw_ptr + rows * N + n3, mask=r_mask & n_mask, other=0)             # [1, BKP, BN]
         s, z = _group_affine(s_ptr, z_ptr, kp0, rows, n3, n_mask, N, KPT, GROUP, PACK, ROWWISE, True)
@@ -394,11 +426,22 @@ def _wo_gemv_bf16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count
     _store_out(out_ptr, part_ptr, count_ptr, tl.sum(acc, axis=1), offs_m, offs_n, M, N, stride_om, num_splits, SPLIT)
 
 
+@triton.jit
+def _dot_pair(x_rows, x_mask, i: tl.constexpr, pairs, part):
+    """``part += x_i @ (c_i - z) + x_{i+4} @ (c_{i+4} - z)`` from bf16x2 ``pairs`` (halves split by moves)."""
+    lo, hi = tl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [pairs],
+                                       dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+    part = tl.dot(tl.load(x_rows + i, mask=x_mask, other=0.0), lo, part)
+    return tl.dot(tl.load(x_rows + i + 4, mask=x_mask, other=0.0), hi, part)
+
+
 @triton.jit(do_not_specialize=["tiles_per_split", "num_splits"])
 def _wo_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_om,
                    tiles_per_split, num_splits, GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, ROWWISE: tl.constexpr, SPLIT: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr, BF16X2: tl.constexpr):
+    """``BF16X2`` (4-bit codes, bf16 x, one group per tile, CUDA): the codes are dequantized two per instruction
+    by ``_BF16X2_DEQUANT8`` and split into the eight ``code_j - zero`` tiles by register moves."""
     PACK: tl.constexpr = 32 // BITS
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -421,6 +464,18 @@ def _wo_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M,
                 w = _code_minus_zero(words, j, zm, BITS)
                 xj = tl.load(x_rows + j, mask=x_mask, other=0.0)
                 acc = tl.dot(xj, (w * s).to(xj.dtype), acc, input_precision=PRECISION)
+        elif BF16X2:  # one group, bf16: the same exact (code - zero), from packed PTX
+            zb = (-128.0 - z).to(tl.int32, bitcast=True)
+            w0, w1, w2, w3 = tl.inline_asm_elementwise(_BF16X2_DEQUANT8, "=r,=r,=r,=r,r,r",
+                                                       [words, (zb & -65536) | ((zb >> 16) & 0xFFFF)],
+                                                       dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True,
+                                                       pack=1)
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            part = _dot_pair(x_rows, x_mask, 0, w0, part)
+            part = _dot_pair(x_rows, x_mask, 1, w1, part)
+            part = _dot_pair(x_rows, x_mask, 2, w2, part)
+            part = _dot_pair(x_rows, x_mask, 3, w3, part)
+            acc += part * s
         else:        # one group: dot on exact (code - zero), scale once after
             part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for j in tl.static_range(PACK):
@@ -550,6 +605,7 @@ def wo_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     if kind == "dot":
         kernel = _wo_dot_kernel
         consts["PRECISION"] = "ieee" if x.dtype == torch.float32 else "tf32"
+        consts["BF16X2"] = bits == 4 and x.dtype == torch.bfloat16 and x.is_cuda and not consts["ROWWISE"]
     elif kind == "gemv_bf16x2":
         kernel = _wo_gemv_bf16x2_kernel
         x2 = x2.view(torch.int16)
@@ -557,6 +613,7 @@ def wo_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         consts["PREFETCH"] = c.prefetch
     else:
         kernel = _wo_gemv_kernel
+        consts.update(PREFETCH=c.prefetch, ONE_GROUP=group_size >= K)
     if x.is_cuda:
         consts.update(num_warps=c.num_warps, num_stages=c.num_stages)
     counters = zeroed_counters(x.device, grid_m * grid_n, "wo_matmul")
