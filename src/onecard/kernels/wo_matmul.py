@@ -259,6 +259,30 @@ def _store_out(out_ptr, part_ptr, count_ptr, y, offs_m, offs_n, M, N, stride_om,
         tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _first_words(qw_ptr, row0, KPT, N, n3, n_mask, BLOCK_KP: tl.constexpr, PREFETCH: tl.constexpr):
+    """Under ``PREFETCH`` the words of a program's first tile (loaded before its loop), else nothing."""
+    first = 0
+    if PREFETCH:
+        rows = row0 + tl.arange(0, BLOCK_KP)[None, :, None]
+        first = tl.load(qw_ptr + rows * N + n3, mask=(rows < KPT) & n_mask, other=0)
+    return first
+
+
+@triton.jit
+def _tile_words(qw_ptr, nxt, rows, split_end, KPT, N, n3, n_mask, BLOCK_KP: tl.constexpr, PREFETCH: tl.constexpr):
+    """This tile's words, and what to carry to the next iteration: under ``PREFETCH`` the words loaded last time
+    and the next tile's, loaded now (rows from ``split_end`` on belong to the next split), so one tile is in
+    flight while this one's math runs."""
+    if PREFETCH:
+        ahead = rows + BLOCK_KP
+        words = nxt
+        nxt = tl.load(qw_ptr + ahead * N + n3, mask=(ahead < KPT) & (ahead < split_end) & n_mask, other=0)
+    else:
+        words = tl.load(qw_ptr + rows * N + n3, mask=(rows < KPT) & n_mask, other=0)
+    return words, nxt
+
+
 @triton.jit(do_not_specialize=["tiles_per_split", "num_splits"])  # one compile per config, whatever the split
 def _wo_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_om,
                     tiles_per_split, num_splits, GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -282,20 +306,13 @@ def _wo_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M
     KPT = K // PACK
     acc = tl.zeros((BLOCK_M, BLOCK_KP, BLOCK_N), dtype=tl.float32)
     x_acc = tl.zeros((BLOCK_M, BLOCK_KP, 1), dtype=tl.float32)
-    if PREFETCH:
-        rows0 = pid_k * tiles_per_split * BLOCK_KP + tl.arange(0, BLOCK_KP)[None, :, None]
-        split_end = (pid_k + 1) * tiles_per_split * BLOCK_KP  # the next split's first row: not this one's to load
-        nxt = tl.load(qw_ptr + rows0 * N + n3, mask=(rows0 < KPT) & n_mask, other=0)
+    nxt = _first_words(qw_ptr, pid_k * tiles_per_split * BLOCK_KP, KPT, N, n3, n_mask, BLOCK_KP, PREFETCH)
     for t in range(tiles_per_split):
         kp0 = (pid_k * tiles_per_split + t) * BLOCK_KP
         rows = kp0 + tl.arange(0, BLOCK_KP)[None, :, None]
         r_mask = rows < KPT
-        if PREFETCH:
-            words = nxt
-            rows1 = rows + BLOCK_KP
-            nxt = tl.load(qw_ptr + rows1 * N + n3, mask=(rows1 < KPT) & (rows1 < split_end) & n_mask, other=0)
-        else:
-            words = tl.load(qw_ptr + rows * N + n3, mask=r_mask & n_mask, other=0)         # [1, BKP, BN]
+        words, nxt = _tile_words(qw_ptr, nxt, rows, (pid_k + 1) * tiles_per_split * BLOCK_KP, KPT, N, n3, n_mask,
+                                 BLOCK_KP, PREFETCH)                                     # [1, BKP, BN]
         x_rows = x_ptr + m3 * stride_xm + rows * PACK  # [BM, BKP, 1]; x[P*r + j] is x_rows + j
         x_mask = (m3 < M) & r_mask
         if ONE_GROUP:  # straight into the running sums
@@ -394,20 +411,13 @@ def _wo_gemv_bf16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count
     n_mask = n3 < N
     KPT = K // PACK
     acc = tl.zeros((BLOCK_M, BLOCK_KP, BLOCK_N), dtype=tl.float32)
-    if PREFETCH:
-        rows0 = pid_k * tiles_per_split * BLOCK_KP + tl.arange(0, BLOCK_KP)[None, :, None]
-        split_end = (pid_k + 1) * tiles_per_split * BLOCK_KP  # the next split's first row: not this one's to load
-        nxt = tl.load(qw_ptr + rows0 * N + n3, mask=(rows0 < KPT) & n_mask, other=0)
+    nxt = _first_words(qw_ptr, pid_k * tiles_per_split * BLOCK_KP, KPT, N, n3, n_mask, BLOCK_KP, PREFETCH)
     for t in range(tiles_per_split):
         kp0 = (pid_k * tiles_per_split + t) * BLOCK_KP
         rows = kp0 + tl.arange(0, BLOCK_KP)[None, :, None]
         r_mask = rows < KPT
-        if PREFETCH:
-            words = nxt
-            rows1 = rows + BLOCK_KP
-            nxt = tl.load(qw_ptr + rows1 * N + n3, mask=(rows1 < KPT) & (rows1 < split_end) & n_mask, other=0)
-        else:
-            words = tl.load(qw_ptr + rows * N + n3, mask=r_mask & n_mask, other=0)             # [1, BKP, BN]
+        words, nxt = _tile_words(qw_ptr, nxt, rows, (pid_k + 1) * tiles_per_split * BLOCK_KP, KPT, N, n3, n_mask,
+                                 BLOCK_KP, PREFETCH)                                     # [1, BKP, BN]
         s, z = _group_affine(s_ptr, z_ptr, kp0, rows, n3, n_mask, N, KPT, GROUP, PACK, ROWWISE, True)
         zb = (-128.0 - z).to(tl.int32, bitcast=True)  # -(128 + zero) is exact in bf16: its fp32's top half
         nz = (zb & -65536) | ((zb >> 16) & 0xFFFF)
