@@ -260,6 +260,17 @@ def _store_out(out_ptr, part_ptr, count_ptr, y, offs_m, offs_n, M, N, stride_om,
 
 
 @triton.jit
+def _gemv_tile(N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A gemv program's rows and columns, 1-D and as the 3-D ``[BLOCK_M, BLOCK_KP, BLOCK_N]`` broadcasts: every
+    tensor is 3-D from its load on, so the compiler keeps the coalesced layout of the words load throughout (a
+    2-D load expanded to 3-D costs a shared-memory shuffle per code)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n3 = offs_n[None, None, :]
+    return offs_m, offs_n, offs_m[:, None, None], n3, n3 < N
+
+
+@triton.jit
 def _first_words(qw_ptr, row0, KPT, N, n3, n_mask, BLOCK_KP: tl.constexpr, PREFETCH: tl.constexpr):
     """Under ``PREFETCH`` the words of a program's first tile (loaded before its loop), else nothing."""
     first = 0
@@ -295,14 +306,8 @@ def _wo_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M
     LEVELS: tl.constexpr = 1 << BITS
     FIELD: tl.constexpr = 23 - BITS                      # a code's place in an fp32 mantissa: its top bits
     FIELD_MASK: tl.constexpr = (LEVELS - 1) << FIELD
-    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Everything 3-D [BLOCK_M, BLOCK_KP, BLOCK_N] from the loads on, so the compiler keeps the coalesced
-    # layout of the words load throughout (a 2-D load expanded to 3-D costs a shared-memory shuffle per code).
-    m3 = offs_m[:, None, None]
-    n3 = offs_n[None, None, :]
-    n_mask = n3 < N
+    pid_k = tl.program_id(2)
+    offs_m, offs_n, m3, n3, n_mask = _gemv_tile(N, BLOCK_M, BLOCK_N)
     KPT = K // PACK
     acc = tl.zeros((BLOCK_M, BLOCK_KP, BLOCK_N), dtype=tl.float32)
     x_acc = tl.zeros((BLOCK_M, BLOCK_KP, 1), dtype=tl.float32)
@@ -403,12 +408,8 @@ def _wo_gemv_bf16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count
     at best against 62.4 without and 59.4 with this (H100 dev sweeps).
     """
     PACK: tl.constexpr = 8
-    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m3 = offs_m[:, None, None]
-    n3 = offs_n[None, None, :]
-    n_mask = n3 < N
+    pid_k = tl.program_id(2)
+    offs_m, offs_n, m3, n3, n_mask = _gemv_tile(N, BLOCK_M, BLOCK_N)
     KPT = K // PACK
     acc = tl.zeros((BLOCK_M, BLOCK_KP, BLOCK_N), dtype=tl.float32)
     nxt = _first_words(qw_ptr, pid_k * tiles_per_split * BLOCK_KP, KPT, N, n3, n_mask, BLOCK_KP, PREFETCH)
