@@ -97,6 +97,20 @@ def test_matmul_cases_cover_every_path():
                                                             for s in (False, True)}
 
 
+def test_packed_bf16_needs_4_bit_bf16_on_an_ampere_or_later_gpu(monkeypatch):
+    from onecard.kernels import wo_matmul as W
+
+    meta = torch.empty(1, 8, dtype=torch.bfloat16, device="meta")  # stands in for a CUDA tensor's dtype
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    monkeypatch.setattr(W, "_capability", lambda device: (8, 6))
+    assert W.packed_bf16_ok(4, meta) and not W.packed_bf16_ok(8, meta)
+    assert not W.packed_bf16_ok(4, meta.half()) and not W.packed_bf16_ok(4, meta.float())
+    config = KernelConfig(BF16X2, 1, 32, 32, 8.0)
+    assert kernel_for(config, 4, meta) == BF16X2
+    monkeypatch.setattr(W, "_capability", lambda device: (7, 5))  # Turing: no bf16x2 FMA
+    assert not W.packed_bf16_ok(4, meta) and kernel_for(config, 4, meta) == GEMV
+
+
 @pytest.mark.parametrize("group_size,K,M", [(128, 256, 1), (32, 224, 3)])
 def test_bf16x2_emulation_within_bf16_rounding_of_reference(group_size, K, M):
     """The packed kernel's arithmetic (``wo_matmul_bf16x2_reference``) stays within bf16 rounding of the exact

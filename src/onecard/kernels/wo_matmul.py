@@ -576,11 +576,25 @@ def dequant_scratch_bytes(weight_shapes: list[tuple[int, int]], rows: int, elem_
     return max(k * n for k, n in weight_shapes) * elem_bytes
 
 
+BF16X2_MIN_CAPABILITY = (8, 0)  # fma.rn.bf16x2 (Ampere: the RTX 3090; the 4090 and H100 are later)
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def packed_bf16_ok(bits: int, x: torch.Tensor) -> bool:
+    """Whether the packed bf16x2 PTX can run for ``x``: 4-bit codes, bf16 ``x`` on a CUDA GPU with bf16x2 FMA.
+    Elsewhere (the CPU interpreter, fp16/fp32 ``x``, 8-bit, pre-Ampere GPUs) the fp32 paths run the same tiles."""
+    return (bits == 4 and x.dtype == torch.bfloat16 and x.is_cuda
+            and _capability(x.device) >= BF16X2_MIN_CAPABILITY)
+
+
 def kernel_for(config: KernelConfig, bits: int, x: torch.Tensor) -> str:
-    """The kernel ``config`` runs for ``x``: ``gemv_bf16x2`` only where its inline PTX can (4-bit codes, bf16
-    ``x`` on a CUDA GPU); elsewhere (the CPU interpreter, fp16/fp32 ``x``, 8-bit) the fp32 ``gemv`` does the same
-    tile walk."""
-    if config.kernel == "gemv_bf16x2" and not (bits == 4 and x.dtype == torch.bfloat16 and x.is_cuda):
+    """The kernel ``config`` runs for ``x``: ``gemv_bf16x2`` becomes the fp32 ``gemv`` where ``packed_bf16_ok``
+    says no."""
+    if config.kernel == "gemv_bf16x2" and not packed_bf16_ok(bits, x):
         return "gemv"
     return config.kernel
 
@@ -616,7 +630,7 @@ def wo_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     if kind == "dot":
         kernel = _wo_dot_kernel
         consts["PRECISION"] = "ieee" if x.dtype == torch.float32 else "tf32"
-        consts["BF16X2"] = bits == 4 and x.dtype == torch.bfloat16 and x.is_cuda and not consts["ROWWISE"]
+        consts["BF16X2"] = packed_bf16_ok(bits, x) and not consts["ROWWISE"]
     elif kind == "gemv_bf16x2":
         kernel = _wo_gemv_bf16x2_kernel
         x2 = x2.view(torch.int16)
