@@ -46,21 +46,22 @@ Three kernels, chosen per ``M`` from ``CONFIGS`` (tuned by ``benchmarks/quant_ke
   ``sum_j x_j (c_j - z) = 2**bits * sum_j x_j f_j - (2**bits + z) * sum_j x_j``
   takes the zero (and the 1) out per word row, not per code; the cancellation
   costs a few of fp32's 24 bits (6 instructions per code in the sm_90 SASS).
-- ``gemv_bf16x2`` (4-bit codes, bf16 ``x``, CUDA; elsewhere the ``gemv`` runs the same tiles): the same walk
-  with the per-word math in packed bf16x2 PTX (``_BF16X2_DEQUANT8``, ``_BF16X2_DOT8``): one LOP3 turns two codes into two
-  bf16 ``128 + code``, one FMA subtracts ``128 + zero`` exactly, and one FMA multiplies and adds two codes
-  at once. The sm_90 SASS of the M = 1 config counts 3.9 instructions per code (the ``gemv``: 5.5), and a
-  Llama-2-7B layer's four M = 1 GEMVs take 63.0 µs instead of 73.3 (graph-timed, H100; the bf16 GEMV: 138).
-  The cost is rounding: each four-term chain rounds to bf16 (``wo_matmul_bf16x2_reference`` models it
-  step by step), ~3e-3 relative error against the fp32 ``gemv``'s ~1.7e-3 (which is the bf16 output's).
-- ``dot`` (4-bit codes with bf16 ``x`` on CUDA, one group per tile: the codes come from ``_BF16X2_DEQUANT8``,
-  two per instruction, split into the eight tiles by register moves; a Llama-2-7B layer at M=8 took 105.0 µs
-  against 136.7 for the fp32 conversion with its best tile; otherwise as follows): ``P`` separate ``tl.dot`` of ``x_j [BLOCK_M, BLOCK_KP] @ (c_j - z) [BLOCK_KP, BLOCK_N]``
+- ``gemv_bf16x2`` (M <= 2; where ``packed_bf16_ok``: 4-bit codes, bf16 ``x``, an Ampere-or-later GPU;
+  elsewhere the ``gemv`` runs the same tiles): the same walk with the per-word math in packed bf16x2 PTX
+  (``_BF16X2_DEQUANT8``, then ``_BF16X2_DOT8`` per row of x): one LOP3 turns two codes into two bf16
+  ``128 + code``, one FMA subtracts ``128 + zero`` exactly, and one FMA multiplies and adds two codes at once.
+  The sm_90 SASS of the M = 1 config counts 3.9 instructions per code (the ``gemv``: 5.5); with the next tile's
+  words prefetched, a Llama-2-7B layer's four M = 1 GEMVs take 59.4 µs instead of 73.3 (graph-timed, H100; the
+  bf16 GEMV: 138). The cost is rounding: each four-term chain rounds to bf16 (``wo_matmul_bf16x2_reference``
+  models it step by step), ~3e-3 relative error against the fp32 ``gemv``'s ~1.7e-3 (the bf16 output's own).
+- ``dot``: ``P`` separate ``tl.dot`` of ``x_j [BLOCK_M, BLOCK_KP] @ (c_j - z) [BLOCK_KP, BLOCK_N]``
   (codes minus zero are exact in bf16 for 4- and 8-bit codes), scale after the dot
   (within the dot each ``c_j - z`` tile still passes through shared memory, as any
-  Triton dequant-then-dot does).
+  Triton dequant-then-dot does). Where ``packed_bf16_ok`` and a tile holds one group, the codes come from
+  ``_BF16X2_DEQUANT8``, two per instruction, split into the eight tiles by register moves: a Llama-2-7B layer
+  at M = 8 took 105.0 µs against 136.7 for the fp32 conversion with its best tile (H100).
 
-Both split K over groups when the output tiles alone would leave SMs idle
+All three split K over groups when the output tiles alone would leave SMs idle
 (``KernelConfig.waves``): each split writes an fp32 partial and the last to
 finish sums them (``_store_out``), so a split-K matmul is one kernel, with no
 memset or cast around it. On CUDA, ``M >= DEQUANT_GEMM_MIN_M`` (prefill, and
