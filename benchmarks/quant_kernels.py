@@ -1,7 +1,7 @@
 """Weight-only int4 / int8 kernels (``onecard.kernels.wo_matmul``) vs bf16 cuBLAS, per linear shape, one process.
 
     PYTHONPATH=src python benchmarks/quant_kernels.py           # H100: ~1 min, the configs in wo_matmul.CONFIGS
-    PYTHONPATH=src python benchmarks/quant_kernels.py --sweep   # H100: ~3-4 min, tries the config grid and prints
+    PYTHONPATH=src python benchmarks/quant_kernels.py --sweep   # H100: ~6-8 min, tries the config grid and prints
                                                                 #   a CONFIGS table to paste into wo_matmul.py
     TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/quant_kernels.py --smoke   # CPU (Triton interpreter), tiny shapes, < 2 min
 
@@ -24,6 +24,7 @@ Writes docs/results/quant_kernels.json (+ PNG).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 
@@ -71,24 +72,32 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def candidates(M: int, bits: int, smoke: bool) -> list[KernelConfig]:
-    """The sweep grid for one (M, bits): wide at M = 1 (the decode case that matters most), narrower above."""
+    """The sweep grid for one (M, bits): wide at M = 1 (the decode case that matters most), narrower above.
+
+    4-bit rows up to M = 2 sweep ``gemv_bf16x2`` (what bf16 activations run on an Ampere-or-later GPU; the fp32
+    ``gemv`` is its fallback elsewhere), 8-bit ones the ``gemv``; at M = 1 each with and without the prefetch.
+    """
     g = 128 * bits // 32  # word rows in a 128-channel group: 16 (int4), 32 (int8)
     bm = 1 << (M - 1).bit_length()
+    gemv = "gemv_bf16x2" if bits == 4 and M <= 2 else "gemv"
     out: list[KernelConfig] = []
     if M <= 8:
         wide = M == 1
         for bn in (32, 64, 128):
-            for kp in ((g // 2, g, 2 * g) if wide else (g // 2, g)):
+            for kp in (g // 2, g, 2 * g):
                 for warps in ((4, 8) if wide else (4,)):
                     for waves in ((0, 2, 4, 8) if wide else (0, 2, 4)):
-                        out.append(KernelConfig("gemv", bm, bn, kp, float(waves), warps, 3))
+                        for prefetch in ((False, True) if wide else (False,)):
+                            out.append(KernelConfig(gemv, bm, bn, kp, float(waves), warps, 3, prefetch))
     if M >= 4:
         for bn in (64, 128):
             for kp in (16, 32):
                 for waves in (0, 1, 2, 4):
-                    out.append(KernelConfig("dot", 16, bn, kp, float(waves), 4, 3))
+                    for warps in (4, 8):
+                        out.append(KernelConfig("dot", 16, bn, kp, float(waves), warps, 3))
     if smoke:  # one of each kernel: exercises the sweep's code, not its search
-        out = [next(c for c in out if c.kernel == k) for k in ("gemv", "dot") if any(c.kernel == k for c in out)]
+        out = [next(c for c in out if c.kernel == k) for k in ("gemv", "gemv_bf16x2", "dot")
+               if any(c.kernel == k for c in out)]
     return out
 
 
@@ -96,11 +105,7 @@ def short(c: KernelConfig | None) -> str:
     if c is None:
         return "dequantize + cuBLAS"
     return (f"{c.kernel} m{c.block_m} n{c.block_n} kp{c.block_kp} waves{c.waves:g} "
-            f"warps{c.num_warps} stages{c.num_stages}")
-
-
-def with_stages(c: KernelConfig, stages: int) -> KernelConfig:
-    return KernelConfig(c.kernel, c.block_m, c.block_n, c.block_kp, c.waves, c.num_warps, stages)
+            f"warps{c.num_warps} stages{c.num_stages}{' prefetch' if c.prefetch else ''}")
 
 
 def main() -> None:
@@ -155,7 +160,7 @@ def main() -> None:
                 scored = [(layer_us(c), c) for c in candidates(M, bits, a.smoke)]
                 us, c = min(scored, key=lambda t: t[0])
                 for stages in (() if a.smoke else (2, 4)):  # second pass: pipelining depth of the winner
-                    alt = with_stages(c, stages)
+                    alt = dataclasses.replace(c, num_stages=stages)
                     alt_us = layer_us(alt)
                     if alt_us < us:
                         us, c = alt_us, alt
@@ -204,8 +209,9 @@ def main() -> None:
         print("CONFIGS: dict[tuple[int, int], KernelConfig] = {")
         for (M, bits), c in sorted(table.items(), key=lambda kv: (kv[0][0], kv[0][1])):
             m = "2**31" if M == 2**31 else str(M)
+            prefetch = ", prefetch=True" if c.prefetch else ""
             print(f"    ({m}, {bits}): KernelConfig(\"{c.kernel}\", {c.block_m}, {c.block_n}, {c.block_kp}, "
-                  f"{c.waves}, {c.num_warps}, {c.num_stages}),")
+                  f"{c.waves}, {c.num_warps}, {c.num_stages}{prefetch}),")
         print("}")
 
     fig = speedup_bars({f"int{bits}": [result[f"int{bits}_m{M}_layer_speedup_vs_{fl}"] for M in ms] for bits in (4, 8)},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -241,3 +243,19 @@ def test_concat_linear_fallback_adds_fused_bias():
     cat.bias = torch.nn.Parameter(torch.randn(12))
     x = torch.randn(3, 32)
     torch.testing.assert_close(cat(x), torch.cat([a(x), b(x)], -1) + cat.bias)
+
+
+def test_sweep_grid_tries_what_each_row_runs(benchmark_script):
+    """``benchmarks/quant_kernels.py --sweep`` prints the CONFIGS table: its grid must hold the kernels the table
+    uses (bf16x2 for 4-bit rows up to M = 2, the fp32 gemv for 8-bit, dot from M = 4), with and without the
+    prefetch at M = 1, and the current table rows must be points of it (so a sweep can reproduce them)."""
+    qk = benchmark_script("quant_kernels")
+    for M, bits in ((1, 4), (2, 4), (1, 8), (2, 8)):
+        grid = qk.candidates(M, bits, smoke=False)
+        assert {c.kernel for c in grid if c.block_m <= 2} == ({BF16X2} if bits == 4 else {GEMV})
+        assert {c.prefetch for c in grid} == ({False, True} if M == 1 else {False})
+    assert {c.kernel for c in qk.candidates(16, 4, smoke=False)} == {DOT}
+    for (M, bits), row in CONFIGS.items():
+        if M <= 16:
+            points = {dataclasses.replace(c, num_stages=row.num_stages) for c in qk.candidates(M, bits, smoke=False)}
+            assert row in points, (M, bits, row)
