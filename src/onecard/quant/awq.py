@@ -30,14 +30,29 @@ N_GRID = 20
 MAX_SHRINK = 0.5
 
 
+def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``w[out, in]`` -> ``[out, G, gs]`` in fp32; a partial last group is zero-padded (zero weights and inputs add
+    nothing to an output)."""
+    in_f = w.shape[1]
+    gs = in_f if group_size == -1 else group_size
+    return F.pad(w.float(), (0, (-in_f) % gs)).reshape(w.shape[0], -1, gs)
+
+
+def _ungroup(wg: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``_groups``' inverse: ``[out, G, gs]`` -> ``like``'s ``[out, in]`` (the padding dropped)."""
+    return wg.reshape(like.shape[0], -1)[:, :like.shape[1]]
+
+
+def _fake_quantize_rows(wg: torch.Tensor, bits: int) -> torch.Tensor:
+    """Asymmetric RTN quantize->dequantize of every group along ``wg``'s last dimension."""
+    rows = wg.reshape(-1, wg.shape[-1])
+    s, z = qparams(rows, bits, sym=False)
+    return fake_quantize(rows, s, z, bits).reshape(wg.shape)
+
+
 def fake_quantize_groups(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """Asymmetric group quantize->dequantize of ``w[out, in]`` (fp32)."""
-    out_f, in_f = w.shape
-    gs = in_f if group_size == -1 else group_size
-    pad = (-in_f) % gs
-    wf = F.pad(w.float(), (0, pad)).reshape(-1, gs)
-    s, z = qparams(wf, bits, sym=False)
-    return fake_quantize(wf, s, z, bits).reshape(out_f, in_f + pad)[:, :in_f]
+    return _ungroup(_fake_quantize_rows(_groups(w, group_size), bits), w)
 
 
 @dataclass
@@ -116,19 +131,10 @@ def search_scales(x: torch.Tensor, group: ScaleGroup, bits: int, group_size: int
     return best
 
 
-def _groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
-    """``w[out, in]`` -> ``[out, G, gs]`` (fp32, a partial last group zero-padded) and the padding."""
-    in_f = w.shape[1]
-    gs = in_f if group_size == -1 else group_size
-    pad = (-in_f) % gs
-    return F.pad(w.float(), (0, pad)).reshape(w.shape[0], -1, gs), pad
-
-
 def clip_groups(w: torch.Tensor, bound: torch.Tensor, group_size: int) -> torch.Tensor:
     """``w[out, in]`` with each (row, group) clamped to ``[-bound, bound]`` (``bound[out, G]``)."""
-    wg, pad = _groups(w, group_size)
     b = bound[..., None]
-    return torch.maximum(torch.minimum(wg, b), -b).reshape(w.shape[0], -1)[:, :w.shape[1]]
+    return _ungroup(_groups(w, group_size).clamp(-b, b), w)
 
 
 @torch.no_grad()
@@ -142,19 +148,18 @@ def search_clip(x: torch.Tensor, w: torch.Tensor, bits: int, group_size: int, ma
     (dev A/B, one process, one H100, RTN +0.700 %): AWQ with the symmetric clamp +0.438 % (0.63x RTN's
     increase), with the shrunk range +0.518 % (0.74x), with the better of the two per group +0.496 % (0.71x).
     """
-    xg, pad = _groups(x.float()[:: max(1, x.shape[0] // max_tokens)][:max_tokens], group_size)
-    xg = xg[None]                                                # [1, T, G, gs]
+    xg = _groups(x[:: max(1, x.shape[0] // max_tokens)][:max_tokens], group_size)[None]  # [1, T, G, gs]
     bounds = []
     for o in range(0, w.shape[0], oc_batch):
-        wg = _groups(w[o:o + oc_batch], group_size)[0][:, None]  # [oc, 1, G, gs]
+        wg = _groups(w[o:o + oc_batch], group_size)[:, None]    # [oc, 1, G, gs]
         ref = (xg * wg).sum(-1)                                  # [oc, T, G]
         absmax = wg.abs().amax(-1)[:, 0]                         # [oc, G]
         best = absmax.clone()
         best_err = torch.full_like(best, float("inf"))
         for i in range(int(MAX_SHRINK * N_GRID)):
             bound = absmax * (1 - i / N_GRID)
-            clipped = torch.maximum(torch.minimum(wg, bound[:, None, :, None]), -bound[:, None, :, None])
-            wq = fake_quantize_groups(clipped.reshape(wg.shape[0], -1), bits, wg.shape[-1]).reshape(wg.shape)
+            b = bound[:, None, :, None]
+            wq = _fake_quantize_rows(wg.clamp(-b, b), bits)
             err = ((xg * wq).sum(-1) - ref).pow(2).mean(1)       # [oc, G]
             better = err < best_err
             best_err = torch.where(better, err, best_err)
