@@ -282,17 +282,21 @@ def _first_words(qw_ptr, row0, KPT, N, n3, n_mask, BLOCK_KP: tl.constexpr, PREFE
 
 
 @triton.jit
-def _tile_words(qw_ptr, nxt, rows, split_end, KPT, N, n3, n_mask, BLOCK_KP: tl.constexpr, PREFETCH: tl.constexpr):
-    """This tile's words, and what to carry to the next iteration: under ``PREFETCH`` the words loaded last time
-    and the next tile's, loaded now (rows from ``split_end`` on belong to the next split), so one tile is in
-    flight while this one's math runs."""
+def _tile_words(qw_ptr, nxt, pid_k, t, tiles_per_split, KPT, N, n3, n_mask, BLOCK_KP: tl.constexpr,
+                PREFETCH: tl.constexpr):
+    """Tile ``t`` of split ``pid_k``: its first word row, its rows (``[1, BKP, 1]``), its words, and what to carry
+    to the next iteration: under ``PREFETCH`` the words loaded last time and the next tile's, loaded now (rows
+    from the next split's first on are not this split's), so one tile is in flight while this one's math runs."""
+    kp0 = (pid_k * tiles_per_split + t) * BLOCK_KP
+    rows = kp0 + tl.arange(0, BLOCK_KP)[None, :, None]
     if PREFETCH:
         ahead = rows + BLOCK_KP
+        split_end = (pid_k + 1) * tiles_per_split * BLOCK_KP
         words = nxt
         nxt = tl.load(qw_ptr + ahead * N + n3, mask=(ahead < KPT) & (ahead < split_end) & n_mask, other=0)
     else:
         words = tl.load(qw_ptr + rows * N + n3, mask=(rows < KPT) & n_mask, other=0)
-    return words, nxt
+    return kp0, rows, words, nxt
 
 
 @triton.jit(do_not_specialize=["tiles_per_split", "num_splits"])  # one compile per config, whatever the split
@@ -314,11 +318,9 @@ def _wo_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M
     x_acc = tl.zeros((BLOCK_M, BLOCK_KP, 1), dtype=tl.float32)
     nxt = _first_words(qw_ptr, pid_k * tiles_per_split * BLOCK_KP, KPT, N, n3, n_mask, BLOCK_KP, PREFETCH)
     for t in range(tiles_per_split):
-        kp0 = (pid_k * tiles_per_split + t) * BLOCK_KP
-        rows = kp0 + tl.arange(0, BLOCK_KP)[None, :, None]
+        kp0, rows, words, nxt = _tile_words(qw_ptr, nxt, pid_k, t, tiles_per_split, KPT, N, n3, n_mask, BLOCK_KP,
+                                            PREFETCH)                                    # words [1, BKP, BN]
         r_mask = rows < KPT
-        words, nxt = _tile_words(qw_ptr, nxt, rows, (pid_k + 1) * tiles_per_split * BLOCK_KP, KPT, N, n3, n_mask,
-                                 BLOCK_KP, PREFETCH)                                     # [1, BKP, BN]
         x_rows = x_ptr + m3 * stride_xm + rows * PACK  # [BM, BKP, 1]; x[P*r + j] is x_rows + j
         x_mask = (m3 < M) & r_mask
         if ONE_GROUP:  # straight into the running sums
@@ -391,6 +393,15 @@ add.f32 $0, f0, f1;
 
 
 @triton.jit
+def _bf16x2_codes(words, z):
+    """``_BF16X2_DEQUANT8`` of ``words`` for fp32 zeros ``z``: four int32 tensors of ``(c_i - z, c_{i+4} - z)``
+    as bf16x2. ``-(128 + zero)`` is exact in bf16, so its bits are the top half of its fp32."""
+    zb = (-128.0 - z).to(tl.int32, bitcast=True)
+    return tl.inline_asm_elementwise(_BF16X2_DEQUANT8, "=r,=r,=r,=r,r,r", [words, (zb & -65536) | ((zb >> 16) & 0xFFFF)],
+                                     dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
 def _bf16_pair(lo, hi):
     """Two bf16 tensors (loaded as int16) -> one int32 tensor of bf16x2 (``lo`` in the low half)."""
     return (lo.to(tl.int32) & 0xFFFF) | (hi.to(tl.int32) << 16)
@@ -415,23 +426,17 @@ def _wo_gemv_bf16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count
     acc = tl.zeros((BLOCK_M, BLOCK_KP, BLOCK_N), dtype=tl.float32)
     nxt = _first_words(qw_ptr, pid_k * tiles_per_split * BLOCK_KP, KPT, N, n3, n_mask, BLOCK_KP, PREFETCH)
     for t in range(tiles_per_split):
-        kp0 = (pid_k * tiles_per_split + t) * BLOCK_KP
-        rows = kp0 + tl.arange(0, BLOCK_KP)[None, :, None]
+        kp0, rows, words, nxt = _tile_words(qw_ptr, nxt, pid_k, t, tiles_per_split, KPT, N, n3, n_mask, BLOCK_KP,
+                                            PREFETCH)                                    # words [1, BKP, BN]
         r_mask = rows < KPT
-        words, nxt = _tile_words(qw_ptr, nxt, rows, (pid_k + 1) * tiles_per_split * BLOCK_KP, KPT, N, n3, n_mask,
-                                 BLOCK_KP, PREFETCH)                                     # [1, BKP, BN]
         s, z = _group_affine(s_ptr, z_ptr, kp0, rows, n3, n_mask, N, KPT, GROUP, PACK, ROWWISE, True)
-        zb = (-128.0 - z).to(tl.int32, bitcast=True)  # -(128 + zero) is exact in bf16: its fp32's top half
-        nz = (zb & -65536) | ((zb >> 16) & 0xFFFF)
         x_rows = x_ptr + m3 * stride_xm + rows * PACK
         x_mask = (m3 < M) & r_mask
         x01 = _bf16_pair(tl.load(x_rows, mask=x_mask, other=0), tl.load(x_rows + 4, mask=x_mask, other=0))
         x23 = _bf16_pair(tl.load(x_rows + 1, mask=x_mask, other=0), tl.load(x_rows + 5, mask=x_mask, other=0))
         x45 = _bf16_pair(tl.load(x_rows + 2, mask=x_mask, other=0), tl.load(x_rows + 6, mask=x_mask, other=0))
         x67 = _bf16_pair(tl.load(x_rows + 3, mask=x_mask, other=0), tl.load(x_rows + 7, mask=x_mask, other=0))
-        w0, w1, w2, w3 = tl.inline_asm_elementwise(_BF16X2_DEQUANT8, "=r,=r,=r,=r,r,r", [words, nz],
-                                                   dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True,
-                                                   pack=1)                                  # [1, BKP, BN]
+        w0, w1, w2, w3 = _bf16x2_codes(words, z)                                             # [1, BKP, BN]
         part = tl.inline_asm_elementwise(_BF16X2_DOT8, "=f,r,r,r,r,r,r,r,r", [w0, w1, w2, w3, x01, x23, x45, x67],
                                          dtype=tl.float32, is_pure=True, pack=1)            # [BM, BKP, BN]
         acc += part * s
@@ -477,11 +482,7 @@ def _wo_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M,
                 xj = tl.load(x_rows + j, mask=x_mask, other=0.0)
                 acc = tl.dot(xj, (w * s).to(xj.dtype), acc, input_precision=PRECISION)
         elif BF16X2:  # one group, bf16: the same exact (code - zero), from packed PTX
-            zb = (-128.0 - z).to(tl.int32, bitcast=True)
-            w0, w1, w2, w3 = tl.inline_asm_elementwise(_BF16X2_DEQUANT8, "=r,=r,=r,=r,r,r",
-                                                       [words, (zb & -65536) | ((zb >> 16) & 0xFFFF)],
-                                                       dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True,
-                                                       pack=1)
+            w0, w1, w2, w3 = _bf16x2_codes(words, z)
             part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             part = _dot_pair(x_rows, x_mask, 0, w0, part)
             part = _dot_pair(x_rows, x_mask, 1, w1, part)
