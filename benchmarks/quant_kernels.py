@@ -76,6 +76,7 @@ def candidates(M: int, bits: int, smoke: bool) -> list[KernelConfig]:
 
     4-bit rows up to M = 2 sweep ``gemv_bf16x2`` (what bf16 activations run on an Ampere-or-later GPU; the fp32
     ``gemv`` is its fallback elsewhere), 8-bit ones the ``gemv``; at M = 1 each with and without the prefetch.
+    From M = 4 the ``dot`` and the transposed ``dot_t`` (its tiles one group: 16 word rows at 4-bit, 32 at 8-bit).
     """
     g = 128 * bits // 32  # word rows in a 128-channel group: 16 (int4), 32 (int8)
     bm = 1 << (M - 1).bit_length()
@@ -95,8 +96,12 @@ def candidates(M: int, bits: int, smoke: bool) -> list[KernelConfig]:
                 for waves in (0, 1, 2, 4):
                     for warps in (4, 8):
                         out.append(KernelConfig("dot", 16, bn, kp, float(waves), warps, 3))
+        for bn in (64, 128, 256):  # the transposed dot: tiles inside one 128-channel group
+            for waves in (1, 2, 4):
+                for warps in (4, 8):
+                    out.append(KernelConfig("dot_t", 16, bn, g, float(waves), warps, 3))
     if smoke:  # one of each kernel: exercises the sweep's code, not its search
-        out = [next(c for c in out if c.kernel == k) for k in ("gemv", "gemv_bf16x2", "dot")
+        out = [next(c for c in out if c.kernel == k) for k in ("gemv", "gemv_bf16x2", "dot", "dot_t")
                if any(c.kernel == k for c in out)]
     return out
 

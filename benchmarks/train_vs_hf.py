@@ -55,6 +55,37 @@ def _peak_gib() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
+def _matmul_peak_tflops() -> float | None:
+    """This card's dense bf16 matmul rate, measured in this process (an 8192^3 product, mean of 10 after 3
+    warm-ups): the ceiling MFU is taken against, so the fractions transfer between cards. None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * 10 / (time.perf_counter() - t0) / 1e12
+
+
+def _flops_per_token(smoke: bool, seq: int) -> dict[str, float]:
+    """Per-token FLOPs (``plan.speed.train_flops_per_token``): ``model`` counts forward + backward once (the MFU
+    convention: recomputation is not useful work); ``onecard`` and ``hf`` what each path executes with
+    checkpointing (onecard's recomputation skips the down projection, HF's recomputes the whole layer)."""
+    from onecard.plan.spec import spec_from_config
+    from onecard.plan.speed import train_flops_per_token
+
+    cfg = _arch(smoke)
+    spec = spec_from_config(cfg)
+    onecard = train_flops_per_token(spec, "lora", seq, checkpointing=True)
+    down = 2.0 * cfg["num_hidden_layers"] * cfg["hidden_size"] * cfg["intermediate_size"]
+    return {"model": train_flops_per_token(spec, "lora", seq, checkpointing=False), "onecard": onecard,
+            "hf": onecard + down}
+
+
 def _arch(smoke: bool) -> dict:
     from onecard.models import arch_config, scale_config
 
@@ -139,6 +170,8 @@ def part_speed(args, out_dir) -> dict:
     vocab = _arch(args.smoke)["vocab_size"]
     rows: dict[str, dict[int, dict]] = {"hf_peft": {}, "onecard": {}}
     weights_gib = 0.0
+    peak = _matmul_peak_tflops()
+    flops = _flops_per_token(args.smoke, seq)
     for name in rows:
         _free()
         model = _build(args.smoke, dtype)
@@ -182,7 +215,8 @@ def part_speed(args, out_dir) -> dict:
                         "meets_memory_target": None if ratio is None else ratio <= 0.5,
                         "weights_share_of_hf_peak": (weights_gib / h["peak_gib"]) if h["peak_gib"] else None,
                         "steps_timed": o["steps_timed"], "warmup_steps": o["warmup_steps"],
-                        "hf_loss_last_step": h["loss"], "onecard_loss_last_step": o["loss"]})
+                        "hf_loss_last_step": h["loss"], "onecard_loss_last_step": o["loss"],
+                        **_utilization(h["tokens_per_s"], o["tokens_per_s"], flops, peak)})
     shares = [f"{r['weights_share_of_hf_peak']:.0%} at bs {r['batch_size']}" for r in results
               if r["weights_share_of_hf_peak"] is not None]
     share = (f"they are {', '.join(shares)} of the HF + PEFT peak" if shares else
@@ -190,17 +224,25 @@ def part_speed(args, out_dir) -> dict:
     note = (f"the frozen base weights ({weights_gib:.2f} GiB, {dtype}) are held by both paths; {share}. Peak <= 0.5x "
             "HF is out of reach wherever that share is above 50%: only activations and the loss (HF keeps fp32 "
             "logits and their grads; onecard's loss is chunked) can shrink.")
+    if peak:
+        note += (f" Against this card's measured bf16 matmul rate ({peak:.0f} TFLOP/s), onecard_mfu counts forward "
+                 "+ backward once (model FLOPs); onecard_executed_fraction_of_peak counts what onecard runs (with "
+                 "its checkpointing recomputation); speedup_ceiling_vs_hf is the speedup if every executed FLOP ran "
+                 "at that rate, and fraction_of_peak_needed_for_2x what a 2x speedup would need.")
     data = {"model": "llama-3-8b (random init)" if not args.smoke else "llama-3-8b scaled tiny (smoke)",
             "method": "lora r=16 alpha=32 all-linear, gradient checkpointing, AdamW on the adapter",
             "seq_len": seq, "batch_sizes": sizes, "dtype": dtype, "base_weights_gib": weights_gib,
-            "rows": results, "memory_floor_note": note, "target_speedup": 2.0, "target_memory_ratio": 0.5}
+            "rows": results, "memory_floor_note": note, "target_speedup": 2.0, "target_memory_ratio": 0.5,
+            "matmul_peak_tflops": peak, "model_flops_per_token": flops["model"],
+            "onecard_executed_flops_per_token": flops["onecard"], "hf_executed_flops_per_token": flops["hf"]}
     t = Table("bs", "HF tok/s", "ours tok/s", "speedup", "HF peak GiB", "ours peak GiB", "mem ratio", "weights/HF peak",
-              "targets met", title=f"LoRA training, seq {seq} ({gpu_name()})")
+              "HF MFU", "ours MFU", "2x needs % peak", "targets met", title=f"LoRA training, seq {seq} ({gpu_name()})")
     for r in results:
         met = [k for k, ok in (("2x speed", r["meets_speed_target"]), ("0.5x mem", r["meets_memory_target"])) if ok]
         t.add_row(str(r["batch_size"]), _tok_s(r["hf_tokens_per_s"]), _tok_s(r["onecard_tokens_per_s"]),
                   _fmt(r["speedup_vs_hf"]), _fmt(r["hf_peak_gib"]), _fmt(r["onecard_peak_gib"]),
-                  _fmt(r["memory_ratio_vs_hf"]), _fmt(r["weights_share_of_hf_peak"]), ", ".join(met) or "none")
+                  _fmt(r["memory_ratio_vs_hf"]), _fmt(r["weights_share_of_hf_peak"]), _fmt(r["hf_mfu"]),
+                  _fmt(r["onecard_mfu"]), _fmt(r["fraction_of_peak_needed_for_2x"]), ", ".join(met) or "none")
     console.print(t)
     console.print(note)
     import matplotlib
@@ -221,6 +263,20 @@ def part_speed(args, out_dir) -> dict:
     write_result("train_speed", data, out_dir)
     save_figure(fig, "train_speed", out_dir)
     return data
+
+
+def _utilization(hf_tok_s: float | None, ours_tok_s: float | None, flops: dict[str, float],
+                 peak_tflops: float | None) -> dict[str, float | None]:
+    """MFU of both paths, how much of the card onecard's executed FLOPs use, and what 2x would need of it."""
+    def frac(tok_s: float | None, per_token: float) -> float | None:
+        return tok_s * per_token / (peak_tflops * 1e12) if tok_s and peak_tflops else None
+
+    ceiling = peak_tflops * 1e12 / flops["onecard"] if peak_tflops else None
+    return {"hf_mfu": frac(hf_tok_s, flops["model"]), "onecard_mfu": frac(ours_tok_s, flops["model"]),
+            "onecard_executed_fraction_of_peak": frac(ours_tok_s, flops["onecard"]),
+            "hf_executed_fraction_of_peak": frac(hf_tok_s, flops["hf"]),
+            "speedup_ceiling_vs_hf": ceiling / hf_tok_s if ceiling and hf_tok_s else None,
+            "fraction_of_peak_needed_for_2x": frac(2 * hf_tok_s, flops["onecard"]) if hf_tok_s else None}
 
 
 def _fmt(v: float | None) -> str:
@@ -321,6 +377,11 @@ def part_qlora_ctx(args, out_dir) -> dict:
     deadline = time.perf_counter() + args.search_budget_s
     ok_len, bad_len = search_longest(attempt, start, step_tokens, max_len, lambda: time.perf_counter() < deadline)
     best = [t for t in trials if t[0] == ok_len and t[1]][-1:]  # the last: never the warm-up
+    if peak:
+        note += (f" Against this card's measured bf16 matmul rate ({peak:.0f} TFLOP/s), onecard_mfu counts forward "
+                 "+ backward once (model FLOPs); onecard_executed_fraction_of_peak counts what onecard runs (with "
+                 "its checkpointing recomputation); speedup_ceiling_vs_hf is the speedup if every executed FLOP ran "
+                 "at that rate, and fraction_of_peak_needed_for_2x what a 2x speedup would need.")
     data = {"model": "llama-3-8b (random init)" if not args.smoke else "llama-3-8b scaled tiny (smoke)",
             "method": "qlora (onecard int4 RTN g64 base) r=32 alpha=64 all-linear, offloaded checkpoints, bs 1",
             "memory_cap_gib": cap_gib if torch.cuda.is_available() else None,

@@ -57,7 +57,7 @@ def test_dequant_kernel_bit_exact(bits, group_size, K, N):
 # (bits, group_size, K, N, M, config): every kernel (gemv / dot) with and without split-K, tiles inside one group
 # and tiles spanning several (ROWWISE), K tails (K / P not a multiple of the tile), N not a multiple of the block.
 # config None = the table's choice for that M (M = 40 and 70 land in the two largest buckets).
-GEMV, DOT, BF16X2 = "gemv", "dot", "gemv_bf16x2"
+GEMV, DOT, DOT_T, BF16X2 = "gemv", "dot", "dot_t", "gemv_bf16x2"
 MATMUL_CASES = [
     (4, 128, 256, 80, 1, None),
     (8, 128, 256, 80, 1, None),
@@ -80,6 +80,10 @@ MATMUL_CASES = [
     (4, 64, 256, 48, 1, KernelConfig(GEMV, 1, 32, 8, 0.0, prefetch=True)),
     (8, -1, 256, 80, 1, KernelConfig(GEMV, 1, 64, 8, 4.0, prefetch=True)),
     (8, -1, 256, 80, 2, KernelConfig(GEMV, 2, 64, 16, 0.0)),
+    # the transposed dot: split and not, 4- and 8-bit, M not a multiple of its block; spanning groups it runs the dot
+    (4, 128, 256, 80, 16, KernelConfig(DOT_T, 16, 64, 16, 4.0)),
+    (8, -1, 256, 48, 12, KernelConfig(DOT_T, 16, 32, 16, 0.0)),
+    (4, 32, 224, 48, 16, KernelConfig(DOT_T, 16, 64, 16, 4.0)),
 ]
 
 
@@ -89,14 +93,17 @@ def _case_paths(bits, group_size, K, N, M, config) -> tuple[str, bool, bool]:
     gs = K if group_size == -1 else group_size
     k_tiles = -(-(K * bits // 32) // c.block_kp)
     grid = -(-M // c.block_m) * -(-N // c.block_n)
-    return kernel_for(c, bits, torch.empty(0, device=DEV)), _rowwise(gs, K, bits, c.block_kp), split_k(c, grid, k_tiles, torch.device(DEV)) > 1
+    rowwise = _rowwise(gs, K, bits, c.block_kp)
+    return kernel_for(c, bits, torch.empty(0, device=DEV), rowwise), rowwise, split_k(c, grid, k_tiles, torch.device(DEV)) > 1
 
 
 def test_matmul_cases_cover_every_path():
     """Every kernel x (one group per tile, several) x (split-K, not); on CPU ``gemv_bf16x2`` runs as the ``gemv``
     (its PTX has no interpreter), so its tile walk is covered there and its arithmetic by the emulation below."""
-    assert {_case_paths(*case) for case in MATMUL_CASES} == {(k, r, s) for k in (GEMV, DOT) for r in (False, True)
-                                                            for s in (False, True)}
+    paths = {_case_paths(*case) for case in MATMUL_CASES}
+    assert paths == {(k, r, s) for k in (GEMV, DOT) for r in (False, True) for s in (False, True)} | {
+        (DOT_T, False, s) for s in (False, True)}
+    assert (DOT, True, True) in {_case_paths(*case) for case in MATMUL_CASES if case[-1] and case[-1].kernel == DOT_T}
 
 
 def test_packed_bf16_needs_4_bit_bf16_on_an_ampere_or_later_gpu(monkeypatch):
@@ -210,6 +217,20 @@ def test_kernel_bf16_on_gpu(M):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("bits,group_size,M", [(4, 128, 16), (4, 128, 5), (8, -1, 16)])
+def test_dot_t_kernel_bf16_on_gpu(bits, group_size, M):
+    """The transposed dot at bf16 (the bf16x2 dequantization for 4-bit, the fp32 conversion for 8-bit), split-K."""
+    K, N = 4096, 4096
+    _, packed, s, z, gs = _packed(K, N, bits, group_size)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    config = KernelConfig(DOT_T, 16, 128, 16, 2.0, 8)
+    assert kernel_for(config, bits, x) == DOT_T
+    exact = wo_matmul_reference(x.float(), packed, s, z, bits, gs)
+    bound = 2 ** -7 * (x.float().abs() @ dequantize_reference(packed, s, z, bits, gs).abs()) + 1e-3
+    assert ((wo_matmul(x, packed, s, z, bits, gs, config).float() - exact).abs() <= bound).all()
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("M,act_order", [(1, False), (16, True), (2048, False)])
 def test_tinygemm_repack_matches_the_reference_on_gpu(M, act_order):
     """The engine's default CUDA int4 path (PyTorch's _weight_int4pack_mm) computes our weights up to the bf16
@@ -254,7 +275,7 @@ def test_sweep_grid_tries_what_each_row_runs(benchmark_script):
         grid = qk.candidates(M, bits, smoke=False)
         assert {c.kernel for c in grid if c.block_m <= 2} == ({BF16X2} if bits == 4 else {GEMV})
         assert {c.prefetch for c in grid} == ({False, True} if M == 1 else {False})
-    assert {c.kernel for c in qk.candidates(16, 4, smoke=False)} == {DOT}
+    assert {c.kernel for c in qk.candidates(16, 4, smoke=False)} == {DOT, DOT_T}
     for (M, bits), row in CONFIGS.items():
         if M <= 16:
             points = {dataclasses.replace(c, num_stages=row.num_stages) for c in qk.candidates(M, bits, smoke=False)}

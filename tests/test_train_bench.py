@@ -28,3 +28,17 @@ def test_search_stops_when_the_budget_runs_out(bench):
     good, bad = bench.search_longest(lambda n: calls.append(n) or n <= 50_000, 4096, 4096, 262_144,
                                      lambda: len(calls) < 3)
     assert calls == [4096, 8192, 16384] and good == 16384 and bad is None  # a lower bound, said so in the JSON
+
+
+def test_flops_count_recomputation_and_utilization_follows(bench):
+    flops = bench._flops_per_token(False, 2048)  # Llama-3-8B, seq 2048
+    # model FLOPs: forward + input-grad backward, ~2 x 15.5 GFLOP; onecard recomputes all but the down projection,
+    # HF the whole layer
+    assert 30e9 < flops["model"] < 32e9 and flops["model"] < flops["onecard"] < flops["hf"]
+    assert flops["hf"] - flops["onecard"] == pytest.approx(2 * 32 * 4096 * 14336)
+    u = bench._utilization(8000.0, 12000.0, flops, 800.0)
+    assert u["onecard_mfu"] == pytest.approx(12000 * flops["model"] / 800e12)
+    assert u["onecard_mfu"] / u["hf_mfu"] == pytest.approx(1.5)
+    assert u["speedup_ceiling_vs_hf"] == pytest.approx(800e12 / flops["onecard"] / 8000)
+    assert u["fraction_of_peak_needed_for_2x"] == pytest.approx(2 / u["speedup_ceiling_vs_hf"])
+    assert all(v is None for v in bench._utilization(8000.0, 12000.0, flops, None).values())

@@ -33,7 +33,7 @@ How the kernels stay cheap per element:
   sum per group.) Tiles wider than a small group (``ROWWISE``) load one scale
   and zero per word row instead.
 
-Three kernels, chosen per ``M`` from ``CONFIGS`` (tuned by ``benchmarks/quant_kernels.py --sweep``):
+Four kernels, chosen per ``M`` from ``CONFIGS`` (tuned by ``benchmarks/quant_kernels.py --sweep``):
 
 - ``gemv`` (decode, M <= a few rows): no tensor cores; a ``[BLOCK_M, BLOCK_KP, BLOCK_N]``
   fp32 accumulator of products, summed over K once at the end. Every tensor is
@@ -60,8 +60,10 @@ Three kernels, chosen per ``M`` from ``CONFIGS`` (tuned by ``benchmarks/quant_ke
   Triton dequant-then-dot does). Where ``packed_bf16_ok`` and a tile holds one group, the codes come from
   ``_BF16X2_DEQUANT8``, two per instruction, split into the eight tiles by register moves: a Llama-2-7B layer
   at M = 8 took 105.0 µs against 136.7 for the fp32 conversion with its best tile (H100).
+- ``dot_t``: the ``dot`` transposed, ``out^T = (c - z)^T @ x^T``, for tiles inside one group: with the weight
+  as the first operand a wide ``BLOCK_N`` fills Hopper's wgmma instead of an MMA padded to 16 rows of x.
 
-All three split K over groups when the output tiles alone would leave SMs idle
+All four split K over groups when the output tiles alone would leave SMs idle
 (``KernelConfig.waves``): each split writes an fp32 partial and the last to
 finish sums them (``_store_out``), so a split-K matmul is one kernel, with no
 memset or cast around it. On CUDA, ``M >= DEQUANT_GEMM_MIN_M`` (prefill, and
@@ -87,6 +89,7 @@ from onecard.errors import BadInputError
 from onecard.kernels.counters import zeroed_counters
 
 DEQUANT_GEMM_MIN_M = 32
+KERNELS = ("gemv", "gemv_bf16x2", "dot", "dot_t")
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,8 @@ class KernelConfig:
     table row serves every ``N x K``.
     """
 
-    kernel: str        # "gemv" (CUDA cores, small M), "gemv_bf16x2" (4-bit, bf16 x, CUDA) or "dot" (tl.dot tiles)
+    kernel: str        # "gemv" (CUDA cores, small M), "gemv_bf16x2" (4-bit, bf16 x, CUDA), "dot" (tl.dot tiles) or
+    #                    "dot_t" (the same with the weight as the dot's first operand; tiles inside one group)
     block_m: int
     block_n: int
     block_kp: int
@@ -110,9 +114,10 @@ class KernelConfig:
 
     def __post_init__(self) -> None:
         sizes = (self.block_m, self.block_n, self.block_kp)
-        if self.kernel not in ("gemv", "gemv_bf16x2", "dot") or any(s < 1 or s & (s - 1) for s in sizes) or self.waves < 0:
-            raise BadInputError(f"bad kernel config {self}: kernel gemv|gemv_bf16x2|dot, power-of-two blocks, waves >= 0")
-        if self.kernel == "dot" and min(sizes) < 16:
+        if self.kernel not in KERNELS or any(s < 1 or s & (s - 1) for s in sizes) or self.waves < 0:
+            raise BadInputError(f"bad kernel config {self}: kernel {'|'.join(KERNELS)}, power-of-two blocks, "
+                                "waves >= 0")
+        if self.kernel in ("dot", "dot_t") and min(sizes) < 16:
             raise BadInputError(f"bad kernel config {self}: tl.dot needs block_m, block_n, block_kp >= 16")
 
 
@@ -122,6 +127,9 @@ class KernelConfig:
 # (2, 4) from four of them (75.4 us against the gemv row's 92.9); (4..16, 4) re-swept on an H100 for the dot kernel's
 # bf16x2 dequantization, which needs one group per tile (kp16 at g128): 24 configs, the best at every M (one
 # Llama-2-7B layer: M=4 96.7 us, M=8 105.0, M=16 134.5, against the kp32 rows' 119.2, 136.7 and 151.4);
+# then the transposed dot_t against those rows (18 configs each, H100, one layer): int4 M=8 93.4 us vs 100.4,
+# M=16 110.6 vs 134.3 (M=4 kept the dot: 89.7 vs 99.6); int8 per-channel M=4 113.2 vs 126.3, M=8 123.0 vs 130.2,
+# M=16 124.3 vs 188.2;
 # M > 16: pre-sweep defaults. `benchmarks/quant_kernels.py --sweep`
 # prints this table measured on the card it runs on.
 CONFIGS: dict[tuple[int, int], KernelConfig] = {
@@ -130,11 +138,11 @@ CONFIGS: dict[tuple[int, int], KernelConfig] = {
     (2, 4): KernelConfig("gemv_bf16x2", 2, 32, 32, 4.0, 4, 4),
     (2, 8): KernelConfig("gemv", 2, 64, 32, 4.0, 4, 4),
     (4, 4): KernelConfig("dot", 16, 128, 16, 2.0, 8, 3),
-    (4, 8): KernelConfig("dot", 16, 64, 32, 4.0, 4, 3),
-    (8, 4): KernelConfig("dot", 16, 128, 16, 2.0, 8, 3),
-    (8, 8): KernelConfig("dot", 16, 64, 32, 4.0, 4, 3),
-    (16, 4): KernelConfig("dot", 16, 128, 16, 2.0, 8, 3),
-    (16, 8): KernelConfig("dot", 16, 128, 16, 4.0, 4, 3),
+    (4, 8): KernelConfig("dot_t", 16, 128, 32, 2.0, 8, 3),
+    (8, 4): KernelConfig("dot_t", 16, 256, 16, 2.0, 4, 3),
+    (8, 8): KernelConfig("dot_t", 16, 64, 32, 4.0, 4, 3),
+    (16, 4): KernelConfig("dot_t", 16, 256, 16, 2.0, 4, 3),
+    (16, 8): KernelConfig("dot_t", 16, 64, 32, 4.0, 4, 3),
     (64, 4): KernelConfig("dot", 32, 64, 16, 1.0, 4, 3),
     (64, 8): KernelConfig("dot", 32, 64, 32, 1.0, 4, 3),
     (2**31, 4): KernelConfig("dot", 64, 128, 16, 0.0, 4, 3),
@@ -444,12 +452,18 @@ def _wo_gemv_bf16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count
 
 
 @triton.jit
-def _dot_pair(x_rows, x_mask, i: tl.constexpr, pairs, part):
-    """``part += x_i @ (c_i - z) + x_{i+4} @ (c_{i+4} - z)`` from bf16x2 ``pairs`` (halves split by moves)."""
+def _dot_pair(x_rows, x_mask, i: tl.constexpr, pairs, part, SWAP: tl.constexpr):
+    """``part += x_i @ (c_i - z) + x_{i+4} @ (c_{i+4} - z)`` from bf16x2 ``pairs`` (halves split by moves); under
+    ``SWAP`` the transposed product (``pairs`` and ``part`` are ``[BN, ..]``, the x tiles ``[BKP, BM]``)."""
     lo, hi = tl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [pairs],
                                        dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
-    part = tl.dot(tl.load(x_rows + i, mask=x_mask, other=0.0), lo, part)
-    return tl.dot(tl.load(x_rows + i + 4, mask=x_mask, other=0.0), hi, part)
+    x_lo = tl.load(x_rows + i, mask=x_mask, other=0.0)
+    x_hi = tl.load(x_rows + i + 4, mask=x_mask, other=0.0)
+    if SWAP:  # (an early return here would still compile the line after it)
+        part = tl.dot(hi, x_hi, tl.dot(lo, x_lo, part))
+    else:
+        part = tl.dot(x_hi, hi, tl.dot(x_lo, lo, part))
+    return part
 
 
 @triton.jit(do_not_specialize=["tiles_per_split", "num_splits"])
@@ -484,10 +498,10 @@ def _wo_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M,
         elif BF16X2:  # one group, bf16: the same exact (code - zero), from packed PTX
             w0, w1, w2, w3 = _bf16x2_codes(words, z)
             part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            part = _dot_pair(x_rows, x_mask, 0, w0, part)
-            part = _dot_pair(x_rows, x_mask, 1, w1, part)
-            part = _dot_pair(x_rows, x_mask, 2, w2, part)
-            part = _dot_pair(x_rows, x_mask, 3, w3, part)
+            part = _dot_pair(x_rows, x_mask, 0, w0, part, False)
+            part = _dot_pair(x_rows, x_mask, 1, w1, part, False)
+            part = _dot_pair(x_rows, x_mask, 2, w2, part, False)
+            part = _dot_pair(x_rows, x_mask, 3, w3, part, False)
             acc += part * s
         else:        # one group: dot on exact (code - zero), scale once after
             part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -497,6 +511,51 @@ def _wo_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M,
                 part = tl.dot(xj, w.to(xj.dtype), part, input_precision=PRECISION)
             acc += part * s
     _store_out(out_ptr, part_ptr, count_ptr, acc, offs_m, offs_n, M, N, stride_om, num_splits, SPLIT)
+
+
+@triton.jit(do_not_specialize=["tiles_per_split", "num_splits"])
+def _wo_dot_t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_om,
+                     tiles_per_split, num_splits, GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+                     BF16X2: tl.constexpr):
+    """The one-group ``dot`` with its operands swapped: ``out^T[BN, BM] = (c - z)^T[BN, BKP] @ x^T[BKP, BM]``.
+
+    Why: at a few rows of x the dequantized weight is the big operand. As the first one, a ``BLOCK_N`` of 64+
+    fills Hopper's wgmma M (64 per warp group) and can stay in registers, where as the second it passes through
+    shared memory into an Ampere-style MMA padded to ``BLOCK_M`` = 16 rows. One Llama-2-7B layer at M = 16
+    (int4 g128, H100, graph-timed): 118.9 µs against the ``dot``'s 133.2; at M = 8 it lost (113.4 vs 106.0).
+    The words load as ``[BN, BKP]`` (still coalesced along N); tiles spanning groups take the ``dot``.
+    """
+    PACK: tl.constexpr = 32 // BITS
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask, n_mask = offs_m < M, offs_n < N
+    KPT = K // PACK
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for t in range(tiles_per_split):
+        kp0 = (pid_k * tiles_per_split + t) * BLOCK_KP
+        rows = kp0 + tl.arange(0, BLOCK_KP)
+        r_mask = rows < KPT
+        words = tl.load(qw_ptr + rows[None, :] * N + offs_n[:, None], mask=r_mask[None, :] & n_mask[:, None], other=0)
+        s, z = _group_affine(s_ptr, z_ptr, kp0, rows[None, :], offs_n[:, None], n_mask[:, None], N, KPT, GROUP, PACK,
+                             False, False)                                                   # [BN, 1]
+        x_rows = x_ptr + offs_m[None, :] * stride_xm + rows[:, None] * PACK                  # [BKP, BM]
+        x_mask = m_mask[None, :] & r_mask[:, None]
+        part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        if BF16X2:
+            w0, w1, w2, w3 = _bf16x2_codes(words, z)
+            part = _dot_pair(x_rows, x_mask, 0, w0, part, True)
+            part = _dot_pair(x_rows, x_mask, 1, w1, part, True)
+            part = _dot_pair(x_rows, x_mask, 2, w2, part, True)
+            part = _dot_pair(x_rows, x_mask, 3, w3, part, True)
+        else:
+            zm = z + 8388608.0  # zero + 2**23, for _code_minus_zero
+            for j in tl.static_range(PACK):
+                xj = tl.load(x_rows + j, mask=x_mask, other=0.0)
+                part = tl.dot(_code_minus_zero(words, j, zm, BITS).to(xj.dtype), xj, part, input_precision=PRECISION)
+        acc += part * s
+    _store_out(out_ptr, part_ptr, count_ptr, tl.trans(acc), offs_m, offs_n, M, N, stride_om, num_splits, SPLIT)
 
 
 @triton.jit
@@ -593,11 +652,13 @@ def packed_bf16_ok(bits: int, x: torch.Tensor) -> bool:
             and _capability(x.device) >= BF16X2_MIN_CAPABILITY)
 
 
-def kernel_for(config: KernelConfig, bits: int, x: torch.Tensor) -> str:
+def kernel_for(config: KernelConfig, bits: int, x: torch.Tensor, rowwise: bool = False) -> str:
     """The kernel ``config`` runs for ``x``: ``gemv_bf16x2`` becomes the fp32 ``gemv`` where ``packed_bf16_ok``
-    says no."""
+    says no, and ``dot_t`` the ``dot`` where its tiles span several groups (``rowwise``)."""
     if config.kernel == "gemv_bf16x2" and not packed_bf16_ok(bits, x):
         return "gemv"
+    if config.kernel == "dot_t" and rowwise:
+        return "dot"
     return config.kernel
 
 
@@ -628,11 +689,14 @@ def wo_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else out
     consts = {"GROUP": group_size, "BITS": bits, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_KP": c.block_kp,
               "ROWWISE": _rowwise(group_size, K, bits, c.block_kp), "SPLIT": split > 1}
-    kind = kernel_for(c, bits, x)
-    if kind == "dot":
-        kernel = _wo_dot_kernel
+    kind = kernel_for(c, bits, x, consts["ROWWISE"])
+    if kind in ("dot", "dot_t"):
         consts["PRECISION"] = "ieee" if x.dtype == torch.float32 else "tf32"
         consts["BF16X2"] = packed_bf16_ok(bits, x) and not consts["ROWWISE"]
+        kernel = _wo_dot_kernel
+        if kind == "dot_t":
+            kernel = _wo_dot_t_kernel
+            del consts["ROWWISE"]
     elif kind == "gemv_bf16x2":
         kernel = _wo_gemv_bf16x2_kernel
         x2 = x2.view(torch.int16)

@@ -49,23 +49,30 @@ def offload_tok_s(spec: ModelSpec, card: GPUSpec, fmt: str, offloaded_bytes: int
     return 1.0 / t
 
 
-def train_tok_s(spec: ModelSpec, card: GPUSpec, method: str, seq_len: int, tokens_per_step: int, checkpointing: bool,
-                mfu: float, base_fmt: str = "bf16") -> float:
-    """Training tokens/s from FLOPs: forward 2N, backward 4N (full) or 2N (frozen base: input grads only).
+def train_flops_per_token(spec: ModelSpec, method: str, seq_len: int, checkpointing: bool) -> float:
+    """FLOPs a training step executes per token: forward 2N, backward 4N (full) or 2N (frozen base: input grads
+    only).
 
     Checkpointing adds one more forward; with a frozen base, that recomputation
     skips each layer's down projection (its output is never read:
     ``train.lora.last_linear``). Attention costs 4 x layers x seq/2 x q_size per
-    token forward (causal), times the same multiple. A 4-bit base is
-    dequantized to bf16 once per forward and backward pass: that memory traffic
-    is added per optimizer step.
+    token forward (causal), times the same multiple.
     """
     a = spec.args
     passes = (3.0 if method == "full" else 2.0) + (1.0 if checkpointing else 0.0)
-    flops_per_token = passes * forward_flops_per_token(spec, seq_len // 2)
+    flops = passes * forward_flops_per_token(spec, seq_len // 2)
     if checkpointing and method != "full":
-        flops_per_token -= 2.0 * a.num_layers * a.hidden_size * a.intermediate_size
-    t_step = tokens_per_step * flops_per_token / (card.bf16_dense_tflops * 1e12 * mfu)
+        flops -= 2.0 * a.num_layers * a.hidden_size * a.intermediate_size
+    return flops
+
+
+def train_tok_s(spec: ModelSpec, card: GPUSpec, method: str, seq_len: int, tokens_per_step: int, checkpointing: bool,
+                mfu: float, base_fmt: str = "bf16") -> float:
+    """Training tokens/s: ``train_flops_per_token`` at ``mfu`` of the card's dense bf16 peak. A 4-bit base is
+    dequantized to bf16 once per forward and backward pass: that memory traffic is added per optimizer step."""
+    a = spec.args
+    t_step = tokens_per_step * train_flops_per_token(spec, method, seq_len, checkpointing) / \
+        (card.bf16_dense_tflops * 1e12 * mfu)
     if base_fmt != "bf16":
         linear_bf16 = 2 * a.num_layers * sum(o * i for _, o, i in spec.linear_shapes())
         per_pass = M.weight_bytes(spec, base_fmt) + linear_bf16
