@@ -171,10 +171,16 @@ def test_recomputation_skips_the_last_matmul_and_keeps_every_gradient(random_che
             b.data.copy_(a.data)
     if chunk:
         monkeypatch.setattr(patching, "MLP_CHUNK_TOKENS", chunk)
-    skips, mlp_runs = [], []
-    forward = lora._LastLoRALinear.forward
-    monkeypatch.setattr(lora._LastLoRALinear, "forward",
-                        staticmethod(lambda ctx, *a: skips.append(a[-1]) or forward(ctx, *a)))
+    skips, mlp_runs, frozen_calls = [], [], []
+    downs = {layer.mlp.down_proj.base_layer for layer in ours.base_model.model.model.layers}
+    forward = lora._FrozenLoRALinear.forward
+
+    def spy(ctx, *a):
+        frozen_calls.append(a[-1])
+        if a[1] in downs:
+            skips.append(a[-1])
+        return forward(ctx, *a)
+    monkeypatch.setattr(lora._FrozenLoRALinear, "forward", staticmethod(spy))
     run_mlp = patching.FusedSwiGLUMLP._mlp
     monkeypatch.setattr(patching.FusedSwiGLUMLP, "_mlp", lambda self, t: mlp_runs.append(1) or run_mlp(self, t))
     ids = torch.randint(3, base.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
@@ -184,6 +190,9 @@ def test_recomputation_skips_the_last_matmul_and_keeps_every_gradient(random_che
     layers = base.config.num_hidden_layers * (4 if chunk else 1)  # 40 tokens in chunks of 12: 4 pieces a layer
     # offloaded, or chunked: the first forward runs without autograd (a plain layer call); every rerun skips
     assert skips.count(False) == (0 if offload or chunk else layers) and skips.count(True) >= layers
+    # every adapted linear runs through the frozen-base Function while gradients are recorded: the six others
+    # forward (unless offloaded or chunked: no autograd then) and again in the recomputation
+    assert frozen_calls.count(False) - skips.count(False) >= 6 * base.config.num_hidden_layers
     # twice per piece, as an unchunked checkpointed MLP: forward, then in backward (none in the layer's recompute)
     assert len(mlp_runs) == 2 * layers
     torch.testing.assert_close(l_ours, l_ref, rtol=1e-5, atol=1e-6)
@@ -193,14 +202,25 @@ def test_recomputation_skips_the_last_matmul_and_keeps_every_gradient(random_che
 
 
 def test_lean_lora_output_adds_in_place_without_view_replay(random_checkpoint):
-    """The adapter's product is added into the base's 2-D output by addmm_ (no full-activation copy in forward),
-    not into a view of it (autograd would replay the view with CopySlices: a full clone in backward)."""
+    """Over a frozen base the layer is one autograd node (``_FrozenLoRALinear``: the base's GEMM accumulates onto
+    the adapter's product, forward and backward); with dropout the adapter's product is added into the base's
+    2-D output by addmm_ (no full-activation copy in forward), not into a view of it (autograd would replay the
+    view with CopySlices: a full clone in backward)."""
     from peft.tuners.lora import Linear as LoraLinear
 
     from onecard.train.lora import add_lora
 
-    model = add_lora(_load(random_checkpoint("llama-3.1-8b")), r=4, alpha=8, seed=0)
-    layer = next(m for m in model.modules() if type(m) is LoraLinear)
-    out = layer(torch.randn(2, 5, layer.in_features, requires_grad=True))
-    assert out.grad_fn.name() == "ViewBackward0"
-    assert out.grad_fn.next_functions[0][0].name() == "AddmmBackward0"
+    for dropout, first, second in ((0.0, "_FrozenLoRALinearBackward", None), (0.1, "ViewBackward0", "AddmmBackward0")):
+        model = add_lora(_load(random_checkpoint("llama-3.1-8b")), r=4, alpha=8, dropout=dropout, seed=0)
+        layer = next(m for m in model.modules() if type(m) is LoraLinear)
+        x = torch.randn(2, 5, layer.in_features, requires_grad=True)
+        out = layer(x)
+        assert out.grad_fn.name() == first
+        if second:
+            assert out.grad_fn.next_functions[0][0].name() == second
+        torch.nn.init.normal_(layer.lora_B["default"].weight, generator=torch.Generator().manual_seed(0))
+        if dropout == 0.0:  # the Function's gradients are PEFT's
+            (gx,) = torch.autograd.grad(layer(x).square().sum(), x)
+            vars(layer).pop("forward")
+            (gx_ref,) = torch.autograd.grad(layer(x).square().sum(), x)
+            torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
