@@ -224,3 +224,21 @@ def test_lean_lora_output_adds_in_place_without_view_replay(random_checkpoint):
             vars(layer).pop("forward")
             (gx_ref,) = torch.autograd.grad(layer(x).square().sum(), x)
             torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_copies_are_made_once_per_forward_and_after_every_change():
+    """``_compute_copy``: the same copy for the recomputation and backward of one forward; a fresh one after an
+    in-place change (an optimizer step) or the next forward of the model (FSDP2 refills without one)."""
+    from onecard.train import lora
+
+    p = torch.nn.Parameter(torch.randn(4, 8))
+    first = lora._compute_copy(p, torch.bfloat16, 2.0)
+    assert lora._compute_copy(p, torch.bfloat16, 2.0) is first
+    torch.testing.assert_close(first, (p.detach() * 2).bfloat16())
+    with torch.no_grad():
+        p.add_(1.0)  # what an optimizer step does
+    after_step = lora._compute_copy(p, torch.bfloat16, 2.0)
+    assert after_step is not first
+    torch.testing.assert_close(after_step, (p.detach() * 2).bfloat16())
+    lora._next_generation(torch.nn.Identity(), ())  # the model's forward pre-hook
+    assert lora._compute_copy(p, torch.bfloat16, 2.0) is not after_step
