@@ -466,6 +466,22 @@ def _dot_pair(x_rows, x_mask, i: tl.constexpr, pairs, part, SWAP: tl.constexpr):
     return part
 
 
+@triton.jit
+def _dot_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A dot program's rows and columns of the output, with their masks."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, offs_m < M, offs_n < N
+
+
+@triton.jit
+def _k_rows(t, tiles_per_split, KPT, BLOCK_KP: tl.constexpr):
+    """Tile ``t`` of this program's split of K: its first word row, its word rows and their mask."""
+    kp0 = (tl.program_id(2) * tiles_per_split + t) * BLOCK_KP
+    rows = kp0 + tl.arange(0, BLOCK_KP)
+    return kp0, rows, rows < KPT
+
+
 @triton.jit(do_not_specialize=["tiles_per_split", "num_splits"])
 def _wo_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_om,
                    tiles_per_split, num_splits, GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -474,16 +490,11 @@ def _wo_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M,
     """``BF16X2`` (4-bit codes, bf16 x, one group per tile, CUDA): the codes are dequantized two per instruction
     by ``_BF16X2_DEQUANT8`` and split into the eight ``code_j - zero`` tiles by register moves."""
     PACK: tl.constexpr = 32 // BITS
-    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask, n_mask = offs_m < M, offs_n < N
+    offs_m, offs_n, m_mask, n_mask = _dot_tile(M, N, BLOCK_M, BLOCK_N)
     KPT = K // PACK
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(tiles_per_split):
-        kp0 = (pid_k * tiles_per_split + t) * BLOCK_KP
-        rows = kp0 + tl.arange(0, BLOCK_KP)
-        r_mask = rows < KPT
+        kp0, rows, r_mask = _k_rows(t, tiles_per_split, KPT, BLOCK_KP)
         words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0)
         s, z = _group_affine(s_ptr, z_ptr, kp0, rows[:, None], offs_n[None, :], n_mask[None, :], N, KPT, GROUP, PACK,
                              ROWWISE, False)
@@ -522,21 +533,15 @@ def _wo_dot_t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, 
 
     Why: at a few rows of x the dequantized weight is the big operand. As the first one, a ``BLOCK_N`` of 64+
     fills Hopper's wgmma M (64 per warp group) and can stay in registers, where as the second it passes through
-    shared memory into an Ampere-style MMA padded to ``BLOCK_M`` = 16 rows. One Llama-2-7B layer at M = 16
-    (int4 g128, H100, graph-timed): 118.9 µs against the ``dot``'s 133.2; at M = 8 it lost (113.4 vs 106.0).
+    shared memory into an Ampere-style MMA padded to ``BLOCK_M`` = 16 rows (numbers: the ``CONFIGS`` comment).
     The words load as ``[BN, BKP]`` (still coalesced along N); tiles spanning groups take the ``dot``.
     """
     PACK: tl.constexpr = 32 // BITS
-    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask, n_mask = offs_m < M, offs_n < N
+    offs_m, offs_n, m_mask, n_mask = _dot_tile(M, N, BLOCK_M, BLOCK_N)
     KPT = K // PACK
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for t in range(tiles_per_split):
-        kp0 = (pid_k * tiles_per_split + t) * BLOCK_KP
-        rows = kp0 + tl.arange(0, BLOCK_KP)
-        r_mask = rows < KPT
+        kp0, rows, r_mask = _k_rows(t, tiles_per_split, KPT, BLOCK_KP)
         words = tl.load(qw_ptr + rows[None, :] * N + offs_n[:, None], mask=r_mask[None, :] & n_mask[:, None], other=0)
         s, z = _group_affine(s_ptr, z_ptr, kp0, rows[None, :], offs_n[:, None], n_mask[:, None], N, KPT, GROUP, PACK,
                              False, False)                                                   # [BN, 1]
