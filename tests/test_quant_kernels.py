@@ -113,19 +113,20 @@ def test_packed_bf16_needs_4_bit_bf16_on_an_ampere_or_later_gpu(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
     monkeypatch.setattr(W, "_capability", lambda device: (8, 6))
     assert W.packed_bf16_ok(4, meta) and not W.packed_bf16_ok(8, meta)
-    assert not W.packed_bf16_ok(4, meta.half()) and not W.packed_bf16_ok(4, meta.float())
+    assert W.packed_bf16_ok(4, meta.half()) and not W.packed_bf16_ok(4, meta.float())  # fp16 rounds to bf16
     config = KernelConfig(BF16X2, 1, 32, 32, 8.0)
     assert kernel_for(config, 4, meta) == BF16X2
     monkeypatch.setattr(W, "_capability", lambda device: (7, 5))  # Turing: no bf16x2 FMA
     assert not W.packed_bf16_ok(4, meta) and kernel_for(config, 4, meta) == GEMV
 
 
-@pytest.mark.parametrize("group_size,K,M", [(128, 256, 1), (32, 224, 3)])
-def test_bf16x2_emulation_within_bf16_rounding_of_reference(group_size, K, M):
+@pytest.mark.parametrize("group_size,K,M,dtype", [(128, 256, 1, torch.bfloat16), (32, 224, 3, torch.bfloat16),
+                                                   (128, 256, 2, torch.float16)])
+def test_bf16x2_emulation_within_bf16_rounding_of_reference(group_size, K, M, dtype):
     """The packed kernel's arithmetic (``wo_matmul_bf16x2_reference``) stays within bf16 rounding of the exact
     product: each four-term chain rounds to bf16 (2**-9 relative), so the bound scales with |x| @ |w|."""
     _, packed, s, z, gs = _packed(K, 48, 4, group_size, seed=M)
-    x = torch.randn(M, K, device=DEV).bfloat16()
+    x = torch.randn(M, K, device=DEV).to(dtype)  # fp16 x: the kernel rounds it to bf16 first (2**-9 more)
     exact = wo_matmul_reference(x.float(), packed, s, z, 4, gs)
     emulated = wo_matmul_bf16x2_reference(x, packed, s, z, gs)
     bound = 2 ** -7 * (x.float().abs() @ dequantize_reference(packed, s, z, 4, gs).abs())
@@ -134,13 +135,18 @@ def test_bf16x2_emulation_within_bf16_rounding_of_reference(group_size, K, M):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("group_size,M,prefetch,waves", [(128, 1, False, 8.0), (32, 1, True, 4.0), (64, 2, False, 4.0),
-                                                         (128, 1, True, 0.0), (128, 4, True, 1.0)])
-def test_bf16x2_kernel_matches_its_emulation_on_gpu(group_size, M, prefetch, waves):
-    """waves 0: one program walks all of K (the prefetch crosses every tile); 1-8: split-K, a few tiles each."""
+@pytest.mark.parametrize("group_size,M,prefetch,waves,dtype", [(128, 1, False, 8.0, torch.bfloat16),
+                                                               (32, 1, True, 4.0, torch.bfloat16),
+                                                               (64, 2, False, 4.0, torch.bfloat16),
+                                                               (128, 1, True, 0.0, torch.bfloat16),
+                                                               (128, 4, True, 1.0, torch.bfloat16),
+                                                               (128, 1, True, 4.0, torch.float16)])
+def test_bf16x2_kernel_matches_its_emulation_on_gpu(group_size, M, prefetch, waves, dtype):
+    """waves 0: one program walks all of K (the prefetch crosses every tile); 1-8: split-K, a few tiles each.
+    fp16 x: rounded to bf16 as it loads, which the emulation does first."""
     K, N = 4096, 4096
     _, packed, s, z, gs = _packed(K, N, 4, group_size)
-    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
     config = KernelConfig(BF16X2, M, 32, 32, waves, prefetch=prefetch)
     assert kernel_for(config, 4, x) == BF16X2
     y = wo_matmul(x, packed, s, z, 4, gs, config)
@@ -217,12 +223,14 @@ def test_kernel_bf16_on_gpu(M):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("bits,group_size,M", [(4, 128, 16), (4, 128, 5), (8, -1, 16)])
-def test_dot_t_kernel_bf16_on_gpu(bits, group_size, M):
-    """The transposed dot at bf16 (the bf16x2 dequantization for 4-bit, the fp32 conversion for 8-bit), split-K."""
+@pytest.mark.parametrize("bits,group_size,M,dtype", [(4, 128, 16, torch.bfloat16), (4, 128, 5, torch.bfloat16),
+                                                     (8, -1, 16, torch.bfloat16), (4, 128, 16, torch.float16)])
+def test_dot_t_kernel_bf16_on_gpu(bits, group_size, M, dtype):
+    """The transposed dot at bf16 (the bf16x2 dequantization for 4-bit, the fp32 conversion for 8-bit), split-K;
+    fp16 x takes the bf16x2 codes too, rounded to bf16 as it loads."""
     K, N = 4096, 4096
     _, packed, s, z, gs = _packed(K, N, bits, group_size)
-    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
     config = KernelConfig(DOT_T, 16, 128, 16, 2.0, 8)
     assert kernel_for(config, bits, x) == DOT_T
     exact = wo_matmul_reference(x.float(), packed, s, z, bits, gs)

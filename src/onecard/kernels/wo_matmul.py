@@ -46,8 +46,8 @@ Four kernels, chosen per ``M`` from ``CONFIGS`` (tuned by ``benchmarks/quant_ker
   ``sum_j x_j (c_j - z) = 2**bits * sum_j x_j f_j - (2**bits + z) * sum_j x_j``
   takes the zero (and the 1) out per word row, not per code; the cancellation
   costs a few of fp32's 24 bits (6 instructions per code in the sm_90 SASS).
-- ``gemv_bf16x2`` (M <= 2; where ``packed_bf16_ok``: 4-bit codes, bf16 ``x``, an Ampere-or-later GPU;
-  elsewhere the ``gemv`` runs the same tiles): the same walk with the per-word math in packed bf16x2 PTX
+- ``gemv_bf16x2`` (M <= 2; where ``packed_bf16_ok``: 4-bit codes, bf16 or fp16 ``x`` (fp16 rounds to bf16 as
+  it loads), an Ampere-or-later GPU; elsewhere the ``gemv`` runs the same tiles): the same walk with the per-word math in packed bf16x2 PTX
   (``_BF16X2_DEQUANT8``, then ``_BF16X2_DOT8`` per row of x): one LOP3 turns two codes into two bf16
   ``128 + code``, one FMA subtracts ``128 + zero`` exactly, and one FMA multiplies and adds two codes at once.
   The sm_90 SASS of the M = 1 config counts 3.9 instructions per code (the ``gemv``: 5.5); with the next tile's
@@ -58,7 +58,7 @@ Four kernels, chosen per ``M`` from ``CONFIGS`` (tuned by ``benchmarks/quant_ker
   (codes minus zero are exact in bf16 for 4- and 8-bit codes), scale after the dot
   (within the dot each ``c_j - z`` tile still passes through shared memory, as any
   Triton dequant-then-dot does). Where ``packed_bf16_ok`` and a tile holds one group, the codes come from
-  ``_BF16X2_DEQUANT8``, two per instruction, split into the eight tiles by register moves: a Llama-2-7B layer
+  ``_BF16X2_DEQUANT8``, two per instruction, split into the eight tiles by register moves (x as bf16): a Llama-2-7B layer
   at M = 8 took 105.0 µs against 136.7 for the fp32 conversion with its best tile (H100).
 - ``dot_t``: the ``dot`` transposed, ``out^T = (c - z)^T @ x^T``, for tiles inside one group: with the weight
   as the first operand a wide ``BLOCK_N`` fills Hopper's wgmma instead of an MMA padded to 16 rows of x.
@@ -186,7 +186,8 @@ def _round_bf16(t: torch.Tensor) -> torch.Tensor:
 
 def wo_matmul_bf16x2_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                                group_size: int) -> torch.Tensor:
-    """What the ``gemv_bf16x2`` kernel computes for bf16 ``x[M, K]`` and 4-bit W, rounding step by step (fp32 out).
+    """What the ``gemv_bf16x2`` kernel computes for bf16 or fp16 ``x[M, K]`` (rounded to bf16 first) and 4-bit W,
+    rounding step by step (fp32 out).
 
     Per word (input channels ``8r .. 8r+7``) two bf16 chains of four fused multiply-adds, over channels
     ``8r .. 8r+3`` and ``8r+4 .. 8r+7`` (the halves of the packed pairs), each step rounded to bf16; the two
@@ -198,7 +199,7 @@ def wo_matmul_bf16x2_reference(x: torch.Tensor, qweight: torch.Tensor, scales: t
     K, N = codes.shape
     g = torch.arange(K, device=codes.device) // group_size
     d = (codes.float() - zeros.float()[g]).view(K // 8, 2, 4, N)        # [word, half, step, N]
-    xs = x.float().view(x.shape[0], K // 8, 2, 4, 1)
+    xs = x.to(torch.bfloat16).float().view(x.shape[0], K // 8, 2, 4, 1)
     a = torch.zeros(x.shape[0], K // 8, 2, N, device=x.device)
     for i in range(4):
         a = _round_bf16(xs[:, :, :, i] * d[:, :, i] + a)                 # fma.rn.bf16x2: one rounding per step
@@ -411,7 +412,9 @@ def _bf16x2_codes(words, z):
 
 @triton.jit
 def _bf16_pair(lo, hi):
-    """Two bf16 tensors (loaded as int16) -> one int32 tensor of bf16x2 (``lo`` in the low half)."""
+    """Two bf16 or fp16 tensors -> one int32 tensor of bf16x2 (``lo`` in the low half); fp16 rounds to bf16."""
+    lo = lo.to(tl.bfloat16).to(tl.int16, bitcast=True)
+    hi = hi.to(tl.bfloat16).to(tl.int16, bitcast=True)
     return (lo.to(tl.int32) & 0xFFFF) | (hi.to(tl.int32) << 16)
 
 
@@ -420,7 +423,8 @@ def _wo_gemv_bf16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count
                            tiles_per_split, num_splits, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, ROWWISE: tl.constexpr, SPLIT: tl.constexpr,
                            PREFETCH: tl.constexpr):
-    """The 4-bit ``gemv`` for bf16 activations (``x_ptr`` is x viewed as int16), in packed bf16x2 math.
+    """The 4-bit ``gemv`` in packed bf16x2 math, for bf16 activations (fp16 ones round to bf16 as they load:
+    2**-9 relative, the size of the chains' own rounding).
 
     ``PREFETCH`` loads the next tile's words into registers before this tile's math, so a program keeps a tile
     in flight while it computes (``ptxas`` still places the load mid-loop, not at its top). Through shared
@@ -440,10 +444,10 @@ def _wo_gemv_bf16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count
         s, z = _group_affine(s_ptr, z_ptr, kp0, rows, n3, n_mask, N, KPT, GROUP, PACK, ROWWISE, True)
         x_rows = x_ptr + m3 * stride_xm + rows * PACK
         x_mask = (m3 < M) & r_mask
-        x01 = _bf16_pair(tl.load(x_rows, mask=x_mask, other=0), tl.load(x_rows + 4, mask=x_mask, other=0))
-        x23 = _bf16_pair(tl.load(x_rows + 1, mask=x_mask, other=0), tl.load(x_rows + 5, mask=x_mask, other=0))
-        x45 = _bf16_pair(tl.load(x_rows + 2, mask=x_mask, other=0), tl.load(x_rows + 6, mask=x_mask, other=0))
-        x67 = _bf16_pair(tl.load(x_rows + 3, mask=x_mask, other=0), tl.load(x_rows + 7, mask=x_mask, other=0))
+        x01 = _bf16_pair(tl.load(x_rows, mask=x_mask, other=0.0), tl.load(x_rows + 4, mask=x_mask, other=0.0))
+        x23 = _bf16_pair(tl.load(x_rows + 1, mask=x_mask, other=0.0), tl.load(x_rows + 5, mask=x_mask, other=0.0))
+        x45 = _bf16_pair(tl.load(x_rows + 2, mask=x_mask, other=0.0), tl.load(x_rows + 6, mask=x_mask, other=0.0))
+        x67 = _bf16_pair(tl.load(x_rows + 3, mask=x_mask, other=0.0), tl.load(x_rows + 7, mask=x_mask, other=0.0))
         w0, w1, w2, w3 = _bf16x2_codes(words, z)                                             # [1, BKP, BN]
         part = tl.inline_asm_elementwise(_BF16X2_DOT8, "=f,r,r,r,r,r,r,r,r", [w0, w1, w2, w3, x01, x23, x45, x67],
                                          dtype=tl.float32, is_pure=True, pack=1)            # [BM, BKP, BN]
@@ -457,8 +461,8 @@ def _dot_pair(x_rows, x_mask, i: tl.constexpr, pairs, part, SWAP: tl.constexpr):
     ``SWAP`` the transposed product (``pairs`` and ``part`` are ``[BN, ..]``, the x tiles ``[BKP, BM]``)."""
     lo, hi = tl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [pairs],
                                        dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
-    x_lo = tl.load(x_rows + i, mask=x_mask, other=0.0)
-    x_hi = tl.load(x_rows + i + 4, mask=x_mask, other=0.0)
+    x_lo = tl.load(x_rows + i, mask=x_mask, other=0.0).to(tl.bfloat16)  # fp16 x rounds to bf16, as in the gemv
+    x_hi = tl.load(x_rows + i + 4, mask=x_mask, other=0.0).to(tl.bfloat16)
     if SWAP:  # (an early return here would still compile the line after it)
         part = tl.dot(hi, x_hi, tl.dot(lo, x_lo, part))
     else:
@@ -651,9 +655,10 @@ def _capability(device: torch.device) -> tuple[int, int]:
 
 
 def packed_bf16_ok(bits: int, x: torch.Tensor) -> bool:
-    """Whether the packed bf16x2 PTX can run for ``x``: 4-bit codes, bf16 ``x`` on a CUDA GPU with bf16x2 FMA.
-    Elsewhere (the CPU interpreter, fp16/fp32 ``x``, 8-bit, pre-Ampere GPUs) the fp32 paths run the same tiles."""
-    return (bits == 4 and x.dtype == torch.bfloat16 and x.is_cuda
+    """Whether the packed bf16x2 PTX can run for ``x``: 4-bit codes, bf16 or fp16 ``x`` (rounded to bf16 as it
+    loads) on a CUDA GPU with bf16x2 FMA. Elsewhere (the CPU interpreter, fp32 ``x``, 8-bit, pre-Ampere GPUs) the
+    fp32 paths run the same tiles."""
+    return (bits == 4 and x.dtype in (torch.bfloat16, torch.float16) and x.is_cuda
             and _capability(x.device) >= BF16X2_MIN_CAPABILITY)
 
 
@@ -704,7 +709,6 @@ def wo_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
             del consts["ROWWISE"]
     elif kind == "gemv_bf16x2":
         kernel = _wo_gemv_bf16x2_kernel
-        x2 = x2.view(torch.int16)
         del consts["BITS"]
         consts["PREFETCH"] = c.prefetch
     else:
