@@ -96,7 +96,10 @@ def test_bad_inputs_raise_one_line():
 
 
 def _saved_bytes_per_token(model, tokens: int, labels: bool = True) -> float:
-    """Bytes autograd saves for a forward (+ loss), each storage counted once, parameters and buffers excluded."""
+    """Bytes autograd saves for a forward (+ loss), each storage counted once, parameters and buffers excluded;
+    plus the adapters' compute copies the forward made (``train.lora._compute_copy``), which live through backward."""
+    from onecard.train.lora import _COPIES
+
     skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
     skip |= {b.untyped_storage().data_ptr() for b in model.buffers()}
     seen: dict[int, int] = {}
@@ -110,6 +113,9 @@ def _saved_bytes_per_token(model, tokens: int, labels: bool = True) -> float:
     ids = torch.randint(3, 1000, (1, tokens))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(input_ids=ids, labels=ids if labels else None)
+    for param in model.parameters():
+        if param in _COPIES:
+            pack(_COPIES[param][1])
     return sum(seen.values())
 
 

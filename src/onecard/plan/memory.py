@@ -283,16 +283,15 @@ def model_activation_bytes(spec: ModelSpec, tokens: int, method: str, targets: t
     final_norm = (2 if fused_norm else 4) * a.hidden_size + 4 + ((res + 2) * a.hidden_size if method == "full" else 0)
     rope = 2 * 2 * a.head_dim
     kw = dict(mixed=mixed, lora_rank=lora_rank, adapter_bytes=adapter_bytes, base_format=base_format, fused=fused)
-    # the lean LoRA forward keeps bf16 copies of each layer's adapter weights (A for x's gradient, B for h's); the
-    # fused path's down projection (train.lora.last_linear) reads the fp32 masters again in backward instead
-    copied = tuple(t for t in targets if not (fused and t == "down_proj"))
-    copies = 2 * lora_parameters(spec, lora_rank, copied) // a.num_layers if method != "full" and adapter_bytes == 2 else 0
+    # the lean LoRA forward keeps a bf16 copy of every adapter's A and scaled B from a forward pass through its
+    # backward (train.lora._compute_copy: made once, read by the recomputation and the backward)
+    copies = 2 * lora_parameters(spec, lora_rank, targets) if method != "full" and adapter_bytes == 2 else 0
     if checkpointing:
         kept_inputs = 1 if offload else a.num_layers
-        layer = layer_saved_bytes(spec, tokens, method, targets, **kw) + copies
-        layers = tokens * kept_inputs * res * a.hidden_size + 2 * layer
+        layer = layer_saved_bytes(spec, tokens, method, targets, **kw)
+        layers = tokens * kept_inputs * res * a.hidden_size + 2 * layer + copies
     else:
-        layers = a.num_layers * (tokens * layer_activation_bytes(spec, method, targets, **kw) + copies)
+        layers = a.num_layers * tokens * layer_activation_bytes(spec, method, targets, **kw) + copies
     return layers + tokens * (final_norm + rope + 8)
 
 
