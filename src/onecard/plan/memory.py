@@ -283,8 +283,8 @@ def model_activation_bytes(spec: ModelSpec, tokens: int, method: str, targets: t
     final_norm = (2 if fused_norm else 4) * a.hidden_size + 4 + ((res + 2) * a.hidden_size if method == "full" else 0)
     rope = 2 * 2 * a.head_dim
     kw = dict(mixed=mixed, lora_rank=lora_rank, adapter_bytes=adapter_bytes, base_format=base_format, fused=fused)
-    # the lean LoRA forward keeps a bf16 copy of every adapter's A and scaled B from a forward pass through its
-    # backward (train.lora._compute_copy: made once, read by the recomputation and the backward)
+    # the lean LoRA forward keeps a bf16 copy of every adapter's A and scaled B, made once per forward pass and
+    # read by the recomputation and the backward (train.lora._compute_copy; held until the next pass remakes it)
     copies = 2 * lora_parameters(spec, lora_rank, targets) if method != "full" and adapter_bytes == 2 else 0
     if checkpointing:
         kept_inputs = 1 if offload else a.num_layers
