@@ -377,11 +377,6 @@ def part_qlora_ctx(args, out_dir) -> dict:
     deadline = time.perf_counter() + args.search_budget_s
     ok_len, bad_len = search_longest(attempt, start, step_tokens, max_len, lambda: time.perf_counter() < deadline)
     best = [t for t in trials if t[0] == ok_len and t[1]][-1:]  # the last: never the warm-up
-    if peak:
-        note += (f" Against this card's measured bf16 matmul rate ({peak:.0f} TFLOP/s), onecard_mfu counts forward "
-                 "+ backward once (model FLOPs); onecard_executed_fraction_of_peak counts what onecard runs (with "
-                 "its checkpointing recomputation); speedup_ceiling_vs_hf is the speedup if every executed FLOP ran "
-                 "at that rate, and fraction_of_peak_needed_for_2x what a 2x speedup would need.")
     data = {"model": "llama-3-8b (random init)" if not args.smoke else "llama-3-8b scaled tiny (smoke)",
             "method": "qlora (onecard int4 RTN g64 base) r=32 alpha=64 all-linear, offloaded checkpoints, bs 1",
             "memory_cap_gib": cap_gib if torch.cuda.is_available() else None,

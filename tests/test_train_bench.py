@@ -42,3 +42,12 @@ def test_flops_count_recomputation_and_utilization_follows(bench):
     assert u["speedup_ceiling_vs_hf"] == pytest.approx(800e12 / flops["onecard"] / 8000)
     assert u["fraction_of_peak_needed_for_2x"] == pytest.approx(2 / u["speedup_ceiling_vs_hf"])
     assert all(v is None for v in bench._utilization(8000.0, 12000.0, flops, None).values())
+
+
+def test_qlora_ctx_smoke_writes_its_result(bench, tmp_path):
+    """The --part qlora-ctx path end to end at smoke sizes (CPU): the search runs and the JSON is written."""
+    import json
+
+    bench.main(["--smoke", "--part", "qlora-ctx", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "train_qlora_ctx.json").read_text())
+    assert data["max_trainable_tokens"] and data["trials"]
