@@ -270,12 +270,27 @@ def _store_out(out_ptr, part_ptr, count_ptr, y, offs_m, offs_n, M, N, stride_om,
 
 
 @triton.jit
-def _gemv_tile(N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dot_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A program's rows and columns of the output, with their masks."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, offs_m < M, offs_n < N
+
+
+@triton.jit
+def _k_rows(t, tiles_per_split, KPT, BLOCK_KP: tl.constexpr):
+    """Tile ``t`` of this program's split of K: its first word row, its word rows and their mask."""
+    kp0 = (tl.program_id(2) * tiles_per_split + t) * BLOCK_KP
+    rows = kp0 + tl.arange(0, BLOCK_KP)
+    return kp0, rows, rows < KPT
+
+
+@triton.jit
+def _gemv_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """A gemv program's rows and columns, 1-D and as the 3-D ``[BLOCK_M, BLOCK_KP, BLOCK_N]`` broadcasts: every
     tensor is 3-D from its load on, so the compiler keeps the coalesced layout of the words load throughout (a
     2-D load expanded to 3-D costs a shared-memory shuffle per code)."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, _, _ = _dot_tile(M, N, BLOCK_M, BLOCK_N)
     n3 = offs_n[None, None, :]
     return offs_m, offs_n, offs_m[:, None, None], n3, n3 < N
 
@@ -296,8 +311,8 @@ def _tile_words(qw_ptr, nxt, pid_k, t, tiles_per_split, KPT, N, n3, n_mask, BLOC
     """Tile ``t`` of split ``pid_k``: its first word row, its rows (``[1, BKP, 1]``), its words, and what to carry
     to the next iteration: under ``PREFETCH`` the words loaded last time and the next tile's, loaded now (rows
     from the next split's first on are not this split's), so one tile is in flight while this one's math runs."""
-    kp0 = (pid_k * tiles_per_split + t) * BLOCK_KP
-    rows = kp0 + tl.arange(0, BLOCK_KP)[None, :, None]
+    kp0, rows, _ = _k_rows(t, tiles_per_split, KPT, BLOCK_KP)
+    rows = rows[None, :, None]
     if PREFETCH:
         ahead = rows + BLOCK_KP
         split_end = (pid_k + 1) * tiles_per_split * BLOCK_KP
@@ -321,7 +336,7 @@ def _wo_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M
     FIELD: tl.constexpr = 23 - BITS                      # a code's place in an fp32 mantissa: its top bits
     FIELD_MASK: tl.constexpr = (LEVELS - 1) << FIELD
     pid_k = tl.program_id(2)
-    offs_m, offs_n, m3, n3, n_mask = _gemv_tile(N, BLOCK_M, BLOCK_N)
+    offs_m, offs_n, m3, n3, n_mask = _gemv_tile(M, N, BLOCK_M, BLOCK_N)
     KPT = K // PACK
     acc = tl.zeros((BLOCK_M, BLOCK_KP, BLOCK_N), dtype=tl.float32)
     x_acc = tl.zeros((BLOCK_M, BLOCK_KP, 1), dtype=tl.float32)
@@ -433,7 +448,7 @@ def _wo_gemv_bf16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count
     """
     PACK: tl.constexpr = 8
     pid_k = tl.program_id(2)
-    offs_m, offs_n, m3, n3, n_mask = _gemv_tile(N, BLOCK_M, BLOCK_N)
+    offs_m, offs_n, m3, n3, n_mask = _gemv_tile(M, N, BLOCK_M, BLOCK_N)
     KPT = K // PACK
     acc = tl.zeros((BLOCK_M, BLOCK_KP, BLOCK_N), dtype=tl.float32)
     nxt = _first_words(qw_ptr, pid_k * tiles_per_split * BLOCK_KP, KPT, N, n3, n_mask, BLOCK_KP, PREFETCH)
@@ -471,19 +486,13 @@ def _dot_pair(x_rows, x_mask, i: tl.constexpr, pairs, part, SWAP: tl.constexpr):
 
 
 @triton.jit
-def _dot_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """A dot program's rows and columns of the output, with their masks."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return offs_m, offs_n, offs_m < M, offs_n < N
-
-
-@triton.jit
-def _k_rows(t, tiles_per_split, KPT, BLOCK_KP: tl.constexpr):
-    """Tile ``t`` of this program's split of K: its first word row, its word rows and their mask."""
-    kp0 = (tl.program_id(2) * tiles_per_split + t) * BLOCK_KP
-    rows = kp0 + tl.arange(0, BLOCK_KP)
-    return kp0, rows, rows < KPT
+def _bf16x2_dots(words, z, x_rows, x_mask, part, SWAP: tl.constexpr):
+    """``part`` plus a one-group tile's product, its codes from ``_BF16X2_DEQUANT8`` (``_dot_pair`` per pair)."""
+    w0, w1, w2, w3 = _bf16x2_codes(words, z)
+    part = _dot_pair(x_rows, x_mask, 0, w0, part, SWAP)
+    part = _dot_pair(x_rows, x_mask, 1, w1, part, SWAP)
+    part = _dot_pair(x_rows, x_mask, 2, w2, part, SWAP)
+    return _dot_pair(x_rows, x_mask, 3, w3, part, SWAP)
 
 
 @triton.jit(do_not_specialize=["tiles_per_split", "num_splits"])
@@ -491,8 +500,8 @@ def _wo_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M,
                    tiles_per_split, num_splits, GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, ROWWISE: tl.constexpr, SPLIT: tl.constexpr,
                    PRECISION: tl.constexpr, BF16X2: tl.constexpr):
-    """``BF16X2`` (4-bit codes, bf16 x, one group per tile, CUDA): the codes are dequantized two per instruction
-    by ``_BF16X2_DEQUANT8`` and split into the eight ``code_j - zero`` tiles by register moves."""
+    """``BF16X2`` (4-bit codes, bf16 or fp16 x, one group per tile, CUDA): the codes are dequantized two per
+    instruction by ``_BF16X2_DEQUANT8`` and split into the eight ``code_j - zero`` tiles by register moves."""
     PACK: tl.constexpr = 32 // BITS
     offs_m, offs_n, m_mask, n_mask = _dot_tile(M, N, BLOCK_M, BLOCK_N)
     KPT = K // PACK
@@ -511,12 +520,7 @@ def _wo_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M,
                 xj = tl.load(x_rows + j, mask=x_mask, other=0.0)
                 acc = tl.dot(xj, (w * s).to(xj.dtype), acc, input_precision=PRECISION)
         elif BF16X2:  # one group, bf16: the same exact (code - zero), from packed PTX
-            w0, w1, w2, w3 = _bf16x2_codes(words, z)
-            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            part = _dot_pair(x_rows, x_mask, 0, w0, part, False)
-            part = _dot_pair(x_rows, x_mask, 1, w1, part, False)
-            part = _dot_pair(x_rows, x_mask, 2, w2, part, False)
-            part = _dot_pair(x_rows, x_mask, 3, w3, part, False)
+            part = _bf16x2_dots(words, z, x_rows, x_mask, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), False)
             acc += part * s
         else:        # one group: dot on exact (code - zero), scale once after
             part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -553,11 +557,7 @@ def _wo_dot_t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, 
         x_mask = m_mask[None, :] & r_mask[:, None]
         part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         if BF16X2:
-            w0, w1, w2, w3 = _bf16x2_codes(words, z)
-            part = _dot_pair(x_rows, x_mask, 0, w0, part, True)
-            part = _dot_pair(x_rows, x_mask, 1, w1, part, True)
-            part = _dot_pair(x_rows, x_mask, 2, w2, part, True)
-            part = _dot_pair(x_rows, x_mask, 3, w3, part, True)
+            part = _bf16x2_dots(words, z, x_rows, x_mask, part, True)
         else:
             zm = z + 8388608.0  # zero + 2**23, for _code_minus_zero
             for j in tl.static_range(PACK):
