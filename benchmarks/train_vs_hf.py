@@ -76,14 +76,12 @@ def _flops_per_token(smoke: bool, seq: int) -> dict[str, float]:
     convention: recomputation is not useful work); ``onecard`` and ``hf`` what each path executes with
     checkpointing (onecard's recomputation skips the down projection, HF's recomputes the whole layer)."""
     from onecard.plan.spec import spec_from_config
-    from onecard.plan.speed import train_flops_per_token
+    from onecard.plan.speed import forward_flops_per_token, train_flops_per_token
 
-    cfg = _arch(smoke)
-    spec = spec_from_config(cfg)
-    onecard = train_flops_per_token(spec, "lora", seq, checkpointing=True)
-    down = 2.0 * cfg["num_hidden_layers"] * cfg["hidden_size"] * cfg["intermediate_size"]
-    return {"model": train_flops_per_token(spec, "lora", seq, checkpointing=False), "onecard": onecard,
-            "hf": onecard + down}
+    spec = spec_from_config(_arch(smoke))
+    model = train_flops_per_token(spec, "lora", seq, checkpointing=False)
+    return {"model": model, "onecard": train_flops_per_token(spec, "lora", seq, checkpointing=True),
+            "hf": model + forward_flops_per_token(spec, seq // 2)}  # HF recomputes a whole forward
 
 
 def _arch(smoke: bool) -> dict:

@@ -87,17 +87,12 @@ def _plain_adapter(layer: nn.Module, args: tuple = (), kwargs: dict | None = Non
     return name
 
 
-def _frozen_adapter(layer: nn.Module, args: tuple = (), kwargs: dict | None = None) -> str | None:
-    """``_plain_adapter``'s name where ``_FrozenLoRALinear`` can run the layer while gradients are recorded: a frozen
-    ``Linear`` (bf16 or QLoRA's int4) base and no dropout; else None."""
-    name = _plain_adapter(layer, args, kwargs) if torch.is_grad_enabled() else None
-    if name is None:
-        return None
+def _frozen_base(layer: nn.Module, name: str) -> bool:
+    """Whether ``_FrozenLoRALinear`` can run adapter ``name`` of ``layer`` (a ``_plain_adapter``): gradients are
+    recorded, the base is a frozen ``Linear`` (bf16 or QLoRA's int4) and there is no dropout."""
     base = layer.base_layer
-    if (type(base) not in (nn.Linear, Int4Linear) or base.weight.requires_grad
-            or not isinstance(layer.lora_dropout[name], nn.Identity)):
-        return None
-    return name
+    return (torch.is_grad_enabled() and type(base) in (nn.Linear, Int4Linear) and not base.weight.requires_grad
+            and isinstance(layer.lora_dropout[name], nn.Identity))
 
 
 def _frozen_apply(layer: nn.Module, name: str, x: torch.Tensor, skip_output: bool) -> torch.Tensor:
@@ -109,12 +104,11 @@ def lean_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """A PEFT ``lora.Linear`` forward for the plain case (one active vanilla adapter, not merged): over a frozen
     base with gradients recorded, ``_FrozenLoRALinear``; otherwise the base's output with the adapter added in
     place. Anything else goes to PEFT's own forward."""
-    name = _frozen_adapter(self, args, kwargs)
-    if name is not None:
-        return _frozen_apply(self, name, x, False)
     name = _plain_adapter(self, args, kwargs)
     if name is None:
         return type(self).forward(self, x, *args, **kwargs)
+    if _frozen_base(self, name):
+        return _frozen_apply(self, name, x, False)
     x2 = x.reshape(-1, x.shape[-1])
     result = self.base_layer(x2)  # 2-D, so the in-place addmm_ below is on a tensor, not a view (autograd would
     dtype = result.dtype          # route a view's in-place op through CopySlices: a full clone in backward)
@@ -133,8 +127,8 @@ def last_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     Anything else is ``layer(x)``."""
     from peft.tuners.lora import Linear as LoraLinear
 
-    name = _frozen_adapter(layer) if type(layer) is LoraLinear else None
-    if name is None:
+    name = _plain_adapter(layer) if type(layer) is LoraLinear else None
+    if name is None or not _frozen_base(layer, name):
         return layer(x)
     return _frozen_apply(layer, name, x, recomputing())
 
