@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 import tempfile
 import time
@@ -366,10 +367,15 @@ def part_qlora_ctx(args, out_dir) -> dict:
     trials = []
 
     def attempt(n: int) -> bool:
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         ok, dt = _try_len(model, opt, n, cfg["vocab_size"])
-        trials.append((n, ok, dt, _peak_gib()))
-        console.print(f"  seq {n:>7,}: {'ok' if ok else 'OOM'}" + (f" {dt:.1f} s/step" if ok else ""))
-        return ok
+        reserved = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None
+        over = reserved is not None and reserved > cap_gib  # the allocator's own cap is checked, not assumed
+        trials.append((n, ok and not over, dt, _peak_gib(), reserved))
+        console.print(f"  seq {n:>7,}: {'ok' if ok and not over else 'OOM' if not ok else 'over the cap'}"
+                      + (f" {dt:.1f} s/step" if ok else "") + (f", {reserved:.2f} GiB reserved" if reserved else ""))
+        return ok and not over
 
     attempt(min(start, 4 * step_tokens))  # warm-up: Triton compiles and cuBLAS plans are not timed at the maximum
     deadline = time.perf_counter() + args.search_budget_s
@@ -385,18 +391,21 @@ def part_qlora_ctx(args, out_dir) -> dict:
             "step_seconds_at_max": best[0][2] if best else None,
             "tokens_per_s_at_max": (ok_len / best[0][2]) if best and best[0][2] else None,
             "target_tokens": 96 * 1024, "unsloth_reported_24gb_tokens": 78475, "hf_fa2_reported_24gb_tokens": 5789,
-            "trials": [{"tokens": s, "ok": ok, "step_s": dt, "peak_gib": pk} for s, ok, dt, pk in trials]}
+            "allocator_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+            "peak_reserved_gib_at_max": best[0][4] if best else None,
+            "trials": [{"tokens": s, "ok": ok, "step_s": dt, "peak_gib": pk, "peak_reserved_gib": rs}
+                       for s, ok, dt, pk, rs in trials]}
     converged = ok_len == max_len or (ok_len is not None and bad_len is not None and bad_len - ok_len <= step_tokens)
     data["search_converged"] = converged
     console.print(f"longest trainable sequence: {ok_len or 0:,} tokens" + (f" ({best[0][2]:.1f} s/step)" if best else "")
-                  + ("" if bad_len else f" (search limit {max_len:,} reached, no OOM)")
+                  + (f" (search limit {max_len:,} reached, no OOM)" if ok_len == max_len else "")
                   + ("" if converged else " (a lower bound: the search budget ran out)"))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    oks = [(s, pk) for s, ok, _, pk in trials if ok and pk is not None]
+    oks = [(s, pk) for s, ok, _, pk, _ in trials if ok and pk is not None]
     if oks:
         ax.plot([s for s, _ in oks], [p for _, p in oks], "o-", label="peak GiB (ok)")
     ax.axhline(cap_gib, color="red", ls="--", label=f"{cap_gib} GiB cap")
@@ -483,6 +492,10 @@ def main(argv: list[str] | None = None) -> None:
     if not args.smoke and not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU (use --smoke on CPU)")
     parts = ("speed", "qlora-ctx", "loss") if args.part == "all" else (args.part,)
+    if "qlora-ctx" in parts:  # as `onecard train` runs (set before CUDA starts; the speed part then shares it)
+        from onecard.monitor.allocator import prefer_expandable_segments
+
+        prefer_expandable_segments()
     for part in parts:
         console.rule(part)
         {"speed": part_speed, "qlora-ctx": part_qlora_ctx, "loss": part_loss}[part](args, out_dir)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from onecard.errors import BadInputError
@@ -73,3 +75,15 @@ def test_live_stats_none_without_cuda_in_use():
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         pytest.skip("CUDA is in use in this process")
     assert allocator_stats() is None
+
+
+def test_prefer_expandable_segments_sets_it_only_where_the_user_did_not(monkeypatch):
+    from onecard.monitor.allocator import prefer_expandable_segments
+
+    for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(k, raising=False)
+    assert prefer_expandable_segments() is True  # CPU-only here: CUDA never started
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    assert prefer_expandable_segments() is False  # the user's config stays exactly as given
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"

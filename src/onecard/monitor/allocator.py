@@ -70,10 +70,31 @@ def allocator_stats(device: int | None = None) -> AllocatorStats | None:
     return stats_from_memory_stats(torch.cuda.memory_stats(device))
 
 
+ALLOC_CONF_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+
+
 def expandable_segments_on() -> bool:
     """Whether the allocator config in the environment already asks for expandable segments."""
-    conf = ",".join(os.environ.get(k, "") for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"))
+    conf = ",".join(os.environ.get(k, "") for k in ALLOC_CONF_VARS)
     return "expandable_segments:true" in conf.replace(" ", "").lower()
+
+
+def prefer_expandable_segments() -> bool:
+    """Ask for expandable segments before this process first touches CUDA, unless the user configured the
+    allocator; returns whether they are on.
+
+    Why: a long-context step allocates and frees activations of many sizes, and a split segment's free pieces
+    cannot serve a larger request, so the run hits the cap with memory free (QLoRA r=32 on a Llama-3-8B arch
+    under 24 GiB: an OOM at 131,072 tokens with 21.9 GiB in live tensors; ``train_vs_hf.py --part qlora-ctx``).
+    Unsloth sets the same on import. A user's own ``PYTORCH_CUDA_ALLOC_CONF`` is left exactly as given, and
+    once CUDA is up the setting can no longer apply, so then nothing changes."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    started = torch is not None and torch.cuda.is_initialized()
+    if not started and not any(os.environ.get(k) for k in ALLOC_CONF_VARS):
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    return expandable_segments_on()
 
 
 def memory_advice(stats: AllocatorStats, high: float = 0.25, min_waste_gib: float = 0.5,
