@@ -52,9 +52,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from onecard.dist.launch import DistEnv, torchrun_command, without_option
-        from onecard.monitor.allocator import prefer_expandable_segments
 
-        prefer_expandable_segments()  # before CUDA starts here or in torchrun's processes (they inherit it)
         if gpus > 1 and not DistEnv.from_env().is_distributed:  # the launcher: torchrun runs the real job
             cmd = torchrun_command(gpus, "onecard.cli", ["train", *without_option(sys.argv[sys.argv.index("train") + 1:],
                                                                                     "--gpus")])
