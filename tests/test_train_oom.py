@@ -101,6 +101,22 @@ def test_guard_sets_aside_a_save_the_oom_cut_short(tmp_path):
     assert not (tmp_path / "checkpoint-15").exists() and (tmp_path / "incomplete-checkpoint-15").is_dir()
 
 
+def test_oom_line_says_when_the_users_allocator_config_keeps_expandable_segments_off(tmp_path, monkeypatch):
+    def message() -> str:
+        with pytest.raises(DoesNotFitError) as err:
+            with oom_guard(tmp_path, lambda peak, asked: "try less"):
+                raise torch.cuda.OutOfMemoryError(OOM_TEXT)
+        return str(err.value)
+
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    assert "PYTORCH_CUDA_ALLOC_CONF=max_split_size_mb:128 leaves expandable segments off" in message()
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    assert "set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before starting" in message()
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    assert "expandable" not in message()
+
+
 # ------------------------------------------------------------------ end to end on the tiny model (CPU, bf16)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,6 +31,7 @@ from typing import Callable
 import torch
 
 from onecard.errors import DoesNotFitError, OnecardError
+from onecard.monitor.allocator import ALLOC_CONF_VARS, expandable_segments_on
 from onecard.plan.card_memory import GIB, CardMemory
 from onecard.train.callbacks import last_checkpoint
 
@@ -253,4 +255,18 @@ def oom_guard(out_dir: Path, advise: Callable[[int, int], str], card: CardMemory
         at = step()
         raise DoesNotFitError(
             f"out of GPU memory{f' after step {at}' if at is not None else ''}: peak {peak / GIB:.1f} GiB reserved "
-            f"+ {asked / GIB:.2f} GiB asked on {where}; {advise(peak, asked)}; {checkpoint_note(out_dir)}") from None
+            f"+ {asked / GIB:.2f} GiB asked on {where}; {advise(peak, asked)}{allocator_note()}; "
+            f"{checkpoint_note(out_dir)}") from None
+
+
+def allocator_note() -> str:
+    """A clause for the OOM line when the user's own allocator config keeps expandable segments off (``train``
+    turns them on otherwise): split segments strand free memory, and a long context hits the cap with it free."""
+    if expandable_segments_on():
+        return ""
+    given = [f"{k}={os.environ[k]}" for k in ALLOC_CONF_VARS if os.environ.get(k)]
+    if given:
+        return (f"; {given[0]} leaves expandable segments off, so free memory can sit stranded in split segments: "
+                "add expandable_segments:True to it")
+    return ("; expandable segments are off (CUDA started before onecard could turn them on), so free memory can sit "
+            "stranded in split segments: set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before starting")
