@@ -382,10 +382,12 @@ def _wo_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M
 # split in two so that rows of x share one dequantization. _BF16X2_DEQUANT8: a code ORed into the mantissa of
 # bf16 128.0 is 128 + code exactly, so one LOP3 makes two (the word's nibbles i and i + 4 land in the two halves,
 # hence x pairs up as (x_i, x_{i+4})), and one FMA with -(128 + zero) leaves code - zero exactly.
-# $0..$3 out: (c_i - z, c_{i+4} - z) as bf16x2 for i = 0..3; $4 the word; $5 -(128 + zero) in both halves.
+# $0..$3 out: (c_i - z, c_{i+4} - z) as bf16x2 for i = 0..3; $4 the word; $5 -(128 + zero) as fp32, whose top
+# half is that value in bf16 (exact): one PRMT copies it into both halves.
 _BF16X2_DEQUANT8 = tl.constexpr("""{
-.reg .b32 t0, t1, t2, one;
+.reg .b32 t0, t1, t2, one, nz;
 mov.b32 one, 0x3F803F80;
+prmt.b32 nz, $5, 0, 0x3232;
 shr.u32 t0, $4, 4;
 shr.u32 t1, $4, 8;
 shr.u32 t2, $4, 12;
@@ -393,10 +395,10 @@ lop3.b32 $0, $4, 0x000F000F, 0x43004300, 0xEA;
 lop3.b32 $1, t0, 0x000F000F, 0x43004300, 0xEA;
 lop3.b32 $2, t1, 0x000F000F, 0x43004300, 0xEA;
 lop3.b32 $3, t2, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 $0, $0, one, $5;
-fma.rn.bf16x2 $1, $1, one, $5;
-fma.rn.bf16x2 $2, $2, one, $5;
-fma.rn.bf16x2 $3, $3, one, $5;
+fma.rn.bf16x2 $0, $0, one, nz;
+fma.rn.bf16x2 $1, $1, one, nz;
+fma.rn.bf16x2 $2, $2, one, nz;
+fma.rn.bf16x2 $3, $3, one, nz;
 }""")
 # _BF16X2_DOT8: four packed FMAs take the word's dot product with one row of x, two codes per instruction, and
 # the two halves meet in fp32. $0 out (fp32); $1..$4 the dequantized pairs; $5..$8 the x pairs as bf16x2.
@@ -420,8 +422,7 @@ add.f32 $0, f0, f1;
 def _bf16x2_codes(words, z):
     """``_BF16X2_DEQUANT8`` of ``words`` for fp32 zeros ``z``: four int32 tensors of ``(c_i - z, c_{i+4} - z)``
     as bf16x2. ``-(128 + zero)`` is exact in bf16, so its bits are the top half of its fp32."""
-    zb = (-128.0 - z).to(tl.int32, bitcast=True)
-    return tl.inline_asm_elementwise(_BF16X2_DEQUANT8, "=r,=r,=r,=r,r,r", [words, (zb & -65536) | ((zb >> 16) & 0xFFFF)],
+    return tl.inline_asm_elementwise(_BF16X2_DEQUANT8, "=r,=r,=r,=r,r,r", [words, (-128.0 - z).to(tl.int32, bitcast=True)],
                                      dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
 
 
