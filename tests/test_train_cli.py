@@ -108,3 +108,19 @@ def test_fp8_lora_on_cuda_learns_like_bf16(tiny_model, tmp_path):
     bf16, fp8 = curves["bf16"], curves["fp8"]
     assert bf16[-1] < bf16[0] - 1.0, f"the bf16 reference does not learn: {bf16}"
     assert abs(fp8[-1] - bf16[-1]) < 0.1 * bf16[-1], f"fp8 {fp8} vs bf16 {bf16}"  # lands where bf16 does
+
+
+def test_train_command_asks_for_expandable_segments_unless_the_user_configured_the_allocator(tmp_path, monkeypatch):
+    import os
+
+    if torch.cuda.is_initialized():
+        pytest.skip("CUDA already started in this process: the allocator can no longer be configured")
+    for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.setenv(k, "")  # recorded, so the teardown restores the variables as they were
+        monkeypatch.delenv(k)
+    r = _invoke(tmp_path / "no-model", "--data", tmp_path)  # fails on the missing folder, after the allocator step
+    assert r.exit_code != 0
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    _invoke(tmp_path / "no-model", "--data", tmp_path)
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"

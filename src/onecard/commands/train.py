@@ -52,7 +52,11 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from onecard.dist.launch import DistEnv, torchrun_command, without_option
+        from onecard.monitor.allocator import prefer_expandable_segments
 
+        # a process of its own that only trains (torchrun's re-runs of this command too): the Python API leaves the
+        # process's allocator alone, since an engine with CUDA graphs may share it
+        prefer_expandable_segments()
         if gpus > 1 and not DistEnv.from_env().is_distributed:  # the launcher: torchrun runs the real job
             cmd = torchrun_command(gpus, "onecard.cli", ["train", *without_option(sys.argv[sys.argv.index("train") + 1:],
                                                                                     "--gpus")])

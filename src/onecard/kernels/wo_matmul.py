@@ -422,7 +422,8 @@ add.f32 $0, f0, f1;
 def _bf16x2_codes(words, z):
     """``_BF16X2_DEQUANT8`` of ``words`` for fp32 zeros ``z``: four int32 tensors of ``(c_i - z, c_{i+4} - z)``
     as bf16x2. ``-(128 + zero)`` is exact in bf16, so its bits are the top half of its fp32."""
-    return tl.inline_asm_elementwise(_BF16X2_DEQUANT8, "=r,=r,=r,=r,r,r", [words, (-128.0 - z).to(tl.int32, bitcast=True)],
+    nz = (-128.0 - z).to(tl.int32, bitcast=True)
+    return tl.inline_asm_elementwise(_BF16X2_DEQUANT8, "=r,=r,=r,=r,r,r", [words, nz],
                                      dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
 
 

@@ -260,13 +260,14 @@ def oom_guard(out_dir: Path, advise: Callable[[int, int], str], card: CardMemory
 
 
 def allocator_note() -> str:
-    """A clause for the OOM line when the user's own allocator config keeps expandable segments off (``train``
-    turns them on otherwise): split segments strand free memory, and a long context hits the cap with it free."""
+    """A clause for the OOM line when expandable segments are off (the user's own allocator config, or the Python
+    API, which leaves the allocator alone; ``onecard train`` turns them on otherwise): split segments strand free
+    memory, and a long context hits the cap with it free."""
     if expandable_segments_on():
         return ""
     given = [f"{k}={os.environ[k]}" for k in ALLOC_CONF_VARS if os.environ.get(k)]
     if given:
         return (f"; {given[0]} leaves expandable segments off, so free memory can sit stranded in split segments: "
                 "add expandable_segments:True to it")
-    return ("; expandable segments are off (CUDA started before onecard could turn them on), so free memory can sit "
-            "stranded in split segments: set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before starting")
+    return ("; expandable segments are off, so free memory can sit stranded in split segments: set "
+            "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before starting (onecard train does)")

@@ -375,11 +375,9 @@ def train(cfg: TrainConfig, console=None, extra_callbacks: list | None = None, c
     the settings an out-of-memory error suggests (re-planned with the measured peak, ``oom.py``).
     """
     from onecard.models import open_model_folder
-    from onecard.monitor.allocator import prefer_expandable_segments
     from onecard.train.data import load_training_data
     from onecard.train.lora import trainable_summary
 
-    prefer_expandable_segments()  # before this process first touches CUDA (a no-op once it has)
     env = DistEnv.from_env()
     device = rank_device(resolve_device(cfg.device), env)
     if env.is_distributed:
