@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
 
         from rich.console import Console
 
-        from onecard.dist.launch import DistEnv, torchrun_command, without_option
+        from onecard.dist.launch import DistEnv, exit_worker, shutdown, torchrun_command, without_option
         from onecard.monitor.allocator import prefer_expandable_segments
 
         # a process of its own that only trains (torchrun's re-runs of this command too): the Python API leaves the
@@ -75,17 +75,25 @@ def register(app: typer.Typer) -> None:
                           offload_checkpoints=offload_checkpoints, precision=precision, optimizer=optimizer,
                           max_grad_norm=max_grad_norm, seed=seed, device=device)
         r = train(cfg, console=console)
-        if not DistEnv.from_env().is_main:
-            return  # rank 0 reports for everyone
-        d = r.data_summary
-        console.print(f"data: {d['kind']}, {d['documents']} documents -> {d['train_blocks']} train / "
-                      f"{d['val_blocks']} val rows of {cfg.seq_len} tokens"
-                      + (f", {len(d['bad_lines'])} bad lines skipped" if d["bad_lines"] else ""))
-        console.print(f"{r.patch_summary}; {r.precision}; trainable {r.trainable_parameters / 1e6:.2f}M of "
-                      f"{r.total_parameters / 1e6:.1f}M parameters")
-        first = f"{r.train_loss[0][1]:.4f}" if r.train_loss else "-"
-        last = f"{r.train_loss[-1][1]:.4f}" if r.train_loss else "-"
-        ev = f", eval perplexity {r.eval[-1][2]:.2f}" if r.eval else ""
-        console.print(f"{r.steps} steps in {r.seconds:.1f} s ({r.tokens_per_second:,.0f} tok/s), loss {first} -> "
-                      f"{last}{ev}" + (f", peak {r.peak_gib:.2f} GiB" if r.peak_gib else ""))
-        console.print(f"[green]wrote[/] {r.weights_dir}" + (f" and merged model {r.merged_dir}" if r.merged_dir else ""))
+        env = DistEnv.from_env()
+        if env.is_main:
+            _report(console, cfg, r)
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun (or accelerate) rank: leave the group, then skip
+            shutdown()                           # interpreter finalization (launch.exit_worker says why)
+            exit_worker(0)
+
+
+def _report(console, cfg, r) -> None:
+    """Rank 0's summary of a finished run."""
+    d = r.data_summary
+    console.print(f"data: {d['kind']}, {d['documents']} documents -> {d['train_blocks']} train / "
+                  f"{d['val_blocks']} val rows of {cfg.seq_len} tokens"
+                  + (f", {len(d['bad_lines'])} bad lines skipped" if d["bad_lines"] else ""))
+    console.print(f"{r.patch_summary}; {r.precision}; trainable {r.trainable_parameters / 1e6:.2f}M of "
+                  f"{r.total_parameters / 1e6:.1f}M parameters")
+    first = f"{r.train_loss[0][1]:.4f}" if r.train_loss else "-"
+    last = f"{r.train_loss[-1][1]:.4f}" if r.train_loss else "-"
+    ev = f", eval perplexity {r.eval[-1][2]:.2f}" if r.eval else ""
+    console.print(f"{r.steps} steps in {r.seconds:.1f} s ({r.tokens_per_second:,.0f} tok/s), loss {first} -> "
+                  f"{last}{ev}" + (f", peak {r.peak_gib:.2f} GiB" if r.peak_gib else ""))
+    console.print(f"[green]wrote[/] {r.weights_dir}" + (f" and merged model {r.merged_dir}" if r.merged_dir else ""))
