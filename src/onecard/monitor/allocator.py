@@ -79,6 +79,11 @@ def expandable_segments_on() -> bool:
     return "expandable_segments:true" in conf.replace(" ", "").lower()
 
 
+def user_alloc_conf() -> str | None:
+    """``NAME=value`` of the allocator config the environment sets (the first of ``ALLOC_CONF_VARS``), or None."""
+    return next((f"{k}={os.environ[k]}" for k in ALLOC_CONF_VARS if os.environ.get(k)), None)
+
+
 def prefer_expandable_segments() -> bool:
     """Ask for expandable segments before this process first touches CUDA, unless the user configured the
     allocator; returns whether they are on.
@@ -92,7 +97,7 @@ def prefer_expandable_segments() -> bool:
 
     torch = sys.modules.get("torch")
     started = torch is not None and torch.cuda.is_initialized()
-    if not started and not any(os.environ.get(k) for k in ALLOC_CONF_VARS):
+    if not started and user_alloc_conf() is None:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     return expandable_segments_on()
 

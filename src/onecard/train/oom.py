@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Callable
 import torch
 
 from onecard.errors import DoesNotFitError, OnecardError
-from onecard.monitor.allocator import ALLOC_CONF_VARS, expandable_segments_on
+from onecard.monitor.allocator import expandable_segments_on, user_alloc_conf
 from onecard.plan.card_memory import GIB, CardMemory
 from onecard.train.callbacks import last_checkpoint
 
@@ -265,9 +264,9 @@ def allocator_note() -> str:
     memory, and a long context hits the cap with it free."""
     if expandable_segments_on():
         return ""
-    given = [f"{k}={os.environ[k]}" for k in ALLOC_CONF_VARS if os.environ.get(k)]
+    given = user_alloc_conf()
     if given:
-        return (f"; {given[0]} leaves expandable segments off, so free memory can sit stranded in split segments: "
+        return (f"; {given} leaves expandable segments off, so free memory can sit stranded in split segments: "
                 "add expandable_segments:True to it")
     return ("; expandable segments are off, so free memory can sit stranded in split segments: set "
             "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before starting (onecard train does)")
