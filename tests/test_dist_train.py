@@ -32,6 +32,17 @@ def _cli(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
                           timeout=timeout, env=env)
 
 
+def _allocator_conf(out: Path) -> str | None:
+    return json.loads((out / "onecard_train.json").read_text())["allocator_conf"]
+
+
+def _expected_alloc_conf() -> str:
+    """What the CLI leaves the workers: the caller's own allocator config, else expandable segments."""
+    from onecard.monitor.allocator import user_alloc_conf
+
+    return user_alloc_conf() or "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
+
+
 def _losses(out: Path) -> list[float]:
     return [loss for _step, loss in json.loads((out / "onecard_train.json").read_text())["result"]["train_loss"]]
 
@@ -58,6 +69,7 @@ def test_gpus_2_matches_one_process_on_cpu(tiny_model, tmp_path, one_thread):
     assert len(a) == len(b) == STEPS and a[-1] < a[0]
     assert all(abs(x - y) <= LOSS_RTOL * abs(x) for x, y in zip(a, b)), (a, b)
     assert proc.stdout.count("wrote ") == 1  # rank 0 reports; rank 1 stays quiet
+    assert _allocator_conf(two) == _expected_alloc_conf()
     from safetensors.torch import load_file
 
     w1, w2 = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (one, two))
@@ -71,3 +83,4 @@ def test_gpus_2_shards_with_fsdp2_on_cuda(tiny_model, tmp_path):
     a, b = _losses(one), _losses(two)
     assert all(abs(x - y) <= 2e-2 * abs(x) for x, y in zip(a, b)), (a, b)  # bf16 compute, other reduction order
     assert (two / "adapter" / "adapter_model.safetensors").exists()
+    assert _allocator_conf(two) == _expected_alloc_conf()  # FSDP2 ranks ran on expandable segments

@@ -23,6 +23,7 @@ import torch
 
 from onecard.dist.launch import DistEnv
 from onecard.errors import BadInputError, MissingExtraError, NotBuiltYetError
+from onecard.monitor.allocator import user_alloc_conf
 from onecard.train.callbacks import (LossHistoryCallback, RichProgressCallback, eval_perplexity, last_checkpoint,
                                      peak_gib)
 from onecard.train.oom import RunShape, oom_advice, oom_guard, plan_shape
@@ -447,7 +448,8 @@ def train(cfg: TrainConfig, console=None, extra_callbacks: list | None = None, c
                          data_summary=asdict(report))
     run = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
            "result": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(result).items()},
-           "train_runtime_s": out.metrics.get("train_runtime")}
+           "train_runtime_s": out.metrics.get("train_runtime"),
+           "allocator_conf": user_alloc_conf()}  # memory figures depend on it (expandable segments or not)
     (cfg.out / RUN_FILE).write_text(json.dumps(run, indent=2, default=str) + "\n")
     if not math.isfinite(out.training_loss):
         log.warning("training loss is not finite (%s); check --lr and the data", out.training_loss)
