@@ -10,7 +10,7 @@ Parts (each fits a 10-minute GPU call; pick with --part):
   qlora-ctx  Llama-3-8B, onecard int4 base + LoRA r=32 all-linear, bs 1, CPU-offloaded checkpoints, under a
              24 GiB process cap (torch.cuda.set_per_process_memory_fraction): the longest sequence that trains
              one full step (fwd+bwd+optimizer), with its step time. Target 96k. The search starts at the planner's
-             prediction for the capped card, gallops (strides double) to the first OOM, then bisects to
+             prediction for the capped card (or --start-len), gallops (strides double) to the first OOM, then bisects to
              --granularity; no trial starts after --search-budget-s (then the answer is a lower bound).
   loss       The tiny trained model, LoRA, 200 steps from the same seed and data order, both paths through HF
              Trainer; the largest relative loss difference at any logged step. Target < 1%.
@@ -361,9 +361,9 @@ def part_qlora_ctx(args, out_dir) -> dict:
     weights_gib = torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else None
     max_len = args.max_len if not args.smoke else 1024
     step_tokens = args.granularity if not args.smoke else 64
-    start = args.start_len if not args.smoke else 128
-    if planned:  # begin where the planner says the longest fitting sequence is: fewer ~40 s trials near 100k
-        start = max(step_tokens, min(planned // step_tokens * step_tokens, max_len))
+    start = args.start_len or (128 if args.smoke else 8192)
+    if planned and args.start_len is None:  # begin where the planner says the longest fitting sequence is: fewer
+        start = max(step_tokens, min(planned // step_tokens * step_tokens, max_len))  # ~40-80 s trials near 100k
     trials = []
 
     def attempt(n: int) -> bool:
@@ -478,7 +478,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--cap-gib", type=float, default=24.0)
-    p.add_argument("--start-len", type=int, default=8192)
+    p.add_argument("--start-len", type=int, default=None, help="qlora-ctx: first length tried (default: the "
+                   "planner's prediction on a GPU, else 8192): a known-good length skips the climb to it")
     p.add_argument("--max-len", type=int, default=262144)
     p.add_argument("--granularity", type=int, default=4096)
     p.add_argument("--search-budget-s", type=float, default=130.0, help="qlora-ctx: no new trial starts after this "

@@ -1,5 +1,6 @@
 """Weight offload (issue 6.4): layers streamed from host memory give the same logits and greedy tokens as resident
-ones (bf16/fp32 and rtn-int4), whichever layers and however many; the speed estimate's arithmetic."""
+ones (bf16/fp32, rtn-int4 and fp8), whichever layers and however many, on CPU and (``gpu``) on CUDA;
+the speed estimate's arithmetic."""
 
 from __future__ import annotations
 
@@ -67,6 +68,32 @@ def test_greedy_generation_identical_with_offload(random_checkpoint, tiny_model,
 
         want = Fp8Linear if quantization == "fp8" else QuantLinear
         assert isinstance(off.engine.runner.model.offload.layers[0].mlp.down_proj, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantization", [None, "rtn-int4", "fp8"])
+def test_cuda_decode_identical_with_offload(quantization):
+    """On a GPU the streamed layers come from pinned memory on a copy stream, ordered by events: the same logits
+    and greedy tokens as the resident model with its CUDA graphs (bf16, our int4 kernels, fp8 ``_scaled_mm``)."""
+    from onecard.testing import make_random_checkpoint
+
+    if quantization == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 weights need compute capability 8.9+")
+    path = make_random_checkpoint("llama-2-7b", "tiny", dtype="bfloat16")
+    kw = dict(max_model_len=256, max_num_seqs=4, dtype="bfloat16", gpu_memory_utilization=0.3,
+              quantization=quantization)
+    sp = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    ids = torch.arange(3, 40, device="cuda")
+    plain = LLM(path, **kw)
+    ref_logits, ref = _logits(plain, ids), [o.outputs[0].token_ids for o in plain.generate(PROMPTS, sp, use_tqdm=False)]
+    del plain
+    torch.cuda.empty_cache()
+    off = LLM(path, offload_layers=2, **kw)
+    model = off.engine.runner.model
+    assert model.offload.slots[0].is_cuda and len(model.offload.layers) == 2
+    assert off.engine.config.enforce_eager, "graphs would replay one layer's copy: offloading runs eager"
+    assert torch.equal(_logits(off, ids), ref_logits)
+    assert [o.outputs[0].token_ids for o in off.generate(PROMPTS, sp, use_tqdm=False)] == ref
 
 
 def test_interrupted_forward_recovers(tiny_model):
