@@ -96,6 +96,14 @@ def test_cuda_decode_identical_with_offload(quantization):
     assert [o.outputs[0].token_ids for o in off.generate(PROMPTS, sp, use_tqdm=False)] == ref
 
 
+def test_offload_turns_programmatic_launch_off(tiny_model):
+    """Offloaded weights arrive on a copy stream and the GEMV kernels read weights before their PDL wait: an
+    offloading engine launches without PDL, and asking for both is a one-line error."""
+    assert _llm(tiny_model.path, offload_layers=1).engine.config.programmatic_launch is False
+    with pytest.raises(BadInputError, match="programmatic_launch=True cannot be combined with offload_layers"):
+        _llm(tiny_model.path, offload_layers=1, programmatic_launch=True)
+
+
 def test_interrupted_forward_recovers(tiny_model):
     """A forward that dies mid-stack leaves the wrong layer in a slot; the next forward must re-copy, not reuse it."""
     llm = _llm(tiny_model.path, offload_layers=4)

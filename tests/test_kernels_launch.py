@@ -80,3 +80,57 @@ def test_decode_kernels_same_bits_with_pdl_on_gpu():
         assert torch.equal(a, b)
     for a, b in zip(e1, c1):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits,group_size,M", [(4, 128, 1), (8, -1, 1), (4, 128, 4), (4, 128, 16), (8, -1, 16)])
+def test_weight_only_kernels_same_bits_with_pdl_on_gpu(bits, group_size, M):
+    """The int4/int8 kernels (gemv with its first tile loaded before the PDL wait, dot, dot_t; split-K, whose last
+    program sums the partials) in a chain [add+RMSNorm, up, down] as the engine runs them: same bits with PDL on
+    and off, eager and replayed from a CUDA graph."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("PDL needs a Hopper-or-later GPU")
+    from onecard.kernels.rmsnorm import add_rmsnorm_triton
+    from onecard.kernels.wo_matmul import kernel_for, pick_config, wo_matmul
+    from onecard.quant.packing import pack_rows
+    from onecard.quant.rtn import rtn_quantize
+
+    torch.manual_seed(0)
+    hidden, inter = 4096, 11008
+
+    def packed(n: int, k: int):
+        qw = rtn_quantize(torch.randn(n, k) * 0.05, bits, group_size, sym=False)
+        return (pack_rows(qw.q.t().contiguous(), bits).cuda(), qw.scales.cuda(), qw.zeros.half().cuda(),
+                k if group_size == -1 else group_size)
+
+    up, down = packed(inter, hidden), packed(hidden, inter)
+    x = torch.randn(M, hidden, device="cuda", dtype=torch.bfloat16)
+    res = torch.randn(M, hidden, device="cuda", dtype=torch.bfloat16)
+    norm = torch.ones(hidden, device="cuda", dtype=torch.bfloat16)
+    assert kernel_for(pick_config(M, bits), bits, x) == pick_config(M, bits).kernel
+
+    def step():
+        h, r = add_rmsnorm_triton(x, res, norm, 1e-5)
+        y = wo_matmul(wo_matmul(h, *up[:3], bits, up[3]), *down[:3], bits, down[3])
+        return add_rmsnorm_triton(y, r, norm, 1e-5)
+
+    outs = []
+    for setting in (False, True):
+        launch.set_programmatic_launch(setting)
+        eager = step()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step()
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+        outs.append((*eager, *captured))
+    launch.set_programmatic_launch(None)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    assert torch.equal(outs[0][0], outs[0][2])  # eager and graph agree too

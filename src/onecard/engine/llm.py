@@ -208,6 +208,10 @@ def _build_model(folder, config: EngineConfig, dtype: torch.dtype, device: torch
             log.info("int4 kernel: PyTorch's _weight_int4pack_mm for %d layers", n)
         return model
     # offloading: build on the host, then place layer by layer (quantizing each on the card first)
+    if config.programmatic_launch:
+        raise BadInputError("programmatic_launch=True cannot be combined with offload_layers: the GEMV kernels read "
+                            "weights before their PDL wait, and offloaded weights arrive on a copy stream; leave it None")
+    config.programmatic_launch = False  # eager and bound by the host link anyway: PDL would gain nothing
     cpu = torch.device("cpu")
     if folder.quantization_config is not None:
         model = _quant_function("load_quantized_model", "loading GPTQ/AWQ checkpoints")(folder, dtype, cpu)

@@ -66,7 +66,11 @@ Four kernels, chosen per ``M`` from ``CONFIGS`` (tuned by ``benchmarks/quant_ker
 All four split K over groups when the output tiles alone would leave SMs idle
 (``KernelConfig.waves``): each split writes an fp32 partial and the last to
 finish sums them (``_store_out``), so a split-K matmul is one kernel, with no
-memset or cast around it. On CUDA, ``M >= DEQUANT_GEMM_MIN_M`` (prefill, and
+memset or cast around it. All four take part in the decode step's chain of
+programmatic dependent launches (``kernels.launch``; ``KernelConfig.pdl``):
+the gemv kernels load their first weight tile (``prefetch``) before they wait
+for the previous kernel, since no decode kernel writes weights, and each lets
+the next kernel launch only once its loop is done. On CUDA, ``M >= DEQUANT_GEMM_MIN_M`` (prefill, and
 decode batches of 32+ sequences) dequantizes into a scratch weight and calls
 cuBLAS, as exllamav2 does: the dequantize kernel writes bf16 at ~2.3 TB/s on an
 H100 (97 us for a 7B gate/up), where the ``dot`` kernel took ~1.2 ms per layer
@@ -87,6 +91,7 @@ import triton.language as tl
 
 from onecard.errors import BadInputError
 from onecard.kernels.counters import zeroed_counters
+from onecard.kernels.launch import let_next_start, pdl_launch, wait_for_inputs
 
 DEQUANT_GEMM_MIN_M = 32
 KERNELS = ("gemv", "gemv_bf16x2", "dot", "dot_t")
@@ -111,6 +116,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     prefetch: bool = False  # the gemv kernels: load the next tile's words before this tile's math
+    pdl: bool = True        # take part in programmatic dependent launch where the GPU has it (kernels.launch)
 
     def __post_init__(self) -> None:
         sizes = (self.block_m, self.block_n, self.block_kp)
@@ -130,6 +136,11 @@ class KernelConfig:
 # then the transposed dot_t against those rows (18 configs each, H100, one layer): int4 M=8 93.4 us vs 100.4,
 # M=16 110.6 vs 134.3 (M=4 kept the dot: 89.7 vs 99.6); int8 per-channel M=4 113.2 vs 126.3, M=8 123.0 vs 130.2,
 # M=16 124.3 vs 188.2;
+# PDL (each kernel waits for its inputs after loading its first weight tile and lets the next kernel launch once its
+# loop is done; quant_decode.py A/B on one H100): int4 bs=1 decode 2.63 -> 2.43 ms/token, int8 bs=1 3.65 -> 3.51,
+# int4 bs=16 +5 %, but int8 bs=16 -4 % (two runs), so the int8 dot_t rows launch without it. Letting the next kernel
+# launch at the start instead (as the other decode kernels do) made int4 bs=1 slower: 2.99 ms, its waiting programs
+# took slots from the GEMV's own later waves.
 # M > 16: pre-sweep defaults. `benchmarks/quant_kernels.py --sweep`
 # prints this table measured on the card it runs on.
 CONFIGS: dict[tuple[int, int], KernelConfig] = {
@@ -138,11 +149,11 @@ CONFIGS: dict[tuple[int, int], KernelConfig] = {
     (2, 4): KernelConfig("gemv_bf16x2", 2, 32, 32, 4.0, 4, 4),
     (2, 8): KernelConfig("gemv", 2, 64, 32, 4.0, 4, 4),
     (4, 4): KernelConfig("dot", 16, 128, 16, 2.0, 8, 3),
-    (4, 8): KernelConfig("dot_t", 16, 128, 32, 2.0, 8, 3),
+    (4, 8): KernelConfig("dot_t", 16, 128, 32, 2.0, 8, 3, pdl=False),
     (8, 4): KernelConfig("dot_t", 16, 256, 16, 2.0, 4, 3),
-    (8, 8): KernelConfig("dot_t", 16, 64, 32, 4.0, 4, 3),
+    (8, 8): KernelConfig("dot_t", 16, 64, 32, 4.0, 4, 3, pdl=False),
     (16, 4): KernelConfig("dot_t", 16, 256, 16, 2.0, 4, 3),
-    (16, 8): KernelConfig("dot_t", 16, 64, 32, 4.0, 4, 3),
+    (16, 8): KernelConfig("dot_t", 16, 64, 32, 4.0, 4, 3, pdl=False),
     (64, 4): KernelConfig("dot", 32, 64, 16, 1.0, 4, 3),
     (64, 8): KernelConfig("dot", 32, 64, 32, 1.0, 4, 3),
     (2**31, 4): KernelConfig("dot", 64, 128, 16, 0.0, 4, 3),
@@ -327,7 +338,7 @@ def _tile_words(qw_ptr, nxt, pid_k, t, tiles_per_split, KPT, N, n3, n_mask, BLOC
 def _wo_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_om,
                     tiles_per_split, num_splits, GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, ROWWISE: tl.constexpr, SPLIT: tl.constexpr,
-                    PREFETCH: tl.constexpr, ONE_GROUP: tl.constexpr):
+                    PREFETCH: tl.constexpr, ONE_GROUP: tl.constexpr, PDL: tl.constexpr):
     """``ONE_GROUP`` (one group spans K: per-channel int8): the scale and zero are applied once, after the loop,
     to the whole sums instead of once per word row (their loads, conversions and FMAs were ~1.7 of the ~4.7
     instructions per 8-bit code). ``PREFETCH`` as in ``_wo_gemv_bf16x2_kernel``."""
@@ -341,6 +352,7 @@ def _wo_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M
     acc = tl.zeros((BLOCK_M, BLOCK_KP, BLOCK_N), dtype=tl.float32)
     x_acc = tl.zeros((BLOCK_M, BLOCK_KP, 1), dtype=tl.float32)
     nxt = _first_words(qw_ptr, pid_k * tiles_per_split * BLOCK_KP, KPT, N, n3, n_mask, BLOCK_KP, PREFETCH)
+    wait_for_inputs(PDL)  # weights are never written by a decode kernel: only x, the partials and counters wait
     for t in range(tiles_per_split):
         kp0, rows, words, nxt = _tile_words(qw_ptr, nxt, pid_k, t, tiles_per_split, KPT, N, n3, n_mask, BLOCK_KP,
                                             PREFETCH)                                    # words [1, BKP, BN]
@@ -375,6 +387,7 @@ def _wo_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M
         s = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         z = tl.load(z_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         y = (y * LEVELS - (z + LEVELS) * tl.sum(x_acc, axis=1)) * s
+    let_next_start(PDL)
     _store_out(out_ptr, part_ptr, count_ptr, y, offs_m, offs_n, M, N, stride_om, num_splits, SPLIT)
 
 
@@ -439,7 +452,7 @@ def _bf16_pair(lo, hi):
 def _wo_gemv_bf16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_om,
                            tiles_per_split, num_splits, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, ROWWISE: tl.constexpr, SPLIT: tl.constexpr,
-                           PREFETCH: tl.constexpr):
+                           PREFETCH: tl.constexpr, PDL: tl.constexpr):
     """The 4-bit ``gemv`` in packed bf16x2 math, for bf16 activations (fp16 ones round to bf16 as they load:
     2**-9 relative, the size of the chains' own rounding).
 
@@ -454,6 +467,7 @@ def _wo_gemv_bf16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count
     KPT = K // PACK
     acc = tl.zeros((BLOCK_M, BLOCK_KP, BLOCK_N), dtype=tl.float32)
     nxt = _first_words(qw_ptr, pid_k * tiles_per_split * BLOCK_KP, KPT, N, n3, n_mask, BLOCK_KP, PREFETCH)
+    wait_for_inputs(PDL)  # weights are never written by a decode kernel: only x, the partials and counters wait
     for t in range(tiles_per_split):
         kp0, rows, words, nxt = _tile_words(qw_ptr, nxt, pid_k, t, tiles_per_split, KPT, N, n3, n_mask, BLOCK_KP,
                                             PREFETCH)                                    # words [1, BKP, BN]
@@ -469,6 +483,7 @@ def _wo_gemv_bf16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count
         part = tl.inline_asm_elementwise(_BF16X2_DOT8, "=f,r,r,r,r,r,r,r,r", [w0, w1, w2, w3, x01, x23, x45, x67],
                                          dtype=tl.float32, is_pure=True, pack=1)            # [BM, BKP, BN]
         acc += part * s
+    let_next_start(PDL)
     _store_out(out_ptr, part_ptr, count_ptr, tl.sum(acc, axis=1), offs_m, offs_n, M, N, stride_om, num_splits, SPLIT)
 
 
@@ -501,10 +516,11 @@ def _bf16x2_dots(words, z, x_rows, x_mask, part, SWAP: tl.constexpr):
 def _wo_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_om,
                    tiles_per_split, num_splits, GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, ROWWISE: tl.constexpr, SPLIT: tl.constexpr,
-                   PRECISION: tl.constexpr, BF16X2: tl.constexpr):
+                   PRECISION: tl.constexpr, BF16X2: tl.constexpr, PDL: tl.constexpr):
     """``BF16X2`` (4-bit codes, bf16 or fp16 x, one group per tile, CUDA): the codes are dequantized two per
     instruction by ``_BF16X2_DEQUANT8`` and split into the eight ``code_j - zero`` tiles by register moves."""
     PACK: tl.constexpr = 32 // BITS
+    wait_for_inputs(PDL)
     offs_m, offs_n, m_mask, n_mask = _dot_tile(M, N, BLOCK_M, BLOCK_N)
     KPT = K // PACK
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -531,6 +547,7 @@ def _wo_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M,
                 xj = tl.load(x_rows + j, mask=x_mask, other=0.0)
                 part = tl.dot(xj, w.to(xj.dtype), part, input_precision=PRECISION)
             acc += part * s
+    let_next_start(PDL)
     _store_out(out_ptr, part_ptr, count_ptr, acc, offs_m, offs_n, M, N, stride_om, num_splits, SPLIT)
 
 
@@ -538,7 +555,7 @@ def _wo_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M,
 def _wo_dot_t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_om,
                      tiles_per_split, num_splits, GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-                     BF16X2: tl.constexpr):
+                     BF16X2: tl.constexpr, PDL: tl.constexpr):
     """The one-group ``dot`` with its operands swapped: ``out^T[BN, BM] = (c - z)^T[BN, BKP] @ x^T[BKP, BM]``.
 
     Why: at a few rows of x the dequantized weight is the big operand. As the first one, a ``BLOCK_N`` of 64+
@@ -547,6 +564,7 @@ def _wo_dot_t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, 
     The words load as ``[BN, BKP]`` (still coalesced along N); tiles spanning groups take the ``dot``.
     """
     PACK: tl.constexpr = 32 // BITS
+    wait_for_inputs(PDL)
     offs_m, offs_n, m_mask, n_mask = _dot_tile(M, N, BLOCK_M, BLOCK_N)
     KPT = K // PACK
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -566,6 +584,7 @@ def _wo_dot_t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, 
                 xj = tl.load(x_rows + j, mask=x_mask, other=0.0)
                 part = tl.dot(_code_minus_zero(words, j, zm, BITS).to(xj.dtype), xj, part, input_precision=PRECISION)
         acc += part * s
+    let_next_start(PDL)
     _store_out(out_ptr, part_ptr, count_ptr, tl.trans(acc), offs_m, offs_n, M, N, stride_om, num_splits, SPLIT)
 
 
@@ -718,6 +737,7 @@ def wo_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         consts.update(PREFETCH=c.prefetch, ONE_GROUP=group_size >= K)
     if x.is_cuda:
         consts.update(num_warps=c.num_warps, num_stages=c.num_stages)
+    consts.update(pdl_launch(x) if c.pdl else {"PDL": False})
     counters = zeroed_counters(x.device, grid_m * grid_n, "wo_matmul")
     kernel[(grid_m, grid_n, split)](x2, qweight, scales, zeros, out, part, counters, M, N, K, x2.stride(0), N,
                                     triton.cdiv(k_tiles, split), split, **consts)
