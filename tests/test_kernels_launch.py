@@ -24,6 +24,31 @@ def test_config_checks_the_setting():
         EngineConfig("m", programmatic_launch="yes")
 
 
+def _off_and_on(run) -> list:
+    """``run()`` with PDL off, then on: eager once, once more on a side stream (warm-up), then captured into a CUDA
+    graph and replayed; each setting gives ``(eager outputs, graph outputs, run's extra state)``."""
+    outs = []
+    try:
+        for setting in (False, True):
+            launch.set_programmatic_launch(setting)
+            eager, state = run()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                run(state)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured, _ = run(state)
+            for _ in range(3):
+                graph.replay()
+            torch.cuda.synchronize()
+            outs.append((eager, captured, state))
+    finally:
+        launch.set_programmatic_launch(None)
+    return outs
+
+
 @pytest.mark.gpu
 def test_decode_kernels_same_bits_with_pdl_on_gpu():
     if torch.cuda.get_device_capability() < (9, 0):
@@ -52,30 +77,14 @@ def test_decode_kernels_same_bits_with_pdl_on_gpu():
     cs = torch.cat([freqs.cos(), freqs.sin()], -1)
     cache0 = [torch.randn(blocks, block, Hkv, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2)]
 
-    def step(caches):  # one decoder layer's kernels in the engine's order
+    def step(caches=None):  # one decoder layer's kernels in the engine's order; a fresh cache copy per setting
+        caches = caches or [c.clone() for c in cache0]
         h, r = add_rmsnorm_triton(x, res, norm, 1e-5)
         att = paged_decode_attention_fused(gemv(h, w_qkv), pos, cs, *caches, slots, bt, lens, H, Hkv, D, D ** -0.5)
         h2, r2 = add_rmsnorm_triton(att.view(1, hidden), r, norm, 1e-5)
-        return gemv(silu_mul_triton(gemv(h2, w_up)), w_down), r2
+        return (gemv(silu_mul_triton(gemv(h2, w_up)), w_down), r2), caches
 
-    outs = []
-    for setting in (False, True):
-        launch.set_programmatic_launch(setting)
-        caches = [c.clone() for c in cache0]
-        eager = step(caches)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step(caches)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = step(caches)
-        graph.replay()
-        torch.cuda.synchronize()
-        outs.append((eager, captured, caches))
-    launch.set_programmatic_launch(None)
-    (e0, c0, k0), (e1, c1, k1) = outs
+    (e0, c0, k0), (e1, c1, k1) = _off_and_on(step)
     for a, b in zip((*e0, *c0, *k0), (*e1, *c1, *k1)):
         assert torch.equal(a, b)
     for a, b in zip(e1, c1):
@@ -109,28 +118,11 @@ def test_weight_only_kernels_same_bits_with_pdl_on_gpu(bits, group_size, M):
     norm = torch.ones(hidden, device="cuda", dtype=torch.bfloat16)
     assert kernel_for(pick_config(M, bits), bits, x) == pick_config(M, bits).kernel
 
-    def step():
+    def step(_state=None):
         h, r = add_rmsnorm_triton(x, res, norm, 1e-5)
         y = wo_matmul(wo_matmul(h, *up[:3], bits, up[3]), *down[:3], bits, down[3])
-        return add_rmsnorm_triton(y, r, norm, 1e-5)
+        return add_rmsnorm_triton(y, r, norm, 1e-5), None
 
-    outs = []
-    for setting in (False, True):
-        launch.set_programmatic_launch(setting)
-        eager = step()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = step()
-        for _ in range(3):
-            graph.replay()
-        torch.cuda.synchronize()
-        outs.append((*eager, *captured))
-    launch.set_programmatic_launch(None)
-    for a, b in zip(*outs):
+    (e0, c0, _), (e1, c1, _) = _off_and_on(step)
+    for a, b in zip((*e0, *c0, *e1), (*e1, *c1, *c0)):  # PDL off = on, and eager = graph
         assert torch.equal(a, b)
-    assert torch.equal(outs[0][0], outs[0][2])  # eager and graph agree too
