@@ -209,14 +209,15 @@ def main() -> None:
     console.print(lt)
     if best:
         table = dict(CONFIGS)
-        table.update({(M, bits): c for (M, bits), c in best.items()})
+        # PDL is an end-to-end choice (quant_decode.py), not a kernel time: each row keeps the table's setting
+        table.update({(M, bits): dataclasses.replace(c, pdl=CONFIGS[M, bits].pdl) for (M, bits), c in best.items()})
         console.print("[bold]paste into src/onecard/kernels/wo_matmul.py:[/]")
         print("CONFIGS: dict[tuple[int, int], KernelConfig] = {")
         for (M, bits), c in sorted(table.items(), key=lambda kv: (kv[0][0], kv[0][1])):
             m = "2**31" if M == 2**31 else str(M)
-            prefetch = ", prefetch=True" if c.prefetch else ""
+            flags = (", prefetch=True" if c.prefetch else "") + ("" if c.pdl else ", pdl=False")
             print(f"    ({m}, {bits}): KernelConfig(\"{c.kernel}\", {c.block_m}, {c.block_n}, {c.block_kp}, "
-                  f"{c.waves}, {c.num_warps}, {c.num_stages}{prefetch}),")
+                  f"{c.waves}, {c.num_warps}, {c.num_stages}{flags}),")
         print("}")
 
     fig = speedup_bars({f"int{bits}": [result[f"int{bits}_m{M}_layer_speedup_vs_{fl}"] for M in ms] for bits in (4, 8)},

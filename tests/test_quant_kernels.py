@@ -286,5 +286,6 @@ def test_sweep_grid_tries_what_each_row_runs(benchmark_script):
     assert {c.kernel for c in qk.candidates(16, 4, smoke=False)} == {DOT, DOT_T}
     for (M, bits), row in CONFIGS.items():
         if M <= 16:
-            points = {dataclasses.replace(c, num_stages=row.num_stages) for c in qk.candidates(M, bits, smoke=False)}
+            points = {dataclasses.replace(c, num_stages=row.num_stages, pdl=row.pdl)
+                      for c in qk.candidates(M, bits, smoke=False)}
             assert row in points, (M, bits, row)
