@@ -41,7 +41,7 @@ class EngineConfig:
     # CUDA decode, with fused_rope_store: RoPE, KV write, flash-decoding and its merge in one launch (False: three)
     fused_decode_attention: bool = True
     # Hopper+: the decode kernels start while the previous one drains (programmatic dependent launch, kernels/launch.py);
-    # None: on where the GPU and Triton support it
+    # None: on where the GPU and Triton support it, off when offloading layers (True with offload_layers: an error)
     programmatic_launch: bool | None = None
     enable_prefix_caching: bool = True  # share the KV of identical prompt prefixes across requests
     enable_chunked_prefill: bool = True  # split long prompts into chunks interleaved with decode steps
