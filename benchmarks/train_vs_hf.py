@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 import tempfile
 import time
@@ -347,6 +346,8 @@ def search_longest(ok, start: int, step: int, limit: int, more) -> tuple[int | N
 
 
 def part_qlora_ctx(args, out_dir) -> dict:
+    from onecard.monitor.allocator import user_alloc_conf
+
     dtype = "float32" if args.smoke else "bfloat16"
     cfg = _arch(args.smoke)
     _free()
@@ -391,7 +392,7 @@ def part_qlora_ctx(args, out_dir) -> dict:
             "step_seconds_at_max": best[0][2] if best else None,
             "tokens_per_s_at_max": (ok_len / best[0][2]) if best and best[0][2] else None,
             "target_tokens": 96 * 1024, "unsloth_reported_24gb_tokens": 78475, "hf_fa2_reported_24gb_tokens": 5789,
-            "allocator_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+            "allocator_conf": user_alloc_conf(),  # NAME=value, whichever of the two variables is set
             "peak_reserved_gib_at_max": best[0][4] if best else None,
             "trials": [{"tokens": s, "ok": ok, "step_s": dt, "peak_gib": pk, "peak_reserved_gib": rs}
                        for s, ok, dt, pk, rs in trials]}
