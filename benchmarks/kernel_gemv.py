@@ -14,7 +14,9 @@ gate_up, down) and each model's LM head (the sweep scores every arch's layer); M
 - a chain of ``--chain-layers`` distinct layers' four linears back to back
   (several GB of weights, so nothing stays in L2 and no flush is needed): the
   time per layer a bs=1 decode step spends in matmuls, as % of the bandwidth
-  roofline (bytes / measured device-copy bandwidth).
+  roofline (bytes / measured device-copy bandwidth);
+- the gate/up linear at M = 1 with ``silu(gate) * up`` in its epilogue (``gated=True``, what the engine's MLP
+  runs) against the GEMV then the ``silu_mul`` kernel, the same chain of distinct weights.
 
 Every case is checked against ``F.linear`` first. Writes
 docs/results/kernel_gemv.json (+ PNG).
@@ -41,6 +43,7 @@ from onecard.kernels.gemv import (
     gemv,
     pick_config,
 )
+from onecard.kernels.swiglu import silu_mul_triton
 
 ARCHS = {  # N x K of nn.Linear weights (out, in)
     "llama-2-7b": {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008),
@@ -189,6 +192,23 @@ def main() -> None:
             if bw:
                 result.update({f"{key}_gemv_roofline_fraction": layer_bytes / ours / 1e3 / bw,
                                f"{key}_cublas_roofline_fraction": layer_bytes / theirs / 1e3 / bw})
+    # silu(gate) * up in the gate/up GEMV's epilogue (gated=True: the engine's bf16 MLP at bs=1) against the GEMV and
+    # then the silu_mul kernel, each over ``chain`` distinct gate/up weights back to back
+    gated_rows = []
+    for arch, shapes in archs.items() if 1 in ms else ():
+        N, K = shapes["gate_up"]
+        ws = [torch.randn(N, K, device=device, dtype=dtype, generator=gen) * 0.02 for _ in range(chain)]
+        x, c = xs[1, K], pick(1, K)
+        if not torch.equal(gemv(x, ws[0], config=c, gated=True), silu_mul_triton(gemv(x, ws[0], config=c))):
+            raise SystemExit(f"gated gemv {arch}: not the bits of gemv then silu_mul")
+        timer = (lambda fn: graph_time_us(fn, calls=4, flush_mib=1)) if device == "cuda" else bench
+        two = timer(lambda: [silu_mul_triton(gemv(x, w, config=c)) for w in ws]) / chain
+        one = timer(lambda: [gemv(x, w, config=c, gated=True) for w in ws]) / chain
+        key = f"{arch}_gate_up_m1"
+        result.update({f"{key}_gemv_then_silu_mul_us": two, f"{key}_gated_epilogue_us": one,
+                       f"{key}_gated_saved_us": two - one})
+        gated_rows.append((arch, two, one))
+        ws.clear()
     result["elapsed_s"] = time.perf_counter() - t_start
 
     t = Table("arch", "linear", "NxK", "M", "gemv us", "cuBLAS us", "speedup", "gemv GB/s", "cuBLAS GB/s",
@@ -207,6 +227,10 @@ def main() -> None:
                        f"{result[f'{k}_cublas_us']:.1f}", f"{result[f'{k}_speedup_vs_cublas']:.2f}x",
                        pct(f"{k}_gemv_roofline_fraction"), pct(f"{k}_cublas_roofline_fraction"))
     console.print(lt)
+    gt = Table("arch", "GEMV + silu_mul us", "gated GEMV us", "saved us", title=f"gate/up at M=1, {chain} layers back to back")
+    for arch, two, one in gated_rows:
+        gt.add_row(arch, f"{two:.2f}", f"{one:.2f}", f"{two - one:.2f}")
+    console.print(gt)
     if best:
         console.print("[bold]paste into src/onecard/kernels/gemv.py:[/]")
         # prefetch (the first tile before the PDL wait) is kept as set by hand: it pays only behind a kernel that

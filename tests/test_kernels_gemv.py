@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from onecard.errors import BadInputError
+from onecard.kernels.swiglu import silu_mul, silu_mul_triton
 from onecard.kernels.gemv import (
     CONFIGS,
     GEMV_MAX_M,
@@ -35,6 +36,28 @@ def test_gemv_matches_linear(M, K, N, bias, config):
     x, w = torch.randn(M, K, device=DEV), torch.randn(N, K, device=DEV)
     b = torch.randn(N, device=DEV) if bias else None
     torch.testing.assert_close(gemv(x, w, b, config), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("M,K,N,bias,config", [
+    (1, 200, 66, True, GemvConfig(1, 8, 64)),       # ragged K, a bias, and 33 pairs: the last program's half-masked
+    (3, 192, 24, False, GemvConfig(4, 4, 64)),      # padded rows
+    (1, 4096, 12, False, None),                     # the table's config: one pair per program
+])
+def test_gated_gemv_gives_the_bits_of_silu_mul(M, K, N, bias, config):
+    """``gated=True``: rows are [gate | up] and the epilogue writes silu(gate) * up, bit for bit ``silu_mul_triton`` of
+    the plain GEMV (fp32 here; bf16 on a GPU)."""
+    torch.manual_seed(0)
+    dtypes = (torch.float32, torch.bfloat16) if DEV == "cuda" else (torch.float32,)
+    for dtype in dtypes:
+        x, w = torch.randn(M, K, device=DEV, dtype=dtype), torch.randn(N, K, device=DEV, dtype=dtype)
+        b = torch.randn(N, device=DEV, dtype=dtype) if bias else None
+        y = gemv(x, w, b, config, gated=True)
+        assert y.shape == (M, N // 2)
+        assert torch.equal(y, silu_mul_triton(gemv(x, w, b, config)))
+    with pytest.raises(BadInputError, match="even number"):
+        gemv(x, w[:-1], None, config, gated=True)
+    lin = GemvLinear(K, N, bias=bias)
+    torch.testing.assert_close(lin.forward_silu_mul(x.cpu().float()), silu_mul(lin(x.cpu().float())), rtol=0, atol=0)
 
 
 def test_gemv_takes_leading_dims_and_strided_rows():

@@ -97,6 +97,11 @@ def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
     return swiglu_reference(gate, up)
 
 
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu_mul_triton`` on CUDA tensors (inference), the PyTorch reference elsewhere."""
+    return silu_mul_triton(gate_up) if gate_up.is_cuda else silu_mul_reference(gate_up)
+
+
 def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu_mul_reference`` in one kernel that reads both halves in place, inference only (no backward).
 
