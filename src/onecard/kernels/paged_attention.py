@@ -386,98 +386,81 @@ if triton is not None:
         return tmask, k, v, k_sc, v_sc, _tile_blocks(bt_row, start + TILE, hi, offs_t, BLOCK_SIZE)
 
     @triton.jit
-    def _fold_row(q, m_i, l_i, acc, tmask, k, v, k_sc, v_sc):
-        # one tile of _attend_row's online softmax
-        s = tl.sum(k.to(tl.float32) * q[None, :], axis=1) * k_sc
-        s = tl.where(tmask, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha + tl.sum((p * v_sc)[:, None] * v.to(tl.float32), axis=0)
-        return m_new, l_i, acc
-
-    @triton.jit
-    def _attend_row(q, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_row, first, kv_head, lo, hi, stride_kb, stride_ks,
-                    stride_kh, stride_sb, stride_ss, offs_d, dmask, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    def _attend_row(q, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_row, block, kv_head, lo, hi, stride_kb, stride_ks, stride_kh,
+                    stride_sb, stride_ss, offs_d, dmask, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                     TILE: tl.constexpr):
         # _attend_partition for one query row (MHA) over a quantized cache, on CUDA cores: codes to fp32 in
         # registers, scales applied in the reduction's own layout. Why: with a single row the tile dots are 1/16
         # useful, and staging the dequantized tiles through shared memory for them capped occupancy, so the fp8
         # kernel read 1.2-1.5 TB/s on an H200 where this reads ~3.5 (benchmarks/kernel_decode_attention_quant.py).
-        # ``q`` [BLOCK_D] fp32, the softmax scale folded in; ``first``: the tile at ``lo`` (_load_tile), which the
-        # caller loads. Returns (max, sum, acc [BLOCK_D]), unnormalized.
+        # ``q`` [BLOCK_D] fp32, the softmax scale folded in. Returns (max, sum, acc [BLOCK_D]), unnormalized.
         m_i = float("-inf")
         l_i = 0.0
         acc = tl.zeros([BLOCK_D], tl.float32)
-        tmask, k, v, k_sc, v_sc, block = first
-        if lo < hi:
-            m_i, l_i, acc = _fold_row(q, m_i, l_i, acc, tmask, k, v, k_sc, v_sc)
-        for start in range(lo + TILE, hi, TILE):
+        for start in range(lo, hi, TILE):
             tmask, k, v, k_sc, v_sc, block = _load_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, bt_row, block, kv_head, start,
                                                         hi, stride_kb, stride_ks, stride_kh, stride_sb, stride_ss,
                                                         offs_d, dmask, BLOCK_SIZE, TILE, True)
-            m_i, l_i, acc = _fold_row(q, m_i, l_i, acc, tmask, k, v, k_sc, v_sc)
+            s = tl.sum(k.to(tl.float32) * q[None, :], axis=1) * k_sc
+            s = tl.where(tmask, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha + tl.sum((p * v_sc)[:, None] * v.to(tl.float32), axis=0)
+            m_i = m_new
         return m_i, l_i, acc
 
     @triton.jit
-    def _fold_tile(q, m_i, l_i, acc, tmask, k, v, k_sc, v_sc, scale, QUANT: tl.constexpr, LOW_DOT: tl.constexpr):
-        # one tile of _attend_partition's online softmax, for the GROUP rows of q at once
-        dt = q.dtype
-        k = k.to(tl.float32).to(dt)
-        if LOW_DOT:
-            s = tl.dot(q, tl.trans(k))
-        else:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        s = s * scale
-        if QUANT:
-            s = s * k_sc[None, :]
-        s = tl.where(tmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if QUANT:
-            p = p * v_sc[None, :]
-        v = v.to(tl.float32).to(dt)
-        if LOW_DOT:
-            pv = tl.dot(p.to(dt), v)
-        else:
-            pv = tl.dot(p, v, input_precision="ieee")
-        return m_new, l_i, acc * alpha[:, None] + pv
-
-    @triton.jit
-    def _attend_partition(q, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_row, first, kv_head, lo, hi, scale, stride_kb,
+    def _attend_partition(q, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_row, block, kv_head, lo, hi, scale, stride_kb,
                           stride_ks, stride_kh, stride_sb, stride_ss, offs_d, dmask, BLOCK_G: tl.constexpr,
                           BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, QUANT: tl.constexpr,
                           LOW_DOT: tl.constexpr, CUDA_CORES: tl.constexpr):
         # Online softmax of the GROUP query rows ``q`` [BLOCK_G, BLOCK_D] (already in the dot dtype) over cached
         # tokens [lo, hi) of one KV head: each K/V tile is loaded once for all GROUP heads (scores GROUP x TILE by
         # tl.dot, rows padded to BLOCK_G >= 16). Returns the unnormalized (max, sum, acc).
-        # ``first`` is the tile at ``lo`` (_load_tile), loaded by the caller: the fused kernel issues it before it
-        # waits for the previous kernel, since no kernel of the step writes the cached tokens it walks.
+        # ``block`` holds the first tile's ids (the caller loads them early; _load_tile says why the order matters).
         # QUANT: fp8/int8 cache; each token's per-head scale multiplies its score column (K) and weight (V).
         # LOW_DOT: both dots in the query's 16-bit dtype (fp32 accumulate); otherwise exact fp32 dots.
         # CUDA_CORES (MHA over a quantized cache; BLOCK_G == 1): _attend_row instead.
         if CUDA_CORES:
             m_r, l_r, acc_r = _attend_row(tl.sum(q.to(tl.float32), axis=0) * scale, k_ptr, v_ptr, ks_ptr, vs_ptr,
-                                          bt_row, first, kv_head, lo, hi, stride_kb, stride_ks, stride_kh, stride_sb,
+                                          bt_row, block, kv_head, lo, hi, stride_kb, stride_ks, stride_kh, stride_sb,
                                           stride_ss, offs_d, dmask, BLOCK_D, BLOCK_SIZE, TILE)
             m_i = tl.zeros([BLOCK_G], tl.float32) + m_r
             l_i = tl.zeros([BLOCK_G], tl.float32) + l_r
             acc = acc_r[None, :]
         else:
+            dt = q.dtype
             m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_G], tl.float32)
             acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-            tmask, k, v, k_sc, v_sc, block = first
-            if lo < hi:
-                m_i, l_i, acc = _fold_tile(q, m_i, l_i, acc, tmask, k, v, k_sc, v_sc, scale, QUANT, LOW_DOT)
-            for start in range(lo + TILE, hi, TILE):
+            for start in range(lo, hi, TILE):
                 tmask, k, v, k_sc, v_sc, block = _load_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, bt_row, block, kv_head,
                                                             start, hi, stride_kb, stride_ks, stride_kh, stride_sb,
                                                             stride_ss, offs_d, dmask, BLOCK_SIZE, TILE, QUANT)
-                m_i, l_i, acc = _fold_tile(q, m_i, l_i, acc, tmask, k, v, k_sc, v_sc, scale, QUANT, LOW_DOT)
+                k = k.to(tl.float32).to(dt)
+                if LOW_DOT:
+                    s = tl.dot(q, tl.trans(k))
+                else:
+                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
+                s = s * scale
+                if QUANT:
+                    s = s * k_sc[None, :]
+                s = tl.where(tmask[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                alpha = tl.exp(m_i - m_new)
+                p = tl.exp(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                if QUANT:
+                    p = p * v_sc[None, :]
+                v = v.to(tl.float32).to(dt)
+                if LOW_DOT:
+                    pv = tl.dot(p.to(dt), v)
+                else:
+                    pv = tl.dot(p, v, input_precision="ieee")
+                acc = acc * alpha[:, None] + pv
+                m_i = m_new
         return m_i, l_i, acc
 
     @triton.jit
@@ -537,9 +520,7 @@ if triton is not None:
             hi = tl.minimum(lo + partition, ctx)
             bt_row = block_tables_ptr + seq * stride_bt_b
             block = _tile_blocks(bt_row, lo, hi, tl.arange(0, TILE), BLOCK_SIZE)
-            first = _load_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, bt_row, block, kv_head, lo, hi, stride_kb, stride_ks,
-                               stride_kh, stride_sb, stride_ss, offs_d, dmask, BLOCK_SIZE, TILE, QUANT)
-            m_i, l_i, acc = _attend_partition(q, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_row, first, kv_head, lo, hi, scale,
+            m_i, l_i, acc = _attend_partition(q, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_row, block, kv_head, lo, hi, scale,
                                               stride_kb, stride_ks, stride_kh, stride_sb, stride_ss, offs_d, dmask,
                                               BLOCK_G, BLOCK_D, BLOCK_SIZE, TILE, QUANT, LOW_DOT, CUDA_CORES)
             if SINGLE:
@@ -587,29 +568,28 @@ if triton is not None:
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
         lo = split * partition
-        # Before the wait: the step's inputs (lengths, positions, block table: copied in before the step) and the
-        # partition's first tile of cached tokens, which earlier steps wrote (this step's token is stored below).
-        # The qkv GEMV ahead lets this kernel launch only after its loop, so those loads overlap its tail.
+        # Before the wait for the qkv GEMV: the step's lengths, positions and block table, copied in before the
+        # step and written by none of its kernels, so their loads overlap the GEMV's tail (H100 dev A/B, bs=1:
+        # int4 2.411 -> 2.405 ms/token, int8 3.482 -> 3.464, fp8 unchanged). Loading the partition's first cached
+        # tile here too (its loop peeled) gained int4 bs=16 2 % but cost fp8 bs=1 1 %, whose cuBLAS GEMV ahead
+        # gives nothing to overlap.
         ctx = tl.load(context_lens_ptr + seq).to(tl.int32)
         token_pos = tl.load(pos_ptr + seq).to(tl.int64)
         bt_row = block_tables_ptr + seq * stride_bt_b
         block = _tile_blocks(bt_row, lo, width, tl.arange(0, TILE), BLOCK_SIZE)
         if lo < ctx:
-            offs_d, dmask, heads, gmask, qmask = _group_layout(kv_head, GROUP, BLOCK_G, HEAD_DIM, BLOCK_D)
-            hi = tl.minimum(lo + partition, ctx)
-            walk_hi = tl.minimum(hi, ctx - 1)
-            first = _load_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, bt_row, block, kv_head, lo, walk_hi, stride_kb,
-                               stride_ks, stride_kh, stride_sb, stride_ss, offs_d, dmask, BLOCK_SIZE, TILE,
-                               QUANT)
             wait_for_inputs(PDL)
+            offs_d, dmask, heads, gmask, qmask = _group_layout(kv_head, GROUP, BLOCK_G, HEAD_DIM, BLOCK_D)
             cs_row = cos_sin_ptr + token_pos * stride_cs
             row = qkv_ptr + seq.to(tl.int64) * stride_qkv
             q = _rope(row + heads[:, None] * HEAD_DIM, offs_d[None, :], qmask, cs_row, HALF)
             q = q.to(qkv_ptr.dtype.element_ty)  # as rope_store_kv writes it
             q = q.to(q.dtype if LOW_DOT else tl.float32)
-            m_i, l_i, acc = _attend_partition(q, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_row, first, kv_head, lo, walk_hi,
-                                              scale, stride_kb, stride_ks, stride_kh, stride_sb, stride_ss, offs_d,
-                                              dmask, BLOCK_G, BLOCK_D, BLOCK_SIZE, TILE, QUANT, LOW_DOT, CUDA_CORES)
+            hi = tl.minimum(lo + partition, ctx)
+            m_i, l_i, acc = _attend_partition(q, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_row, block, kv_head, lo,
+                                              tl.minimum(hi, ctx - 1), scale, stride_kb, stride_ks, stride_kh,
+                                              stride_sb, stride_ss, offs_d, dmask, BLOCK_G, BLOCK_D, BLOCK_SIZE, TILE,
+                                              QUANT, LOW_DOT, CUDA_CORES)
             if hi == ctx:  # this partition holds the new token: store it, and fold it in as stored
                 kq, k_sc, vq, v_sc, _ = _store_new_kv(row, k_ptr, v_ptr, ks_ptr, vs_ptr, cs_row,
                                                    tl.load(slot_ptr + seq).to(tl.int64), kv_head, stride_ks, offs_d,
