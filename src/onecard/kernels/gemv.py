@@ -178,9 +178,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
     ``gated``: the weight's rows are ``[gate | up]`` and the result ``silu(gate) * up`` ``[..., N / 2]``, written
     by the epilogue with the bits ``silu_mul_triton`` gives the plain result. A Llama-2-7B gate/up at M = 1 then
-    takes 58.6 µs where the GEMV and the silu kernel took 59.6 (graph-timed with PDL, 8 distinct layers, H100:
-    ``.device``-style micro, docs/kernels.md). The int4/int8 kernels' epilogue did the same work slower (int4
-    23.9 vs 22.0 µs: its reshape of the wider tile cost more than the launch it saved), so only this GEMV does it.
+    takes 58.5 µs where the GEMV and the silu kernel took 59.7 (8 distinct layers back to back in a graph, H100,
+    ``benchmarks/kernel_gemv.py``: docs/results/h100/kernel_gemv.json). The same epilogue in the int4/int8 kernels
+    made them slower than the launch it saved (a dev micro on the H100: int4 gate/up 23.9 µs against 22.0 for the
+    kernel and silu_mul; it was slow with their plain columns too, so the epilogue, not the gate/up column
+    order, cost it), so only this GEMV does it.
     """
     N, K = weight.shape
     if x.shape[-1] != K or weight.stride(-1) != 1 or x.dtype != weight.dtype or x.dtype not in DTYPES:
