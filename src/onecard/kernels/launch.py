@@ -3,11 +3,16 @@
 Why: a captured bs=1 decode step is some 260 small kernels back to back, and between two of them the GPU drains
 one grid before it starts the next, a microsecond or so each time. With PDL a kernel lets the GPU schedule its
 dependent grid early (``griddepcontrol.launch_dependents``) and the dependent waits for its prerequisite to
-complete (``griddepcontrol.wait``) before it reads anything, so the next launch overlaps the previous tail. Each
-kernel here does both at its very start, before any load: what it reads is never at stake, only when it starts.
-The one exception is the decode GEMV, which loads its first weight tile between the two: weights are never
-written by a decode kernel, and so a wait on the previous kernel (a norm, a TP sum) overlaps the weight stream.
-A kernel launched without the attribute (after a PyTorch op) passes the wait at once.
+complete (``griddepcontrol.wait``) before it reads anything, so the next launch overlaps the previous tail.
+
+What a kernel may load before its wait: whatever no kernel of the step writes (weights, the norms' weights, the
+step's copied-in lengths, positions and block table), and, where the kernel before it is a GEMV, what a kernel
+two or more launches back wrote (a norm's residual row): the GEMVs let the next kernel launch only after their
+own wait, by which time the kernel before them had finished (cuBLAS and other PyTorch ops run without PDL, so
+whatever follows them starts after they finish). So the decode GEMV loads its first weight tile before the wait,
+the add+norm kernels (which follow the o and down projections) their residual row and weight, and the decode
+attention (after the qkv projection) the step's inputs; everything else waits first. A kernel launched without
+the attribute passes the wait at once.
 """
 
 from __future__ import annotations

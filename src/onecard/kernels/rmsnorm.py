@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from onecard.kernels.launch import pdl_launch, start_after_inputs
+from onecard.kernels.launch import let_next_start, pdl_launch, wait_for_inputs
 
 
 def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -64,23 +64,35 @@ def _rmsnorm_bwd(DY, X, W, RSTD, DX, DW_PART, stride_dy, stride_x, stride_dx, M,
 @triton.jit
 def _add_rmsnorm_fwd(X, R, W, Y, S, stride_x, stride_r, stride_y, stride_s, N, eps, BLOCK: tl.constexpr,
                      PDL: tl.constexpr):
-    start_after_inputs(PDL)
+    let_next_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
+    r, w = residual_and_weight(R, W, row, cols, mask, stride_r)
+    wait_for_inputs(PDL)
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    add_rmsnorm_row(x, R, W, Y, S, row, cols, mask, stride_r, stride_y, stride_s, N, eps)
+    add_rmsnorm_row(x, r, w, Y, S, row, cols, mask, stride_y, stride_s, N, eps)
 
 
 @triton.jit
-def add_rmsnorm_row(x, R, W, Y, S, row, cols, mask, stride_r, stride_y, stride_s, N, eps):
-    """One row of ``add_rmsnorm``: ``x`` (fp32, already loaded or summed) plus the residual row, then the norm."""
+def residual_and_weight(R, W, row, cols, mask, stride_r):
+    """The residual row and the norm weight (fp32), which a decode step's norm loads before its PDL wait: no
+    kernel of the step writes weights, and the residual comes from a kernel two or more launches back, which
+    had finished before the previous kernel passed its own wait and let this one launch (``kernels.launch``).
+    Only ``x``, the previous kernel's output, has to wait. H100 dev A/B, Llama-2-7B arch bs=1: int4 2.408 ->
+    2.365 ms/token, bf16 4.963 -> 4.930, fp8 unchanged."""
     r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    return r, tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def add_rmsnorm_row(x, r, w, Y, S, row, cols, mask, stride_y, stride_s, N, eps):
+    """One row of ``add_rmsnorm``: ``x`` (fp32, already loaded or summed) plus the residual row ``r``, then the
+    norm with weight ``w`` (``residual_and_weight``)."""
     s = (x + r).to(S.dtype.element_ty)  # the residual stream is rounded to its dtype before the norm reads it
     tl.store(S + row * stride_s + cols, s, mask=mask)
     s = s.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / N + eps)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     sn = (s * rstd).to(S.dtype.element_ty).to(tl.float32)
     tl.store(Y + row * stride_y + cols, (w * sn).to(Y.dtype.element_ty), mask=mask)
 

@@ -24,18 +24,20 @@ import torch
 import triton
 import triton.language as tl
 
-from onecard.kernels.launch import pdl_launch, start_after_inputs
-from onecard.kernels.rmsnorm import add_rmsnorm_row, row_launch
+from onecard.kernels.launch import let_next_start, pdl_launch, wait_for_inputs
+from onecard.kernels.rmsnorm import add_rmsnorm_row, residual_and_weight, row_launch
 
 
 @triton.jit
 def _sum_add_rmsnorm_fwd(X, R, W, Y, S, BUF_PTRS, FLAG_PTRS, stride_x, stride_r, stride_y, stride_s, N, eps, slot,
                          RANK: tl.constexpr, WORLD: tl.constexpr, MAX_ROWS: tl.constexpr, BLOCK: tl.constexpr,
                          PDL: tl.constexpr):
-    start_after_inputs(PDL)
+    let_next_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
+    res, w = residual_and_weight(R, W, row, cols, mask, stride_r)
+    wait_for_inputs(PDL)
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
     at = (slot * MAX_ROWS + row) * N
     bufs = BUF_PTRS.to(tl.pointer_type(tl.uint64))
@@ -62,7 +64,7 @@ def _sum_add_rmsnorm_fwd(X, R, W, Y, S, BUF_PTRS, FLAG_PTRS, stride_x, stride_r,
             peer = tl.load(bufs + r).to(tl.pointer_type(X.dtype.element_ty))
             acc += tl.load(peer + at + cols, mask=mask, other=0.0, volatile=True).to(tl.float32)
     h = acc.to(X.dtype.element_ty).to(tl.float32)  # the sum in the model's dtype, as an all-reduce returns it
-    add_rmsnorm_row(h, R, W, Y, S, row, cols, mask, stride_r, stride_y, stride_s, N, eps)
+    add_rmsnorm_row(h, res, w, Y, S, row, cols, mask, stride_y, stride_s, N, eps)
 
 
 def sum_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, buffer_ptrs: int,
