@@ -55,6 +55,31 @@ def test_silu_mul_reads_both_halves_in_place(dtype):
         silu_mul_triton(gate_up[..., :-1])
 
 
+def test_mlp_asks_a_gate_up_layer_with_a_gated_gemv_for_silu_mul(monkeypatch):
+    """With the fused kernels on, the MLP takes ``silu(gate) * up`` from a gate/up layer that has
+    ``forward_silu_mul`` (the bf16 decode GEMV's epilogue) and runs ``silu_mul_triton`` after any other layer;
+    both give the PyTorch MLP's result."""
+    from onecard.kernels.gemv import GemvLinear
+    from onecard.models import llama
+    from onecard.models.config import ModelArgs
+
+    torch.manual_seed(0)
+    args = ModelArgs("LlamaForCausalLM", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1,
+                     num_heads=2, num_kv_heads=2, head_dim=16, max_position_embeddings=64, rms_norm_eps=1e-5,
+                     rope_theta=10000.0)
+    mlp, x = llama.MLP(args), torch.randn(2, 32)
+    with torch.no_grad():
+        ref = mlp(x)  # off CUDA: the PyTorch forms
+        monkeypatch.setattr(llama, "_fused", lambda t: True)
+        torch.testing.assert_close(mlp(x), ref, rtol=1e-5, atol=1e-6)  # nn.Linear: then silu_mul_triton
+        asked = []
+        mlp.gate_up_proj.__class__ = GemvLinear
+        plain = GemvLinear.forward_silu_mul
+        monkeypatch.setattr(GemvLinear, "forward_silu_mul", lambda self, t: asked.append(t) or plain(self, t))
+        torch.testing.assert_close(mlp(x), ref, rtol=0, atol=0)
+    assert len(asked) == 1 and asked[0] is x
+
+
 @pytest.mark.gpu
 def test_fused_layer_matches_unfused_on_gpu():
     """The engine model on CUDA under no_grad (fused kernels) vs the same model with autograd on (PyTorch forms):
