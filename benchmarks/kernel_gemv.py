@@ -81,7 +81,7 @@ def candidates(M: int, smoke: bool) -> list[GemvConfig]:
 
 def short(c: GemvConfig | None) -> str:
     return "cuBLAS" if c is None else \
-        f"m{c.block_m} n{c.block_n} k{c.block_k} warps{c.num_warps}{' prefetch' if c.prefetch else ''}"
+        f"m{c.block_m} n{c.block_n} k{c.block_k} warps{c.num_warps}{f' prefetch{c.prefetch}' if c.prefetch else ''}"
 
 
 def main() -> None:
@@ -233,14 +233,14 @@ def main() -> None:
     console.print(gt)
     if best:
         console.print("[bold]paste into src/onecard/kernels/gemv.py:[/]")
-        # prefetch (the first tile before the PDL wait) is kept as set by hand: it pays only behind a kernel that
+        # prefetch (weight tiles before the PDL wait) is kept as set by hand: it pays only behind a kernel that
         # is not a GEMV, which these chains do not have, so engine runs decide it (see gemv._gemv_kernel)
         for name, old, new in (("CONFIGS", CONFIGS, best), ("UNEVEN_K_CONFIGS", UNEVEN_K_CONFIGS, best_uneven)):
             print(f"{name}: dict[int, GemvConfig] = {{")
             for M, c in sorted({**old, **new}.items()):
-                keep = old[M].prefetch if M in old else False
+                keep = old[M].prefetch if M in old else 0
                 print(f"    {M}: GemvConfig({c.block_m}, {c.block_n}, {c.block_k}, {c.num_warps}"
-                      f"{', prefetch=True' if keep else ''}),")
+                      f"{f', prefetch={keep}' if keep else ''}),")
             print("}")
 
     fig = speedup_bars({arch: [result[f"{arch}_layer_m{M}_speedup_vs_cublas"] for M in ms] for arch in archs},

@@ -274,6 +274,42 @@ def _sum_norm_worker(out: str) -> None:
             for y, _s in outs:
                 report["max_diff"] = max(report["max_diff"], (y.float() - y_ref.float()).abs().max().item())
             report["calls"] += len(outs)
+
+    # the row-parallel GEMV writing its partial straight into the buffer (RowParallelLinear._partial): a graph of
+    # [GEMV -> sum] x 4 with the slots alternating, as a decode step chains them (PDL): no rank may overwrite a
+    # slot while its peer still reads it
+    from onecard.kernels.gemv import gemv
+
+    fused = SumAddNorm(dist.group.WORLD, torch.device(device), torch.bfloat16, 5120, max_rows=8)
+    g = torch.Generator(device=device).manual_seed(env.rank)
+    ws = [torch.randn(5120, 2560, device=device, generator=g).to(torch.bfloat16) * 0.05 for _ in range(4)]
+    a = torch.zeros(1, 2560, device=device, dtype=torch.bfloat16)
+    residual, w = torch.ones(1, 5120, device=device, dtype=torch.bfloat16), torch.ones(5120, device=device,
+                                                                                       dtype=torch.bfloat16)
+
+    def step():
+        ys = []
+        for i, wi in enumerate(ws):
+            part = gemv(a, wi, out=fused.buffer_rows(1, i % 2))
+            report["in_buffer"] &= part.data_ptr() == fused.buffer_rows(1, i % 2).data_ptr()
+            ys.append(fused(part, residual, w, 1e-5, i % 2)[0])
+        return ys
+
+    report["in_buffer"] = True
+    step()  # compile before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ys = step()
+    for replay in range(10):
+        a.copy_(torch.randn(a.shape, device=device, generator=torch.Generator(device=device).manual_seed(
+            replay)).to(torch.bfloat16))
+        graph.replay()
+        for wi, y in zip(ws, ys):
+            total = gemv(a, wi)
+            dist.all_reduce(total)
+            y_ref, _ = add_rmsnorm_triton(total, residual, w, 1e-5)
+            report["max_diff"] = max(report["max_diff"], (y.float() - y_ref.float()).abs().max().item())
+        report["calls"] += len(ys)
     torch.cuda.synchronize()
     dist.barrier()
     if env.rank == 0:
@@ -290,5 +326,5 @@ def test_sum_add_rmsnorm_kernel_matches_all_reduce_then_norm(tmp_path):
     out = tmp_path / "sum_norm.pt"
     spawn(_sum_norm_worker, 2, (str(out),), timeout_s=300)
     r = torch.load(out)
-    assert r["calls"] == 2 * (40 + 40) and r["ranks_agree"]
+    assert r["calls"] == 2 * (40 + 40) + 40 and r["ranks_agree"] and r["in_buffer"]
     assert r["max_diff"] < 2e-2  # bf16: one rounding step of the sum may differ from NCCL's

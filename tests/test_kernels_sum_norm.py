@@ -72,6 +72,26 @@ def test_rank0_of_two_sums_its_peers_row_and_raises_its_flag(dtype):
         pads[1].zero_()  # rank 1 would clear it
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_partial_already_in_the_buffer_is_summed_in_place(dtype):
+    """``in_buffer``: the row-parallel GEMV wrote rank 0's rows into its buffer; the kernel must sum them from there
+    (the x argument is that view) and give the bits of the copying path."""
+    torch.manual_seed(0)
+    buffers, pads, buffer_ptrs, flag_ptrs = two_ranks(dtype)
+    for slot, rows in ((0, 3), (1, 1)):
+        x0, x1 = grid(rows, dtype), grid(rows, dtype)
+        residual, w = torch.randn(rows, HIDDEN, dtype=dtype), torch.rand(HIDDEN, dtype=dtype) + 0.5
+        buffers[0, slot, :rows], buffers[1, slot, :rows] = x0, x1
+        pads[0, slot, :rows, 1] = 1
+        y, s = sum_add_rmsnorm(buffers[0, slot, :rows], residual, w, 1e-5, buffer_ptrs.data_ptr(),
+                               flag_ptrs.data_ptr(), slot, 0, 2, MAX_ROWS, in_buffer=True)
+        y_ref, s_ref = add_rmsnorm_triton((x0.float() + x1.float()).to(dtype), residual, w, 1e-5)
+        assert torch.equal(y, y_ref) and torch.equal(s, s_ref)
+        assert torch.equal(buffers[0, slot, :rows], x0) and pads[1, slot, :rows, 0].eq(1).all()
+        assert not pads[0].any()
+        pads[1].zero_()
+
+
 def test_rank0_waits_for_its_peers_flag():
     """Without rank 1's flag the kernel must not read rank 1's row (it may be the previous layer's)."""
     buffers, pads, buffer_ptrs, flag_ptrs = two_ranks(torch.float32)

@@ -115,12 +115,18 @@ class SumAddNorm:
         return (x.dim() == 2 and x.shape[0] <= self.max_rows and x.shape[1] == self.hidden and x.dtype == self.dtype
                 and x.is_contiguous())
 
+    def buffer_rows(self, rows: int, slot: int) -> torch.Tensor | None:
+        """This rank's ``[rows, hidden]`` of ``slot`` in its buffer, for the row-parallel GEMV to write its partial
+        straight there (None: more rows than a sum takes)."""
+        return self.buffer.view(2, self.max_rows, self.hidden)[slot, :rows] if rows <= self.max_rows else None
+
     def __call__(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                  slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         from onecard.kernels.sum_norm import sum_add_rmsnorm
 
+        in_buffer = x.data_ptr() == self.buffer_rows(1, slot).data_ptr()
         return sum_add_rmsnorm(x, residual.contiguous(), weight, eps, self.buffer_ptrs, self.flag_ptrs, slot,
-                               self.rank, self.world, self.max_rows)
+                               self.rank, self.world, self.max_rows, in_buffer)
 
 
 def fuse_sums_into_norms_(model: LlamaModel, fused) -> None:
@@ -132,8 +138,7 @@ def fuse_sums_into_norms_(model: LlamaModel, fused) -> None:
         after_mlp = layers[i + 1].input_layernorm if i + 1 < len(layers) else model.norm
         for linear, norm, slot in ((layer.self_attn.o_proj, layer.post_attention_layernorm, 0),
                                    (layer.mlp.down_proj, after_mlp, 1)):
-            linear.defer = fused
-            norm.pending_sum = (fused, slot)
+            linear.defer = norm.pending_sum = (fused, slot)
 
 
 def symm_mem_unavailable(device: torch.device, world: int) -> str | None:
@@ -185,16 +190,29 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.linear, self.group = linear, group
         self.fast: SymmMemAllReduce | None = None  # set by use_symm_mem_all_reduce_
-        self.defer = None  # a SumAddNorm: the next norm finishes the sum (fuse_sums_into_norms_)
+        self.defer = None  # (a SumAddNorm, its slot): the next norm finishes the sum (fuse_sums_into_norms_)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.linear(x)
-        if self.defer is not None and self.defer.takes(out):
-            return out  # this rank's partial: the norm that reads it sums it
+        if self.defer is None:
+            out = self.linear(x)
+        else:
+            fused, slot = self.defer
+            out = self._partial(x, fused, slot)
+            if fused.takes(out):
+                return out  # this rank's partial: the norm that reads it sums it
         if self.fast is not None and self.fast.fits(out):
             return self.fast(out)
         dist.all_reduce(out, group=self.group)
         return out
+
+    def _partial(self, x: torch.Tensor, fused, slot: int) -> torch.Tensor:
+        """This rank's partial; the decode GEMV writes it straight into the fused sum's buffer, so the sum kernel
+        skips its copy there (the sum kernel sees where it lies)."""
+        from onecard.kernels.gemv import GemvLinear
+
+        if isinstance(self.linear, GemvLinear):
+            return self.linear(x, out=fused.buffer_rows(x.shape[:-1].numel(), slot))
+        return self.linear(x)
 
 
 def check_tp(args: ModelArgs, tp_size: int) -> None:

@@ -36,17 +36,22 @@ from onecard.kernels.launch import let_next_start, pdl_launch, wait_for_inputs
 from onecard.kernels.swiglu import silu_mul
 
 
+MAX_PREFETCH = 4  # weight tiles _gemv_kernel can load before its PDL wait
+
+
 @dataclass(frozen=True)
 class GemvConfig:
     block_m: int
     block_n: int
     block_k: int
     num_warps: int = 4
-    prefetch: bool = False  # load the first weight tile before the PDL wait (see _gemv_kernel)
+    prefetch: int = 0  # weight tiles loaded before the PDL wait (see _gemv_kernel); fewer where K has fewer
 
     def __post_init__(self) -> None:
         if any(s < 1 or s & (s - 1) for s in (self.block_m, self.block_n, self.block_k)):
             raise BadInputError(f"bad gemv config {self}: block sizes must be powers of two")
+        if self.prefetch not in range(MAX_PREFETCH + 1):
+            raise BadInputError(f"bad gemv config {self}: prefetch is 0 to {MAX_PREFETCH} weight tiles")
 
 
 # largest M of the bucket -> config; M above the last bucket goes to cuBLAS. From H200 runs
@@ -59,9 +64,12 @@ CONFIGS: dict[int, GemvConfig] = {
 # for K that is not a multiple of K_MULTIPLE, where a 2048-wide tile would overhang K and idle its masked lanes for
 # a whole iteration (docs/results/kernel_gemv_sweep.json, chains of distinct weights: the uneven-K linears of the
 # swept layers take 254.6 us with this tile vs 269.7 with CONFIGS'; K a multiple of 2048 prefers CONFIGS', 180.6 vs
-# 186.2 us)
+# 186.2 us). Two tiles before the PDL wait, not one: a dev chain of 8 Llama-2-13B decode layers on one H200 (each
+# GEMV behind a 6 us spin standing for the TP sum, or 2.5 us for a norm, and the fused attention) took 98.9 us a
+# layer against 102.4 for the TP=2 shard and 162.8 against 167.1 at TP=1; 3 or 4 tiles gained nothing more. In
+# dist_tp.json's lease TP=2 bs=1 rose 234.0 -> 241.0 tok/s with it alone (TP=1 151.8 -> 153.4).
 UNEVEN_K_CONFIGS: dict[int, GemvConfig] = {
-    1: GemvConfig(1, 2, 1024, 4, prefetch=True),
+    1: GemvConfig(1, 2, 1024, 4, prefetch=2),
 }
 K_MULTIPLE = 2048
 GEMV_MAX_M = max(CONFIGS)
@@ -90,6 +98,13 @@ def _tile_mask(ok, k3, k0, K, EVEN_K: tl.constexpr):
     else:
         mask = ok & (k3 + k0 < K)
     return mask
+
+
+@triton.jit
+def _add_tile(acc, x_ptrs, w, m_ok3, k3, k0, K, EVEN_K: tl.constexpr):
+    """``acc + x[:, k0:k0 + BK] * w`` for a weight tile ``w`` loaded earlier (before the PDL wait)."""
+    x = tl.load(x_ptrs + k0, mask=_tile_mask(m_ok3, k3, k0, K, EVEN_K), other=0.0)
+    return acc + x.to(tl.float32) * w.to(tl.float32)
 
 
 @triton.jit
@@ -135,18 +150,30 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, st
     n_ok3 = n_ok[None, :, None]
     w_ptrs = w_ptr + n3 * stride_wn + k3          # [1, BN, BK]
     x_ptrs = x_ptr + m3 * stride_xm + k3          # [BM, 1, BK]
-    if PREFETCH:
-        # the first weight tile before waiting for the previous kernel (PDL): no decode kernel writes weights, so
+    if PREFETCH > 0:
+        # the first weight tile(s) before waiting for the previous kernel (PDL): no decode kernel writes weights, so
         # a wait on a norm or a TP sum overlaps the start of the weight stream; x is read only after the wait.
-        # On 2x H200 (dist_tp.json) it took Llama-2-13B TP=2 bs=1 from 222.5 to 228.8 and 231.6 tok/s (two runs)
-        # with TP=1 unchanged; with the 2048-wide tile of CONFIGS it cost Llama-2-7B/Llama-3-8B bs=1 decode 9 %
+        # On 2x H200 (dist_tp.json) one tile took Llama-2-13B TP=2 bs=1 from 222.5 to 228.8 and 231.6 tok/s (two
+        # runs) with TP=1 unchanged; with the 2048-wide tile of CONFIGS it cost Llama-2-7B/Llama-3-8B bs=1 decode 9 %
         # and 13 % (a dev A/B on one H200), and still 4 % with the next launch moved after the loop (7B, H100:
-        # 4.99 -> 5.20 ms/token), so only UNEVEN_K_CONFIGS turn it on
-        w = tl.load(w_ptrs, mask=_tile_mask(n_ok3, k3, 0, K, EVEN_K), other=0.0)
+        # 4.99 -> 5.20 ms/token), so only UNEVEN_K_CONFIGS turn it on. gemv() lowers it where K has fewer tiles.
+        w0 = tl.load(w_ptrs, mask=_tile_mask(n_ok3, k3, 0, K, EVEN_K), other=0.0)
+        if PREFETCH > 1:
+            w1 = tl.load(w_ptrs + BLOCK_K, mask=_tile_mask(n_ok3, k3, BLOCK_K, K, EVEN_K), other=0.0)
+        if PREFETCH > 2:
+            w2 = tl.load(w_ptrs + 2 * BLOCK_K, mask=_tile_mask(n_ok3, k3, 2 * BLOCK_K, K, EVEN_K), other=0.0)
+        if PREFETCH > 3:
+            w3 = tl.load(w_ptrs + 3 * BLOCK_K, mask=_tile_mask(n_ok3, k3, 3 * BLOCK_K, K, EVEN_K), other=0.0)
         wait_for_inputs(PDL)
         x = tl.load(x_ptrs, mask=_tile_mask(m3 < M, k3, 0, K, EVEN_K), other=0.0)
-        acc = x.to(tl.float32) * w.to(tl.float32)
-        k_start = BLOCK_K
+        acc = x.to(tl.float32) * w0.to(tl.float32)
+        if PREFETCH > 1:
+            acc = _add_tile(acc, x_ptrs, w1, m3 < M, k3, BLOCK_K, K, EVEN_K)
+        if PREFETCH > 2:
+            acc = _add_tile(acc, x_ptrs, w2, m3 < M, k3, 2 * BLOCK_K, K, EVEN_K)
+        if PREFETCH > 3:
+            acc = _add_tile(acc, x_ptrs, w3, m3 < M, k3, 3 * BLOCK_K, K, EVEN_K)
+        k_start = PREFETCH * BLOCK_K
     else:
         wait_for_inputs(PDL)
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -173,7 +200,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, st
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: GemvConfig | None = None, gated: bool = False) -> torch.Tensor:
+         config: GemvConfig | None = None, gated: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for ``x[..., K]`` with few rows, through the Triton GEMV.
 
     ``gated``: the weight's rows are ``[gate | up]`` and the result ``silu(gate) * up`` ``[..., N / 2]``, written
@@ -183,6 +210,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     made them slower than the launch it saved (a dev micro on the H100: int4 gate/up 23.9 µs against 22.0 for the
     kernel and silu_mul; it was slow with their plain columns too, so the epilogue, not the gate/up column
     order, cost it), so only this GEMV does it.
+
+    ``out``: a ``[rows, N]`` tensor with contiguous rows to write into (a tensor-parallel sum's buffer) instead of a
+    new one.
     """
     N, K = weight.shape
     if x.shape[-1] != K or weight.stride(-1) != 1 or x.dtype != weight.dtype or x.dtype not in DTYPES:
@@ -197,14 +227,18 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     M = x2.shape[0]
     c = config or pick_config(M, K)
     half = N // 2 if gated else 0
-    out = torch.empty(M, half or N, dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(M, half or N, dtype=x.dtype, device=x.device)
+    elif out.shape != (M, half or N) or out.dtype != x.dtype or out.stride(-1) != 1:
+        raise BadInputError(f"gemv: out {tuple(out.shape)} {out.dtype} is not a [{M}, {half or N}] {x.dtype} tensor "
+                            "with contiguous rows")
     launch = {"num_warps": c.num_warps} if x.is_cuda else {}
     launch.update(pdl_launch(x))
     grid_n = triton.cdiv(half, c.block_n // 2) if gated else triton.cdiv(N, c.block_n)
     _gemv_kernel[(grid_n, triton.cdiv(M, c.block_m))](
         x2, weight, bias if bias is not None else weight, out, M, N, K, x2.stride(0), weight.stride(0),
         out.stride(0), half, HAS_BIAS=bias is not None, EVEN_K=K % c.block_k == 0, BLOCK_M=c.block_m,
-        BLOCK_N=c.block_n, BLOCK_K=c.block_k, PREFETCH=c.prefetch, GATED=gated, **launch)
+        BLOCK_N=c.block_n, BLOCK_K=c.block_k, PREFETCH=min(c.prefetch, K // c.block_k), GATED=gated, **launch)
     return out.reshape(*lead, half or N)
 
 
@@ -214,9 +248,11 @@ class GemvLinear(nn.Linear):
     def _takes(self, x: torch.Tensor) -> bool:
         return x.is_cuda and 0 < x.numel() <= GEMV_MAX_M * self.in_features and x.dtype == self.weight.dtype
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``out``: where the GEMV writes its ``[rows, out_features]`` result (see ``gemv``); F.linear, which runs
+        where the GEMV does not, returns a new tensor, so callers check what they got."""
         if self._takes(x):
-            return gemv(x, self.weight, self.bias)
+            return gemv(x, self.weight, self.bias, out=out)
         return F.linear(x, self.weight, self.bias)
 
     def forward_silu_mul(self, x: torch.Tensor) -> torch.Tensor:
