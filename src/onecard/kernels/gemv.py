@@ -153,7 +153,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, st
     if PREFETCH > 0:
         # the first weight tile(s) before waiting for the previous kernel (PDL): no decode kernel writes weights, so
         # a wait on a norm or a TP sum overlaps the start of the weight stream; x is read only after the wait.
-        # On 2x H200 (dist_tp.json) one tile took Llama-2-13B TP=2 bs=1 from 222.5 to 228.8 and 231.6 tok/s (two
+        # On 2x H200 (dist_tp_2c521ab.json) one tile took Llama-2-13B TP=2 bs=1 from 222.5 to 228.8 and 231.6 tok/s (two
         # runs) with TP=1 unchanged; with the 2048-wide tile of CONFIGS it cost Llama-2-7B/Llama-3-8B bs=1 decode 9 %
         # and 13 % (a dev A/B on one H200), and still 4 % with the next launch moved after the loop (7B, H100:
         # 4.99 -> 5.20 ms/token), so only UNEVEN_K_CONFIGS turn it on. gemv() lowers it where K has fewer tiles.

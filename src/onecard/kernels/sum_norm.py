@@ -4,7 +4,7 @@ Why: under TP=2 a 13B decode step makes 80 row-parallel sums of ~10 KB each.
 Through PyTorch's symmetric-memory one-shot all-reduce each sum is a kernel of
 its own, outside the chain of programmatic dependent launches (PDL) the other
 decode kernels form, and an add+norm kernel follows it: a profile of rank 0
-(docs/results/dist_tp.json) showed 7.1 us per sum and the GPU idle 7 % of the
+(docs/multi-gpu.md) showed 7.1 us per sum and the GPU idle 7 % of the
 step. This kernel joins the PDL chain and does the sum, the add and the norm.
 
 Protocol, one program per row and the same on every rank: write this rank's
