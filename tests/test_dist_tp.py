@@ -275,7 +275,7 @@ def _sum_norm_worker(out: str) -> None:
                 report["max_diff"] = max(report["max_diff"], (y.float() - y_ref.float()).abs().max().item())
             report["calls"] += len(outs)
 
-    # the row-parallel GEMV writing its partial straight into the buffer (RowParallelLinear._partial): a graph of
+    # the row-parallel GEMV pushing its partial into every rank's buffer (RowParallelLinear._partial): a graph of
     # [GEMV -> sum] x 4 with the slots alternating, as a decode step chains them (PDL): no rank may overwrite a
     # slot while its peer still reads it
     from onecard.kernels.gemv import gemv
@@ -290,8 +290,9 @@ def _sum_norm_worker(out: str) -> None:
     def step():
         ys = []
         for i, wi in enumerate(ws):
-            part = gemv(a, wi, out=fused.buffer_rows(1, i % 2))
-            report["in_buffer"] &= part.data_ptr() == fused.buffer_rows(1, i % 2).data_ptr()
+            own, pushes = fused.push_targets(1, i % 2)
+            part = gemv(a, wi, out=own, copies=pushes)
+            report["in_buffer"] &= part.data_ptr() == own.data_ptr()
             ys.append(fused(part, residual, w, 1e-5, i % 2)[0])
         return ys
 

@@ -141,3 +141,17 @@ def test_gemv_writes_into_a_given_buffer_and_refuses_a_wrong_one():
     assert not buffer[0].any() and not buffer[1, 1:].any()
     with pytest.raises(BadInputError, match=r"out \(2, 24\).*not a \[1, 24\]"):
         gemv(x, w, out=buffer[0, :2])
+
+
+def test_gemv_pushes_its_result_to_every_address_given():
+    """``copies``: the epilogue stores the result at each address (a TP partial into every rank's sum buffer)."""
+    torch.manual_seed(0)
+    x, w = torch.randn(1, 64, device=DEV), torch.randn(24, 64, device=DEV)
+    a, b = torch.zeros(3, 24, device=DEV), torch.zeros(2, 24, device=DEV)
+    addresses = torch.tensor([a[1].data_ptr(), b[0].data_ptr()], dtype=torch.int64, device=DEV)
+    y = gemv(x, w, config=GemvConfig(1, 2, 32, 2), out=a[1:2], copies=addresses)
+    expect = gemv(x, w, config=GemvConfig(1, 2, 32, 2))
+    assert y.data_ptr() == a[1].data_ptr() and torch.equal(a[1:2], expect) and torch.equal(b[:1], expect)
+    assert not a[0].any() and not a[2].any() and not b[1].any()
+    with pytest.raises(BadInputError, match="copies="):
+        gemv(x, w, copies=addresses)

@@ -43,9 +43,9 @@ def test_one_rank_equals_add_rmsnorm_and_clears_its_flags(dtype):
 
 
 def two_ranks(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Both ranks' buffers [rank, slot, row, hidden] and flag pads [rank, slot, row, sender], and their pointer
-    arrays: rank 0's kernel runs, rank 1's side is played by the test."""
-    buffers = torch.zeros(2, 2, MAX_ROWS, HIDDEN, dtype=dtype)
+    """Both ranks' buffers [rank, slot, sender, row, hidden] and flag pads [rank, slot, row, sender], and their
+    pointer arrays: rank 0's kernel runs, rank 1's side is played by the test."""
+    buffers = torch.zeros(2, 2, 2, MAX_ROWS, HIDDEN, dtype=dtype)
     pads = torch.zeros(2, 2, MAX_ROWS, 2, dtype=torch.int32)
     return (buffers, pads, torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64),
             torch.tensor([p.data_ptr() for p in pads], dtype=torch.int64))
@@ -53,20 +53,21 @@ def two_ranks(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rank0_of_two_sums_its_peers_row_and_raises_its_flag(dtype):
-    """Rank 1's row is in its buffer and its flag raised in rank 0's pad; rank 0 must publish its row, raise its
-    flag in rank 1's pad, clear its own pad and return the add+norm of the two rows' sum."""
+    """Rank 1 pushed its row into rank 0's buffer and raised its flag in rank 0's pad; rank 0 must push its row into
+    both buffers, raise its flag in rank 1's pad, clear its own pad and return the add+norm of the two rows' sum."""
     torch.manual_seed(0)
     buffers, pads, buffer_ptrs, flag_ptrs = two_ranks(dtype)
     for slot, rows in ((0, 3), (1, 4), (0, 1)):
         x0, x1 = grid(rows, dtype), grid(rows, dtype)
         residual, w = torch.randn(rows, HIDDEN, dtype=dtype), torch.rand(HIDDEN, dtype=dtype) + 0.5
-        buffers[1, slot, :rows] = x1
+        buffers[0, slot, 1, :rows] = x1
         pads[0, slot, :rows, 1] = 1
         y, s = sum_add_rmsnorm(x0, residual, w, 1e-5, buffer_ptrs.data_ptr(), flag_ptrs.data_ptr(), slot, 0, 2,
                                MAX_ROWS)
         y_ref, s_ref = add_rmsnorm_triton((x0.float() + x1.float()).to(dtype), residual, w, 1e-5)
         assert torch.equal(y, y_ref) and torch.equal(s, s_ref)
-        assert torch.equal(buffers[0, slot, :rows], x0), "rank 0's row is published for rank 1 to read"
+        assert torch.equal(buffers[1, slot, 0, :rows], x0), "rank 0's row is pushed into rank 1's buffer"
+        assert torch.equal(buffers[0, slot, 0, :rows], x0) and not buffers[1, :, 1].any()
         assert pads[1, slot, :rows, 0].eq(1).all(), "rank 0 raised its flag in rank 1's pad"
         assert not pads[0].any(), "rank 0 cleared its own pad"
         pads[1].zero_()  # rank 1 would clear it
@@ -74,20 +75,21 @@ def test_rank0_of_two_sums_its_peers_row_and_raises_its_flag(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_partial_already_in_the_buffer_is_summed_in_place(dtype):
-    """``in_buffer``: the row-parallel GEMV wrote rank 0's rows into its buffer; the kernel must sum them from there
-    (the x argument is that view) and give the bits of the copying path."""
+    """``in_buffer``: the row-parallel GEMV pushed rank 0's rows into both buffers; the kernel must store nothing, sum
+    them from its own buffer and give the bits of the copying path."""
     torch.manual_seed(0)
     buffers, pads, buffer_ptrs, flag_ptrs = two_ranks(dtype)
     for slot, rows in ((0, 3), (1, 1)):
         x0, x1 = grid(rows, dtype), grid(rows, dtype)
         residual, w = torch.randn(rows, HIDDEN, dtype=dtype), torch.rand(HIDDEN, dtype=dtype) + 0.5
-        buffers[0, slot, :rows], buffers[1, slot, :rows] = x0, x1
+        buffers[0, slot, 0, :rows], buffers[0, slot, 1, :rows] = x0, x1
         pads[0, slot, :rows, 1] = 1
-        y, s = sum_add_rmsnorm(buffers[0, slot, :rows], residual, w, 1e-5, buffer_ptrs.data_ptr(),
+        y, s = sum_add_rmsnorm(buffers[0, slot, 0, :rows], residual, w, 1e-5, buffer_ptrs.data_ptr(),
                                flag_ptrs.data_ptr(), slot, 0, 2, MAX_ROWS, in_buffer=True)
         y_ref, s_ref = add_rmsnorm_triton((x0.float() + x1.float()).to(dtype), residual, w, 1e-5)
         assert torch.equal(y, y_ref) and torch.equal(s, s_ref)
-        assert torch.equal(buffers[0, slot, :rows], x0) and pads[1, slot, :rows, 0].eq(1).all()
+        assert not buffers[1].any(), "nothing stored into rank 1's buffer: the GEMV pushed there"
+        assert pads[1, slot, :rows, 0].eq(1).all()
         assert not pads[0].any()
         pads[1].zero_()
 
@@ -96,14 +98,14 @@ def test_rank0_waits_for_its_peers_flag():
     """Without rank 1's flag the kernel must not read rank 1's row (it may be the previous layer's)."""
     buffers, pads, buffer_ptrs, flag_ptrs = two_ranks(torch.float32)
     x0, x1, residual, w = grid(1, torch.float32), grid(1, torch.float32), torch.randn(1, HIDDEN), torch.ones(HIDDEN)
-    buffers[1, 0, :1] = 1e6  # stale
+    buffers[0, 0, 1, :1] = 1e6  # stale
     out = {}
     worker = threading.Thread(target=lambda: out.update(y=sum_add_rmsnorm(
         x0, residual, w, 1e-5, buffer_ptrs.data_ptr(), flag_ptrs.data_ptr(), 0, 0, 2, MAX_ROWS)[0]))
     worker.start()
     worker.join(timeout=3)
     assert worker.is_alive(), "the kernel went on without rank 1's flag"
-    buffers[1, 0, :1] = x1
+    buffers[0, 0, 1, :1] = x1
     pads[0, 0, 0, 1] = 1
     worker.join(timeout=60)
     assert not worker.is_alive()

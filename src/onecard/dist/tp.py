@@ -102,12 +102,16 @@ class SumAddNorm:
 
         self.dtype, self.hidden, self.max_rows = dtype, hidden, max_rows
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
-        self.buffer = symm_mem.empty(2 * max_rows * hidden, dtype=dtype, device=device)
+        self.buffer = symm_mem.empty(2 * self.world * max_rows * hidden, dtype=dtype, device=device)
         self.flags = symm_mem.empty(2 * max_rows * self.world, dtype=torch.int32, device=device)
         self.flags.zero_()
         buffers = symm_mem.rendezvous(self.buffer, group.group_name)
         flags = symm_mem.rendezvous(self.flags, group.group_name)
         self.buffer_ptrs, self.flag_ptrs = buffers.buffer_ptrs_dev, flags.buffer_ptrs_dev
+        area = max_rows * hidden * self.buffer.element_size()  # bytes of one sender's rows of one slot
+        # per slot, the address of this rank's rows in every rank's buffer ([slot, sender, row, hidden])
+        self.pushes = torch.tensor([[ptr + (slot * self.world + self.rank) * area for ptr in buffers.buffer_ptrs]
+                                    for slot in (0, 1)], dtype=torch.int64, device=device)
         torch.cuda.synchronize(device)
         dist.barrier(group)  # every rank's flags are zero before any rank raises one
 
@@ -115,16 +119,21 @@ class SumAddNorm:
         return (x.dim() == 2 and x.shape[0] <= self.max_rows and x.shape[1] == self.hidden and x.dtype == self.dtype
                 and x.is_contiguous())
 
-    def buffer_rows(self, rows: int, slot: int) -> torch.Tensor | None:
-        """This rank's ``[rows, hidden]`` of ``slot`` in its buffer, for the row-parallel GEMV to write its partial
-        straight there (None: more rows than a sum takes)."""
-        return self.buffer.view(2, self.max_rows, self.hidden)[slot, :rows] if rows <= self.max_rows else None
+    def own_rows(self, rows: int, slot: int) -> torch.Tensor:
+        """This rank's ``[rows, hidden]`` of ``slot`` in its own buffer."""
+        return self.buffer.view(2, self.world, self.max_rows, self.hidden)[slot, self.rank, :rows]
+
+    def push_targets(self, rows: int, slot: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(``own_rows``, the addresses of this rank's rows of ``slot`` in every rank's buffer): where the
+        row-parallel GEMV stores its partial, so the sum kernel finds every rank's rows in its own buffer and
+        stores nothing itself. None: more rows than a sum takes."""
+        return (self.own_rows(rows, slot), self.pushes[slot]) if rows <= self.max_rows else None
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                  slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         from onecard.kernels.sum_norm import sum_add_rmsnorm
 
-        in_buffer = x.data_ptr() == self.buffer_rows(1, slot).data_ptr()
+        in_buffer = x.data_ptr() == self.own_rows(1, slot).data_ptr()
         return sum_add_rmsnorm(x, residual.contiguous(), weight, eps, self.buffer_ptrs, self.flag_ptrs, slot,
                                self.rank, self.world, self.max_rows, in_buffer)
 
@@ -206,13 +215,15 @@ class RowParallelLinear(nn.Module):
         return out
 
     def _partial(self, x: torch.Tensor, fused, slot: int) -> torch.Tensor:
-        """This rank's partial; the decode GEMV writes it straight into the fused sum's buffer, so the sum kernel
-        skips its copy there (the sum kernel sees where it lies)."""
+        """This rank's partial; the decode GEMV pushes it into every rank's sum buffer as it goes, so the sum kernel
+        stores nothing and reads only local memory (it sees from the partial's address that it lies there)."""
         from onecard.kernels.gemv import GemvLinear
 
-        if isinstance(self.linear, GemvLinear):
-            return self.linear(x, out=fused.buffer_rows(x.shape[:-1].numel(), slot))
-        return self.linear(x)
+        targets = fused.push_targets(x.shape[:-1].numel(), slot) if isinstance(self.linear, GemvLinear) else None
+        if targets is None:
+            return self.linear(x)
+        own, pushes = targets
+        return self.linear(x, out=own, copies=pushes)
 
 
 def check_tp(args: ModelArgs, tp_size: int) -> None:

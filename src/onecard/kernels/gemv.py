@@ -134,10 +134,12 @@ def _store_silu_mul(out_ptr, y, offs_m, M, stride_om, pid, half):
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om, half,
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, copies_ptr, M, N, K, stride_xm, stride_wn, stride_om, half,
                  HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr):
-    # GATED: W's rows are [gate | up] (``half`` each) and the program writes silu(gate) * up (_gate_up_rows)
+                 BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, GATED: tl.constexpr, COPIES: tl.constexpr,
+                 PDL: tl.constexpr):
+    # GATED: W's rows are [gate | up] (``half`` each) and the program writes silu(gate) * up (_gate_up_rows);
+    # COPIES > 0: the result goes to the COPIES addresses in copies_ptr (out_ptr is one of them), not to out_ptr
     pid_n, pid_m = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if GATED:
@@ -196,11 +198,19 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, st
         _store_silu_mul(out_ptr, y, offs_m, M, stride_om, pid_n, half)
     else:
         mask = (offs_m[:, None] < M) & n_ok[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+        at = offs_m[:, None] * stride_om + offs_n[None, :]
+        y = y.to(out_ptr.dtype.element_ty)
+        if COPIES > 0:
+            for i in tl.static_range(COPIES):
+                dest = tl.load(copies_ptr.to(tl.pointer_type(tl.uint64)) + i).to(out_ptr.dtype)
+                tl.store(dest + at, y, mask=mask)
+        else:
+            tl.store(out_ptr + at, y, mask=mask)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: GemvConfig | None = None, gated: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+         config: GemvConfig | None = None, gated: bool = False, out: torch.Tensor | None = None,
+         copies: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for ``x[..., K]`` with few rows, through the Triton GEMV.
 
     ``gated``: the weight's rows are ``[gate | up]`` and the result ``silu(gate) * up`` ``[..., N / 2]``, written
@@ -211,8 +221,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     kernel and silu_mul; it was slow with their plain columns too, so the epilogue, not the gate/up column
     order, cost it), so only this GEMV does it.
 
-    ``out``: a ``[rows, N]`` tensor with contiguous rows to write into (a tensor-parallel sum's buffer) instead of a
-    new one.
+    ``out``: a ``[rows, N]`` tensor with contiguous rows to write into instead of a new one. ``copies``: an int64
+    device tensor of addresses (``out``'s among them) where the epilogue stores the result, each laid out as
+    ``out``: a tensor-parallel partial pushed into every rank's sum buffer (``dist.tp.SumAddNorm``).
     """
     N, K = weight.shape
     if x.shape[-1] != K or weight.stride(-1) != 1 or x.dtype != weight.dtype or x.dtype not in DTYPES:
@@ -220,6 +231,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                             f"{tuple(weight.shape)} {weight.dtype} (bf16, fp16 or fp32)")
     if gated and N % 2:
         raise BadInputError(f"gated gemv needs an even number of weight rows (gate then up), got {N}")
+    if copies is not None and (out is None or gated or copies.dtype != torch.int64 or copies.dim() != 1):
+        raise BadInputError("gemv: copies= is a 1-D int64 tensor of addresses, given with out= and without gated")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
@@ -236,9 +249,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     launch.update(pdl_launch(x))
     grid_n = triton.cdiv(half, c.block_n // 2) if gated else triton.cdiv(N, c.block_n)
     _gemv_kernel[(grid_n, triton.cdiv(M, c.block_m))](
-        x2, weight, bias if bias is not None else weight, out, M, N, K, x2.stride(0), weight.stride(0),
-        out.stride(0), half, HAS_BIAS=bias is not None, EVEN_K=K % c.block_k == 0, BLOCK_M=c.block_m,
-        BLOCK_N=c.block_n, BLOCK_K=c.block_k, PREFETCH=min(c.prefetch, K // c.block_k), GATED=gated, **launch)
+        x2, weight, bias if bias is not None else weight, out, copies if copies is not None else out, M, N, K,
+        x2.stride(0), weight.stride(0), out.stride(0), half, HAS_BIAS=bias is not None, EVEN_K=K % c.block_k == 0,
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, PREFETCH=min(c.prefetch, K // c.block_k),
+        GATED=gated, COPIES=0 if copies is None else copies.numel(), **launch)
     return out.reshape(*lead, half or N)
 
 
@@ -248,11 +262,12 @@ class GemvLinear(nn.Linear):
     def _takes(self, x: torch.Tensor) -> bool:
         return x.is_cuda and 0 < x.numel() <= GEMV_MAX_M * self.in_features and x.dtype == self.weight.dtype
 
-    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``out``: where the GEMV writes its ``[rows, out_features]`` result (see ``gemv``); F.linear, which runs
-        where the GEMV does not, returns a new tensor, so callers check what they got."""
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None,
+                copies: torch.Tensor | None = None) -> torch.Tensor:
+        """``out``, ``copies``: where the GEMV stores its ``[rows, out_features]`` result (see ``gemv``); F.linear,
+        which runs where the GEMV does not, returns a new tensor, so callers check what they got."""
         if self._takes(x):
-            return gemv(x, self.weight, self.bias, out=out)
+            return gemv(x, self.weight, self.bias, out=out, copies=copies)
         return F.linear(x, self.weight, self.bias)
 
     def forward_silu_mul(self, x: torch.Tensor) -> torch.Tensor:
