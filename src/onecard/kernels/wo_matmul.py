@@ -140,12 +140,14 @@ class KernelConfig:
 # loop is done; quant_decode.py A/B on one H100): int4 bs=1 decode 2.63 -> 2.43 ms/token, int8 bs=1 3.65 -> 3.51,
 # int4 bs=16 +5 %, but int8 bs=16 -4 % (two runs), so the int8 dot_t rows launch without it. Letting the next kernel
 # launch at the start instead (as the other decode kernels do) made int4 bs=1 slower: 2.99 ms, its waiting programs
-# took slots from the GEMV's own later waves.
+# took slots from the GEMV's own later waves. (1, 8) with prefetch, so its first tile also loads before the wait:
+# int8 bs=1 3.424/3.425 -> 3.364/3.365 ms (two pairs, one H100, .device A/B); loading two tiles ahead instead
+# made int4 bs=1 2.36 -> 2.69 ms and int8 3.37 -> 3.47 (register pressure), so the depth stays one tile.
 # M > 16: pre-sweep defaults. `benchmarks/quant_kernels.py --sweep`
 # prints this table measured on the card it runs on.
 CONFIGS: dict[tuple[int, int], KernelConfig] = {
     (1, 4): KernelConfig("gemv_bf16x2", 1, 32, 32, 4.0, 4, 4, prefetch=True),
-    (1, 8): KernelConfig("gemv", 1, 64, 16, 8.0, 4, 4),
+    (1, 8): KernelConfig("gemv", 1, 64, 16, 8.0, 4, 4, prefetch=True),
     (2, 4): KernelConfig("gemv_bf16x2", 2, 32, 32, 4.0, 4, 4),
     (2, 8): KernelConfig("gemv", 2, 64, 32, 4.0, 4, 4),
     (4, 4): KernelConfig("dot", 16, 128, 16, 2.0, 8, 3),
