@@ -11,7 +11,9 @@ its own graph is timed too and subtracted) at --rows rows:
 - fused: ``dist.tp.SumAddNorm``, one PDL-aware kernel (what the engine uses up to 128 rows);
 - one-shot: PyTorch's symmetric-memory one-shot all-reduce (``dist.tp.SymmMemAllReduce``, what
   ``tp_all_reduce="one-shot"`` uses) then the add+norm kernel;
-- NCCL: ``dist.all_reduce`` then the add+norm kernel.
+- NCCL: ``dist.all_reduce`` then the add+norm kernel;
+- at 1 row also gemv-push, the engine's bs=1 path: the GEMV's epilogue pushes its partial into every rank's sum
+  buffer (``SumAddNorm.push_targets``) and the fused kernel sums it from there, storing nothing itself.
 
 Every way's output is checked against NCCL + add+norm first. Writes docs/results/kernel_sum_norm.json (+ PNG).
 """
@@ -91,9 +93,16 @@ def _worker(hidden: int, rows_list: list[int], replays: int, out: str) -> None:
         return total
 
     def ways_for(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> dict:
-        return {"fused": lambda i: fused(x, residual, weight, 1e-5, i % 2),
-                "one-shot": lambda i: add_rmsnorm_triton(one_shot(x), residual, weight, 1e-5),
-                "nccl": lambda i: add_rmsnorm_triton(nccl_sum(x), residual, weight, 1e-5)}
+        """Each way: the spacer GEMV, then a sum of x (of the GEMV's own output for gemv-push, at 1 row)."""
+        ways = {"fused": lambda i: (gemv(x_o, w_o), fused(x, residual, weight, 1e-5, i % 2))[1],
+                "one-shot": lambda i: (gemv(x_o, w_o), add_rmsnorm_triton(one_shot(x), residual, weight, 1e-5))[1],
+                "nccl": lambda i: (gemv(x_o, w_o), add_rmsnorm_triton(nccl_sum(x), residual, weight, 1e-5))[1]}
+        if x.shape[0] == 1:
+            def push(i: int):
+                own, pushes = fused.push_targets(1, i % 2)
+                return fused(gemv(x_o, w_o, out=own, copies=pushes), residual, weight, 1e-5, i % 2)
+            ways["gemv-push"] = push
+        return ways
 
     for rows in rows_list:
         x = torch.randn(rows, hidden, device=device, dtype=dtype, generator=g)
@@ -101,16 +110,17 @@ def _worker(hidden: int, rows_list: list[int], replays: int, out: str) -> None:
         residual = torch.randn(rows, hidden, device=device, dtype=dtype, generator=shared)
         weight = torch.rand(hidden, device=device, dtype=dtype, generator=shared) + 0.5
         ways = ways_for(x, residual, weight)
-        y_ref, _ = ways["nccl"](0)
+        y_ref = add_rmsnorm_triton(nccl_sum(x), residual, weight, 1e-5)[0]
         for way, fn in ways.items():
-            err = (fn(0)[0].float() - y_ref.float()).abs().max().item() / y_ref.float().abs().max().item()
+            ref = add_rmsnorm_triton(nccl_sum(gemv(x_o, w_o)), residual, weight, 1e-5)[0] if way == "gemv-push" \
+                else y_ref
+            err = (fn(0)[0].float() - ref.float()).abs().max().item() / ref.float().abs().max().item()
             if err > 2e-2:  # bf16: one rounding step of the sum may differ from NCCL's order
                 raise SystemExit(f"{way} at {rows} rows: max relative error {err:.2e} vs NCCL + add+norm")
         spacer = _graph_us_per_call(lambda i: gemv(x_o, w_o), replays)
         result[f"rows{rows}_gemv_spacer_us"] = spacer
         for way, fn in ways.items():
-            result[f"rows{rows}_{way}_us_per_sum"] = _graph_us_per_call(
-                lambda i, fn=fn: (gemv(x_o, w_o), fn(i)), replays) - spacer
+            result[f"rows{rows}_{way}_us_per_sum"] = _graph_us_per_call(fn, replays) - spacer
     if env.rank == 0:
         with open(out, "w") as f:
             json.dump(result, f)
@@ -145,6 +155,11 @@ def main() -> None:
         result[f"rows{rows}_speedup_vs_nccl"] = us["nccl"] / us["fused"]
         t.add_row(str(rows), *(f"{us[w]:.2f}" for w in WAYS), f"{us['one-shot'] / us['fused']:.2f}x",
                   f"{us['nccl'] / us['fused']:.2f}x")
+    if "rows1_gemv-push_us_per_sum" in timed:
+        push = timed["rows1_gemv-push_us_per_sum"]
+        result["rows1_gemv_push_speedup_vs_fused"] = timed["rows1_fused_us_per_sum"] / push
+        t.add_row("1, gemv-push", f"{push:.2f}", "", "", f"{timed['rows1_one-shot_us_per_sum'] / push:.2f}x",
+                  f"{timed['rows1_nccl_us_per_sum'] / push:.2f}x")
     result["elapsed_s"] = time.perf_counter() - t0
     console.print(t)
     fig = speedup_bars({"vs one-shot + add+norm": [result[f"rows{r}_speedup_vs_one_shot"] for r in rows_list],
