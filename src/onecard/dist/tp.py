@@ -82,10 +82,12 @@ class SymmMemAllReduce:
         return out
 
 
-# rows (decode sequences) a fused sum takes. One program per row, each waiting on NVLink: per sum on 2x H200
-# (docs/results/kernel_sum_norm.json) the fused kernel beats the one-shot all-reduce + add+norm at 1 and 8 rows
-# (1.43x, 1.05x) and loses from 16 (0.94x; 0.83x at 32), where batches keep the one-shot path
-FUSED_MAX_ROWS = 8
+# rows (decode sequences) a fused sum takes, one program per row. Pushing each partial into every rank's buffer
+# (reads stay local) made the fused kernel beat the one-shot all-reduce + add+norm at every row count measured
+# (2x H100, docs/results/h100/kernel_sum_norm.json: 1.97x at 1 row, 1.75x at 32; with the pull protocol before it
+# lost from 16 rows on 2x H200, kernel_sum_norm.json). Raising this from 8 to 32 took the Llama-2-13B TP=2
+# offline run (bs=32) from 3,105 to 3,202 tok/s on one 2x H200 lease (dist_tp.json, dist_tp_fused8_same_lease.json)
+FUSED_MAX_ROWS = 32
 
 
 class SumAddNorm:
