@@ -67,7 +67,8 @@ CONFIGS: dict[int, GemvConfig] = {
 # 186.2 us). Two tiles before the PDL wait, not one: a dev chain of 8 Llama-2-13B decode layers on one H200 (each
 # GEMV behind a 6 us spin standing for the TP sum, or 2.5 us for a norm, and the fused attention) took 98.9 us a
 # layer against 102.4 for the TP=2 shard and 162.8 against 167.1 at TP=1; 3 or 4 tiles gained nothing more. In
-# dist_tp.json's lease TP=2 bs=1 rose 234.0 -> 241.0 tok/s with it alone (TP=1 151.8 -> 153.4).
+# one 2x H200 lease TP=2 bs=1 rose 234.0 -> 241.0 tok/s with it alone (TP=1 151.8 -> 153.4;
+# dist_tp_before_in_buffer.json, dist_tp_prefetch2_only.json).
 UNEVEN_K_CONFIGS: dict[int, GemvConfig] = {
     1: GemvConfig(1, 2, 1024, 4, prefetch=2),
 }
