@@ -118,8 +118,8 @@ def test_engine_turns_the_gemv_off_with_speculation_and_refuses_both():
         EngineConfig("m", decode_gemv=True, num_speculative_tokens=3)
 
 
-@pytest.mark.parametrize("prefetch", [1, 2, 4])
-@pytest.mark.parametrize("K", [16, 48, 64, 80, 160])  # under a tile, 1.5 tiles, 2 whole tiles, a ragged 3rd, 5
+@pytest.mark.parametrize("prefetch", [1, 2])
+@pytest.mark.parametrize("K", [16, 48, 64, 80])  # under one tile, a tile and a half, two whole tiles, a ragged third
 def test_prefetching_the_first_tiles_gives_the_same_bits(K, prefetch):
     """``prefetch`` only moves the first weight tiles' loads before the PDL wait (fewer where K has fewer whole
     tiles); the sum must not change."""
@@ -136,8 +136,9 @@ def test_gemv_writes_into_a_given_buffer_and_refuses_a_wrong_one():
     torch.manual_seed(0)
     x, w = torch.randn(1, 64, device=DEV), torch.randn(24, 64, device=DEV)
     buffer = torch.zeros(2, 4, 24, device=DEV)
-    y = gemv(x, w, config=GemvConfig(1, 2, 32, 2), out=buffer[1, :1])
-    assert y.data_ptr() == buffer[1, 0].data_ptr() and torch.equal(buffer[1, :1], gemv(x, w, config=GemvConfig(1, 2, 32, 2)))
+    config = GemvConfig(1, 2, 32, 2)
+    y = gemv(x, w, config=config, out=buffer[1, :1])
+    assert y.data_ptr() == buffer[1, 0].data_ptr() and torch.equal(buffer[1, :1], gemv(x, w, config=config))
     assert not buffer[0].any() and not buffer[1, 1:].any()
     with pytest.raises(BadInputError, match=r"out \(2, 24\).*not a \[1, 24\]"):
         gemv(x, w, out=buffer[0, :2])

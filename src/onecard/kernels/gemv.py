@@ -36,7 +36,7 @@ from onecard.kernels.launch import let_next_start, pdl_launch, wait_for_inputs
 from onecard.kernels.swiglu import silu_mul
 
 
-MAX_PREFETCH = 4  # weight tiles _gemv_kernel can load before its PDL wait
+MAX_PREFETCH = 2  # weight tiles _gemv_kernel can load before its PDL wait (3 or 4 gained nothing: UNEVEN_K_CONFIGS)
 
 
 @dataclass(frozen=True)
@@ -102,13 +102,6 @@ def _tile_mask(ok, k3, k0, K, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _add_tile(acc, x_ptrs, w, m_ok3, k3, k0, K, EVEN_K: tl.constexpr):
-    """``acc + x[:, k0:k0 + BK] * w`` for a weight tile ``w`` loaded earlier (before the PDL wait)."""
-    x = tl.load(x_ptrs + k0, mask=_tile_mask(m_ok3, k3, k0, K, EVEN_K), other=0.0)
-    return acc + x.to(tl.float32) * w.to(tl.float32)
-
-
-@triton.jit
 def _gate_up_rows(pid, half, BLOCK_N: tl.constexpr):
     """A program's rows of a fused ``[gate | up]`` weight (``half`` rows each), for the epilogue that writes
     ``silu(gate) * up``: the first ``BLOCK_N // 2`` are gate rows ``j``, the rest the up rows ``half + j`` of the
@@ -156,26 +149,20 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, copies_ptr, M, N, K, stride_xm, s
     if PREFETCH > 0:
         # the first weight tile(s) before waiting for the previous kernel (PDL): no decode kernel writes weights, so
         # a wait on a norm or a TP sum overlaps the start of the weight stream; x is read only after the wait.
-        # On 2x H200 (dist_tp_2c521ab.json) one tile took Llama-2-13B TP=2 bs=1 from 222.5 to 228.8 and 231.6 tok/s (two
-        # runs) with TP=1 unchanged; with the 2048-wide tile of CONFIGS it cost Llama-2-7B/Llama-3-8B bs=1 decode 9 %
-        # and 13 % (a dev A/B on one H200), and still 4 % with the next launch moved after the loop (7B, H100:
-        # 4.99 -> 5.20 ms/token), so only UNEVEN_K_CONFIGS turn it on. gemv() lowers it where K has fewer tiles.
+        # On 2x H200 (dist_tp_2c521ab.json) one tile took Llama-2-13B TP=2 bs=1 from 222.5 to 228.8 and 231.6
+        # tok/s (two runs) with TP=1 unchanged; with the 2048-wide tile of CONFIGS it cost Llama-2-7B/Llama-3-8B
+        # bs=1 decode 9 % and 13 % (a dev A/B on one H200), and still 4 % with the next launch moved after the loop
+        # (7B, H100: 4.99 -> 5.20 ms/token), so only UNEVEN_K_CONFIGS turn it on (two tiles there). gemv() lowers
+        # the count where K has fewer whole tiles.
         w0 = tl.load(w_ptrs, mask=_tile_mask(n_ok3, k3, 0, K, EVEN_K), other=0.0)
         if PREFETCH > 1:
             w1 = tl.load(w_ptrs + BLOCK_K, mask=_tile_mask(n_ok3, k3, BLOCK_K, K, EVEN_K), other=0.0)
-        if PREFETCH > 2:
-            w2 = tl.load(w_ptrs + 2 * BLOCK_K, mask=_tile_mask(n_ok3, k3, 2 * BLOCK_K, K, EVEN_K), other=0.0)
-        if PREFETCH > 3:
-            w3 = tl.load(w_ptrs + 3 * BLOCK_K, mask=_tile_mask(n_ok3, k3, 3 * BLOCK_K, K, EVEN_K), other=0.0)
         wait_for_inputs(PDL)
         x = tl.load(x_ptrs, mask=_tile_mask(m3 < M, k3, 0, K, EVEN_K), other=0.0)
         acc = x.to(tl.float32) * w0.to(tl.float32)
         if PREFETCH > 1:
-            acc = _add_tile(acc, x_ptrs, w1, m3 < M, k3, BLOCK_K, K, EVEN_K)
-        if PREFETCH > 2:
-            acc = _add_tile(acc, x_ptrs, w2, m3 < M, k3, 2 * BLOCK_K, K, EVEN_K)
-        if PREFETCH > 3:
-            acc = _add_tile(acc, x_ptrs, w3, m3 < M, k3, 3 * BLOCK_K, K, EVEN_K)
+            x = tl.load(x_ptrs + BLOCK_K, mask=_tile_mask(m3 < M, k3, BLOCK_K, K, EVEN_K), other=0.0)
+            acc += x.to(tl.float32) * w1.to(tl.float32)
         k_start = PREFETCH * BLOCK_K
     else:
         wait_for_inputs(PDL)
