@@ -230,7 +230,7 @@ def _sum_norm_worker(out: str) -> None:
     import torch.distributed as dist
 
     from onecard.dist.launch import init_distributed
-    from onecard.dist.tp import SumAddNorm
+    from onecard.dist.tp import FUSED_MAX_ROWS, SumAddNorm
     from onecard.kernels.rmsnorm import add_rmsnorm_triton
 
     env, device = init_distributed("cuda")
@@ -249,11 +249,11 @@ def _sum_norm_worker(out: str) -> None:
         report["calls"] += 1
 
     for dtype, hidden in ((torch.bfloat16, 5120), (torch.float32, 4096)):
-        fused = SumAddNorm(dist.group.WORLD, torch.device(device), dtype, hidden, max_rows=8)
-        for trial in range(40):  # rows vary: every row's flags are used, in both slots
+        fused = SumAddNorm(dist.group.WORLD, torch.device(device), dtype, hidden, max_rows=FUSED_MAX_ROWS)
+        for trial in range(40):  # rows vary up to the engine's limit: every row's flags are used, in both slots
             g = torch.Generator(device=device).manual_seed(1000 * trial + env.rank)
             shared = torch.Generator(device=device).manual_seed(trial)
-            rows = 1 + trial % 8
+            rows = 1 + trial * 7 % FUSED_MAX_ROWS
             x = torch.randn(rows, hidden, device=device, dtype=dtype, generator=g)
             residual = torch.randn(rows, hidden, device=device, dtype=dtype, generator=shared)
             w = torch.rand(hidden, device=device, dtype=dtype, generator=shared) + 0.5
