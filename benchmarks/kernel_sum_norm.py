@@ -8,7 +8,7 @@ and normalised. Three ways, each timed per rank 0 as a CUDA graph of 80
 [o-proj-sized GEMV, sum] pairs (the GEMV is what the sum waits for in decode;
 its own graph is timed too and subtracted) at --rows rows:
 
-- fused: ``dist.tp.SumAddNorm``, one PDL-aware kernel (what the engine uses up to 128 rows);
+- fused: ``dist.tp.SumAddNorm``, one PDL-aware kernel (what the engine uses up to ``FUSED_MAX_ROWS`` rows);
 - one-shot: PyTorch's symmetric-memory one-shot all-reduce (``dist.tp.SymmMemAllReduce``, what
   ``tp_all_reduce="one-shot"`` uses) then the add+norm kernel;
 - NCCL: ``dist.all_reduce`` then the add+norm kernel;

@@ -9,7 +9,7 @@ What a kernel may load before its wait: whatever no kernel of the step writes (w
 step's copied-in lengths, positions and block table), and, where the kernel before it is a GEMV, what a kernel
 two or more launches back wrote (a norm's residual row): the GEMVs let the next kernel launch only after their
 own wait, by which time the kernel before them had finished (cuBLAS and other PyTorch ops run without PDL, so
-whatever follows them starts after they finish). So the decode GEMV loads its first weight tile before the wait,
+whatever follows them starts after they finish). So the decode GEMV loads its first weight tiles before the wait,
 the add+norm kernels (which follow the o and down projections) their residual row and weight, and the decode
 attention (after the qkv projection) the step's inputs; everything else waits first. A kernel launched without
 the attribute passes the wait at once.
