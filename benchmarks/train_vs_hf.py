@@ -108,7 +108,8 @@ def _lora_hf(model, r: int, alpha: int):
                                             task_type="CAUSAL_LM"))
 
 
-def _lora_ours(model, r: int, alpha: int, offload: bool = False, int4: bool = False):
+def _lora_ours(model, r: int, alpha: int, offload: bool = False, int4: bool = False, fp8: bool = False):
+    """onecard's LoRA setup, in ``onecard train``'s order; ``fp8``: torchao float8 bases (``--precision fp8``)."""
     from onecard.train.checkpointing import enable_checkpointing
     from onecard.train.lora import add_lora
     from onecard.train.patching import patch_model
@@ -119,6 +120,10 @@ def _lora_ours(model, r: int, alpha: int, offload: bool = False, int4: bool = Fa
         quantize_model_int4(model, 64, next(model.parameters()).dtype, progress=True)
         _free()
     patch_model(model)
+    if fp8:
+        from onecard.train.precision import use_fp8_linears_
+
+        use_fp8_linears_(model)
     model.requires_grad_(False)
     enable_checkpointing(model, offload=offload)
     return add_lora(model, r, alpha, 0.0, "all-linear", seed=0)
@@ -167,6 +172,13 @@ def part_speed(args, out_dir) -> dict:
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     vocab = _arch(args.smoke)["vocab_size"]
     rows: dict[str, dict[int, dict]] = {"hf_peft": {}, "onecard": {}}
+    if args.fp8:
+        from onecard.train.precision import fp8_unavailable
+
+        why = fp8_unavailable(_device())
+        if why is not None:
+            sys.exit(f"--fp8: {why}")
+        rows["onecard_fp8"] = {}
     weights_gib = 0.0
     peak = _matmul_peak_tflops()
     flops = _flops_per_token(args.smoke, seq)
@@ -174,7 +186,7 @@ def part_speed(args, out_dir) -> dict:
         _free()
         model = _build(args.smoke, dtype)
         weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
-        model = _lora_hf(model, 16, 32) if name == "hf_peft" else _lora_ours(model, 16, 32)
+        model = _lora_hf(model, 16, 32) if name == "hf_peft" else _lora_ours(model, 16, 32, fp8=name == "onecard_fp8")
         model.train()
         for bs in sizes:
             _free()
@@ -214,7 +226,8 @@ def part_speed(args, out_dir) -> dict:
                         "weights_share_of_hf_peak": (weights_gib / h["peak_gib"]) if h["peak_gib"] else None,
                         "steps_timed": o["steps_timed"], "warmup_steps": o["warmup_steps"],
                         "hf_loss_last_step": h["loss"], "onecard_loss_last_step": o["loss"],
-                        **_utilization(h["tokens_per_s"], o["tokens_per_s"], flops, peak)})
+                        **_utilization(h["tokens_per_s"], o["tokens_per_s"], flops, peak),
+                        **(_fp8_row(rows["onecard_fp8"][bs], h, o) if args.fp8 else {})})
     shares = [f"{r['weights_share_of_hf_peak']:.0%} at bs {r['batch_size']}" for r in results
               if r["weights_share_of_hf_peak"] is not None]
     share = (f"they are {', '.join(shares)} of the HF + PEFT peak" if shares else
@@ -227,6 +240,10 @@ def part_speed(args, out_dir) -> dict:
                  "+ backward once (model FLOPs); onecard_executed_fraction_of_peak counts what onecard runs (with "
                  "its checkpointing recomputation); speedup_ceiling_vs_hf is the speedup if every executed FLOP ran "
                  "at that rate, and fraction_of_peak_needed_for_2x what a 2x speedup would need.")
+    if args.fp8:
+        note += (" onecard_fp8_*: onecard's path with --precision fp8 (torchao Float8Linear bases, dynamic scaling, "
+                 "eager), against the same bf16 HF + PEFT: not the same settings, so it does not count for the 2x "
+                 "target.")
     data = {"model": "llama-3-8b (random init)" if not args.smoke else "llama-3-8b scaled tiny (smoke)",
             "method": "lora r=16 alpha=32 all-linear, gradient checkpointing, AdamW on the adapter",
             "seq_len": seq, "batch_sizes": sizes, "dtype": dtype, "base_weights_gib": weights_gib,
@@ -242,6 +259,14 @@ def part_speed(args, out_dir) -> dict:
                   _fmt(r["memory_ratio_vs_hf"]), _fmt(r["weights_share_of_hf_peak"]), _fmt(r["hf_mfu"]),
                   _fmt(r["onecard_mfu"]), _fmt(r["fraction_of_peak_needed_for_2x"]), ", ".join(met) or "none")
     console.print(t)
+    if args.fp8:
+        t8 = Table("bs", "fp8 tok/s", "vs HF (bf16)", "vs ours bf16", "fp8 peak GiB", "fp8 loss", "bf16 loss",
+                   title="onecard --precision fp8 (torchao float8 bases)")
+        for r in results:
+            t8.add_row(str(r["batch_size"]), _tok_s(r["onecard_fp8_tokens_per_s"]), _fmt(r["fp8_speedup_vs_hf"]),
+                       _fmt(r["fp8_speedup_vs_onecard_bf16"]), _fmt(r["onecard_fp8_peak_gib"]),
+                       _fmt(r["onecard_fp8_loss_last_step"]), _fmt(r["onecard_loss_last_step"]))
+        console.print(t8)
     console.print(note)
     import matplotlib
     matplotlib.use("Agg")
@@ -249,10 +274,13 @@ def part_speed(args, out_dir) -> dict:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     x = range(len(sizes))
+    arms = [(n, c, lab) for n, c, lab in (("hf_peft", "grey", "HF + PEFT"), ("onecard", "tab:blue", "onecard"),
+                                          ("onecard_fp8", "tab:orange", "onecard fp8")) if n in rows]
+    width = 0.8 / len(arms)
     for ax, key, label in ((axes[0], "tokens_per_s", "tokens/s"), (axes[1], "peak_gib", "peak GiB")):
-        for k, (name, color) in enumerate((("hf_peft", "grey"), ("onecard", "tab:blue"))):
-            ax.bar([i + (k - 0.5) * 0.4 for i in x], [rows[name][b][key] or 0 for b in sizes], 0.4, color=color,
-                   label="HF + PEFT" if name == "hf_peft" else "onecard")
+        for k, (name, color, arm) in enumerate(arms):
+            ax.bar([i + (k - (len(arms) - 1) / 2) * width for i in x], [rows[name][b][key] or 0 for b in sizes],
+                   width, color=color, label=arm)
         ax.set_xticks(list(x), [f"bs {b}" for b in sizes])
         ax.set_ylabel(label)
     axes[1].axhline(weights_gib, color="black", ls=":", label="base weights")
@@ -275,6 +303,19 @@ def _utilization(hf_tok_s: float | None, ours_tok_s: float | None, flops: dict[s
             "hf_executed_fraction_of_peak": frac(hf_tok_s, flops["hf"]),
             "speedup_ceiling_vs_hf": ceiling / hf_tok_s if ceiling and hf_tok_s else None,
             "fraction_of_peak_needed_for_2x": frac(2 * hf_tok_s, flops["onecard"]) if hf_tok_s else None}
+
+
+def _fp8_row(f: dict, h: dict, o: dict) -> dict:
+    """The fp8 arm's figures at one batch size, against HF + PEFT (bf16) and onecard's own bf16 path."""
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a and b else None
+
+    return {"onecard_fp8_oom": f["oom"], "onecard_fp8_tokens_per_s": f["tokens_per_s"],
+            "onecard_fp8_ms_per_step": f["ms_per_step"], "onecard_fp8_peak_gib": f["peak_gib"],
+            "onecard_fp8_loss_last_step": f["loss"],
+            "fp8_speedup_vs_hf": ratio(f["tokens_per_s"], h["tokens_per_s"]),
+            "fp8_speedup_vs_onecard_bf16": ratio(f["tokens_per_s"], o["tokens_per_s"]),
+            "fp8_memory_ratio_vs_hf": ratio(f["peak_gib"], h["peak_gib"])}
 
 
 def _fmt(v: float | None) -> str:
@@ -382,6 +423,10 @@ def part_qlora_ctx(args, out_dir) -> dict:
     deadline = time.perf_counter() + args.search_budget_s
     ok_len, bad_len = search_longest(attempt, start, step_tokens, max_len, lambda: time.perf_counter() < deadline)
     best = [t for t in trials if t[0] == ok_len and t[1]][-1:]  # the last: never the warm-up
+    if args.fp8:
+        note += (" onecard_fp8_*: onecard's path with --precision fp8 (torchao Float8Linear bases, dynamic scaling, "
+                 "eager), against the same bf16 HF + PEFT: not the same settings, so it does not count for the 2x "
+                 "target.")
     data = {"model": "llama-3-8b (random init)" if not args.smoke else "llama-3-8b scaled tiny (smoke)",
             "method": "qlora (onecard int4 RTN g64 base) r=32 alpha=64 all-linear, offloaded checkpoints, bs 1",
             "memory_cap_gib": cap_gib if torch.cuda.is_available() else None,
@@ -476,6 +521,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=None, help="result folder (default docs/results; temp dir in smoke)")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch-sizes", default="1,4", help="speed part: comma-separated micro-batch sizes")
+    p.add_argument("--fp8", action="store_true", help="speed part: also time onecard with --precision fp8 "
+                   "(torchao float8 bases; Ada/Hopper), reported beside the bf16 rows, not as the target")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--cap-gib", type=float, default=24.0)

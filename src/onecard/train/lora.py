@@ -115,8 +115,11 @@ def lean_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     a = self.lora_A[name].weight.to(dtype)
     b = self.lora_B[name].weight.to(dtype)
     h = F.linear(self.lora_dropout[name](x2).to(dtype), a)
-    # in place: an out-of-place addmm first copies ``result`` into its output (a full-activation memcpy on CUDA)
-    return result.addmm_(h, b.t(), alpha=self.scaling[name]).view(*x.shape[:-1], result.shape[-1])
+    # in place: an out-of-place addmm first copies ``result`` into its output (a full-activation memcpy on CUDA).
+    # Not where the base returns a view made inside its own autograd Function (torchao's Float8Linear), which
+    # autograd forbids modifying in place.
+    add = torch.addmm if result._is_view() else torch.Tensor.addmm_
+    return add(result, h, b.t(), alpha=self.scaling[name]).view(*x.shape[:-1], result.shape[-1])
 
 
 def last_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
