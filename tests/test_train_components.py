@@ -124,9 +124,10 @@ def test_fp8_training_is_refused_where_it_cannot_run_and_picks_its_linears():
     assert not fp8_linear_filter(torch.nn.LayerNorm(32), "model.norm")
 
 
-def test_fp8_linears_sit_under_the_lora_adapters(random_checkpoint, tmp_path):
-    """With torchao installed (the fp8 extra), the swap happens before PEFT wraps: LoRA's bases are float8."""
-    pytest.importorskip("torchao")
+def test_fp8_bases_sit_under_the_lora_adapters(random_checkpoint, tmp_path):
+    """The swap happens before PEFT wraps: LoRA's bases are onecard's frozen fp8 linears (no torchao needed), the
+    head stays as it was; full fine-tuning's trained linears are torchao's float8 ones (the fp8 extra)."""
+    from onecard.train.fp8_base import Fp8FrozenLinear
     from onecard.train.trainer import TrainConfig, load_model, prepare_model
 
     cfg = TrainConfig(model=random_checkpoint("llama-3.1-8b"), data=tmp_path, method="lora", precision="fp8",
@@ -134,16 +135,49 @@ def test_fp8_linears_sit_under_the_lora_adapters(random_checkpoint, tmp_path):
     model, _ = load_model(cfg, "cpu", "fp8")
     model, summary = prepare_model(model, cfg, "fp8", "cpu")
     layer = model.base_model.model.model.layers[0]
-    assert type(layer.self_attn.q_proj.base_layer).__name__ == "Float8Linear"
-    assert type(model.base_model.model.lm_head).__name__ == "Linear" and "float8 linears (torchao)" in summary
-    assert layer.self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
+    assert type(layer.self_attn.q_proj.base_layer) is Fp8FrozenLinear and "frozen fp8 base linears" in summary
+    assert type(model.base_model.model.lm_head) is torch.nn.Linear
+    assert layer.self_attn.q_proj.base_layer.qweight.dtype == torch.float8_e4m3fn
+    pytest.importorskip("torchao")
+    cfg = TrainConfig(model=cfg.model, data=tmp_path, method="full", precision="fp8", device="cpu", fused=False,
+                      gradient_checkpointing=False)
+    model, _ = load_model(cfg, "cpu", "fp8")
+    model, summary = prepare_model(model, cfg, "fp8", "cpu")
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Float8Linear"
+    assert "float8 linears (torchao)" in summary
+
+
+def test_fp8_frozen_linear_is_the_dense_layer_within_fp8_error():
+    """Forward ``x W^T`` from the per-output-channel codes, input gradient ``g W`` from the per-input-channel
+    codes of the transpose: each within e4m3's error of the dense layer, and exactly the products of those codes
+    and row-wise scales."""
+    from onecard.kernels.fp8_quant import quantize_rows_reference
+    from onecard.train.fp8_base import Fp8FrozenLinear
+
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(64, 48, bias=True)
+    torch.nn.init.normal_(lin.weight, generator=g)
+    torch.nn.init.normal_(lin.bias, generator=g)
+    fp8 = Fp8FrozenLinear.from_linear(lin)
+    assert fp8.qweight.shape == (48, 64) and fp8.qweight_t.shape == (64, 48) and not fp8.bias.requires_grad
+    assert fp8.qweight.is_contiguous() and fp8.qweight_t.is_contiguous()  # cuBLASLt takes row- x column-major
+    x = torch.randn(3, 5, 64, generator=g, requires_grad=True)
+    y = fp8(x)
+    assert y.shape == (3, 5, 48) and y.dtype == x.dtype
+    dense = lin(x.detach())
+    assert (y.detach() - dense).norm() < 0.05 * dense.norm()
+    codes, scale = quantize_rows_reference(x.detach().reshape(-1, 64))
+    exact = ((codes.float() * scale) @ (fp8.qweight.float() * fp8.weight_scale.t()).t()).bfloat16().float()
+    torch.testing.assert_close(y.detach().reshape(-1, 48), exact + lin.bias.detach(), rtol=0, atol=1e-6)
+    grad = torch.randn(3, 5, 48, generator=g)
+    (gx,) = torch.autograd.grad(y, x, grad)
+    dense_gx = grad @ lin.weight.detach()
+    assert gx.shape == x.shape and (gx - dense_gx).norm() < 0.05 * dense_gx.norm()
 
 
 def test_fp8_lora_trains_through_the_fused_checkpointed_path(random_checkpoint, tmp_path):
-    """The float8 bases under onecard's whole LoRA path (fused kernels, checkpointing, the lean adapter forward):
-    one step runs, every adapter's B gets a gradient, and the loss is bf16's within fp8's error. Float8Linear returns
-    its output as a view made inside a custom Function, which an in-place adapter add may not modify."""
-    pytest.importorskip("torchao")
+    """The frozen fp8 bases under onecard's whole LoRA path (fused kernels, checkpointing, the lean adapter forward):
+    one step runs, every adapter's B gets a gradient, and the loss is bf16's within fp8's error."""
     from onecard.train.trainer import TrainConfig, load_model, prepare_model
 
     ids = torch.randint(0, 200, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -153,7 +187,7 @@ def test_fp8_lora_trains_through_the_fused_checkpointed_path(random_checkpoint, 
                           device="cpu", lora_r=8, seq_len=32)
         model, _ = load_model(cfg, "cpu", precision)
         model, summary = prepare_model(model, cfg, precision, "cpu")
-        assert ("float8 linears" in summary) == (precision == "fp8")
+        assert ("fp8 base linears" in summary) == (precision == "fp8")
         model.train()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids).loss

@@ -146,21 +146,26 @@ def test_long_inputs_run_the_mlp_in_checkpointed_chunks(random_checkpoint, monke
         assert calls == [4, 4, 4, 4, 2]  # no gradients (offloaded checkpoints' forward): pieces too, once each
 
 
-@pytest.mark.parametrize("offload,chunk,int4", [(False, None, False), (True, None, False), (False, 12, False),
-                                                (True, None, True)])
+@pytest.mark.parametrize("offload,chunk,frozen", [(False, None, "dense"), (True, None, "dense"), (False, 12, "dense"),
+                                                  (True, None, "int4"), (False, None, "fp8")])
 def test_recomputation_skips_the_last_matmul_and_keeps_every_gradient(random_checkpoint, monkeypatch, offload,
-                                                                        chunk, int4):
-    """Patched + LoRA + checkpointing (plain, offloaded, the MLP in chunks, and a QLoRA int4 base): the down
-    projection's output is not computed on recomputation, and the loss and every adapter gradient equal PEFT's
-    without checkpointing."""
+                                                                        chunk, frozen):
+    """Patched + LoRA + checkpointing (plain, offloaded, the MLP in chunks, a QLoRA int4 base and an fp8 base):
+    the down projection's output is not computed on recomputation, and the loss and every adapter gradient equal
+    PEFT's without checkpointing (over the same base)."""
     import onecard.train.lora as lora
     import onecard.train.patching as patching
     from onecard.train.checkpointing import enable_checkpointing
+    from onecard.train.fp8_base import Fp8FrozenLinear, use_fp8_bases_
+    from onecard.train.precision import fp8_linear_filter
     from onecard.train.qlora import quantize_model_int4
 
     base = _load(random_checkpoint("llama-3.1-8b")).train()
-    if int4:
+    if frozen == "int4":
         quantize_model_int4(base, 64, torch.float32)
+    if frozen == "fp8":
+        assert use_fp8_bases_(base, fp8_linear_filter) == 7 * base.config.num_hidden_layers
+        assert isinstance(base.model.layers[0].mlp.down_proj, Fp8FrozenLinear)
     ref = lora.add_lora(copy.deepcopy(base), r=4, alpha=8, seed=0)
     patch_model(base)
     ours = lora.add_lora(base, r=4, alpha=8, seed=0)
@@ -198,7 +203,10 @@ def test_recomputation_skips_the_last_matmul_and_keeps_every_gradient(random_che
     torch.testing.assert_close(l_ours, l_ref, rtol=1e-5, atol=1e-6)
     assert g_ours.keys() == g_ref.keys() and len(g_ref) == 14 * base.config.num_hidden_layers
     for name in g_ref:
-        torch.testing.assert_close(g_ours[name], g_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+        if frozen == "fp8":  # a gradient a rounding away quantizes to a neighbouring e4m3 code: compare norms
+            assert (g_ours[name] - g_ref[name]).norm() < 2e-2 * g_ref[name].norm(), name
+        else:
+            torch.testing.assert_close(g_ours[name], g_ref[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_lean_lora_output_adds_in_place_without_view_replay(random_checkpoint):

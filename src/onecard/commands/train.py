@@ -31,8 +31,8 @@ def register(app: typer.Typer) -> None:
         save_steps: int = typer.Option(200, "--save-steps"),
         logging_steps: int = typer.Option(10, "--logging-steps"),
         bad_lines: str = typer.Option("stop", "--bad-lines", help="JSONL lines that do not parse: skip | stop."),
-        precision: str = typer.Option("auto", "--precision", help="auto | bf16 | fp16 | fp32 | fp8 (torchao float8 linears, "
-                                                                  "Ada/Hopper)."),
+        precision: str = typer.Option("auto", "--precision", help="auto | bf16 | fp16 | fp32 | fp8 (Ada/Hopper: "
+                                                                  "frozen fp8 LoRA bases; full: torchao float8)."),
         optimizer: str = typer.Option("auto", "--optimizer", help="auto | adamw | adamw_8bit | paged_adamw_8bit."),
         fused: bool = typer.Option(True, "--fused/--no-fused", help="onecard's fused kernels."),
         gradient_checkpointing: bool = typer.Option(True, "--gradient-checkpointing/--no-gradient-checkpointing"),

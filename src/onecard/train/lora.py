@@ -28,6 +28,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from onecard.errors import BadInputError
 from onecard.train.checkpointing import compute_dtype, recomputing
+from onecard.train.fp8_base import Fp8FrozenLinear
 from onecard.train.qlora import Int4Linear
 
 
@@ -89,9 +90,10 @@ def _plain_adapter(layer: nn.Module, args: tuple = (), kwargs: dict | None = Non
 
 def _frozen_base(layer: nn.Module, name: str) -> bool:
     """Whether ``_FrozenLoRALinear`` can run adapter ``name`` of ``layer`` (a ``_plain_adapter``): gradients are
-    recorded, the base is a frozen ``Linear`` (bf16 or QLoRA's int4) and there is no dropout."""
+    recorded, the base is a frozen ``Linear`` (bf16, QLoRA's int4 or fp8) and there is no dropout."""
     base = layer.base_layer
-    return (torch.is_grad_enabled() and type(base) in (nn.Linear, Int4Linear) and not base.weight.requires_grad
+    return (torch.is_grad_enabled() and type(base) in (nn.Linear, Int4Linear, Fp8FrozenLinear)
+            and not base.weight.requires_grad
             and isinstance(layer.lora_dropout[name], nn.Identity))
 
 
@@ -190,6 +192,11 @@ class _FrozenLoRALinear(torch.autograd.Function):
         ctx.base, ctx.scaling, ctx.x_shape = base, scaling, x.shape
         if skip_output:  # a recomputation: nothing reads the output
             return x.new_empty(*x.shape[:-1], base.out_features)
+        if isinstance(base, Fp8FrozenLinear):  # _scaled_mm takes no addend: the rank-r product goes onto its output
+            out = base.matmul(x2).to(dtype).addmm_(h, bs_c.t())
+            if base.bias is not None:
+                out += base.bias.to(dtype)
+            return out.view(*x.shape[:-1], -1)
         out = h @ bs_c.t()
         if base.bias is not None:
             out += base.bias.to(dtype)
@@ -203,7 +210,11 @@ class _FrozenLoRALinear(torch.autograd.Function):
         gbs = g @ ctx.bs_c  # (tokens, r): s g B
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (gbs @ ctx.a_c).addmm_(g, _dense_weight(ctx.base, dtype)).view(ctx.x_shape)
+            if isinstance(ctx.base, Fp8FrozenLinear):
+                grad_x = ctx.base.input_grad(g).to(dtype).addmm_(gbs, ctx.a_c)
+            else:
+                grad_x = (gbs @ ctx.a_c).addmm_(g, _dense_weight(ctx.base, dtype))
+            grad_x = grad_x.view(ctx.x_shape)
         grad_a = (gbs.t() @ x2).to(ctx.dtypes[0]) if ctx.needs_input_grad[2] else None
         grad_b = (g.t() @ h).mul_(ctx.scaling).to(ctx.dtypes[1]) if ctx.needs_input_grad[3] else None
         return grad_x, None, grad_a, grad_b, None, None
@@ -225,8 +236,9 @@ def use_lean_lora_forward_(model: nn.Module) -> int:
 
 
 def trainable_summary(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; int4 bases count their logical weights."""
+    """(trainable, total) parameter counts; int4 and fp8 bases count their logical weights."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Int4Linear))
+    total += sum(m.in_features * m.out_features for m in model.modules()
+                 if isinstance(m, (Int4Linear, Fp8FrozenLinear)))
     return trainable, total

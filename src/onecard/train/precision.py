@@ -50,14 +50,15 @@ def _skip_reason(mode: str, device: str) -> str | None:
     return None
 
 
-def fp8_unavailable(device: str) -> str | None:
-    """Why torchao's float8 training cannot run on ``device`` (None: it can)."""
+def fp8_unavailable(device: str, torchao: bool = True) -> str | None:
+    """Why fp8 training cannot run on ``device`` (None: it can); ``torchao``: it needs torchao's float8 linears
+    (trained weights), not only onecard's frozen fp8 bases (LoRA)."""
     if not device.startswith("cuda"):
         return "fp8 training needs a CUDA GPU (Ada sm_89 or Hopper sm_90)"
     if torch.cuda.get_device_capability() < (8, 9):
         return "fp8 matmuls need Ada (sm_89) or Hopper (sm_90)"
-    if importlib.util.find_spec("torchao") is None:
-        return "fp8 training needs torchao (pip install torchao)"
+    if torchao and importlib.util.find_spec("torchao") is None:
+        return "fp8 training of full weights needs torchao (pip install torchao)"
     return None
 
 

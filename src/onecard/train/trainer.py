@@ -171,9 +171,9 @@ def _worker_result(cfg: TrainConfig, steps: int, history, seconds: float, precis
                        patch_summary=patch_summary, data_summary=asdict(report))
 
 
-def resolve_precision(precision: str, device: str) -> str:
-    """auto: bf16 on cards that have it, else fp16 (+GradScaler); fp32 on CPU. fp8: torchao float8 linears under
-    bf16 autocast (Ada/Hopper, torchao installed)."""
+def resolve_precision(precision: str, device: str, method: str = "lora") -> str:
+    """auto: bf16 on cards that have it, else fp16 (+GradScaler); fp32 on CPU. fp8 (Ada/Hopper), under bf16
+    autocast: LoRA's frozen bases as onecard's fp8 linears, full fine-tuning's as torchao float8 linears."""
     on_gpu = device.startswith("cuda")
     if precision == "auto":
         if not on_gpu:
@@ -186,7 +186,7 @@ def resolve_precision(precision: str, device: str) -> str:
     if precision == "fp8":
         from onecard.train.precision import fp8_unavailable
 
-        why = fp8_unavailable(device)
+        why = fp8_unavailable(device, torchao=method == "full")
         if why is not None:
             raise (MissingExtraError if "torchao" in why else BadInputError)(f"--precision fp8: {why}; or use "
                                                                             "--precision bf16")
@@ -253,10 +253,15 @@ def prepare_model(model, cfg: TrainConfig, precision: str, device: str) -> tuple
         # Under FSDP2 the head's weight is a sharded DTensor outside the head's own forward, which the fused
         # linear+CE (it reads head.weight, skipping that forward) cannot use: those runs keep HF's loss.
         summary = patch_model(model, fused_cross_entropy=not fsdp_sharded(device)).summary()
-    if precision == "fp8":  # before PEFT wraps the linears: LoRA's base layers are then float8
-        from onecard.train.precision import use_fp8_linears_
+    if precision == "fp8":  # before PEFT wraps the linears: LoRA's base layers are then fp8
+        from onecard.train.precision import fp8_linear_filter, use_fp8_linears_
 
-        summary += f"; {use_fp8_linears_(model)} float8 linears (torchao)"
+        if cfg.method == "full":
+            summary += f"; {use_fp8_linears_(model)} float8 linears (torchao)"
+        else:
+            from onecard.train.fp8_base import use_fp8_bases_
+
+            summary += f"; {use_fp8_bases_(model, fp8_linear_filter)} frozen fp8 base linears"
     if cfg.method == "full":
         model.requires_grad_(True)
     else:
@@ -384,7 +389,7 @@ def train(cfg: TrainConfig, console=None, extra_callbacks: list | None = None, c
     if env.is_distributed:
         check_distributed(cfg)
         cfg.progress = cfg.progress and env.is_main
-    precision = resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device, cfg.method)
     resume_from = check_out_dir(cfg.out, cfg.resume)
     if cfg.merge and (cfg.out / "merged" / "config.json").exists():
         raise BadInputError(f"'{cfg.out / 'merged'}' already holds a merged model; remove it or drop --merge")
