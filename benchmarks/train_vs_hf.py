@@ -491,7 +491,8 @@ def part_loss(args, out_dir) -> dict:
     ours, ref = compare_loss_curves(cfg, tok, train_ds, precision, device)
     rel = [abs(a - b) / abs(b) for (_, a), (_, b) in zip(ours, ref)]
     data = {"model": f"onecard tiny Llama ({tiny.parameters / 1e6:.1f}M params, trained on the stdlib corpus)",
-            "method": "lora r=16 alpha=32 all-linear", "precision": precision, "steps": steps,
+            "method": "lora r=16 alpha=32 all-linear", "precision": precision,
+            "hf_precision": "bf16" if precision == "fp8" else precision, "steps": steps,
             "logging_steps": cfg.logging_steps, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
             "max_relative_loss_diff": max(rel), "mean_relative_loss_diff": sum(rel) / len(rel),
             "within_1_percent_every_step": max(rel) < 0.01,
@@ -505,13 +506,15 @@ def part_loss(args, out_dir) -> dict:
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([s for s, _ in ref], [l for _, l in ref], label="HF Trainer + PEFT", lw=3, alpha=0.5)
-    ax.plot([s for s, _ in ours], [l for _, l in ours], label="onecard", lw=1)
+    ax.plot([s for s, _ in ours], [l for _, l in ours], label="onecard" + (" (fp8 bases)" if precision == "fp8" else ""),
+            lw=1)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.legend()
     ax.set_title(f"LoRA loss curves ({precision}, max rel. diff {max(rel):.1e})")
-    write_result("train_loss", data, out_dir)
-    save_figure(fig, "train_loss", out_dir)
+    name = "train_loss_fp8" if precision == "fp8" else "train_loss"  # fp8: ours in fp8 against HF in bf16
+    write_result(name, data, out_dir)
+    save_figure(fig, name, out_dir)
     return data
 
 
@@ -534,7 +537,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--search-budget-s", type=float, default=130.0, help="qlora-ctx: no new trial starts after this "
                    "many seconds of searching (a step near 100k tokens takes ~40 s on an H100)")
     p.add_argument("--loss-steps", type=int, default=200)
-    p.add_argument("--loss-precision", default="auto", help="loss part: auto (bf16 on the GPU) | bf16 | fp32")
+    p.add_argument("--loss-precision", default="auto", help="loss part: auto (bf16 on the GPU) | bf16 | fp32 | fp8 "
+                   "(onecard's frozen fp8 bases against HF + PEFT in bf16; writes train_loss_fp8)")
     args = p.parse_args(argv)
     if args.smoke:
         args.steps, args.warmup = min(args.steps, 2), min(args.warmup, 1)
