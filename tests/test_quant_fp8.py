@@ -8,7 +8,7 @@ from torch import nn
 
 from onecard.errors import BadInputError
 from onecard.kernels.fp8_quant import (FP8, FP8_MAX, MIN_SCALE, quantize_rows, quantize_rows_reference,
-                                       quantize_rows_triton)
+                                       quantize_rows_triton, rowwise_fp8_problem)
 from onecard.quant.fp8 import Fp8Linear
 
 
@@ -61,6 +61,27 @@ def test_fp8_linear_matches_its_dequantized_weights():
 def test_fp8_linear_refuses_shapes_off_the_tensor_core_tiles():
     with pytest.raises(BadInputError, match="multiples of 16.*quantization='int8'"):
         Fp8Linear.from_linear(nn.Linear(100, 96))
+
+
+def test_row_wise_fp8_needs_fp8_cores_and_a_torch_that_runs_them(monkeypatch):
+    """Refused up front, with the fix: a card without fp8 cores, Hopper before torch 2.5, and Ada before 2.12, whose
+    row-wise kernel ran outside the CUDA stream (graph capture, side streams)."""
+    assert "8.9+" in rowwise_fp8_problem((8, 6), "2.13.0")
+    assert "torch >= 2.5" in rowwise_fp8_problem((9, 0), "2.4.1")
+    assert "torch >= 2.12" in rowwise_fp8_problem((8, 9), "2.11.0+cu128")
+    assert rowwise_fp8_problem((8, 9), "2.12.0") is None and rowwise_fp8_problem((9, 0), "2.5.0") is None
+    from onecard.quant.fp8 import check_fp8_device
+    from onecard.train.precision import fp8_unavailable
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 4090")
+    monkeypatch.setattr(torch, "__version__", "2.11.0")
+    with pytest.raises(BadInputError, match="RTX 4090: row-wise fp8 matmuls on Ada.*2.12.*quantization='int8'"):
+        check_fp8_device(torch.device("cuda"))
+    assert "torch >= 2.12" in fp8_unavailable("cuda", torchao=False)
+    monkeypatch.setattr(torch, "__version__", "2.13.0")
+    check_fp8_device(torch.device("cuda"))
+    assert fp8_unavailable("cuda", torchao=False) is None
 
 
 @pytest.mark.gpu

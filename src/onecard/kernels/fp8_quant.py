@@ -26,6 +26,28 @@ MIN_SCALE = 1e-12
 BLOCK = 1024
 
 
+def rowwise_fp8_problem(capability: tuple[int, int], torch_version: str | None = None) -> str | None:
+    """Why ``torch._scaled_mm`` with per-row scales (what ``Fp8Linear`` and fp8 LoRA bases run) cannot run on a GPU
+    of ``capability`` with this torch; None where it can.
+
+    Hopper has the kernel from torch 2.5 on. Ada (sm_89: RTX 40xx, L4) has it from 2.7, but until 2.12 it launches
+    outside the caller's CUDA stream (pytorch/pytorch#177651), which breaks CUDA-graph capture and stalls side
+    streams.
+    """
+    from torch.torch_version import TorchVersion
+
+    if tuple(capability) < (8, 9):
+        return (f"fp8 matmuls need fp8 tensor cores (compute capability 8.9+: RTX 40xx, L4, H100), this GPU has "
+                f"{tuple(capability)}")
+    version = TorchVersion(torch_version or torch.__version__)
+    if version < (2, 5):
+        return f"row-wise fp8 matmuls need torch >= 2.5 (this is {version}): pip install -U torch"
+    if capability[0] == 8 and version < (2, 12):
+        return (f"row-wise fp8 matmuls on Ada (sm_89) need torch >= 2.12 (torch {version} launches them outside "
+                f"the CUDA stream, pytorch/pytorch#177651): pip install -U torch")
+    return None
+
+
 def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``[M, K]`` -> fp8 codes and the fp32 ``[M, 1]`` scales with ``x ~= codes * scales``."""
     scale = (x.abs().amax(-1, keepdim=True).float() * (1 / FP8_MAX)).clamp_(min=MIN_SCALE)

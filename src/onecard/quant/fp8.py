@@ -23,15 +23,18 @@ import torch
 from torch import nn
 
 from onecard.errors import BadInputError
-from onecard.kernels.fp8_quant import FP8, quantize_rows, quantize_rows_reference
+from onecard.kernels.fp8_quant import FP8, quantize_rows, quantize_rows_reference, rowwise_fp8_problem
 
 
 def check_fp8_device(device: torch.device) -> None:
-    """fp8 matmuls need fp8 tensor cores on CUDA (the CPU runs them slowly, for tests)."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        raise BadInputError(f"quantization='fp8' needs fp8 tensor cores (compute capability 8.9+: RTX 40xx, L4, "
-                            f"H100); {torch.cuda.get_device_name(device)} has "
-                            f"{torch.cuda.get_device_capability(device)}; use quantization='int8'")
+    """fp8 matmuls need fp8 tensor cores on CUDA and a torch that runs them there (the CPU runs them slowly, for
+    tests)."""
+    if device.type != "cuda":
+        return
+    why = rowwise_fp8_problem(torch.cuda.get_device_capability(device))
+    if why is not None:
+        raise BadInputError(f"quantization='fp8' on {torch.cuda.get_device_name(device)}: {why}; or use "
+                            "quantization='int8'")
 
 
 def _check_tiles(in_features: int, out_features: int) -> None:

@@ -53,10 +53,13 @@ def _skip_reason(mode: str, device: str) -> str | None:
 def fp8_unavailable(device: str, torchao: bool = True) -> str | None:
     """Why fp8 training cannot run on ``device`` (None: it can); ``torchao``: it needs torchao's float8 linears
     (trained weights), not only onecard's frozen fp8 bases (LoRA)."""
+    from onecard.kernels.fp8_quant import rowwise_fp8_problem
+
     if not device.startswith("cuda"):
         return "fp8 training needs a CUDA GPU (Ada sm_89 or Hopper sm_90)"
-    if torch.cuda.get_device_capability() < (8, 9):
-        return "fp8 matmuls need Ada (sm_89) or Hopper (sm_90)"
+    why = rowwise_fp8_problem(torch.cuda.get_device_capability(torch.device(device)))
+    if why is not None:
+        return why
     if torchao and importlib.util.find_spec("torchao") is None:
         return "fp8 training of full weights needs torchao (pip install torchao)"
     return None
