@@ -24,10 +24,15 @@ def test_quantize_rows_keeps_each_rows_amax_and_e4m3_precision():
     assert torch.equal(codes.float().abs().amax(-1)[[0, 1, 3, 4, 5]], torch.full((5,), FP8_MAX))
 
 
-def test_quantize_rows_kernel_in_the_interpreter():
+@pytest.mark.parametrize("one_pass_max", [16384, 1024])
+def test_quantize_rows_kernel_in_the_interpreter(monkeypatch, one_pass_max):
     """Rows of e4m3 grid values times a power of two: the scale comes out exact and the codes need no rounding (the
     interpreter's fp8 rounding is wrong where it carries into the exponent; exact codes are compared on CUDA).
-    K = 1100 crosses the kernel's 1024-wide block; the rows are strided; one row is zeros."""
+    K = 1100: one pass (the row in registers), and two passes crossing the 1024-wide tile; the rows are strided; one
+    row is zeros."""
+    import onecard.kernels.fp8_quant as fp8_quant
+
+    monkeypatch.setattr(fp8_quant, "ONE_PASS_MAX", one_pass_max)
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 256, (5, 1100), generator=g, dtype=torch.uint8).view(FP8).float()
     codes = torch.where(codes.isnan(), torch.zeros_like(codes), codes)

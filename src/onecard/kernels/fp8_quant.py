@@ -3,8 +3,9 @@
 Why a kernel: as PyTorch ops (abs, amax, divide, clamp, cast) it is five passes over the activations plus small
 launches, and on an H100 that cost as much as the fp8 GEMM it feeds (~100 us for a 2048 x 4096 input against
 52-155 us for the matmul, 14-22 us at one row; dev micro-benchmark, 2026-11-27), which erased fp8's speed-up.
-Here one program per row reads the row twice (amax, then quantize: the second read hits L2) and writes the codes
-and one fp32 scale.
+Here one program per row reads the row once where it fits in registers (K up to ``ONE_PASS_MAX``: every linear
+input and output gradient of an 8B-70B model), twice above that (amax, then quantize), and writes the codes and
+one fp32 scale.
 
 Arithmetic (both paths, bit for bit on CUDA): ``scale = max(amax(|x|) * fp32(1 / 448), MIN_SCALE)`` in fp32 (a
 multiply: what PyTorch does when it divides by a Python number), ``codes = e4m3(clamp(x / scale))`` with IEEE division
@@ -23,7 +24,8 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 # Smallest scale: an all-zero row quantizes to zeros instead of dividing by zero.
 MIN_SCALE = 1e-12
-BLOCK = 1024
+BLOCK = 1024  # the two-pass walk's tile
+ONE_PASS_MAX = 16384  # widest row held in registers (16 warps x 32 values a thread)
 
 
 def rowwise_fp8_problem(capability: tuple[int, int], torch_version: str | None = None) -> str | None:
@@ -56,8 +58,16 @@ def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 @triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, QMAX: tl.constexpr, MIN: tl.constexpr,
-                          BLOCK: tl.constexpr):
+                          BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    if ONE_PASS:  # BLOCK >= K: the row stays in registers between its amax and its codes
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(x), 0) * (1.0 / QMAX), MIN)
+        y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -QMAX), QMAX)
+        tl.store(q_ptr + row * K + offs, y.to(q_ptr.dtype.element_ty), mask=offs < K)
+        tl.store(s_ptr + row, scale)
+        return
     amax = tl.zeros([BLOCK], dtype=tl.float32)
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
@@ -80,7 +90,11 @@ def quantize_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     codes = torch.empty(M, K, dtype=FP8, device=x.device)
     scale = torch.empty(M, 1, dtype=torch.float32, device=x.device)
     if M:
-        _quantize_rows_kernel[(M,)](x, codes, scale, K, x.stride(0), QMAX=FP8_MAX, MIN=MIN_SCALE, BLOCK=BLOCK)
+        one_pass = K <= ONE_PASS_MAX
+        block = max(triton.next_power_of_2(K), 128) if one_pass else BLOCK
+        launch = {"num_warps": min(16, max(4, block // 1024))} if x.is_cuda else {}
+        _quantize_rows_kernel[(M,)](x, codes, scale, K, x.stride(0), QMAX=FP8_MAX, MIN=MIN_SCALE, BLOCK=block,
+                                    ONE_PASS=one_pass, **launch)
     return codes, scale
 
 
