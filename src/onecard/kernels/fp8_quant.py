@@ -5,7 +5,8 @@ launches, and on an H100 that cost as much as the fp8 GEMM it feeds (~100 us for
 52-155 us for the matmul, 14-22 us at one row; dev micro-benchmark, 2026-11-27), which erased fp8's speed-up.
 Here one program per row reads the row once where it fits in registers (K up to ``ONE_PASS_MAX``: every linear
 input and output gradient of an 8B-70B model), twice above that (amax, then quantize), and writes the codes and
-one fp32 scale.
+one fp32 scale. One pass against two, bit-exact, H100 (dev A/B, graph-timed): 36.4 against 43.7 us for 8192 x 4096,
+171.0 against 204.6 for 8192 x 14336, 3.0 against 3.8 at one row.
 
 Arithmetic (both paths, bit for bit on CUDA): ``scale = max(amax(|x|) * fp32(1 / 448), MIN_SCALE)`` in fp32 (a
 multiply: what PyTorch does when it divides by a Python number), ``codes = e4m3(clamp(x / scale))`` with IEEE division
