@@ -93,9 +93,7 @@ def use_fp8_bases_(model: nn.Module, keep) -> int:
     one at a time (each bf16 weight is released once its codes exist); returns how many."""
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear and keep(m, n)]
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, child)
-        setattr(parent, child, Fp8FrozenLinear.from_linear(linear))
+        linear = model.get_submodule(name)
+        model.set_submodule(name, Fp8FrozenLinear.from_linear(linear))
         linear.weight = None
     return len(names)

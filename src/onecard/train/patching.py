@@ -144,11 +144,6 @@ class PatchReport:
                 f"attention, linear+CE {'on' if self.fused_cross_entropy else 'off'}")
 
 
-def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-
-
 def _install_rope_dispatch(module_name: str) -> None:
     """Replace ``apply_rotary_pos_emb`` in one HF modeling file by a dispatcher (once per process)."""
     mod = sys.modules[module_name]
@@ -211,13 +206,13 @@ def patch_model(model: nn.Module, rmsnorm: bool = True, swiglu_mlp: bool = True,
     for name, module in list(model.named_modules()):
         cls = type(module).__name__
         if rmsnorm and cls.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
-            _set_child(model, name, FusedRMSNorm(module.weight, module.variance_epsilon))
+            model.set_submodule(name, FusedRMSNorm(module.weight, module.variance_epsilon))
             report.rmsnorm += 1
         elif swiglu_mlp and cls.endswith("MLP") and all(hasattr(module, p) for p in ("gate_proj", "up_proj",
                                                                                       "down_proj")):
             if getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
                 continue
-            _set_child(model, name, FusedSwiGLUMLP(module.gate_proj, module.up_proj, module.down_proj))
+            model.set_submodule(name, FusedSwiGLUMLP(module.gate_proj, module.up_proj, module.down_proj))
             report.swiglu_mlp += 1
         elif rope_attention and cls.endswith("Attention") and hasattr(module, "q_proj"):
             _install_rope_dispatch(type(module).__module__)

@@ -136,12 +136,10 @@ def quantize_model_int4(model: nn.Module, group_size: int = 64, compute_dtype: t
         task = bar.add_task("quantizing base to int4", total=len(names))
     try:
         for name in names:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            linear = getattr(parent, child)
+            linear = model.get_submodule(name)
             if device is not None:
                 linear = linear.to(device)
-            setattr(parent, child, Int4Linear.from_linear(linear, group_size, compute_dtype))
+            model.set_submodule(name, Int4Linear.from_linear(linear, group_size, compute_dtype))
             linear.weight = None
             if bar:
                 bar.advance(task)
