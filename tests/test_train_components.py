@@ -196,3 +196,23 @@ def test_fp8_lora_trains_through_the_fused_checkpointed_path(random_checkpoint, 
         assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
         losses[precision] = loss.item()
     assert abs(losses["fp8"] - losses["bf16"]) < 0.05 * losses["bf16"], losses
+
+
+def test_lora_over_torchao_float8_bases_adds_its_adapter_out_of_place(random_checkpoint):
+    """A base whose output is a view made inside its own autograd Function (torchao's Float8Linear) may not be
+    modified in place: the lean LoRA forward adds the adapter out of place there, and a step runs."""
+    pytest.importorskip("torchao")
+    from onecard.train.lora import add_lora
+    from onecard.train.precision import use_fp8_linears_
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(random_checkpoint("llama-3.1-8b"), dtype=torch.bfloat16)
+    assert use_fp8_linears_(model) > 0
+    model.requires_grad_(False)
+    model = add_lora(model, r=4, alpha=8, seed=0)
+    ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
