@@ -56,6 +56,26 @@ def test_train_merge_refuse_then_resume(tiny_model, data_dir, tmp_path):
     assert run["result"]["steps"] == 3
 
 
+@pytest.mark.timeout(600)
+def test_nf4_qlora_trains_evaluates_and_merges(tiny_model, data_dir, tmp_path):
+    """``--method qlora --qlora-quant nf4`` (bitsandbytes' base) end to end on CPU: train, evaluate (the tiny
+    model's 688-wide MLP is what bitsandbytes' CPU repack refuses, ``nf4_generic_cpu_path_``), save the adapter
+    and merge it into the original weights."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "nf4"
+    r = _invoke(tiny_model.path, "--data", data_dir, "--out", out, "--method", "qlora", "--qlora-quant", "nf4",
+                "--seq-len", "32", "--batch-size", "2", "--max-steps", "2", "--eval-steps", "1", "--logging-steps",
+                "1", "--device", "cpu", "--lora-r", "4", "--merge")
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    run = json.loads((out / "onecard_train.json").read_text())
+    assert run["config"]["qlora_quant"] == "nf4" and run["result"]["steps"] == 2 and run["result"]["eval"]
+    assert (out / "adapter" / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(str(out / "merged"))
+    assert all(p.dtype == torch.float32 for p in merged.parameters())  # merged into the original weights
+
+
 def test_lora_target_that_matches_nothing_is_one_line_error(tiny_model, data_dir, tmp_path):
     r = _invoke(tiny_model.path, "--data", data_dir, "--out", tmp_path / "x", "--lora-targets", "c_attn",
                 "--device", "cpu", "--max-steps", "1", "--seq-len", "32")
@@ -81,19 +101,24 @@ def test_demo_stage_trains_and_hands_over_the_adapter(tiny_model, tmp_path):
         assert (ctx.artifacts["lora_dir"] / "adapter_config.json").exists()
 
 
-@pytest.mark.gpu
-@pytest.mark.timeout(600)
-def test_fp8_lora_on_cuda_learns_like_bf16(tiny_model, tmp_path):
-    """``--precision fp8`` on a GPU (Ada/Hopper): the frozen fp8 bases train the adapter as bf16 does.
-
-    The task is memorizing one short document (on CPU in fp32 this recipe takes the loss from 4.96 to 2.28 in 30
-    steps), so "learns" is unmistakable; the loose corpus slice the other tests use barely moves a trained model.
-    """
+def _one_document(tmp_path):
+    """A data folder of one short document: what the GPU tests' adapters memorize (on CPU in fp32 the fp8 test's
+    recipe takes the loss from 4.96 to 2.28 in 30 steps), so "learns" is unmistakable; the loose corpus slice the
+    other tests use barely moves a trained model."""
     from onecard.testing import local_corpus
 
     data = tmp_path / "data"
     data.mkdir()
     (data / "doc.txt").write_text(local_corpus().train[3][:1500])
+    return data
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(600)
+def test_fp8_lora_on_cuda_learns_like_bf16(tiny_model, tmp_path):
+    """``--precision fp8`` on a GPU (Ada/Hopper): the frozen fp8 bases train the adapter (``_one_document``) as
+    bf16 does."""
+    data = _one_document(tmp_path)
     curves = {}
     for precision in ("bf16", "fp8"):
         out = tmp_path / precision
@@ -107,6 +132,27 @@ def test_fp8_lora_on_cuda_learns_like_bf16(tiny_model, tmp_path):
     bf16, fp8 = curves["bf16"], curves["fp8"]
     assert bf16[-1] < bf16[0] - 1.0, f"the bf16 reference does not learn: {bf16}"
     assert abs(fp8[-1] - bf16[-1]) < 0.1 * bf16[-1], f"fp8 {fp8} vs bf16 {bf16}"  # lands where bf16 does
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(900)
+def test_nf4_qlora_on_cuda_learns_like_the_int4_base(tiny_model, tmp_path):
+    """``--qlora-quant nf4`` on a GPU (bitsandbytes' CUDA kernels under onecard's fused Triton ones): the adapter
+    learns the document the int4 base's adapter learns, to about the same loss."""
+    pytest.importorskip("bitsandbytes")
+    data = _one_document(tmp_path)
+    curves = {}
+    for quant in ("int4", "nf4"):
+        out = tmp_path / quant
+        r = _invoke(tiny_model.path, "--data", data, "--out", out, "--method", "qlora", "--qlora-quant", quant,
+                    "--seq-len", "64", "--batch-size", "4", "--max-steps", "30", "--lr", "5e-3", "--eval-steps", "0",
+                    "--val-fraction", "0", "--logging-steps", "5", "--save-steps", "1000", "--device", "cuda")
+        assert r.exit_code == 0, r.output + repr(r.exception)
+        run = json.loads((out / "onecard_train.json").read_text())
+        curves[quant] = [loss for _, loss in run["result"]["train_loss"]]
+    int4, nf4 = curves["int4"], curves["nf4"]
+    assert int4[-1] < int4[0] - 1.0, f"the int4 reference does not learn: {int4}"
+    assert nf4[-1] < nf4[0] - 1.0 and abs(nf4[-1] - int4[-1]) < 0.15 * int4[-1], f"nf4 {nf4} vs int4 {int4}"
 
 
 def test_train_command_asks_for_expandable_segments_unless_the_user_configured_the_allocator(tmp_path, monkeypatch):

@@ -83,12 +83,69 @@ def test_offloaded_checkpointing_matches_plain_backward(random_checkpoint):
     ({"method": "full", "merge": True}, "--merge applies to LoRA"),
     ({"offload_checkpoints": True, "gradient_checkpointing": False}, "needs gradient checkpointing"),
     ({"method": "qlora", "precision": "fp8"}, "QLoRA base is int4"),
+    ({"method": "qlora", "qlora_quant": "fp4"}, "--qlora-quant must be one of int4, nf4"),
+    ({"qlora_quant": "nf4"}, "use it with --method qlora"),
 ])
 def test_train_config_rejects_bad_values(kw, match):
     from onecard.train.trainer import TrainConfig
 
     with pytest.raises(BadInputError, match=match):
         TrainConfig(model="m", data="d", **kw)
+
+
+def test_nf4_base_without_bitsandbytes_or_on_several_gpus_is_refused(monkeypatch):
+    import importlib.util
+
+    from onecard.errors import MissingExtraError, NotBuiltYetError
+    from onecard.train import trainer
+    from onecard.train.trainer import TrainConfig, check_distributed
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(trainer.importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes"
+                        else real(name, *a))
+    with pytest.raises(MissingExtraError, match=r"--qlora-quant nf4 needs bitsandbytes.*--qlora-quant int4"):
+        TrainConfig(model="m", data="d", method="qlora", qlora_quant="nf4")
+    monkeypatch.setattr(trainer.importlib.util, "find_spec", real)
+    pytest.importorskip("bitsandbytes")
+    with pytest.raises(NotBuiltYetError, match="nf4 with several GPUs"):
+        check_distributed(TrainConfig(model="m", data="d", method="qlora", qlora_quant="nf4"))
+
+
+def test_nf4_qlora_base_learns_and_trains_only_the_adapter(random_checkpoint, tmp_path):
+    """``--qlora-quant nf4``: bitsandbytes' NF4 base under onecard's fused kernels and checkpointing (CPU): only the
+    adapter learns, the loss on a repeated batch falls, the summary counts the base's logical weights, and the
+    planner is asked about an NF4 base."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    from onecard.train.lora import trainable_summary
+    from onecard.train.oom import RunShape
+    from onecard.train.trainer import TrainConfig, load_model, prepare_model
+
+    path = random_checkpoint("llama-3.1-8b")
+    cfg = TrainConfig(model=path, data=tmp_path, method="qlora", qlora_quant="nf4", lora_r=4, seq_len=16,
+                      device="cpu")
+    model, _ = load_model(cfg, "cpu", "fp32")
+    weights = {type(m.weight).__name__ for m in model.modules() if hasattr(m, "in_features")}
+    assert weights == {"Params4bit", "Parameter"}  # the head stays dense
+    model, summary = prepare_model(model, cfg, "fp32", "cpu")
+    assert "SwiGLU" in summary
+    dense = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(str(path)).parameters())
+    trainable, total = trainable_summary(model)
+    assert total == dense + trainable
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    model.train()
+    losses = []
+    for _ in range(8):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        assert all("lora_" in n for n, p in model.named_parameters() if p.grad is not None)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert RunShape.of(cfg, "adamw_torch").qlora_quant == "nf4"
 
 
 def test_seq_len_above_model_maximum_is_refused(random_checkpoint, tmp_path):

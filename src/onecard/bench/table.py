@@ -120,13 +120,15 @@ def _row_spec(row: str, cfg: TableConfig) -> dict:
 
 
 def _hf_model(row: str, cfg: TableConfig, device: torch.device):
-    """(model, note): HF bf16, or HF int8 through bitsandbytes when importable, else through onecard's QuantLinear."""
+    """(model, note): HF bf16, or HF int8 through bitsandbytes on a GPU where it is importable, else through
+    onecard's QuantLinear."""
     import importlib.util
 
     from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, cfg.dtype)
-    if row == "hf-int8" and device.type == "cuda" and importlib.util.find_spec("bitsandbytes") is not None:
+    has_bnb = importlib.util.find_spec("bitsandbytes") is not None
+    if row == "hf-int8" and device.type == "cuda" and has_bnb:
         from transformers import BitsAndBytesConfig
 
         model = AutoModelForCausalLM.from_pretrained(str(cfg.model), dtype=dtype, device_map={"": device},
@@ -138,7 +140,8 @@ def _hf_model(row: str, cfg: TableConfig, device: torch.device):
     from onecard.quant import quantize_model_
 
     quantize_model_(model, "int8")
-    return model, "bitsandbytes not importable: onecard's int8 QuantLinear inside the HF model"
+    why = "bitsandbytes not importable" if not has_bnb else "no CUDA (bitsandbytes' LLM.int8() is a GPU path)"
+    return model, f"{why}: onecard's int8 QuantLinear inside the HF model"
 
 
 def _hf_ttft_ms(model, n: int, vocab: int, seed: int) -> float:

@@ -13,6 +13,8 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Argument(..., help="Local Hugging Face model folder."),
         data: Path = typer.Option(..., "--data", help="Text file, folder of .txt/.md files, or chat/instruction .jsonl."),
         method: str = typer.Option("lora", "--method", help="lora | qlora (int4 base) | full."),
+        qlora_quant: str = typer.Option("int4", "--qlora-quant", help="QLoRA base: int4 (onecard's own, no extra) | "
+                                        "nf4 (bitsandbytes NF4, double-quantized; pip install 'onecard[bnb]')."),
         seq_len: int = typer.Option(2048, "--seq-len", help="Tokens per packed training row."),
         batch_size: int = typer.Option(1, "--batch-size", help="Rows per micro-batch."),
         grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
@@ -66,7 +68,8 @@ def register(app: typer.Typer) -> None:
         from onecard.train.trainer import TrainConfig, train
 
         console = Console()
-        cfg = TrainConfig(model=model, data=data, method=method, out=out, seq_len=seq_len, batch_size=batch_size,
+        cfg = TrainConfig(model=model, data=data, method=method, qlora_quant=qlora_quant, out=out, seq_len=seq_len,
+                          batch_size=batch_size,
                           grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, lr=lr, lora_r=lora_r,
                           lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets,
                           eval_steps=eval_steps, val_fraction=val_fraction, save_steps=save_steps,

@@ -121,9 +121,16 @@ def _split_text(eng: EngineMemory) -> str:
 _OPTIMIZERS = {"adamw_torch": "adamw", "adamw": "adamw", "adamw_8bit": "adamw-8bit", "paged_adamw_8bit": "adamw-8bit"}
 
 
+def _qlora_base(quant: str, group_size: int) -> str:
+    """The planner's base format for a QLoRA base (``plan.memory``'s formats)."""
+    if quant == "nf4":
+        return "nf4"
+    return "int4-g64" if group_size == 64 else "int4"
+
+
 def training_preflight(model, memory: CardMemory, *, method: str, seq_len: int, batch_size: int, grad_accum: int,
                        gradient_checkpointing: bool, optimizer: str, fused_ce: bool,
-                       lora_rank: int, lora_targets: str, qlora_group_size: int = 64,
+                       lora_rank: int, lora_targets: str, qlora_group_size: int = 64, qlora_quant: str = "int4",
                        gpu_memory_utilization: float = 0.95, offload_checkpoints: bool = False) -> TrainingPlan:
     """Plan the trainer's job on ``memory`` and raise ``DoesNotFitError`` (with settings that fit) when it cannot.
 
@@ -132,13 +139,14 @@ def training_preflight(model, memory: CardMemory, *, method: str, seq_len: int, 
     ``precision``: bf16 or fp16). Full fine-tuning loads fp32 master weights
     under autocast (the planner's "mixed"); LoRA/QLoRA keep a 16-bit base.
     ``offload_checkpoints``: the layer checkpoints wait in CPU memory (one on the GPU at a time).
+    ``qlora_quant``: the QLoRA base, onecard's int4 or bitsandbytes' nf4.
     """
     targets = "all" if lora_targets in ("all-linear", "all") else [t.strip() for t in lora_targets.split(",") if t.strip()]
     plan = plan_training(model, None, memory=memory, method=method, seq_len=seq_len, batch_size=batch_size,
                          grad_accum=grad_accum, gradient_checkpointing=gradient_checkpointing,
                          optimizer=_OPTIMIZERS.get(optimizer, "adamw"), lora_rank=lora_rank, lora_targets=targets,
                          precision="mixed" if method == "full" else "bf16", fused_ce=fused_ce,
-                         base_format="int4-g64" if qlora_group_size == 64 else "int4",
+                         base_format=_qlora_base(qlora_quant, qlora_group_size),
                          gpu_memory_utilization=gpu_memory_utilization, flags="train",
                          offload_checkpoints=offload_checkpoints)
     if not plan.fits:

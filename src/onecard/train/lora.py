@@ -236,9 +236,12 @@ def use_lean_lora_forward_(model: nn.Module) -> int:
 
 
 def trainable_summary(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; int4 and fp8 bases count their logical weights."""
+    """(trainable, total) parameter counts; int4, NF4 and fp8 bases count their logical weights."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     total += sum(m.in_features * m.out_features for m in model.modules()
                  if isinstance(m, (Int4Linear, Fp8FrozenLinear)))
+    # bitsandbytes' 4-bit weights are parameters holding two codes a byte (its own, not PEFT's wrapper's view)
+    total += sum(m.in_features * m.out_features - m.weight.numel() for m in model.modules()
+                 if type(m._parameters.get("weight")).__name__ == "Params4bit")
     return trainable, total

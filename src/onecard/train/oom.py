@@ -77,11 +77,13 @@ class RunShape:
     lora_r: int
     lora_targets: str
     qlora_group_size: int
+    qlora_quant: str = "int4"
 
     @classmethod
     def of(cls, cfg, optimizer: str) -> "RunShape":
         return cls(cfg.method, cfg.seq_len, cfg.batch_size, cfg.grad_accum, cfg.gradient_checkpointing,
-                   cfg.offload_checkpoints, optimizer, cfg.fused, cfg.lora_r, cfg.lora_targets, cfg.qlora_group_size)
+                   cfg.offload_checkpoints, optimizer, cfg.fused, cfg.lora_r, cfg.lora_targets, cfg.qlora_group_size,
+                   cfg.qlora_quant)
 
 
 def plan_shape(model, card: CardMemory, shape: RunShape):
@@ -92,7 +94,7 @@ def plan_shape(model, card: CardMemory, shape: RunShape):
                               grad_accum=shape.grad_accum, gradient_checkpointing=shape.gradient_checkpointing,
                               optimizer=shape.optimizer, fused_ce=shape.fused, lora_rank=shape.lora_r,
                               lora_targets=shape.lora_targets, qlora_group_size=shape.qlora_group_size,
-                              offload_checkpoints=shape.offload_checkpoints)
+                              qlora_quant=shape.qlora_quant, offload_checkpoints=shape.offload_checkpoints)
 
 
 def corrected_card(card: CardMemory, missed_bytes: int) -> CardMemory:

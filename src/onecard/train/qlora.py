@@ -17,6 +17,10 @@ linear (``lora.Linear(base_layer=Int4Linear)``). It is a training format only:
 ``--merge`` merges a QLoRA adapter into the original full-precision weights.
 (This is a minimal base of the training job's own; onecard.quant's QuantLinear
 is the inference format and has no backward.)
+
+``--qlora-quant nf4`` loads the QLoRA paper's base instead, through transformers
+and bitsandbytes (``nf4_quantization_config``), for users whose recipes or
+adapters were made against it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,30 @@ from torch import nn
 from onecard.errors import BadInputError
 
 log = logging.getLogger(__name__)
+
+QLORA_QUANTS = ("int4", "nf4")  # onecard's own RTN int4 (no extra package), bitsandbytes' NF4
+
+
+def nf4_quantization_config(compute_dtype: torch.dtype):
+    """transformers' ``BitsAndBytesConfig`` for the QLoRA paper's base: NF4 codes in blocks of 64, their absmax
+    double-quantized (~4.13 bits a weight), matmuls in ``compute_dtype``."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def nf4_generic_cpu_path_(model: nn.Module) -> int:
+    """Keep bitsandbytes' 4-bit layers off its AVX512-BF16 CPU kernel; returns how many. Why: at a layer's first
+    no-grad call in eval mode (an evaluation step) bitsandbytes 0.50 repacks the weight for that kernel in place,
+    which needs the output width a multiple of 32 and the input width one of the block (64): training the tiny
+    model (688-wide MLP) on CPU stopped at its first evaluation on each. The generic path has neither limit."""
+    n = 0
+    for m in model.modules():
+        if type(m._parameters.get("weight")).__name__ == "Params4bit" and getattr(m, "support_avx512bf16_for_cpu", 0):
+            m.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int = 64, scale_dtype: torch.dtype = torch.bfloat16

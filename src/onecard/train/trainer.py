@@ -12,6 +12,7 @@ and one-line errors for every bad input.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ from onecard.monitor.allocator import user_alloc_conf
 from onecard.train.callbacks import (LossHistoryCallback, RichProgressCallback, eval_perplexity, last_checkpoint,
                                      peak_gib)
 from onecard.train.oom import RunShape, oom_advice, oom_guard, plan_shape
+from onecard.train.qlora import QLORA_QUANTS
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_targets: str = "all-linear"
     qlora_group_size: int = 64
+    qlora_quant: str = "int4"
     eval_steps: int = 50
     val_fraction: float = 0.05
     max_eval_rows: int = 256
@@ -102,6 +105,13 @@ class TrainConfig:
             raise BadInputError(f"--eval-steps must be >= 0 (0 disables evaluation), got {self.eval_steps}")
         if self.merge and self.method == "full":
             raise BadInputError("--merge applies to LoRA/QLoRA adapters; a full fine-tune already writes a model")
+        if self.qlora_quant not in QLORA_QUANTS:
+            raise BadInputError(f"--qlora-quant must be one of {', '.join(QLORA_QUANTS)}, not '{self.qlora_quant}'")
+        if self.qlora_quant != "int4" and self.method != "qlora":
+            raise BadInputError(f"--qlora-quant {self.qlora_quant} picks a QLoRA base; use it with --method qlora")
+        if self.qlora_quant == "nf4" and importlib.util.find_spec("bitsandbytes") is None:
+            raise MissingExtraError("--qlora-quant nf4 needs bitsandbytes, which is not installed: pip install "
+                                    "'onecard[bnb]', or use --qlora-quant int4 (onecard's own base, no extra)")
         if self.precision == "fp8" and self.method == "qlora":
             raise BadInputError("--precision fp8 swaps bf16 linears for float8 ones; a QLoRA base is int4: use "
                                 "--method lora with fp8, or --precision bf16 with qlora")
@@ -159,6 +169,9 @@ def check_distributed(cfg: TrainConfig) -> None:
     if cfg.precision == "fp8":
         raise NotBuiltYetError("--precision fp8 with several GPUs is not built (FSDP2 would need torchao's float8 "
                                "all-gather); use --precision bf16 there")
+    if cfg.qlora_quant == "nf4":
+        raise NotBuiltYetError("--qlora-quant nf4 with several GPUs is not built (FSDP2 would shard bitsandbytes' "
+                               "packed weights); use --qlora-quant int4 there, which FSDP2 shards")
 
 
 def _worker_result(cfg: TrainConfig, steps: int, history, seconds: float, precision: str, trainable: int, total: int,
@@ -211,7 +224,8 @@ def check_out_dir(out: Path, resume: bool) -> Path | None:
 
 
 def load_model(cfg: TrainConfig, device: str, precision: str):
-    """The HF model for ``cfg.method``: bf16/fp16 frozen base for LoRA, int4 base for QLoRA, fp32 master for full."""
+    """The HF model for ``cfg.method``: bf16/fp16 frozen base for LoRA, int4 (or bitsandbytes NF4) base for QLoRA,
+    fp32 master for full."""
     from transformers import AutoModelForCausalLM
 
     from onecard.models import open_model_folder
@@ -222,6 +236,15 @@ def load_model(cfg: TrainConfig, device: str, precision: str):
         raise BadInputError(f"--seq-len {cfg.seq_len} is above this model's maximum of {max_pos} positions; "
                             f"use --seq-len {max_pos} or less")
     base_dtype = torch.float32 if cfg.method == "full" or precision == "fp32" else _dtype(precision)
+    if cfg.method == "qlora" and cfg.qlora_quant == "nf4":  # bitsandbytes quantizes as the weights load
+        from onecard.train.qlora import nf4_generic_cpu_path_, nf4_quantization_config
+
+        model = AutoModelForCausalLM.from_pretrained(str(cfg.model), dtype=base_dtype, attn_implementation="sdpa",
+                                                     device_map={"": device},
+                                                     quantization_config=nf4_quantization_config(base_dtype))
+        if device == "cpu":
+            nf4_generic_cpu_path_(model)
+        return model, folder
     load_device = "cpu" if cfg.method == "qlora" else device
     model = AutoModelForCausalLM.from_pretrained(str(cfg.model), dtype=base_dtype, attn_implementation="sdpa",
                                                  device_map={"": load_device})
@@ -276,13 +299,11 @@ def prepare_model(model, cfg: TrainConfig, precision: str, device: str) -> tuple
 
 
 def _optimizer(cfg: TrainConfig) -> str:
-    import importlib.util
-
     has_bnb = importlib.util.find_spec("bitsandbytes") is not None
     if cfg.optimizer in ("adamw_8bit", "paged_adamw_8bit"):
         if not has_bnb:
             raise MissingExtraError(f"optimizer {cfg.optimizer} needs bitsandbytes, which is not installed; "
-                                    f"pip install bitsandbytes, or use --optimizer adamw")
+                                    f"pip install 'onecard[bnb]', or use --optimizer adamw")
         return cfg.optimizer
     if cfg.optimizer == "auto" and cfg.method == "full":
         if has_bnb:
