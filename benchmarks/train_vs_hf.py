@@ -14,11 +14,16 @@ Parts (each fits a 10-minute GPU call; pick with --part):
              --granularity; no trial starts after --search-budget-s (then the answer is a lower bound).
   loss       The tiny trained model, LoRA, 200 steps from the same seed and data order, both paths through HF
              Trainer; the largest relative loss difference at any logged step. Target < 1%.
+  qlora-bases  Llama-3-8B architecture (one random bf16 folder), QLoRA r=16 all-linear, bs 1, seq 2048,
+             checkpointing, on three bases: HF + PEFT over bitsandbytes NF4 (the HF QLoRA recipe, without
+             prepare_model_for_kbit_training's fp32 casts), onecard over NF4 (--qlora-quant nf4) and onecard over
+             its own int4 (the default). tokens/s, ms/step, peak GiB. No issue target; needs bitsandbytes.
 Both paths run the same hand-written loop (autocast, backward, clip 1.0, AdamW) so only the model path differs.
 
   PYTHONPATH=src python benchmarks/train_vs_hf.py --part speed        # H100: ~3-4 min (bs 1 and 4)
   PYTHONPATH=src python benchmarks/train_vs_hf.py --part qlora-ctx    # H100: < 4 min (search budget 130 s)
   PYTHONPATH=src python benchmarks/train_vs_hf.py --part loss         # H100: ~1-2 min
+  PYTHONPATH=src python benchmarks/train_vs_hf.py --part qlora-bases  # H100: ~4-5 min (three 8B loads)
   PYTHONPATH=src python benchmarks/train_vs_hf.py --smoke --part all  # CPU, tiny shapes, writes to a temp dir
 """
 
@@ -514,9 +519,93 @@ def part_loss(args, out_dir) -> dict:
     return data
 
 
+def _nf4_model(path, dtype: torch.dtype):
+    """The folder's model on bitsandbytes' NF4 base (as ``onecard train --qlora-quant nf4`` loads it)."""
+    from transformers import AutoModelForCausalLM
+
+    from onecard.train.qlora import nf4_generic_cpu_path_, nf4_quantization_config
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa",
+                                                 device_map={"": _device()},
+                                                 quantization_config=nf4_quantization_config(dtype))
+    if _device() == "cpu":
+        nf4_generic_cpu_path_(model)
+    return model
+
+
+def part_qlora_bases(args, out_dir) -> dict:
+    """QLoRA on three bases in one process: HF + PEFT over NF4, onecard over NF4, onecard over its int4."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM
+
+    from onecard.testing.checkpoints import benchmark_model, make_random_checkpoint
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        sys.exit("--part qlora-bases needs bitsandbytes (pip install 'onecard[bnb]')")
+    seq = 128 if args.smoke else args.seq_len
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    path = (make_random_checkpoint("llama-3-8b", "tiny") if args.smoke else benchmark_model(None, "llama-3-8b",
+                                                                                             console))
+    vocab = _arch(args.smoke)["vocab_size"]
+    ids = torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(1)).to(_device())
+    steps, warmup = _steps_for(1, args.steps, args.warmup)
+    arms = {"hf_nf4": "HF + PEFT, bitsandbytes NF4", "onecard_nf4": "onecard, --qlora-quant nf4",
+            "onecard_int4": "onecard, int4 base (default)"}
+    rows = {}
+    for name in arms:
+        _free()
+        if name == "onecard_int4":
+            model = _lora_ours(AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa",
+                                                                    device_map={"": _device()}), 16, 32, int4=True)
+        else:
+            model = _nf4_model(path, dtype)
+            model = _lora_hf(model, 16, 32) if name == "hf_nf4" else _lora_ours(model, 16, 32)
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        dt, loss = _time_steps(_step_fn(model, ids, opt), warmup, steps)
+        rows[name] = {"tokens_per_s": seq / dt, "ms_per_step": dt * 1e3, "peak_gib": _peak_gib(), "loss": loss}
+        console.print(f"{arms[name]}: {rows[name]['tokens_per_s']:,.0f} tok/s, {rows[name]['ms_per_step']:.0f} "
+                      f"ms/step, peak {_fmt(rows[name]['peak_gib'])} GiB")
+        del model, opt
+    _free()
+    ref = rows["hf_nf4"]
+    data = {"model": "llama-3-8b (random init)" if not args.smoke else "llama-3-8b scaled tiny (smoke)",
+            "method": "qlora r=16 alpha=32 all-linear, batch 1, gradient checkpointing, AdamW on the adapter",
+            "seq_len": seq, "steps_timed": steps, "warmup_steps": warmup, "dtype": str(dtype).split(".")[-1],
+            "note": "HF + PEFT without prepare_model_for_kbit_training (it would cast the embeddings and head to "
+                    "fp32); the NF4 arms load the same folder through transformers' BitsAndBytesConfig "
+                    "(double-quantized NF4, bf16 compute), the int4 arm quantizes it with onecard's RTN g64"}
+    for name, r in rows.items():
+        data.update({f"{name}_{k}": v for k, v in r.items()})
+        if name != "hf_nf4":
+            data[f"{name}_speedup_vs_hf_nf4"] = r["tokens_per_s"] / ref["tokens_per_s"]
+            data[f"{name}_memory_ratio_vs_hf_nf4"] = (r["peak_gib"] / ref["peak_gib"]) if ref["peak_gib"] else None
+    t = Table("base", "tok/s", "ms/step", "peak GiB", "speedup vs HF NF4", "memory vs HF NF4",
+              title=f"QLoRA bases, seq {seq}, bs 1 ({gpu_name()})")
+    for name, r in rows.items():
+        t.add_row(arms[name], _tok_s(r["tokens_per_s"]), _fmt(r["ms_per_step"]), _fmt(r["peak_gib"]),
+                  _fmt(data.get(f"{name}_speedup_vs_hf_nf4", 1.0)), _fmt(data.get(f"{name}_memory_ratio_vs_hf_nf4", 1.0)))
+    console.print(t)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    colors = ["grey", "tab:orange", "tab:blue"]
+    for ax, key, label in ((axes[0], "tokens_per_s", "tokens/s"), (axes[1], "peak_gib", "peak GiB")):
+        ax.bar(range(len(rows)), [r[key] or 0 for r in rows.values()], color=colors)
+        ax.set_xticks(range(len(rows)), [arms[n].replace(", ", "\n") for n in rows], fontsize=8)
+        ax.set_ylabel(label)
+    fig.suptitle(f"QLoRA r=16, seq {seq}, bs 1, {gpu_name()}")
+    write_result("train_qlora_bases", data, out_dir)
+    save_figure(fig, "train_qlora_bases", out_dir)
+    return data
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=("speed", "qlora-ctx", "loss", "all"), default="speed")
+    p.add_argument("--part", choices=("speed", "qlora-ctx", "loss", "qlora-bases", "all"), default="speed")
     p.add_argument("--smoke", action="store_true", help="CPU-sized shapes; results go to a temp dir or --out")
     p.add_argument("--out", type=Path, default=None, help="result folder (default docs/results; temp dir in smoke)")
     p.add_argument("--seq-len", type=int, default=2048)
@@ -548,7 +637,8 @@ def main(argv: list[str] | None = None) -> None:
         prefer_expandable_segments()
     for part in parts:
         console.rule(part)
-        {"speed": part_speed, "qlora-ctx": part_qlora_ctx, "loss": part_loss}[part](args, out_dir)
+        {"speed": part_speed, "qlora-ctx": part_qlora_ctx, "loss": part_loss,
+         "qlora-bases": part_qlora_bases}[part](args, out_dir)
     console.print(f"results in {out_dir or 'docs/results'}")
 
 

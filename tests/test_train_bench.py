@@ -51,3 +51,16 @@ def test_qlora_ctx_smoke_writes_its_result(bench, tmp_path):
     bench.main(["--smoke", "--part", "qlora-ctx", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "train_qlora_ctx.json").read_text())
     assert data["max_trainable_tokens"] and data["trials"]
+
+
+def test_qlora_bases_smoke_writes_its_result(bench, tmp_path):
+    """The --part qlora-bases path end to end at smoke sizes (CPU): three bases timed, ratios against HF's NF4."""
+    import json
+
+    pytest.importorskip("bitsandbytes")
+    bench.main(["--smoke", "--part", "qlora-bases", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "train_qlora_bases.json").read_text())
+    assert all(data[f"{arm}_tokens_per_s"] > 0 for arm in ("hf_nf4", "onecard_nf4", "onecard_int4"))
+    assert data["onecard_int4_speedup_vs_hf_nf4"] == pytest.approx(
+        data["onecard_int4_tokens_per_s"] / data["hf_nf4_tokens_per_s"])
+    assert (tmp_path / "train_qlora_bases.png").exists()
