@@ -20,6 +20,24 @@ def test_int4_roundtrip_error_is_within_half_a_step():
     assert (err <= step / 2 + 1e-6).all()
 
 
+@pytest.mark.parametrize("rows,cols,group,dtype", [(16, 256, 64, torch.bfloat16), (19, 96, 32, torch.float16),
+                                                  (33, 384, 128, torch.float32), (5, 64, 64, torch.bfloat16)])
+def test_int4_dequant_kernel_is_bit_exact_with_the_reference(rows, cols, group, dtype):
+    """The one-pass Triton dequantization (interpreter on CPU) against the PyTorch ops: the same bits, with rows
+    and byte columns that do not fill the kernel's tiles."""
+    from onecard.kernels.int4_dequant import dequantize_int4_reference, dequantize_int4_triton
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    packed, scales = quantize_int4(torch.randn(rows, cols), group, dtype)
+    packed, scales = packed.to(dev), scales.to(dev)
+    got, want = dequantize_int4_triton(packed, scales, dtype), dequantize_int4_reference(packed, scales, dtype)
+    assert got.dtype == dtype
+    if dtype == torch.bfloat16 and dev == "cpu":  # the interpreter casts fp32 to bf16 by truncation, CUDA rounds
+        torch.testing.assert_close(got, want, rtol=2 ** -7, atol=0)
+    else:
+        assert torch.equal(got, want)
+
+
 def test_int4_linear_backward_gives_input_grad_without_saving_the_weight():
     lin = torch.nn.Linear(128, 8, bias=True)
     q = Int4Linear.from_linear(lin, 64, torch.float32)

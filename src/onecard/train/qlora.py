@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from onecard.errors import BadInputError
+from onecard.kernels.int4_dequant import dequantize_int4
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +73,6 @@ def quantize_int4(weight: torch.Tensor, group_size: int = 64, scale_dtype: torch
     q = q.reshape(out_f, in_f).to(torch.uint8)
     packed = q[:, 0::2] | (q[:, 1::2] << 4)
     return packed.contiguous(), scale.squeeze(-1).contiguous()
-
-
-def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of ``quantize_int4`` (up to rounding): ``[out, in]`` in ``dtype``."""
-    out_f, half = packed.shape
-    groups = scales.shape[1]
-    q = torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(out_f, 2 * half)
-    w = (q.to(dtype) - 8).reshape(out_f, groups, -1) * scales.to(dtype)[..., None]
-    return w.reshape(out_f, 2 * half)
 
 
 class _Int4MatmulFn(torch.autograd.Function):
