@@ -519,20 +519,6 @@ def part_loss(args, out_dir) -> dict:
     return data
 
 
-def _nf4_model(path, dtype: torch.dtype):
-    """The folder's model on bitsandbytes' NF4 base (as ``onecard train --qlora-quant nf4`` loads it)."""
-    from transformers import AutoModelForCausalLM
-
-    from onecard.train.qlora import nf4_generic_cpu_path_, nf4_quantization_config
-
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa",
-                                                 device_map={"": _device()},
-                                                 quantization_config=nf4_quantization_config(dtype))
-    if _device() == "cpu":
-        nf4_generic_cpu_path_(model)
-    return model
-
-
 def part_qlora_bases(args, out_dir) -> dict:
     """QLoRA on three bases in one process: HF + PEFT over NF4, onecard over NF4, onecard over its int4."""
     import importlib.util
@@ -540,6 +526,7 @@ def part_qlora_bases(args, out_dir) -> dict:
     from transformers import AutoModelForCausalLM
 
     from onecard.testing.checkpoints import benchmark_model, make_random_checkpoint
+    from onecard.train.qlora import load_nf4_model
 
     if importlib.util.find_spec("bitsandbytes") is None:
         sys.exit("--part qlora-bases needs bitsandbytes (pip install 'onecard[bnb]')")
@@ -556,10 +543,11 @@ def part_qlora_bases(args, out_dir) -> dict:
     for name in arms:
         _free()
         if name == "onecard_int4":
-            model = _lora_ours(AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa",
-                                                                    device_map={"": _device()}), 16, 32, int4=True)
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa",
+                                                         device_map={"": _device()})
+            model = _lora_ours(model, 16, 32, int4=True)
         else:
-            model = _nf4_model(path, dtype)
+            model = load_nf4_model(path, dtype, _device())  # as onecard train --qlora-quant nf4 loads it
             model = _lora_hf(model, 16, 32) if name == "hf_nf4" else _lora_ours(model, 16, 32)
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -585,7 +573,8 @@ def part_qlora_bases(args, out_dir) -> dict:
               title=f"QLoRA bases, seq {seq}, bs 1 ({gpu_name()})")
     for name, r in rows.items():
         t.add_row(arms[name], _tok_s(r["tokens_per_s"]), _fmt(r["ms_per_step"]), _fmt(r["peak_gib"]),
-                  _fmt(data.get(f"{name}_speedup_vs_hf_nf4", 1.0)), _fmt(data.get(f"{name}_memory_ratio_vs_hf_nf4", 1.0)))
+                  _fmt(data.get(f"{name}_speedup_vs_hf_nf4", 1.0)),
+                  _fmt(data.get(f"{name}_memory_ratio_vs_hf_nf4", 1.0)))
     console.print(t)
     import matplotlib
     matplotlib.use("Agg")

@@ -69,9 +69,8 @@ def register(app: typer.Typer) -> None:
 
         console = Console()
         cfg = TrainConfig(model=model, data=data, method=method, qlora_quant=qlora_quant, out=out, seq_len=seq_len,
-                          batch_size=batch_size,
-                          grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, lr=lr, lora_r=lora_r,
-                          lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets,
+                          batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, lr=lr,
+                          lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets,
                           eval_steps=eval_steps, val_fraction=val_fraction, save_steps=save_steps,
                           logging_steps=logging_steps, bad_lines=bad_lines, resume=resume, merge=merge,
                           fused=fused, gradient_checkpointing=gradient_checkpointing,

@@ -29,7 +29,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from onecard.errors import BadInputError
 from onecard.train.checkpointing import compute_dtype, recomputing
 from onecard.train.fp8_base import Fp8FrozenLinear
-from onecard.train.qlora import Int4Linear
+from onecard.train.qlora import Int4Linear, nf4_layers
 
 
 def linear_names(model: nn.Module) -> list[str]:
@@ -241,7 +241,6 @@ def trainable_summary(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     total += sum(m.in_features * m.out_features for m in model.modules()
                  if isinstance(m, (Int4Linear, Fp8FrozenLinear)))
-    # bitsandbytes' 4-bit weights are parameters holding two codes a byte (its own, not PEFT's wrapper's view)
-    total += sum(m.in_features * m.out_features - m.weight.numel() for m in model.modules()
-                 if type(m._parameters.get("weight")).__name__ == "Params4bit")
+    # bitsandbytes' 4-bit weights are parameters holding two codes a byte
+    total += sum(m.in_features * m.out_features - m.weight.numel() for m in nf4_layers(model))
     return trainable, total

@@ -48,17 +48,34 @@ def nf4_quantization_config(compute_dtype: torch.dtype):
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
+def load_nf4_model(path, dtype: torch.dtype, device: str) -> nn.Module:
+    """The folder's causal LM on bitsandbytes' NF4 base, quantized as its weights load onto ``device``
+    (``--qlora-quant nf4``); on a CPU its 4-bit layers take bitsandbytes' generic path (``nf4_generic_cpu_path_``)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa",
+                                                 device_map={"": device},
+                                                 quantization_config=nf4_quantization_config(dtype))
+    if device == "cpu":
+        nf4_generic_cpu_path_(model)
+    return model
+
+
+def nf4_layers(model: nn.Module) -> list[nn.Module]:
+    """bitsandbytes' 4-bit layers of ``model``: those whose own ``weight`` parameter holds packed codes (PEFT's
+    wrappers only show their base's through a property)."""
+    return [m for m in model.modules() if type(m._parameters.get("weight")).__name__ == "Params4bit"]
+
+
 def nf4_generic_cpu_path_(model: nn.Module) -> int:
     """Keep bitsandbytes' 4-bit layers off its AVX512-BF16 CPU kernel; returns how many. Why: at a layer's first
     no-grad call in eval mode (an evaluation step) bitsandbytes 0.50 repacks the weight for that kernel in place,
     which needs the output width a multiple of 32 and the input width one of the block (64): training the tiny
     model (688-wide MLP) on CPU stopped at its first evaluation on each. The generic path has neither limit."""
-    n = 0
-    for m in model.modules():
-        if type(m._parameters.get("weight")).__name__ == "Params4bit" and getattr(m, "support_avx512bf16_for_cpu", 0):
-            m.support_avx512bf16_for_cpu = False
-            n += 1
-    return n
+    layers = [m for m in nf4_layers(model) if getattr(m, "support_avx512bf16_for_cpu", False)]
+    for m in layers:
+        m.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int = 64, scale_dtype: torch.dtype = torch.bfloat16

@@ -113,8 +113,8 @@ class TrainConfig:
             raise MissingExtraError("--qlora-quant nf4 needs bitsandbytes, which is not installed: pip install "
                                     "'onecard[bnb]', or use --qlora-quant int4 (onecard's own base, no extra)")
         if self.precision == "fp8" and self.method == "qlora":
-            raise BadInputError("--precision fp8 swaps bf16 linears for float8 ones; a QLoRA base is int4: use "
-                                "--method lora with fp8, or --precision bf16 with qlora")
+            raise BadInputError("--precision fp8 swaps bf16 linears for float8 ones; a QLoRA base is int4 or NF4: "
+                                "use --method lora with fp8, or --precision bf16 with qlora")
         if self.offload_checkpoints and not self.gradient_checkpointing:
             raise BadInputError("--offload-checkpoints needs gradient checkpointing; drop --no-gradient-checkpointing")
         if self.lr is None:
@@ -236,15 +236,10 @@ def load_model(cfg: TrainConfig, device: str, precision: str):
         raise BadInputError(f"--seq-len {cfg.seq_len} is above this model's maximum of {max_pos} positions; "
                             f"use --seq-len {max_pos} or less")
     base_dtype = torch.float32 if cfg.method == "full" or precision == "fp32" else _dtype(precision)
-    if cfg.method == "qlora" and cfg.qlora_quant == "nf4":  # bitsandbytes quantizes as the weights load
-        from onecard.train.qlora import nf4_generic_cpu_path_, nf4_quantization_config
+    if cfg.method == "qlora" and cfg.qlora_quant == "nf4":
+        from onecard.train.qlora import load_nf4_model
 
-        model = AutoModelForCausalLM.from_pretrained(str(cfg.model), dtype=base_dtype, attn_implementation="sdpa",
-                                                     device_map={"": device},
-                                                     quantization_config=nf4_quantization_config(base_dtype))
-        if device == "cpu":
-            nf4_generic_cpu_path_(model)
-        return model, folder
+        return load_nf4_model(cfg.model, base_dtype, device), folder
     load_device = "cpu" if cfg.method == "qlora" else device
     model = AutoModelForCausalLM.from_pretrained(str(cfg.model), dtype=base_dtype, attn_implementation="sdpa",
                                                  device_map={"": load_device})
