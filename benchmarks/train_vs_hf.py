@@ -220,8 +220,8 @@ def part_speed(args, out_dir) -> dict:
     results = []
     for bs in sizes:
         h, o = rows["hf_peft"][bs], rows["onecard"][bs]
-        ratio = (o["peak_gib"] / h["peak_gib"]) if h["peak_gib"] and o["peak_gib"] else None
-        speedup = (o["tokens_per_s"] / h["tokens_per_s"]) if h["tokens_per_s"] and o["tokens_per_s"] else None
+        ratio = _ratio(o["peak_gib"], h["peak_gib"])
+        speedup = _ratio(o["tokens_per_s"], h["tokens_per_s"])
         results.append({"batch_size": bs, "tokens_per_step": bs * seq, "hf_oom": h["oom"], "onecard_oom": o["oom"],
                         "hf_tokens_per_s": h["tokens_per_s"], "onecard_tokens_per_s": o["tokens_per_s"],
                         "hf_ms_per_step": h["ms_per_step"], "onecard_ms_per_step": o["ms_per_step"],
@@ -313,15 +313,17 @@ def _utilization(hf_tok_s: float | None, ours_tok_s: float | None, flops: dict[s
 
 def _fp8_row(f: dict, h: dict, o: dict) -> dict:
     """The fp8 arm's figures at one batch size, against HF + PEFT (bf16) and onecard's own bf16 path."""
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return a / b if a and b else None
-
     return {"onecard_fp8_oom": f["oom"], "onecard_fp8_tokens_per_s": f["tokens_per_s"],
             "onecard_fp8_ms_per_step": f["ms_per_step"], "onecard_fp8_peak_gib": f["peak_gib"],
             "onecard_fp8_loss_last_step": f["loss"],
-            "fp8_speedup_vs_hf": ratio(f["tokens_per_s"], h["tokens_per_s"]),
-            "fp8_speedup_vs_onecard_bf16": ratio(f["tokens_per_s"], o["tokens_per_s"]),
-            "fp8_memory_ratio_vs_hf": ratio(f["peak_gib"], h["peak_gib"])}
+            "fp8_speedup_vs_hf": _ratio(f["tokens_per_s"], h["tokens_per_s"]),
+            "fp8_speedup_vs_onecard_bf16": _ratio(f["tokens_per_s"], o["tokens_per_s"]),
+            "fp8_memory_ratio_vs_hf": _ratio(f["peak_gib"], h["peak_gib"])}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    """``a / b``, or None where either side is missing (a run out of memory, no CUDA peak on the CPU)."""
+    return a / b if a and b else None
 
 
 def _fmt(v: float | None) -> str:
@@ -567,8 +569,8 @@ def part_qlora_bases(args, out_dir) -> dict:
     for name, r in rows.items():
         data.update({f"{name}_{k}": v for k, v in r.items()})
         if name != "hf_nf4":
-            data[f"{name}_speedup_vs_hf_nf4"] = r["tokens_per_s"] / ref["tokens_per_s"]
-            data[f"{name}_memory_ratio_vs_hf_nf4"] = (r["peak_gib"] / ref["peak_gib"]) if ref["peak_gib"] else None
+            data[f"{name}_speedup_vs_hf_nf4"] = _ratio(r["tokens_per_s"], ref["tokens_per_s"])
+            data[f"{name}_memory_ratio_vs_hf_nf4"] = _ratio(r["peak_gib"], ref["peak_gib"])
     t = Table("base", "tok/s", "ms/step", "peak GiB", "speedup vs HF NF4", "memory vs HF NF4",
               title=f"QLoRA bases, seq {seq}, bs 1 ({gpu_name()})")
     for name, r in rows.items():
