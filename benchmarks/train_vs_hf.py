@@ -18,12 +18,17 @@ Parts (each fits a 10-minute GPU call; pick with --part):
              checkpointing, on three bases: HF + PEFT over bitsandbytes NF4 (the HF QLoRA recipe, without
              prepare_model_for_kbit_training's fp32 casts), onecard over NF4 (--qlora-quant nf4) and onecard over
              its own int4 (the default). tokens/s, ms/step, peak GiB. No issue target; needs bitsandbytes.
+  profile    The speed part's setting at --profile-batch-size: one step of each path under torch.profiler, device
+             time by kind (matmuls, split into base GEMMs and rank-r adapter products by operand shape; attention;
+             norms; ...), beside each path's timed step. speedup_if_only_*: HF's step over onecard's matmuls and
+             attention alone, i.e. the most any work on the other kernels could give at this work.
 Both paths run the same hand-written loop (autocast, backward, clip 1.0, AdamW) so only the model path differs.
 
   PYTHONPATH=src python benchmarks/train_vs_hf.py --part speed        # H100: ~3-4 min (bs 1 and 4)
   PYTHONPATH=src python benchmarks/train_vs_hf.py --part qlora-ctx    # H100: < 4 min (search budget 130 s)
   PYTHONPATH=src python benchmarks/train_vs_hf.py --part loss         # H100: ~1-2 min
   PYTHONPATH=src python benchmarks/train_vs_hf.py --part qlora-bases  # H100: ~4-5 min (three 8B loads)
+  PYTHONPATH=src python benchmarks/train_vs_hf.py --part profile      # H100: ~2 min (bs 4)
   PYTHONPATH=src python benchmarks/train_vs_hf.py --smoke --part all  # CPU, tiny shapes, writes to a temp dir
 """
 
@@ -594,15 +599,109 @@ def part_qlora_bases(args, out_dir) -> dict:
     return data
 
 
+PROFILE_KINDS = (("matmuls", r"gemm|gemv|nvjet|cutlass|xmma|splitkreduce|aten::(mm|addmm_?|bmm|baddbmm|_scaled_mm)$"),
+                 ("attention", r"flash|fmha|sdpa|attention"),
+                 ("norms", r"norm"),
+                 ("swiglu", r"silu|swiglu|glu"),
+                 ("rope", r"rope|rotary"),
+                 ("loss", r"cross_entropy|_ce_|logsumexp|log_softmax|nll"),
+                 ("optimizer", r"adam|multi_tensor|foreach"),
+                 ("elementwise", r"elementwise|vectorized|reduce|copy|fill|cat|index|add|mul"))
+ADAPTER_MAX_DIM = 64  # a matmul with an operand dimension this small is a rank-r adapter product, not a base GEMM
+
+
+def adapter_split(calls) -> tuple[float, float]:
+    """(base, adapter) µs of the profiled matmul ops: an op is an adapter product when one of its operands has a
+    dimension of at most ``ADAPTER_MAX_DIM`` (the LoRA rank), a base GEMM otherwise (the LM head's included)."""
+    adapter = sum(c.us for c in calls if any(0 < d <= ADAPTER_MAX_DIM for s in c.shapes for d in s[-2:]))
+    return sum(c.us for c in calls) - adapter, adapter
+
+
+def part_profile(args, out_dir) -> dict:
+    """Where one LoRA step's device time goes, HF + PEFT and onecard at one batch size, in one process; and how
+    fast onecard's step could be if only its matmuls and attention took time (the bound behind the 2x target)."""
+    from onecard.bench.kernel_profile import by_kind, matmul_calls, profile_events, time_per_name
+
+    seq = 128 if args.smoke else args.seq_len
+    dtype = "float32" if args.smoke else "bfloat16"
+    bs = args.profile_batch_size
+    vocab = _arch(args.smoke)["vocab_size"]
+    ids = torch.randint(0, vocab, (bs, seq), generator=torch.Generator().manual_seed(bs)).to(_device())
+    data: dict = {"model": "llama-3-8b (random init)" if not args.smoke else "llama-3-8b scaled tiny (smoke)",
+                  "method": "lora r=16 alpha=32 all-linear, gradient checkpointing, AdamW on the adapter",
+                  "seq_len": seq, "batch_size": bs, "dtype": dtype}
+    for name in ("hf_peft", "onecard"):
+        _free()
+        model = _build(args.smoke, dtype)
+        model = _lora_hf(model, 16, 32) if name == "hf_peft" else _lora_ours(model, 16, 32)
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        step = _step_fn(model, ids, opt)
+        steps, warmup = _steps_for(bs, args.steps, args.warmup)
+        dt, _ = _time_steps(step, warmup, steps)
+        events = profile_events(step, record_shapes=True)
+        kinds = by_kind(time_per_name(events), PROFILE_KINDS)
+        base, adapter = adapter_split(matmul_calls(events))
+        data[f"{name}_step_ms"] = dt * 1e3
+        data[f"{name}_kernel_ms"] = sum(kinds.values()) / 1e3
+        data.update({f"{name}_{k}_ms": v / 1e3 for k, v in kinds.items()})
+        data[f"{name}_matmuls_base_ms"], data[f"{name}_matmuls_adapter_ms"] = base / 1e3, adapter / 1e3
+        console.print(f"{name}: {dt * 1e3:.0f} ms a step, {sum(kinds.values()) / 1e3:.0f} ms of kernels")
+        del model, opt, step, events
+    _free()
+    hf = data["hf_peft_step_ms"]
+    floor = data["onecard_matmuls_base_ms"] + data["onecard_attention_ms"]
+    data.update({"speedup_vs_hf": _ratio(hf, data["onecard_step_ms"]), "step_ms_for_2x": hf / 2,
+                 "onecard_base_matmuls_and_attention_ms": floor,
+                 "speedup_if_only_base_matmuls_and_attention": _ratio(hf, floor),
+                 "speedup_if_only_matmuls_and_attention": _ratio(hf, floor + data["onecard_matmuls_adapter_ms"]),
+                 "ms_left_for_everything_else_at_2x": hf / 2 - floor - data["onecard_matmuls_adapter_ms"]})
+    kinds = [k for k, _ in PROFILE_KINDS] + ["other"]
+    t = Table("kind", "HF + PEFT ms", "onecard ms", title=f"one LoRA step, bs {bs}, seq {seq} ({gpu_name()})")
+    for k in kinds:
+        t.add_row(k, _fmt(data[f"hf_peft_{k}_ms"]), _fmt(data[f"onecard_{k}_ms"]))
+        if k == "matmuls":
+            t.add_row("  of which adapters", _fmt(data["hf_peft_matmuls_adapter_ms"]),
+                      _fmt(data["onecard_matmuls_adapter_ms"]))
+    t.add_row("kernels", _fmt(data["hf_peft_kernel_ms"]), _fmt(data["onecard_kernel_ms"]))
+    t.add_row("step (wall)", _fmt(data["hf_peft_step_ms"]), _fmt(data["onecard_step_ms"]))
+    console.print(t)
+    console.print(f"speedup {_fmt(data['speedup_vs_hf'])}x; with only base matmuls + attention "
+                  f"{_fmt(data['speedup_if_only_base_matmuls_and_attention'])}x, adapters too "
+                  f"{_fmt(data['speedup_if_only_matmuls_and_attention'])}x; 2x leaves "
+                  f"{_fmt(data['ms_left_for_everything_else_at_2x'])} ms for everything else")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 3.2))
+    for i, name in enumerate(("hf_peft", "onecard")):
+        left = 0.0
+        for j, k in enumerate(kinds):
+            v = data[f"{name}_{k}_ms"]
+            ax.barh(i, v, left=left, color=f"C{j}", label=k if i == 0 else None)
+            left += v
+    ax.axvline(hf / 2, color="black", ls="--", label="2x HF's step")
+    ax.set_yticks([0, 1], ["HF + PEFT", "onecard"])
+    ax.set_xlabel("ms of kernels in one step")
+    ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.25))
+    ax.set_title(f"Where a LoRA step goes: Llama-3-8B arch, bs {bs}, seq {seq} ({gpu_name()})")
+    fig.tight_layout()
+    write_result("train_profile", data, out_dir)
+    save_figure(fig, "train_profile", out_dir)
+    return data
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=("speed", "qlora-ctx", "loss", "qlora-bases", "all"), default="speed")
+    p.add_argument("--part", choices=("speed", "qlora-ctx", "loss", "qlora-bases", "profile", "all"), default="speed")
     p.add_argument("--smoke", action="store_true", help="CPU-sized shapes; results go to a temp dir or --out")
     p.add_argument("--out", type=Path, default=None, help="result folder (default docs/results; temp dir in smoke)")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch-sizes", default="1,4", help="speed part: comma-separated micro-batch sizes")
     p.add_argument("--fp8", action="store_true", help="speed part: also time onecard with --precision fp8 "
                    "(frozen fp8 bases; Ada/Hopper), reported beside the bf16 rows, not as the target")
+    p.add_argument("--profile-batch-size", type=int, default=4, help="profile part: the micro-batch size profiled")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--cap-gib", type=float, default=24.0)
@@ -629,7 +728,7 @@ def main(argv: list[str] | None = None) -> None:
     for part in parts:
         console.rule(part)
         {"speed": part_speed, "qlora-ctx": part_qlora_ctx, "loss": part_loss,
-         "qlora-bases": part_qlora_bases}[part](args, out_dir)
+         "qlora-bases": part_qlora_bases, "profile": part_profile}[part](args, out_dir)
     console.print(f"results in {out_dir or 'docs/results'}")
 
 
