@@ -12,7 +12,8 @@ from onecard.kernels.fused_linear_ce import (_ce_chunk_torch, fused_linear_cross
                                              linear_cross_entropy_reference)
 from onecard.kernels.rmsnorm import rmsnorm_reference, rmsnorm_triton
 from onecard.kernels.rope import rope_reference, rope_triton
-from onecard.kernels.swiglu import swiglu_reference, swiglu_triton
+from onecard.kernels.swiglu import (lora_swiglu_grads_reference, lora_swiglu_grads_triton, lora_swiglu_reference,
+                                    lora_swiglu_triton, swiglu_reference, swiglu_triton)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -48,6 +49,26 @@ def test_swiglu_forward_backward_matches_reference():
     out_r, g_r = _grads(swiglu_reference, g, u)
     _close(out_t, out_r)
     _close(g_t, g_r)
+
+
+def _lora_gate_up_inputs(T, N, r, dtype=torch.float32, device=DEV):
+    g = torch.Generator(device="cpu").manual_seed(T + N + r)
+    make = lambda *shape, s=1.0: (torch.randn(*shape, generator=g) * s).to(device, dtype)  # noqa: E731
+    return make(T, N), make(T, N), make(T, r), make(T, r), make(N, r, s=0.1), make(N, r, s=0.1), make(T, N)
+
+
+@pytest.mark.parametrize("T,N,r", [(70, 300, 16), (33, 128, 8), (5, 200, 32)])  # r below the dot's 16 is padded
+def test_lora_swiglu_kernels_match_reference(T, N, r):
+    yg, yu, hg, hu, bg, bu, dy = _lora_gate_up_inputs(T, N, r)
+    torch.testing.assert_close(lora_swiglu_triton(yg, yu, hg, hu, bg, bu), lora_swiglu_reference(yg, yu, hg, hu, bg, bu))
+    _close(lora_swiglu_grads_triton(dy, yg, yu, hg, hu, bg, bu), lora_swiglu_grads_reference(dy, yg, yu, hg, hu, bg, bu))
+
+
+def test_lora_swiglu_grads_reference_is_autograd_of_the_forward():
+    yg, yu, hg, hu, bg, bu, dy = (t.double() for t in _lora_gate_up_inputs(6, 40, 4, device="cpu"))
+    yg.requires_grad_(True), yu.requires_grad_(True)
+    lora_swiglu_reference(yg, yu, hg, hu, bg, bu).backward(dy)
+    _close(lora_swiglu_grads_reference(dy, yg.detach(), yu.detach(), hg, hu, bg, bu), (yg.grad, yu.grad), 1e-6)
 
 
 def test_rope_forward_backward_matches_reference_in_hf_layout():
@@ -111,6 +132,10 @@ def test_kernels_bf16_realistic_shapes_on_gpu():
     o_r, g_r = _grads(swiglu_reference, g, u)
     _close(o_t, o_r, 2e-2)
     _close(g_t, g_r, 3e-2)
+    yg, yu, hg, hu, bg, bu, dy = _lora_gate_up_inputs(512, 14336, 16, torch.bfloat16, "cuda")
+    _close([lora_swiglu_triton(yg, yu, hg, hu, bg, bu)], [lora_swiglu_reference(yg, yu, hg, hu, bg, bu)], 2e-2)
+    _close(lora_swiglu_grads_triton(dy, yg, yu, hg, hu, bg, bu), lora_swiglu_grads_reference(dy, yg, yu, hg, hu, bg, bu),
+           3e-2)
     q = torch.randn(2, 256, 32, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
     k = torch.randn(2, 256, 8, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
     ang = torch.randn(1, 256, 64, device="cuda")

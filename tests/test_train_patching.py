@@ -186,6 +186,9 @@ def test_recomputation_skips_the_last_matmul_and_keeps_every_gradient(random_che
             skips.append(a[-1])
         return forward(ctx, *a)
     monkeypatch.setattr(lora._FrozenLoRALinear, "forward", staticmethod(spy))
+    fused_gate_up, fused_forward = [], lora._FrozenLoRASwiGLU.forward
+    monkeypatch.setattr(lora._FrozenLoRASwiGLU, "forward",
+                        staticmethod(lambda ctx, *a: fused_gate_up.append(1) or fused_forward(ctx, *a)))
     run_mlp = patching.FusedSwiGLUMLP._mlp
     monkeypatch.setattr(patching.FusedSwiGLUMLP, "_mlp", lambda self, t: mlp_runs.append(1) or run_mlp(self, t))
     ids = torch.randint(3, base.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
@@ -195,9 +198,12 @@ def test_recomputation_skips_the_last_matmul_and_keeps_every_gradient(random_che
     layers = base.config.num_hidden_layers * (4 if chunk else 1)  # 40 tokens in chunks of 12: 4 pieces a layer
     # offloaded, or chunked: the first forward runs without autograd (a plain layer call); every rerun skips
     assert skips.count(False) == (0 if offload or chunk else layers) and skips.count(True) >= layers
-    # every adapted linear runs through the frozen-base Function while gradients are recorded: the six others
-    # forward (unless offloaded or chunked: no autograd then) and again in the recomputation
-    assert frozen_calls.count(False) - skips.count(False) >= 6 * base.config.num_hidden_layers
+    # every adapted linear runs through a frozen-base Function while gradients are recorded, forward (unless
+    # offloaded or chunked: no autograd then) and again in the recomputation: over dense bases gate and up as one
+    # _FrozenLoRASwiGLU (its rank-r products added in the SwiGLU kernel), the four others one by one
+    assert len(fused_gate_up) == (layers * (1 if offload or chunk else 2) if frozen == "dense" else 0)
+    others = 4 if frozen == "dense" else 6
+    assert frozen_calls.count(False) - skips.count(False) >= others * base.config.num_hidden_layers
     # twice per piece, as an unchunked checkpointed MLP: forward, then in backward (none in the layer's recompute)
     assert len(mlp_runs) == 2 * layers
     torch.testing.assert_close(l_ours, l_ref, rtol=1e-5, atol=1e-6)

@@ -91,6 +91,112 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return swiglu_triton(gate, up) if gate.is_cuda else swiglu_reference(gate, up)
 
 
+def lora_gate_up_reference(yg: torch.Tensor, yu: torch.Tensor, hg: torch.Tensor, hu: torch.Tensor, bg: torch.Tensor,
+                           bu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA gate and up pre-activations from their frozen bases' outputs ``y [T, N]``, the adapters' ``h = x A^T``
+    ``[T, r]`` and scaled ``s B`` ``[N, r]``: ``y + h (s B)^T``, the rank-r product rounded to y's dtype first, as a
+    PEFT layer adds its adapter's output to its base's."""
+    return yg + (hg @ bg.t()).to(yg.dtype), yu + (hu @ bu.t()).to(yu.dtype)
+
+
+def lora_swiglu_reference(yg: torch.Tensor, yu: torch.Tensor, hg: torch.Tensor, hu: torch.Tensor, bg: torch.Tensor,
+                          bu: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of the LoRA gate and up of ``lora_gate_up_reference``."""
+    return swiglu_reference(*lora_gate_up_reference(yg, yu, hg, hu, bg, bu))
+
+
+def lora_swiglu_grads_reference(dy: torch.Tensor, yg: torch.Tensor, yu: torch.Tensor, hg: torch.Tensor,
+                                hu: torch.Tensor, bg: torch.Tensor, bu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of ``lora_swiglu_reference`` at its gate and up pre-activations, from ``dy`` (fp32 math, as
+    ``_swiglu_bwd``)."""
+    g, u = (t.float() for t in lora_gate_up_reference(yg, yu, hg, hu, bg, bu))
+    sig = torch.sigmoid(g)
+    dy = dy.float()
+    return (dy * u * sig * (1 + g * (1 - sig))).to(yg.dtype), (dy * g * sig).to(yu.dtype)
+
+
+@triton.jit
+def _lora_pre(Y, H, B, off, mask, h_off, h_mask, b_off, b_mask, IEEE: tl.constexpr):
+    # one projection's pre-activation tile, y + round(h B^T), rounded to y's dtype, in fp32
+    h = tl.load(H + h_off, mask=h_mask, other=0.0)
+    b = tl.load(B + b_off, mask=b_mask, other=0.0)
+    if IEEE:
+        lora = tl.dot(h, tl.trans(b), input_precision="ieee")
+    else:
+        lora = tl.dot(h, tl.trans(b))
+    y = tl.load(Y + off, mask=mask, other=0.0).to(tl.float32)
+    return (y + lora.to(Y.dtype.element_ty).to(tl.float32)).to(Y.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _lora_gate_up(YG, YU, HG, HU, BG, BU, T, N, R, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+    # one [BLOCK_M, BLOCK_N] tile of lora_gate_up_reference in fp32 (rounded as it rounds): (gate, up, offsets, mask)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    rmask, cmask, kmask = rows < T, cols < N, offs_r < R
+    off = rows[:, None] * N + cols[None, :]
+    mask = rmask[:, None] & cmask[None, :]
+    h_off, h_mask = rows[:, None] * R + offs_r[None, :], rmask[:, None] & kmask[None, :]
+    b_off, b_mask = cols[:, None] * R + offs_r[None, :], cmask[:, None] & kmask[None, :]
+    g = _lora_pre(YG, HG, BG, off, mask, h_off, h_mask, b_off, b_mask, IEEE)
+    u = _lora_pre(YU, HU, BU, off, mask, h_off, h_mask, b_off, b_mask, IEEE)
+    return g, u, off, mask
+
+
+@triton.jit
+def _lora_swiglu_fwd(YG, YU, HG, HU, BG, BU, OUT, T, N, R, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+    g, u, off, mask = _lora_gate_up(YG, YU, HG, HU, BG, BU, T, N, R, BLOCK_M, BLOCK_N, BLOCK_R, IEEE)
+    silu = (g * tl.sigmoid(g)).to(OUT.dtype.element_ty).to(tl.float32)
+    tl.store(OUT + off, (silu * u).to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lora_swiglu_bwd(DY, YG, YU, HG, HU, BG, BU, DG, DU, T, N, R, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+    g, u, off, mask = _lora_gate_up(YG, YU, HG, HU, BG, BU, T, N, R, BLOCK_M, BLOCK_N, BLOCK_R, IEEE)
+    dy = tl.load(DY + off, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(g)
+    tl.store(DU + off, (dy * g * sig).to(DU.dtype.element_ty), mask=mask)
+    tl.store(DG + off, (dy * u * sig * (1.0 + g * (1.0 - sig))).to(DG.dtype.element_ty), mask=mask)
+
+
+_LORA_TILE = {"BLOCK_M": 16, "BLOCK_N": 128}  # best fwd + bwd of 24 tiles (H100, 8192 x 14336, r 16)
+
+
+def _lora_launch(yg: torch.Tensor, hg: torch.Tensor) -> tuple[tuple[int, int], dict]:
+    T, N = yg.shape
+    tile = _LORA_TILE
+    return ((triton.cdiv(T, tile["BLOCK_M"]), triton.cdiv(N, tile["BLOCK_N"])),
+            {**tile, "BLOCK_R": max(16, triton.next_power_of_2(hg.shape[1])), "IEEE": yg.dtype == torch.float32})
+
+
+def lora_swiglu_triton(yg: torch.Tensor, yu: torch.Tensor, hg: torch.Tensor, hu: torch.Tensor, bg: torch.Tensor,
+                       bu: torch.Tensor) -> torch.Tensor:
+    """``lora_swiglu_reference`` in one kernel (no autograd: ``train.lora``'s Function calls it and the grads).
+
+    Why: a LoRA gate or up projection otherwise adds its rank-r product inside the base GEMM (``addmm_``, beta =
+    1), and cuBLAS's accumulating kernels run ~11 % slower than its plain ones on these shapes (H100 profile,
+    docs/training.md), besides writing the ``[T, N]`` product first. Here the bases run plain and the rank-r
+    products are made tile by tile where the activation reads its inputs anyway."""
+    grid, consts = _lora_launch(yg, hg)
+    out = torch.empty_like(yg)
+    _lora_swiglu_fwd[grid](yg, yu, hg, hu, bg, bu, out, yg.shape[0], yg.shape[1], hg.shape[1], **consts)
+    return out
+
+
+def lora_swiglu_grads_triton(dy: torch.Tensor, yg: torch.Tensor, yu: torch.Tensor, hg: torch.Tensor, hu: torch.Tensor,
+                             bg: torch.Tensor, bu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lora_swiglu_grads_reference`` in one kernel: gate and up recomputed from the same inputs, bit for bit."""
+    grid, consts = _lora_launch(yg, hg)
+    dg, du = torch.empty_like(yg), torch.empty_like(yu)
+    _lora_swiglu_bwd[grid](dy.contiguous(), yg, yu, hg, hu, bg, bu, dg, du, yg.shape[0], yg.shape[1], hg.shape[1],
+                           **consts)
+    return dg, du
+
+
 def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` of a fused ``[..., 2 * I]`` gate/up output (gate first), as the engine's MLP defines it."""
     gate, up = gate_up.chunk(2, dim=-1)

@@ -44,7 +44,7 @@ from onecard.train.checkpointing import (
     marked_checkpoint,
     recomputing,
 )
-from onecard.train.lora import last_linear
+from onecard.train.lora import last_linear, lora_swiglu
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,10 @@ class FusedSwiGLUMLP(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return last_linear(self.down_proj, swiglu(self.gate_proj(x), self.up_proj(x)))
+        act = lora_swiglu(self.gate_proj, self.up_proj, x)
+        if act is None:
+            act = swiglu(self.gate_proj(x), self.up_proj(x))
+        return last_linear(self.down_proj, act)
 
     def _in_pieces(self, x: torch.Tensor, run=None) -> torch.Tensor:
         """The MLP over ``MLP_CHUNK_TOKENS``-token pieces, concatenated; ``run(fn, piece)`` wraps each call."""
