@@ -33,7 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 from onecard.bench.engine_bench import measure_copy_bandwidth
-from onecard.bench.kernel_profile import by_kind, minus, profile_events, time_per_name
+from onecard.bench.kernel_profile import by_kind, kind_names, minus, profile_events, time_per_name
 from onecard.bench.results import gpu_name, save_figure, write_result
 from onecard.engine.offload import resident_step_bytes
 from onecard.testing.checkpoints import benchmark_model
@@ -42,7 +42,7 @@ KINDS = (("linears", r"_wo_|gemv|gemm|nvjet|cutlass|xmma|splitkreduce|int4pack|a
          ("attention", r"attention|attn|paged|decode_fused|rope|flash|fmha"),
          ("norms", r"norm"),
          ("silu_up", r"silu|swiglu"))
-KIND_NAMES = (*(k for k, _ in KINDS), "other")  # by_kind's output: every kind, then "other"
+KIND_NAMES = kind_names(KINDS)
 TARGETS = {("int4", 1): 3.0, ("int8", 1): 1.8, ("int4", 16): 2.5}
 
 

@@ -45,6 +45,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from onecard.bench.kernel_profile import (MATMUL_OPS_PATTERN, by_kind, kind_names, matmul_calls, profile_events,
+                                         time_per_name)
 from onecard.bench.results import gpu_name, save_figure, write_result
 
 console = Console()
@@ -599,7 +601,7 @@ def part_qlora_bases(args, out_dir) -> dict:
     return data
 
 
-PROFILE_KINDS = (("matmuls", r"gemm|gemv|nvjet|cutlass|xmma|splitkreduce|aten::(mm|addmm_?|bmm|baddbmm|_scaled_mm)$"),
+PROFILE_KINDS = (("matmuls", r"gemm|gemv|nvjet|cutlass|xmma|splitkreduce|" + MATMUL_OPS_PATTERN),
                  ("attention", r"flash|fmha|sdpa|attention"),
                  ("norms", r"norm"),
                  ("swiglu", r"silu|swiglu|glu"),
@@ -620,8 +622,6 @@ def adapter_split(calls) -> tuple[float, float]:
 def part_profile(args, out_dir) -> dict:
     """Where one LoRA step's device time goes, HF + PEFT and onecard at one batch size, in one process; and how
     fast onecard's step could be if only its matmuls and attention took time (the bound behind the 2x target)."""
-    from onecard.bench.kernel_profile import by_kind, matmul_calls, profile_events, time_per_name
-
     seq = 128 if args.smoke else args.seq_len
     dtype = "float32" if args.smoke else "bfloat16"
     bs = args.profile_batch_size
@@ -646,17 +646,18 @@ def part_profile(args, out_dir) -> dict:
         data[f"{name}_kernel_ms"] = sum(kinds.values()) / 1e3
         data.update({f"{name}_{k}_ms": v / 1e3 for k, v in kinds.items()})
         data[f"{name}_matmuls_base_ms"], data[f"{name}_matmuls_adapter_ms"] = base / 1e3, adapter / 1e3
-        console.print(f"{name}: {dt * 1e3:.0f} ms a step, {sum(kinds.values()) / 1e3:.0f} ms of kernels")
+        console.print(f"{name}: {dt * 1e3:.0f} ms a step, {data[f'{name}_kernel_ms']:.0f} ms of kernels")
         del model, opt, step, events
     _free()
     hf = data["hf_peft_step_ms"]
     floor = data["onecard_matmuls_base_ms"] + data["onecard_attention_ms"]
+    with_adapters = floor + data["onecard_matmuls_adapter_ms"]
     data.update({"speedup_vs_hf": _ratio(hf, data["onecard_step_ms"]), "step_ms_for_2x": hf / 2,
                  "onecard_base_matmuls_and_attention_ms": floor,
                  "speedup_if_only_base_matmuls_and_attention": _ratio(hf, floor),
-                 "speedup_if_only_matmuls_and_attention": _ratio(hf, floor + data["onecard_matmuls_adapter_ms"]),
-                 "ms_left_for_everything_else_at_2x": hf / 2 - floor - data["onecard_matmuls_adapter_ms"]})
-    kinds = [k for k, _ in PROFILE_KINDS] + ["other"]
+                 "speedup_if_only_matmuls_and_attention": _ratio(hf, with_adapters),
+                 "ms_left_for_everything_else_at_2x": hf / 2 - with_adapters})
+    kinds = kind_names(PROFILE_KINDS)
     t = Table("kind", "HF + PEFT ms", "onecard ms", title=f"one LoRA step, bs {bs}, seq {seq} ({gpu_name()})")
     for k in kinds:
         t.add_row(k, _fmt(data[f"hf_peft_{k}_ms"]), _fmt(data[f"onecard_{k}_ms"]))

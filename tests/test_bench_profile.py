@@ -6,7 +6,8 @@ from collections import Counter
 import pytest
 import torch
 
-from onecard.bench.kernel_profile import MatmulCall, by_kind, matmul_calls, minus, profile_events, time_per_name
+from onecard.bench.kernel_profile import (MatmulCall, by_kind, kind_names, matmul_calls, minus, profile_events,
+                                         time_per_name)
 
 
 def test_by_kind_takes_the_first_matching_kind_and_keeps_every_kind():
@@ -70,7 +71,7 @@ def test_train_profile_smoke_adds_up(benchmark_script, tmp_path):
     tv = benchmark_script("train_vs_hf")
     tv.main(["--smoke", "--part", "profile", "--profile-batch-size", "2", "--out", str(tmp_path)])
     d = json.loads((tmp_path / "train_profile.json").read_text())
-    kinds = [k for k, _ in tv.PROFILE_KINDS] + ["other"]
+    kinds = kind_names(tv.PROFILE_KINDS)
     for name in ("hf_peft", "onecard"):
         assert sum(d[f"{name}_{k}_ms"] for k in kinds) == pytest.approx(d[f"{name}_kernel_ms"])
         assert d[f"{name}_matmuls_base_ms"] + d[f"{name}_matmuls_adapter_ms"] == pytest.approx(d[f"{name}_matmuls_ms"])

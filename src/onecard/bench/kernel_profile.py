@@ -25,6 +25,8 @@ class MatmulCall:
 
 
 MATMUL_OPS = frozenset({"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm"})
+# the same ops as a ``by_kind`` pattern (whole names), so that a kind of them sums what ``matmul_calls`` lists
+MATMUL_OPS_PATTERN = "|".join(f"^{re.escape(op)}$" for op in sorted(MATMUL_OPS))
 
 
 def profile_events(fn: Callable[[], object], record_shapes: bool = False):
@@ -73,10 +75,15 @@ def by_kind(per_name: dict[str, float], kinds: Iterable[tuple[str, str]]) -> dic
     """Sum ``per_name`` into kinds: each name goes to the first kind whose regex it matches (case-insensitive);
     names matching none go to ``"other"``. Every kind is present, zero where nothing matched."""
     kinds = [(k, re.compile(p, re.I)) for k, p in kinds]
-    out = {k: 0.0 for k, _ in kinds} | {"other": 0.0}
+    out = dict.fromkeys(kind_names(kinds), 0.0)
     for name, us in per_name.items():
         out[next((k for k, rx in kinds if rx.search(name)), "other")] += us
     return out
+
+
+def kind_names(kinds: Iterable[tuple[str, object]]) -> tuple[str, ...]:
+    """The keys ``by_kind`` returns for ``kinds``, in its order: each kind, then ``"other"``."""
+    return (*(k for k, _ in kinds), "other")
 
 
 def minus(a: Counter, b: Counter, scale: float = 1.0) -> dict[str, float]:

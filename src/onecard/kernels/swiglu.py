@@ -106,7 +106,8 @@ def lora_swiglu_reference(yg: torch.Tensor, yu: torch.Tensor, hg: torch.Tensor, 
 
 
 def lora_swiglu_grads_reference(dy: torch.Tensor, yg: torch.Tensor, yu: torch.Tensor, hg: torch.Tensor,
-                                hu: torch.Tensor, bg: torch.Tensor, bu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                                hu: torch.Tensor, bg: torch.Tensor,
+                                bu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients of ``lora_swiglu_reference`` at its gate and up pre-activations, from ``dy`` (fp32 math, as
     ``_swiglu_bwd``)."""
     g, u = (t.float() for t in lora_gate_up_reference(yg, yu, hg, hu, bg, bu))
@@ -168,9 +169,8 @@ _LORA_TILE = {"BLOCK_M": 16, "BLOCK_N": 128}  # best fwd + bwd of 24 tiles (H100
 
 def _lora_launch(yg: torch.Tensor, hg: torch.Tensor) -> tuple[tuple[int, int], dict]:
     T, N = yg.shape
-    tile = _LORA_TILE
-    return ((triton.cdiv(T, tile["BLOCK_M"]), triton.cdiv(N, tile["BLOCK_N"])),
-            {**tile, "BLOCK_R": max(16, triton.next_power_of_2(hg.shape[1])), "IEEE": yg.dtype == torch.float32})
+    return ((triton.cdiv(T, _LORA_TILE["BLOCK_M"]), triton.cdiv(N, _LORA_TILE["BLOCK_N"])),
+            {**_LORA_TILE, "BLOCK_R": max(16, triton.next_power_of_2(hg.shape[1])), "IEEE": yg.dtype == torch.float32})
 
 
 def lora_swiglu_triton(yg: torch.Tensor, yu: torch.Tensor, hg: torch.Tensor, hu: torch.Tensor, bg: torch.Tensor,
@@ -195,6 +195,20 @@ def lora_swiglu_grads_triton(dy: torch.Tensor, yg: torch.Tensor, yu: torch.Tenso
     _lora_swiglu_bwd[grid](dy.contiguous(), yg, yu, hg, hu, bg, bu, dg, du, yg.shape[0], yg.shape[1], hg.shape[1],
                            **consts)
     return dg, du
+
+
+def lora_swiglu(yg: torch.Tensor, yu: torch.Tensor, hg: torch.Tensor, hu: torch.Tensor, bg: torch.Tensor,
+                bu: torch.Tensor) -> torch.Tensor:
+    """Triton on CUDA tensors, the PyTorch reference elsewhere."""
+    fn = lora_swiglu_triton if yg.is_cuda else lora_swiglu_reference
+    return fn(yg, yu, hg, hu, bg, bu)
+
+
+def lora_swiglu_grads(dy: torch.Tensor, yg: torch.Tensor, yu: torch.Tensor, hg: torch.Tensor, hu: torch.Tensor,
+                      bg: torch.Tensor, bu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton on CUDA tensors, the PyTorch reference elsewhere."""
+    fn = lora_swiglu_grads_triton if yg.is_cuda else lora_swiglu_grads_reference
+    return fn(dy, yg, yu, hg, hu, bg, bu)
 
 
 def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:

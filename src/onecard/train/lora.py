@@ -28,8 +28,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from onecard.errors import BadInputError
-from onecard.kernels.swiglu import (lora_swiglu_grads_reference, lora_swiglu_grads_triton, lora_swiglu_reference,
-                                    lora_swiglu_triton)
+from onecard.kernels.swiglu import lora_swiglu, lora_swiglu_grads
 from onecard.train.checkpointing import compute_dtype, recomputing
 from onecard.train.fp8_base import Fp8FrozenLinear
 from onecard.train.qlora import Int4Linear, nf4_layers
@@ -173,6 +172,16 @@ def _compute_copy(p: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> to
     return copy
 
 
+def _adapter_grads(g: torch.Tensor, gbs: torch.Tensor, x2: torch.Tensor, h: torch.Tensor, scaling: float,
+                   dtypes: tuple[torch.dtype, torch.dtype],
+                   needs: tuple[bool, bool]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(A's, B's) gradients of one adapter, in their masters' dtypes (None where not needed), from the output
+    gradient ``g``, ``g s B``, the input ``x2`` and ``h = x A^T``."""
+    grad_a = (gbs.t() @ x2).to(dtypes[0]) if needs[0] else None
+    grad_b = (g.t() @ h).mul_(scaling).to(dtypes[1]) if needs[1] else None
+    return grad_a, grad_b
+
+
 class _FrozenLoRALinear(torch.autograd.Function):
     """``base(x) + s (x A^T) B^T`` with the base frozen; saves x and x A^T (the base is read again in backward).
 
@@ -218,8 +227,7 @@ class _FrozenLoRALinear(torch.autograd.Function):
             else:
                 grad_x = (gbs @ ctx.a_c).addmm_(g, _dense_weight(ctx.base, dtype))
             grad_x = grad_x.view(ctx.x_shape)
-        grad_a = (gbs.t() @ x2).to(ctx.dtypes[0]) if ctx.needs_input_grad[2] else None
-        grad_b = (g.t() @ h).mul_(ctx.scaling).to(ctx.dtypes[1]) if ctx.needs_input_grad[3] else None
+        grad_a, grad_b = _adapter_grads(g, gbs, x2, h, ctx.scaling, ctx.dtypes, ctx.needs_input_grad[2:4])
         return grad_x, None, grad_a, grad_b, None, None
 
 
@@ -243,9 +251,8 @@ class _FrozenLoRASwiGLU(torch.autograd.Function):
         copies = (_compute_copy(ag, dtype), _compute_copy(bg, dtype, sg), _compute_copy(au, dtype),
                   _compute_copy(bu, dtype, su))
         hg, hu = x2 @ copies[0].t(), x2 @ copies[2].t()
-        yg, yu = x2 @ gate_base.weight.to(dtype).t(), x2 @ up_base.weight.to(dtype).t()
-        act = lora_swiglu_triton if x.is_cuda else lora_swiglu_reference
-        out = act(yg, yu, hg, hu, copies[1], copies[3])
+        yg, yu = x2 @ _dense_weight(gate_base, dtype).t(), x2 @ _dense_weight(up_base, dtype).t()
+        out = lora_swiglu(yg, yu, hg, hu, copies[1], copies[3])
         ctx.save_for_backward(x2, hg, hu, yg, yu)
         # the copies ride on ctx, not through save_for_backward: a checkpoint's hooks would drop and remake them
         ctx.copies, ctx.bases, ctx.scalings = copies, (gate_base, up_base), (sg, su)
@@ -258,25 +265,21 @@ class _FrozenLoRASwiGLU(torch.autograd.Function):
         ag_c, bg_c, au_c, bu_c = ctx.copies
         dtype = x2.dtype
         dy = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
-        grads = lora_swiglu_grads_triton if dy.is_cuda else lora_swiglu_grads_reference
-        dg, du = grads(dy, yg, yu, hg, hu, bg_c, bu_c)
+        dg, du = lora_swiglu_grads(dy, yg, yu, hg, hu, bg_c, bu_c)
         gbs_g, gbs_u = dg @ bg_c, du @ bu_c  # (tokens, r): s g B
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = (gbs_g @ ag_c).addmm_(gbs_u, au_c)
             for d, base in ((dg, ctx.bases[0]), (du, ctx.bases[1])):
-                grad_x.addmm_(d, base.weight.to(dtype))
+                grad_x.addmm_(d, _dense_weight(base, dtype))
             grad_x = grad_x.view(ctx.x_shape)
-        need = ctx.needs_input_grad
-        (sg, su), dts = ctx.scalings, ctx.dtypes
-        grad_ag = (gbs_g.t() @ x2).to(dts[0]) if need[3] else None
-        grad_bg = (dg.t() @ hg).mul_(sg).to(dts[1]) if need[4] else None
-        grad_au = (gbs_u.t() @ x2).to(dts[2]) if need[5] else None
-        grad_bu = (du.t() @ hu).mul_(su).to(dts[3]) if need[6] else None
-        return grad_x, None, None, grad_ag, grad_bg, grad_au, grad_bu, None, None
+        need, (sg, su), dts = ctx.needs_input_grad, ctx.scalings, ctx.dtypes
+        grads_g = _adapter_grads(dg, gbs_g, x2, hg, sg, dts[:2], need[3:5])
+        grads_u = _adapter_grads(du, gbs_u, x2, hu, su, dts[2:], need[5:7])
+        return grad_x, None, None, *grads_g, *grads_u, None, None
 
 
-def lora_swiglu(gate: nn.Module, up: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+def frozen_lora_swiglu(gate: nn.Module, up: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """``silu(gate(x)) * up(x)`` through ``_FrozenLoRASwiGLU`` where both are PEFT LoRA layers it can run (one
     plain adapter each, over a frozen bias-free bf16/fp32 ``Linear``, gradients recorded, one process); None
     otherwise (the caller runs the two layers and ``swiglu``)."""

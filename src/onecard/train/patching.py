@@ -44,7 +44,7 @@ from onecard.train.checkpointing import (
     marked_checkpoint,
     recomputing,
 )
-from onecard.train.lora import last_linear, lora_swiglu
+from onecard.train.lora import frozen_lora_swiglu, last_linear
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class FusedSwiGLUMLP(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        act = lora_swiglu(self.gate_proj, self.up_proj, x)
+        act = frozen_lora_swiglu(self.gate_proj, self.up_proj, x)
         if act is None:
             act = swiglu(self.gate_proj(x), self.up_proj(x))
         return last_linear(self.down_proj, act)
