@@ -54,7 +54,8 @@ def test_swiglu_forward_backward_matches_reference():
 def _lora_gate_up_inputs(T, N, r, dtype=torch.float32, device=DEV):
     g = torch.Generator(device="cpu").manual_seed(T + N + r)
     make = lambda *shape, s=1.0: (torch.randn(*shape, generator=g) * s).to(device, dtype)  # noqa: E731
-    return make(T, N), make(T, N), make(T, r), make(T, r), make(N, r, s=0.1), make(N, r, s=0.1), make(T, N)
+    h = make(T, 2 * r)  # gate's and up's x A^T side by side, as train.lora's stacked Function passes them
+    return make(T, N), make(T, N), h[:, :r], h[:, r:], make(N, r, s=0.1), make(N, r, s=0.1), make(T, N)
 
 
 @pytest.mark.parametrize("T,N,r", [(70, 300, 16), (33, 128, 8), (5, 200, 32)])  # r below the dot's 16 is padded
@@ -62,6 +63,12 @@ def test_lora_swiglu_kernels_match_reference(T, N, r):
     yg, yu, hg, hu, bg, bu, dy = _lora_gate_up_inputs(T, N, r)
     torch.testing.assert_close(lora_swiglu_triton(yg, yu, hg, hu, bg, bu), lora_swiglu_reference(yg, yu, hg, hu, bg, bu))
     _close(lora_swiglu_grads_triton(dy, yg, yu, hg, hu, bg, bu), lora_swiglu_grads_reference(dy, yg, yu, hg, hu, bg, bu))
+
+
+def test_lora_swiglu_refuses_hg_and_hu_of_different_layouts():
+    yg, yu, hg, hu, bg, bu, _ = _lora_gate_up_inputs(8, 64, 4)
+    with pytest.raises(ValueError, match="one shape and one row stride"):
+        lora_swiglu_triton(yg, yu, hg, hu.contiguous(), bg, bu)
 
 
 def test_lora_swiglu_grads_reference_is_autograd_of_the_forward():

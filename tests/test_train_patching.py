@@ -189,21 +189,32 @@ def test_recomputation_skips_the_last_matmul_and_keeps_every_gradient(random_che
     fused_gate_up, fused_forward = [], lora._FrozenLoRASwiGLU.forward
     monkeypatch.setattr(lora._FrozenLoRASwiGLU, "forward",
                         staticmethod(lambda ctx, *a: fused_gate_up.append(1) or fused_forward(ctx, *a)))
+    fused_qkv, qkv_forward = [], lora._FrozenLoRAQKV.forward
+    monkeypatch.setattr(lora._FrozenLoRAQKV, "forward",
+                        staticmethod(lambda ctx, *a: fused_qkv.append(1) or qkv_forward(ctx, *a)))
     run_mlp = patching.FusedSwiGLUMLP._mlp
     monkeypatch.setattr(patching.FusedSwiGLUMLP, "_mlp", lambda self, t: mlp_runs.append(1) or run_mlp(self, t))
     ids = torch.randint(3, base.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
     l_ref, g_ref = _lora_grads(ref, ids)
-    mlp_runs.clear()
+    for calls in (mlp_runs, frozen_calls, skips):  # PEFT's reference takes the lean forward too
+        calls.clear()
     l_ours, g_ours = _lora_grads(ours, ids)
     layers = base.config.num_hidden_layers * (4 if chunk else 1)  # 40 tokens in chunks of 12: 4 pieces a layer
     # offloaded, or chunked: the first forward runs without autograd (a plain layer call); every rerun skips
     assert skips.count(False) == (0 if offload or chunk else layers) and skips.count(True) >= layers
     # every adapted linear runs through a frozen-base Function while gradients are recorded, forward (unless
     # offloaded or chunked: no autograd then) and again in the recomputation: over dense bases gate and up as one
-    # _FrozenLoRASwiGLU (its rank-r products added in the SwiGLU kernel), the four others one by one
+    # _FrozenLoRASwiGLU (its rank-r products added in the SwiGLU kernel), q, k and v as one _FrozenLoRAQKV, the
+    # others one by one
     assert len(fused_gate_up) == (layers * (1 if offload or chunk else 2) if frozen == "dense" else 0)
-    others = 4 if frozen == "dense" else 6
-    assert frozen_calls.count(False) - skips.count(False) >= others * base.config.num_hidden_layers
+    n_layers = base.config.num_hidden_layers
+    assert len(fused_qkv) == (n_layers * (1 if offload else 2) if frozen == "dense" else 0)
+    others = 1 if frozen == "dense" else 6
+    outside_down = frozen_calls.count(False) - skips.count(False)
+    if frozen == "dense":  # o_proj alone: forward (with autograd unless offloaded) and recomputation
+        assert outside_down == n_layers * (1 if offload else 2)
+    else:
+        assert outside_down >= others * n_layers
     # twice per piece, as an unchunked checkpointed MLP: forward, then in backward (none in the layer's recompute)
     assert len(mlp_runs) == 2 * layers
     torch.testing.assert_close(l_ours, l_ref, rtol=1e-5, atol=1e-6)
@@ -256,3 +267,34 @@ def test_adapter_copies_are_made_once_per_forward_and_after_every_change():
     torch.testing.assert_close(after_step, (p.detach() * 2).bfloat16())
     lora._next_generation(torch.nn.Identity(), ())  # the model's forward pre-hook
     assert lora._compute_copy(p, torch.bfloat16, 2.0) is not after_step
+
+
+@pytest.mark.parametrize("arch", ["llama-3.1-8b", "qwen2-7b"])  # grouped k/v; qwen2's q/k/v carry a bias
+def test_qkv_function_matches_three_lora_layers(random_checkpoint, arch):
+    """``frozen_lora_qkv``'s one Function gives the outputs and the input and adapter gradients of the three
+    layers run one by one, and the attention forward's q/k/v calls return its outputs (nothing is recomputed)."""
+    import onecard.train.lora as lora
+
+    model = lora.add_lora(_load(random_checkpoint(arch)), r=4, alpha=8, seed=0)
+    attn = model.base_model.model.model.layers[0].self_attn
+    layers = (attn.q_proj, attn.k_proj, attn.v_proj)
+    for m in layers:  # B starts at zero: give it values so A's gradient counts
+        torch.nn.init.normal_(m.lora_B["default"].weight, std=0.05, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 5, model.config.hidden_size, requires_grad=True)
+    factors = [p for m in layers for p in (m.lora_A["default"].weight, m.lora_B["default"].weight)]
+
+    def outputs_and_grads(fused: bool):
+        recorded = lora.frozen_lora_qkv(*layers, x) if fused else None
+        with lora.precomputed_outputs(recorded):
+            outs = [m(x) for m in layers]
+        loss = sum((o * torch.linspace(-1, 1, o.shape[-1])).square().sum() for o in outs)
+        return outs, torch.autograd.grad(loss, [x, *factors]), recorded
+
+    ref_outs, ref_grads, _ = outputs_and_grads(False)
+    outs, grads, recorded = outputs_and_grads(True)
+    assert all(recorded[m][1] is o for m, o in zip(layers, outs))  # the very tensors the Function made
+    assert outs[0].grad_fn.name() == "_FrozenLoRAQKVBackward"
+    for ours, ref in zip(outs + list(grads), ref_outs + list(ref_grads)):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # no gradients recorded: the layers run on their own
+        assert lora.frozen_lora_qkv(*layers, x) is None

@@ -130,7 +130,7 @@ def _lora_pre(Y, H, B, off, mask, h_off, h_mask, b_off, b_mask, IEEE: tl.constex
 
 
 @triton.jit
-def _lora_gate_up(YG, YU, HG, HU, BG, BU, T, N, R, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _lora_gate_up(YG, YU, HG, HU, BG, BU, T, N, R, SH, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
     # one [BLOCK_M, BLOCK_N] tile of lora_gate_up_reference in fp32 (rounded as it rounds): (gate, up, offsets, mask)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -139,7 +139,7 @@ def _lora_gate_up(YG, YU, HG, HU, BG, BU, T, N, R, BLOCK_M: tl.constexpr, BLOCK_
     rmask, cmask, kmask = rows < T, cols < N, offs_r < R
     off = rows[:, None] * N + cols[None, :]
     mask = rmask[:, None] & cmask[None, :]
-    h_off, h_mask = rows[:, None] * R + offs_r[None, :], rmask[:, None] & kmask[None, :]
+    h_off, h_mask = rows[:, None] * SH + offs_r[None, :], rmask[:, None] & kmask[None, :]
     b_off, b_mask = cols[:, None] * R + offs_r[None, :], cmask[:, None] & kmask[None, :]
     g = _lora_pre(YG, HG, BG, off, mask, h_off, h_mask, b_off, b_mask, IEEE)
     u = _lora_pre(YU, HU, BU, off, mask, h_off, h_mask, b_off, b_mask, IEEE)
@@ -147,17 +147,17 @@ def _lora_gate_up(YG, YU, HG, HU, BG, BU, T, N, R, BLOCK_M: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _lora_swiglu_fwd(YG, YU, HG, HU, BG, BU, OUT, T, N, R, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _lora_swiglu_fwd(YG, YU, HG, HU, BG, BU, OUT, T, N, R, SH, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
-    g, u, off, mask = _lora_gate_up(YG, YU, HG, HU, BG, BU, T, N, R, BLOCK_M, BLOCK_N, BLOCK_R, IEEE)
+    g, u, off, mask = _lora_gate_up(YG, YU, HG, HU, BG, BU, T, N, R, SH, BLOCK_M, BLOCK_N, BLOCK_R, IEEE)
     silu = (g * tl.sigmoid(g)).to(OUT.dtype.element_ty).to(tl.float32)
     tl.store(OUT + off, (silu * u).to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _lora_swiglu_bwd(DY, YG, YU, HG, HU, BG, BU, DG, DU, T, N, R, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _lora_swiglu_bwd(DY, YG, YU, HG, HU, BG, BU, DG, DU, T, N, R, SH, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
-    g, u, off, mask = _lora_gate_up(YG, YU, HG, HU, BG, BU, T, N, R, BLOCK_M, BLOCK_N, BLOCK_R, IEEE)
+    g, u, off, mask = _lora_gate_up(YG, YU, HG, HU, BG, BU, T, N, R, SH, BLOCK_M, BLOCK_N, BLOCK_R, IEEE)
     dy = tl.load(DY + off, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(g)
     tl.store(DU + off, (dy * g * sig).to(DU.dtype.element_ty), mask=mask)
@@ -167,7 +167,12 @@ def _lora_swiglu_bwd(DY, YG, YU, HG, HU, BG, BU, DG, DU, T, N, R, BLOCK_M: tl.co
 _LORA_TILE = {"BLOCK_M": 16, "BLOCK_N": 128}  # best fwd + bwd of 24 tiles (H100, 8192 x 14336, r 16)
 
 
-def _lora_launch(yg: torch.Tensor, hg: torch.Tensor) -> tuple[tuple[int, int], dict]:
+def _lora_launch(yg: torch.Tensor, hg: torch.Tensor, hu: torch.Tensor) -> tuple[tuple[int, int], dict]:
+    """Grid and constants; ``hg`` and ``hu`` may be column slices of one stacked ``x [A_g; A_u]^T`` (same shape and
+    row stride, unit column stride)."""
+    if hg.shape != hu.shape or hg.stride() != hu.stride() or hg.stride(1) != 1:
+        raise ValueError(f"lora_swiglu: hg {tuple(hg.shape)}/{hg.stride()} and hu {tuple(hu.shape)}/{hu.stride()} "
+                         "need one shape and one row stride, columns contiguous")
     T, N = yg.shape
     return ((triton.cdiv(T, _LORA_TILE["BLOCK_M"]), triton.cdiv(N, _LORA_TILE["BLOCK_N"])),
             {**_LORA_TILE, "BLOCK_R": max(16, triton.next_power_of_2(hg.shape[1])), "IEEE": yg.dtype == torch.float32})
@@ -181,19 +186,19 @@ def lora_swiglu_triton(yg: torch.Tensor, yu: torch.Tensor, hg: torch.Tensor, hu:
     1), and cuBLAS's accumulating kernels run ~11 % slower than its plain ones on these shapes (H100 profile,
     docs/training.md), besides writing the ``[T, N]`` product first. Here the bases run plain and the rank-r
     products are made tile by tile where the activation reads its inputs anyway."""
-    grid, consts = _lora_launch(yg, hg)
+    grid, consts = _lora_launch(yg, hg, hu)
     out = torch.empty_like(yg)
-    _lora_swiglu_fwd[grid](yg, yu, hg, hu, bg, bu, out, yg.shape[0], yg.shape[1], hg.shape[1], **consts)
+    _lora_swiglu_fwd[grid](yg, yu, hg, hu, bg, bu, out, yg.shape[0], yg.shape[1], hg.shape[1], hg.stride(0), **consts)
     return out
 
 
 def lora_swiglu_grads_triton(dy: torch.Tensor, yg: torch.Tensor, yu: torch.Tensor, hg: torch.Tensor, hu: torch.Tensor,
                              bg: torch.Tensor, bu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``lora_swiglu_grads_reference`` in one kernel: gate and up recomputed from the same inputs, bit for bit."""
-    grid, consts = _lora_launch(yg, hg)
+    grid, consts = _lora_launch(yg, hg, hu)
     dg, du = torch.empty_like(yg), torch.empty_like(yu)
     _lora_swiglu_bwd[grid](dy.contiguous(), yg, yu, hg, hu, bg, bu, dg, du, yg.shape[0], yg.shape[1], hg.shape[1],
-                           **consts)
+                           hg.stride(0), **consts)
     return dg, du
 
 

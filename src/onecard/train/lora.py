@@ -19,6 +19,8 @@ merging and PEFT's API are untouched.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import types
 
 import torch
@@ -104,10 +106,28 @@ def _frozen_apply(layer: nn.Module, name: str, x: torch.Tensor, skip_output: boo
                                    layer.lora_B[name].weight, layer.scaling[name], skip_output)
 
 
+_PRECOMPUTED = contextvars.ContextVar("onecard_lora_precomputed", default=None)  # {layer: (input, output)}
+
+
+@contextlib.contextmanager
+def precomputed_outputs(outputs: dict | None):
+    """Within the block, a LoRA layer of ``outputs`` called on exactly its recorded input (the same tensor object)
+    returns the recorded output: how ``frozen_lora_qkv``'s one Function stands in for the q, k and v calls of an
+    HF attention forward without copying that forward. ``None``: nothing recorded."""
+    token = _PRECOMPUTED.set(outputs)
+    try:
+        yield
+    finally:
+        _PRECOMPUTED.reset(token)
+
+
 def lean_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """A PEFT ``lora.Linear`` forward for the plain case (one active vanilla adapter, not merged): over a frozen
     base with gradients recorded, ``_FrozenLoRALinear``; otherwise the base's output with the adapter added in
     place. Anything else goes to PEFT's own forward."""
+    recorded = _PRECOMPUTED.get()
+    if recorded is not None and self in recorded and recorded[self][0] is x and not args and not kwargs:
+        return recorded[self][1]
     name = _plain_adapter(self, args, kwargs)
     if name is None:
         return type(self).forward(self, x, *args, **kwargs)
@@ -172,14 +192,43 @@ def _compute_copy(p: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> to
     return copy
 
 
-def _adapter_grads(g: torch.Tensor, gbs: torch.Tensor, x2: torch.Tensor, h: torch.Tensor, scaling: float,
-                   dtypes: tuple[torch.dtype, torch.dtype],
-                   needs: tuple[bool, bool]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(A's, B's) gradients of one adapter, in their masters' dtypes (None where not needed), from the output
-    gradient ``g``, ``g s B``, the input ``x2`` and ``h = x A^T``."""
-    grad_a = (gbs.t() @ x2).to(dtypes[0]) if needs[0] else None
-    grad_b = (g.t() @ h).mul_(scaling).to(dtypes[1]) if needs[1] else None
-    return grad_a, grad_b
+_STACKS = WeakIdKeyDictionary()  # first factor -> (key, stacked copy), as _COPIES
+
+
+def _stacked_copy(ps: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
+    """``cat(ps)`` in ``dtype`` (several adapters' A masters stacked along their rank), made and reused as
+    ``_compute_copy`` makes and reuses one factor's copy."""
+    key = (_GENERATION, dtype) + tuple((id(p), p._version) for p in ps)
+    cached = _STACKS.get(ps[0])
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    copy = torch.cat([p.detach().to(dtype) for p in ps])
+    _STACKS[ps[0]] = (key, copy)
+    return copy
+
+
+def _adapter_grads(gs: list[torch.Tensor], gbs: torch.Tensor, x2: torch.Tensor, h: torch.Tensor, ranks: list[int],
+                   scalings: list[float], dtypes: list[torch.dtype], needs: tuple[bool, ...]) -> list:
+    """A's and B's gradients (A_0, B_0, A_1, ...; None where not needed, in their masters' dtypes) of adapters
+    that share the input ``x2``, stacked along their ranks: output gradients ``gs``, ``gbs = [g_i s_i B_i]`` and
+    ``h = x2 [A_i]^T`` side by side. The A gradients are one product, so ``x2`` is read once for all of them."""
+    need_a, need_b = needs[0::2], needs[1::2]
+    grads_a = (gbs.t() @ x2).split(ranks) if any(need_a) else [None] * len(ranks)
+    grads = []
+    for i, (g, h_i) in enumerate(zip(gs, h.split(ranks, dim=1))):
+        grads.append(grads_a[i].to(dtypes[2 * i]) if need_a[i] else None)
+        grads.append((g.t() @ h_i).mul_(scalings[i]).to(dtypes[2 * i + 1]) if need_b[i] else None)
+    return grads
+
+
+def _input_grad(gbs: torch.Tensor, a_c: torch.Tensor, terms) -> torch.Tensor:
+    """``gbs a_c + sum_i g_i W_i`` for ``terms`` of ``(g_i, W_i)``: the rank-r share written first and each base's
+    GEMM accumulating onto it (``addmm_``, beta = 1), where adding a finished rank-r product after the GEMM is one
+    more full read and write of the gradient."""
+    grad_x = gbs @ a_c
+    for g, w in terms:
+        grad_x.addmm_(g, w)
+    return grad_x
 
 
 class _FrozenLoRALinear(torch.autograd.Function):
@@ -225,10 +274,33 @@ class _FrozenLoRALinear(torch.autograd.Function):
             if isinstance(ctx.base, Fp8FrozenLinear):
                 grad_x = ctx.base.input_grad(g).to(dtype).addmm_(gbs, ctx.a_c)
             else:
-                grad_x = (gbs @ ctx.a_c).addmm_(g, _dense_weight(ctx.base, dtype))
+                grad_x = _input_grad(gbs, ctx.a_c, [(g, _dense_weight(ctx.base, dtype))])
             grad_x = grad_x.view(ctx.x_shape)
-        grad_a, grad_b = _adapter_grads(g, gbs, x2, h, ctx.scaling, ctx.dtypes, ctx.needs_input_grad[2:4])
+        grad_a, grad_b = _adapter_grads([g], gbs, x2, h, [h.shape[1]], [ctx.scaling], ctx.dtypes,
+                                        ctx.needs_input_grad[2:4])
         return grad_x, None, grad_a, grad_b, None, None
+
+
+def _stacked_h(ctx, x2: torch.Tensor, factors: tuple, scalings: tuple) -> torch.Tensor:
+    """``x2 [A_0; A_1; ...]^T`` for ``factors`` ``(A_0, B_0, A_1, ...)`` sharing the input ``x2``: one read of it,
+    not one per adapter. Keeps on ctx what the stacked backward needs (the copies ride on ctx, not through
+    save_for_backward: a checkpoint's hooks would drop and remake them)."""
+    dtype = x2.dtype
+    ctx.a_cat = _stacked_copy(factors[0::2], dtype)
+    ctx.bs_c = [_compute_copy(b, dtype, s) for b, s in zip(factors[1::2], scalings)]  # s B in x's dtype
+    ctx.ranks, ctx.scalings, ctx.dtypes = [a.shape[0] for a in factors[0::2]], scalings, [f.dtype for f in factors]
+    return x2 @ ctx.a_cat.t()
+
+
+def _stacked_backward(ctx, gs: list[torch.Tensor], x2: torch.Tensor, h: torch.Tensor, weights) -> tuple:
+    """The input gradient (one tensor; None if not needed) and every factor's gradient of adapters made by
+    ``_stacked_h``, from their output gradients ``gs`` and base weights."""
+    gbs = torch.cat([g @ bs for g, bs in zip(gs, ctx.bs_c)], dim=1)  # (tokens, sum of ranks): s g B, stacked
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _input_grad(gbs, ctx.a_cat, zip(gs, weights)).view(ctx.x_shape)
+    needs = ctx.needs_input_grad[-len(ctx.dtypes):]
+    return grad_x, _adapter_grads(gs, gbs, x2, h, ctx.ranks, ctx.scalings, ctx.dtypes, needs)
 
 
 class _FrozenLoRASwiGLU(torch.autograd.Function):
@@ -238,62 +310,108 @@ class _FrozenLoRASwiGLU(torch.autograd.Function):
     = 1), and cuBLAS's accumulating kernels are ~11 % slower than its plain ones on the gate/up shapes (H100:
     1,355 against 1,218 µs for 8192 x 4096 x 14336, docs/training.md). Here both bases run plain, and the rank-r
     products ``h (s B)^T`` are added tile by tile inside the SwiGLU kernel, which reads the base outputs anyway;
-    backward recomputes them there too. The input gradient sums both projections' base and adapter terms in one
-    tensor (the base GEMMs accumulate onto the adapters' share as in ``_FrozenLoRALinear``'s backward), so
-    autograd no longer adds two input gradients. Saves x, both base outputs and both ``h`` (the unfused path
+    backward recomputes them there too. Both adapters' ``x A^T``, input-gradient shares and A gradients are one
+    product each (``_stacked_h``, ``_stacked_backward``), and the input gradient sums both projections in one
+    tensor, so autograd no longer adds two. Saves x, both base outputs and the stacked ``h`` (the unfused path
     saves x, both ``h``, gate and up: the same bytes).
     """
 
     @staticmethod
-    def forward(ctx, x, gate_base, up_base, ag, bg, au, bu, sg: float, su: float):
+    def forward(ctx, x, bases, scalings, *factors):  # factors: A_gate, B_gate, A_up, B_up
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
-        copies = (_compute_copy(ag, dtype), _compute_copy(bg, dtype, sg), _compute_copy(au, dtype),
-                  _compute_copy(bu, dtype, su))
-        hg, hu = x2 @ copies[0].t(), x2 @ copies[2].t()
-        yg, yu = x2 @ _dense_weight(gate_base, dtype).t(), x2 @ _dense_weight(up_base, dtype).t()
-        out = lora_swiglu(yg, yu, hg, hu, copies[1], copies[3])
-        ctx.save_for_backward(x2, hg, hu, yg, yu)
-        # the copies ride on ctx, not through save_for_backward: a checkpoint's hooks would drop and remake them
-        ctx.copies, ctx.bases, ctx.scalings = copies, (gate_base, up_base), (sg, su)
-        ctx.dtypes, ctx.x_shape = (ag.dtype, bg.dtype, au.dtype, bu.dtype), x.shape
+        h = _stacked_h(ctx, x2, factors, scalings)
+        yg, yu = (x2 @ _dense_weight(base, dtype).t() for base in bases)
+        out = lora_swiglu(yg, yu, *h.split(ctx.ranks, dim=1), *ctx.bs_c)
+        ctx.save_for_backward(x2, h, yg, yu)
+        ctx.bases, ctx.x_shape = bases, x.shape
         return out.view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, hg, hu, yg, yu = ctx.saved_tensors
-        ag_c, bg_c, au_c, bu_c = ctx.copies
+        x2, h, yg, yu = ctx.saved_tensors
         dtype = x2.dtype
         dy = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
-        dg, du = lora_swiglu_grads(dy, yg, yu, hg, hu, bg_c, bu_c)
-        gbs_g, gbs_u = dg @ bg_c, du @ bu_c  # (tokens, r): s g B
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (gbs_g @ ag_c).addmm_(gbs_u, au_c)
-            for d, base in ((dg, ctx.bases[0]), (du, ctx.bases[1])):
-                grad_x.addmm_(d, _dense_weight(base, dtype))
-            grad_x = grad_x.view(ctx.x_shape)
-        need, (sg, su), dts = ctx.needs_input_grad, ctx.scalings, ctx.dtypes
-        grads_g = _adapter_grads(dg, gbs_g, x2, hg, sg, dts[:2], need[3:5])
-        grads_u = _adapter_grads(du, gbs_u, x2, hu, su, dts[2:], need[5:7])
-        return grad_x, None, None, *grads_g, *grads_u, None, None
+        dg, du = lora_swiglu_grads(dy, yg, yu, *h.split(ctx.ranks, dim=1), *ctx.bs_c)
+        grad_x, factor_grads = _stacked_backward(ctx, [dg, du], x2, h,
+                                                 [_dense_weight(base, dtype) for base in ctx.bases])
+        return grad_x, None, None, *factor_grads
+
+
+class _FrozenLoRAQKV(torch.autograd.Function):
+    """The q, k and v projections of one input, LoRA over frozen dense bases, as one Function.
+
+    Why: as three ``_FrozenLoRALinear`` each reads the input again for its ``x A^T`` (forward and recomputation)
+    and for A's gradient, each writes a full-width input gradient, and autograd adds the three (two more full
+    reads and a write). Here ``x [A_q; A_k; A_v]^T`` is one product, A's gradients one ``(g s B)^T x``, and the
+    input gradient one tensor: the stacked rank-r terms first, then each base's GEMM accumulating onto it.
+    Saves ``x`` and the stacked ``x A^T``, as the three Functions together did.
+    """
+
+    @staticmethod
+    def forward(ctx, x, bases, scalings, *factors):  # factors: A_q, B_q, A_k, B_k, A_v, B_v
+        dtype = x.dtype
+        x2 = x.reshape(-1, x.shape[-1])
+        h = _stacked_h(ctx, x2, factors, scalings)
+        outs = []
+        for base, h_i, bs in zip(bases, h.split(ctx.ranks, dim=1), ctx.bs_c):
+            out = h_i @ bs.t()
+            if base.bias is not None:
+                out += base.bias.to(dtype)
+            outs.append(out.addmm_(x2, _dense_weight(base, dtype).t()).view(*x.shape[:-1], -1))
+        ctx.save_for_backward(x2, h)
+        ctx.bases, ctx.x_shape = bases, x.shape
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        x2, h = ctx.saved_tensors
+        dtype = x2.dtype
+        gs = [g.reshape(-1, g.shape[-1]).to(dtype) for g in grad_outs]
+        grad_x, factor_grads = _stacked_backward(ctx, gs, x2, h, [_dense_weight(base, dtype) for base in ctx.bases])
+        return grad_x, None, None, *factor_grads
+
+
+def _fused_adapters(layers: tuple[nn.Module, ...]) -> list[str] | None:
+    """The adapter names of ``layers`` if one fused frozen-base Function can run them all (each a PEFT LoRA
+    layer with one plain adapter over a frozen dense ``Linear``, gradients recorded, one process), else None."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    if any(type(m) is not LoraLinear for m in layers) or (dist.is_available() and dist.is_initialized()):
+        return None
+    names = [_plain_adapter(m) for m in layers]
+    if any(n is None or not _frozen_base(m, n) or type(m.base_layer) is not nn.Linear for m, n in zip(layers, names)):
+        return None
+    return names
+
+
+def _apply_stacked(fn, layers: tuple[nn.Module, ...], names: list[str], x: torch.Tensor):
+    """``fn`` (a stacked frozen-base Function) over ``layers``' bases, scalings and adapter factors."""
+    factors = [f for m, n in zip(layers, names) for f in (m.lora_A[n].weight, m.lora_B[n].weight)]
+    return fn.apply(x.to(compute_dtype(x)), tuple(m.base_layer for m in layers),
+                    tuple(m.scaling[n] for m, n in zip(layers, names)), *factors)
+
+
+def frozen_lora_qkv(q: nn.Module, k: nn.Module, v: nn.Module, x: torch.Tensor) -> dict | None:
+    """The q, k and v LoRA layers' outputs for ``x`` from one ``_FrozenLoRAQKV``, as ``{layer: (x, output)}`` for
+    ``precomputed_outputs``; None where the Function cannot run them (then each layer runs on its own)."""
+    layers = (q, k, v)
+    names = _fused_adapters(layers)
+    if names is None:
+        return None
+    return dict(zip(layers, ((x, out) for out in _apply_stacked(_FrozenLoRAQKV, layers, names, x))))
 
 
 def frozen_lora_swiglu(gate: nn.Module, up: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """``silu(gate(x)) * up(x)`` through ``_FrozenLoRASwiGLU`` where both are PEFT LoRA layers it can run (one
-    plain adapter each, over a frozen bias-free bf16/fp32 ``Linear``, gradients recorded, one process); None
-    otherwise (the caller runs the two layers and ``swiglu``)."""
-    from peft.tuners.lora import Linear as LoraLinear
-
-    if type(gate) is not LoraLinear or type(up) is not LoraLinear or (dist.is_available() and dist.is_initialized()):
+    plain adapter each of one rank, over a frozen bias-free bf16/fp32 ``Linear``, gradients recorded, one
+    process); None otherwise (the caller runs the two layers and ``swiglu``)."""
+    layers = (gate, up)
+    names = _fused_adapters(layers)
+    if (names is None or any(m.base_layer.bias is not None for m in layers)
+            or gate.lora_A[names[0]].weight.shape[0] != up.lora_A[names[1]].weight.shape[0]):
         return None
-    names = [_plain_adapter(m) for m in (gate, up)]
-    if any(n is None or not _frozen_base(m, n) or type(m.base_layer) is not nn.Linear or m.base_layer.bias is not None
-           for m, n in zip((gate, up), names)):
-        return None
-    (ng, nu), x = names, x.to(compute_dtype(x))
-    return _FrozenLoRASwiGLU.apply(x, gate.base_layer, up.base_layer, gate.lora_A[ng].weight, gate.lora_B[ng].weight,
-                                   up.lora_A[nu].weight, up.lora_B[nu].weight, gate.scaling[ng], up.scaling[nu])
+    return _apply_stacked(_FrozenLoRASwiGLU, layers, names, x)
 
 
 def use_lean_lora_forward_(model: nn.Module) -> int:

@@ -9,7 +9,8 @@ model afterwards:
   (so state-dict keys, PEFT target names and checkpoints are unchanged);
 - each attention module gets an instance ``forward`` that runs the class forward with the fused RoPE switched on
   (the module-level ``apply_rotary_pos_emb`` of that model file is replaced once by a dispatcher that is a no-op
-  for unpatched models, so an HF reference model in the same process is untouched);
+  for unpatched models, so an HF reference model in the same process is untouched) and, once PEFT has wrapped
+  q, k and v, with their three LoRA projections made by one Function (``lora.frozen_lora_qkv``);
 - the ``*ForCausalLM`` gets an instance ``forward`` that, when labels are given, computes the loss with the chunked
   fused linear + cross-entropy and never builds the logits (without labels it is the original forward).
 
@@ -44,7 +45,7 @@ from onecard.train.checkpointing import (
     marked_checkpoint,
     recomputing,
 )
-from onecard.train.lora import frozen_lora_swiglu, last_linear
+from onecard.train.lora import frozen_lora_qkv, frozen_lora_swiglu, last_linear, precomputed_outputs
 
 log = logging.getLogger(__name__)
 
@@ -167,10 +168,14 @@ def _install_rope_dispatch(module_name: str) -> None:
     mod.apply_rotary_pos_emb = apply_rotary_pos_emb
 
 
-def _fused_rope_forward(self, *args, **kwargs):
+def _fused_attention_forward(self, *args, **kwargs):
+    """The class forward with the fused RoPE on and, where ``frozen_lora_qkv`` can run them, the q, k and v
+    projections of ``hidden_states`` made by one Function before it (their calls inside return those outputs)."""
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     token = _FUSED_ROPE.set(True)
     try:
-        return type(self).forward(self, *args, **kwargs)
+        with precomputed_outputs(frozen_lora_qkv(self.q_proj, self.k_proj, self.v_proj, hidden)):
+            return type(self).forward(self, *args, **kwargs)
     finally:
         _FUSED_ROPE.reset(token)
 
@@ -219,7 +224,7 @@ def patch_model(model: nn.Module, rmsnorm: bool = True, swiglu_mlp: bool = True,
             report.swiglu_mlp += 1
         elif rope_attention and cls.endswith("Attention") and hasattr(module, "q_proj"):
             _install_rope_dispatch(type(module).__module__)
-            module.forward = types.MethodType(_fused_rope_forward, module)
+            module.forward = types.MethodType(_fused_attention_forward, module)
             report.rope_attention += 1
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if fused_cross_entropy:
