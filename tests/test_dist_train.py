@@ -73,7 +73,10 @@ def test_gpus_2_matches_one_process_on_cpu(tiny_model, tmp_path, one_thread):
     from safetensors.torch import load_file
 
     w1, w2 = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (one, two))
-    assert w1.keys() == w2.keys() and all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+    # one process runs the fused q/k/v and gate/up Functions (FSDP2 runs the layers one by one): the same sums in
+    # another order, and Adam turns a rounding-sized difference of a near-zero gradient into up to ~1e-3 of a step
+    # (measured: 2.2e-5 at most, on weights of 0.02-0.07, lr 1e-2); a wrong gradient moves weights by ~lr
+    assert w1.keys() == w2.keys() and all(torch.allclose(w1[k], w2[k], rtol=0, atol=1e-4) for k in w1)
 
 
 @pytest.mark.gpu

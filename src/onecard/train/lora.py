@@ -13,8 +13,9 @@ seq 2048 was such copies and elementwise kernels, seen in a dev-only
 torch.profiler run on an H200). The lean forward casts the small fp32 *weights*
 to the activation dtype instead (gradients still reach the fp32 masters) and
 folds scale and add into one in-place ``addmm_`` on the base's output; over a frozen base, while gradients
-are recorded, the layer is one ``_FrozenLoRALinear`` with its own backward. Same maths; the adapter files,
-merging and PEFT's API are untouched.
+are recorded, the layer is one ``_FrozenLoRALinear`` with its own backward; layers that share their input run
+as one Function each (q/k/v: ``_FrozenLoRAQKV``, gate/up: ``_FrozenLoRASwiGLU``), their adapters stacked. Same
+maths; the adapter files, merging and PEFT's API are untouched.
 """
 
 from __future__ import annotations
