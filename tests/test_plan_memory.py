@@ -97,8 +97,9 @@ def test_bad_inputs_raise_one_line():
 
 def _saved_bytes_per_token(model, tokens: int, labels: bool = True) -> float:
     """Bytes autograd saves for a forward (+ loss), each storage counted once, parameters and buffers excluded;
-    plus the adapters' compute copies the forward made (``train.lora._compute_copy``), which live through backward."""
-    from onecard.train.lora import _COPIES
+    plus the adapters' compute copies the forward made (``train.lora._compute_copy``, and ``_stacked_copy`` for
+    adapters sharing an input), which live through backward."""
+    from onecard.train.lora import _COPIES, _STACKS
 
     skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
     skip |= {b.untyped_storage().data_ptr() for b in model.buffers()}
@@ -114,8 +115,9 @@ def _saved_bytes_per_token(model, tokens: int, labels: bool = True) -> float:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(input_ids=ids, labels=ids if labels else None)
     for param in model.parameters():
-        if param in _COPIES:
-            pack(_COPIES[param][1])
+        for copies in (_COPIES, _STACKS):
+            if param in copies:
+                pack(copies[param][1])
     return sum(seen.values())
 
 

@@ -269,6 +269,23 @@ def test_adapter_copies_are_made_once_per_forward_and_after_every_change():
     assert lora._compute_copy(p, torch.bfloat16, 2.0) is not after_step
 
 
+def test_stacked_adapter_copies_follow_every_factor():
+    """``_stacked_copy``: reused within a forward; remade when any stacked factor changes or the model runs again."""
+    from onecard.train import lora
+
+    ps = tuple(torch.nn.Parameter(torch.randn(r, 8)) for r in (4, 2, 2))
+    first = lora._stacked_copy(ps, torch.bfloat16)
+    assert lora._stacked_copy(ps, torch.bfloat16) is first
+    torch.testing.assert_close(first, torch.cat([p.detach() for p in ps]).bfloat16())
+    with torch.no_grad():
+        ps[2].mul_(3.0)  # a step that moves only the last factor
+    after_step = lora._stacked_copy(ps, torch.bfloat16)
+    assert after_step is not first
+    torch.testing.assert_close(after_step, torch.cat([p.detach() for p in ps]).bfloat16())
+    lora._next_generation(torch.nn.Identity(), ())
+    assert lora._stacked_copy(ps, torch.bfloat16) is not after_step
+
+
 @pytest.mark.parametrize("arch", ["llama-3.1-8b", "qwen2-7b"])  # grouped k/v; qwen2's q/k/v carry a bias
 def test_qkv_function_matches_three_lora_layers(random_checkpoint, arch):
     """``frozen_lora_qkv``'s one Function gives the outputs and the input and adapter gradients of the three
