@@ -171,10 +171,12 @@ def _install_rope_dispatch(module_name: str) -> None:
 def _fused_attention_forward(self, *args, **kwargs):
     """The class forward with the fused RoPE on and, where ``frozen_lora_qkv`` can run them, the q, k and v
     projections of ``hidden_states`` made by one Function before it (their calls inside return those outputs)."""
-    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
     token = _FUSED_ROPE.set(True)
     try:
-        with precomputed_outputs(frozen_lora_qkv(self.q_proj, self.k_proj, self.v_proj, hidden)):
+        recorded = (frozen_lora_qkv(self.q_proj, self.k_proj, self.v_proj, hidden)
+                    if isinstance(hidden, torch.Tensor) else None)
+        with precomputed_outputs(recorded):
             return type(self).forward(self, *args, **kwargs)
     finally:
         _FUSED_ROPE.reset(token)
