@@ -1,8 +1,8 @@
 """Where a run's device time goes: torch.profiler's kernels (or CPU ops), summed per name and per kind.
 
-The profiling benchmarks (``benchmarks/quant_decode_profile.py``, ``benchmarks/train_profile.py``) read their
-breakdowns and bounds from these, so that a claim such as "matmuls and attention already take X ms of a step" is
-a committed measurement, not a one-off trace.
+The profiling benchmarks (``benchmarks/quant_decode_profile.py``, ``benchmarks/train_vs_hf.py --part profile``)
+read their breakdowns and bounds from these, so that a claim such as "matmuls and attention already take X ms of
+a step" is a committed measurement, not a one-off trace.
 """
 
 from __future__ import annotations

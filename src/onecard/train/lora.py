@@ -185,12 +185,7 @@ def _compute_copy(p: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> to
     or the parameter changed in place (an optimizer step or an init bumps its version counter).
     """
     key = (_GENERATION, p._version, dtype, scale)
-    cached = _COPIES.get(p)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    copy = (p.detach() * scale if scale != 1.0 else p.detach()).to(dtype)
-    _COPIES[p] = (key, copy)
-    return copy
+    return _reused(_COPIES, p, key, lambda: (p.detach() * scale if scale != 1.0 else p.detach()).to(dtype))
 
 
 _STACKS = WeakIdKeyDictionary()  # first factor -> (key, stacked copy), as _COPIES
@@ -200,11 +195,16 @@ def _stacked_copy(ps: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Ten
     """``cat(ps)`` in ``dtype`` (several adapters' A masters stacked along their rank), made and reused as
     ``_compute_copy`` makes and reuses one factor's copy."""
     key = (_GENERATION, dtype) + tuple((id(p), p._version) for p in ps)
-    cached = _STACKS.get(ps[0])
+    return _reused(_STACKS, ps[0], key, lambda: torch.cat([p.detach().to(dtype) for p in ps]))
+
+
+def _reused(cache: WeakIdKeyDictionary, owner: torch.Tensor, key: tuple, make) -> torch.Tensor:
+    """``cache``'s copy for ``owner`` while its ``key`` is unchanged, else ``make()``, kept under the new key."""
+    cached = cache.get(owner)
     if cached is not None and cached[0] == key:
         return cached[1]
-    copy = torch.cat([p.detach().to(dtype) for p in ps])
-    _STACKS[ps[0]] = (key, copy)
+    copy = make()
+    cache[owner] = (key, copy)
     return copy
 
 
@@ -220,6 +220,16 @@ def _adapter_grads(gs: list[torch.Tensor], gbs: torch.Tensor, x2: torch.Tensor, 
         grads.append(grads_a[i].to(dtypes[2 * i]) if need_a[i] else None)
         grads.append((g.t() @ h_i).mul_(scalings[i]).to(dtypes[2 * i + 1]) if need_b[i] else None)
     return grads
+
+
+def _dense_output(x2: torch.Tensor, h: torch.Tensor, bs_c: torch.Tensor, base: nn.Module) -> torch.Tensor:
+    """``x2 W^T + b + h (s B)^T`` over a frozen dense (or int4) base: the rank-r product (and bias) written first
+    and the base's GEMM accumulating onto it (``addmm_``, beta = 1)."""
+    dtype = x2.dtype
+    out = h @ bs_c.t()
+    if base.bias is not None:
+        out += base.bias.to(dtype)
+    return out.addmm_(x2, _dense_weight(base, dtype).t())
 
 
 def _input_grad(gbs: torch.Tensor, a_c: torch.Tensor, terms) -> torch.Tensor:
@@ -259,10 +269,7 @@ class _FrozenLoRALinear(torch.autograd.Function):
             if base.bias is not None:
                 out += base.bias.to(dtype)
             return out.view(*x.shape[:-1], -1)
-        out = h @ bs_c.t()
-        if base.bias is not None:
-            out += base.bias.to(dtype)
-        return out.addmm_(x2, _dense_weight(base, dtype).t()).view(*x.shape[:-1], -1)
+        return _dense_output(x2, h, bs_c, base).view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -351,15 +358,10 @@ class _FrozenLoRAQKV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bases, scalings, *factors):  # factors: A_q, B_q, A_k, B_k, A_v, B_v
-        dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
         h = _stacked_h(ctx, x2, factors, scalings)
-        outs = []
-        for base, h_i, bs in zip(bases, h.split(ctx.ranks, dim=1), ctx.bs_c):
-            out = h_i @ bs.t()
-            if base.bias is not None:
-                out += base.bias.to(dtype)
-            outs.append(out.addmm_(x2, _dense_weight(base, dtype).t()).view(*x.shape[:-1], -1))
+        outs = [_dense_output(x2, h_i, bs, base).view(*x.shape[:-1], -1)
+                for base, h_i, bs in zip(bases, h.split(ctx.ranks, dim=1), ctx.bs_c)]
         ctx.save_for_backward(x2, h)
         ctx.bases, ctx.x_shape = bases, x.shape
         return tuple(outs)
