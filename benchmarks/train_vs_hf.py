@@ -158,19 +158,48 @@ def _step_fn(model, ids: torch.Tensor, opt):
     return step
 
 
-def _time_steps(step, warmup: int, steps: int) -> tuple[float, float]:
+def _time_steps(step, warmup: int, steps: int, card: dict | None = None) -> tuple[float, float]:
+    """Seconds per step and the last loss; ``card``, when given, receives ``_card_state`` over the timed steps."""
     for _ in range(warmup):
         step()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    mon = _clock_monitor() if card is not None else None
     t0 = time.perf_counter()
     loss = 0.0
     for _ in range(steps):
         loss = step()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps, loss
+    dt = (time.perf_counter() - t0) / steps
+    if mon is not None:
+        mon.stop()
+        card.update(_card_state(mon.summary(), torch.cuda.current_device()))
+    return dt, loss
+
+
+def _clock_monitor():
+    """NVML sampled every 50 ms (SM clock, power, clock-event reasons), or None without a GPU or NVML."""
+    if not torch.cuda.is_available():
+        return None
+    from onecard.monitor.monitor import Monitor
+
+    mon = Monitor(interval=0.05, allocator=False, pcie=False, attach=False)
+    return mon.start() if mon.reader is not None else None
+
+
+def _card_state(summary: dict, index: int) -> dict:
+    """What the card ran at while a path was timed. Why: the two paths load the card differently (onecard's step is
+    denser in matmuls), and a power-capped card lowers its clocks under the denser load, which no kernel change
+    undoes; these say how much of a speed ratio is clock. Keys are None where NVML did not report."""
+    p = f"gpu{index}_"
+    sampled = summary.get(p + "slowdown_fraction") is not None and summary.get("duration_s")
+    return {"sm_clock_mean_mhz": summary.get(p + "sm_clock_mean_mhz"), "power_mean_w": summary.get(p + "power_mean_w"),
+            "power_limit_w": summary.get(p + "power_limit_w"),
+            "power_capped_fraction": (summary.get(p + "throttle_s_sw_power_cap", 0.0) / summary["duration_s"]
+                                      if sampled else None),
+            "slowdown_fraction": summary.get(p + "slowdown_fraction")}
 
 
 def _steps_for(bs: int, steps: int, warmup: int) -> tuple[int, int]:
@@ -206,8 +235,9 @@ def part_speed(args, out_dir) -> dict:
             ids = torch.randint(0, vocab, (bs, seq), generator=torch.Generator().manual_seed(bs)).to(_device())
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
             steps, warmup = _steps_for(bs, args.steps, args.warmup)
+            card: dict = {}
             try:
-                dt, loss = _time_steps(_step_fn(model, ids, opt), warmup, steps)
+                dt, loss = _time_steps(_step_fn(model, ids, opt), warmup, steps, card)
             except torch.cuda.OutOfMemoryError:  # a result too: the other path may train at this size
                 rows[name][bs] = {"oom": True, "tokens_per_s": None, "ms_per_step": None, "peak_gib": None,
                                   "loss": None, "steps_timed": 0, "warmup_steps": warmup}
@@ -216,7 +246,7 @@ def part_speed(args, out_dir) -> dict:
                 del opt, ids
                 continue
             r = {"oom": False, "tokens_per_s": bs * seq / dt, "ms_per_step": dt * 1e3, "peak_gib": _peak_gib(),
-                 "loss": loss, "steps_timed": steps, "warmup_steps": warmup}
+                 "loss": loss, "steps_timed": steps, "warmup_steps": warmup, **card}
             rows[name][bs] = r
             console.print(f"{name} bs {bs}: {r['tokens_per_s']:,.0f} tok/s, {r['ms_per_step']:.0f} ms/step, "
                           f"peak {r['peak_gib']} GiB")
@@ -240,6 +270,7 @@ def part_speed(args, out_dir) -> dict:
                         "steps_timed": o["steps_timed"], "warmup_steps": o["warmup_steps"],
                         "hf_loss_last_step": h["loss"], "onecard_loss_last_step": o["loss"],
                         **_utilization(h["tokens_per_s"], o["tokens_per_s"], flops, peak),
+                        **_card_columns(h, o),
                         **(_fp8_row(rows["onecard_fp8"][bs], h, o) if args.fp8 else {})})
     shares = [f"{r['weights_share_of_hf_peak']:.0%} at bs {r['batch_size']}" for r in results
               if r["weights_share_of_hf_peak"] is not None]
@@ -253,6 +284,11 @@ def part_speed(args, out_dir) -> dict:
                  "+ backward once (model FLOPs); onecard_executed_fraction_of_peak counts what onecard runs (with "
                  "its checkpointing recomputation); speedup_ceiling_vs_hf is the speedup if every executed FLOP ran "
                  "at that rate, and fraction_of_peak_needed_for_2x what a 2x speedup would need.")
+    note += (" *_sm_clock_mean_mhz, *_power_mean_w, *_power_capped_fraction (the share of the timed steps NVML "
+             "reported the SW power cap holding the clocks) come from NVML samples every 50 ms over each path's "
+             "timed steps; onecard_clock_ratio_vs_hf below 1 means onecard's steps ran at a lower SM clock; "
+             "*_tokens_per_joule divide tokens/s by that mean board power, and energy_ratio_vs_hf is onecard's "
+             "energy per token over HF's.")
     if args.fp8:
         note += (" onecard_fp8_*: onecard's path with --precision fp8 (frozen fp8 e4m3 bases quantized once, "
                  "row-wise scaled activations and gradients, torch._scaled_mm), against the same bf16 HF + PEFT: "
@@ -272,6 +308,17 @@ def part_speed(args, out_dir) -> dict:
                   _fmt(r["memory_ratio_vs_hf"]), _fmt(r["weights_share_of_hf_peak"]), _fmt(r["hf_mfu"]),
                   _fmt(r["onecard_mfu"]), _fmt(r["fraction_of_peak_needed_for_2x"]), ", ".join(met) or "none")
     console.print(t)
+    if any(r["onecard_sm_clock_mean_mhz"] for r in results):
+        tc = Table("bs", "HF SM MHz", "ours SM MHz", "ours/HF clock", "HF W", "ours W", "limit W", "HF power-capped",
+                   "ours power-capped", "HF tok/J", "ours tok/J", title="The card while each path was timed (NVML "
+                   "every 50 ms)")
+        for r in results:
+            tc.add_row(str(r["batch_size"]), _fmt(r["hf_sm_clock_mean_mhz"]), _fmt(r["onecard_sm_clock_mean_mhz"]),
+                       _fmt(r["onecard_clock_ratio_vs_hf"]), _fmt(r["hf_power_mean_w"]), _fmt(r["onecard_power_mean_w"]),
+                       _fmt(r["power_limit_w"]), _fmt(r["hf_power_capped_fraction"]),
+                       _fmt(r["onecard_power_capped_fraction"]), _fmt(r["hf_tokens_per_joule"]),
+                       _fmt(r["onecard_tokens_per_joule"]))
+        console.print(tc)
     if args.fp8:
         t8 = Table("bs", "fp8 tok/s", "vs HF (bf16)", "vs ours bf16", "fp8 peak GiB", "fp8 loss", "bf16 loss",
                    title="onecard --precision fp8 (frozen fp8 bases)")
@@ -316,6 +363,21 @@ def _utilization(hf_tok_s: float | None, ours_tok_s: float | None, flops: dict[s
             "hf_executed_fraction_of_peak": frac(hf_tok_s, flops["hf"]),
             "speedup_ceiling_vs_hf": ceiling / hf_tok_s if ceiling and hf_tok_s else None,
             "fraction_of_peak_needed_for_2x": frac(2 * hf_tok_s, flops["onecard"]) if hf_tok_s else None}
+
+
+CARD_KEYS = ("sm_clock_mean_mhz", "power_mean_w", "power_capped_fraction", "slowdown_fraction")
+
+
+def _card_columns(h: dict, o: dict) -> dict:
+    """Each path's ``_card_state`` as ``hf_*`` / ``onecard_*`` columns, the card's power limit, and onecard's mean
+    SM clock over HF's (below 1: onecard's steps ran at a lower clock)."""
+    cols = {f"{name}_{k}": row.get(k) for name, row in (("hf", h), ("onecard", o)) for k in CARD_KEYS}
+    cols["power_limit_w"] = o.get("power_limit_w") or h.get("power_limit_w")
+    cols["onecard_clock_ratio_vs_hf"] = _ratio(o.get("sm_clock_mean_mhz"), h.get("sm_clock_mean_mhz"))
+    for name, row in (("hf", h), ("onecard", o)):  # tokens per joule of board energy: mean power over the timed steps
+        cols[f"{name}_tokens_per_joule"] = _ratio(row.get("tokens_per_s"), row.get("power_mean_w"))
+    cols["energy_ratio_vs_hf"] = _ratio(cols["hf_tokens_per_joule"], cols["onecard_tokens_per_joule"])
+    return cols
 
 
 def _fp8_row(f: dict, h: dict, o: dict) -> dict:

@@ -64,3 +64,28 @@ def test_qlora_bases_smoke_writes_its_result(bench, tmp_path):
     assert data["onecard_int4_speedup_vs_hf_nf4"] == pytest.approx(
         data["onecard_int4_tokens_per_s"] / data["hf_nf4_tokens_per_s"])
     assert (tmp_path / "train_qlora_bases.png").exists()
+
+
+def test_card_columns_read_the_monitor_summary(bench):
+    """Clock, power and power-cap share per path come from the monitor's summary of the GPU the step ran on, and
+    the ratios follow; a path with no NVML reading gives None, never a zero."""
+    def summary(mhz, watts, capped_s):
+        return {"duration_s": 2.0, "gpu1_sm_clock_mean_mhz": mhz, "gpu1_power_mean_w": watts,
+                "gpu1_power_limit_w": 700.0, "gpu1_throttle_s_sw_power_cap": capped_s, "gpu1_slowdown_fraction": 0.5,
+                "gpu0_sm_clock_mean_mhz": 9999.0}
+
+    hf = {"tokens_per_s": 7000.0, **bench._card_state(summary(1900.0, 640.0, 1.0), 1)}
+    ours = {"tokens_per_s": 12600.0, **bench._card_state(summary(1520.0, 700.0, 2.0), 1)}
+    assert hf["sm_clock_mean_mhz"] == 1900.0 and hf["power_capped_fraction"] == 0.5
+    assert ours["power_capped_fraction"] == 1.0
+    cols = bench._card_columns(hf, ours)
+    assert cols["onecard_clock_ratio_vs_hf"] == pytest.approx(0.8) and cols["power_limit_w"] == 700.0
+    assert cols["onecard_tokens_per_joule"] == pytest.approx(18.0) and cols["hf_tokens_per_joule"] == pytest.approx(
+        7000 / 640)
+    assert cols["energy_ratio_vs_hf"] == pytest.approx((7000 / 640) / 18.0)
+    blank = bench._card_columns({"tokens_per_s": 7000.0, **bench._card_state({"duration_s": 2.0}, 0)},
+                                {"oom": True, "tokens_per_s": None})
+    assert blank["onecard_clock_ratio_vs_hf"] is None and blank["hf_tokens_per_joule"] is None
+    assert blank["hf_power_capped_fraction"] is None and blank["energy_ratio_vs_hf"] is None
+    free = bench._card_state({"duration_s": 2.0, "gpu0_slowdown_fraction": 0.0, "gpu0_power_mean_w": 300.0}, 0)
+    assert free["power_capped_fraction"] == 0.0  # sampled, never capped

@@ -33,7 +33,7 @@ from torch.nn import functional as F
 
 from onecard.errors import BadInputError
 from onecard.kernels.launch import let_next_start, pdl_launch, wait_for_inputs
-from onecard.kernels.swiglu import silu_mul
+from onecard.kernels.swiglu import silu_mul, silu_times
 
 
 MAX_PREFETCH = 2  # weight tiles _gemv_kernel can load before its PDL wait (3 or 4 gained nothing: UNEVEN_K_CONFIGS)
@@ -120,10 +120,9 @@ def _store_silu_mul(out_ptr, y, offs_m, M, stride_om, pid, half):
     PAIRS: tl.constexpr = y.shape[1] // 2
     dt = out_ptr.dtype.element_ty
     g, u = tl.split(tl.permute(tl.reshape(y, (BM, 2, PAIRS)), (0, 2, 1)))
-    g = g.to(dt).to(tl.float32)
-    silu = (g * tl.sigmoid(g)).to(dt).to(tl.float32)
     j = pid * PAIRS + tl.arange(0, PAIRS)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + j[None, :], (silu * u.to(dt).to(tl.float32)).to(dt),
+    tl.store(out_ptr + offs_m[:, None] * stride_om + j[None, :],
+             silu_times(g.to(dt).to(tl.float32), u.to(dt).to(tl.float32), dt).to(dt),
              mask=(offs_m[:, None] < M) & (j[None, :] < half))
 
 

@@ -22,13 +22,20 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def silu_times(g, u, dt: tl.constexpr):
+    """``silu(g) * u`` in fp32 from fp32 ``g`` and ``u``, silu rounded to ``dt`` first as the PyTorch form rounds it:
+    every kernel that makes an MLP's product (the fused SwiGLU, ``silu_mul``, the GEMVs that fold it in) calls this,
+    so they give the same bits."""
+    return (g * tl.sigmoid(g)).to(dt).to(tl.float32) * u
+
+
+@triton.jit
 def _swiglu_fwd(G, U, Y, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # > 2**31 elements at long context
     mask = offs < n
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
-    silu = (g * tl.sigmoid(g)).to(G.dtype.element_ty).to(tl.float32)
-    tl.store(Y + offs, (silu * u).to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + offs, silu_times(g, u, G.dtype.element_ty).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -52,8 +59,7 @@ def _silu_mul_fwd(GU, Y, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
     mask = offs < n
     g = tl.load(GU + row * 2 * n + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(GU + row * 2 * n + n + offs, mask=mask, other=0.0).to(tl.float32)
-    silu = (g * tl.sigmoid(g)).to(GU.dtype.element_ty).to(tl.float32)
-    tl.store(Y + row * n + offs, (silu * u).to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + row * n + offs, silu_times(g, u, GU.dtype.element_ty).to(Y.dtype.element_ty), mask=mask)
 
 
 _BLOCK = 1024
