@@ -24,7 +24,11 @@ def llama_path(random_checkpoint):
 
 @pytest.fixture(scope="module")
 def llm(llama_path):
-    return LLM(llama_path, max_model_len=128, max_num_seqs=8, block_size=8)
+    # device="cpu" here and in the other unmarked tests, also on a GPU machine (scripts/gpu-test.sh runs them too):
+    # they check the engine's logic in fp32, exactly (preemption and batching leave greedy tokens unchanged), which
+    # bf16 kernels on a GPU need not keep on random weights; and a module-wide engine on the GPU would hold 90 % of
+    # the card, leaving the next test's engine none. The GPU path has its own @pytest.mark.gpu tests below.
+    return LLM(llama_path, device="cpu", max_model_len=128, max_num_seqs=8, block_size=8)
 
 
 def _hf_greedy(path, tokenizer, prompt, n):
@@ -38,7 +42,7 @@ def _hf_greedy(path, tokenizer, prompt, n):
 
 
 def test_greedy_equals_hf_generate_on_tiny_trained_model(tiny_model):
-    llm = LLM(tiny_model.path, max_model_len=256, max_num_seqs=4, block_size=16)
+    llm = LLM(tiny_model.path, device="cpu", max_model_len=256, max_num_seqs=4, block_size=16)
     outs = llm.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
     for prompt, out in zip(PROMPTS[:2], outs):
         ref = _hf_greedy(tiny_model.path, llm.tokenizer, prompt, 24)
@@ -85,7 +89,8 @@ def test_generate_queues_longest_output_first_but_returns_input_order(llm, monke
 def test_preemption_does_not_change_greedy_outputs(llm, llama_path):
     sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     ref = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
-    small = LLM(llama_path, max_model_len=128, max_num_seqs=8, block_size=8, num_kv_blocks=16)  # 128 tokens for 4 seqs
+    small = LLM(llama_path, device="cpu", max_model_len=128, max_num_seqs=8, block_size=8,
+                num_kv_blocks=16)  # 128 tokens for 4 seqs
     got = [o.outputs[0].token_ids for o in small.generate(PROMPTS, sp, use_tqdm=False)]
     assert small.stats()["num_preemptions"] > 0
     assert got == ref
@@ -282,15 +287,15 @@ def test_config_errors_are_one_line_and_actionable(llama_path):
     from onecard.errors import DoesNotFitError
 
     with pytest.raises(DoesNotFitError, match="max_model_len"):
-        LLM(llama_path, max_model_len=128, block_size=8, num_kv_blocks=2)
+        LLM(llama_path, device="cpu", max_model_len=128, block_size=8, num_kv_blocks=2)
     with pytest.raises(BadInputError, match="max_position_embeddings"):
-        LLM(llama_path, max_model_len=10**7)
+        LLM(llama_path, device="cpu", max_model_len=10**7)
     with pytest.raises(BadInputError, match="tensor_parallel_size"):
-        LLM(llama_path, tensor_parallel_size=0)
+        LLM(llama_path, device="cpu", tensor_parallel_size=0)
     with pytest.raises(BadInputError, match="block_size"):
-        LLM(llama_path, block_size=12)
+        LLM(llama_path, device="cpu", block_size=12)
     with pytest.raises(BadInputError, match="gpu_memory_utilization"):
-        LLM(llama_path, gpu_memory_utilization=1.5)
+        LLM(llama_path, device="cpu", gpu_memory_utilization=1.5)
 
 
 def test_sliding_window_models_default_to_the_window(tmp_path):
@@ -298,14 +303,14 @@ def test_sliding_window_models_default_to_the_window(tmp_path):
     from onecard.testing import make_random_checkpoint
 
     path = make_random_checkpoint("mistral-7b", "tiny", tmp_path / "m", overrides={"sliding_window": 64})
-    assert LLM(path).stats()["max_model_len"] == 64
+    assert LLM(path, device="cpu").stats()["max_model_len"] == 64
     with pytest.raises(NotBuiltYetError, match="sliding_window"):
-        LLM(path, max_model_len=128)
+        LLM(path, device="cpu", max_model_len=128)
 
 
 @pytest.mark.parametrize("quantization,module", [("rtn-int4", "QuantLinear"), ("fp8", "Fp8Linear")])
 def test_on_the_fly_quantization_swaps_linears(llama_path, quantization, module):
-    llm = LLM(llama_path, max_model_len=64, max_num_seqs=2, quantization=quantization)
+    llm = LLM(llama_path, device="cpu", max_model_len=64, max_num_seqs=2, quantization=quantization)
     layer = llm.engine.runner.model.layers[0]
     assert type(layer.self_attn.qkv_proj).__name__ == module
     assert type(layer.mlp.down_proj).__name__ == module
