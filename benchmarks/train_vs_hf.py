@@ -175,8 +175,16 @@ def _time_steps(step, warmup: int, steps: int, card: dict | None = None) -> tupl
     dt = (time.perf_counter() - t0) / steps
     if mon is not None:
         mon.stop()
-        card.update(_card_state(mon.summary(), torch.cuda.current_device()))
+        dev = torch.cuda.current_device()
+        index = nvml_index(mon.reader.uuids, str(getattr(torch.cuda.get_device_properties(dev), "uuid", "")), dev)
+        card.update(_card_state(mon.summary(), index))
     return dt, loss
+
+
+def nvml_index(uuids: dict[int, str | None], torch_uuid: str, fallback: int) -> int:
+    """The NVML index of the GPU torch runs on, matched by UUID (NVML's ``GPU-<uuid>``): CUDA_VISIBLE_DEVICES
+    renumbers torch's devices, not NVML's. ``fallback`` (torch's index) where no UUID matches."""
+    return next((i for i, u in uuids.items() if u and torch_uuid and u.endswith(torch_uuid)), fallback)
 
 
 def _clock_monitor():

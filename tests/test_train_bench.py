@@ -89,3 +89,10 @@ def test_card_columns_read_the_monitor_summary(bench):
     assert blank["hf_power_capped_fraction"] is None and blank["energy_ratio_vs_hf"] is None
     free = bench._card_state({"duration_s": 2.0, "gpu0_slowdown_fraction": 0.0, "gpu0_power_mean_w": 300.0}, 0)
     assert free["power_capped_fraction"] == 0.0  # sampled, never capped
+
+
+def test_nvml_index_follows_the_uuid_not_torchs_numbering(bench):
+    """Under CUDA_VISIBLE_DEVICES=2 torch's device 0 is NVML's GPU 2: the monitor must read that one."""
+    uuids = {0: "GPU-aaaa-0000", 1: None, 2: "GPU-cccc-2222"}
+    assert bench.nvml_index(uuids, "cccc-2222", 0) == 2
+    assert bench.nvml_index(uuids, "ffff-9999", 0) == 0 and bench.nvml_index(uuids, "", 1) == 1
