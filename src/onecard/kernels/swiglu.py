@@ -156,8 +156,7 @@ def _lora_gate_up(YG, YU, HG, HU, BG, BU, T, N, R, SH, BLOCK_M: tl.constexpr, BL
 def _lora_swiglu_fwd(YG, YU, HG, HU, BG, BU, OUT, T, N, R, SH, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
     g, u, off, mask = _lora_gate_up(YG, YU, HG, HU, BG, BU, T, N, R, SH, BLOCK_M, BLOCK_N, BLOCK_R, IEEE)
-    silu = (g * tl.sigmoid(g)).to(OUT.dtype.element_ty).to(tl.float32)
-    tl.store(OUT + off, (silu * u).to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + off, silu_times(g, u, OUT.dtype.element_ty).to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -289,23 +289,27 @@ class _FrozenLoRALinear(torch.autograd.Function):
         return grad_x, None, grad_a, grad_b, None, None
 
 
-def _stacked_h(ctx, x2: torch.Tensor, factors: tuple, scalings: tuple) -> torch.Tensor:
-    """``x2 [A_0; A_1; ...]^T`` for ``factors`` ``(A_0, B_0, A_1, ...)`` sharing the input ``x2``: one read of it,
-    not one per adapter. Keeps on ctx what the stacked backward needs (the copies ride on ctx, not through
-    save_for_backward: a checkpoint's hooks would drop and remake them)."""
+def _stacked_h(ctx, x: torch.Tensor, bases: tuple, factors: tuple,
+               scalings: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x2, x2 [A_0; A_1; ...]^T)`` with ``x2`` the 2-D ``x``, for ``factors`` ``(A_0, B_0, A_1, ...)`` over
+    ``bases`` sharing the input: one read of it, not one per adapter. Keeps on ctx what the stacked backward needs
+    (the copies ride on ctx, not through save_for_backward: a checkpoint's hooks would drop and remake them)."""
+    x2 = x.reshape(-1, x.shape[-1])
     dtype = x2.dtype
+    ctx.bases, ctx.x_shape = bases, x.shape
     ctx.a_cat = _stacked_copy(factors[0::2], dtype)
     ctx.bs_c = [_compute_copy(b, dtype, s) for b, s in zip(factors[1::2], scalings)]  # s B in x's dtype
     ctx.ranks, ctx.scalings, ctx.dtypes = [a.shape[0] for a in factors[0::2]], scalings, [f.dtype for f in factors]
-    return x2 @ ctx.a_cat.t()
+    return x2, x2 @ ctx.a_cat.t()
 
 
-def _stacked_backward(ctx, gs: list[torch.Tensor], x2: torch.Tensor, h: torch.Tensor, weights) -> tuple:
+def _stacked_backward(ctx, gs: list[torch.Tensor], x2: torch.Tensor, h: torch.Tensor) -> tuple:
     """The input gradient (one tensor; None if not needed) and every factor's gradient of adapters made by
-    ``_stacked_h``, from their output gradients ``gs`` and base weights."""
+    ``_stacked_h``, from their output gradients ``gs``."""
     gbs = torch.cat([g @ bs for g, bs in zip(gs, ctx.bs_c)], dim=1)  # (tokens, sum of ranks): s g B, stacked
     grad_x = None
     if ctx.needs_input_grad[0]:
+        weights = [_dense_weight(base, x2.dtype) for base in ctx.bases]
         grad_x = _input_grad(gbs, ctx.a_cat, zip(gs, weights)).view(ctx.x_shape)
     needs = ctx.needs_input_grad[-len(ctx.dtypes):]
     return grad_x, _adapter_grads(gs, gbs, x2, h, ctx.ranks, ctx.scalings, ctx.dtypes, needs)
@@ -326,23 +330,18 @@ class _FrozenLoRASwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bases, scalings, *factors):  # factors: A_gate, B_gate, A_up, B_up
-        dtype = x.dtype
-        x2 = x.reshape(-1, x.shape[-1])
-        h = _stacked_h(ctx, x2, factors, scalings)
-        yg, yu = (x2 @ _dense_weight(base, dtype).t() for base in bases)
+        x2, h = _stacked_h(ctx, x, bases, factors, scalings)
+        yg, yu = (x2 @ _dense_weight(base, x2.dtype).t() for base in bases)
         out = lora_swiglu(yg, yu, *h.split(ctx.ranks, dim=1), *ctx.bs_c)
         ctx.save_for_backward(x2, h, yg, yu)
-        ctx.bases, ctx.x_shape = bases, x.shape
         return out.view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad_out):
         x2, h, yg, yu = ctx.saved_tensors
-        dtype = x2.dtype
-        dy = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+        dy = grad_out.reshape(-1, grad_out.shape[-1]).to(x2.dtype)
         dg, du = lora_swiglu_grads(dy, yg, yu, *h.split(ctx.ranks, dim=1), *ctx.bs_c)
-        grad_x, factor_grads = _stacked_backward(ctx, [dg, du], x2, h,
-                                                 [_dense_weight(base, dtype) for base in ctx.bases])
+        grad_x, factor_grads = _stacked_backward(ctx, [dg, du], x2, h)
         return grad_x, None, None, *factor_grads
 
 
@@ -358,20 +357,17 @@ class _FrozenLoRAQKV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bases, scalings, *factors):  # factors: A_q, B_q, A_k, B_k, A_v, B_v
-        x2 = x.reshape(-1, x.shape[-1])
-        h = _stacked_h(ctx, x2, factors, scalings)
+        x2, h = _stacked_h(ctx, x, bases, factors, scalings)
         outs = [_dense_output(x2, h_i, bs, base).view(*x.shape[:-1], -1)
                 for base, h_i, bs in zip(bases, h.split(ctx.ranks, dim=1), ctx.bs_c)]
         ctx.save_for_backward(x2, h)
-        ctx.bases, ctx.x_shape = bases, x.shape
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grad_outs):
         x2, h = ctx.saved_tensors
-        dtype = x2.dtype
-        gs = [g.reshape(-1, g.shape[-1]).to(dtype) for g in grad_outs]
-        grad_x, factor_grads = _stacked_backward(ctx, gs, x2, h, [_dense_weight(base, dtype) for base in ctx.bases])
+        gs = [g.reshape(-1, g.shape[-1]).to(x2.dtype) for g in grad_outs]
+        grad_x, factor_grads = _stacked_backward(ctx, gs, x2, h)
         return grad_x, None, None, *factor_grads
 
 
