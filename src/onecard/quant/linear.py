@@ -12,10 +12,10 @@ reference (dequantize, then matmul) — same numbers, no interpreter in the hot 
 
 ``use_tinygemm_`` (the engine's ``int4_kernel="tinygemm"``) moves int4 layers to
 PyTorch's own int4 weight-only kernel (``aten._weight_int4pack_mm``, "tinygemm",
-what gpt-fast and torchao run). Measured on an H200 (docs/results/quant_decode.json):
-bs=1 decode 1.52x of bf16 against 1.23x for our Triton kernel, but a 2k-token
-prefill 15x slower than bf16 (its large-M path is not tuned) and bs=16 0.59x —
-so it is opt-in for single-stream chat, not the default. Its layout keeps
+what gpt-fast and torchao run). Measured on an H200 (docs/results/quant_decode.json,
+2026-11-28): bs=1 decode 1.35x of bf16 against 1.63x for our Triton kernel, a 2k-token
+prefill 19x slower than bf16 (its large-M path is not tuned) and bs=16 0.56x — so it
+is an opt-in comparison, not the default. Its layout keeps
 bf16 scales and an additive bf16 zero (``w = (q - 8) * s + (8 - z) * s``), so the
 weights it computes with differ from the fp16-scale reference by the bf16
 rounding of each group's scale and zero (~0.4 % of a weight).
