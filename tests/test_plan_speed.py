@@ -11,7 +11,7 @@ from onecard.hardware import find_gpu
 from onecard.models import arch_config
 from onecard.plan import memory as M
 from onecard.plan import plan_inference
-from onecard.plan.calibration import load_results, decode_calibration
+from onecard.plan.calibration import PACKAGED, decode_calibration, load_results, measurements
 from onecard.plan.decode_fit import (DecodeModel, DecodeObservation, fit_decode_model, leave_one_out,
                                      lower_bounded_lstsq, observations_from_results, step_bytes)
 from onecard.plan.spec import resolve_model, spec_from_config
@@ -119,3 +119,12 @@ def test_plan_bs1_is_the_fitted_step_time():
     # a caller's efficiency replaces the format's own and keeps the fitted latencies
     slow = plan_inference(spec, "h100", bits=4, max_model_len=512, decode_efficiency=cal.efficiency / 2)
     assert slow.decode_tok_s_bs1 < p.decode_tok_s_bs1 and slow.efficiency == pytest.approx(cal.efficiency / 2)
+
+
+def test_packaged_measurements_are_those_in_docs_results():
+    """An install without this repository's docs/ (a wheel, a git URL) plans from the copy packaged beside the
+    calibration module, so it must hold what docs/results holds now."""
+    assert PACKAGED.exists()
+    assert measurements() == measurements(RESULTS_DIR), (
+        "src/onecard/plan/measurements.json differs from docs/results: run python -c 'from onecard.plan.calibration import write_packaged; write_packaged()'")
+    assert {o.source for o in _committed()} == set(measurements())

@@ -8,6 +8,11 @@ fraction of it. Benchmarks write these keys into ``docs/results/*.json``:
 
 When no file has a key, a stated default is used and the plan says so.
 
+The planner reads these files from ``measurements.json`` beside this module, a copy of the ones it uses, so that
+an install without this repository's ``docs/`` (``pip install`` of a wheel or a git URL) plans as a checkout
+does. ``write_packaged()`` rewrites it from ``docs/results``; ``tests/test_plan_speed.py`` fails while it
+differs.
+
 bs=1 decode speed is not one factor: ``decode_calibration`` fits
 ``onecard.plan.decode_fit``'s step-time model (bandwidth efficiency per weight
 format + per-layer + per-step latency) to every engine bs=1 measurement in
@@ -40,6 +45,7 @@ MEASURED_KEYS = tuple(DEFAULTS)
 DEFAULT_DECODE_EFFICIENCY = 0.70
 # Pinned host->device copies reach about 80% of the link's theoretical rate.
 HOST_LINK_EFFICIENCY = 0.8
+PACKAGED = Path(__file__).with_name("measurements.json")
 
 
 @dataclass(frozen=True)
@@ -62,13 +68,37 @@ def load_results(results_dir: str | Path) -> dict[str, dict]:
     return out
 
 
+def _measured(data: dict, key: str) -> bool:
+    value = data.get(key)
+    return isinstance(value, (int, float)) and value > 0
+
+
+def planner_results(results: dict[str, dict]) -> dict[str, dict]:
+    """The files among ``results`` that the planner reads: those with a measured factor or a decode observation."""
+    return {name: data for name, data in results.items()
+            if any(_measured(data, key) for key in MEASURED_KEYS) or observations_from_results({name: data})}
+
+
+def measurements(results_dir: str | Path | None = None) -> dict[str, dict]:
+    """{file name: JSON} the planner calibrates on: ``results_dir``'s files, else the copy packaged with onecard."""
+    if results_dir is not None:
+        return planner_results(load_results(results_dir))
+    return json.loads(PACKAGED.read_text()) if PACKAGED.exists() else {}
+
+
+def write_packaged(results_dir: str | Path = RESULTS_DIR) -> Path:
+    """Refresh the packaged copy from ``results_dir`` (after committing new benchmark results)."""
+    PACKAGED.write_text(json.dumps(measurements(results_dir), indent=1, sort_keys=True) + "\n")
+    return PACKAGED
+
+
 @lru_cache(maxsize=8)
-def _scan(results_dir: str) -> dict[str, Factor]:
+def _scan(results_dir: str | None) -> dict[str, Factor]:
     found: dict[str, tuple[str, Factor]] = {}
-    for name, data in load_results(results_dir).items():
+    for name, data in measurements(results_dir).items():
         for key in MEASURED_KEYS:
             value = data.get(key)
-            if isinstance(value, (int, float)) and value > 0:
+            if _measured(data, key):
                 date = str(data.get("date", ""))
                 if key not in found or date > found[key][0]:  # newest measurement wins
                     found[key] = (date, Factor(float(value), f"measured: {name} ({data.get('gpu', '?')}, {date or 'undated'})"))
@@ -76,8 +106,8 @@ def _scan(results_dir: str) -> dict[str, Factor]:
 
 
 def factor(key: str, results_dir: str | Path | None = None) -> Factor:
-    """The measured value of ``key`` from docs/results, else its stated default."""
-    measured = _scan(str(results_dir or RESULTS_DIR))
+    """The measured value of ``key`` (the packaged measurements, or ``results_dir``'s), else its stated default."""
+    measured = _scan(str(results_dir) if results_dir else None)
     if key in measured:
         return measured[key]
     value, why = DEFAULTS[key]
@@ -95,8 +125,9 @@ class DecodeCalibration:
 
 @lru_cache(maxsize=8)
 def decode_model(results_dir: str | None = None) -> DecodeModel | None:
-    """The step-time model fitted to every bs=1 decode measurement in ``results_dir`` (None: too few to fit)."""
-    observations = observations_from_results(load_results(str(results_dir or RESULTS_DIR)))
+    """The step-time model fitted to every bs=1 decode measurement (the packaged ones, or ``results_dir``'s; None:
+    too few to fit)."""
+    observations = observations_from_results(measurements(results_dir))
     try:
         return fit_decode_model(observations)
     except BadInputError as e:
