@@ -1,13 +1,15 @@
 """Weight-only int4 / int8 kernels (``onecard.kernels.wo_matmul``) vs bf16 cuBLAS, per linear shape, one process.
 
     PYTHONPATH=src python benchmarks/quant_kernels.py           # H100: ~1 min, the configs in wo_matmul.CONFIGS
-    PYTHONPATH=src python benchmarks/quant_kernels.py --sweep   # H100: ~6-8 min, tries the config grid and prints
+    PYTHONPATH=src python benchmarks/quant_kernels.py --sweep   # H100: ~10 min, tries the config grid and prints
                                                                 #   a CONFIGS table to paste into wo_matmul.py
     TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/quant_kernels.py --smoke   # CPU (Triton interpreter), tiny shapes, < 2 min
 
 Shapes: the Llama-2-7B linears as the engine fuses them (K x N: qkv 4096x12288,
-o 4096x4096, gate_up 4096x22016, down 11008x4096); M = 1, 2, 4, 8, 16 (decode
-batch) and 2048 (prefill: the dequantize + cuBLAS path). int4 is group 128
+o 4096x4096, gate_up 4096x22016, down 11008x4096); M = 1-128 (decode batch) and
+2048 (prefill). Each M runs what the engine runs (from ``DEQUANT_GEMM_MIN_M`` rows
+on, the dequantize + cuBLAS path); ``--sweep`` times the config grid up to 128
+rows, from 32 rows against the dequantize path too. int4 is group 128
 (asymmetric, the GPTQ-g128 layout); int8 is per-channel by default, as the
 engine's ``quantization="int8"`` runs it (``--int8-group 128`` for g128).
 Each case is checked against ``wo_matmul_reference`` and timed with
@@ -37,14 +39,17 @@ from onecard.bench.results import publish, speedup_bars
 from onecard.bench.timing import kernel_timer
 from onecard.kernels.wo_matmul import (
     CONFIGS,
+    DEQUANT_GEMM_MIN_M,
     KernelConfig,
+    dequant_gemm,
     pick_config,
     wo_matmul,
     wo_matmul_reference,
 )
 
 SHAPES = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "down": (11008, 4096)}
-MS = (1, 2, 4, 8, 16, 2048)
+MS = (1, 2, 4, 8, 16, 32, 64, 128, 2048)
+SWEPT_MAX_M = 128  # decode batches; longer inputs are prefills, which the dequantize + cuBLAS path serves
 
 
 def parse() -> argparse.Namespace:
@@ -76,7 +81,9 @@ def candidates(M: int, bits: int, smoke: bool) -> list[KernelConfig]:
 
     4-bit rows up to M = 2 sweep ``gemv_bf16x2`` (what bf16 activations run on an Ampere-or-later GPU; the fp32
     ``gemv`` is its fallback elsewhere), 8-bit ones the ``gemv``; at M = 1 each with and without the prefetch.
-    From M = 4 the ``dot`` and the transposed ``dot_t`` (its tiles one group: 16 word rows at 4-bit, 32 at 8-bit).
+    From M = 4 the ``dot`` and the transposed ``dot_t`` (its tiles one group: 16 word rows at 4-bit, 32 at 8-bit);
+    above 16 rows ``dot_t`` alone, with row tiles of 16 up to M (at most 128), which the sweep times against the
+    dequantize + cuBLAS path.
     """
     g = 128 * bits // 32  # word rows in a 128-channel group: 16 (int4), 32 (int8)
     bm = 1 << (M - 1).bit_length()
@@ -90,7 +97,14 @@ def candidates(M: int, bits: int, smoke: bool) -> list[KernelConfig]:
                     for waves in ((0, 2, 4, 8) if wide else (0, 2, 4)):
                         for prefetch in ((False, True) if wide else (False,)):
                             out.append(KernelConfig(gemv, bm, bn, kp, float(waves), warps, 3, prefetch))
-    if M >= 4:
+    if M > 16:
+        for bm in (128, 64, 32, 16):  # the widest first: the smoke run's one dot_t takes tiles of several 16-row blocks
+            for bn in (64, 128, 256):
+                for waves in (1, 2):
+                    for warps in (4, 8):
+                        if bm <= M:
+                            out.append(KernelConfig("dot_t", bm, bn, g, float(waves), warps, 3))
+    elif M >= 4:
         for bn in (64, 128):
             for kp in (16, 32):
                 for waves in (0, 1, 2, 4):
@@ -118,7 +132,7 @@ def main() -> None:
     console = Console()
     if a.smoke:
         device, dtype = "cpu", torch.float32
-        shapes, ms = {"a": (256, 384), "b": (256, 128)}, (1, 4, 16)
+        shapes, ms = {"a": (256, 384), "b": (256, 128)}, (1, 4, 16, 32)
         out_dir = a.out or tempfile.mkdtemp(prefix="quant_kernels_")
     else:
         if not torch.cuda.is_available():
@@ -145,21 +159,28 @@ def main() -> None:
         result[f"{fl}_m1_{K}x{N}_gbs"] = K * N * w.element_size() / result[f"{fl}_m1_{K}x{N}_us"] / 1e3
 
     def run(bits: int, s: str, M: int, config: KernelConfig | None) -> tuple[float, float]:
+        """(us, relative error) of one linear; ``config`` None is the dequantize + cuBLAS path."""
         K = shapes[s][0]
         gs = K if groups[bits] == -1 else groups[bits]
 
         def fn() -> torch.Tensor:
+            if config is None:
+                return dequant_gemm(xs[M, K], *weights[bits, s], bits, gs)
             return wo_matmul(xs[M, K], *weights[bits, s], bits, gs, config)
         err = rel_err(fn(), refs[bits, s, M])
         if err > 2e-2:
             raise SystemExit(f"int{bits} {s} M={M} {config}: relative error {err:.2e} vs wo_matmul_reference")
         return bench(fn), err
 
-    best: dict[tuple[int, int], KernelConfig] = {}
+    def engine_config(M: int, bits: int) -> KernelConfig | None:
+        """What the engine runs at M rows: None is the dequantize + cuBLAS path (CUDA, from DEQUANT_GEMM_MIN_M)."""
+        return None if device == "cuda" and M >= DEQUANT_GEMM_MIN_M else pick_config(M, bits)
+
+    best: dict[tuple[int, int], KernelConfig | None] = {}  # None: the dequantize + cuBLAS path won
     if a.sweep:
         for bits in (4, 8):
-            for M in (m for m in ms if m <= 16):
-                def layer_us(c: KernelConfig, bits: int = bits, M: int = M) -> float:
+            for M in (m for m in ms if m <= SWEPT_MAX_M):
+                def layer_us(c: KernelConfig | None, bits: int = bits, M: int = M) -> float:
                     return sum(run(bits, s, M, c)[0] for s in shapes)
 
                 scored = [(layer_us(c), c) for c in candidates(M, bits, a.smoke)]
@@ -169,6 +190,10 @@ def main() -> None:
                     alt_us = layer_us(alt)
                     if alt_us < us:
                         us, c = alt_us, alt
+                if device == "cuda" and M >= 32:  # and the path the engine takes from DEQUANT_GEMM_MIN_M rows
+                    deq_us = layer_us(None)
+                    if deq_us < us:
+                        us, c = deq_us, None
                 best[M, bits] = c
                 console.print(f"int{bits} M={M}: {len(scored)} configs, best {short(c)} ({us:.1f} us per layer), "
                               f"{time.perf_counter() - t_start:.0f} s so far")
@@ -177,7 +202,7 @@ def main() -> None:
     for bits in (4, 8):
         q = f"int{bits}"
         for M in ms:
-            config = best.get((M, bits)) or (None if device == "cuda" and M >= 512 else pick_config(M, bits))
+            config = best[M, bits] if (M, bits) in best else engine_config(M, bits)
             layer_q = layer_f = 0.0
             for s, (K, N) in shapes.items():
                 us, err = run(bits, s, M, config)
@@ -209,8 +234,15 @@ def main() -> None:
     console.print(lt)
     if best:
         table = dict(CONFIGS)
-        # PDL is an end-to-end choice (quant_decode.py), not a kernel time: each row keeps the table's setting
-        table.update({(M, bits): dataclasses.replace(c, pdl=CONFIGS[M, bits].pdl) for (M, bits), c in best.items()})
+        # PDL is an end-to-end choice (quant_decode.py), not a kernel time: each row keeps the setting of the table
+        # row that serves its M now
+        table.update({(M, bits): dataclasses.replace(c, pdl=pick_config(M, bits).pdl)
+                      for (M, bits), c in best.items() if c is not None})
+        for bits in (4, 8) if device == "cuda" else ():
+            won = sorted(M for (M, b), c in best.items() if b == bits and c is None)
+            console.print(f"int{bits}: dequantize + cuBLAS " + (f"won from M = {won[0]} (rows at or above it: "
+                          f"{won}); DEQUANT_GEMM_MIN_M is {DEQUANT_GEMM_MIN_M}" if won else
+                          f"won at no swept M up to {SWEPT_MAX_M}; DEQUANT_GEMM_MIN_M is {DEQUANT_GEMM_MIN_M}"))
         console.print("[bold]paste into src/onecard/kernels/wo_matmul.py:[/]")
         print("CONFIGS: dict[tuple[int, int], KernelConfig] = {")
         for (M, bits), c in sorted(table.items(), key=lambda kv: (kv[0][0], kv[0][1])):

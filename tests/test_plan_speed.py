@@ -126,5 +126,6 @@ def test_packaged_measurements_are_those_in_docs_results():
     calibration module, so it must hold what docs/results holds now."""
     assert PACKAGED.exists()
     assert measurements() == measurements(RESULTS_DIR), (
-        "src/onecard/plan/measurements.json differs from docs/results: run python -c 'from onecard.plan.calibration import write_packaged; write_packaged()'")
+        "src/onecard/plan/measurements.json differs from docs/results: run "
+        "python -c 'from onecard.plan.calibration import write_packaged; write_packaged()'")
     assert {o.source for o in _committed()} == set(measurements())

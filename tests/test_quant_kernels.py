@@ -84,6 +84,9 @@ MATMUL_CASES = [
     (4, 128, 256, 80, 16, KernelConfig(DOT_T, 16, 64, 16, 4.0)),
     (8, -1, 256, 48, 12, KernelConfig(DOT_T, 16, 32, 16, 0.0)),
     (4, 32, 224, 48, 16, KernelConfig(DOT_T, 16, 64, 16, 4.0)),
+    # row tiles of 32 and 64 (what a sweep may pick for decode batches above 16 rows), M not a multiple of them
+    (4, 128, 256, 80, 40, KernelConfig(DOT_T, 32, 64, 16, 2.0)),
+    (8, -1, 256, 48, 70, KernelConfig(DOT_T, 64, 32, 32, 0.0)),
 ]
 
 
@@ -223,15 +226,16 @@ def test_kernel_bf16_on_gpu(M):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("bits,group_size,M,dtype", [(4, 128, 16, torch.bfloat16), (4, 128, 5, torch.bfloat16),
-                                                     (8, -1, 16, torch.bfloat16), (4, 128, 16, torch.float16)])
-def test_dot_t_kernel_bf16_on_gpu(bits, group_size, M, dtype):
+@pytest.mark.parametrize("bits,group_size,M,dtype,block_m", [
+    (4, 128, 16, torch.bfloat16, 16), (4, 128, 5, torch.bfloat16, 16), (8, -1, 16, torch.bfloat16, 16),
+    (4, 128, 16, torch.float16, 16), (4, 128, 40, torch.bfloat16, 32), (8, -1, 64, torch.bfloat16, 64)])
+def test_dot_t_kernel_bf16_on_gpu(bits, group_size, M, dtype, block_m):
     """The transposed dot at bf16 (the bf16x2 dequantization for 4-bit, the fp32 conversion for 8-bit), split-K;
-    fp16 x takes the bf16x2 codes too, rounded to bf16 as it loads."""
+    fp16 x takes the bf16x2 codes too, rounded to bf16 as it loads; row tiles above 16 (decode batches of 17-128)."""
     K, N = 4096, 4096
     _, packed, s, z, gs = _packed(K, N, bits, group_size)
     x = torch.randn(M, K, device="cuda", dtype=dtype)
-    config = KernelConfig(DOT_T, 16, 128, 16, 2.0, 8)
+    config = KernelConfig(DOT_T, block_m, 128, 16 if bits == 4 else 32, 2.0, 8)
     assert kernel_for(config, bits, x) == DOT_T
     exact = wo_matmul_reference(x.float(), packed, s, z, bits, gs)
     bound = 2 ** -7 * (x.float().abs() @ dequantize_reference(packed, s, z, bits, gs).abs()) + 1e-3
@@ -276,14 +280,19 @@ def test_concat_linear_fallback_adds_fused_bias():
 
 def test_sweep_grid_tries_what_each_row_runs(benchmark_script):
     """``benchmarks/quant_kernels.py --sweep`` prints the CONFIGS table: its grid must hold the kernels the table
-    uses (bf16x2 for 4-bit rows up to M = 2, the fp32 gemv for 8-bit, dot from M = 4), with and without the
-    prefetch at M = 1, and the current table rows must be points of it (so a sweep can reproduce them)."""
+    uses (bf16x2 for 4-bit rows up to M = 2, the fp32 gemv for 8-bit, dot from M = 4, dot_t alone above 16 rows),
+    with and without the prefetch at M = 1, and the current table rows must be points of it (so a sweep can
+    reproduce them)."""
     qk = benchmark_script("quant_kernels")
     for M, bits in ((1, 4), (2, 4), (1, 8), (2, 8)):
         grid = qk.candidates(M, bits, smoke=False)
         assert {c.kernel for c in grid if c.block_m <= 2} == ({BF16X2} if bits == 4 else {GEMV})
         assert {c.prefetch for c in grid} == ({False, True} if M == 1 else {False})
     assert {c.kernel for c in qk.candidates(16, 4, smoke=False)} == {DOT, DOT_T}
+    for M in (32, 64, 128):  # decode batches above 16 rows: dot_t with row tiles up to M, against dequantize + cuBLAS
+        grid = qk.candidates(M, 8, smoke=False)
+        assert {c.kernel for c in grid} == {DOT_T}
+        assert {c.block_m for c in grid} == {16, 32, 64, 128} & set(range(M + 1))
     for (M, bits), row in CONFIGS.items():
         if M <= 16:
             points = {dataclasses.replace(c, num_stages=row.num_stages, pdl=row.pdl)

@@ -695,6 +695,13 @@ def kernel_for(config: KernelConfig, bits: int, x: torch.Tensor, rowwise: bool =
     return config.kernel
 
 
+def dequant_gemm(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                 group_size: int) -> torch.Tensor:
+    """``wo_matmul``'s path from ``DEQUANT_GEMM_MIN_M`` rows on CUDA: the weight dequantized to x's dtype, then
+    cuBLAS."""
+    return x2 @ dequantize(qweight, scales, zeros, bits, group_size, dtype=x2.dtype)
+
+
 def wo_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
               group_size: int, config: KernelConfig | None = None) -> torch.Tensor:
     """``x[..., K] @ dequant(W)[K, N]`` -> ``[..., N]`` in x's dtype.
@@ -710,8 +717,7 @@ def wo_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     M = x2.shape[0]
     if config is None:
         if x.is_cuda and M >= DEQUANT_GEMM_MIN_M:
-            w = dequantize(qweight, scales, zeros, bits, group_size, dtype=x.dtype)
-            return (x2 @ w).reshape(*lead, N)
+            return dequant_gemm(x2, qweight, scales, zeros, bits, group_size).reshape(*lead, N)
         config = pick_config(M, bits)
     c = config
     k_tiles = triton.cdiv(K // (32 // bits), c.block_kp)
