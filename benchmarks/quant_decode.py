@@ -7,7 +7,7 @@ Arms: bf16 engine; ``quantization="int8"`` (per-channel RTN) and ``"rtn-int4"``
 (group 128, the GPTQ-g128 layout — speed does not depend on how the codes were
 chosen) with onecard's Triton kernel (the default) and, on CUDA, with PyTorch's
 tinygemm kernel (``int4_kernel="tinygemm"``); and ``"fp8"`` (e4m3 weights and activations, not weight-only:
-``Fp8Linear``). Each arm: bs=1 and bs=16 decode (ms per step, tok/s),
+``Fp8Linear``). Each arm: bs=1 and bs=16 decode (ms per step, tok/s; ``--more-batches`` adds batch sizes),
 2k-token prefill (ms), peak GiB, and % of the bandwidth roofline: the bytes one
 decode step must read (quantized linears' codes + scales + zeros, plus norms and
 the LM head; the embedding reads one row) over the measured copy bandwidth.
@@ -40,6 +40,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--decode-tokens", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--more-batches", default="", help="more decode batch sizes per arm, comma-separated (e.g. "
+                   "2,4,8,32,64: from wo_matmul.DEQUANT_GEMM_MIN_M rows int4/int8 take the dequantize + cuBLAS path)")
     p.add_argument("--prefill-len", type=int, default=2048)
     p.add_argument("--out", default=None, help="result folder (default docs/results; --smoke: a temp dir)")
     return p.parse_args()
@@ -77,6 +79,11 @@ def prefill_ms(llm, length: int, vocab: int, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
+def batch_sizes(a) -> list[int]:
+    """The decode batches besides bs=1: ``--batch`` (the headline column) and ``--more-batches``."""
+    return sorted({a.batch, *(int(b) for b in a.more_batches.split(",") if b.strip())} - {1})
+
+
 def run_arm(model_dir, quantization, dtype: str, device: str, a, bandwidth_gbs: float, **engine_kwargs) -> dict:
     from onecard.engine import LLM
 
@@ -85,14 +92,16 @@ def run_arm(model_dir, quantization, dtype: str, device: str, a, bandwidth_gbs: 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     llm = LLM(str(model_dir), dtype=dtype, device=device, quantization=quantization,
-              max_model_len=a.prefill_len + 64, max_num_seqs=max(a.batch, 1), gpu_memory_utilization=0.85,
+              max_model_len=a.prefill_len + 64, max_num_seqs=max(batch_sizes(a), default=1),
+              gpu_memory_utilization=0.85,
               **engine_kwargs)
     model = llm.engine.runner.model
     vocab = model.args.vocab_size
     nbytes = resident_step_bytes(model)  # every weight and quantized buffer, one embedding row
     r = {"bs1_ms_per_token": decode_ms(llm, 1, a.prompt_len, a.decode_tokens, vocab)}
-    r[f"bs{a.batch}_ms_per_step"] = decode_ms(llm, a.batch, a.prompt_len, a.decode_tokens, vocab)
-    r[f"bs{a.batch}_tok_s"] = a.batch * 1e3 / r[f"bs{a.batch}_ms_per_step"]
+    for b in batch_sizes(a):
+        r[f"bs{b}_ms_per_step"] = decode_ms(llm, b, a.prompt_len, a.decode_tokens, vocab)
+        r[f"bs{b}_tok_s"] = b * 1e3 / r[f"bs{b}_ms_per_step"]
     r["bs1_tok_s"] = 1e3 / r["bs1_ms_per_token"]
     r[f"prefill{a.prefill_len}_ms"] = prefill_ms(llm, a.prefill_len, vocab)
     r["step_weight_gib"] = nbytes / GiB
@@ -163,7 +172,8 @@ def main() -> None:
         arms += (("int4-tinygemm", "rtn-int4", {"int4_kernel": "tinygemm"}),)
     arms += (("fp8", "fp8", {}),)
     result: dict = {"model": str(model_dir), "dtype": dtype, "copy_bandwidth_gbs": bw, "decode_tokens": a.decode_tokens,
-                    "prompt_len": a.prompt_len, "batch": a.batch, "prefill_len": a.prefill_len}
+                    "prompt_len": a.prompt_len, "batch": a.batch, "batches": batch_sizes(a),
+                    "prefill_len": a.prefill_len}
     for name, quant, kw in arms:
         console.print(f"[bold]{name}[/] ...")
         for k, v in run_arm(model_dir, quant, dtype, device, a, bw, **kw).items():
@@ -171,7 +181,9 @@ def main() -> None:
     b = a.batch
     for name in [n for n, _, _ in arms[1:]]:
         result[f"{name}_speedup_bs1_vs_{fl}"] = result[f"{fl}_bs1_ms_per_token"] / result[f"{name}_bs1_ms_per_token"]
-        result[f"{name}_speedup_bs{b}_vs_{fl}"] = result[f"{fl}_bs{b}_ms_per_step"] / result[f"{name}_bs{b}_ms_per_step"]
+        for bb in batch_sizes(a):
+            result[f"{name}_speedup_bs{bb}_vs_{fl}"] = (result[f"{fl}_bs{bb}_ms_per_step"]
+                                                       / result[f"{name}_bs{bb}_ms_per_step"])
         result[f"{name}_prefill{a.prefill_len}_speed_ratio_vs_{fl}"] = (result[f"{fl}_prefill{a.prefill_len}_ms"]
                                                                        / result[f"{name}_prefill{a.prefill_len}_ms"])
     result.update(kernel_table(device, tdtype, shapes, ms_list))
@@ -185,6 +197,12 @@ def main() -> None:
                   f"{100 * g('bs1_roofline_fraction'):.0f}%", f"{g(f'speedup_bs1_vs_{fl}') or 1:.2f}x",
                   f"{g(f'speedup_bs{b}_vs_{fl}') or 1:.2f}x", "-" if g("peak_gib") is None else f"{g('peak_gib'):.1f}")
     console.print(t)
+    if len(batch_sizes(a)) > 1:
+        bt = Table("arm", *(f"bs={bb} tok/s" for bb in batch_sizes(a)), title=f"decode over batch sizes (x {fl})")
+        for name, _, _ in arms:
+            bt.add_row(name, *(f"{result[f'{name}_bs{bb}_tok_s']:,.0f} "
+                               f"({result.get(f'{name}_speedup_bs{bb}_vs_{fl}') or 1:.2f}x)" for bb in batch_sizes(a)))
+        console.print(bt)
     tg = any(k.startswith("kernel_int4-tinygemm") for k in result)
     kt = Table("shape KxN", "M", f"{fl} us", "int8 us", "int4 us", "int4 weight GB/s", *(["tinygemm us"] if tg else []),
                title="QuantLinear vs nn.Linear (host time per call: launch-bound for small shapes)")
