@@ -97,11 +97,11 @@ def _scan(results_dir: str | None) -> dict[str, Factor]:
     found: dict[str, tuple[str, Factor]] = {}
     for name, data in measurements(results_dir).items():
         for key in MEASURED_KEYS:
-            value = data.get(key)
             if _measured(data, key):
                 date = str(data.get("date", ""))
                 if key not in found or date > found[key][0]:  # newest measurement wins
-                    found[key] = (date, Factor(float(value), f"measured: {name} ({data.get('gpu', '?')}, {date or 'undated'})"))
+                    found[key] = (date, Factor(float(data[key]),
+                                               f"measured: {name} ({data.get('gpu', '?')}, {date or 'undated'})"))
     return {k: f for k, (_, f) in found.items()}
 
 
