@@ -41,7 +41,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--more-batches", default="", help="more decode batch sizes per arm, comma-separated (e.g. "
-                   "2,4,8,32,64: from wo_matmul.DEQUANT_GEMM_MIN_M rows int4/int8 take the dequantize + cuBLAS path)")
+                   "2,4,8,32,64: from wo_matmul.dequant_min_rows rows int4/int8 take the dequantize + cuBLAS path)")
     p.add_argument("--prefill-len", type=int, default=2048)
     p.add_argument("--out", default=None, help="result folder (default docs/results; --smoke: a temp dir)")
     return p.parse_args()

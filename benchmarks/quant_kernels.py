@@ -7,7 +7,7 @@
 
 Shapes: the Llama-2-7B linears as the engine fuses them (K x N: qkv 4096x12288,
 o 4096x4096, gate_up 4096x22016, down 11008x4096); M = 1-128 (decode batch) and
-2048 (prefill). Each M runs what the engine runs (from ``DEQUANT_GEMM_MIN_M`` rows
+2048 (prefill). Each M runs what the engine runs (from ``dequant_min_rows`` rows
 on, the dequantize + cuBLAS path); ``--sweep`` times the config grid up to 128
 rows, from 32 rows against the dequantize path too. int4 is group 128
 (asymmetric, the GPTQ-g128 layout); int8 is per-channel by default, as the
@@ -42,6 +42,7 @@ from onecard.kernels.wo_matmul import (
     DEQUANT_GEMM_MIN_M,
     KernelConfig,
     dequant_gemm,
+    dequant_min_rows,
     pick_config,
     wo_matmul,
     wo_matmul_reference,
@@ -173,8 +174,10 @@ def main() -> None:
         return bench(fn), err
 
     def engine_config(M: int, bits: int) -> KernelConfig | None:
-        """What the engine runs at M rows: None is the dequantize + cuBLAS path (CUDA, from DEQUANT_GEMM_MIN_M)."""
-        return None if device == "cuda" and M >= DEQUANT_GEMM_MIN_M else pick_config(M, bits)
+        """What the engine runs at M rows: None is the dequantize + cuBLAS path (CUDA, from dequant_min_rows,
+        the same for every shape here: g128 and per-channel tiles hold one group)."""
+        deq = any(M >= dequant_min_rows(bits, K if groups[bits] == -1 else groups[bits], K) for K, _ in shapes.values())
+        return None if device == "cuda" and deq else pick_config(M, bits)
 
     best: dict[tuple[int, int], KernelConfig | None] = {}  # None: the dequantize + cuBLAS path won
     if a.sweep:
@@ -190,7 +193,7 @@ def main() -> None:
                     alt_us = layer_us(alt)
                     if alt_us < us:
                         us, c = alt_us, alt
-                if device == "cuda" and M >= 32:  # and the path the engine takes from DEQUANT_GEMM_MIN_M rows
+                if device == "cuda" and M >= 32:  # and the path the engine takes from dequant_min_rows
                     deq_us = layer_us(None)
                     if deq_us < us:
                         us, c = deq_us, None

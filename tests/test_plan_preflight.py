@@ -229,10 +229,11 @@ def test_a_draft_model_is_counted_as_the_engine_holds_it():
                          draft_model="qwen2-0.5b", **kw)
 
 
-def test_a_quantized_engine_sets_aside_its_dequantized_scratch_weight(monkeypatch):
-    """At ``DEQUANT_GEMM_MIN_M`` rows and up, ``wo_matmul`` dequantizes the weight into a scratch buffer: the
-    prefill profile needs the largest one (gate/up, fused), and so does the pool of every decode graph captured at
-    that many rows. The planner counts both with the shapes the engine's quantized model really has."""
+def test_a_quantized_engine_sets_aside_its_dequantized_scratch_weight():
+    """From ``dequant_min_rows`` rows, ``wo_matmul`` dequantizes the weight into a scratch buffer: the prefill
+    profile needs the largest one (gate/up, fused), and so does the pool of every decode graph captured at that
+    many rows (65 for int4 g128, whose ``dot_t`` runs up to 64; 32 where tiles span groups). The planner counts
+    both with the shapes the engine's quantized model really has."""
     import torch
 
     from onecard.engine.model_runner import cuda_graph_workspace_bytes, dequantized_shapes, graph_batch_sizes
@@ -245,16 +246,19 @@ def test_a_quantized_engine_sets_aside_its_dequantized_scratch_weight(monkeypatc
     assert set(dequantized_shapes(model)) == set(_dequantized_shapes(ModelSpec("tiny", model.args), "int4"))
     assert dequantized_shapes(random_llama("llama-2-7b", "tiny", None, torch.float32, 64)[0]) == []
 
-    monkeypatch.setattr(wo_matmul, "DEQUANT_GEMM_MIN_M", 32)
+    assert wo_matmul.dequant_min_rows(4, 128, 4096) == wo_matmul.DEQUANT_GEMM_MIN_M == 65
+    assert wo_matmul.dequant_min_rows(4, 32, 4096) == wo_matmul.DEQUANT_GEMM_MIN_M_ROWWISE == 32
+    assert wo_matmul.dequant_min_rows(8, 4096, 4096) == 65
+
     spec = resolve_model("llama-2-7b")
     a = spec.args
     gate_up = a.hidden_size * 2 * a.intermediate_size * 2
     card = CardMemory(total_bytes=24 * GIB, free_bytes=23 * GIB, name="fake 4090")
-    bf16, int4, small = (engine_memory(spec, fmt, card, 0.9, seqs, 8192) for fmt, seqs in
-                         (("bf16", 64), ("int4", 64), ("int4", 16)))
-    graphs = cuda_graph_workspace_bytes(graph_batch_sizes(64), a.vocab_size, a.hidden_size, 2)
+    bf16, int4, at64 = (engine_memory(spec, fmt, card, 0.9, seqs, 8192) for fmt, seqs in
+                        (("bf16", 128), ("int4", 128), ("int4", 64)))
+    graphs = cuda_graph_workspace_bytes(graph_batch_sizes(128), a.vocab_size, a.hidden_size, 2)
     assert bf16.workspace_bytes == graphs and int4.workspace_bytes == graphs + gate_up
-    assert small.workspace_bytes == cuda_graph_workspace_bytes(graph_batch_sizes(16), a.vocab_size, a.hidden_size, 2)
+    assert at64.workspace_bytes == cuda_graph_workspace_bytes(graph_batch_sizes(64), a.vocab_size, a.hidden_size, 2)
     assert int4.activation_bytes - bf16.activation_bytes == gate_up  # the 8192-token prefill profile
 
 

@@ -213,7 +213,7 @@ def test_quant_linear_act_order_permutation():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M", [1, 16, 64, 1024])
+@pytest.mark.parametrize("M", [1, 16, 32, 48, 64, 1024])
 def test_kernel_bf16_on_gpu(M):
     K, N = 4096, 4096
     _, packed, s, z, gs = _packed(K, N, 4, 128)

@@ -35,7 +35,7 @@ from onecard.engine.speculative import accept_drafts, verified_outputs
 from onecard.errors import BadInputError, DoesNotFitError
 from onecard.kernels.kv_quant import SCALE_DTYPE, kv_storage
 from onecard.kernels.paged_attention import SPLIT_BIG_BATCH_SPLITS
-from onecard.kernels.wo_matmul import dequant_scratch_bytes
+from onecard.kernels.wo_matmul import dequant_min_rows, dequant_scratch_bytes
 from onecard.models.llama import AttentionMetadata, LlamaModel
 from onecard.quant.linear import QuantLinear
 
@@ -75,11 +75,11 @@ def cuda_graph_workspace_bytes(batch_sizes: list[int], vocab_size: int, hidden_s
     return outputs + pool + sampler
 
 
-def dequantized_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
-    """``(K, N)`` of the quantized linears that run ``wo_matmul`` (not PyTorch's int4 kernel): those whose weight
-    is dequantized into a scratch buffer at large batch."""
-    return [(m.in_features, m.out_features) for m in model.modules()
-            if isinstance(m, QuantLinear) and m.tg_weight is None]
+def dequantized_shapes(model: torch.nn.Module) -> list[tuple[int, int, int]]:
+    """``(K, N, dequant_min_rows)`` of the quantized linears that run ``wo_matmul`` (not PyTorch's int4 kernel):
+    those whose weight is dequantized into a scratch buffer from that many rows."""
+    return [(m.in_features, m.out_features, dequant_min_rows(m.bits, m.group_size, m.in_features))
+            for m in model.modules() if isinstance(m, QuantLinear) and m.tg_weight is None]
 
 
 def graph_rows(max_num_seqs: int, num_speculative_tokens: int, cuda_graph_max_batch: int) -> int:

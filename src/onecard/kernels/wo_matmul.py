@@ -70,9 +70,9 @@ memset or cast around it. All four take part in the decode step's chain of
 programmatic dependent launches (``kernels.launch``; ``KernelConfig.pdl``):
 the gemv kernels load their first weight tile (``prefetch``) before they wait
 for the previous kernel, since no decode kernel writes weights, and each lets
-the next kernel launch only once its loop is done. On CUDA, ``M >= DEQUANT_GEMM_MIN_M`` (prefill, and
-decode batches of 32+ sequences) dequantizes into a scratch weight and calls
-cuBLAS, as exllamav2 does: the dequantize kernel writes bf16 at ~2.3 TB/s on an
+the next kernel launch only once its loop is done. On CUDA, from ``dequant_min_rows`` (prefill, and
+decode batches of 65+ sequences, or 32+ where tiles span groups) ``wo_matmul`` dequantizes into a scratch weight
+and calls cuBLAS, as exllamav2 does: the dequantize kernel writes bf16 at ~2.3 TB/s on an
 H100 (97 us for a 7B gate/up), where the ``dot`` kernel took ~1.2 ms per layer
 at M = 64 against ~0.19 ms for bf16 cuBLAS; at 1000-prompt offline throughput
 this took int4 from 1,692 to 4,346 tok/s (M >= 16 gave 4,158; dev A/B, H100).
@@ -93,7 +93,8 @@ from onecard.errors import BadInputError
 from onecard.kernels.counters import zeroed_counters
 from onecard.kernels.launch import let_next_start, pdl_launch, wait_for_inputs
 
-DEQUANT_GEMM_MIN_M = 32
+DEQUANT_GEMM_MIN_M = 65          # where dequantize + cuBLAS beats dot_t (tiles inside one group; CONFIGS comment)
+DEQUANT_GEMM_MIN_M_ROWWISE = 32  # ... and beats the dot, which tiles spanning several groups run (g32, g64 int4)
 KERNELS = ("gemv", "gemv_bf16x2", "dot", "dot_t")
 
 
@@ -143,8 +144,11 @@ class KernelConfig:
 # took slots from the GEMV's own later waves. (1, 8) with prefetch, so its first tile also loads before the wait:
 # int8 bs=1 3.424/3.425 -> 3.364/3.365 ms (two pairs, one H100, .device A/B); loading two tiles ahead instead
 # made int4 bs=1 2.36 -> 2.69 ms and int8 3.37 -> 3.47 (register pressure), so the depth stays one tile.
-# M > 16: pre-sweep defaults. `benchmarks/quant_kernels.py --sweep`
-# prints this table measured on the card it runs on.
+# M 17-64: dot_t with 32-row tiles, swept on an H200 (.device/mid_m.py, 4-8 configs per row, one Llama-2-7B layer,
+# graph-timed with L2 flushed; bf16 cuBLAS 139 us at both M): int4 M=32 167.4 us against the dequantize path's 276.4,
+# M=64 268.2 against 280.1; int8 per-channel 168.5 against 299.2 and 262.1 against 303.8. At M=128 the dequantize
+# path wins (int4 287.9 against 446.1, int8 310.5 against 445.2): DEQUANT_GEMM_MIN_M. Larger M without CUDA: defaults.
+# `benchmarks/quant_kernels.py --sweep` prints this table measured on the card it runs on.
 CONFIGS: dict[tuple[int, int], KernelConfig] = {
     (1, 4): KernelConfig("gemv_bf16x2", 1, 32, 32, 4.0, 4, 4, prefetch=True),
     (1, 8): KernelConfig("gemv", 1, 64, 16, 8.0, 4, 4, prefetch=True),
@@ -156,8 +160,10 @@ CONFIGS: dict[tuple[int, int], KernelConfig] = {
     (8, 8): KernelConfig("dot_t", 16, 64, 32, 4.0, 4, 3, pdl=False),
     (16, 4): KernelConfig("dot_t", 16, 256, 16, 2.0, 4, 3),
     (16, 8): KernelConfig("dot_t", 16, 64, 32, 4.0, 4, 3, pdl=False),
-    (64, 4): KernelConfig("dot", 32, 64, 16, 1.0, 4, 3),
-    (64, 8): KernelConfig("dot", 32, 64, 32, 1.0, 4, 3),
+    (32, 4): KernelConfig("dot_t", 32, 256, 16, 2.0, 4, 3),
+    (32, 8): KernelConfig("dot_t", 32, 64, 32, 4.0, 4, 3, pdl=False),
+    (64, 4): KernelConfig("dot_t", 32, 128, 16, 2.0, 8, 3),
+    (64, 8): KernelConfig("dot_t", 32, 64, 32, 4.0, 4, 3, pdl=False),
     (2**31, 4): KernelConfig("dot", 64, 128, 16, 0.0, 4, 3),
     (2**31, 8): KernelConfig("dot", 64, 128, 16, 0.0, 4, 3),
 }
@@ -660,13 +666,20 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     return out
 
 
-def dequant_scratch_bytes(weight_shapes: list[tuple[int, int]], rows: int, elem_bytes: int = 2) -> int:
-    """The scratch weight ``wo_matmul`` allocates on CUDA for a ``rows``-row input (the largest ``K x N`` of
-    ``weight_shapes`` dequantized), 0 below ``DEQUANT_GEMM_MIN_M``: memory start-up and the planner must set
-    aside, since a decode graph captured at that many rows keeps it in its pool."""
-    if rows < DEQUANT_GEMM_MIN_M or not weight_shapes:
-        return 0
-    return max(k * n for k, n in weight_shapes) * elem_bytes
+@functools.cache
+def dequant_min_rows(bits: int, group_size: int, K: int) -> int:
+    """Rows from which ``wo_matmul`` on CUDA dequantizes the weight and calls cuBLAS: later where the kernel below
+    is ``dot_t``, which stays ahead up to 64 rows, than where tiles span groups and the slower ``dot`` runs."""
+    below = pick_config(DEQUANT_GEMM_MIN_M - 1, bits)
+    runs_dot = below.kernel != "dot_t" or _rowwise(group_size, K, bits, below.block_kp)
+    return DEQUANT_GEMM_MIN_M_ROWWISE if runs_dot else DEQUANT_GEMM_MIN_M
+
+
+def dequant_scratch_bytes(weight_shapes: list[tuple[int, int, int]], rows: int, elem_bytes: int = 2) -> int:
+    """The scratch weight ``wo_matmul`` allocates on CUDA for a ``rows``-row input: the largest ``K x N`` of the
+    ``(K, N, dequant_min_rows)`` in ``weight_shapes`` that ``rows`` reaches, dequantized. Memory start-up and the
+    planner must set it aside, since a decode graph captured at that many rows keeps it in its pool."""
+    return max((k * n for k, n, min_rows in weight_shapes if rows >= min_rows), default=0) * elem_bytes
 
 
 BF16X2_MIN_CAPABILITY = (8, 0)  # fma.rn.bf16x2 (Ampere: the RTX 3090; the 4090 and H100 are later)
@@ -697,7 +710,7 @@ def kernel_for(config: KernelConfig, bits: int, x: torch.Tensor, rowwise: bool =
 
 def dequant_gemm(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                  group_size: int) -> torch.Tensor:
-    """``wo_matmul``'s path from ``DEQUANT_GEMM_MIN_M`` rows on CUDA: the weight dequantized to x's dtype, then
+    """``wo_matmul``'s path from ``dequant_min_rows`` rows on CUDA: the weight dequantized to x's dtype, then
     cuBLAS."""
     return x2 @ dequantize(qweight, scales, zeros, bits, group_size, dtype=x2.dtype)
 
@@ -716,7 +729,7 @@ def wo_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         x2 = x2.contiguous()
     M = x2.shape[0]
     if config is None:
-        if x.is_cuda and M >= DEQUANT_GEMM_MIN_M:
+        if x.is_cuda and M >= dequant_min_rows(bits, group_size, K):
             return dequant_gemm(x2, qweight, scales, zeros, bits, group_size).reshape(*lead, N)
         config = pick_config(M, bits)
     c = config

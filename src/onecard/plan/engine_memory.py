@@ -68,10 +68,17 @@ class EngineMemory:
         return self.fixed_bytes + math.ceil(tokens / self.block_size) * self.block_bytes
 
 
-def _dequantized_shapes(spec: ModelSpec, fmt: str) -> list[tuple[int, int]]:
-    """``(K, N)`` of the engine's fused linears (qkv, o, gate/up, down) when ``fmt`` runs ``wo_matmul``, which
-    dequantizes the weight into a scratch buffer at large batch (``model_runner.dequantized_shapes``)."""
-    return spec.args.fused_linear_shapes() if fmt in ("int4", "int8") else []
+def _dequantized_shapes(spec: ModelSpec, fmt: str) -> list[tuple[int, int, int]]:
+    """``(K, N, dequant_min_rows)`` of the engine's fused linears (qkv, o, gate/up, down) when ``fmt`` runs
+    ``wo_matmul``, which dequantizes the weight into a scratch buffer at large batch
+    (``model_runner.dequantized_shapes``): int4 in groups of ``memory.GROUP_SIZE``, int8 per channel."""
+    from onecard.kernels.wo_matmul import dequant_min_rows
+
+    if fmt not in ("int4", "int8"):
+        return []
+    bits = 4 if fmt == "int4" else 8
+    return [(k, n, dequant_min_rows(bits, M.GROUP_SIZE if bits == 4 else k, k))
+            for k, n in spec.args.fused_linear_shapes()]
 
 
 def engine_memory(spec: ModelSpec, fmt: str, memory: CardMemory, utilization: float, max_num_seqs: int,
