@@ -66,7 +66,7 @@ def decode_ms(llm, batch: int, prompt_len: int, n: int, vocab: int) -> float:
     return (last - first) / (n - 1) * 1e3
 
 
-def prefill_ms(llm, length: int, vocab: int, repeats: int = 3) -> float:
+def prefill_ms(llm, length: int, vocab: int, repeats: int = 5) -> float:
     from onecard.engine import SamplingParams
 
     g = torch.Generator().manual_seed(7)
