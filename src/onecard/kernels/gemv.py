@@ -3,7 +3,7 @@
 Why: a bs=1 decode step is the weights streamed once, so its speed is the
 matmuls' bandwidth. Graph-timed on an H200 with L2 flushed
 (``docs/results/quant_kernels.json``), cuBLAS's bf16 M=1 matmuls of a Llama-2-7B
-layer stream 2.0 (4096x4096) to 3.3 TB/s (4096x22016), against 4.2 TB/s that a
+layer stream 2.0 (4096x4096) to 3.4 TB/s (4096x22016), against 4.2 TB/s that a
 device copy reaches: the layer's matmuls alone take ~140 µs where the bytes
 need ~97 µs.
 

@@ -128,7 +128,7 @@ class KernelConfig:
             raise BadInputError(f"bad kernel config {self}: tl.dot needs block_m, block_n, block_kp >= 16")
 
 
-# (largest M of the bucket, bits) -> config. M <= 16: swept on an H200 (graph-timed, docs/results/quant_kernels.json),
+# (largest M of the bucket, bits) -> config. M <= 16: swept on an H200 (graph-timed, superseded/quant_kernels_c53d4c5.json),
 # (1, 4) re-swept on an H100 for gemv_bf16x2 (36 configs with and without prefetch, one Llama-2-7B layer: this one
 # 59.4 us, the best without prefetch 62.4; prefetch lost at M = 2),
 # (2, 4) from four of them (75.4 us against the gemv row's 92.9); (4..16, 4) re-swept on an H100 for the dot kernel's

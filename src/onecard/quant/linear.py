@@ -14,7 +14,7 @@ reference (dequantize, then matmul) — same numbers, no interpreter in the hot 
 PyTorch's own int4 weight-only kernel (``aten._weight_int4pack_mm``, "tinygemm",
 what gpt-fast and torchao run). Measured on an H200 (docs/results/quant_decode.json,
 2026-11-28): bs=1 decode 1.35x of bf16 against 1.63x for our Triton kernel, a 2k-token
-prefill 19x slower than bf16 (its large-M path is not tuned) and bs=16 0.56x — so it
+prefill 17x slower than bf16 (its large-M path is not tuned) and bs=16 0.56x — so it
 is an opt-in comparison, not the default. Its layout keeps
 bf16 scales and an additive bf16 zero (``w = (q - 8) * s + (8 - z) * s``), so the
 weights it computes with differ from the fp16-scale reference by the bf16
