@@ -31,7 +31,8 @@ from pathlib import Path
 
 from onecard.bench.results import RESULTS_DIR
 from onecard.errors import BadInputError
-from onecard.plan.decode_fit import DecodeModel, fit_decode_model, observations_from_results
+from onecard.plan.decode_fit import (DecodeModel, batch_observations_from_results, fit_batch_factors, fit_decode_model,
+                                     observations_from_results)
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,8 @@ def _measured(data: dict, key: str) -> bool:
 def planner_results(results: dict[str, dict]) -> dict[str, dict]:
     """The files among ``results`` that the planner reads: those with a measured factor or a decode observation."""
     return {name: data for name, data in results.items()
-            if any(_measured(data, key) for key in MEASURED_KEYS) or observations_from_results({name: data})}
+            if any(_measured(data, key) for key in MEASURED_KEYS) or observations_from_results({name: data})
+            or batch_observations_from_results({name: data})}
 
 
 def measurements(results_dir: str | Path | None = None) -> dict[str, dict]:
@@ -126,13 +128,14 @@ class DecodeCalibration:
 @lru_cache(maxsize=8)
 def decode_model(results_dir: str | None = None) -> DecodeModel | None:
     """The step-time model fitted to every bs=1 decode measurement (the packaged ones, or ``results_dir``'s; None:
-    too few to fit)."""
-    observations = observations_from_results(measurements(results_dir))
+    too few to fit), with the batch factors of every batched one."""
+    results = measurements(results_dir)
     try:
-        return fit_decode_model(observations)
+        model = fit_decode_model(observations_from_results(results))
     except BadInputError as e:
         log.info("decode model not fitted (%s); using the stated default efficiency", e)
         return None
+    return replace(model, batch_factors=fit_batch_factors(model, batch_observations_from_results(results)))
 
 
 def decode_calibration(fmt: str, override: float | None = None, results_dir: str | Path | None = None) -> DecodeCalibration:

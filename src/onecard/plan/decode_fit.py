@@ -18,13 +18,20 @@ ones 70 %). The step time is linear in (1/efficiency, per_layer_s, per_step_s), 
 the constants are a least-squares fit over measured runs of different depths,
 widths, formats and cards (``fit_decode_model``); ``observations_from_results``
 reads those runs from the benchmark JSONs in ``docs/results``.
+
+A step of several sequences reads the same weights but runs other kernels
+(cuBLAS GEMMs, the weight-only ``dot_t``, the dequantize path), whose time is
+not the bytes' at the bs=1 efficiency. So each format's weight time is scaled by
+a factor measured per batch size (``fit_batch_factors``, from
+``batch_observations_from_results``), against the model above with the KV read
+and the latencies taken out.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -45,11 +52,12 @@ _RANDOM_FOLDER = re.compile(r"random-(?:fast-)?(?P<arch>[a-z0-9.\-]+?)-(?P<size>
 
 @dataclass(frozen=True)
 class StepBytes:
-    """Bytes one bs=1 decode step reads, split by which kernels read them."""
+    """Bytes one decode step reads, split by which kernels read them."""
 
     quantized: int  # decoder-layer linears in a quantized format (0 for bf16/fp32: they are counted as 16-bit)
-    plain: int  # 16-bit weights (all of them for bf16), the LM head, norms, biases, and the KV cache read
+    plain: int  # 16-bit weights (all of them for bf16), the LM head, norms and biases
     layers: int
+    kv: int = 0  # the KV cache read, every sequence's
 
 
 def step_bytes(spec: ModelSpec, fmt: str, context: int, kv_bytes_per_token: int, batch: int = 1) -> StepBytes:
@@ -65,7 +73,7 @@ def step_bytes(spec: ModelSpec, fmt: str, context: int, kv_bytes_per_token: int,
             quant += nbytes * count
         else:
             plain += nbytes * count
-    return StepBytes(quant, plain + batch * context * kv_bytes_per_token, spec.args.num_layers)
+    return StepBytes(quant, plain, spec.args.num_layers, batch * context * kv_bytes_per_token)
 
 
 @dataclass(frozen=True)
@@ -83,28 +91,53 @@ class DecodeObservation:
 
 @dataclass(frozen=True)
 class DecodeModel:
-    """Fitted constants; ``efficiency`` holds the formats the fit saw (others read like bf16)."""
+    """Fitted constants; ``efficiency`` holds the formats the fit saw (others read like bf16).
+
+    ``batch_factors``: per format, ``(batch, factor)`` pairs: how many times its bs=1 weight time a step of that many
+    sequences spends on the weights (``fit_batch_factors``). A batch runs other kernels than bs=1 (cuBLAS GEMMs,
+    ``dot_t``, dequantize + cuBLAS), so bytes alone predicted int4's 16-sequence step 67 % too fast.
+    """
 
     efficiency: dict[str, float]
     per_layer_s: float
     per_step_s: float
     observations: int
     sources: tuple[str, ...]
+    batch_factors: dict[str, tuple[tuple[int, float], ...]] = field(default_factory=dict)
 
     def efficiency_for(self, fmt: str) -> float:
         return self.efficiency.get(fmt, self.efficiency["bf16"])
 
-    def step_seconds(self, b: StepBytes, bandwidth_gbs: float, fmt: str) -> float:
-        bw = bandwidth_gbs * 1e9
-        return self.memory_seconds(b, bw, fmt) + b.layers * self.per_layer_s + self.per_step_s
+    def batch_factor(self, fmt: str, batch: int) -> float:
+        """The weight-time factor at ``batch`` sequences: linear between measured batches, the largest measured one's
+        beyond it, 1 at bs=1 or with no batched measurement; a format not measured batched reads like bf16."""
+        points = ((1, 1.0),) + self.batch_factors.get(fmt, self.batch_factors.get("bf16", ()))
+        below = max((p for p in points if p[0] <= batch), key=lambda p: p[0])
+        above = [p for p in points if p[0] > batch]
+        if not above:
+            return below[1]
+        (b0, f0), (b1, f1) = below, min(above, key=lambda p: p[0])
+        return f0 + (f1 - f0) * (batch - b0) / (b1 - b0)
 
-    def memory_seconds(self, b: StepBytes, bandwidth_bytes_s: float, fmt: str) -> float:
+    def step_seconds(self, b: StepBytes, bandwidth_gbs: float, fmt: str, batch: int = 1) -> float:
+        bw = bandwidth_gbs * 1e9
+        return self.memory_seconds(b, bw, fmt, batch) + b.layers * self.per_layer_s + self.per_step_s
+
+    def weight_seconds(self, b: StepBytes, bandwidth_bytes_s: float, fmt: str) -> float:
+        """Time a bs=1 step spends streaming the weights (the KV cache read apart)."""
         return b.quantized / (bandwidth_bytes_s * self.efficiency_for(fmt)) + \
             b.plain / (bandwidth_bytes_s * self.efficiency["bf16"])
 
+    def memory_seconds(self, b: StepBytes, bandwidth_bytes_s: float, fmt: str, batch: int = 1) -> float:
+        return self.weight_seconds(b, bandwidth_bytes_s, fmt) * self.batch_factor(fmt, batch) + \
+            b.kv / (bandwidth_bytes_s * self.efficiency["bf16"])
+
     def describe(self) -> str:
+        batched = sorted({b for pts in self.batch_factors.values() for b, _ in pts})
         return (f"fitted to {self.observations} measured bs=1 speeds ({', '.join(self.sources)}): "
-                f"+{self.per_layer_s * 1e6:.0f} us per layer, +{self.per_step_s * 1e6:.0f} us per step")
+                f"+{self.per_layer_s * 1e6:.0f} us per layer, +{self.per_step_s * 1e6:.0f} us per step"
+                + (f"; batched steps measured at {batched[0]}-{batched[-1]} sequences "
+                   f"({', '.join(sorted(self.batch_factors))})" if batched else ""))
 
 
 def lower_bounded_lstsq(a: np.ndarray, b: np.ndarray, lower: np.ndarray) -> np.ndarray:
@@ -140,7 +173,7 @@ def fit_decode_model(observations: list[DecodeObservation]) -> DecodeModel:
     for o in observations:
         bw = o.bandwidth_gbs * 1e9
         row = [0.0] * (len(formats) + 2)
-        row[0] = o.bytes.plain / bw
+        row[0] = (o.bytes.plain + o.bytes.kv) / bw
         if o.fmt in formats[1:]:
             row[formats.index(o.fmt)] = o.bytes.quantized / bw
         row[-2], row[-1] = o.bytes.layers, 1.0
@@ -153,6 +186,32 @@ def fit_decode_model(observations: list[DecodeObservation]) -> DecodeModel:
     return DecodeModel(efficiency={f: float(1.0 / x[i]) for i, f in enumerate(formats)}, per_layer_s=float(x[-2]),
                        per_step_s=float(x[-1]), observations=len(observations),
                        sources=tuple(sorted({o.source for o in observations})))
+
+
+@dataclass(frozen=True)
+class BatchObservation:
+    """One measured decode step of ``batch`` sequences (``bytes`` at that batch, KV included)."""
+
+    source: str
+    bandwidth_gbs: float
+    fmt: str
+    batch: int
+    bytes: StepBytes
+    step_s: float
+
+
+def fit_batch_factors(model: DecodeModel, observations: list[BatchObservation]) -> dict[str, tuple[tuple[int, float], ...]]:
+    """Per format, ``(batch, factor)``: the measured step less the KV read and the fitted latencies, over the bs=1
+    weight time the model gives the same run; the mean where several runs measured one batch."""
+    found: dict[tuple[str, int], list[float]] = {}
+    for o in observations:
+        bw = o.bandwidth_gbs * 1e9
+        rest = o.bytes.kv / (bw * model.efficiency["bf16"]) + o.bytes.layers * model.per_layer_s + model.per_step_s
+        found.setdefault((o.fmt, o.batch), []).append((o.step_s - rest) / model.weight_seconds(o.bytes, bw, o.fmt))
+    out: dict[str, tuple[tuple[int, float], ...]] = {}
+    for fmt, batch in sorted(found):
+        out[fmt] = out.get(fmt, ()) + ((batch, float(np.mean(found[fmt, batch]))),)
+    return out
 
 
 def leave_one_out(observations: list[DecodeObservation]) -> list[tuple[DecodeObservation, float]]:
@@ -190,6 +249,29 @@ def _observation(source: str, group: str, card, arch: str, size: str, layers: in
     spec = _spec(arch, size, layers)
     b = step_bytes(spec, fmt, context, M.kv_bytes_per_token(spec))
     return DecodeObservation(source, group, card.key, card.bandwidth_gbs, fmt, b, float(tok_s))
+
+
+_BATCH_STEP = re.compile(r"^(?P<fmt>[a-z0-9]+)_bs(?P<batch>[0-9]+)_ms_per_step$")
+
+
+def batch_observations_from_results(results: dict[str, dict]) -> list[BatchObservation]:
+    """Engine decode steps of more than one sequence (``benchmarks/quant_decode.py``'s ``<format>_bs<N>_ms_per_step``,
+    ``--more-batches``), on catalog cards and random benchmark checkpoints as ``observations_from_results``."""
+    out: list[BatchObservation] = []
+    for name, data in sorted(results.items()):
+        if not isinstance(data, dict) or data.get("device", "cuda") != "cuda":
+            continue
+        steps = [(m["fmt"], int(m["batch"]), v) for k, v in data.items() if (m := _BATCH_STEP.match(k))
+                 and m["fmt"] in FITTED_FORMATS and int(m["batch"]) > 1 and isinstance(v, (int, float)) and v > 0]
+        card, folder = _card(str(data.get("gpu", ""))), _RANDOM_FOLDER.search(str(data.get("model", "")))
+        if not steps or card is None or folder is None:
+            continue
+        spec = _spec(folder["arch"], folder["size"])
+        ctx = int(data.get("prompt_len", 0)) + int(data.get("decode_tokens", 0)) // 2
+        out += [BatchObservation(name, card.bandwidth_gbs, fmt, batch,
+                                 step_bytes(spec, fmt, ctx, M.kv_bytes_per_token(spec), batch), ms / 1e3)
+                for fmt, batch, ms in steps]
+    return out
 
 
 def observations_from_results(results: dict[str, dict]) -> list[DecodeObservation]:

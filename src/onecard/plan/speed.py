@@ -29,10 +29,11 @@ def forward_flops_per_token(spec: ModelSpec, context: int) -> float:
 
 def decode_tok_s(spec: ModelSpec, card: GPUSpec, fmt: str, kv_bytes_per_token: int, batch: int, context: int,
                  cal: DecodeCalibration) -> float:
-    """Tokens/s of a decode step for ``batch`` sequences each at ``context`` tokens: the slower of memory and
-    compute, plus the fitted per-layer and per-step latencies."""
+    """Tokens/s of a decode step for ``batch`` sequences each at ``context`` tokens: the slower of memory (the
+    weights' time scaled by the format's measured batch factor, plus the KV read) and compute, plus the fitted
+    per-layer and per-step latencies."""
     b = step_bytes(spec, fmt, context, kv_bytes_per_token, batch)
-    t_mem = cal.model.memory_seconds(b, card.bandwidth_gbs * 1e9, fmt)
+    t_mem = cal.model.memory_seconds(b, card.bandwidth_gbs * 1e9, fmt, batch)
     t_compute = batch * forward_flops_per_token(spec, context) / (card.bf16_dense_tflops * 1e12 * cal.efficiency)
     return batch / (max(t_mem, t_compute) + b.layers * cal.model.per_layer_s + cal.model.per_step_s)
 
@@ -43,7 +44,7 @@ def offload_tok_s(spec: ModelSpec, card: GPUSpec, fmt: str, offloaded_bytes: int
     every step (they are decoder-layer linears: quantized bytes, or 16-bit ones for bf16); the rest as ``decode_tok_s``."""
     b = step_bytes(spec, fmt, context, kv_bytes_per_token)
     on_gpu = StepBytes(b.quantized - (offloaded_bytes if b.quantized else 0),
-                       b.plain - (0 if b.quantized else offloaded_bytes), b.layers)
+                       b.plain - (0 if b.quantized else offloaded_bytes), b.layers, b.kv)
     t = offloaded_bytes / (card.host_link_gbs * 1e9 * HOST_LINK_EFFICIENCY) + \
         cal.model.step_seconds(on_gpu, card.bandwidth_gbs, fmt)
     return 1.0 / t
