@@ -97,12 +97,12 @@ def test_committed_runs_cover_depths_formats_and_architectures():
 
 def test_leave_one_run_out_predicts_every_committed_bs1_speed_within_target():
     """Each measured run is predicted by the model fitted without it (its repeats left out too). A run whose weight
-    format no other run measured (int8: quant_decode.json alone) has nothing left to fit that format's efficiency
-    from, so it is not predicted here: the planner fits it with that run in."""
+    format no other run measured would have nothing left to fit that format's efficiency from, so it would not be
+    predicted here (int8 was, until quant_decode_llama-3-8b.json measured it a second time)."""
     obs = _committed()
     seen_elsewhere = {o.group for o in obs if any(p.fmt == o.fmt and p.group != o.group for p in obs)}
     errors = {f"{o.group}": pred / o.tok_s - 1 for o, pred in leave_one_out(obs) if o.group in seen_elsewhere}
-    assert all(g.endswith(":int8") for g in {o.group for o in obs} - seen_elsewhere)  # only the lone int8 run
+    assert {o.group for o in obs} == seen_elsewhere  # every run is predicted
     worst = max(errors, key=lambda k: abs(errors[k]))
     assert abs(errors[worst]) <= TARGET, f"{worst}: {errors[worst]:+.1%}"
 
@@ -167,15 +167,22 @@ def test_committed_batched_runs_cover_each_fitted_format_up_to_64_sequences():
     assert set(decode_model(str(RESULTS_DIR)).batch_factors) == {"bf16", "int8", "int4"}
 
 
-def test_leave_one_batch_out_predicts_each_batched_step_within_15_percent():
-    """Each batched step from the factors of the other batch sizes (interpolated): the regimes change between
-    measured batches (GEMV, cuBLAS or dot_t, then the dequantize path from 65 rows), so the bound is looser than
-    bs=1's."""
+def test_each_models_batched_steps_from_the_other_models_factors():
+    """Llama-2-7B's batched steps (quant_decode.json) from Llama-3-8B's factors (quant_decode_llama-3-8b.json) and
+    the reverse: every step within 30 % (the regimes change between measured batches: GEMV, cuBLAS or dot_t, the
+    dequantize path from 65 rows), the mean error under 12 %, and at most half that of bytes alone, which has
+    every quantized batch too fast (int4 at 64 sequences by 64-69 %)."""
     model, obs = decode_model(str(RESULTS_DIR)), _batched()
-    for o in obs:
-        held = replace(model, batch_factors=fit_batch_factors(model, [p for p in obs if p.batch != o.batch]))
-        pred = held.step_seconds(o.bytes, o.bandwidth_gbs, o.fmt, o.batch)
-        assert abs(pred / o.step_s - 1) <= 0.15, f"{o.fmt} bs={o.batch}: {pred * 1e3:.2f} ms vs {o.step_s * 1e3:.2f}"
+    assert len({o.source for o in obs}) >= 2
+    for source in {o.source for o in obs}:
+        held = replace(model, batch_factors=fit_batch_factors(model, [o for o in obs if o.source != source]))
+        bytes_alone = replace(model, batch_factors={})
+        errors = {(o.fmt, o.batch): [m.step_seconds(o.bytes, o.bandwidth_gbs, o.fmt, o.batch) / o.step_s - 1
+                                     for m in (held, bytes_alone)] for o in obs if o.source == source}
+        worst = max(errors, key=lambda k: abs(errors[k][0]))
+        assert abs(errors[worst][0]) <= 0.30, f"{source} {worst}: {errors[worst][0]:+.1%}"
+        mean_held, mean_bytes = (float(np.mean([abs(e[i]) for e in errors.values()])) for i in (0, 1))
+        assert mean_held <= 0.12 and mean_held <= mean_bytes / 2, f"{source}: {mean_held:.1%} vs {mean_bytes:.1%}"
 
 
 def test_batch_factors_of_one_card_predict_another_cards_batched_step():
