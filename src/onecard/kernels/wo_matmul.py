@@ -669,7 +669,8 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
 @functools.cache
 def dequant_min_rows(bits: int, group_size: int, K: int) -> int:
     """Rows from which ``wo_matmul`` on CUDA dequantizes the weight and calls cuBLAS: later where the kernel below
-    is ``dot_t``, which stays ahead up to 64 rows, than where tiles span groups and the slower ``dot`` runs."""
+    is ``dot_t``, which stays ahead up to 64 rows, than where tiles span groups and the slower ``dot`` runs.
+    Cached, since every eager call asks: code that swaps ``CONFIGS`` at run time must ``cache_clear()`` it."""
     below = pick_config(DEQUANT_GEMM_MIN_M - 1, bits)
     runs_dot = below.kernel != "dot_t" or _rowwise(group_size, K, bits, below.block_kp)
     return DEQUANT_GEMM_MIN_M_ROWWISE if runs_dot else DEQUANT_GEMM_MIN_M
