@@ -61,7 +61,9 @@ def test_decode_profile_smoke_adds_up(benchmark_script, tmp_path, random_checkpo
         for bs in (1, 4):
             parts = [r[f"{arm}_bs{bs}_{k}_us_per_step"] for k in qp.KIND_NAMES]
             assert sum(parts) == pytest.approx(r[f"{arm}_bs{bs}_total_us_per_step"])
-            assert r[f"{arm}_bs{bs}_linears_us_per_step"] > 0
+            # matmul ops were classified as linears (0.0 exactly when none match). The value is a long run's CPU
+            # time minus a short run's, over 4 steps on a busy CI core: its sign is noise, so it is not asserted
+            assert r[f"{arm}_bs{bs}_linears_us_per_step"] != 0
     assert r["int4_bs1_target_speedup"] == 3.0 and r["int8_bs1_target_speedup"] == 1.8
     assert r["int4_bs1_max_speedup_perfect_weights"] == pytest.approx(
         r["fp32_bs1_total_us_per_step"] / r["int4_bs1_ideal_step_us_perfect_weights"])
