@@ -141,13 +141,17 @@ def main() -> None:
         device, dtype, shapes, ms, out_dir = "cuda", torch.bfloat16, SHAPES, MS, a.out
     fl = "bf16" if dtype == torch.bfloat16 else "fp32"
     groups = {4: 128, 8: a.int8_group}
+
+    def group(bits: int, K: int) -> int:
+        """The kernel group size of ``bits``-bit weights with ``K`` inputs (per-channel: K)."""
+        return K if groups[bits] == -1 else groups[bits]
+
     bench = kernel_timer(device)
     t_start = time.perf_counter()
-    weights = {(bits, s): packed_weight(K, N, bits, K if groups[bits] == -1 else groups[bits], device)
+    weights = {(bits, s): packed_weight(K, N, bits, group(bits, K), device)
                for bits in (4, 8) for s, (K, N) in shapes.items()}
     xs = {(M, K): torch.randn(M, K, device=device, dtype=dtype) for M in ms for K in {k for k, _ in shapes.values()}}
-    refs = {(bits, s, M): wo_matmul_reference(xs[M, shapes[s][0]], *weights[bits, s], bits,
-                                              shapes[s][0] if groups[bits] == -1 else groups[bits])
+    refs = {(bits, s, M): wo_matmul_reference(xs[M, shapes[s][0]], *weights[bits, s], bits, group(bits, shapes[s][0]))
             for bits in (4, 8) for s in shapes for M in ms}
 
     result: dict = {"device": device, "dtype": fl, "int4_group": 128, "int8_group": a.int8_group, "sweep": a.sweep,
@@ -162,7 +166,7 @@ def main() -> None:
     def run(bits: int, s: str, M: int, config: KernelConfig | None) -> tuple[float, float]:
         """(us, relative error) of one linear; ``config`` None is the dequantize + cuBLAS path."""
         K = shapes[s][0]
-        gs = K if groups[bits] == -1 else groups[bits]
+        gs = group(bits, K)
 
         def fn() -> torch.Tensor:
             if config is None:
@@ -176,7 +180,7 @@ def main() -> None:
     def engine_config(M: int, bits: int) -> KernelConfig | None:
         """What the engine runs at M rows: None is the dequantize + cuBLAS path (CUDA, from dequant_min_rows,
         the same for every shape here: g128 and per-channel tiles hold one group)."""
-        deq = any(M >= dequant_min_rows(bits, K if groups[bits] == -1 else groups[bits], K) for K, _ in shapes.values())
+        deq = any(M >= dequant_min_rows(bits, group(bits, K), K) for K, _ in shapes.values())
         return None if device == "cuda" and deq else pick_config(M, bits)
 
     best: dict[tuple[int, int], KernelConfig | None] = {}  # None: the dequantize + cuBLAS path won
