@@ -254,6 +254,11 @@ def _observation(source: str, group: str, card, arch: str, size: str, layers: in
 _BATCH_STEP = re.compile(r"^(?P<fmt>[a-z0-9]+)_bs(?P<batch>[0-9]+)_ms_per_step$")
 
 
+def _quant_decode_context(data: dict) -> int:
+    """Mean tokens of context over a ``quant_decode.py`` run's decode: its prompt and half the tokens decoded."""
+    return int(data.get("prompt_len", 0)) + int(data.get("decode_tokens", 0)) // 2
+
+
 def batch_observations_from_results(results: dict[str, dict]) -> list[BatchObservation]:
     """Engine decode steps of more than one sequence (``benchmarks/quant_decode.py``'s ``<format>_bs<N>_ms_per_step``,
     ``--more-batches``), on catalog cards and random benchmark checkpoints as ``observations_from_results``."""
@@ -267,7 +272,7 @@ def batch_observations_from_results(results: dict[str, dict]) -> list[BatchObser
         if not steps or card is None or folder is None:
             continue
         spec = _spec(folder["arch"], folder["size"])
-        ctx = int(data.get("prompt_len", 0)) + int(data.get("decode_tokens", 0)) // 2
+        ctx = _quant_decode_context(data)
         out += [BatchObservation(name, card.bandwidth_gbs, fmt, batch,
                                  step_bytes(spec, fmt, ctx, M.kv_bytes_per_token(spec), batch), ms / 1e3)
                 for fmt, batch, ms in steps]
@@ -302,7 +307,7 @@ def observations_from_results(results: dict[str, dict]) -> list[DecodeObservatio
         if data.get("engine_bs1_tok_s") and data.get("config_dtype") == "bfloat16":
             ctx = int(data.get("config_decode_prompt_len", 0)) + int(data.get("config_decode_tokens", 0)) // 2
             runs.append(("bf16", data["engine_bs1_tok_s"], ctx))
-        ctx = int(data.get("prompt_len", 0)) + int(data.get("decode_tokens", 0)) // 2
+        ctx = _quant_decode_context(data)
         runs += [(f, data[f"{f}_bs1_tok_s"], ctx) for f in FITTED_FORMATS if data.get(f"{f}_bs1_tok_s")]
         if runs and m is None:
             log.info("decode fit: skipping %s (model %r is not a random benchmark checkpoint)", name, data.get("model"))
