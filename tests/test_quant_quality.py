@@ -80,3 +80,20 @@ def test_awq_int4_keeps_quality(setup, tmp_path):
     increase = ppl(load_quantized_hf(rep.out_dir)) / base - 1
     print(f"AWQ int4 g64 ppl increase: {increase:+.5f}")
     assert abs(increase) <= 0.01, increase
+
+
+def test_quality_benchmark_pools_ratios_over_trainings(benchmark_script):
+    """Several trainings' ratios are pooled as mean increase over mean RTN increase, so one training where RTN
+    barely hurts cannot dominate (a mean of per-training ratios would be 4.6x here, the pool 1.0x)."""
+    qq = benchmark_script("quant_quality")
+    runs = [{"seed": 0, "float_ppl": 30.0, "int4_rtn_increase_pct": 1.0, "int4_awq_increase_pct": 0.2},
+            {"seed": 1, "float_ppl": 31.0, "int4_rtn_increase_pct": 0.1, "int4_awq_increase_pct": 0.9}]
+    out = qq.pooled(runs, ["int4_rtn", "int4_awq"])
+    assert out["int4_awq_increase_pct_mean"] == pytest.approx(0.55)
+    assert out["int4_awq_increase_vs_rtn"] == pytest.approx(1.0)
+    assert out["int4_awq_increase_vs_rtn_per_seed"] == pytest.approx([0.2, 9.0])
+    assert out["int4_awq_seeds_at_or_under_0_6x_rtn"] == 1
+    assert out["target_awq_le_0_6x_rtn"] is False
+    assert "target_gptq_le_0_6x_rtn" not in out  # an arm not run has no verdict
+    runs[1]["int4_awq_increase_pct"] = 0.0
+    assert qq.pooled(runs, ["int4_rtn", "int4_awq"])["target_awq_le_0_6x_rtn"] is True
