@@ -196,7 +196,7 @@ def _pin_gpu(free) -> None:
 
 def run_seeds(seeds: list[int], a: argparse.Namespace) -> list[dict]:
     """Every seed's run; with several seeds and GPUs, one worker process per GPU at a time."""
-    workers = min(len(seeds), torch.cuda.device_count()) if not a.smoke else 1
+    workers = min(len(seeds), torch.cuda.device_count())
     a.parallel = workers > 1
     if not a.parallel:
         return [run_seed(s, a) for s in seeds]
@@ -243,8 +243,9 @@ def main() -> None:
     a = parse()
     console = Console()
     seeds = [int(x) for x in a.seeds.split(",")]
-    if len(seeds) > 1 and a.model:
-        raise SystemExit("--seeds trains the medium model once per seed; drop --model (or give one seed)")
+    if len(seeds) > 1 and (a.model or a.smoke):
+        raise SystemExit("--seeds trains the medium model once per seed on the GPU; drop --model/--smoke or give one "
+                         "seed")
     if not a.smoke and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU: run with --smoke on CPU")
     if a.smoke:
@@ -262,11 +263,10 @@ def main() -> None:
     result: dict = {k: first[k] for k in ("parameters", "protocol")}
     result.update({"eval_text": "local corpus validation split (Python stdlib sources)", "group_size": a.group_size,
                    "calibration": f"{a.nsamples} x {a.seqlen} tokens of the local corpus train split"})
-    if len(runs) == 1:
+    if len(runs) == 1:  # one model's figures, its ratios and verdicts
         result.update({k: v for k, v in first.items() if k not in result})
-        per = pooled(runs, names)
-        result.update({k: v for k, v in per.items() if not k.endswith("_per_seed") and not k.endswith("_mean")
-                       and k != "seeds" and "seeds_at" not in k})
+        result.update({k: v for k, v in pooled(runs, names).items()
+                       if k.endswith("_increase_vs_rtn") or k.startswith("target_")})
         name = "quant_quality"
     else:
         result["models"] = "the medium model trained once per seed (GPU training is not bit-reproducible: a seed " \
