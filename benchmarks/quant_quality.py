@@ -3,6 +3,7 @@
     PYTHONPATH=src python benchmarks/quant_quality.py           # GPU: trains an 82M Llama on the stdlib (~1-2 min on an H100, best validation loss kept), quantizes it 5 ways (~1-2 min)
     PYTHONPATH=src python benchmarks/quant_quality.py --seeds 0,1,2,3   # the same for 4 trainings, one per GPU at a time
     PYTHONPATH=src python benchmarks/quant_quality.py --smoke   # CPU: the cached tiny model, few tokens; writes to a temp dir
+    PYTHONPATH=src python benchmarks/quant_quality.py --outlier-channels 8   # the model given 8 channels of 64x activations
 
 Why several trainings: on a model this small the ratios move a lot from one training to the next (AWQ's from
 0.16x to 2.01x of RTN's increase over ten trainings in a dev study), so one training's ratio says little.
@@ -52,6 +53,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--seqlen", type=int, default=1024)
     p.add_argument("--arms", default=None, help="comma-separated subset of the arms (int4_rtn always runs: the "
                    "ratios need it); default all")
+    p.add_argument("--outlier-channels", type=int, default=0, help="give the model this many hidden channels of "
+                   "large activations first (onecard.testing.outliers: the same function, what AWQ protects)")
+    p.add_argument("--outlier-factor", type=float, default=64.0, help="how much larger (a power of two)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds: the medium model is trained once per seed "
                    "and every arm scored on each (one worker per GPU); the JSON (quant_quality_seeds.json when "
                    "several) gives each model's figures and the ratios pooled over them")
@@ -151,6 +155,10 @@ def run_seed(seed: int, a: argparse.Namespace) -> dict:
         model_dir = Path(a.model) if a.model else train_medium(a.steps, console=console, seed=seed)
     device = "cpu" if a.smoke else "cuda"
     work = Path(tempfile.mkdtemp(prefix="quant_quality_ckpt_"))
+    if a.outlier_channels:
+        from onecard.testing.outliers import with_outlier_channels
+
+        model_dir = with_outlier_channels(model_dir, work / "outliers", a.outlier_channels, a.outlier_factor)
     dtype = torch.float32  # evaluate every arm in fp32 activations: differences come from the weights only
 
     folder, ref = load_for_eval(model_dir, device, dtype)
@@ -262,18 +270,20 @@ def main() -> None:
     first = runs[0]
     result: dict = {k: first[k] for k in ("parameters", "protocol")}
     result.update({"eval_text": "local corpus validation split (Python stdlib sources)", "group_size": a.group_size,
-                   "calibration": f"{a.nsamples} x {a.seqlen} tokens of the local corpus train split"})
+                   "calibration": f"{a.nsamples} x {a.seqlen} tokens of the local corpus train split",
+                   "outlier_channels": a.outlier_channels,
+                   "outlier_factor": a.outlier_factor if a.outlier_channels else None})
     if len(runs) == 1:  # one model's figures, its ratios and verdicts
         result.update({k: v for k, v in first.items() if k not in result})
         result.update({k: v for k, v in pooled(runs, names).items()
                        if k.endswith("_increase_vs_rtn") or k.startswith("target_")})
-        name = "quant_quality"
+        name = "quant_quality_outliers" if a.outlier_channels else "quant_quality"
     else:
         result["models"] = "the medium model trained once per seed (GPU training is not bit-reproducible: a seed " \
                            "run again gives another model)"
         result.update(pooled(runs, names))
         result["per_seed"] = runs
-        name = "quant_quality_seeds"
+        name = "quant_quality_outliers_seeds" if a.outlier_channels else "quant_quality_seeds"
 
     t = Table("arm", *[f"seed {s}" for s in seeds], "mean", "x RTN int4 (pooled)",
               title=f"quantization quality: perplexity increase over float ({first['protocol']})")

@@ -85,3 +85,33 @@ def test_widen_refuses_a_narrower_or_regrouped_model(random_checkpoint, tmp_path
         widen_checkpoint(src, tmp_path / "w", h // 2, i, H // 2, Hk)
     with pytest.raises(BadInputError, match="only adds"):
         widen_checkpoint(src, tmp_path / "w", 2 * h, i, 2 * H, 2 * Hk * 2)  # fewer query heads per KV head
+
+
+def test_outlier_channels_change_the_weights_not_the_function(random_checkpoint, tmp_path):
+    """Qwen2 (q/k/v biases, which the rescaling must leave alone): the picked channels' norm weights x factor, the
+    reading linears' columns / factor, every other tensor as it was, and the logits bit for bit the same."""
+    from safetensors.torch import load_file
+
+    from onecard.testing.outliers import with_outlier_channels
+
+    src = random_checkpoint("qwen2-7b")
+    out = with_outlier_channels(src, tmp_path / "out", channels=3, factor=8.0, seed=1)
+    picked = json.loads((out / "onecard_grown.json").read_text())["outlier_channels"]
+    assert len(set(picked)) == 3
+    before = {k: v for f in src.glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    after = {k: v for f in out.glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    assert before.keys() == after.keys()
+    scaled = torch.ones(before["model.norm.weight"].shape[0])
+    scaled[picked] = 8.0
+    for name, w in before.items():
+        if name.endswith(("input_layernorm.weight", "post_attention_layernorm.weight")):
+            expected = w * scaled
+        elif name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight")):
+            expected = w / scaled
+        else:  # biases, o/down projections, embeddings, the final norm, the head
+            expected = w
+        assert torch.equal(after[name], expected), name
+    ids = list(range(3, 40))
+    assert torch.equal(_hf_logits(out, ids), _hf_logits(src, ids))
+    with pytest.raises(BadInputError, match="power-of-two"):
+        with_outlier_channels(src, tmp_path / "bad", channels=3, factor=10.0)
