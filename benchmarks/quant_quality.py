@@ -273,25 +273,23 @@ def main() -> None:
                    "calibration": f"{a.nsamples} x {a.seqlen} tokens of the local corpus train split",
                    "outlier_channels": a.outlier_channels,
                    "outlier_factor": a.outlier_factor if a.outlier_channels else None})
+    pool = pooled(runs, names)
     if len(runs) == 1:  # one model's figures, its ratios and verdicts
         result.update({k: v for k, v in first.items() if k not in result})
-        result.update({k: v for k, v in pooled(runs, names).items()
-                       if k.endswith("_increase_vs_rtn") or k.startswith("target_")})
-        name = "quant_quality_outliers" if a.outlier_channels else "quant_quality"
+        result.update({k: v for k, v in pool.items() if k.endswith("_increase_vs_rtn") or k.startswith("target_")})
     else:
         result["models"] = "the medium model trained once per seed (GPU training is not bit-reproducible: a seed " \
                            "run again gives another model)"
-        result.update(pooled(runs, names))
+        result.update(pool)
         result["per_seed"] = runs
-        name = "quant_quality_outliers_seeds" if a.outlier_channels else "quant_quality_seeds"
+    name = "quant_quality" + ("_outliers" if a.outlier_channels else "") + ("_seeds" if len(runs) > 1 else "")
 
     t = Table("arm", *[f"seed {s}" for s in seeds], "mean", "x RTN int4 (pooled)",
               title=f"quantization quality: perplexity increase over float ({first['protocol']})")
     t.add_row("float ppl", *[f"{r['float_ppl']:.3f}" for r in runs], "-", "-")
     for n in names:
-        ratio = result.get(f"{n}_increase_vs_rtn")
-        mean = sum(r[f"{n}_increase_pct"] for r in runs) / len(runs)
-        t.add_row(n, *[f"{r[f'{n}_increase_pct']:+.3f}%" for r in runs], f"{mean:+.3f}%",
+        ratio = pool.get(f"{n}_increase_vs_rtn")
+        t.add_row(n, *[f"{r[f'{n}_increase_pct']:+.3f}%" for r in runs], f"{pool[f'{n}_increase_pct_mean']:+.3f}%",
                   "-" if ratio is None else f"{ratio:.2f}x")
     console.print(t)
 

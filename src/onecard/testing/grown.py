@@ -73,7 +73,7 @@ def _read_tensors(src: Path) -> dict[str, torch.Tensor]:
 
     files = sorted(src.glob("*.safetensors"))
     if not files:
-        raise BadInputError(f"no *.safetensors in {src}: growing a model needs a saved HF folder")
+        raise BadInputError(f"no *.safetensors in {src}: rewriting a model needs a saved HF folder")
     return {k: v for f in files for k, v in load_file(str(f)).items()}
 
 
