@@ -37,6 +37,7 @@ from rich.table import Table
 
 from onecard.bench.results import publish, speedup_bars
 from onecard.bench.timing import kernel_timer
+from onecard.kernels import w4_mma
 from onecard.kernels.wo_matmul import (
     CONFIGS,
     DEQUANT_GEMM_MIN_M,
@@ -121,9 +122,14 @@ def candidates(M: int, bits: int, smoke: bool) -> list[KernelConfig]:
     return out
 
 
-def short(c: KernelConfig | None) -> str:
+MMA = "mma"  # the engine's path for int4 g128 at 3-32 rows of bf16 x on CUDA: onecard.kernels.w4_mma (Gluon)
+
+
+def short(c: KernelConfig | str | None) -> str:
     if c is None:
         return "dequantize + cuBLAS"
+    if c == MMA:
+        return "w4_mma (Gluon, tensor cores)"
     return (f"{c.kernel} m{c.block_m} n{c.block_n} kp{c.block_kp} waves{c.waves:g} "
             f"warps{c.num_warps} stages{c.num_stages}{' prefetch' if c.prefetch else ''}")
 
@@ -163,25 +169,31 @@ def main() -> None:
             result[f"{fl}_m{M}_{K}x{N}_us"] = bench(lambda x=xs[M, K], w=w: F.linear(x, w))
         result[f"{fl}_m1_{K}x{N}_gbs"] = K * N * w.element_size() / result[f"{fl}_m1_{K}x{N}_us"] / 1e3
 
-    def run(bits: int, s: str, M: int, config: KernelConfig | None) -> tuple[float, float]:
-        """(us, relative error) of one linear; ``config`` None is the dequantize + cuBLAS path."""
-        K = shapes[s][0]
+    def run(bits: int, s: str, M: int, config: KernelConfig | str | None) -> tuple[float, float]:
+        """(us, relative error) of one linear; ``config`` None is the dequantize + cuBLAS path, MMA w4_mma."""
+        K, N = shapes[s]
         gs = group(bits, K)
 
         def fn() -> torch.Tensor:
             if config is None:
                 return dequant_gemm(xs[M, K], *weights[bits, s], bits, gs)
+            if config == MMA:
+                return w4_mma.w4_mma(xs[M, K], *weights[bits, s], w4_mma.pick(xs[M, K], bits, gs, N))
             return wo_matmul(xs[M, K], *weights[bits, s], bits, gs, config)
         err = rel_err(fn(), refs[bits, s, M])
         if err > 2e-2:
             raise SystemExit(f"int{bits} {s} M={M} {config}: relative error {err:.2e} vs wo_matmul_reference")
         return bench(fn), err
 
-    def engine_config(M: int, bits: int) -> KernelConfig | None:
+    def engine_config(M: int, bits: int) -> KernelConfig | str | None:
         """What the engine runs at M rows: None is the dequantize + cuBLAS path (CUDA, from dequant_min_rows,
-        the same for every shape here: g128 and per-channel tiles hold one group)."""
+        the same for every shape here: g128 and per-channel tiles hold one group), MMA the Gluon kernel."""
         deq = any(M >= dequant_min_rows(bits, group(bits, K), K) for K, _ in shapes.values())
-        return None if device == "cuda" and deq else pick_config(M, bits)
+        if device == "cuda" and deq:
+            return None
+        if all(w4_mma.pick(xs[M, K], bits, group(bits, K), N) for K, N in shapes.values()):
+            return MMA
+        return pick_config(M, bits)
 
     best: dict[tuple[int, int], KernelConfig | None] = {}  # None: the dequantize + cuBLAS path won
     if a.sweep:
@@ -225,6 +237,11 @@ def main() -> None:
             result[f"{q}_m{M}_config"] = short(config)
             result[f"{q}_m{M}_layer_us"] = layer_q
             result[f"{q}_m{M}_layer_speedup_vs_{fl}"] = layer_f / layer_q
+            if config == MMA:  # and the Triton kernel it replaced, side by side
+                triton_us = sum(run(bits, s, M, pick_config(M, bits))[0] for s in shapes)
+                result[f"{q}_m{M}_triton_config"] = short(pick_config(M, bits))
+                result[f"{q}_m{M}_triton_layer_us"] = triton_us
+                result[f"{q}_m{M}_mma_speedup_vs_triton"] = triton_us / layer_q
     result["elapsed_s"] = time.perf_counter() - t_start
 
     t = Table("w", "linear", "KxN", "M", "us", "GB/s", f"% {fl} GEMV BW", f"{fl} us", "speedup",
@@ -232,12 +249,14 @@ def main() -> None:
     for q, s, kn, M, us, gbs, pct, fus, sp in rows:
         t.add_row(q, s, kn, str(M), f"{us:.1f}", f"{gbs:.0f}", f"{pct:.0f}%", f"{fus:.1f}", f"{sp:.2f}x")
     console.print(t)
-    lt = Table("w", "M", "config", "layer us", f"layer speedup vs {fl}", title="per layer (sum of the four linears)")
+    lt = Table("w", "M", "config", "layer us", f"layer speedup vs {fl}", "Triton kernel us (w4_mma rows)",
+               title="per layer (sum of the four linears)")
     for bits in (4, 8):
         for M in ms:
             k = f"int{bits}_m{M}"
+            tri = result.get(f"{k}_triton_layer_us")
             lt.add_row(f"int{bits}", str(M), result[f"{k}_config"], f"{result[f'{k}_layer_us']:.1f}",
-                       f"{result[f'{k}_layer_speedup_vs_{fl}']:.2f}x")
+                       f"{result[f'{k}_layer_speedup_vs_{fl}']:.2f}x", "" if tri is None else f"{tri:.1f}")
     console.print(lt)
     if best:
         table = dict(CONFIGS)

@@ -646,12 +646,18 @@ def _sm_count(device: torch.device) -> int:
     return 4
 
 
-def split_k(config: KernelConfig, grid_mn: int, k_tiles: int, device: torch.device) -> int:
-    """How many programs share one output tile's K range: ``waves`` programs per SM in all, at most one per tile."""
-    if config.waves <= 0:
+def split_k_count(waves: float, grid_mn: int, k_tiles: int, device: torch.device) -> int:
+    """How many programs share one output tile's K range: ``waves`` programs per SM in all (0: no split), at most
+    one per K tile, and no empty split."""
+    if waves <= 0:
         return 1
-    split = max(1, min(k_tiles, round(config.waves * _sm_count(device) / max(grid_mn, 1))))
-    return triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))  # no empty splits
+    split = max(1, min(k_tiles, round(waves * _sm_count(device) / max(grid_mn, 1))))
+    return triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))
+
+
+def split_k(config: KernelConfig, grid_mn: int, k_tiles: int, device: torch.device) -> int:
+    """``split_k_count`` for a table row."""
+    return split_k_count(config.waves, grid_mn, k_tiles, device)
 
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
@@ -721,7 +727,9 @@ def wo_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     """``x[..., K] @ dequant(W)[K, N]`` -> ``[..., N]`` in x's dtype.
 
     ``config`` overrides the table (benchmarks, tests); without it, long
-    prefills on CUDA take the dequantize + cuBLAS path.
+    prefills on CUDA take the dequantize + cuBLAS path, and int4 g128 at 3-32
+    rows of bf16 x on an Ampere-or-later GPU the tensor-core kernel of
+    ``kernels.w4_mma``.
     """
     K, N = _check(qweight, scales, zeros, bits, group_size)
     lead = x.shape[:-1]
@@ -732,6 +740,13 @@ def wo_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     if config is None:
         if x.is_cuda and M >= dequant_min_rows(bits, group_size, K):
             return dequant_gemm(x2, qweight, scales, zeros, bits, group_size).reshape(*lead, N)
+        if x.is_cuda:
+            from onecard.kernels import w4_mma  # imports this module
+
+            mma = w4_mma.pick(x2, bits, group_size, N)
+            y = None if mma is None else w4_mma.w4_mma(x2, qweight, scales, zeros, mma)
+            if y is not None:
+                return y.reshape(*lead, N)
         config = pick_config(M, bits)
     c = config
     k_tiles = triton.cdiv(K // (32 // bits), c.block_kp)

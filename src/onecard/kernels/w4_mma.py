@@ -1,0 +1,270 @@
+"""int4 g128 weight-only matmul on tensor cores for 3-32 rows of x, in Gluon: ``out[M, N] = x[M, K] @ W[K, N]``.
+
+Why a second int4 kernel: at a few rows of x the Triton ``dot_t`` (``wo_matmul``) streams the int4 words at well
+under half the card's bandwidth. Triton decides where values live, and it sends every dequantized bf16 tile
+through shared memory before its ``tl.dot``; Gluon (``triton.experimental.gluon``) lets this kernel place them.
+Marlin's design, on the GPTQ words as stored (no pre-shuffled copy):
+
+- each group's words ``[16, BN]`` and x tile ``[BM, 128]`` arrive by ``cp.async`` in a ``STAGES``-deep
+  shared-memory ring, so several groups' bytes are in flight while one is computed;
+- on Ampere's ``mma.sync`` (m16n8k16) as ``out^T = W^T x^T``, a lane ``(g, t)`` that loads the word
+  ``(kw = 4 c + t, n)`` with ``n % 8 = g`` holds, after the packed bf16x2 dequantization of ``wo_matmul``
+  (nibbles ``i`` and ``i + 4`` in one register), exactly its A fragment of a 32-wide K chunk in a permuted K
+  order (logical ``32 c + 16 b + 8 h + 2 t + e`` is physical ``32 c + 8 t + 4 e + 2 b + h``; a sum over K does not
+  care), and its B fragment is x's eight consecutive values ``32 c + 8 t ..`` (one 16-byte load). Both operands
+  go from shared memory to registers once and into the mma with no bf16 round trip.
+
+Measured (dev ``.device/w4mma2.py``, one H200, a Llama-2-7B layer's four linears, graph-timed with L2 flushed):
+at 8 / 16 / 32 rows 64.8 / 86.1 / 137.3 µs against ``dot_t``'s 110.4 / 116.3 / 168.8 and bf16 cuBLAS's ~135; at
+64 rows no faster (273.0 against 268.3), so ``wo_matmul`` uses it for 3-32 rows. Split-K as ``wo_matmul``'s
+kernels do it: the last split of a tile sums the fp32 partials and writes the output, no memset or cast.
+
+It needs CUDA compute capability 8.0+, bf16 x, g128 codes and ``N`` a multiple of the tile; the Triton kernels run
+everywhere else, and on CPU (Gluon has no interpreter, so this kernel is tested on the GPU only).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.compiler.errors import CompilationError
+
+from onecard.kernels.counters import zeroed_counters
+from onecard.kernels.launch import use_pdl
+from onecard.kernels.wo_matmul import _BF16X2_DEQUANT8, split_k_count
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+    # renamed in Triton 3.7+, where the old name raises
+    _async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared
+    _barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # renamed in 3.7+ as well
+    _LAYOUTS = (gl.DistributedLinearLayout, gl.NVMMADistributedLayout, gl.SwizzledSharedLayout)
+except (ImportError, AttributeError):  # pragma: no cover - Triton without this much of Gluon
+    gluon = None
+
+MIN_CAPABILITY = (8, 0)  # cp.async and bf16 mma.sync
+GROUP = 128              # a group's 16 int32 words are one pipeline stage
+_unusable: str | None = None  # why this Triton could not build the kernel (Gluon is experimental), once it failed
+_enabled = True
+
+
+def set_enabled(on: bool) -> None:
+    """Use the kernel where it applies (the default) or never: the A/B arm of ``benchmarks/quant_decode.py``.
+    Engines read it when they capture their graphs, so set it before building one."""
+    global _enabled
+    _enabled = on
+
+
+@dataclass(frozen=True)
+class MmaConfig:
+    """One launch shape: ``block_m`` rows of x (the mma's N, >= 8), ``block_n`` output columns, ``stages`` groups
+    in the ring; split-K from ``waves`` programs per SM, as ``KernelConfig.waves``."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    stages: int
+    waves: float
+
+
+# (largest M of the bucket) -> config; dev sweep .device/w4mma2.py (one H200, 5 tiles x up to 7 splits, per linear
+# of a Llama-2-7B layer): BN 64 with 4 warps and 4 stages was best or within a few per cent at 8 and 16 rows, and
+# at 32 rows on three of the four linears.
+CONFIGS: dict[int, MmaConfig] = {
+    8: MmaConfig(8, 64, 4, 4, 6.0),
+    16: MmaConfig(16, 64, 4, 4, 6.0),
+    32: MmaConfig(32, 64, 4, 4, 3.0),
+}
+MIN_ROWS = 3  # one or two rows keep the packed GEMV, which takes part in the decode step's PDL chain earlier
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def pick(x2: torch.Tensor, bits: int, group_size: int, N: int) -> MmaConfig | None:
+    """The config for ``x2 [M, K]`` if this kernel can and should run it, else None (``wo_matmul``'s kernels)."""
+    M = x2.shape[0]
+    if gluon is None or _unusable or not _enabled or bits != 4 or group_size != GROUP or not (MIN_ROWS <= M <= max(CONFIGS)):
+        return None
+    if not x2.is_cuda or x2.dtype != torch.bfloat16 or _capability(x2.device) < MIN_CAPABILITY:
+        return None
+    config = CONFIGS[min(m for m in CONFIGS if m >= M)]
+    return config if N % config.block_n == 0 else None
+
+
+def _log2(v: int) -> int:
+    return int(math.log2(v))
+
+
+@functools.cache
+def layouts(BN: int, BM: int, W: int) -> dict:
+    """Register layouts (mma lanes), copy layouts and shared layouts of one tile shape."""
+    warp = [[16 << i, 0] for i in range(_log2(W))]
+    # a chunk's words [BN, 4]: lane (g, t) holds (n = g + 8 r + 16 w + ..., kw = t)
+    lw = gl.DistributedLinearLayout([[8, 0]] + [[16 * W << i, 0] for i in range(_log2(BN // (16 * W)))],
+                                    [[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]], warp, [], [BN, 4])
+    # a chunk's x [BM, 32]: lane (g, t) holds (m = g + 8 r, k = 8 t + j); every warp holds the whole chunk
+    lx = gl.DistributedLinearLayout([[0, 1], [0, 2], [0, 4]] + [[8 << i, 0] for i in range(_log2(BM // 8))],
+                                    [[0, 8], [0, 16], [1, 0], [2, 0], [4, 0]], [[0, 0]] * _log2(W), [], [BM, 32])
+    mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1], instr_shape=[16, 8])
+    tn = min(32, BN // 4)
+    return dict(
+        LW=lw, LX=lx, MMA=mma, A_L=gl.DotOperandLayout(0, mma, 2), B_L=gl.DotOperandLayout(1, mma, 2),
+        CW=gl.BlockedLayout([1, 4], [32 // tn, tn], [W, 1], [1, 0]),  # words [16, BN], 16 bytes a thread
+        CX=gl.BlockedLayout([1, 8], [2, 16], [W, 1], [1, 0]),          # x [BM, 128], 16 bytes a thread
+        SW=gl.SwizzledSharedLayout(8, 1, 4, [1, 0]),                  # a warp's four kw rows on distinct banks
+        SX=gl.SwizzledSharedLayout(8, 1, 8, [1, 0]),
+    )
+
+
+if gluon is not None:
+    _DEQUANT8 = gl.constexpr(_BF16X2_DEQUANT8.value)
+
+    @gluon.jit
+    def _gdc_wait():
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _gdc_launch_dependents():
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+
+    @gluon.jit
+    def _pair(v):
+        return gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [v], dtype=(gl.bfloat16, gl.bfloat16),
+                                         is_pure=True, pack=1)
+
+    @gluon.jit
+    def _issue(w_smem, x_smem, qw_ptr, x_ptr, w_off, x_off, x_mask, N, g, ok, slot):
+        """cp.async group ``g``'s words and x tile into ring slot ``slot`` (zero-filled where ``ok`` is false)."""
+        _async_load(w_smem.index(slot), qw_ptr + g * 16 * N + w_off, mask=ok & (w_off >= 0))
+        _async_load(x_smem.index(slot), x_ptr + g * 128 + x_off, mask=ok & x_mask)
+        cp.commit_group()
+
+    @gluon.jit
+    def _group_product(w_slot, x_slot, z, BN: gl.constexpr, BM: gl.constexpr, LW: gl.constexpr, LX: gl.constexpr,
+                       MMA: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr):
+        """``(codes - z)^T x^T`` of one group, ``[BN, BM]`` fp32, in four 32-wide K chunks."""
+        wv = w_slot.permute([1, 0])
+        nz = gl.expand_dims((-128.0 - z).to(gl.int32, bitcast=True), 1) + gl.zeros([BN, 4], gl.int32, LW)
+        part = gl.zeros([BN, BM], gl.float32, MMA)
+        for c in gl.static_range(4):
+            words = wv.slice(4 * c, 4, dim=1).load(LW)
+            r0, r1, r2, r3 = gl.inline_asm_elementwise(_DEQUANT8, "=r,=r,=r,=r,r,r", [words, nz],
+                                                       dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True,
+                                                       pack=1)
+            l0, h0 = _pair(r0)
+            l1, h1 = _pair(r1)
+            l2, h2 = _pair(r2)
+            l3, h3 = _pair(r3)
+            a = gl.join(gl.join(gl.join(l0, h0), gl.join(l1, h1)), gl.join(gl.join(l2, h2), gl.join(l3, h3)))
+            a = gl.permute(a, [0, 4, 3, 1, 2])                 # (n, t, e, h, b) -> (n, b, h, t, e)
+            a = gl.convert_layout(gl.reshape(a, [BN, 32]), A_L, assert_trivial=True)
+            xv = x_slot.slice(32 * c, 32, dim=1).load(LX)
+            xv = gl.permute(gl.reshape(xv, [BM, 4, 2, 2, 2]), [3, 4, 1, 2, 0])  # (m, t, e, b, h) -> (b, h, t, e, m)
+            b = gl.convert_layout(gl.reshape(xv, [32, BM]), B_L, assert_trivial=True)
+            part = mma_v2(a, b, part)
+        return part
+
+    @gluon.jit(do_not_specialize=["groups_per_split", "num_splits"])
+    def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm,
+                       groups_per_split, num_splits, BN: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr,
+                       SPLIT: gl.constexpr, PDL: gl.constexpr, LW: gl.constexpr, LX: gl.constexpr,
+                       MMA: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, CW: gl.constexpr, CX: gl.constexpr,
+                       SW: gl.constexpr, SX: gl.constexpr):
+        if PDL:
+            _gdc_wait()
+        pid_n = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        n0 = pid_n * BN
+        w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 16, BN], SW)
+        x_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BM, 128], SX)
+        ck = gl.arange(0, 16, layout=gl.SliceLayout(1, CW))
+        cn = gl.arange(0, BN, layout=gl.SliceLayout(0, CW))
+        w_off = gl.expand_dims(ck, 1) * N + gl.expand_dims(cn + n0, 0)
+        xm = gl.arange(0, BM, layout=gl.SliceLayout(1, CX))
+        xk = gl.arange(0, 128, layout=gl.SliceLayout(0, CX))
+        x_off = gl.expand_dims(xm, 1) * stride_xm + gl.expand_dims(xk, 0)
+        x_mask = (gl.expand_dims(xm, 1) < M) & (gl.expand_dims(xk, 0) >= 0)
+        wn = gl.arange(0, BN, layout=gl.SliceLayout(1, LW)) + n0
+        sn = gl.arange(0, BN, layout=gl.SliceLayout(1, MMA)) + n0
+        g0 = pid_k * groups_per_split
+        count = gl.minimum(K // 128 - g0, groups_per_split)
+        for s in gl.static_range(STAGES - 1):
+            _issue(w_smem, x_smem, qw_ptr, x_ptr, w_off, x_off, x_mask, N, g0 + s, s < count, s)
+        acc = gl.zeros([BN, BM], gl.float32, MMA)
+        z = gl.load(z_ptr + g0 * N + wn).to(gl.float32)
+        sc = gl.load(s_ptr + g0 * N + sn).to(gl.float32)
+        for i in range(count):
+            g = g0 + i
+            z_next = gl.load(z_ptr + (g + 1) * N + wn, mask=(i + 1 < count) & (wn >= 0), other=0.0).to(gl.float32)
+            s_next = gl.load(s_ptr + (g + 1) * N + sn, mask=(i + 1 < count) & (sn >= 0), other=0.0).to(gl.float32)
+            cp.wait_group(STAGES - 2)
+            _barrier()  # group i is in every thread's view; slot (i - 1) % STAGES is free
+            _issue(w_smem, x_smem, qw_ptr, x_ptr, w_off, x_off, x_mask, N, g + STAGES - 1, i + STAGES - 1 < count,
+                   (i + STAGES - 1) % STAGES)
+            part = _group_product(w_smem.index(i % STAGES), x_smem.index(i % STAGES), z, BN, BM, LW, LX, MMA, A_L,
+                                  B_L)
+            acc += part * gl.expand_dims(sc, 1)
+            z = z_next
+            sc = s_next
+        cp.wait_group(0)
+        if PDL:
+            _gdc_launch_dependents()
+        on = gl.arange(0, BN, layout=gl.SliceLayout(1, MMA)) + n0
+        om = gl.arange(0, BM, layout=gl.SliceLayout(0, MMA))
+        mn = gl.expand_dims(om, 0) * N + gl.expand_dims(on, 1)
+        mask = (gl.expand_dims(om, 0) < M) & (gl.expand_dims(on, 1) >= 0)
+        if SPLIT:  # as wo_matmul._store_out: the last split to finish sums the partials in split order
+            gl.store(part_ptr + pid_k * M * N + mn, acc, mask=mask)
+            _barrier()
+            if gl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel") == num_splits - 1:
+                total = gl.zeros([BN, BM], gl.float32, MMA)
+                for k in range(num_splits):
+                    total += gl.load(part_ptr + k * M * N + mn, mask=mask, other=0.0, cache_modifier=".cg")
+                gl.store(out_ptr + mn, total.to(gl.bfloat16), mask=mask)
+                gl.atomic_xchg(count_ptr + pid_n, 0)
+        else:
+            gl.store(out_ptr + mn, acc.to(gl.bfloat16), mask=mask)
+
+
+def w4_mma(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+           config: MmaConfig, pdl: bool = True) -> torch.Tensor | None:
+    """``x2 [M, K] (bf16) @ dequant(W)`` -> ``[M, N]`` bf16, for a ``config`` from ``pick``.
+
+    None (with a warning, once) where this Triton's Gluon cannot build the kernel: its API is experimental and
+    changes between releases, so the caller falls back to the Triton kernels rather than failing."""
+    global _unusable
+    M, K = x2.shape
+    N = qweight.shape[1]
+    c = config
+    grid_n = N // c.block_n
+    groups = K // GROUP
+    split = split_k_count(c.waves, grid_n, groups, x2.device)
+    out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+    part = torch.empty(split, M, N, dtype=torch.float32, device=x2.device) if split > 1 else out
+    counters = zeroed_counters(x2.device, grid_n, "w4_mma")
+    on = pdl and use_pdl(x2)
+    try:
+        _w4_mma_kernel[(grid_n, split)](x2, qweight, scales, zeros, out, part, counters, M, N, K, x2.stride(0),
+                                        triton.cdiv(groups, split), split, BN=c.block_n, BM=c.block_m,
+                                        STAGES=c.stages, SPLIT=split > 1, PDL=on, num_warps=c.num_warps,
+                                        **({"launch_pdl": True} if on else {}),
+                                        **layouts(c.block_n, c.block_m, c.num_warps))
+    except (CompilationError, AttributeError, TypeError) as e:
+        _unusable = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        warnings.warn(f"onecard: the int4 tensor-core kernel (kernels.w4_mma) does not build with Triton "
+                      f"{triton.__version__} ({_unusable}); int4 layers use the Triton kernels instead", stacklevel=2)
+        return None
+    return out
