@@ -6,7 +6,7 @@
 Arms: bf16 engine; ``quantization="int8"`` (per-channel RTN) and ``"rtn-int4"``
 (group 128, the GPTQ-g128 layout — speed does not depend on how the codes were
 chosen) with onecard's kernels (the default: Triton, and on CUDA the Gluon tensor-core kernel
-``kernels.w4_mma`` at 3-32 rows), on CUDA also without that kernel (``int4-triton-only``, the same-process A/B)
+``kernels.w4_mma`` at 2-64 rows), on CUDA also without that kernel (``int4-triton-only``, the same-process A/B)
 and with PyTorch's tinygemm kernel (``int4_kernel="tinygemm"``); and ``"fp8"`` (e4m3 weights and activations, not weight-only:
 ``Fp8Linear``). Each arm: bs=1 and bs=16 decode (ms per step, tok/s; ``--more-batches`` adds batch sizes),
 2k-token prefill (ms), peak GiB, and % of the bandwidth roofline: the bytes one
@@ -31,7 +31,7 @@ from onecard.bench.results import save_figure, write_result
 from onecard.engine.offload import resident_step_bytes
 from onecard.kernels import w4_mma
 
-TRITON_ONLY = "int4-triton-only"  # the int4 arm without kernels.w4_mma (3-32 rows), for the same-process A/B
+TRITON_ONLY = "int4-triton-only"  # the int4 arm without kernels.w4_mma (2-64 rows), for the same-process A/B
 from onecard.testing.checkpoints import benchmark_model
 
 GiB = 2**30

@@ -122,7 +122,7 @@ def candidates(M: int, bits: int, smoke: bool) -> list[KernelConfig]:
     return out
 
 
-MMA = "mma"  # the engine's path for int4 g128 at 3-32 rows of bf16 x on CUDA: onecard.kernels.w4_mma (Gluon)
+MMA = "mma"  # the engine's path for int4 g128 at 2-64 rows of bf16 x on CUDA: onecard.kernels.w4_mma (Gluon)
 
 
 def short(c: KernelConfig | str | None) -> str:

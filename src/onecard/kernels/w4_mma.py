@@ -1,4 +1,4 @@
-"""int4 g128 weight-only matmul on tensor cores for 3-32 rows of x, in Gluon: ``out[M, N] = x[M, K] @ W[K, N]``.
+"""int4 g128 weight-only matmul on tensor cores for 2-64 rows of x, in Gluon: ``out[M, N] = x[M, K] @ W[K, N]``.
 
 Why a second int4 kernel: at a few rows of x the Triton ``dot_t`` (``wo_matmul``) streams the int4 words at well
 under half the card's bandwidth. Triton decides where values live, and it sends every dequantized bf16 tile
@@ -14,10 +14,11 @@ Marlin's design, on the GPTQ words as stored (no pre-shuffled copy):
   care), and its B fragment is x's eight consecutive values ``32 c + 8 t ..`` (one 16-byte load). Both operands
   go from shared memory to registers once and into the mma with no bf16 round trip.
 
-Measured (dev ``.device/w4mma2.py``, one H200, a Llama-2-7B layer's four linears, graph-timed with L2 flushed):
-at 8 / 16 / 32 rows 64.8 / 86.1 / 137.3 µs against ``dot_t``'s 110.4 / 116.3 / 168.8 and bf16 cuBLAS's ~135; at
-64 rows no faster (273.0 against 268.3), so ``wo_matmul`` uses it for 3-32 rows. Split-K as ``wo_matmul``'s
-kernels do it: the last split of a tile sums the fp32 partials and writes the output, no memset or cast.
+Measured (``benchmarks/quant_kernels.py``, one H200, a Llama-2-7B layer's four linears, graph-timed with L2
+flushed): at 4 / 8 / 16 / 32 rows 67.4 / 69.4 / 86.9 / 111.1 µs against the Triton kernels' 93.7 / 109.7 / 115.1 /
+168.1 and bf16 cuBLAS's ~140. 64 rows in one launch were no faster than ``dot_t`` (dev: 273.0 against 268.3 µs),
+so 33-64 rows run as two launches of up to 32 (224.0 against 266.3 at 64). Split-K as ``wo_matmul``'s kernels do
+it: the last split of a tile sums the fp32 partials and writes the output, no memset or cast.
 
 It needs CUDA compute capability 8.0+, bf16 x, g128 codes and ``N`` a multiple of the tile; the Triton kernels run
 everywhere else, and on CPU (Gluon has no interpreter, so this kernel is tested on the GPU only).
@@ -84,7 +85,14 @@ CONFIGS: dict[int, MmaConfig] = {
     16: MmaConfig(16, 64, 4, 4, 6.0),
     32: MmaConfig(32, 64, 4, 4, 3.0),
 }
-MIN_ROWS = 3  # one or two rows keep the packed GEMV, which takes part in the decode step's PDL chain earlier
+# one row keeps the packed GEMV (wo_matmul): an engine A/B (dev .device/mma_m1_ab.py, one H200, int4 Llama-2-7B,
+# two alternating rounds) gave bs=1 1.668-1.777 ms/token with it against 1.801-1.804 with this kernel, and bs=2
+# 2.171-2.268 ms/step against 1.901-1.906
+MIN_ROWS = 2
+ROWS_PER_LAUNCH = max(CONFIGS)
+# 33-64 rows run as two launches of up to 32, each reading every weight: still less than dot_t's one launch there
+# (quant_kernels.py); from 65 rows the dequantize + cuBLAS path (wo_matmul.DEQUANT_GEMM_MIN_M) reads less
+MAX_ROWS = 2 * ROWS_PER_LAUNCH
 
 
 @functools.cache
@@ -92,15 +100,19 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
+def _bucket(rows: int) -> MmaConfig:
+    return CONFIGS[min(m for m in CONFIGS if m >= rows)]
+
+
 def pick(x2: torch.Tensor, bits: int, group_size: int, N: int) -> MmaConfig | None:
-    """The config for ``x2 [M, K]`` if this kernel can and should run it, else None (``wo_matmul``'s kernels)."""
+    """The config of ``x2 [M, K]``'s first launch if this kernel can and should run it, else None (``wo_matmul``'s
+    kernels)."""
     M = x2.shape[0]
-    if gluon is None or _unusable or not _enabled or bits != 4 or group_size != GROUP or not (MIN_ROWS <= M <= max(CONFIGS)):
+    if gluon is None or _unusable or not _enabled or bits != 4 or group_size != GROUP or not MIN_ROWS <= M <= MAX_ROWS:
         return None
     if not x2.is_cuda or x2.dtype != torch.bfloat16 or _capability(x2.device) < MIN_CAPABILITY:
         return None
-    config = CONFIGS[min(m for m in CONFIGS if m >= M)]
-    return config if N % config.block_n == 0 else None
+    return _bucket(min(M, ROWS_PER_LAUNCH)) if all(N % c.block_n == 0 for c in CONFIGS.values()) else None
 
 
 def _log2(v: int) -> int:
@@ -240,31 +252,35 @@ if gluon is not None:
 
 
 def w4_mma(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-           config: MmaConfig, pdl: bool = True) -> torch.Tensor | None:
-    """``x2 [M, K] (bf16) @ dequant(W)`` -> ``[M, N]`` bf16, for a ``config`` from ``pick``.
+           config: MmaConfig | None = None, pdl: bool = True) -> torch.Tensor | None:
+    """``x2 [M, K] (bf16) @ dequant(W)`` -> ``[M, N]`` bf16, in launches of up to ``ROWS_PER_LAUNCH`` rows, each
+    with ``config`` or (None) its bucket's.
 
     None (with a warning, once) where this Triton's Gluon cannot build the kernel: its API is experimental and
     changes between releases, so the caller falls back to the Triton kernels rather than failing."""
     global _unusable
     M, K = x2.shape
     N = qweight.shape[1]
-    c = config
-    grid_n = N // c.block_n
     groups = K // GROUP
-    split = split_k_count(c.waves, grid_n, groups, x2.device)
     out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
-    part = torch.empty(split, M, N, dtype=torch.float32, device=x2.device) if split > 1 else out
-    counters = zeroed_counters(x2.device, grid_n, "w4_mma")
     on = pdl and use_pdl(x2)
-    try:
-        _w4_mma_kernel[(grid_n, split)](x2, qweight, scales, zeros, out, part, counters, M, N, K, x2.stride(0),
-                                        triton.cdiv(groups, split), split, BN=c.block_n, BM=c.block_m,
-                                        STAGES=c.stages, SPLIT=split > 1, PDL=on, num_warps=c.num_warps,
-                                        **({"launch_pdl": True} if on else {}),
-                                        **layouts(c.block_n, c.block_m, c.num_warps))
-    except (CompilationError, AttributeError, TypeError) as e:
-        _unusable = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-        warnings.warn(f"onecard: the int4 tensor-core kernel (kernels.w4_mma) does not build with Triton "
-                      f"{triton.__version__} ({_unusable}); int4 layers use the Triton kernels instead", stacklevel=2)
-        return None
+    for r0 in range(0, M, ROWS_PER_LAUNCH):
+        rows = min(ROWS_PER_LAUNCH, M - r0)
+        c = config or _bucket(rows)
+        grid_n = N // c.block_n
+        split = split_k_count(c.waves, grid_n, groups, x2.device)
+        part = torch.empty(split, rows, N, dtype=torch.float32, device=x2.device) if split > 1 else out
+        counters = zeroed_counters(x2.device, grid_n, "w4_mma")
+        try:
+            _w4_mma_kernel[(grid_n, split)](x2[r0:], qweight, scales, zeros, out[r0:], part, counters, rows, N, K,
+                                            x2.stride(0), triton.cdiv(groups, split), split, BN=c.block_n,
+                                            BM=c.block_m, STAGES=c.stages, SPLIT=split > 1, PDL=on,
+                                            num_warps=c.num_warps, **({"launch_pdl": True} if on else {}),
+                                            **layouts(c.block_n, c.block_m, c.num_warps))
+        except (CompilationError, AttributeError, TypeError) as e:
+            _unusable = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+            warnings.warn(f"onecard: the int4 tensor-core kernel (kernels.w4_mma) does not build with Triton "
+                          f"{triton.__version__} ({_unusable}); int4 layers use the Triton kernels instead",
+                          stacklevel=2)
+            return None
     return out

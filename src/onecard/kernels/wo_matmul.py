@@ -727,7 +727,7 @@ def wo_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     """``x[..., K] @ dequant(W)[K, N]`` -> ``[..., N]`` in x's dtype.
 
     ``config`` overrides the table (benchmarks, tests); without it, long
-    prefills on CUDA take the dequantize + cuBLAS path, and int4 g128 at 3-32
+    prefills on CUDA take the dequantize + cuBLAS path, and int4 g128 at 2-64
     rows of bf16 x on an Ampere-or-later GPU the tensor-core kernel of
     ``kernels.w4_mma``.
     """
@@ -744,7 +744,7 @@ def wo_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
             from onecard.kernels import w4_mma  # imports this module
 
             mma = w4_mma.pick(x2, bits, group_size, N)
-            y = None if mma is None else w4_mma.w4_mma(x2, qweight, scales, zeros, mma)
+            y = None if mma is None else w4_mma.w4_mma(x2, qweight, scales, zeros)
             if y is not None:
                 return y.reshape(*lead, N)
         config = pick_config(M, bits)
