@@ -187,14 +187,16 @@ def test_each_models_batched_steps_from_the_other_models_factors():
 
 def test_batch_factors_of_one_card_predict_another_cards_batched_step():
     """The factors come from the H200's runs; the H100's run (docs/results/h100, not in the fit) has 16-sequence
-    steps. Per format, its bs=16 step over its bs=1 step is predicted within 5 % (bf16 1.31x, int8 1.60x, int4 1.99x
-    measured). Absolute speeds on another card carry the bs=1 fit's own cross-card error (docs/planner.md)."""
+    steps. Per format, its bs=16 step over its bs=1 step is predicted within 5 % (bf16 1.31x, int8 1.60x measured).
+    Not int4: that run (d90d0ee) predates kernels.w4_mma, which has served int4 at 2-64 sequences since fd2123a, so
+    its int4 step and the H200 fit's are different kernels (1.99x measured there, 1.76x predicted from the fit). Absolute
+    speeds on another card carry the bs=1 fit's own cross-card error (docs/planner.md)."""
     model = decode_model(str(RESULTS_DIR))
     h100 = {"h100/quant_decode.json": load_results(str(RESULTS_DIR / "h100"))["quant_decode.json"]}
     bs1 = {o.fmt: o for o in observations_from_results(h100)}
     batched = batch_observations_from_results(h100)
     assert {o.fmt for o in batched} == {"bf16", "int8", "int4"}
-    for o in batched:
+    for o in (o for o in batched if o.fmt != "int4"):
         one = bs1[o.fmt]
         predicted = (model.step_seconds(o.bytes, o.bandwidth_gbs, o.fmt, o.batch)
                      / model.step_seconds(one.bytes, one.bandwidth_gbs, o.fmt))
