@@ -277,7 +277,7 @@ def w4_mma(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
                                             BM=c.block_m, STAGES=c.stages, SPLIT=split > 1, PDL=on,
                                             num_warps=c.num_warps, **({"launch_pdl": True} if on else {}),
                                             **layouts(c.block_n, c.block_m, c.num_warps))
-        except (CompilationError, AttributeError, TypeError) as e:
+        except (CompilationError, AttributeError, TypeError, RuntimeError) as e:  # compile-time, on the host
             _unusable = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
             warnings.warn(f"onecard: the int4 tensor-core kernel (kernels.w4_mma) does not build with Triton "
                           f"{triton.__version__} ({_unusable}); int4 layers use the Triton kernels instead",
