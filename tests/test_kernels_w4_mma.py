@@ -40,6 +40,9 @@ def test_pick_takes_int4_g128_bf16_at_2_to_64_rows_on_ampere_or_later(monkeypatc
     assert pick(8, bits=8) is None and pick(8, group=64) is None and pick(8, group=4096) is None
     assert pick(8, dtype=torch.float16) is None and pick(8, dtype=torch.float32) is None
     assert pick(8, N=4096 + 32) is None                                 # N not a multiple of the tile
+    rows = torch.empty(8, 256 + 8, dtype=torch.bfloat16)[:, :256]       # x rows 16-byte aligned, not 32
+    assert w4_mma.pick(rows, 4, 128, 4096) is None
+    assert w4_mma.pick(torch.empty(8, 256 + 16, dtype=torch.bfloat16)[:, :256], 4, 128, 4096) is not None
     monkeypatch.setattr(w4_mma, "_capability", lambda device: (7, 5))
     assert pick(8) is None
 

@@ -112,6 +112,8 @@ def pick(x2: torch.Tensor, bits: int, group_size: int, N: int) -> MmaConfig | No
         return None
     if not x2.is_cuda or x2.dtype != torch.bfloat16 or _capability(x2.device) < MIN_CAPABILITY:
         return None
+    if x2.stride(0) % 16 or x2.data_ptr() % 16:  # 16-byte cp.async of x's rows: Triton proves their alignment
+        return None                              # from a pointer and row stride divisible by 16
     return _bucket(min(M, ROWS_PER_LAUNCH)) if all(N % c.block_n == 0 for c in CONFIGS.values()) else None
 
 
