@@ -1,8 +1,9 @@
 """Weight-only int4 / int8 kernels (``onecard.kernels.wo_matmul``) vs bf16 cuBLAS, per linear shape, one process.
 
     PYTHONPATH=src python benchmarks/quant_kernels.py           # H100: ~1 min, the configs in wo_matmul.CONFIGS
-    PYTHONPATH=src python benchmarks/quant_kernels.py --sweep   # H100: ~10 min, tries the config grid and prints
-                                                                #   a CONFIGS table to paste into wo_matmul.py
+    PYTHONPATH=src python benchmarks/quant_kernels.py --sweep   # H100: ~10 min, tries the config grids and prints
+                                                                #   CONFIGS tables to paste into wo_matmul.py and
+                                                                #   w4_mma.py
     TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/quant_kernels.py --smoke   # CPU (Triton interpreter), tiny shapes, < 2 min
 
 Shapes: the Llama-2-7B linears as the engine fuses them (K x N: qkv 4096x12288,
@@ -125,6 +126,14 @@ def candidates(M: int, bits: int, smoke: bool) -> list[KernelConfig]:
 MMA = "mma"  # the engine's path for int4 g128 at 2-64 rows of bf16 x on CUDA: onecard.kernels.w4_mma (Gluon)
 
 
+def mma_candidates(rows: int) -> list[w4_mma.MmaConfig]:
+    """The sweep grid of ``kernels.w4_mma`` for its row bucket ``rows`` (8, 16, 32): the bucket's row tile, 64 or 128
+    columns, 4 or 8 warps (16 columns each at least), 3 or 4 stages, split-K from 1.5 to 8 programs per SM."""
+    return [w4_mma.MmaConfig(rows, bn, warps, stages, waves)
+            for bn in (64, 128) for warps in (4, 8) if 16 * warps <= bn
+            for stages in (3, 4) for waves in (1.5, 3.0, 6.0, 8.0)]
+
+
 def short(c: KernelConfig | str | None) -> str:
     if c is None:
         return "dequantize + cuBLAS"
@@ -216,6 +225,32 @@ def main() -> None:
                 best[M, bits] = c
                 console.print(f"int{bits} M={M}: {len(scored)} configs, best {short(c)} ({us:.1f} us per layer), "
                               f"{time.perf_counter() - t_start:.0f} s so far")
+
+    if a.sweep and device == "cuda" and w4_mma.gluon is not None:  # and w4_mma's own table, one bucket at a time
+        swept = {}
+        for bucket in w4_mma.CONFIGS:
+            if w4_mma.pick(xs[bucket, shapes["qkv"][0]], 4, 128, shapes["qkv"][1]) is None:
+                continue  # not on this GPU (compute capability) or this Triton
+
+            def mma_layer_us(c: w4_mma.MmaConfig, M: int = bucket) -> float:
+                us = 0.0
+                for s, (K, N) in shapes.items():
+                    def fn(c=c, K=K, s=s) -> torch.Tensor:
+                        return w4_mma.w4_mma(xs[M, K], *weights[4, s], c)
+                    if rel_err(fn(), refs[4, s, M]) > 2e-2:
+                        raise SystemExit(f"w4_mma {c} M={M} {s}: wrong result")
+                    us += bench(fn)
+                return us
+            scored = [(mma_layer_us(c), c) for c in mma_candidates(bucket)]
+            us, swept[bucket] = min(scored, key=lambda t: t[0])
+            console.print(f"w4_mma M={bucket}: {len(scored)} configs, best {swept[bucket]} ({us:.1f} us per layer)")
+        if swept:
+            w4_mma.CONFIGS.update(swept)  # the rows below time the swept table
+            console.print("[bold]paste into src/onecard/kernels/w4_mma.py:[/]")
+            print("CONFIGS: dict[int, MmaConfig] = {")
+            for bucket, c in sorted(w4_mma.CONFIGS.items()):
+                print(f"    {bucket}: MmaConfig({c.block_m}, {c.block_n}, {c.num_warps}, {c.stages}, {c.waves}),")
+            print("}")
 
     rows = []
     for bits in (4, 8):

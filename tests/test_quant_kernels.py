@@ -298,3 +298,13 @@ def test_sweep_grid_tries_what_each_row_runs(benchmark_script):
             points = {dataclasses.replace(c, num_stages=row.num_stages, pdl=row.pdl)
                       for c in qk.candidates(M, bits, smoke=False)}
             assert row in points, (M, bits, row)
+
+
+def test_w4_mma_sweep_grid_holds_its_table(benchmark_script):
+    """``--sweep`` also tunes ``kernels.w4_mma`` per row bucket; each current row must be a point of its grid."""
+    from onecard.kernels import w4_mma
+
+    qk = benchmark_script("quant_kernels")
+    for bucket, row in w4_mma.CONFIGS.items():
+        grid = qk.mma_candidates(bucket)
+        assert row in grid and {c.block_m for c in grid} == {bucket}
