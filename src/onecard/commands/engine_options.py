@@ -46,8 +46,9 @@ ENGINE_FLAGS: tuple[EngineFlag, ...] = (
     EngineFlag("device", ("--device",), str, "cpu, cuda or cuda:N (default: cuda if present)."),
     EngineFlag("quantization", ("--quantization",), str, "On-the-fly weight quantization: rtn-int4, int8 or fp8 "
                "(weights and activations; RTX 40xx/H100) (a GPTQ/AWQ folder is read as stored)."),
-    EngineFlag("int4_kernel", ("--int4-kernel",), str, "int4 matmul on CUDA: triton (onecard's) or tinygemm "
-               "(PyTorch's; faster at batch 1, slower prefill; bf16, no offload)."),
+    EngineFlag("int4_kernel", ("--int4-kernel",), str, "int4 matmul on CUDA: triton (onecard's; tensor cores at "
+               "2-64 sequences) or tinygemm (PyTorch's; slower at 1-64 sequences and prefill on H100/H200; bf16, "
+               "no offload)."),
     EngineFlag("decode_gemv", ("--decode-gemv/--no-decode-gemv",), bool, "CUDA: bf16/fp16 linears at batch-1 "
                "decode through onecard's Triton GEMV (off: cuBLAS; default: on, off with speculation)."),
     EngineFlag("max_model_len", ("--max-model-len",), int, "Context length: prompt + output (default: the model's, "

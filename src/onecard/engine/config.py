@@ -51,7 +51,7 @@ class EngineConfig:
     ngram_min_size: int = 1  # shortest one: a step whose context suffix matches only shorter ones drafts nothing
     speculative_model: str | Path | None = None  # a small model with the same tokenizer drafts instead of n-grams
     offload_layers: int | str = 0  # decoder layers kept in pinned CPU memory, streamed in per step ("auto": planner's)
-    int4_kernel: str = "triton"  # CUDA int4 matmul: ours, or "tinygemm" (PyTorch's; faster bs=1, 15x slower prefill)
+    int4_kernel: str = "triton"  # CUDA int4 matmul: ours (Triton; Gluon tensor cores at 2-64 rows), or "tinygemm"
     # CUDA bf16/fp16 linears at bs=1 decode: onecard's Triton GEMV (kernels/gemv.py), not cuBLAS. None: on for CUDA
     # without speculation (a verify step's k+1 rows go to cuBLAS, which rounds unlike the GEMV: greedy would drift)
     decode_gemv: bool | None = None
