@@ -30,11 +30,10 @@ from rich.table import Table
 from onecard.bench.results import save_figure, write_result
 from onecard.engine.offload import resident_step_bytes
 from onecard.kernels import w4_mma
-
-TRITON_ONLY = "int4-triton-only"  # the int4 arm without kernels.w4_mma (2-64 rows), for the same-process A/B
 from onecard.testing.checkpoints import benchmark_model
 
 GiB = 2**30
+TRITON_ONLY = "int4-triton-only"  # the int4 arm without kernels.w4_mma (2-64 rows), for the same-process A/B
 
 
 def parse() -> argparse.Namespace:

@@ -178,16 +178,17 @@ def main() -> None:
             result[f"{fl}_m{M}_{K}x{N}_us"] = bench(lambda x=xs[M, K], w=w: F.linear(x, w))
         result[f"{fl}_m1_{K}x{N}_gbs"] = K * N * w.element_size() / result[f"{fl}_m1_{K}x{N}_us"] / 1e3
 
-    def run(bits: int, s: str, M: int, config: KernelConfig | str | None) -> tuple[float, float]:
-        """(us, relative error) of one linear; ``config`` None is the dequantize + cuBLAS path, MMA w4_mma."""
-        K, N = shapes[s]
+    def run(bits: int, s: str, M: int, config: KernelConfig | w4_mma.MmaConfig | str | None) -> tuple[float, float]:
+        """(us, relative error) of one linear; ``config`` None is the dequantize + cuBLAS path, MMA w4_mma with its
+        table, an ``MmaConfig`` w4_mma with that config."""
+        K = shapes[s][0]
         gs = group(bits, K)
 
         def fn() -> torch.Tensor:
             if config is None:
                 return dequant_gemm(xs[M, K], *weights[bits, s], bits, gs)
-            if config == MMA:
-                return w4_mma.w4_mma(xs[M, K], *weights[bits, s], w4_mma.pick(xs[M, K], bits, gs, N))
+            if config == MMA or isinstance(config, w4_mma.MmaConfig):
+                return w4_mma.w4_mma(xs[M, K], *weights[bits, s], None if config == MMA else config)
             return wo_matmul(xs[M, K], *weights[bits, s], bits, gs, config)
         err = rel_err(fn(), refs[bits, s, M])
         if err > 2e-2:
@@ -232,16 +233,7 @@ def main() -> None:
             if w4_mma.pick(xs[bucket, shapes["qkv"][0]], 4, 128, shapes["qkv"][1]) is None:
                 continue  # not on this GPU (compute capability) or this Triton
 
-            def mma_layer_us(c: w4_mma.MmaConfig, M: int = bucket) -> float:
-                us = 0.0
-                for s, (K, N) in shapes.items():
-                    def fn(c=c, K=K, s=s) -> torch.Tensor:
-                        return w4_mma.w4_mma(xs[M, K], *weights[4, s], c)
-                    if rel_err(fn(), refs[4, s, M]) > 2e-2:
-                        raise SystemExit(f"w4_mma {c} M={M} {s}: wrong result")
-                    us += bench(fn)
-                return us
-            scored = [(mma_layer_us(c), c) for c in mma_candidates(bucket)]
+            scored = [(sum(run(4, s, bucket, c)[0] for s in shapes), c) for c in mma_candidates(bucket)]
             us, swept[bucket] = min(scored, key=lambda t: t[0])
             console.print(f"w4_mma M={bucket}: {len(scored)} configs, best {swept[bucket]} ({us:.1f} us per layer)")
         if swept:

@@ -48,6 +48,7 @@ try:
     # renamed in Triton 3.7+, where the old name raises
     _async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared
     _barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # renamed in 3.7+ as well
+    # the layouts ``layouts`` builds: a Gluon without them goes to the except below, not to a failure at first call
     _LAYOUTS = (gl.DistributedLinearLayout, gl.NVMMADistributedLayout, gl.SwizzledSharedLayout)
 except (ImportError, AttributeError):  # pragma: no cover - Triton without this much of Gluon
     gluon = None

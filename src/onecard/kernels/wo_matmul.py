@@ -743,8 +743,8 @@ def wo_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         if x.is_cuda:
             from onecard.kernels import w4_mma  # imports this module
 
-            mma = w4_mma.pick(x2, bits, group_size, N)
-            y = None if mma is None else w4_mma.w4_mma(x2, qweight, scales, zeros)
+            # None where it does not apply, or (warned once) where this Triton cannot build it
+            y = w4_mma.w4_mma(x2, qweight, scales, zeros) if w4_mma.pick(x2, bits, group_size, N) else None
             if y is not None:
                 return y.reshape(*lead, N)
         config = pick_config(M, bits)
