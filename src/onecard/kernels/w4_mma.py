@@ -14,10 +14,11 @@ Marlin's design, on the GPTQ words as stored (no pre-shuffled copy):
   care), and its B fragment is x's eight consecutive values ``32 c + 8 t ..`` (one 16-byte load). Both operands
   go from shared memory to registers once and into the mma with no bf16 round trip.
 
-Measured (``benchmarks/quant_kernels.py``, one H200, a Llama-2-7B layer's four linears, graph-timed with L2
-flushed): at 4 / 8 / 16 / 32 rows 67.4 / 69.4 / 86.9 / 111.1 µs against the Triton kernels' 93.7 / 109.7 / 115.1 /
-168.1 and bf16 cuBLAS's ~140. 64 rows in one launch were no faster than ``dot_t`` (dev: 273.0 against 268.3 µs),
-so 33-64 rows run as two launches of up to 32 (224.0 against 266.3 at 64). Split-K as ``wo_matmul``'s kernels do
+Measured (``benchmarks/quant_kernels.py``, ``docs/results/quant_kernels.json``, one H200, a Llama-2-7B layer's four
+linears, graph-timed with L2 flushed): at 2 / 4 / 8 / 16 / 32 rows 67.7 / 67.7 / 70.1 / 86.6 / 111.0 µs against the
+Triton kernels' 80.7 / 95.4 / 110.1 / 115.8 / 169.0 and bf16 cuBLAS's ~135-140. 64 rows in one launch were no
+faster than ``dot_t`` (dev: 273.0 against 268.3 µs), so 33-64 rows run as two launches of up to 32 (224.7 against
+267.7 at 64). Split-K as ``wo_matmul``'s kernels do
 it: the last split of a tile sums the fp32 partials and writes the output, no memset or cast.
 
 It needs CUDA compute capability 8.0+, bf16 x, g128 codes and ``N`` a multiple of the tile; the Triton kernels run
