@@ -6,7 +6,8 @@
 Arms: bf16 engine; ``quantization="int8"`` (per-channel RTN) and ``"rtn-int4"``
 (group 128, the GPTQ-g128 layout — speed does not depend on how the codes were
 chosen) with onecard's kernels (the default: Triton, and on CUDA the Gluon tensor-core kernel
-``kernels.w4_mma`` at 2-64 rows), on CUDA also without that kernel (``int4-triton-only``, the same-process A/B)
+``kernels.wo_mma``: int4 at 2-64 rows, int8 at 1-32), on CUDA also without that kernel (``int4-triton-only``,
+``int8-triton-only``: the same-process A/B)
 and with PyTorch's tinygemm kernel (``int4_kernel="tinygemm"``); and ``"fp8"`` (e4m3 weights and activations, not weight-only:
 ``Fp8Linear``). Each arm: bs=1 and bs=16 decode (ms per step, tok/s; ``--more-batches`` adds batch sizes),
 2k-token prefill (ms), peak GiB, and % of the bandwidth roofline: the bytes one
@@ -29,11 +30,12 @@ from rich.table import Table
 
 from onecard.bench.results import save_figure, write_result
 from onecard.engine.offload import resident_step_bytes
-from onecard.kernels import w4_mma
+from onecard.kernels import wo_mma
 from onecard.testing.checkpoints import benchmark_model
 
 GiB = 2**30
-TRITON_ONLY = "int4-triton-only"  # the int4 arm without kernels.w4_mma (2-64 rows), for the same-process A/B
+# arms without kernels.wo_mma, for the same-process A/B: arm -> the arm it is the A of
+TRITON_ONLY = {"int4-triton-only": "int4", "int8-triton-only": "int8"}
 
 
 def parse() -> argparse.Namespace:
@@ -172,17 +174,18 @@ def main() -> None:
     fl = "bf16" if dtype == "bfloat16" else "fp32"  # the float arm, named for what it really ran
     arms = ((fl, None, {}), ("int8", "int8", {}), ("int4", "rtn-int4", {}))
     if device == "cuda":
-        arms += ((TRITON_ONLY, "rtn-int4", {}), ("int4-tinygemm", "rtn-int4", {"int4_kernel": "tinygemm"}))
+        arms += (("int4-triton-only", "rtn-int4", {}), ("int8-triton-only", "int8", {}),
+                 ("int4-tinygemm", "rtn-int4", {"int4_kernel": "tinygemm"}))
     arms += (("fp8", "fp8", {}),)
     result: dict = {"model": str(model_dir), "dtype": dtype, "copy_bandwidth_gbs": bw, "decode_tokens": a.decode_tokens,
                     "prompt_len": a.prompt_len, "batch": a.batch, "batches": batch_sizes(a),
                     "prefill_len": a.prefill_len}
     for name, quant, kw in arms:
         console.print(f"[bold]{name}[/] ...")
-        w4_mma.set_enabled(name != TRITON_ONLY)
+        wo_mma.set_enabled(name not in TRITON_ONLY)
         for k, v in run_arm(model_dir, quant, dtype, device, a, bw, **kw).items():
             result[f"{name}_{k}"] = v
-    w4_mma.set_enabled(True)
+    wo_mma.set_enabled(True)
     b = a.batch
     for name in [n for n, _, _ in arms[1:]]:
         result[f"{name}_speedup_bs1_vs_{fl}"] = result[f"{fl}_bs1_ms_per_token"] / result[f"{name}_bs1_ms_per_token"]
@@ -191,10 +194,11 @@ def main() -> None:
                                                        / result[f"{name}_bs{bb}_ms_per_step"])
         result[f"{name}_prefill{a.prefill_len}_speed_ratio_vs_{fl}"] = (result[f"{fl}_prefill{a.prefill_len}_ms"]
                                                                        / result[f"{name}_prefill{a.prefill_len}_ms"])
-    if device == "cuda":  # the same-process A/B of kernels.w4_mma
-        for bb in (1, *batch_sizes(a)):
-            key = "bs1_ms_per_token" if bb == 1 else f"bs{bb}_ms_per_step"
-            result[f"int4_speedup_bs{bb}_vs_triton_only"] = result[f"{TRITON_ONLY}_{key}"] / result[f"int4_{key}"]
+    if device == "cuda":  # the same-process A/B of kernels.wo_mma
+        for off, on in TRITON_ONLY.items():
+            for bb in (1, *batch_sizes(a)):
+                key = "bs1_ms_per_token" if bb == 1 else f"bs{bb}_ms_per_step"
+                result[f"{on}_speedup_bs{bb}_vs_triton_only"] = result[f"{off}_{key}"] / result[f"{on}_{key}"]
     result.update(kernel_table(device, tdtype, shapes, ms_list))
 
     t = Table("arm", "bs=1 ms/tok", "bs=1 tok/s", f"bs={b} tok/s", f"prefill {a.prefill_len} ms", "step GiB",
@@ -231,7 +235,7 @@ def main() -> None:
     names = [n for n, _, _ in arms]
     for i, (key, label) in enumerate([("bs1_tok_s", "bs=1 decode tok/s"), (f"bs{b}_tok_s", f"bs={b} decode tok/s")]):
         vals = [result[f"{n}_{key}"] for n in names]
-        ax[i].bar(names, vals, color=["#888", "#4a90d9", "#2e7d32", "#81c784", "#9ccc65", "#f9a825"][:len(names)])
+        ax[i].bar(names, vals, color=["#888", "#4a90d9", "#2e7d32", "#81c784", "#90caf9", "#9ccc65", "#f9a825"][:len(names)])
         ax[i].set_title(label)
         for j, v in enumerate(vals):
             ax[i].text(j, v, f"{v:.0f}", ha="center", va="bottom")

@@ -3,7 +3,7 @@
     PYTHONPATH=src python benchmarks/quant_kernels.py           # H100: ~1 min, the configs in wo_matmul.CONFIGS
     PYTHONPATH=src python benchmarks/quant_kernels.py --sweep   # H100: ~10 min, tries the config grids and prints
                                                                 #   CONFIGS tables to paste into wo_matmul.py and
-                                                                #   w4_mma.py
+                                                                #   wo_mma.py
     TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/quant_kernels.py --smoke   # CPU (Triton interpreter), tiny shapes, < 2 min
 
 Shapes: the Llama-2-7B linears as the engine fuses them (K x N: qkv 4096x12288,
@@ -38,7 +38,7 @@ from rich.table import Table
 
 from onecard.bench.results import publish, speedup_bars
 from onecard.bench.timing import kernel_timer
-from onecard.kernels import w4_mma
+from onecard.kernels import wo_mma
 from onecard.kernels.wo_matmul import (
     CONFIGS,
     DEQUANT_GEMM_MIN_M,
@@ -123,13 +123,14 @@ def candidates(M: int, bits: int, smoke: bool) -> list[KernelConfig]:
     return out
 
 
-MMA = "mma"  # the engine's path for int4 g128 at 2-64 rows of bf16 x on CUDA: onecard.kernels.w4_mma (Gluon)
+MMA = "mma"  # the engine's path for int4 g128 at 2-64 and int8 per-channel at 1-32 rows of bf16 x on CUDA:
+# onecard.kernels.wo_mma (Gluon)
 
 
-def mma_candidates(rows: int) -> list[w4_mma.MmaConfig]:
-    """The sweep grid of ``kernels.w4_mma`` for its row bucket ``rows`` (8, 16, 32): the bucket's row tile, 64 or 128
+def mma_candidates(rows: int) -> list[wo_mma.MmaConfig]:
+    """The sweep grid of ``kernels.wo_mma`` for its row bucket ``rows`` (8, 16, 32): the bucket's row tile, 64 or 128
     columns, 4 or 8 warps (16 columns each at least), 3 or 4 stages, split-K from 1.5 to 8 programs per SM."""
-    return [w4_mma.MmaConfig(rows, bn, warps, stages, waves)
+    return [wo_mma.MmaConfig(rows, bn, warps, stages, waves)
             for bn in (64, 128) for warps in (4, 8) if 16 * warps <= bn
             for stages in (3, 4) for waves in (1.5, 3.0, 6.0, 8.0)]
 
@@ -138,7 +139,7 @@ def short(c: KernelConfig | str | None) -> str:
     if c is None:
         return "dequantize + cuBLAS"
     if c == MMA:
-        return "w4_mma (Gluon, tensor cores)"
+        return "wo_mma (Gluon, tensor cores)"
     return (f"{c.kernel} m{c.block_m} n{c.block_n} kp{c.block_kp} waves{c.waves:g} "
             f"warps{c.num_warps} stages{c.num_stages}{' prefetch' if c.prefetch else ''}")
 
@@ -178,17 +179,17 @@ def main() -> None:
             result[f"{fl}_m{M}_{K}x{N}_us"] = bench(lambda x=xs[M, K], w=w: F.linear(x, w))
         result[f"{fl}_m1_{K}x{N}_gbs"] = K * N * w.element_size() / result[f"{fl}_m1_{K}x{N}_us"] / 1e3
 
-    def run(bits: int, s: str, M: int, config: KernelConfig | w4_mma.MmaConfig | str | None) -> tuple[float, float]:
-        """(us, relative error) of one linear; ``config`` None is the dequantize + cuBLAS path, MMA w4_mma with its
-        table, an ``MmaConfig`` w4_mma with that config."""
+    def run(bits: int, s: str, M: int, config: KernelConfig | wo_mma.MmaConfig | str | None) -> tuple[float, float]:
+        """(us, relative error) of one linear; ``config`` None is the dequantize + cuBLAS path, MMA wo_mma with its
+        table, an ``MmaConfig`` wo_mma with that config."""
         K = shapes[s][0]
         gs = group(bits, K)
 
         def fn() -> torch.Tensor:
             if config is None:
                 return dequant_gemm(xs[M, K], *weights[bits, s], bits, gs)
-            if config == MMA or isinstance(config, w4_mma.MmaConfig):
-                return w4_mma.w4_mma(xs[M, K], *weights[bits, s], None if config == MMA else config)
+            if config == MMA or isinstance(config, wo_mma.MmaConfig):
+                return wo_mma.wo_mma(xs[M, K], *weights[bits, s], bits, None if config == MMA else config)
             return wo_matmul(xs[M, K], *weights[bits, s], bits, gs, config)
         err = rel_err(fn(), refs[bits, s, M])
         if err > 2e-2:
@@ -201,7 +202,7 @@ def main() -> None:
         deq = any(M >= dequant_min_rows(bits, group(bits, K), K) for K, _ in shapes.values())
         if device == "cuda" and deq:
             return None
-        if all(w4_mma.pick(xs[M, K], bits, group(bits, K), N) for K, N in shapes.values()):
+        if all(wo_mma.pick(xs[M, K], bits, group(bits, K), N) for K, N in shapes.values()):
             return MMA
         return pick_config(M, bits)
 
@@ -227,21 +228,25 @@ def main() -> None:
                 console.print(f"int{bits} M={M}: {len(scored)} configs, best {short(c)} ({us:.1f} us per layer), "
                               f"{time.perf_counter() - t_start:.0f} s so far")
 
-    if a.sweep and device == "cuda" and w4_mma.gluon is not None:  # and w4_mma's own table, one bucket at a time
-        swept = {}
-        for bucket in w4_mma.CONFIGS:
-            if w4_mma.pick(xs[bucket, shapes["qkv"][0]], 4, 128, shapes["qkv"][1]) is None:
-                continue  # not on this GPU (compute capability) or this Triton
-
-            scored = [(sum(run(4, s, bucket, c)[0] for s in shapes), c) for c in mma_candidates(bucket)]
-            us, swept[bucket] = min(scored, key=lambda t: t[0])
-            console.print(f"w4_mma M={bucket}: {len(scored)} configs, best {swept[bucket]} ({us:.1f} us per layer)")
+    if a.sweep and device == "cuda" and wo_mma.gluon is not None:  # and wo_mma's own table, one bucket at a time
+        swept = False
+        for bits, table in wo_mma.CONFIGS.items():
+            qkv_k, qkv_n = shapes["qkv"]
+            for bucket in table:
+                if wo_mma.pick(xs[bucket, qkv_k], bits, group(bits, qkv_k), qkv_n) is None:
+                    continue  # not on this GPU (compute capability), this Triton, or (int8 in groups) these codes
+                scored = [(sum(run(bits, s, bucket, c)[0] for s in shapes), c) for c in mma_candidates(bucket)]
+                us, table[bucket] = min(scored, key=lambda t: t[0])  # the rows below time the swept table
+                swept = True
+                console.print(f"wo_mma int{bits} M={bucket}: {len(scored)} configs, best {table[bucket]} "
+                              f"({us:.1f} us per layer)")
         if swept:
-            w4_mma.CONFIGS.update(swept)  # the rows below time the swept table
-            console.print("[bold]paste into src/onecard/kernels/w4_mma.py:[/]")
-            print("CONFIGS: dict[int, MmaConfig] = {")
-            for bucket, c in sorted(w4_mma.CONFIGS.items()):
-                print(f"    {bucket}: MmaConfig({c.block_m}, {c.block_n}, {c.num_warps}, {c.stages}, {c.waves}),")
+            console.print("[bold]paste into src/onecard/kernels/wo_mma.py:[/]")
+            print("CONFIGS: dict[int, dict[int, MmaConfig]] = {")
+            for bits, table in wo_mma.CONFIGS.items():
+                rows = ", ".join(f"{b}: MmaConfig({c.block_m}, {c.block_n}, {c.num_warps}, {c.stages}, {c.waves})"
+                                 for b, c in sorted(table.items()))
+                print(f"    {bits}: {{{rows}}},")
             print("}")
 
     rows = []
@@ -276,7 +281,7 @@ def main() -> None:
     for q, s, kn, M, us, gbs, pct, fus, sp in rows:
         t.add_row(q, s, kn, str(M), f"{us:.1f}", f"{gbs:.0f}", f"{pct:.0f}%", f"{fus:.1f}", f"{sp:.2f}x")
     console.print(t)
-    lt = Table("w", "M", "config", "layer us", f"layer speedup vs {fl}", "Triton kernel us (w4_mma rows)",
+    lt = Table("w", "M", "config", "layer us", f"layer speedup vs {fl}", "Triton kernel us (wo_mma rows)",
                title="per layer (sum of the four linears)")
     for bits in (4, 8):
         for M in ms:

@@ -163,18 +163,18 @@ def test_demo_rejects_a_bad_device_in_one_line(monkeypatch, capsys):
         assert code == 2 and "no CUDA GPU" in err and len(err.strip().splitlines()) == 1
 
 
-def test_doctor_says_where_int4_runs_on_tensor_cores():
-    """The w4_mma line: on a GPU only, sm_80+ only, and only with a Triton whose Gluon has what it uses."""
+def test_doctor_says_where_int4_and_int8_run_on_tensor_cores():
+    """The wo_mma line: on a GPU only, sm_80+ only, and only with a Triton whose Gluon has what it uses."""
     import importlib
 
-    from onecard.kernels import w4_mma
+    from onecard.kernels import wo_mma
 
     probe = importlib.import_module("onecard.hardware.probe")  # the module; onecard.hardware.probe is its function
-    name = "int4 decode of 2-64 sequences on tensor cores (kernels.w4_mma, Gluon)"
-    assert probe._int4_tensor_core_feature(False, (9, 0)) == probe.Feature(name, False, "needs Triton + a CUDA GPU")
-    turing = probe._int4_tensor_core_feature(True, (7, 5))
-    ampere = probe._int4_tensor_core_feature(True, (8, 6))
-    if w4_mma.gluon is None:
+    name = "int4 decode of 2-64 / int8 of 1-32 sequences on tensor cores (kernels.wo_mma, Gluon)"
+    assert probe._wo_tensor_core_feature(False, (9, 0)) == probe.Feature(name, False, "needs Triton + a CUDA GPU")
+    turing = probe._wo_tensor_core_feature(True, (7, 5))
+    ampere = probe._wo_tensor_core_feature(True, (8, 6))
+    if wo_mma.gluon is None:
         assert not turing.ok and not ampere.ok and "Gluon" in ampere.why
     else:
         assert not turing.ok and "sm_80" in turing.why

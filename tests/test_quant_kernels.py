@@ -300,11 +300,12 @@ def test_sweep_grid_tries_what_each_row_runs(benchmark_script):
             assert row in points, (M, bits, row)
 
 
-def test_w4_mma_sweep_grid_holds_its_table(benchmark_script):
-    """``--sweep`` also tunes ``kernels.w4_mma`` per row bucket; each current row must be a point of its grid."""
-    from onecard.kernels import w4_mma
+def test_wo_mma_sweep_grid_holds_its_table(benchmark_script):
+    """``--sweep`` also tunes ``kernels.wo_mma`` per row bucket; each current row must be a point of its grid."""
+    from onecard.kernels import wo_mma
 
     qk = benchmark_script("quant_kernels")
-    for bucket, row in w4_mma.CONFIGS.items():
-        grid = qk.mma_candidates(bucket)
-        assert row in grid and {c.block_m for c in grid} == {bucket}
+    for table in wo_mma.CONFIGS.values():
+        for bucket, row in table.items():
+            grid = qk.mma_candidates(bucket)
+            assert row in grid and {c.block_m for c in grid} == {bucket}

@@ -134,22 +134,22 @@ def probe() -> MachineReport:
     return report
 
 
-def _int4_tensor_core_feature(triton_ok: bool, cc: tuple[int, int]) -> Feature:
-    """Whether int4 decode of 2-64 sequences can run on tensor cores (``kernels.w4_mma``): a Triton whose Gluon
-    has what the kernel uses, on sm_80+. Whether that Gluon builds it shows at the first call (a warning, then the
-    Triton kernels)."""
-    name = "int4 decode of 2-64 sequences on tensor cores (kernels.w4_mma, Gluon)"
+def _wo_tensor_core_feature(triton_ok: bool, cc: tuple[int, int]) -> Feature:
+    """Whether int4 / int8 decode of a few sequences can run on tensor cores (``kernels.wo_mma``): a Triton whose
+    Gluon has what the kernel uses, on sm_80+. Whether that Gluon builds it shows at the first call (a warning, then
+    the Triton kernels)."""
+    name = "int4 decode of 2-64 / int8 of 1-32 sequences on tensor cores (kernels.wo_mma, Gluon)"
     if not triton_ok:
         return Feature(name, False, "needs Triton + a CUDA GPU")
-    from onecard.kernels import w4_mma
+    from onecard.kernels import wo_mma
 
-    if w4_mma.gluon is None:
+    if wo_mma.gluon is None:
         import triton
 
         return Feature(name, False, f"Triton {triton.__version__} lacks the Gluon parts it uses (3.6 and 3.9 work): "
-                                    "int4 runs the Triton kernels, 1.1-1.3x slower there")
-    if cc < w4_mma.MIN_CAPABILITY:
-        return Feature(name, False, "needs sm_80+ (Ampere or newer): int4 runs the Triton kernels")
+                                    "int4/int8 run the Triton kernels, 1.1-1.5x slower there")
+    if cc < wo_mma.MIN_CAPABILITY:
+        return Feature(name, False, "needs sm_80+ (Ampere or newer): int4/int8 run the Triton kernels")
     return Feature(name, True, "Triton with Gluon, sm_80+")
 
 
@@ -174,7 +174,7 @@ def features(report: MachineReport, found: dict[str, bool]) -> list[Feature]:
     else:
         triton_ok, why = False, "need Triton + a CUDA GPU: pip install 'onecard[kernels]'"
     out.append(Feature("Triton kernels: int4/int8 GEMM, paged attention, fused ops", triton_ok, why))
-    out.append(_int4_tensor_core_feature(triton_ok, cc))
+    out.append(_wo_tensor_core_feature(triton_ok, cc))
     out.append(Feature("CUDA-graph decode", gpu is not None, "CUDA GPU present" if gpu else need_gpu))
     multi = len(report.gpus) >= 2
     out.append(Feature("multi-GPU training (torchrun + FSDP2 over NCCL)", multi,

@@ -728,8 +728,8 @@ def wo_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
 
     ``config`` overrides the table (benchmarks, tests); without it, long
     prefills on CUDA take the dequantize + cuBLAS path, and int4 g128 at 2-64
-    rows of bf16 x on an Ampere-or-later GPU the tensor-core kernel of
-    ``kernels.w4_mma``.
+    rows and int8 per-channel at 1-32 rows of bf16 x on an Ampere-or-later GPU
+    the tensor-core kernel of ``kernels.wo_mma``.
     """
     K, N = _check(qweight, scales, zeros, bits, group_size)
     lead = x.shape[:-1]
@@ -741,10 +741,10 @@ def wo_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         if x.is_cuda and M >= dequant_min_rows(bits, group_size, K):
             return dequant_gemm(x2, qweight, scales, zeros, bits, group_size).reshape(*lead, N)
         if x.is_cuda:
-            from onecard.kernels import w4_mma  # imports this module
+            from onecard.kernels import wo_mma  # imports this module
 
             # None where it does not apply, or (warned once) where this Triton cannot build it
-            y = w4_mma.w4_mma(x2, qweight, scales, zeros) if w4_mma.pick(x2, bits, group_size, N) else None
+            y = wo_mma.wo_mma(x2, qweight, scales, zeros, bits) if wo_mma.pick(x2, bits, group_size, N) else None
             if y is not None:
                 return y.reshape(*lead, N)
         config = pick_config(M, bits)
