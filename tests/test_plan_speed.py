@@ -188,8 +188,9 @@ def test_each_models_batched_steps_from_the_other_models_factors():
 def test_batch_factors_of_one_card_predict_another_cards_batched_step():
     """The factors come from the H200's runs; the H100's run (docs/results/h100, not in the fit) has 16-sequence
     steps. Per format, its bs=16 step over its bs=1 step is predicted within 5 % (bf16 1.31x, int8 1.60x measured).
-    Not int4: that run (d90d0ee) predates kernels.w4_mma, which has served int4 at 2-64 sequences since fd2123a, so
-    its int4 step and the H200 fit's are different kernels (1.99x measured there, 1.76x predicted from the fit). Absolute
+    Not int4: that run (d90d0ee) predates kernels.wo_mma, which has served int4 at 2-64 sequences since fd2123a, so
+    its int4 step and the H200 fit's are different kernels (1.99x measured there, 1.64x predicted from the fit).
+    int8 moved to wo_mma at 7a1cc06 at bs=1 and bs=16 alike, and its ratio still holds (1.62x predicted). Absolute
     speeds on another card carry the bs=1 fit's own cross-card error (docs/planner.md)."""
     model = decode_model(str(RESULTS_DIR))
     h100 = {"h100/quant_decode.json": load_results(str(RESULTS_DIR / "h100"))["quant_decode.json"]}
