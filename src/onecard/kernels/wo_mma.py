@@ -103,7 +103,8 @@ CONFIGS: dict[int, dict[int, MmaConfig]] = {
 }
 # One int4 row keeps the packed GEMV (wo_matmul): an engine A/B (dev .device/mma_m1_ab.py, one H200, int4
 # Llama-2-7B, two alternating rounds) gave bs=1 1.668-1.777 ms/token with it against 1.801-1.804 with this kernel,
-# and bs=2 2.171-2.268 ms/step against 1.901-1.906. int8's GEMV is slower than this kernel at one row (above).
+# and bs=2 2.171-2.268 ms/step against 1.901-1.906; again with the words loaded before the PDL wait (dev
+# .device/prologue_ab.py, one round): 2.236 against 2.365. int8's GEMV is slower than this kernel at one row.
 MIN_ROWS = {4: 2, 8: 1}
 ROWS_PER_LAUNCH = 32
 # int4: 33-64 rows run as two launches of up to 32, each reading every weight: still less than dot_t's one launch
@@ -202,7 +203,7 @@ add.rn.f16x2 $1, $1, $3;
     @gluon.jit
     def _issue(w_smem, x_smem, qw_ptr, x_ptr, w_off, x_off, x_mask, N, blk, ok, slot, WR: gl.constexpr):
         """cp.async K block ``blk``'s words and x tile into ring slot ``slot`` (zero-filled where ``ok`` is
-        false)."""
+        false), as one group."""
         _async_load(w_smem.index(slot), qw_ptr + blk * WR * N + w_off, mask=ok & (w_off >= 0))
         _async_load(x_smem.index(slot), x_ptr + blk * 128 + x_off, mask=ok & x_mask)
         cp.commit_group()
@@ -259,8 +260,6 @@ add.rn.f16x2 $1, $1, $3;
                        LX: gl.constexpr, MMA: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, CW: gl.constexpr,
                        CX: gl.constexpr, SW: gl.constexpr, SX: gl.constexpr):
         WR: gl.constexpr = 4 * BITS  # int32 word rows of a 128-wide K block
-        if PDL:
-            _gdc_wait()
         pid_n = gl.program_id(0)
         pid_k = gl.program_id(1)
         n0 = pid_n * BN
@@ -277,9 +276,13 @@ add.rn.f16x2 $1, $1, $3;
         sn = gl.arange(0, BN, layout=gl.SliceLayout(1, MMA)) + n0
         b0 = pid_k * blocks_per_split
         count = gl.minimum(K // 128 - b0, blocks_per_split)
+        # The ring's first blocks: words, scales and zeros before the PDL wait (no kernel of a decode step writes
+        # them, so they load while the previous kernel finishes, as the GEMVs' first tile does), x after it. Each
+        # load is its own cp.async group, words first: at block i < STAGES - 1 the loop's wait_group(STAGES - 2)
+        # leaves pending only x tiles after x_i (or later blocks), so words_i and x_i have landed.
         for s in gl.static_range(STAGES - 1):
-            _issue(w_smem, x_smem, qw_ptr, x_ptr, w_off, x_off, x_mask, N, b0 + s, s < count, s, WR)
-        acc = gl.zeros([BN, BM], gl.float32, MMA)
+            _async_load(w_smem.index(s), qw_ptr + (b0 + s) * WR * N + w_off, mask=(s < count) & (w_off >= 0))
+            cp.commit_group()
         if BITS == 4:  # a scale and zero per group (= K block), the next group's loaded a block ahead
             z = gl.load(z_ptr + b0 * N + wn).to(gl.float32)
             sc = gl.load(s_ptr + b0 * N + sn).to(gl.float32)
@@ -287,6 +290,13 @@ add.rn.f16x2 $1, $1, $3;
             zh = (-1024.0 - gl.load(z_ptr + wn).to(gl.float32)).to(gl.float16).to(gl.int16, bitcast=True)
             zh = zh.to(gl.int32) & 0xFFFF
             nz = gl.expand_dims(zh | (zh << 16), 1) + gl.zeros([BN, 4], gl.int32, LW)
+            sc = gl.load(s_ptr + sn).to(gl.float32) * 256.0  # and the 2**8 x is scaled down by
+        if PDL:
+            _gdc_wait()
+        for s in gl.static_range(STAGES - 1):
+            _async_load(x_smem.index(s), x_ptr + (b0 + s) * 128 + x_off, mask=(s < count) & x_mask)
+            cp.commit_group()
+        acc = gl.zeros([BN, BM], gl.float32, MMA)
         for i in range(count):
             blk = b0 + i
             if BITS == 4:
@@ -308,8 +318,8 @@ add.rn.f16x2 $1, $1, $3;
                 acc = _block_product8(w_smem.index(i % STAGES), x_smem.index(i % STAGES), nz, acc, BN, BM, LW, LX,
                                       A_L, B_L)
         cp.wait_group(0)
-        if BITS == 8:  # the per-channel scale, and the 2**8 x was scaled down by
-            acc = acc * gl.expand_dims(gl.load(s_ptr + sn).to(gl.float32) * 256.0, 1)
+        if BITS == 8:
+            acc = acc * gl.expand_dims(sc, 1)
         if PDL:
             _gdc_launch_dependents()
         on = gl.arange(0, BN, layout=gl.SliceLayout(1, MMA)) + n0
