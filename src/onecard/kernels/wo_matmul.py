@@ -77,7 +77,9 @@ H100 (97 us for a 7B gate/up), where the ``dot`` kernel took ~1.2 ms per layer
 at M = 64 against ~0.19 ms for bf16 cuBLAS; at 1000-prompt offline throughput
 this took int4 from 1,692 to 4,346 tok/s (M >= 16 gave 4,158; dev A/B, H100).
 The scratch weight (the largest layer's, once) is memory that start-up and the
-planner set aside: ``dequant_scratch_bytes``.
+planner set aside: ``dequant_scratch_bytes``. Below that, on an Ampere-or-later
+GPU with bf16 x, int4 g128 at 2-64 rows and int8 per-channel at 1-32 rows run
+the Gluon tensor-core kernel of ``kernels.wo_mma`` instead of this table.
 """
 
 from __future__ import annotations
