@@ -133,14 +133,33 @@ def test_same_result_replayed_in_a_cuda_graph_on_gpu(bits):
         assert torch.equal(out, eager)
 
 
-@needs_gluon
-def test_a_triton_whose_gluon_cannot_build_it_falls_back_with_a_warning(monkeypatch):
+def _compile_error():
     from triton.compiler.errors import CompilationError
 
+    return CompilationError("k.py", None, "async_copy_global_to_shared has been removed")
+
+
+def _ptxas_error():
+    from triton.runtime.errors import PTXASError
+
+    return PTXASError("ptxas fatal: unknown instruction")
+
+
+def _out_of_shared_memory():
+    from triton.runtime.errors import OutOfResources
+
+    return OutOfResources(131072, 101376, "shared memory")
+
+
+@needs_gluon
+@pytest.mark.parametrize("error", [_compile_error, _ptxas_error, _out_of_shared_memory])
+def test_a_triton_whose_gluon_cannot_build_it_falls_back_with_a_warning(monkeypatch, error):
+    """A Gluon API change (compile error), a ptxas that rejects its PTX, a GPU with less shared memory a block than
+    a config needs: each is a warning and the Triton kernels, not a failed request."""
     class Broken:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                raise CompilationError("k.py", None, "async_copy_global_to_shared has been removed")
+                raise error()
             return launch
 
     monkeypatch.setattr(wo_mma, "_wo_mma_kernel", Broken())

@@ -47,7 +47,6 @@ from dataclasses import dataclass
 
 import torch
 import triton
-from triton.compiler.errors import CompilationError
 
 from onecard.kernels.counters import zeroed_counters
 from onecard.kernels.launch import use_pdl
@@ -58,6 +57,7 @@ try:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.errors import TritonError  # CompilationError, PTXASError, OutOfResources
 
     # renamed in Triton 3.7+, where the old name raises
     _async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared
@@ -365,7 +365,7 @@ def wo_mma(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
                                             BN=c.block_n, BM=c.block_m, STAGES=c.stages, SPLIT=split > 1, PDL=on,
                                             num_warps=c.num_warps, **({"launch_pdl": True} if on else {}),
                                             **layouts(c.block_n, c.block_m, c.num_warps, bits))
-        except (CompilationError, AttributeError, TypeError, RuntimeError) as e:  # compile-time, on the host
+        except (TritonError, AttributeError, TypeError, RuntimeError) as e:  # compile-time, on the host
             _unusable = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
             warnings.warn(f"onecard: the tensor-core weight-only kernel (kernels.wo_mma) does not build with Triton "
                           f"{triton.__version__} ({_unusable}); int4/int8 layers use the Triton kernels instead",
