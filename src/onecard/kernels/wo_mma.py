@@ -201,12 +201,15 @@ add.rn.f16x2 $1, $1, $3;
         return lo.to(dtype, bitcast=True), hi.to(dtype, bitcast=True)
 
     @gluon.jit
-    def _issue(w_smem, x_smem, qw_ptr, x_ptr, w_off, x_off, x_mask, N, blk, ok, slot, WR: gl.constexpr):
-        """cp.async K block ``blk``'s words and x tile into ring slot ``slot`` (zero-filled where ``ok`` is
-        false), as one group."""
+    def _load_words(w_smem, qw_ptr, w_off, N, blk, ok, slot, WR: gl.constexpr):
+        """cp.async K block ``blk``'s words into ring slot ``slot`` (zero-filled where ``ok`` is false); the caller
+        commits the group."""
         _async_load(w_smem.index(slot), qw_ptr + blk * WR * N + w_off, mask=ok & (w_off >= 0))
+
+    @gluon.jit
+    def _load_x(x_smem, x_ptr, x_off, x_mask, blk, ok, slot):
+        """cp.async K block ``blk``'s x tile into ring slot ``slot``, as ``_load_words``."""
         _async_load(x_smem.index(slot), x_ptr + blk * 128 + x_off, mask=ok & x_mask)
-        cp.commit_group()
 
     @gluon.jit
     def _block_product4(w_slot, x_slot, z, BN: gl.constexpr, BM: gl.constexpr, LW: gl.constexpr,
@@ -281,7 +284,7 @@ add.rn.f16x2 $1, $1, $3;
         # load is its own cp.async group, words first: at block i < STAGES - 1 the loop's wait_group(STAGES - 2)
         # leaves pending only x tiles after x_i (or later blocks), so words_i and x_i have landed.
         for s in gl.static_range(STAGES - 1):
-            _async_load(w_smem.index(s), qw_ptr + (b0 + s) * WR * N + w_off, mask=(s < count) & (w_off >= 0))
+            _load_words(w_smem, qw_ptr, w_off, N, b0 + s, s < count, s, WR)
             cp.commit_group()
         if BITS == 4:  # a scale and zero per group (= K block), the next group's loaded a block ahead
             z = gl.load(z_ptr + b0 * N + wn).to(gl.float32)
@@ -294,7 +297,7 @@ add.rn.f16x2 $1, $1, $3;
         if PDL:
             _gdc_wait()
         for s in gl.static_range(STAGES - 1):
-            _async_load(x_smem.index(s), x_ptr + (b0 + s) * 128 + x_off, mask=(s < count) & x_mask)
+            _load_x(x_smem, x_ptr, x_off, x_mask, b0 + s, s < count, s)
             cp.commit_group()
         acc = gl.zeros([BN, BM], gl.float32, MMA)
         for i in range(count):
@@ -306,8 +309,10 @@ add.rn.f16x2 $1, $1, $3;
                                  other=0.0).to(gl.float32)
             cp.wait_group(STAGES - 2)
             _barrier()  # block i is in every thread's view; slot (i - 1) % STAGES is free
-            _issue(w_smem, x_smem, qw_ptr, x_ptr, w_off, x_off, x_mask, N, blk + STAGES - 1,
-                   i + STAGES - 1 < count, (i + STAGES - 1) % STAGES, WR)
+            nxt = blk + STAGES - 1  # into the slot block i - 1 freed, as one group
+            _load_words(w_smem, qw_ptr, w_off, N, nxt, i + STAGES - 1 < count, (i + STAGES - 1) % STAGES, WR)
+            _load_x(x_smem, x_ptr, x_off, x_mask, nxt, i + STAGES - 1 < count, (i + STAGES - 1) % STAGES)
+            cp.commit_group()
             if BITS == 4:
                 part = _block_product4(w_smem.index(i % STAGES), x_smem.index(i % STAGES), z, BN, BM, LW, LX, MMA,
                                        A_L, B_L)
