@@ -17,7 +17,7 @@ from onecard.kernels.wo_matmul import (
     dequantize_reference,
     kernel_for,
     pick_config,
-    split_k,
+    split_k_count,
     unpack_reference,
     wo_matmul,
     wo_matmul_bf16x2_reference,
@@ -97,7 +97,7 @@ def _case_paths(bits, group_size, K, N, M, config) -> tuple[str, bool, bool]:
     k_tiles = -(-(K * bits // 32) // c.block_kp)
     grid = -(-M // c.block_m) * -(-N // c.block_n)
     rowwise = _rowwise(gs, K, bits, c.block_kp)
-    return kernel_for(c, bits, torch.empty(0, device=DEV), rowwise), rowwise, split_k(c, grid, k_tiles, torch.device(DEV)) > 1
+    return kernel_for(c, bits, torch.empty(0, device=DEV), rowwise), rowwise, split_k_count(c.waves, grid, k_tiles, torch.device(DEV)) > 1
 
 
 def test_matmul_cases_cover_every_path():
@@ -175,9 +175,9 @@ def test_config_table_and_split():
     assert pick_config(3, 8) == CONFIGS[(4, 8)]
     assert pick_config(10**6, 4) == CONFIGS[(max(m for m, _ in CONFIGS), 4)]
     cfg = KernelConfig(GEMV, 1, 64, 16, 1.0)
-    assert split_k(cfg, grid_mn=1, k_tiles=10, device=torch.device("cpu")) == 4      # 4 SMs x 1 wave, 3+3+3+1 tiles
-    assert split_k(cfg, grid_mn=1, k_tiles=3, device=torch.device("cpu")) == 3       # never more splits than tiles
-    assert split_k(cfg, grid_mn=8, k_tiles=10, device=torch.device("cpu")) == 1      # enough output tiles already
+    assert split_k_count(cfg.waves, grid_mn=1, k_tiles=10, device=torch.device("cpu")) == 4      # 4 SMs x 1 wave, 3+3+3+1 tiles
+    assert split_k_count(cfg.waves, grid_mn=1, k_tiles=3, device=torch.device("cpu")) == 3       # never more splits than tiles
+    assert split_k_count(cfg.waves, grid_mn=8, k_tiles=10, device=torch.device("cpu")) == 1      # enough output tiles already
     with pytest.raises(BadInputError, match="tl.dot"):
         KernelConfig(DOT, 4, 64, 16, 0.0)
     with pytest.raises(BadInputError, match="power-of-two"):

@@ -657,10 +657,6 @@ def split_k_count(waves: float, grid_mn: int, k_tiles: int, device: torch.device
     return triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))
 
 
-def split_k(config: KernelConfig, grid_mn: int, k_tiles: int, device: torch.device) -> int:
-    """``split_k_count`` for a table row."""
-    return split_k_count(config.waves, grid_mn, k_tiles, device)
-
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -753,7 +749,7 @@ def wo_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     c = config
     k_tiles = triton.cdiv(K // (32 // bits), c.block_kp)
     grid_m, grid_n = triton.cdiv(M, c.block_m), triton.cdiv(N, c.block_n)
-    split = split_k(c, grid_m * grid_n, k_tiles, x.device)
+    split = split_k_count(c.waves, grid_m * grid_n, k_tiles, x.device)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     # fp32 partials only under split-K; otherwise the kernel never touches part_ptr, so ``out`` stands in
     part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else out
